@@ -1,0 +1,38 @@
+"""The `qkiln` command. Each sub-command lives in its own module and registers itself on `app`."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="qkiln",
+    help="Quantize a Hugging Face Llama checkpoint into validated artifacts per hardware target.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """Quantize a Hugging Face Llama checkpoint into validated artifacts per hardware target."""
+
+
+# One module per command; each defines `register(app)`.
+COMMAND_MODULES = [
+    "qkiln.cli.version_cmd",
+]
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Write outputs beside their destination and rename only when complete.
+
+A failed or interrupted run never leaves a half-written artifact where a CI job would ship it:
+the temporary path starts with `.` + name + `.partial-` and is removed on any exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from qkiln.errors import UserError
+
+
+def _check_parent_writable(dest: Path) -> Path:
+    parent = dest.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {dest}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {dest}: folder {parent} is not writable; choose another output path")
+    return parent
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary file path in dest's folder; on success fsync and rename it onto dest."""
+    dest = Path(dest)
+    parent = _check_parent_writable(dest)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.partial-", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder in dest's parent; on success rename it onto dest.
+
+    An existing dest is refused unless `overwrite` is set, in which case it is replaced only once
+    the new folder is complete.
+    """
+    dest = Path(dest)
+    parent = _check_parent_writable(dest)
+    if dest.exists() and not overwrite:
+        raise UserError(f"output {dest} already exists; remove it or pass --force")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
+            os.replace(dest, old / "x")
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,37 @@
+"""`QuantizedTensor`: what every quantizer produces and every format writer consumes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from qkiln.quantize.scheme import Params, Scheme
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A 2-D weight on a scheme's grid.
+
+    codes   (rows, cols) uint8 — one code per weight (unsigned integer code, or FP8 bit pattern)
+    params  scheme-specific stored numbers, each with leading dim `rows` (see the scheme's docstring)
+    shape   (rows, cols) = (out_features, in_features), Hugging Face's Linear layout
+    """
+
+    scheme: Scheme
+    codes: np.ndarray
+    params: Params
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        assert self.codes.ndim == 2, self.codes.shape
+        for key, p in self.params.items():
+            assert p.shape[0] == self.codes.shape[0], (key, p.shape, self.codes.shape)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape  # type: ignore[return-value]
+
+    def dequantize(self) -> np.ndarray:
+        """Exact float32 weights (rows, cols)."""
+        return self.scheme.decode(self.codes, self.params)
