@@ -24,6 +24,7 @@ def _root() -> None:
 # One module per command; each defines `register(app)`.
 COMMAND_MODULES = [
     "qkiln.cli.version_cmd",
+    "qkiln.cli.eval_cmd",
 ]
 
 for _name in COMMAND_MODULES:

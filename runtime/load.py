@@ -1,0 +1,54 @@
+"""Open a model for evaluation or generation from a path, whatever its format.
+
+One place that knows which artifact kinds qkiln's runtime can run; commands call `load_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tokenizers
+
+from qkiln.errors import UserError
+
+if TYPE_CHECKING:
+    from qkiln.runtime.llama import LlamaModel
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    path: Path
+    model: LlamaModel
+    tokenizer: tokenizers.Tokenizer
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of `text`, without BOS or other added tokens (the evaluation rule)."""
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        return self.model.forward(ids)
+
+
+def resolve_model_path(model: Path | None) -> Path:
+    """The given model, or the demo model (imported on first use) when none is given."""
+    if model is not None:
+        return model
+    from qkiln.demo import demo_model_dir
+
+    return demo_model_dir()
+
+
+def load_model(model: Path | None) -> LoadedModel:
+    path = resolve_model_path(model)
+    if path.is_dir():
+        from qkiln.formats.hf import Checkpoint
+        from qkiln.runtime.llama import LlamaModel
+
+        ckpt = Checkpoint.open(path)
+        return LoadedModel(path=path, model=LlamaModel(ckpt), tokenizer=ckpt.tokenizer())
+    if not path.exists():
+        raise UserError(f"model {path} not found; pass a Hugging Face checkpoint folder")
+    raise UserError(f"model {path} is a file; qkiln's runtime runs Hugging Face checkpoint folders")
