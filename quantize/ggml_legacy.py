@@ -1,0 +1,137 @@
+"""llama.cpp's legacy 32-weight block grids: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
+
+The reference rules (ggml-quants.c `quantize_row_*_ref`, mirrored by gguf-py's `gguf.quants`) are
+followed operation for operation in float32, so RTN codes and fp16 params are bit-identical to
+`gguf.quants.quantize`:
+
+- Q8_0: d = amax / 127, q = round-half-away(x / d) in -127..127, stored as code q + 128.
+- Q4_0 / Q5_0: d = max / -8 (-16), max the signed value of largest magnitude (first on ties),
+  code = min(15 (31), trunc(x / d + 8.5 (16.5))), w = d * (code - 8 (16)).
+- Q4_1 / Q5_1: d = (max - min) / 15 (31), code = trunc((x - min) / d + 0.5), w = d * code + m.
+
+The codes are chosen with the float32 d (then d is rounded to fp16), exactly as ggml does; the
+fixed-grid `encode` used by GPTQ works from the stored fp16 d instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from qkiln.quantize.scheme import Params, UniformGrid, to_fp16
+
+BLOCK = 32
+
+
+def _blocks(w: np.ndarray) -> np.ndarray:
+    rows, cols = w.shape
+    return w.astype(np.float32, copy=False).reshape(rows, cols // BLOCK, BLOCK)  # (rows, nb, 32)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d)
+
+
+def _round_away(x: np.ndarray) -> np.ndarray:
+    """roundf(): half away from zero (ggml's Q8_0 rule), as gguf-py computes it."""
+    a = np.abs(x)
+    f = np.floor(a)
+    return np.sign(x) * (f + np.floor(2 * (a - f)))
+
+
+class _Legacy(UniformGrid):
+    @property
+    def group_cols(self) -> int:
+        return BLOCK
+
+    @property
+    def fit_cols(self) -> int:
+        return BLOCK
+
+    def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> Params:
+        return self.quantize(w, importance)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Q8_0(_Legacy):
+    """params: d (rows, cols/32) float16.  codes (rows, cols) uint8 = int8 value + 128, in 1..255."""
+
+    bits: ClassVar[int] = 8
+    shift: ClassVar[int] = 128
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        return 1, 255
+
+    def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, Params]:
+        b = _blocks(w)
+        d = np.abs(b).max(axis=-1, keepdims=True) / np.float32(127)  # (rows, nb, 1) float32
+        q = _round_away(b * _inverse(d))
+        codes = (q + np.float32(128)).astype(np.uint8).reshape(w.shape)
+        return codes, {"d": to_fp16(d[..., 0], self.name)}
+
+    def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        d = params["d"].astype(np.float32)
+        return d, np.zeros_like(d)
+
+    def encode_affine(self, w: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        return np.maximum(super().encode_affine(w, scale, offset), 1)  # int8 -128 is not on Q8_0's grid
+
+
+@dataclasses.dataclass(frozen=True)
+class SymBlock(_Legacy):
+    """Q4_0 (bits=4) / Q5_0 (bits=5).  params: d (rows, cols/32) float16.
+    codes (rows, cols) uint8 in 0..2**bits - 1, w = d * (code - 2**(bits-1))."""
+
+    bits: int = 4  # type: ignore[misc]
+
+    @property
+    def shift(self) -> int:  # type: ignore[override]
+        return 1 << (self.bits - 1)
+
+    def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, Params]:
+        b = _blocks(w)
+        imax = np.abs(b).argmax(axis=-1)[..., None]  # (rows, nb, 1)
+        vmax = np.take_along_axis(b, imax, axis=-1)
+        d = vmax / np.float32(-self.shift)  # (rows, nb, 1) float32
+        q = np.trunc(b * _inverse(d) + np.float32(self.shift + 0.5), dtype=np.float32)
+        codes = np.clip(q.astype(np.uint8), 0, (1 << self.bits) - 1).reshape(w.shape)
+        return codes, {"d": to_fp16(d[..., 0], self.name)}
+
+    def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        d = params["d"].astype(np.float32)
+        return d, np.zeros_like(d)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinBlock(_Legacy):
+    """Q4_1 (bits=4) / Q5_1 (bits=5).  params: d, m (rows, cols/32) float16.
+    codes (rows, cols) uint8 in 0..2**bits - 1, w = d * code + m."""
+
+    bits: int = 4  # type: ignore[misc]
+    shift: ClassVar[int] = 0
+
+    def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, Params]:
+        b = _blocks(w)
+        hi = b.max(axis=-1, keepdims=True)  # (rows, nb, 1)
+        lo = b.min(axis=-1, keepdims=True)
+        d = (hi - lo) / np.float32((1 << self.bits) - 1)
+        q = np.trunc((b - lo) * _inverse(d) + np.float32(0.5), dtype=np.float32)
+        codes = np.clip(q.astype(np.uint8), 0, (1 << self.bits) - 1).reshape(w.shape)
+        return codes, {"d": to_fp16(d[..., 0], self.name), "m": to_fp16(lo[..., 0], self.name)}
+
+    def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        return params["d"].astype(np.float32), params["m"].astype(np.float32)
+
+
+def legacy_schemes() -> list[UniformGrid]:
+    return [
+        Q8_0("q8_0"),
+        SymBlock("q4_0", bits=4),
+        MinBlock("q4_1", bits=4),
+        SymBlock("q5_0", bits=5),
+        MinBlock("q5_1", bits=5),
+    ]

@@ -1,0 +1,118 @@
+"""Pack a `QuantizedTensor` on a llama.cpp grid into ggml block bytes, exactly as ggml lays them out.
+
+`pack_blocks(qt)` returns uint8 (rows, cols / block * type_size) — the tensor data a GGUF writer
+stores for that ggml type; `gguf.quants.dequantize` of it equals `qt.dequantize()` bit for bit.
+Little-endian fp16, as GGUF is.
+
+Layouts (ggml-common.h):
+  Q8_0  d fp16 | qs int8[32]
+  Q4_0  d fp16 | qs[16]: byte j = q[j] | q[j+16] << 4
+  Q4_1  d, m fp16 | qs[16]
+  Q5_0  d fp16 | qh u32 (bit j = bit 4 of q[j]) | qs[16] (low nibbles as Q4_0)
+  Q5_1  d, m fp16 | qh | qs
+  Q4_K  d, dmin fp16 | scales[12] (8 6-bit scales + 8 6-bit mins) | qs[128]: 32-byte chunk c holds
+        sub-block 2c in the low nibbles and 2c+1 in the high nibbles
+  Q5_K  as Q4_K, then qh[32] (bit j of byte l = bit 4 of element 32j + l) before qs[128]
+  Q6_K  ql[128] | qh[64] | scales int8[16] | d fp16
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qkiln.errors import QuantizeError
+from qkiln.quantize.tensor import QuantizedTensor
+
+QK_K = 256
+
+# scheme name -> (ggml type name, block size, bytes per block)
+GGML_TYPES: dict[str, tuple[str, int, int]] = {
+    "q8_0": ("Q8_0", 32, 34),
+    "q4_0": ("Q4_0", 32, 18),
+    "q4_1": ("Q4_1", 32, 20),
+    "q5_0": ("Q5_0", 32, 22),
+    "q5_1": ("Q5_1", 32, 24),
+    "q4_k": ("Q4_K", 256, 144),
+    "q5_k": ("Q5_K", 256, 176),
+    "q6_k": ("Q6_K", 256, 210),
+}
+
+
+def ggml_type_name(scheme_name: str) -> str:
+    """The ggml type ("Q4_0", ...) for a scheme, or QuantizeError if the scheme has no GGUF block."""
+    try:
+        return GGML_TYPES[scheme_name][0]
+    except KeyError:
+        raise QuantizeError(
+            f"scheme {scheme_name!r} has no ggml block type; GGUF takes {', '.join(GGML_TYPES)}"
+        ) from None
+
+
+def _fp16_bytes(x: np.ndarray) -> np.ndarray:
+    """(rows, nb) float16 -> (rows, nb, 2) uint8, little-endian."""
+    return np.ascontiguousarray(x.astype("<f2")).view(np.uint8).reshape(*x.shape, 2)
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """(..., 2, n) codes -> (..., n) bytes: first half low nibble, second half high nibble."""
+    return (q[..., 0, :] & 0x0F) | (q[..., 1, :] << 4)
+
+
+def _pack_legacy(qt: QuantizedTensor, kind: str) -> np.ndarray:
+    rows, cols = qt.shape
+    nb = cols // 32
+    q = qt.codes.reshape(rows, nb, 32)
+    parts = [_fp16_bytes(qt.params["d"])]
+    if kind in ("q4_1", "q5_1"):
+        parts.append(_fp16_bytes(qt.params["m"]))
+    if kind == "q8_0":
+        parts.append(q ^ np.uint8(0x80))  # offset binary -> two's complement int8
+    else:
+        if kind in ("q5_0", "q5_1"):
+            qh = np.packbits((q >> 4) & 1, axis=-1, bitorder="little")  # (rows, nb, 4) = u32 LE
+            parts.append(qh)
+        parts.append(_nibbles(q.reshape(rows, nb, 2, 16)))
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+def pack_kscales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 12 scale bytes from 8 six-bit scales and 8 six-bit mins, (..., 8) each -> (..., 12)."""
+    lo_sc, hi_sc = sc[..., :4], sc[..., 4:]
+    lo_mn, hi_mn = mn[..., :4], mn[..., 4:]
+    b0 = (lo_sc & 0x3F) | ((hi_sc >> 4) << 6)
+    b1 = (lo_mn & 0x3F) | ((hi_mn >> 4) << 6)
+    b2 = (hi_sc & 0x0F) | ((hi_mn & 0x0F) << 4)
+    return np.concatenate([b0, b1, b2], axis=-1).astype(np.uint8)
+
+
+def _pack_k(qt: QuantizedTensor, kind: str) -> np.ndarray:
+    rows, cols = qt.shape
+    nb = cols // QK_K
+    p = qt.params
+    q = qt.codes.reshape(rows, nb, QK_K)
+    if kind == "q6_k":
+        ql = _nibbles((q & 0x0F).reshape(rows, nb, 2, 2, 64)).reshape(rows, nb, 128)
+        hi = (q >> 4).reshape(rows, nb, 2, 4, 32)  # (half, quarter, l)
+        qh = hi[..., 0, :] | (hi[..., 1, :] << 2) | (hi[..., 2, :] << 4) | (hi[..., 3, :] << 6)
+        scales = p["scales"].reshape(rows, nb, 16).view(np.uint8)
+        parts = [ql, qh.reshape(rows, nb, 64), scales, _fp16_bytes(p["d"])]
+    else:
+        scales = pack_kscales(p["scales"].reshape(rows, nb, 8), p["mins"].reshape(rows, nb, 8))
+        parts = [_fp16_bytes(p["d"]), _fp16_bytes(p["dmin"]), scales]
+        if kind == "q5_k":
+            bits = ((q >> 4) & 1).reshape(rows, nb, 8, 32)
+            qh = np.zeros((rows, nb, 32), np.uint8)
+            for j in range(8):  # 8 bit planes, each vectorized over all blocks
+                qh |= bits[:, :, j, :] << j
+            parts.append(qh)
+        parts.append(_nibbles((q & 0x0F).reshape(rows, nb, 4, 2, 32)).reshape(rows, nb, 128))
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+def pack_blocks(qt: QuantizedTensor) -> np.ndarray:
+    """ggml block bytes (rows, bytes_per_row) uint8 for `qt` (scheme q8_0, q4_0, ..., q6_k)."""
+    kind = qt.scheme.name
+    ggml_type_name(kind)
+    if kind.endswith("_k"):
+        return _pack_k(qt, kind)
+    return _pack_legacy(qt, kind)

@@ -1,0 +1,93 @@
+"""Integer grids for the GPTQ / compressed-tensors / ONNX MatMulNBits layouts: INT8 and INT4, per channel
+or per group, symmetric or with an integer zero point.
+
+Conventions (those of GPTQModel and compressed-tensors, so writers only repack):
+- codes are unsigned, 0..2**bits - 1 (offset binary: INT8 value -128..127 is code 0..255);
+- symmetric: scale = amax / ((2**bits - 1) / 2) (4 bits: amax / 7.5), zero point fixed at 2**(bits-1),
+  w = (q - 2**(bits-1)) * scale — the extreme +amax lands half a step outside and clamps, as in both tools;
+- asymmetric: the range [min(x, 0), max(x, 0)] spread over 2**bits - 1 steps, zero point
+  round(-min / scale) in 0..2**bits - 1, w = (q - zero) * scale;
+- scales are stored float16 (what the layouts hold); codes are chosen against the stored fp16 scale.
+
+A group size that does not divide the row is refused (QuantizeError from `check_shape`): qkiln has no
+partial last group; mixed-precision rules choose a fallback scheme for such tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from qkiln.quantize.scheme import Params, UniformGrid, to_fp16
+
+
+@dataclasses.dataclass(frozen=True)
+class IntGrid(UniformGrid):
+    """INT`bits` with `group` columns per scale (0 = per output channel).
+
+    params:
+      scale  (rows, n_groups) float16
+      zero   (rows, n_groups) uint8 in 0..2**bits - 1 — only when not symmetric
+    codes (rows, cols) uint8 in 0..2**bits - 1.
+    """
+
+    bits: int = 4  # type: ignore[misc]
+    group: int = 0
+    symmetric: bool = True
+
+    @property
+    def shift(self) -> int:  # type: ignore[override]
+        return 1 << (self.bits - 1) if self.symmetric else 0
+
+    @property
+    def group_cols(self) -> int:
+        return self.group
+
+    @property
+    def fit_cols(self) -> int:
+        return self.group
+
+    def _groups(self, w: np.ndarray) -> np.ndarray:
+        rows, cols = w.shape
+        g = self.group or cols
+        return w.reshape(rows, cols // g, g)  # (rows, n_groups, g)
+
+    def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> Params:
+        blocks = self._groups(w.astype(np.float32, copy=False))
+        qmax = (1 << self.bits) - 1
+        if self.symmetric:
+            amax = np.abs(blocks).max(axis=-1)  # (rows, n_groups)
+            scale = to_fp16(amax / np.float32(qmax / 2), f"{self.name}")
+            return {"scale": scale}
+        lo = np.minimum(blocks.min(axis=-1), 0)  # (rows, n_groups)
+        hi = np.maximum(blocks.max(axis=-1), 0)
+        scale = to_fp16((hi - lo) / np.float32(qmax), f"{self.name}")
+        s = scale.astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zero = np.where(s > 0, np.rint(-lo / s), 0)
+        return {"scale": scale, "zero": np.clip(zero, 0, qmax).astype(np.uint8)}
+
+    def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        scale = params["scale"].astype(np.float32)
+        if self.symmetric:
+            return scale, np.zeros_like(scale)
+        return scale, -params["zero"].astype(np.float32) * scale
+
+    def decode(self, codes: np.ndarray, params: Params) -> np.ndarray:
+        # The layouts' arithmetic: (q - zero) * scale, one rounding.
+        g = self.group_index(codes.shape[1])
+        scale = params["scale"].astype(np.float32)[:, g]
+        zero = params["zero"][:, g].astype(np.int16) if not self.symmetric else np.int16(self.shift)
+        return (codes.astype(np.int16) - zero).astype(np.float32) * scale
+
+
+def int_schemes() -> list[IntGrid]:
+    """The registered integer grids."""
+    out = [IntGrid("int8", bits=8, group=0, symmetric=True)]
+    for sym in (True, False):
+        suffix = "" if sym else "_asym"
+        for g in (32, 64, 128):
+            out.append(IntGrid(f"int4_g{g}{suffix}", bits=4, group=g, symmetric=sym))
+        out.append(IntGrid(f"int4_pc{suffix}", bits=4, group=0, symmetric=sym))
+    return out
