@@ -1,0 +1,203 @@
+"""Shared fixtures: a tiny Llama config, seeded random weights, and checkpoint folders written to tmp_path.
+
+Fixtures return factories so a test states only what it changes:
+
+    def test_x(tiny_config, make_checkpoint, llama_weights):
+        cfg = tiny_config(num_hidden_layers=1)
+        ckpt = make_checkpoint(cfg, dtype="BF16", shards=2)       # a Path
+        expected = llama_weights(cfg, dtype="BF16")               # float32 values exactly as stored
+
+The tokenizer is a byte-level BPE trained deterministically on generated text, with exactly
+`config.vocab_size` tokens (`<unk>` 0, `<s>` 1, `</s>` 2), so tests can tokenize real strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from qkiln.runtime.config import LlamaConfig
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+STORAGE_DTYPES: dict[str, Any] = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+
+def tiny_llama_config(**overrides: Any) -> LlamaConfig:
+    """vocab 512, hidden 64, intermediate 128, 2 layers, 4 heads, 2 KV heads (head_dim 16), untied."""
+    fields: dict[str, Any] = {
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    fields.update(overrides)
+    fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+    return LlamaConfig(**fields)
+
+
+def random_llama_weights(config: LlamaConfig, *, seed: int = 0, dtype: str = "F32") -> dict[str, np.ndarray]:
+    """Seeded weights for every tensor of `config`, rounded to `dtype` and returned as float32.
+
+    Scales keep activations O(1) through the layers (projections ~ N(0, 1/fan_in), norms ~ 1), so
+    logits are not flat and top-1 comparisons mean something.
+    """
+    from qkiln.formats.hf import expected_shapes
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for name, shape in sorted(expected_shapes(config).items()):
+        if len(shape) == 1:
+            w = 1.0 + 0.1 * rng.standard_normal(shape)  # RMSNorm gains
+        elif name == "model.embed_tokens.weight":
+            w = rng.standard_normal(shape)
+        else:
+            w = rng.standard_normal(shape) / math.sqrt(shape[1])
+        out[name] = w.astype(STORAGE_DTYPES[dtype]).astype(np.float32)
+    return out
+
+
+def _corpus(seed: int = 0) -> list[str]:
+    """English-ish lines of common words and invented syllable words, with numbers and punctuation."""
+    words = (
+        "the of and to a in is that for it as with was on be by this are from or at an not have which "
+        "model weight layer quantize token scale group block tensor kernel cache memory speed accuracy"
+    ).split()
+    rng = np.random.default_rng(seed)
+    syllables = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"]
+    invented = ["".join(rng.choice(syllables, size=k)) for k in rng.integers(1, 4, size=3000)]
+    pool = words * 20 + invented
+    idx = rng.integers(0, len(pool), size=30000)
+    return [" ".join(pool[j] for j in idx[i : i + 15]).capitalize() + f", {i % 1000}." for i in range(0, len(idx), 15)]
+
+
+@functools.lru_cache(maxsize=8)
+def tiny_tokenizer_json(vocab_size: int) -> str:
+    """A byte-level BPE `tokenizer.json` with exactly `vocab_size` tokens (cached per size, ~0.2 s to build)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"a byte-level tokenizer needs vocab_size >= {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    short = vocab_size - tok.get_vocab_size()
+    if short > 0:  # the corpus ran out of merges: pad with unused special tokens so ids match the embedding rows
+        tok.add_special_tokens([f"<extra_{i}>" for i in range(short)])
+    assert tok.get_vocab_size() == vocab_size
+    return tok.to_str()
+
+
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "unk_token": "<unk>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "add_bos_token": False,
+    "model_max_length": 256,
+}
+
+
+def _tokenizer_files(config: LlamaConfig) -> dict[str, str]:
+    return {
+        "tokenizer.json": tiny_tokenizer_json(config.vocab_size),
+        "tokenizer_config.json": json.dumps(TOKENIZER_CONFIG, indent=2, sort_keys=True) + "\n",
+    }
+
+
+def write_sharded(dest: Path, config: LlamaConfig, arrays: Mapping[str, np.ndarray], shards: int,
+                  extra_files: Mapping[str, str]) -> Path:
+    """A checkpoint split into `shards` files named like transformers names them, with its index."""
+    from safetensors.numpy import save_file
+
+    names = sorted(arrays)
+    groups = [list(g) for g in np.array_split(np.array(names, dtype=object), shards)]
+    dest.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(groups, start=1):
+        fname = f"model-{i:05d}-of-{shards:05d}.safetensors"
+        save_file({n: np.ascontiguousarray(arrays[n]) for n in group}, str(dest / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, fname))
+    index = {"metadata": {"total_size": int(sum(a.nbytes for a in arrays.values()))}, "weight_map": weight_map}
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (dest / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    for fname, text in extra_files.items():
+        (dest / fname).write_text(text, encoding="utf-8")
+    return dest
+
+
+@pytest.fixture
+def tiny_config() -> Callable[..., LlamaConfig]:
+    """`tiny_config(**overrides) -> LlamaConfig` (see `tiny_llama_config` for the defaults)."""
+    return tiny_llama_config
+
+
+@pytest.fixture
+def llama_weights() -> Callable[..., dict[str, np.ndarray]]:
+    """`llama_weights(config, seed=0, dtype="F32")`: the float32 values `make_checkpoint` stores."""
+    return lambda config, seed=0, dtype="F32": random_llama_weights(config, seed=seed, dtype=dtype)
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path) -> Callable[..., Path]:
+    """`make_checkpoint(config=None, *, dtype="F32", shards=1, tied=None, tokenizer=True, seed=0,
+    drop=(), extra=None, name="ckpt") -> Path`: write a seeded random Llama checkpoint folder.
+
+    `dtype` is the storage dtype (F32/F16/BF16); `shards > 1` writes `model-0000i-of-0000N.safetensors`
+    plus `model.safetensors.index.json`; `tied` overrides `config.tie_word_embeddings` (a tied checkpoint
+    stores no lm_head); `drop` leaves tensors out and `extra` adds or replaces tensors (any array, stored
+    as given) to make bad checkpoints. The folder is `tmp_path / name`.
+    """
+
+    def make(
+        config: LlamaConfig | None = None,
+        *,
+        dtype: str = "F32",
+        shards: int = 1,
+        tied: bool | None = None,
+        tokenizer: bool = True,
+        seed: int = 0,
+        drop: Iterable[str] = (),
+        extra: Mapping[str, np.ndarray] | None = None,
+        name: str = "ckpt",
+    ) -> Path:
+        from qkiln.formats.hf_write import write_checkpoint
+
+        cfg = config if config is not None else tiny_llama_config()
+        if tied is not None:
+            cfg = dataclasses.replace(cfg, tie_word_embeddings=tied)
+        values = random_llama_weights(cfg, seed=seed, dtype=dtype)
+        arrays: dict[str, np.ndarray] = {n: v.astype(STORAGE_DTYPES[dtype]) for n, v in values.items()}
+        for n in drop:
+            arrays.pop(n)
+        arrays.update(extra or {})
+        files = _tokenizer_files(cfg) if tokenizer else {}
+        dest = tmp_path / name
+        if shards > 1:
+            return write_sharded(dest, cfg, arrays, shards, files)
+        return write_checkpoint(dest, cfg, sorted(arrays.items()), extra_files=files)
+
+    return make
