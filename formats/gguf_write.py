@@ -1,0 +1,252 @@
+"""Write GGUF v3 files that llama.cpp loads as they are, packing qkiln's codes without re-quantizing.
+
+Two layers:
+- `write_gguf`: any metadata + tensors already planned as (GGUF name, shape, ggml type, bytes producer).
+  Tensors are produced and written one at a time, so peak memory is one packed tensor, and the
+  file appears at its destination only when complete (`atomic_file`).
+- `plan_llama_tensors` / `write_llama_gguf`: a Llama model's weights (HF names) → llama.cpp's names,
+  q/k rotary permutation, 1-D tensors in F32, each 2-D weight in its own type.
+
+The q/k permutation reorders *rows* of q_proj/k_proj (output features). ggml blocks run along a row
+(input features), so permuting the rows of a QuantizedTensor's codes and params is exact: the same
+blocks, in another row order. We permute the QuantizedTensor and pack it; we never re-quantize.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+
+from qkiln.atomic import atomic_file
+from qkiln.errors import GGUFError
+from qkiln.formats import gguf_meta
+from qkiln.formats.gguf_meta import KV, Provenance
+from qkiln.formats.tokenizer_to_gguf import GGUFTokenizer
+from qkiln.quantize.tensor import QuantizedTensor
+from qkiln.runtime.config import LlamaConfig
+
+FLOAT_TYPES = {
+    "f32": GGMLQuantizationType.F32,
+    "f16": GGMLQuantizationType.F16,
+    "bf16": GGMLQuantizationType.BF16,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPlan:
+    """One tensor as it will sit in the file.
+
+    shape    logical shape in NumPy order, (rows, cols) or (n,); GGUF stores it reversed
+    produce  returns exactly `nbytes` bytes of ggml data (any dtype; written as raw bytes)
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+    produce: Callable[[], np.ndarray]
+    note: str = ""  # e.g. "fallback q4_k -> q5_0", shown by `convert`
+
+    @property
+    def nbytes(self) -> int:
+        block, type_size = GGML_QUANT_SIZES[self.ggml_type]
+        assert self.shape[-1] % block == 0, (self.name, self.shape, self.ggml_type)
+        return math.prod(self.shape[:-1]) * (self.shape[-1] // block) * type_size
+
+    @property
+    def byte_shape(self) -> tuple[int, ...]:
+        return (*self.shape[:-1], self.nbytes // max(1, math.prod(self.shape[:-1])))
+
+
+def write_gguf(dest: str | Path, arch: str, kv: Iterable[KV], tensors: list[TensorPlan]) -> Path:
+    """Write a GGUF v3 file: header, metadata in the given order, tensor infos, aligned data.
+
+    The bytes depend only on the arguments (no timestamps, no paths), so equal inputs give
+    identical files.
+    """
+    dest = Path(dest)
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise GGUFError(f"duplicate tensor names in {dest.name}")
+    with atomic_file(dest) as tmp:
+        writer = GGUFWriter(tmp, arch)
+        for key, value, vtype in kv:
+            if key == "general.architecture":
+                continue  # GGUFWriter writes it first
+            writer.add_key_value(key, value, vtype)
+        for t in tensors:
+            writer.add_tensor_info(t.name, t.byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tensors:
+            data = np.ascontiguousarray(t.produce())
+            if data.nbytes != t.nbytes:
+                raise AssertionError(f"{t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
+            writer.write_tensor_data(data.reshape(-1).view(np.uint8))
+        writer.close()
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama models
+
+
+def ggml_type_of(qt: QuantizedTensor) -> GGMLQuantizationType:
+    """The ggml block type that stores this scheme's codes and params exactly."""
+    from qkiln.quantize.ggml_pack import ggml_type_name
+
+    return GGMLQuantizationType[ggml_type_name(qt.scheme.name)]
+
+
+def float_bytes(w: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """A float tensor in F32/F16/BF16 (BF16 rounds to nearest even, as llama.cpp's converter does)."""
+    if ggml_type == GGMLQuantizationType.F32:
+        return np.asarray(w, dtype=np.float32)
+    if ggml_type == GGMLQuantizationType.F16:
+        return np.asarray(w, dtype=np.float32).astype(np.float16)
+    if ggml_type == GGMLQuantizationType.BF16:
+        return np.asarray(w, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    raise GGUFError(f"{ggml_type.name} is a block type; pass a QuantizedTensor, not a float array")
+
+
+def float_roundtrip(w: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """The float32 values llama.cpp will see for `w` stored as `ggml_type` (F32/F16/BF16)."""
+    return float_bytes(w, ggml_type).astype(np.float32)
+
+
+def permute_qt(qt: QuantizedTensor, order: np.ndarray) -> QuantizedTensor:
+    """The same QuantizedTensor with rows reordered (`out[i] = in[order[i]]`); exact, no re-quantizing."""
+    params = {k: np.ascontiguousarray(v[order]) for k, v in qt.params.items()}
+    return QuantizedTensor(qt.scheme, np.ascontiguousarray(qt.codes[order]), params, qt.name)
+
+
+def _pack(qt: QuantizedTensor) -> np.ndarray:
+    from qkiln.quantize.ggml_pack import pack_blocks
+
+    packed = pack_blocks(qt)
+    return packed if isinstance(packed, np.ndarray) else np.frombuffer(packed, dtype=np.uint8)
+
+
+Weight = QuantizedTensor | np.ndarray
+
+
+def plan_llama_tensors(
+    config: LlamaConfig,
+    weights: Mapping[str, Weight],
+    *,
+    float_type: GGMLQuantizationType = GGMLQuantizationType.F32,
+    notes: Mapping[str, str] | None = None,
+) -> list[TensorPlan]:
+    """Tensor plans in llama.cpp's order for HF-named weights.
+
+    `weights` maps HF names to a QuantizedTensor (packed exactly) or a float array (2-D stored as
+    `float_type`, 1-D always F32). Tied embeddings write no `output.weight` (llama.cpp reuses
+    `token_embd`). `rope_freqs.weight` is added for `llama3` rope scaling.
+    """
+    from qkiln.formats import llama_names
+
+    notes = notes or {}
+    plans: list[TensorPlan] = []
+    for hf_name in _ordered(config, weights):
+        w = weights[hf_name]
+        gguf_name = llama_names.hf_to_gguf_name(hf_name, config.num_hidden_layers)
+        order = _permutation(config, hf_name)
+        if isinstance(w, QuantizedTensor):
+            qt = permute_qt(w, order) if order is not None else w
+            plans.append(
+                TensorPlan(gguf_name, qt.shape, ggml_type_of(qt), lambda qt=qt: _pack(qt), notes.get(hf_name, ""))
+            )
+            continue
+        arr = np.asarray(w)
+        if arr.ndim not in (1, 2):
+            raise GGUFError(f"{hf_name}: {arr.ndim}-D tensors are not part of a Llama model")
+        if order is not None:
+            arr = arr[order]
+        ttype = GGMLQuantizationType.F32 if arr.ndim == 1 else float_type
+        plans.append(
+            TensorPlan(gguf_name, tuple(arr.shape), ttype, lambda a=arr, t=ttype: float_bytes(a, t), notes.get(hf_name, ""))
+        )
+    factors = gguf_meta.rope_freq_factors(config)
+    if factors is not None:
+        plans.insert(
+            _after_embeddings(plans),
+            TensorPlan("rope_freqs.weight", factors.shape, GGMLQuantizationType.F32, lambda f=factors: f),
+        )
+    return plans
+
+
+def _after_embeddings(plans: list[TensorPlan]) -> int:
+    return sum(1 for p in plans if not p.name.startswith("blk."))
+
+
+def _ordered(config: LlamaConfig, weights: Mapping[str, Weight]) -> list[str]:
+    """HF names in llama.cpp's converter order (globals, then layer by layer); refuses gaps and strays."""
+    from qkiln.formats import llama_names
+
+    modules = [f"{m}.weight" for m in llama_names.hf_modules(config.num_hidden_layers)]
+    if config.tie_word_embeddings:
+        modules.remove("lm_head.weight")
+    absent = [n for n in modules if n not in weights]
+    if absent:
+        raise GGUFError(f"model lacks {absent[0]} ({len(absent)} tensors missing); cannot write a complete GGUF")
+    strays = sorted(set(weights) - set(modules) - {"lm_head.weight"})
+    if strays:
+        raise GGUFError(f"tensor {strays[0]} is not part of a Llama model; qkiln cannot place it in GGUF")
+    return modules
+
+
+def _permutation(config: LlamaConfig, hf_name: str) -> np.ndarray | None:
+    """Row order llama.cpp expects for q_proj/k_proj (its rotary pairs), None for other tensors."""
+    from qkiln.formats import llama_names
+
+    if llama_names.is_q_proj(hf_name):
+        return llama_names.permute_qk(np.arange(config.num_attention_heads * config.head_dim), config.num_attention_heads)
+    if llama_names.is_k_proj(hf_name):
+        rows = config.num_key_value_heads * config.head_dim
+        return llama_names.permute_qk(np.arange(rows), config.num_attention_heads, config.num_key_value_heads)
+    return None
+
+
+def llama_metadata(
+    config: LlamaConfig,
+    tokenizer: GGUFTokenizer,
+    provenance: Provenance,
+    tensor_types: Iterable[GGMLQuantizationType],
+) -> list[KV]:
+    """All key/values of a llama GGUF in a fixed order."""
+    items: list[tuple[str, Any]] = [("general.architecture", gguf_meta.ARCH)]
+    items += provenance.general_items()
+    items += gguf_meta.llama_hparams(config)
+    items.append(("general.file_type", gguf_meta.file_type(provenance.scheme, tensor_types)))
+    items.append(("general.quantization_version", 2))
+    items += provenance.qkiln_items()
+    items += tokenizer.items()
+    return [gguf_meta.typed(k, v) for k, v in items]
+
+
+def write_llama_gguf(
+    dest: str | Path,
+    config: LlamaConfig,
+    weights: Mapping[str, Weight],
+    tokenizer: GGUFTokenizer,
+    provenance: Provenance,
+    *,
+    float_type: str = "f32",
+    notes: Mapping[str, str] | None = None,
+) -> list[TensorPlan]:
+    """Write a llama.cpp-loadable GGUF; returns the tensor plans (names, types, sizes) it wrote."""
+    if float_type not in FLOAT_TYPES:
+        raise GGUFError(f"unknown float type {float_type!r}; use f32, f16 or bf16")
+    if len(tokenizer.tokens) != config.vocab_size:
+        raise GGUFError(f"tokenizer has {len(tokenizer.tokens)} tokens but the model {config.vocab_size} embedding rows")
+    plans = plan_llama_tensors(config, weights, float_type=FLOAT_TYPES[float_type], notes=notes)
+    kv = llama_metadata(config, tokenizer, provenance, [p.ggml_type for p in plans if len(p.shape) == 2])
+    write_gguf(dest, gguf_meta.ARCH, kv, plans)
+    return plans

@@ -1,0 +1,271 @@
+"""A Hugging Face `tokenizer.json` expressed as llama.cpp's GGUF tokenizer keys.
+
+llama.cpp does not run the HF pre-tokenizer graph; it runs one of its own named pre-tokenizers
+(`tokenizer.ggml.pre`). So the name must be chosen from what the HF graph *does*, not guessed from
+the model name: we recognise the graph's structure (digits split, byte-level regex, Llama-3 split
+regex) and map it to the llama.cpp pre-tokenizer with the same behaviour. A graph we cannot map is
+refused — a GGUF that tokenizes differently from its source would silently degrade the model.
+
+Byte-level BPE vocabularies (GPT-2 style: SmolLM, Llama 3) become `tokenizer.ggml.model = gpt2`
+with tokens, token types and merges. SentencePiece-style BPE (byte fallback, `▁` for spaces:
+Llama 2, TinyLlama, Mistral) becomes `llama` with tokens, scores and types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from gguf import TokenType
+
+from qkiln.errors import GGUFError
+
+# The split regex of Llama 3's tokenizer.json (llama.cpp's "llama-bpe" pre-tokenizer).
+_LLAMA3_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTokenizer:
+    """Everything `tokenizer.*` in a GGUF holds; lists are indexed by token id (len == vocab size)."""
+
+    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece-style BPE)
+    pre: str | None  # llama.cpp pre-tokenizer name, e.g. "smollm", "llama-bpe", "gpt-2"
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    scores: list[float] | None
+    bos_id: int | None
+    eos_id: int | None
+    unk_id: int | None
+    pad_id: int | None
+    add_bos: bool
+    add_eos: bool
+    chat_template: str | None
+    add_space_prefix: bool = False
+
+    def items(self) -> list[tuple[str, Any]]:
+        """(key, value) pairs in the order they are written; None values are left out."""
+        kv: list[tuple[str, Any]] = [
+            ("tokenizer.ggml.model", self.model),
+            ("tokenizer.ggml.pre", self.pre),
+            ("tokenizer.ggml.tokens", self.tokens),
+            ("tokenizer.ggml.scores", self.scores),
+            ("tokenizer.ggml.token_type", self.token_types),
+            ("tokenizer.ggml.merges", self.merges or None),
+            ("tokenizer.ggml.bos_token_id", self.bos_id),
+            ("tokenizer.ggml.eos_token_id", self.eos_id),
+            ("tokenizer.ggml.unknown_token_id", self.unk_id),
+            ("tokenizer.ggml.padding_token_id", self.pad_id),
+            ("tokenizer.ggml.add_bos_token", self.add_bos),
+            ("tokenizer.ggml.add_eos_token", self.add_eos),
+            ("tokenizer.ggml.add_space_prefix", self.add_space_prefix),
+            ("tokenizer.chat_template", self.chat_template),
+        ]
+        return [(k, v) for k, v in kv if v is not None]
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GGUFError(f"{path}: cannot read tokenizer file ({e}); the checkpoint needs a valid tokenizer.json") from None
+    if not isinstance(doc, dict):
+        raise GGUFError(f"{path}: expected a JSON object")
+    return doc
+
+
+def _flatten(node: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A pre-tokenizer/normalizer graph as a flat list of steps (Sequence nodes expanded)."""
+    if not node:
+        return []
+    if node.get("type") == "Sequence":
+        key = "pretokenizers" if "pretokenizers" in node else "normalizers"
+        return [step for child in node.get(key, []) for step in _flatten(child)]
+    return [node]
+
+
+def _split_regex(step: dict[str, Any]) -> str | None:
+    pattern = step.get("pattern") or {}
+    return pattern.get("Regex") or pattern.get("String")
+
+
+def pre_tokenizer_name(tok: dict[str, Any], source: str = "tokenizer.json") -> str:
+    """llama.cpp's pre-tokenizer whose behaviour equals this byte-level graph, or GGUFError.
+
+    - Digits(individual) + ByteLevel(regex, no prefix space)  -> "smollm" (SmolLM/StarCoder vocabularies)
+    - ByteLevel(regex, no prefix space)                       -> "gpt-2"
+    - Split(Llama-3 regex, Isolated) + ByteLevel(no regex)    -> "llama-bpe"
+    """
+    if tok.get("normalizer"):
+        raise GGUFError(
+            f"{source}: a byte-level vocabulary with a normalizer ({tok['normalizer'].get('type')}) cannot be "
+            "expressed as a llama.cpp tokenizer"
+        )
+    steps = _flatten(tok.get("pre_tokenizer"))
+    kinds = [s.get("type") for s in steps]
+    if kinds and kinds[-1] == "ByteLevel" and steps[-1].get("add_prefix_space"):
+        raise GGUFError(f"{source}: ByteLevel with add_prefix_space is not a llama.cpp pre-tokenizer")
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if (
+        kinds == ["Split", "ByteLevel"]
+        and _split_regex(steps[0]) == _LLAMA3_SPLIT
+        and steps[0].get("behavior") == "Isolated"
+        and not steps[1].get("use_regex", True)
+    ):
+        return "llama-bpe"
+    raise GGUFError(
+        f"{source}: pre-tokenizer {'+'.join(str(k) for k in kinds) or 'none'} has no llama.cpp equivalent "
+        "(supported: SmolLM digits+byte-level, GPT-2 byte-level, Llama-3 split); the vocabulary cannot be "
+        "expressed in GGUF"
+    )
+
+
+def _is_sentencepiece_bpe(model: dict[str, Any], tok: dict[str, Any]) -> bool:
+    norm = [n.get("type") for n in _flatten(tok.get("normalizer"))]
+    pre = [p.get("type") for p in _flatten(tok.get("pre_tokenizer"))]
+    return bool(model.get("byte_fallback")) and (
+        "Replace" in norm or "Metaspace" in pre
+    )
+
+
+def _merges(model: dict[str, Any]) -> list[str]:
+    """Merges as 'left right' strings (tokenizers writes either strings or [left, right] pairs)."""
+    out = []
+    for m in model.get("merges", []):
+        if isinstance(m, str):
+            out.append(m)
+        else:
+            left, right = m
+            if " " in left or " " in right:
+                raise GGUFError("tokenizer.json: a merge contains a space, which GGUF's 'a b' merges cannot express")
+            out.append(f"{left} {right}")
+    return out
+
+
+def _token_id(tokens: list[str], value: Any) -> int | None:
+    """Id of a special token given as a string, an AddedToken dict, or an id."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, list):
+        return _token_id(tokens, value[0]) if value else None
+    if isinstance(value, dict):
+        value = value.get("content")
+    try:
+        return tokens.index(value)
+    except ValueError:
+        return None
+
+
+def _chat_template(folder: Path, tok_cfg: dict[str, Any]) -> str | None:
+    tmpl = tok_cfg.get("chat_template")
+    if isinstance(tmpl, list):  # named templates: llama.cpp uses "default"
+        named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
+        tmpl = named.get("default") or next(iter(named.values()), None)
+    if tmpl is None and (folder / "chat_template.jinja").is_file():
+        tmpl = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return tmpl or None
+
+
+def _adds_bos(tok: dict[str, Any], tok_cfg: dict[str, Any], tokens: list[str]) -> tuple[bool, int | None]:
+    """Whether HF's encode() prepends a token (TemplateProcessing or add_bos_token), and which."""
+    post = _flatten({"type": "Sequence", "pretokenizers": [tok.get("post_processor") or {}]})
+    for step in post:
+        if step.get("type") == "TemplateProcessing":
+            single = step.get("single") or []
+            if single and "SpecialToken" in single[0]:
+                return True, _token_id(tokens, single[0]["SpecialToken"]["id"])
+    return bool(tok_cfg.get("add_bos_token", False)), None
+
+
+def tokenizer_from_folder(folder: Path, vocab_size: int, config: dict[str, Any] | None = None) -> GGUFTokenizer:
+    """Read `folder/tokenizer.json` (+ tokenizer_config.json) and express it for llama.cpp.
+
+    `vocab_size` is the model's embedding row count: ids the tokenizer does not define are
+    padded with unused `[PAD<id>]` tokens, as llama.cpp's converter does.
+    """
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise GGUFError(f"{folder}: no tokenizer.json; GGUF needs the tokenizer (save it with tokenizer.save_pretrained)")
+    tok = _load_json(path)
+    tok_cfg = _load_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    config = config or {}
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE":
+        raise GGUFError(
+            f"{path}: tokenizer model {model.get('type')!r} cannot be expressed in GGUF by qkiln (only BPE vocabularies)"
+        )
+    sentencepiece = _is_sentencepiece_bpe(model, tok)
+    pre = None if sentencepiece else pre_tokenizer_name(tok, str(path))
+
+    vocab: dict[str, int] = dict(model.get("vocab") or {})
+    added = {a["content"]: a for a in tok.get("added_tokens", [])}
+    for content, a in added.items():
+        vocab[content] = a["id"]
+    if not vocab:
+        raise GGUFError(f"{path}: empty vocabulary")
+    max_id = max(vocab.values())
+    if max_id >= vocab_size:
+        raise GGUFError(
+            f"{path}: token id {max_id} does not fit the model's {vocab_size} embedding rows; "
+            "the vocabulary cannot be expressed"
+        )
+    tokens: list[str | None] = [None] * vocab_size
+    for text, i in vocab.items():
+        if tokens[i] is not None and tokens[i] != text:
+            raise GGUFError(f"{path}: id {i} is used by both {tokens[i]!r} and {text!r}")
+        tokens[i] = text
+    types = [int(TokenType.NORMAL)] * vocab_size
+    for i, t in enumerate(tokens):
+        if t is None:
+            tokens[i] = f"[PAD{i}]"
+            types[i] = int(TokenType.UNUSED)
+        elif t in added:
+            types[i] = int(TokenType.CONTROL if added[t].get("special") else TokenType.USER_DEFINED)
+        elif sentencepiece and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types[i] = int(TokenType.BYTE)
+    names: list[str] = [t for t in tokens if t is not None]
+    if len(set(names)) != len(names):
+        raise GGUFError(f"{path}: duplicate token strings; the vocabulary cannot be expressed in GGUF")
+
+    unk_id = _token_id(names, model.get("unk_token"))
+    if unk_id is not None and sentencepiece:
+        types[unk_id] = int(TokenType.UNKNOWN)
+    add_bos, template_bos = _adds_bos(tok, tok_cfg, names)
+    bos = config.get("bos_token_id")
+    bos_id = _token_id(names, bos) if bos is not None else _token_id(names, tok_cfg.get("bos_token"))
+    if template_bos is not None:
+        bos_id = template_bos
+    eos = config.get("eos_token_id")
+    eos_id = _token_id(names, eos) if eos is not None else _token_id(names, tok_cfg.get("eos_token"))
+    pad = config.get("pad_token_id")
+    pad_id = _token_id(names, pad) if pad is not None else _token_id(names, tok_cfg.get("pad_token"))
+    scores = None
+    if sentencepiece:
+        # SentencePiece BPE merges by piece score; a BPE vocabulary's ids are in merge order.
+        scores = [0.0 if types[i] != TokenType.NORMAL else -float(i) for i in range(vocab_size)]
+    return GGUFTokenizer(
+        model="llama" if sentencepiece else "gpt2",
+        pre=pre if not sentencepiece else "default",
+        tokens=names,
+        token_types=types,
+        merges=[] if sentencepiece else _merges(model),
+        scores=scores,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        unk_id=unk_id,
+        pad_id=pad_id,
+        add_bos=add_bos,
+        add_eos=bool(tok_cfg.get("add_eos_token", False)),
+        chat_template=_chat_template(folder, tok_cfg),
+        add_space_prefix=sentencepiece,
+    )
