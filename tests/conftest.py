@@ -201,3 +201,101 @@ def make_checkpoint(tmp_path: Path) -> Callable[..., Path]:
         return write_checkpoint(dest, cfg, sorted(arrays.items()), extra_files=files)
 
     return make
+
+
+# -- bad checkpoints: one per defect, with the message a reader must give (a regex) -----------------
+
+BAD_CHECKPOINTS: dict[str, str] = {
+    "truncated": r"model\.safetensors: file is truncated: data section has \d+ bytes but tensor '.+' ends at \d+",
+    "header_too_long": r"model\.safetensors: header length \d+ is larger than the file \(\d+ bytes\)",
+    "index_escapes": r"names file '\.\./outside\.safetensors', which is outside the checkpoint folder",
+    "missing_tensor": r"tensor 'model\.layers\.1\.self_attn\.v_proj\.weight' is missing",
+    "wrong_shape": r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight' has shape \(128, 64\) but config\.json implies \(64, 128\)",
+    "unsupported_arch": r"architecture 'GPT2LMHeadModel' is not supported",
+    "pickle_only": r"holds only pickled weights \(pytorch_model\.bin\); loading a pickle runs arbitrary code.*convert the checkpoint to safetensors",
+    "not_a_folder": r"is not a folder",
+    "no_config": r"has no config\.json",
+}
+
+
+class _RunsCode:
+    """Unpickling this creates the file `marker`: proof that a reader never unpickles."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def build_bad_checkpoint(make: Callable[..., Path], tmp_path: Path, kind: str) -> Path:
+    """A checkpoint folder (or path) with exactly the defect `kind` names (a key of BAD_CHECKPOINTS)."""
+    if kind == "truncated":
+        path = make(name=kind, tokenizer=False)
+        f = path / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-100])
+    elif kind == "header_too_long":
+        path = make(name=kind, tokenizer=False)
+        f = path / "model.safetensors"
+        blob = f.read_bytes()
+        f.write_bytes((len(blob) + 1000).to_bytes(8, "little") + blob[8:])
+    elif kind == "index_escapes":
+        path = make(name=kind, shards=2, tokenizer=False)
+        index_path = path / "model.safetensors.index.json"
+        index = json.loads(index_path.read_text())
+        first = sorted(index["weight_map"])[0]
+        real = path / index["weight_map"][first]
+        (tmp_path / "outside.safetensors").write_bytes(real.read_bytes())  # it exists; still refused
+        index["weight_map"][first] = "../outside.safetensors"
+        index_path.write_text(json.dumps(index))
+    elif kind == "missing_tensor":
+        path = make(name=kind, drop=["model.layers.1.self_attn.v_proj.weight"], tokenizer=False)
+    elif kind == "wrong_shape":
+        path = make(name=kind, extra={"model.layers.0.mlp.down_proj.weight": np.zeros((128, 64), np.float32)},
+                    tokenizer=False)
+    elif kind == "unsupported_arch":
+        path = make(name=kind, tokenizer=False)
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+        (path / "config.json").write_text(json.dumps(cfg))
+    elif kind == "pickle_only":
+        import pickle
+
+        path = tmp_path / kind
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(tiny_llama_config().to_dict()))
+        (path / "pytorch_model.bin").write_bytes(pickle.dumps(_RunsCode(tmp_path / "UNPICKLED")))
+    elif kind == "not_a_folder":
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(b"\0" * 16)
+    elif kind == "no_config":
+        path = make(name=kind, tokenizer=False)
+        (path / "config.json").unlink()
+    else:
+        raise KeyError(kind)
+    return path
+
+
+@pytest.fixture
+def bad_checkpoint(make_checkpoint: Callable[..., Path], tmp_path: Path) -> BadCheckpoints:
+    """`bad_checkpoint(kind) -> Path` for each kind in BAD_CHECKPOINTS; `bad_checkpoint.message(kind)` its regex.
+
+    For "pickle_only", `tmp_path / "UNPICKLED"` appears if anything ever unpickles the weights.
+    """
+    return BadCheckpoints(make_checkpoint, tmp_path)
+
+
+class BadCheckpoints:
+    """Callable `(kind) -> Path`; `.message(kind)` is the regex the error must match."""
+
+    kinds = tuple(BAD_CHECKPOINTS)
+
+    def __init__(self, make: Callable[..., Path], tmp_path: Path):
+        self._make, self._tmp = make, tmp_path
+
+    def __call__(self, kind: str) -> Path:
+        return build_bad_checkpoint(self._make, self._tmp, kind)
+
+    @staticmethod
+    def message(kind: str) -> str:
+        return BAD_CHECKPOINTS[kind]
