@@ -1,0 +1,260 @@
+"""Python entry points to the quantized kernels: the C library when it builds and loads, else NumPy.
+
+QKILN_KERNEL=scalar|avx2|avx512|neon|dotprod|i8mm|sve|numpy forces a path; a path this CPU cannot run is
+a UserError (not a silent fallback), so a benchmark never reports the wrong thing. `kernel_path()` names
+the path in use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from qkiln.errors import UserError
+from qkiln.kernels import numpy_ref
+from qkiln.kernels.numpy_ref import Q8Activations
+from qkiln.kernels.types import QK8, WType, block_bytes
+
+ENV = "QKILN_KERNEL"
+C_PATHS = ("scalar", "avx2", "avx512", "neon", "dotprod", "i8mm", "sve")
+ALL_PATHS = (*C_PATHS, "numpy")
+
+
+class KernelError(UserError):
+    """A requested kernel path is unknown or cannot run on this machine."""
+
+
+_lock = threading.Lock()
+_lib: Any = None
+_lib_error: str | None = None
+_use_numpy = False
+_loaded = False
+
+_i8p = ctypes.POINTER(ctypes.c_int8)
+_f32p = ctypes.POINTER(ctypes.c_float)
+_i32p = ctypes.POINTER(ctypes.c_int32)
+_u8p = ctypes.POINTER(ctypes.c_uint8)
+_vp = ctypes.c_void_p
+
+
+def _declare(lib: Any) -> None:
+    c_int, c_char_p, c_uint, c_size_t = ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_size_t
+    sig = {
+        "qk_abi_version": (c_int, []),
+        "qk_path_name": (c_char_p, []),
+        "qk_path_name_of": (c_char_p, [c_int]),
+        "qk_available_paths": (c_uint, []),
+        "qk_set_path": (c_int, [c_char_p]),
+        "qk_sve_bytes": (c_int, []),
+        "qk_default_threads": (c_int, []),
+        "qk_quantize_q8": (None, [_vp, c_int, c_int, _vp, _vp, _vp]),
+        "qk_gemm": (c_int, [c_int, _vp, c_int, c_int, _vp, _vp, _vp, c_int, _vp, c_int]),
+        "qk_gemm_int4g": (c_int, [_vp, _vp, _vp, c_int, c_int, c_int, _vp, _vp, _vp, c_int, _vp, c_int]),
+        "qk_linear_f32": (c_int, [c_int, _vp, c_int, c_int, _vp, c_int, _vp, c_int]),
+        "qk_q4_0x2_bytes": (c_size_t, [c_int, c_int]),
+        "qk_repack_q4_0x2": (None, [_vp, c_int, c_int, _vp]),
+    }
+    for name, (res, args) in sig.items():
+        fn = getattr(lib, name)
+        fn.restype = res
+        fn.argtypes = args
+
+
+def _load() -> None:
+    """Build/load the C library once; apply QKILN_KERNEL."""
+    global _lib, _lib_error, _use_numpy, _loaded
+    with _lock:
+        if _loaded:
+            return
+        want = os.environ.get(ENV, "").strip().lower()
+        if want and want not in ALL_PATHS:
+            raise KernelError(f"{ENV}={want!r} is not a kernel path; use one of {', '.join(ALL_PATHS)}")
+        if want != "numpy":
+            from qkiln.kernels.build import BuildError, build_library
+
+            try:
+                lib = ctypes.CDLL(str(build_library()))
+                _declare(lib)
+                if lib.qk_abi_version() != 1:
+                    raise OSError("stale kernel library (ABI version mismatch)")
+                _lib = lib
+            except (BuildError, OSError) as e:
+                _lib_error = str(e).splitlines()[0]
+        _loaded = True
+        if want == "numpy":
+            _use_numpy = True
+        elif _lib is None:
+            if want:
+                raise KernelError(f"{ENV}={want} needs the C kernels, which could not be built: {_lib_error}")
+            _use_numpy = True
+        elif want:
+            _set_c_path(want)
+
+
+def _set_c_path(name: str) -> None:
+    rc = _lib.qk_set_path(name.encode())
+    if rc == -2:
+        raise KernelError(
+            f"kernel path {name!r} is not supported by this CPU/build; available: {', '.join(available_paths())}")
+    if rc != 0:
+        raise KernelError(f"unknown kernel path {name!r}; use one of {', '.join(ALL_PATHS)}")
+
+
+def available_paths() -> list[str]:
+    """Paths this machine can run, best first is not implied; 'numpy' is always there."""
+    _load()
+    if _lib is None:
+        return ["numpy"]
+    mask = _lib.qk_available_paths()
+    return [p for i, p in enumerate(C_PATHS) if mask >> i & 1] + ["numpy"]
+
+
+def set_kernel_path(name: str) -> None:
+    """Switch paths in this process (tests, benchmarks); same errors as QKILN_KERNEL."""
+    global _use_numpy
+    _load()
+    name = name.lower()
+    if name == "numpy":
+        _use_numpy = True
+        return
+    if name not in C_PATHS:
+        raise KernelError(f"unknown kernel path {name!r}; use one of {', '.join(ALL_PATHS)}")
+    if _lib is None:
+        raise KernelError(f"kernel path {name!r} needs the C kernels, which could not be built: {_lib_error}")
+    _set_c_path(name)
+    _use_numpy = False
+
+
+def kernel_path() -> str:
+    """Name of the path products run on: a C path name, or 'numpy'."""
+    _load()
+    return "numpy" if _use_numpy else _lib.qk_path_name().decode()
+
+
+def sve_bytes() -> int:
+    _load()
+    return 0 if _lib is None else int(_lib.qk_sve_bytes())
+
+
+def default_threads() -> int:
+    _load()
+    return os.cpu_count() or 1 if _lib is None else int(_lib.qk_default_threads())
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def quantize_activations_q8(x: np.ndarray) -> Q8Activations:
+    """x (M, K) or (K,) float -> Q8Activations; bit-identical in C and NumPy."""
+    _load()
+    x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
+    m, k = x.shape
+    if k % QK8:
+        raise ValueError(f"activation width {k} is not a multiple of {QK8}")
+    if _use_numpy:
+        return numpy_ref.quantize_q8(x)
+    qs = np.empty((m, k), np.int8)
+    d = np.empty((m, k // QK8), np.float32)
+    sums = np.empty((m, k // QK8), np.int32)
+    _lib.qk_quantize_q8(_ptr(x), m, k, _ptr(qs), _ptr(d), _ptr(sums))
+    return Q8Activations(qs, d, sums)
+
+
+def _as_act(x: np.ndarray | Q8Activations) -> Q8Activations:
+    return x if isinstance(x, Q8Activations) else quantize_activations_q8(x)
+
+
+def _threads(nthreads: int | None) -> int:
+    return 0 if nthreads is None else int(nthreads)
+
+
+def gemm(wtype: WType, w: np.ndarray, n: int, k: int, x: np.ndarray | Q8Activations,
+         nthreads: int | None = None) -> np.ndarray:
+    """y (M, N) f32 = W x for ggml-layout weight bytes `w` (Q4_0, Q8_0, Q4_K, Q6_K, Q4_0X2)."""
+    _load()
+    wtype = WType(wtype)
+    w = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
+    if w.size != block_bytes(wtype, n, k):
+        raise ValueError(f"{wtype.name} weights of shape ({n}, {k}) need {block_bytes(wtype, n, k)} bytes, got {w.size}")
+    act = _as_act(x)
+    if act.qs.shape[1] != k:
+        raise ValueError(f"activations have width {act.qs.shape[1]}, weights {k}")
+    if _use_numpy:
+        return numpy_ref.gemm(wtype, w, n, k, act)
+    m = act.qs.shape[0]
+    y = np.empty((m, n), np.float32)
+    rc = _lib.qk_gemm(int(wtype), _ptr(w), n, k, _ptr(act.qs), _ptr(act.d), _ptr(act.sums), m, _ptr(y),
+                      _threads(nthreads))
+    if rc != 0:
+        raise ValueError(f"qk_gemm rejected {wtype.name} ({n}, {k}) x M={m}")
+    return y
+
+
+def linear_f32(wtype: WType, w: np.ndarray, n: int, k: int, x: np.ndarray, nthreads: int | None = None
+               ) -> np.ndarray:
+    """Quantize x (M, K) and multiply in one C call (the runtime's hot path); NumPy otherwise."""
+    _load()
+    if _use_numpy:
+        return gemm(wtype, w, n, k, x, nthreads)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    m = x.shape[0]
+    y = np.empty((m, n), np.float32)
+    rc = _lib.qk_linear_f32(int(wtype), _ptr(w), n, k, _ptr(x), m, _ptr(y), _threads(nthreads))
+    if rc != 0:
+        raise ValueError(f"qk_linear_f32 rejected {WType(wtype).name} ({n}, {k}) x M={m}")
+    return y
+
+
+def gemv_q4_0(packed: np.ndarray, x: np.ndarray, n: int, k: int, nthreads: int | None = None) -> np.ndarray:
+    """y (N,) = W x for one activation vector x (K,) and Q4_0 bytes."""
+    return gemm(WType.Q4_0, packed, n, k, np.asarray(x).reshape(1, -1), nthreads)[0]
+
+
+def gemm_q4_0(packed: np.ndarray, x: np.ndarray, n: int, k: int, nthreads: int | None = None) -> np.ndarray:
+    return gemm(WType.Q4_0, packed, n, k, x, nthreads)
+
+
+def gemm_q8_0(packed: np.ndarray, x: np.ndarray, n: int, k: int, nthreads: int | None = None) -> np.ndarray:
+    return gemm(WType.Q8_0, packed, n, k, x, nthreads)
+
+
+def gemm_int4g(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, n: int, k: int,
+               x: np.ndarray | Q8Activations, nthreads: int | None = None) -> np.ndarray:
+    """INT4 with zero points: codes (N, K/2) uint8 (Q4_0 nibble order), scales f32 / zeros u8 (N, K/group)."""
+    _load()
+    codes = np.ascontiguousarray(codes, np.uint8)
+    scales = np.ascontiguousarray(scales, np.float32)
+    zeros = np.ascontiguousarray(zeros, np.uint8)
+    if group % QK8 or k % group or codes.size != n * k // 2 or scales.size != n * k // group or zeros.size != scales.size:
+        raise ValueError(f"INT4 g{group} arrays do not match shape ({n}, {k})")
+    act = _as_act(x)
+    if _use_numpy:
+        return numpy_ref.gemm_int4g(codes, scales, zeros, group, n, k, act)
+    m = act.qs.shape[0]
+    y = np.empty((m, n), np.float32)
+    rc = _lib.qk_gemm_int4g(_ptr(codes), _ptr(scales), _ptr(zeros), group, n, k, _ptr(act.qs), _ptr(act.d),
+                            _ptr(act.sums), m, _ptr(y), _threads(nthreads))
+    if rc != 0:
+        raise ValueError("qk_gemm_int4g rejected its arguments")
+    return y
+
+
+def repack_q4_0x2(w: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Q4_0 bytes -> Q4_0X2 (row pairs interleaved for smmla); C when loaded, same bytes as NumPy."""
+    _load()
+    w = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
+    if _lib is None:
+        return numpy_ref.repack_q4_0x2(w, n, k)
+    out = np.empty(int(_lib.qk_q4_0x2_bytes(n, k)), np.uint8)
+    _lib.qk_repack_q4_0x2(_ptr(w), n, k, _ptr(out))
+    return out
+
+
+def prefers_repacked() -> bool:
+    """True when the path in use has an smmla kernel that reads Q4_0X2 (prompt/GEMM speed)."""
+    return kernel_path() == "i8mm"

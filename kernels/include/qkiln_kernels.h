@@ -1,0 +1,70 @@
+/* qkiln_kernels.h — the one C ABI of qkiln's quantized matrix kernels.
+ *
+ * y = W x for a quantized weight matrix W (N rows, K columns) and M activation rows x (M, K), fp32 out
+ * y (M, N) row-major. Activations are first quantized per 32-element block to int8 in [-127, 127]
+ * with an fp32 scale (llama.cpp's Q8_0 rule, rounding half to even) and the block's integer sum; every
+ * kernel then computes exact per-block integer dot products and combines them in fp32.
+ *
+ * Weight layouts (one row = K/QK blocks, rows contiguous, row stride = blocks * block bytes):
+ *   QK_Q4_0   llama.cpp block_q4_0: fp16 d, 16 bytes; byte j = elem j (low nibble) | elem j+16 (high); w = d*(q-8)
+ *   QK_Q8_0   llama.cpp block_q8_0: fp16 d, 32 int8;   w = d*q
+ *   QK_Q4_K   llama.cpp block_q4_K (256 elems, 144 bytes): w = d*sc*q - dmin*m per 32-elem sub-block
+ *   QK_Q6_K   llama.cpp block_q6_K (256 elems, 210 bytes): w = d*sc*(q-32) per 16-elem sub-block
+ *   QK_Q4_0X2 Q4_0 repacked for smmla: row pairs interleaved per block (see qk_repack_q4_0x2); N padded to even
+ *   INT4 with group size G (multiple of 32) and zero points: codes in Q4_0's nibble order per 32-elem block,
+ *             (N, K/2) bytes; scales fp32 (N, K/G); zeros uint8 (N, K/G) in 0..15; w = (q - z) * s
+ */
+#ifndef QKILN_KERNELS_H
+#define QKILN_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define QK_ABI_VERSION 1
+
+enum qk_wtype { QK_Q4_0 = 2, QK_Q8_0 = 8, QK_Q4_K = 12, QK_Q6_K = 14, QK_Q4_0X2 = 100, QK_INT4G = 101 };
+
+/* Kernel paths; a process uses one, chosen at first use (best available) or by QKILN_KERNEL. */
+enum qk_path { QK_PATH_SCALAR = 0, QK_PATH_AVX2 = 1, QK_PATH_AVX512 = 2, QK_PATH_NEON = 3,
+               QK_PATH_DOTPROD = 4, QK_PATH_I8MM = 5, QK_PATH_SVE = 6, QK_NPATHS = 7 };
+
+int qk_abi_version(void);
+/* Name of the path in use ("scalar", "avx2", ...). Selects the default path on first call. */
+const char *qk_path_name(void);
+/* Bit mask (1 << qk_path) of the paths this CPU and build can run. */
+unsigned qk_available_paths(void);
+const char *qk_path_name_of(int path);
+/* Force a path by name. Returns 0 on success, -1 for an unknown name, -2 if this CPU cannot run it. */
+int qk_set_path(const char *name);
+/* Bytes of one SVE vector (0 where there is no SVE); for reports. */
+int qk_sve_bytes(void);
+
+/* Quantize activations x (M, K), K % 32 == 0: qs (M, K) int8, d (M, K/32) fp32, sums (M, K/32) int32. */
+void qk_quantize_q8(const float *x, int M, int K, int8_t *qs, float *d, int32_t *sums);
+
+/* y (M, N) = W x. `w` points at the weight bytes in `wtype`'s layout; for QK_INT4G use qk_gemm_int4g.
+ * nthreads <= 0 means one thread per core. Returns 0, or -1 for bad sizes/type. */
+int qk_gemm(int wtype, const void *w, int N, int K, const int8_t *qs, const float *d, const int32_t *sums,
+            int M, float *y, int nthreads);
+int qk_gemm_int4g(const uint8_t *codes, const float *scales, const uint8_t *zeros, int group, int N, int K,
+                  const int8_t *qs, const float *d, const int32_t *sums, int M, float *y, int nthreads);
+
+/* Quantize x (M, K) and multiply in one call (scratch kept per thread); same return codes as qk_gemm. */
+int qk_linear_f32(int wtype, const void *w, int N, int K, const float *x, int M, float *y, int nthreads);
+
+/* Repack Q4_0 (N, K) into QK_Q4_0X2 (ceil(N/2) row pairs; per pair and block: fp16 d0, fp16 d1, then
+ * 32 bytes = r0 bytes 0-7, r1 bytes 0-7, r0 bytes 8-15, r1 bytes 8-15). dst holds qk_q4_0x2_bytes(N, K). */
+size_t qk_q4_0x2_bytes(int N, int K);
+void qk_repack_q4_0x2(const void *src, int N, int K, void *dst);
+
+/* Worker threads of the pool (excluding the caller); created on first multithreaded call. */
+int qk_default_threads(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,186 @@
+"""The NumPy path: the same integer block dot products as the C kernels, for machines without a compiler
+and as the reference the C paths are tested against.
+
+Every weight type is decoded to the same three arrays per 32-element block b of row n:
+    codes  (N, K)  integers whose dot with the int8 activations is the block's exact integer part
+    scale  (N, nb) fp32 multiplier of that integer part
+    mins   (N, nb) fp32 multiplier of the activation block's integer sum (K-quant mins; zero otherwise)
+so that y[m, n] = sum_b da[m, b] * (scale[n, b] * isum[m, n, b] - mins[n, b] * asum[m, b]).
+
+Integer parts are exact: each block's |isum| <= 32 * 127 * 4096 < 2**24, so computing it as a float32
+matrix product (BLAS) loses nothing. The fp32 combination over blocks is summed in a different order than
+the C kernels, so C and NumPy agree within TOLERANCE * sum_b |term_b| (see `gemm(..., with_abs=True)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qkiln.kernels.types import QK8, WType, block_bytes
+
+# Relative tolerance on the absolute sum of the block terms: fp32 sums of a few hundred terms in two
+# different orders differ by at most ~nb * 2**-24 of that sum; 1e-5 leaves headroom for K up to ~40k.
+TOLERANCE = 1e-5
+
+_CHUNK_ELEMS = 1 << 22  # bound on a temporary (blocks x rows x M) to keep memory flat
+
+
+@dataclass(frozen=True)
+class Q8Activations:
+    """Activations quantized per 32-element block (llama.cpp's Q8_0 rule, clamped to [-127, 127])."""
+
+    qs: np.ndarray  # (M, K) int8
+    d: np.ndarray  # (M, K/32) float32
+    sums: np.ndarray  # (M, K/32) int32
+
+    def __post_init__(self) -> None:
+        m, k = self.qs.shape
+        assert self.qs.dtype == np.int8 and k % QK8 == 0
+        assert self.d.shape == (m, k // QK8) and self.d.dtype == np.float32
+        assert self.sums.shape == (m, k // QK8) and self.sums.dtype == np.int32
+
+
+def quantize_q8(x: np.ndarray) -> Q8Activations:
+    """d = amax/127, q = rint(x / d) with round-half-even in float32 — bit-identical to qk_quantize_q8."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    m, k = x.shape
+    xb = x.reshape(m, k // QK8, QK8)  # (M, nb, 32)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)  # (M, nb, 1)
+    d = amax / np.float32(127.0)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
+    q = np.clip(np.rint(xb * inv), -127, 127).astype(np.int8)  # (M, nb, 32)
+    return Q8Activations(q.reshape(m, k), d[..., 0].astype(np.float32), q.sum(axis=-1, dtype=np.int32))
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _nibbles32(raw16: np.ndarray) -> np.ndarray:
+    """(..., 16) packed bytes -> (..., 32) codes: byte j holds element j (low) and j + 16 (high)."""
+    return np.concatenate([raw16 & 0x0F, raw16 >> 4], axis=-1)
+
+
+def decode(wtype: WType, w: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weights in `wtype`'s byte layout -> (codes (N, K) int16, scale (N, nb) f32, mins (N, nb) f32)."""
+    nb = k // QK8
+    raw = np.frombuffer(np.ascontiguousarray(w).data, dtype=np.uint8)
+    zeros = np.zeros((n, nb), np.float32)
+    if wtype == WType.Q4_0:
+        blk = raw.reshape(n, nb, 18)
+        codes = _nibbles32(blk[..., 2:]).astype(np.int16) - 8
+        return codes.reshape(n, k), _f16(blk[..., :2]).reshape(n, nb), zeros
+    if wtype == WType.Q8_0:
+        blk = raw.reshape(n, nb, 34)
+        codes = blk[..., 2:].view(np.int8).astype(np.int16)
+        return codes.reshape(n, k), _f16(blk[..., :2]).reshape(n, nb), zeros
+    if wtype == WType.Q4_0X2:
+        pairs = (n + 1) // 2
+        blk = raw.reshape(pairs, nb, 36)
+        d = _f16(blk[..., :4]).reshape(pairs, nb, 2).transpose(0, 2, 1).reshape(2 * pairs, nb)
+        q = blk[..., 4:].reshape(pairs, nb, 2, 2, 8)  # (pair, block, half, row, 8 bytes)
+        q = q.transpose(0, 3, 1, 2, 4).reshape(2 * pairs, nb, 16)
+        codes = _nibbles32(q).astype(np.int16) - 8
+        return codes.reshape(2 * pairs, k)[:n], d[:n], zeros
+    if wtype == WType.Q4_K:
+        nsb = k // 256
+        blk = raw.reshape(n, nsb, 144)
+        d, dmin = _f16(blk[..., 0:2])[..., 0], _f16(blk[..., 2:4])[..., 0]  # (N, nsb)
+        sc, mn = _q4k_scale_min(blk[..., 4:16])  # (N, nsb, 8)
+        qs = blk[..., 16:].reshape(n, nsb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+        codes = (qs & 0x0F).astype(np.int16).reshape(n, k)
+        scale = (d[..., None] * sc.astype(np.float32)).reshape(n, nb)
+        mins = (dmin[..., None] * mn.astype(np.float32)).reshape(n, nb)
+        return codes, scale.astype(np.float32), mins.astype(np.float32)
+    if wtype == WType.Q6_K:
+        nsb = k // 256
+        blk = raw.reshape(n, nsb, 210)
+        ql = blk[..., :128].reshape(n, nsb, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+        ql = (ql & 0x0F).reshape(n, nsb, 2, 4, 32)
+        qh = blk[..., 128:192].reshape(n, nsb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
+        qh = qh & 0x03  # (N, nsb, 2, 4, 32)
+        q = (ql | (qh << 4)).astype(np.int16).reshape(n, nsb, 16, 16) - 32
+        sc = blk[..., 192:208].view(np.int8).astype(np.int16)  # (N, nsb, 16)
+        codes = (q * sc[..., None]).reshape(n, k)  # the 16-element sub-scale folded into the integer code
+        d = _f16(blk[..., 208:210])[..., 0]  # (N, nsb)
+        scale = np.repeat(d, 8, axis=1).astype(np.float32)
+        return codes, scale, zeros
+    raise ValueError(f"decode: unsupported weight type {wtype!r}")
+
+
+def _q4k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(…, 12) packed bytes -> 6-bit scales and mins (…, 8)."""
+    a, b, c = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=-1)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=-1)
+    return sc, mn
+
+
+def decode_int4g(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, n: int, k: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """INT4 with zero points: (N, K/2) bytes in Q4_0 nibble order, scales/zeros (N, K/group)."""
+    nb = k // QK8
+    q = _nibbles32(np.asarray(codes, np.uint8).reshape(n, nb, 16)).astype(np.int16)  # (N, nb, 32)
+    per = group // QK8
+    z = np.repeat(np.asarray(zeros, np.int16).reshape(n, k // group), per, axis=1)  # (N, nb)
+    s = np.repeat(np.asarray(scales, np.float32).reshape(n, k // group), per, axis=1)  # (N, nb)
+    return (q - z[..., None]).reshape(n, k), s.astype(np.float32), np.zeros((n, nb), np.float32)
+
+
+def block_isums(codes: np.ndarray, act: Q8Activations) -> np.ndarray:
+    """Exact per-block integer dot products, (M, N, nb) int32 (float32 BLAS, exact below 2**24)."""
+    n, k = codes.shape
+    m = act.qs.shape[0]
+    nb = k // QK8
+    cw = codes.reshape(n, nb, QK8).transpose(1, 0, 2).astype(np.float32)  # (nb, N, 32)
+    ca = act.qs.reshape(m, nb, QK8).transpose(1, 2, 0).astype(np.float32)  # (nb, 32, M)
+    return np.matmul(cw, ca).transpose(2, 1, 0).astype(np.int32)
+
+
+def combine(codes: np.ndarray, scale: np.ndarray, mins: np.ndarray, act: Q8Activations, *,
+            with_abs: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """y (M, N) f32 from decoded weights; with_abs also returns sum_b |term_b| for the tolerance."""
+    n, k = codes.shape
+    m = act.qs.shape[0]
+    nb = k // QK8
+    y = np.empty((m, n), np.float32)
+    yabs = np.empty((m, n), np.float32) if with_abs else None
+    ca = act.qs.reshape(m, nb, QK8).transpose(1, 2, 0).astype(np.float32)  # (nb, 32, M)
+    asum = act.sums.astype(np.float32)  # (M, nb)
+    rows = max(1, _CHUNK_ELEMS // max(1, nb * max(m, QK8)))
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        cw = codes[r0:r1].reshape(r1 - r0, nb, QK8).transpose(1, 0, 2).astype(np.float32)  # (nb, R, 32)
+        isum = np.matmul(cw, ca)  # (nb, R, M) exact integers
+        terms = (scale[r0:r1].T[:, :, None] * isum - mins[r0:r1].T[:, :, None] * asum.T[:, None, :])
+        terms *= act.d.T[:, None, :]  # (nb, R, M)
+        y[:, r0:r1] = terms.sum(axis=0, dtype=np.float32).T
+        if yabs is not None:
+            yabs[:, r0:r1] = np.abs(terms).sum(axis=0, dtype=np.float32).T
+    return (y, yabs) if with_abs else y
+
+
+def gemm(wtype: WType, w: np.ndarray, n: int, k: int, act: Q8Activations, *, with_abs: bool = False):
+    """y (M, N) = W x on ggml-layout bytes `w` (see kernels/include/qkiln_kernels.h)."""
+    assert w.size == block_bytes(wtype, n, k), "weight byte count does not match the shape"
+    return combine(*decode(wtype, w, n, k), act, with_abs=with_abs)
+
+
+def gemm_int4g(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, n: int, k: int,
+               act: Q8Activations, *, with_abs: bool = False):
+    return combine(*decode_int4g(codes, scales, zeros, group, n, k), act, with_abs=with_abs)
+
+
+def repack_q4_0x2(w: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Q4_0 (N, K) bytes -> the interleaved row-pair layout the i8mm kernels read (qk_repack_q4_0x2)."""
+    nb = k // QK8
+    blk = np.frombuffer(np.ascontiguousarray(w).data, np.uint8).reshape(n, nb, 18)
+    if n % 2:
+        blk = np.concatenate([blk, np.zeros((1, nb, 18), np.uint8)], axis=0)
+    pr = blk.reshape(-1, 2, nb, 18).transpose(0, 2, 1, 3)  # (pairs, nb, 2, 18)
+    d = pr[..., :2].reshape(-1, nb, 4)
+    q = pr[..., 2:].reshape(-1, nb, 2, 2, 8).transpose(0, 1, 3, 2, 4).reshape(-1, nb, 32)
+    return np.ascontiguousarray(np.concatenate([d, q], axis=-1)).reshape(-1)

@@ -1,0 +1,82 @@
+/* Internal to the kernel library: the job description every ISA file implements, and small helpers. */
+#ifndef QKILN_COMMON_H
+#define QKILN_COMMON_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "qkiln_kernels.h"
+
+#define QK8 32          /* activation block */
+#define QKK 256         /* K-quant super-block */
+#define Q4_0_BYTES 18
+#define Q8_0_BYTES 34
+#define Q4_K_BYTES 144
+#define Q6_K_BYTES 210
+#define Q4_0X2_BYTES 36 /* per row pair and block */
+
+/* One multiplication; kernels compute rows [n0, n1) of y for all M activation rows. */
+typedef struct {
+    int wtype, N, K, M;
+    const uint8_t *w;          /* ggml blocks, or INT4 codes */
+    const float *scales;       /* INT4: (N, K/group) */
+    const uint8_t *zeros;      /* INT4: (N, K/group) */
+    int group;                 /* INT4 */
+    const int8_t *qs;          /* (M, K) */
+    const float *d;            /* (M, K/32) */
+    const int32_t *sums;       /* (M, K/32) */
+    float *y;                  /* (M, N) */
+} qk_job;
+
+typedef void (*qk_rows_fn)(const qk_job *job, int n0, int n1);
+
+typedef struct {
+    qk_rows_fn q4_0, q8_0, q4_k, q6_k, q4_0x2, int4g;
+} qk_kernels;
+
+/* Each ISA file fills the entries it implements; dispatch.c fills the rest from the scalar table. */
+void qk_fill_scalar(qk_kernels *k);
+void qk_fill_avx2(qk_kernels *k);
+void qk_fill_avx512(qk_kernels *k);
+void qk_fill_neon(qk_kernels *k);
+void qk_fill_dotprod(qk_kernels *k);
+void qk_fill_i8mm(qk_kernels *k);
+void qk_fill_sve(qk_kernels *k);
+int qk_sve_vector_bytes(void);
+
+/* IEEE half -> float, exact (no F16C needed; the SIMD files use their own conversions, same result). */
+static inline float qk_h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: man * 2^-24, exact in float */
+        float f = (float)man * 5.9604644775390625e-8f;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+}
+
+static inline uint16_t qk_rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* Q4_K: 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes. */
+static inline void qk_q4k_scale_min(int j, const uint8_t *q, int *sc, int *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+#endif

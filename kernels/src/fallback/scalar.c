@@ -1,0 +1,164 @@
+/* Scalar reference kernels: the definition every SIMD path must reproduce (integer block sums exactly,
+ * fp32 combination within the tolerance stated in kernels/numpy_ref.py). Plain loops, no intrinsics. */
+#include "../common.h"
+
+static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++, w += Q4_0_BYTES, a += QK8) {
+        const uint8_t *q = w + 2;
+        int s = 0;
+        for (int j = 0; j < 16; j++) s += (q[j] & 0x0f) * a[j] + (q[j] >> 4) * a[j + 16];
+        s -= 8 * as[b];
+        acc += (qk_h2f(qk_rd16(w)) * ad[b]) * (float)s;
+    }
+    return acc;
+}
+
+static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++, w += Q8_0_BYTES, a += QK8) {
+        const int8_t *q = (const int8_t *)(w + 2);
+        int s = 0;
+        for (int j = 0; j < 32; j++) s += q[j] * a[j];
+        acc += (qk_h2f(qk_rd16(w)) * ad[b]) * (float)s;
+    }
+    return acc;
+}
+
+static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp, int group,
+                       const int8_t *a, const float *ad, const int32_t *as, int nb) {
+    float acc = 0.0f;
+    const int per_group = group / QK8;
+    for (int b = 0; b < nb; b++, codes += 16, a += QK8) {
+        int s = 0;
+        for (int j = 0; j < 16; j++) s += (codes[j] & 0x0f) * a[j] + (codes[j] >> 4) * a[j + 16];
+        const int g = b / per_group;
+        s -= (int)zp[g] * as[b];
+        acc += (sc[g] * ad[b]) * (float)s;
+    }
+    return acc;
+}
+
+static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
+    float acc = 0.0f;
+    for (int s = 0; s < nsb; s++, w += Q4_K_BYTES) {
+        const float d = qk_h2f(qk_rd16(w)), dmin = qk_h2f(qk_rd16(w + 2));
+        const uint8_t *scales = w + 4, *qs = w + 16;
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            qk_q4k_scale_min(j, scales, &sc, &m);
+            const uint8_t *q = qs + (j / 2) * 32;
+            const int shift = (j & 1) * 4;
+            const int b = s * 8 + j;
+            const int8_t *ab = a + b * QK8;
+            int sum = 0;
+            for (int l = 0; l < 32; l++) sum += ((q[l] >> shift) & 0x0f) * ab[l];
+            acc += ad[b] * ((d * (float)sc) * (float)sum - (dmin * (float)m) * (float)as[b]);
+        }
+    }
+    return acc;
+}
+
+static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, int nsb) {
+    float acc = 0.0f;
+    for (int s = 0; s < nsb; s++, w += Q6_K_BYTES) {
+        const uint8_t *ql = w, *qh = w + 128;
+        const int8_t *sc = (const int8_t *)(w + 192);
+        const float d = qk_h2f(qk_rd16(w + 208));
+        for (int c = 0; c < 8; c++) { /* 32-element chunk c = activation block s*8+c */
+            const int h = c / 4, cc = c % 4;
+            const uint8_t *l = ql + h * 64 + (cc & 1) * 32;
+            const int lshift = (cc >> 1) * 4, hshift = cc * 2;
+            const int b = s * 8 + c;
+            const int8_t *ab = a + b * QK8;
+            int isum = 0;
+            for (int half = 0; half < 2; half++) {
+                int part = 0;
+                for (int t = 0; t < 16; t++) {
+                    const int e = half * 16 + t;
+                    const int q = (((l[e] >> lshift) & 0x0f) | (((qh[h * 32 + e] >> hshift) & 3) << 4)) - 32;
+                    part += q * ab[e];
+                }
+                isum += sc[c * 2 + half] * part;
+            }
+            acc += (d * ad[b]) * (float)isum;
+        }
+    }
+    return acc;
+}
+
+static void rows_q4_0(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8;
+    for (int m = 0; m < j->M; m++)
+        for (int n = n0; n < n1; n++)
+            j->y[(size_t)m * j->N + n] = dot_q4_0(j->w + (size_t)n * nb * Q4_0_BYTES, j->qs + (size_t)m * j->K,
+                                                  j->d + (size_t)m * nb, j->sums + (size_t)m * nb, nb);
+}
+
+static void rows_q8_0(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8;
+    for (int m = 0; m < j->M; m++)
+        for (int n = n0; n < n1; n++)
+            j->y[(size_t)m * j->N + n] = dot_q8_0(j->w + (size_t)n * nb * Q8_0_BYTES, j->qs + (size_t)m * j->K,
+                                                  j->d + (size_t)m * nb, nb);
+}
+
+static void rows_int4g(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8, ng = j->K / j->group;
+    for (int m = 0; m < j->M; m++)
+        for (int n = n0; n < n1; n++)
+            j->y[(size_t)m * j->N + n] =
+                dot_int4g(j->w + (size_t)n * (j->K / 2), j->scales + (size_t)n * ng, j->zeros + (size_t)n * ng,
+                          j->group, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, j->sums + (size_t)m * nb, nb);
+}
+
+static void rows_q4_k(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8, nsb = j->K / QKK;
+    for (int m = 0; m < j->M; m++)
+        for (int n = n0; n < n1; n++)
+            j->y[(size_t)m * j->N + n] = dot_q4_k(j->w + (size_t)n * nsb * Q4_K_BYTES, j->qs + (size_t)m * j->K,
+                                                  j->d + (size_t)m * nb, j->sums + (size_t)m * nb, nsb);
+}
+
+static void rows_q6_k(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8, nsb = j->K / QKK;
+    for (int m = 0; m < j->M; m++)
+        for (int n = n0; n < n1; n++)
+            j->y[(size_t)m * j->N + n] = dot_q6_k(j->w + (size_t)n * nsb * Q6_K_BYTES, j->qs + (size_t)m * j->K,
+                                                  j->d + (size_t)m * nb, nsb);
+}
+
+/* Q4_0X2: rows 2p and 2p+1 share 36-byte blocks; the padding row of an odd N is never written. */
+static void rows_q4_0x2(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8;
+    for (int m = 0; m < j->M; m++) {
+        const int8_t *a = j->qs + (size_t)m * j->K;
+        const float *ad = j->d + (size_t)m * nb;
+        const int32_t *as = j->sums + (size_t)m * nb;
+        for (int n = n0; n < n1; n++) {
+            const int p = n / 2, i = n % 2;
+            const uint8_t *w = j->w + (size_t)p * nb * Q4_0X2_BYTES;
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++, w += Q4_0X2_BYTES) {
+                const int8_t *ab = a + b * QK8;
+                int s = 0;
+                for (int k = 0; k < 16; k++) {
+                    const uint8_t byte = w[4 + (k / 8) * 16 + i * 8 + (k % 8)];
+                    s += (byte & 0x0f) * ab[k] + (byte >> 4) * ab[k + 16];
+                }
+                s -= 8 * as[b];
+                acc += (qk_h2f(qk_rd16(w + 2 * i)) * ad[b]) * (float)s;
+            }
+            j->y[(size_t)m * j->N + n] = acc;
+        }
+    }
+}
+
+void qk_fill_scalar(qk_kernels *k) {
+    k->q4_0 = rows_q4_0;
+    k->q8_0 = rows_q8_0;
+    k->q4_k = rows_q4_k;
+    k->q6_k = rows_q6_k;
+    k->q4_0x2 = rows_q4_0x2;
+    k->int4g = rows_int4g;
+}

@@ -1,0 +1,195 @@
+/* x86-64 AVX2 (+FMA, F16C) kernels. Compiled with -mavx2 -mfma -mf16c; only called after cpuid/xgetbv.
+ * Signed weight codes meet the int8 activations through vpmaddubsw(|w|, sign(a, w)); that trick is exact
+ * because activations are clamped to [-127, 127] (negating -128 would overflow). */
+#include <immintrin.h>
+
+#include "../common.h"
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 32 signed weights x 32 activations -> 8 int32 partial sums. */
+static inline __m256i dot32(__m256i w, __m256i a) {
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+/* 16 packed bytes -> 32 codes 0..15 in element order (low nibbles, then high nibbles). */
+static inline __m256i unpack_nibbles(const uint8_t *p) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)p);
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+}
+
+static inline float h2f(const uint8_t *p) { return _cvtsh_ss(qk_rd16(p)); }
+
+static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const __m256i eight = _mm256_set1_epi8(8);
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *w1 = w + Q4_0_BYTES;
+        const __m256i q0 = _mm256_sub_epi8(unpack_nibbles(w + 2), eight);
+        const __m256i q1 = _mm256_sub_epi8(unpack_nibbles(w1 + 2), eight);
+        const __m256i p0 = dot32(q0, _mm256_loadu_si256((const __m256i *)a));
+        const __m256i p1 = dot32(q1, _mm256_loadu_si256((const __m256i *)(a + QK8)));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(w) * ad[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(h2f(w1) * ad[b + 1]), acc1);
+        w += 2 * Q4_0_BYTES;
+        a += 2 * QK8;
+    }
+    if (b < nb) {
+        const __m256i q0 = _mm256_sub_epi8(unpack_nibbles(w + 2), eight);
+        const __m256i p0 = dot32(q0, _mm256_loadu_si256((const __m256i *)a));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(w) * ad[b]), acc0);
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *w1 = w + Q8_0_BYTES;
+        const __m256i p0 = dot32(_mm256_loadu_si256((const __m256i *)(w + 2)), _mm256_loadu_si256((const __m256i *)a));
+        const __m256i p1 =
+            dot32(_mm256_loadu_si256((const __m256i *)(w1 + 2)), _mm256_loadu_si256((const __m256i *)(a + QK8)));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(w) * ad[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(h2f(w1) * ad[b + 1]), acc1);
+        w += 2 * Q8_0_BYTES;
+        a += 2 * QK8;
+    }
+    if (b < nb) {
+        const __m256i p0 = dot32(_mm256_loadu_si256((const __m256i *)(w + 2)), _mm256_loadu_si256((const __m256i *)a));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(w) * ad[b]), acc0);
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp, int group, const int8_t *a,
+                       const float *ad, int nb) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const int per_group = group / QK8;
+    for (int g = 0; g < nb / per_group; g++) {
+        const __m256i z = _mm256_set1_epi8((char)zp[g]);
+        const float s = sc[g];
+        for (int i = 0; i < per_group; i++) {
+            const int b = g * per_group + i;
+            const __m256i q = _mm256_sub_epi8(unpack_nibbles(codes + (size_t)b * 16), z);
+            const __m256i p = dot32(q, _mm256_loadu_si256((const __m256i *)(a + (size_t)b * QK8)));
+            if (i & 1)
+                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * ad[b]), acc1);
+            else
+                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * ad[b]), acc0);
+        }
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
+    __m256 acc = _mm256_setzero_ps();
+    float corr = 0.0f;
+    const __m256i ones16 = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
+    for (int s = 0; s < nsb; s++, w += Q4_K_BYTES) {
+        const float d = h2f(w), dmin = h2f(w + 2);
+        const uint8_t *scales = w + 4, *qs = w + 16;
+        for (int j2 = 0; j2 < 4; j2++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + j2 * 32));
+            const __m256i q[2] = {_mm256_and_si256(raw, low), _mm256_and_si256(_mm256_srli_epi16(raw, 4), low)};
+            for (int h = 0; h < 2; h++) {
+                const int j = j2 * 2 + h, b = s * 8 + j;
+                int sc, m;
+                qk_q4k_scale_min(j, scales, &sc, &m);
+                const __m256i av = _mm256_loadu_si256((const __m256i *)(a + (size_t)b * QK8));
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[h], av), ones16);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ad[b] * (d * (float)sc)), acc);
+                corr += ad[b] * ((dmin * (float)m) * (float)as[b]);
+            }
+        }
+    }
+    return hsum8(acc) - corr;
+}
+
+static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, int nsb) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+    for (int s = 0; s < nsb; s++, w += Q6_K_BYTES) {
+        const uint8_t *ql = w, *qh = w + 128;
+        const int8_t *sc = (const int8_t *)(w + 192);
+        const float d = h2f(w + 208);
+        for (int h = 0; h < 2; h++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + h * 64));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + h * 64 + 32));
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)(qh + h * 32));
+            const __m256i lo4[4] = {_mm256_and_si256(l0, low), _mm256_and_si256(l1, low),
+                                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
+                                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), low)};
+            for (int cc = 0; cc < 4; cc++) {
+                const int c = h * 4 + cc, b = s * 8 + c;
+                const __m256i hi2 = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * cc), three);
+                const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo4[cc], _mm256_slli_epi16(hi2, 4)), off);
+                const __m256i av = _mm256_loadu_si256((const __m256i *)(a + (size_t)b * QK8));
+                const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(av, q));
+                const __m256i scv = _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]));
+                const __m256i p = _mm256_madd_epi16(p16, scv);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * ad[b]), acc);
+            }
+        }
+    }
+    return hsum8(acc);
+}
+
+static void rows_q4_0(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8;
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *w = j->w + (size_t)n * nb * Q4_0_BYTES;
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->N + n] = dot_q4_0(w, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
+    }
+}
+
+static void rows_q8_0(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8;
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *w = j->w + (size_t)n * nb * Q8_0_BYTES;
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->N + n] = dot_q8_0(w, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
+    }
+}
+
+static void rows_int4g(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8, ng = j->K / j->group;
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->N + n] =
+                dot_int4g(j->w + (size_t)n * (j->K / 2), j->scales + (size_t)n * ng, j->zeros + (size_t)n * ng,
+                          j->group, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
+}
+
+static void rows_q4_k(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8, nsb = j->K / QKK;
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->N + n] = dot_q4_k(j->w + (size_t)n * nsb * Q4_K_BYTES, j->qs + (size_t)m * j->K,
+                                                  j->d + (size_t)m * nb, j->sums + (size_t)m * nb, nsb);
+}
+
+static void rows_q6_k(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8, nsb = j->K / QKK;
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->N + n] = dot_q6_k(j->w + (size_t)n * nsb * Q6_K_BYTES, j->qs + (size_t)m * j->K,
+                                                  j->d + (size_t)m * nb, nsb);
+}
+
+void qk_fill_avx2(qk_kernels *k) {
+    k->q4_0 = rows_q4_0;
+    k->q8_0 = rows_q8_0;
+    k->int4g = rows_int4g;
+    k->q4_k = rows_q4_k;
+    k->q6_k = rows_q6_k;
+}

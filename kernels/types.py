@@ -1,0 +1,38 @@
+"""Weight layouts the kernels read, as data: type ids shared with kernels/include/qkiln_kernels.h."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+QK8 = 32  # activation block (and Q4_0/Q8_0 block) length
+QK_K = 256  # K-quant super-block length
+
+
+class WType(IntEnum):
+    """Values equal ggml's type ids where one exists, so a GGUF tensor's type maps directly."""
+
+    Q4_0 = 2
+    Q8_0 = 8
+    Q4_K = 12
+    Q6_K = 14
+    Q4_0X2 = 100  # Q4_0 with row pairs interleaved for smmla
+    INT4G = 101  # INT4, group size + zero points (separate arrays)
+
+
+# (elements per block, bytes per block); Q4_0X2 counts one row's share of a pair block.
+BLOCK: dict[WType, tuple[int, int]] = {
+    WType.Q4_0: (32, 18),
+    WType.Q8_0: (32, 34),
+    WType.Q4_K: (256, 144),
+    WType.Q6_K: (256, 210),
+}
+
+
+def block_bytes(wtype: WType, n: int, k: int) -> int:
+    """Total bytes of an (N, K) matrix in `wtype`'s layout."""
+    if wtype == WType.Q4_0X2:
+        return (n + 1) // 2 * (k // QK8) * 36
+    elems, nbytes = BLOCK[wtype]
+    if k % elems:
+        raise ValueError(f"K={k} is not a multiple of {elems} for {wtype.name}")
+    return n * (k // elems) * nbytes
