@@ -23,6 +23,7 @@ def _root() -> None:
 
 # One module per command; each defines `register(app)`.
 COMMAND_MODULES = [
+    "qkiln.cli.import_gguf_cmd",
     "qkiln.cli.version_cmd",
     "qkiln.cli.eval_cmd",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from gguf.quants import dequantize
 
-from qkiln.errors import CheckpointError, GGUFError
+from qkiln.errors import CheckpointError, GGUFError, UserError
 from qkiln.formats.gguf_read import GGUFFile, GGUFTensor, read_gguf
 from qkiln.formats.hf_write import write_checkpoint
 from qkiln.formats.llama_names import GGUF_DERIVED, gguf_to_hf_name, is_k_proj, is_q_proj, unpermute_qk
@@ -223,7 +223,7 @@ def import_gguf(src: Path, dest: Path, *, overwrite: bool = False, progress: Pro
     cfg = config_from_gguf(f)
     extra = tokenizer_files(f.metadata, where=str(src), model_max_length=cfg.max_position_embeddings)
     if dest.exists() and not overwrite:
-        raise GGUFError(f"output {dest} already exists; remove it or pass --force")
+        raise UserError(f"output {dest} already exists; remove it or pass --force")
     tensors = load_llama_tensors(f, cfg, progress)
     source: dict[str, Any] = {"importer_version": IMPORT_FORMAT_VERSION, "source_file": src.name,
                               "source_bytes": f.file_size, "source_sha256": _sha256(src),
