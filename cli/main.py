@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "qkiln.cli.import_gguf_cmd",
     "qkiln.cli.version_cmd",
     "qkiln.cli.eval_cmd",
+    "qkiln.cli.info_cmd",
 ]
 
 for _name in COMMAND_MODULES:
