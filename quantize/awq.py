@@ -1,0 +1,206 @@
+"""AWQ (Lin et al., 2023): scale each input channel of a linear by s before quantizing, undo it in the op
+that produces the linear's input, so channels with large activations get finer effective steps.
+
+For y = W x and per-input-channel s: y = (W·diag(s)) (x / s). The quantized weight is Q(W·diag(s)); the
+division x / s is folded, exactly, into the op before:
+
+- input_layernorm weight ÷ s   → q_proj, k_proj, v_proj columns × s            ("attn_in")
+- v_proj rows ÷ s              → o_proj columns × s                            ("attn_out")
+  Attention is linear in v, so scaling v's output channel (kv head j, dim d) by 1/t scales the attention
+  output of every query head that reads kv head j. With grouped-query attention (n_rep query heads per
+  kv head) o_proj's input has n_heads·head_dim columns but v only n_kv·head_dim rows, so s is TIED:
+  one value per (kv head, dim), repeated over that kv head's n_rep query heads (statistics averaged).
+- post_attention_layernorm ÷ s → gate_proj, up_proj columns × s                ("mlp_in")
+- up_proj rows ÷ s             → down_proj columns × s (silu(gate)·up is linear in up)  ("mlp_out")
+
+Scale search: s = mean|x|^α (normalised so that sqrt(max·min) = 1, floored at 1e-4), α on a grid of
+`n_grid` values in [0, 1); the α minimising the summed output error of the group's linears, quantized by
+RTN on their own grids, is kept. The output error of W' against W on the calibration tokens is
+tr((W' − W) H (W' − W)ᵀ)/2 with GPTQ's Hessian H = 2XᵀX/n (`quantize.hessian`) — exact over every
+calibration token, at a cost independent of their number.
+
+Clipping search (optional): for each group of each linear except q/k (their error passes through the
+q·k product, where per-linear output error is a poor proxy — AutoAWQ skips them too), shrink the group's
+[min, max] by r ∈ {1, 0.975, …, 0.525} and keep, per (row, group), the r whose RTN result has the least
+output error on that group's diagonal block of H. Clipped weights then go to RTN or GPTQ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from qkiln.quantize.scheme import Scheme
+from qkiln.runtime.config import LlamaConfig
+
+log = logging.getLogger(__name__)
+
+# Input groups of a decoder layer: the linears sharing one input, and the op their scale folds into.
+INPUT_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn_out": ("self_attn.o_proj",),
+    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp_out": ("mlp.down_proj",),
+}
+LINEARS: tuple[str, ...] = tuple(n for g in INPUT_GROUPS.values() for n in g)
+GROUP_OF: dict[str, str] = {n: g for g, names in INPUT_GROUPS.items() for n in names}
+NORMS = ("input_layernorm", "post_attention_layernorm")
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupStats:
+    """What the searches need about one input group's calibration activations.
+
+    h        (in, in) float64  2XᵀX/n
+    abs_mean (in,)    float64  mean |x| per channel
+    """
+
+    h: np.ndarray
+    abs_mean: np.ndarray
+
+    def scaled(self, s: np.ndarray) -> GroupStats:
+        """Statistics of x / s (the input after folding)."""
+        inv = 1.0 / s.astype(np.float64)
+        return GroupStats(h=self.h * inv[:, None] * inv[None, :], abs_mean=self.abs_mean * inv)
+
+
+def rtn_dequant(w: np.ndarray, scheme: Scheme) -> np.ndarray:
+    """RTN on `scheme`'s grid, dequantized (rows, cols) float32."""
+    codes, params = scheme.quantize(w)
+    return scheme.decode(codes, params)
+
+
+def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
+    """Mean squared output error per token ||(Ŵ − W) x||², from H = 2XᵀX/n."""
+    e = np.asarray(w_hat, np.float32) - np.asarray(w, np.float32)  # (out, in)
+    return float(np.sum((e @ h.astype(np.float32)) * e, dtype=np.float64) / 2.0)
+
+
+def tie_heads(abs_mean: np.ndarray, config: LlamaConfig) -> np.ndarray:
+    """o_proj input statistic averaged over the query heads sharing a kv head, broadcast back (GQA)."""
+    a = abs_mean.reshape(config.num_key_value_heads, config.n_rep, config.head_dim)
+    return np.broadcast_to(a.mean(axis=1, keepdims=True), a.shape).reshape(-1).copy()
+
+
+def search_scale(
+    weights: list[np.ndarray], schemes: list[Scheme], stats: GroupStats, *, n_grid: int = 20
+) -> tuple[np.ndarray, float, float, float]:
+    """Best per-channel scale for linears sharing one input: (s (in,) float32, alpha, loss, loss at α=0).
+
+    α = 0 gives s = 1, i.e. plain RTN, so the result is never worse than RTN on this proxy.
+    """
+    x_mean = np.maximum(stats.abs_mean, 1e-8)
+    h = stats.h.astype(np.float32)
+    best: tuple[float, float, np.ndarray] | None = None
+    loss0 = float("nan")
+    for alpha in np.arange(n_grid) / n_grid:
+        s = np.power(x_mean, alpha)
+        s = s / np.sqrt(s.max() * s.min())
+        s = np.maximum(s, 1e-4).astype(np.float32)  # (in,)
+        loss = 0.0
+        for w, scheme in zip(weights, schemes, strict=True):
+            w_hat = rtn_dequant(w * s[None, :], scheme) / s[None, :]
+            loss += output_error(w, w_hat, h)
+        if alpha == 0:
+            loss0 = loss
+        if best is None or loss < best[0]:
+            best = (loss, float(alpha), s)
+    assert best is not None
+    return best[2], best[1], best[0], loss0
+
+
+def search_clip(
+    w: np.ndarray, scheme: Scheme, h: np.ndarray, *, n_grid: int = 20, max_shrink: float = 0.5
+) -> np.ndarray:
+    """`w` (rows, cols) with each (row, group)'s range shrunk by the ratio minimising its output error."""
+    rows, cols = w.shape
+    gs = scheme.group_cols or cols
+    ng = cols // gs
+    wg = w.reshape(rows, ng, gs)  # (rows, ng, gs)
+    lo = np.minimum(wg.min(axis=-1, keepdims=True), 0)  # (rows, ng, 1)
+    hi = np.maximum(wg.max(axis=-1, keepdims=True), 0)
+    hb = np.stack([h[g * gs : (g + 1) * gs, g * gs : (g + 1) * gs] for g in range(ng)]).astype(np.float32)
+    best_err = np.full((rows, ng), np.inf, dtype=np.float64)
+    best_r = np.ones((rows, ng, 1), dtype=np.float32)
+    for i in range(int(n_grid * max_shrink)):
+        r = np.float32(1 - i / n_grid)
+        wc = np.clip(wg, lo * r, hi * r).reshape(rows, cols)
+        e = (rtn_dequant(wc, scheme) - w).reshape(rows, ng, gs)  # error against the ORIGINAL weights
+        err = np.einsum("rgi,gij,rgj->rg", e, hb, e, optimize=True)  # (rows, ng)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_r[better] = r
+    return np.clip(wg, lo * best_r, hi * best_r).reshape(rows, cols).astype(np.float32)
+
+
+def fold_scales(
+    tensors: dict[str, np.ndarray], scales: dict[str, np.ndarray], config: LlamaConfig
+) -> dict[str, np.ndarray]:
+    """Apply per-group input scales to one layer's tensors (short names like 'self_attn.q_proj' and
+    'input_layernorm'), folding 1/s into the preceding op; returns new float32 arrays (inputs untouched).
+
+    `scales` maps an INPUT_GROUPS key to s (in,); a missing key means s = 1. 'attn_out' must be tied
+    per kv head (see `tie_heads`); that is checked.
+    """
+    out = {k: np.array(v, dtype=np.float32) for k, v in tensors.items()}
+    if "attn_in" in scales:
+        s = scales["attn_in"]
+        out["input_layernorm"] = out["input_layernorm"] / s
+        for n in INPUT_GROUPS["attn_in"]:
+            out[n] = out[n] * s[None, :]
+    if "attn_out" in scales:
+        s = scales["attn_out"].reshape(config.num_key_value_heads, config.n_rep, config.head_dim)
+        assert np.allclose(s, s[:, :1, :]), "attn_out scales must be tied per kv head"
+        out["self_attn.v_proj"] = out["self_attn.v_proj"] / s[:, 0, :].reshape(-1)[:, None]
+        out["self_attn.o_proj"] = out["self_attn.o_proj"] * scales["attn_out"][None, :]
+    if "mlp_in" in scales:
+        s = scales["mlp_in"]
+        out["post_attention_layernorm"] = out["post_attention_layernorm"] / s
+        for n in INPUT_GROUPS["mlp_in"]:
+            out[n] = out[n] * s[None, :]
+    if "mlp_out" in scales:
+        s = scales["mlp_out"]
+        out["mlp.up_proj"] = out["mlp.up_proj"] / s[:, None]
+        out["mlp.down_proj"] = out["mlp.down_proj"] * s[None, :]
+    return out
+
+
+@dataclasses.dataclass
+class AwqLayerResult:
+    tensors: dict[str, np.ndarray]  # folded (and clipped) float32 weights and norms, short names
+    stats: dict[str, GroupStats]  # statistics of each group's input AFTER folding (for GPTQ)
+    info: dict[str, dict[str, float]]  # per group: alpha, loss, loss at alpha 0
+
+
+def awq_layer(
+    tensors: dict[str, np.ndarray],
+    stats: dict[str, GroupStats],
+    schemes: dict[str, Scheme],
+    config: LlamaConfig,
+    *,
+    n_grid: int = 20,
+    clip: bool = True,
+) -> AwqLayerResult:
+    """Search and fold AWQ scales for one decoder layer (all searches on the original weights, as
+    AutoAWQ does), then optionally search clipping on the folded weights."""
+    scales: dict[str, np.ndarray] = {}
+    info: dict[str, dict[str, float]] = {}
+    for group, names in INPUT_GROUPS.items():
+        st = stats[group]
+        if group == "attn_out":
+            st = GroupStats(h=st.h, abs_mean=tie_heads(st.abs_mean, config))
+        s, alpha, loss, loss0 = search_scale(
+            [np.asarray(tensors[n], np.float32) for n in names], [schemes[n] for n in names], st, n_grid=n_grid
+        )
+        scales[group] = s
+        info[group] = {"alpha": alpha, "loss": loss, "loss_rtn": loss0}
+    folded = fold_scales(tensors, scales, config)
+    new_stats = {g: stats[g].scaled(scales[g]) for g in INPUT_GROUPS}
+    if clip:
+        for n in LINEARS:
+            if n not in NO_CLIP:
+                folded[n] = search_clip(folded[n], schemes[n], new_stats[GROUP_OF[n]].h, n_grid=n_grid)
+    return AwqLayerResult(tensors=folded, stats=new_stats, info=info)

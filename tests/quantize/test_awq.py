@@ -1,0 +1,108 @@
+"""AWQ: folding scales is exact without quantization; the search never loses to RTN on its own proxy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qkiln.quantize.awq import (
+    INPUT_GROUPS,
+    LINEARS,
+    NORMS,
+    GroupStats,
+    awq_layer,
+    fold_scales,
+    output_error,
+    rtn_dequant,
+    search_clip,
+    search_scale,
+    tie_heads,
+)
+from qkiln.quantize.hessian import abs_mean_sum, accumulate_hessian, empty_hessian
+from qkiln.quantize.registry import get_scheme
+from qkiln.runtime.llama import LlamaModel
+from qkiln.runtime.source import DictSource
+
+
+def _layer_tensors(weights: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    return {n: weights[f"model.layers.{i}.{n}.weight"] for n in (*LINEARS, *NORMS)}
+
+
+def test_fold_scales_preserves_logits(tiny_config, llama_weights):
+    cfg = tiny_config()  # 4 heads, 2 kv heads: grouped-query attention, tied o_proj scales
+    weights = llama_weights(cfg, seed=3)
+    rng = np.random.default_rng(0)
+    folded = dict(weights)
+    for i in range(cfg.num_hidden_layers):
+        scales = {
+            "attn_in": np.exp(0.5 * rng.standard_normal(cfg.hidden_size)).astype(np.float32),
+            "attn_out": tie_heads(np.exp(0.5 * rng.standard_normal(cfg.hidden_size)), cfg).astype(np.float32),
+            "mlp_in": np.exp(0.5 * rng.standard_normal(cfg.hidden_size)).astype(np.float32),
+            "mlp_out": np.exp(0.5 * rng.standard_normal(cfg.intermediate_size)).astype(np.float32),
+        }
+        new = fold_scales(_layer_tensors(weights, i), scales, cfg)
+        for n, v in new.items():
+            folded[f"model.layers.{i}.{n}.weight"] = v
+        assert not np.allclose(new["self_attn.v_proj"], weights[f"model.layers.{i}.self_attn.v_proj.weight"])
+    ids = rng.integers(0, cfg.vocab_size, size=(2, 24))
+    ref = LlamaModel(DictSource(cfg, weights)).forward(ids)
+    got = LlamaModel(DictSource(cfg, folded)).forward(ids)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_untied_attn_out_scales_are_refused(tiny_config, llama_weights):
+    cfg = tiny_config()
+    t = _layer_tensors(llama_weights(cfg), 0)
+    with pytest.raises(AssertionError, match="tied"):
+        fold_scales(t, {"attn_out": np.linspace(0.5, 2, cfg.hidden_size, dtype=np.float32)}, cfg)
+
+
+@pytest.fixture(scope="module")
+def outlier_problem():
+    """A linear whose input has a few large channels (the case AWQ is for)."""
+    rng = np.random.default_rng(0)
+    n_in, n_out = 128, 64
+    gains = np.ones(n_in, np.float32)
+    gains[rng.choice(n_in, 6, replace=False)] = 20.0
+    x = rng.standard_normal((4096, n_in)).astype(np.float32) * gains
+    w = (0.05 * rng.standard_normal((n_out, n_in))).astype(np.float32)
+    h, n = accumulate_hessian(*empty_hessian(n_in), x)
+    st = GroupStats(h=h, abs_mean=abs_mean_sum(np.zeros(n_in), x) / n)
+    return w, x, st
+
+
+@pytest.mark.parametrize("scheme_name", ["q4_0", "int4_g64_asym"])
+def test_scale_search_beats_rtn(outlier_problem, scheme_name):
+    w, x, st = outlier_problem
+    scheme = get_scheme(scheme_name)
+    s, alpha, loss, loss0 = search_scale([w], [scheme], st)
+    assert alpha > 0 and loss < 0.9 * loss0
+    w_hat = rtn_dequant(w * s, scheme) / s
+    rtn = rtn_dequant(w, scheme)
+    assert np.linalg.norm(x @ (w - w_hat).T) < np.linalg.norm(x @ (w - rtn).T)
+    np.testing.assert_allclose(output_error(w, w_hat, st.h), loss, rtol=1e-4)
+
+
+def test_clip_search_never_worse_than_no_clip(outlier_problem):
+    w, _, st = outlier_problem
+    scheme = get_scheme("int4_g32")
+    clipped = search_clip(w, scheme, st.h)
+    assert np.abs(clipped).max() <= np.abs(w).max()
+    assert output_error(w, rtn_dequant(clipped, scheme), st.h) <= output_error(w, rtn_dequant(w, scheme), st.h) * 1.001
+
+
+def test_awq_layer_folds_and_reports(tiny_config, llama_weights):
+    cfg = tiny_config()
+    t = _layer_tensors(llama_weights(cfg), 0)
+    rng = np.random.default_rng(1)
+    stats = {}
+    for g, names in INPUT_GROUPS.items():
+        d = t[names[0]].shape[1]
+        x = rng.standard_normal((512, d)).astype(np.float32) * np.exp(rng.standard_normal(d)).astype(np.float32)
+        h, n = accumulate_hessian(*empty_hessian(d), x)
+        stats[g] = GroupStats(h=h, abs_mean=abs_mean_sum(np.zeros(d), x) / n)
+    schemes = dict.fromkeys(LINEARS, get_scheme("int4_g32_asym"))
+    res = awq_layer(t, stats, schemes, cfg, n_grid=10, clip=True)
+    assert set(res.tensors) == set(t)
+    for g in INPUT_GROUPS:
+        assert res.info[g]["loss"] <= res.info[g]["loss_rtn"]
