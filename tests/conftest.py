@@ -299,3 +299,132 @@ class BadCheckpoints:
     @staticmethod
     def message(kind: str) -> str:
         return BAD_CHECKPOINTS[kind]
+
+
+# -- tiny llama GGUF files (GGUF import tests) --------------------------------------------------------
+
+GGUF_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+GGUF_MERGES = ("Ġ t", "h e", "Ġt he")
+
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's 256 printable stand-ins for bytes, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+# Default GGML type per GGUF tensor role: K-quants, legacy blocks, F16/BF16/F32 all represented.
+GGUF_TINY_TYPES = {
+    "token_embd": "Q8_0", "attn_norm": "F32", "ffn_norm": "F32", "output_norm": "F32",
+    "attn_q": "Q4_0", "attn_k": "Q4_K", "attn_v": "Q5_0", "attn_output": "F16",
+    "ffn_gate": "Q4_1", "ffn_up": "BF16", "ffn_down": "Q6_K", "output": "Q8_0",
+}
+
+
+def _gguf_blocks(x: np.ndarray, type_name: str, rng: np.random.Generator) -> np.ndarray:
+    """x (rows, cols) float32 -> GGUF bytes of `type_name`. gguf-py cannot quantize K-quants: those
+    get random block bytes with finite fp16 scales (any such bytes are a valid tensor to dequantize)."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return x.astype(np.float32)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return x.astype(np.float16)
+    try:
+        return gguf.quants.quantize(x, qtype)
+    except NotImplementedError:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(*x.shape[:-1], x.shape[-1] // block, size), dtype=np.uint8)
+        scales = (rng.uniform(0.001, 0.02, size=(*raw.shape[:-1], 2))).astype(np.float16).view(np.uint8)
+        if type_name in ("Q2_K", "Q4_K", "Q5_K"):  # d, dmin lead the block
+            raw[..., :4] = scales.reshape(*raw.shape[:-1], 4)
+        elif type_name == "Q3_K" or type_name == "Q6_K":  # d ends the block
+            raw[..., -2:] = scales.reshape(*raw.shape[:-1], 4)[..., :2]
+        else:
+            raise
+        return raw.reshape(*x.shape[:-1], -1)
+
+
+def write_tiny_llama_gguf(
+    path: Path,
+    *,
+    arch: str = "llama",
+    types: Mapping[str, str] | None = None,
+    tied: bool = False,
+    seed: int = 0,
+    pre: str = "smollm",
+    hidden: int = 256,
+    intermediate: int = 512,
+    n_layers: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    extra_meta: Callable[[Any], None] | None = None,
+    extra_tensors: Mapping[str, np.ndarray] | None = None,
+) -> Path:
+    """A small llama GGUF written with gguf.GGUFWriter: byte-level BPE vocabulary (262 tokens, control
+    tokens 0-2), seeded random weights in the GGML types of `types` (defaults GGUF_TINY_TYPES). The
+    q/k rows are stored as they come from the rng: tests compare against gguf-py's own reading."""
+    import gguf
+
+    kinds = {**GGUF_TINY_TYPES, **(types or {})}
+    tokens = [*GGUF_SPECIALS, *_byte_level_alphabet(), *(m.replace(" ", "") for m in GGUF_MERGES)]
+    vocab, head_dim = len(tokens), hidden // n_head
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(512)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(intermediate)
+    w.add_block_count(n_layers)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(GGUF_SPECIALS) + [1] * (vocab - len(GGUF_SPECIALS)))
+    w.add_token_merges(list(GGUF_MERGES))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    if extra_meta is not None:
+        extra_meta(w)
+    shapes = {"token_embd": (vocab, hidden), "output_norm": (hidden,)}
+    if not tied:
+        shapes["output"] = (vocab, hidden)
+    for b in range(n_layers):
+        shapes |= {f"blk.{b}.attn_norm": (hidden,), f"blk.{b}.attn_q": (n_head * head_dim, hidden),
+                   f"blk.{b}.attn_k": (n_head_kv * head_dim, hidden), f"blk.{b}.attn_v": (n_head_kv * head_dim, hidden),
+                   f"blk.{b}.attn_output": (hidden, n_head * head_dim), f"blk.{b}.ffn_norm": (hidden,),
+                   f"blk.{b}.ffn_gate": (intermediate, hidden), f"blk.{b}.ffn_up": (intermediate, hidden),
+                   f"blk.{b}.ffn_down": (hidden, intermediate)}
+    for name, shape in shapes.items():
+        kind = kinds[name.split(".")[-1]]
+        x = (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1
+             else rng.standard_normal(shape) / math.sqrt(shape[-1])).astype(np.float32)
+        data = _gguf_blocks(x, kind, rng)
+        raw_dtype = None if kind in ("F32", "F16") else gguf.GGMLQuantizationType[kind]
+        w.add_tensor(f"{name}.weight", data, raw_dtype=raw_dtype)
+    for name, arr in (extra_tensors or {}).items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture
+def make_gguf(tmp_path: Path) -> Callable[..., Path]:
+    """`make_gguf(name="tiny.gguf", **kw) -> Path`: a tiny llama GGUF (see write_tiny_llama_gguf)."""
+
+    def make(name: str = "tiny.gguf", **kw: Any) -> Path:
+        return write_tiny_llama_gguf(tmp_path / name, **kw)
+
+    return make
