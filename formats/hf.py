@@ -177,7 +177,13 @@ class Checkpoint:
             raise CheckpointError(
                 f"{folder} has no config.json; a Hugging Face checkpoint folder needs config.json beside its weights"
             )
-        config = LlamaConfig.from_file(folder / "config.json")
+        try:
+            config = LlamaConfig.from_file(folder / "config.json")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            # LlamaConfig trusts the types of some optional fields (rope_scaling, rms_norm_eps, ...).
+            raise CheckpointError(
+                f"{folder / 'config.json'} has a malformed field ({type(e).__name__}: {e}); fix or re-download it"
+            ) from None
 
         if (folder / INDEX_FILE).is_file():
             weight_map = _read_index(folder)

@@ -66,6 +66,23 @@ def test_invalid_config_json(make_checkpoint):
     _refused(path, "config.json is not valid JSON")
 
 
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},  # incomplete llama3 scaling
+        {"rope_scaling": [1, 2]},
+        {"rms_norm_eps": "tiny"},
+        {"max_position_embeddings": None},
+    ],
+)
+def test_malformed_config_field_is_a_checkpoint_error(make_checkpoint, field):
+    path = make_checkpoint()
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(field)
+    (path / "config.json").write_text(json.dumps(cfg))
+    _refused(path, "config.json (has a malformed field|.*rope_scaling)")
+
+
 def test_no_weights_at_all(tmp_path, tiny_config):
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
     _refused(tmp_path, "has no weights: expected model.safetensors or model.safetensors.index.json")
