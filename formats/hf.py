@@ -179,10 +179,10 @@ class Checkpoint:
             )
         try:
             config = LlamaConfig.from_file(folder / "config.json")
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             # LlamaConfig trusts the types of some optional fields (rope_scaling, rms_norm_eps, ...).
             raise CheckpointError(
-                f"{folder / 'config.json'} has a malformed field ({type(e).__name__}: {e}); fix or re-download it"
+                f"{folder / 'config.json'} has a malformed field ({type(err).__name__}: {err}); fix or re-download it"
             ) from None
 
         if (folder / INDEX_FILE).is_file():
