@@ -298,8 +298,8 @@ class Checkpoint:
         if e.dtype == "F16":
             return raw.astype(np.float32)
         # BF16 is the top half of a float32: widen the bits and shift them into place.
-        bits = raw.astype(np.uint32)  # (shape) uint32, the one copy made
-        bits <<= 16
+        bits = np.empty(e.shape, dtype=np.uint32)  # (shape) the one copy made
+        np.left_shift(raw, 16, out=bits, dtype=np.uint32)  # widen and shift in one pass
         return bits.view(np.float32)
 
     # -- tokenizer --------------------------------------------------------------------------------
