@@ -102,6 +102,8 @@ def config_from_gguf(f: GGUFFile) -> LlamaConfig:
     head_dim = _int(f, f"{ARCH}.attention.key_length", hidden // n_head)
     if _int(f, f"{ARCH}.attention.value_length", head_dim) != head_dim:
         raise GGUFError(f"{f.path}: attention key and value lengths differ; not a plain llama model")
+    if head_dim % 2:
+        raise GGUFError(f"{f.path}: attention head size {head_dim} is odd; rotary embeddings need an even size")
     rope_dim = _int(f, f"{ARCH}.rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise GGUFError(f"{f.path}: partial rotary embeddings (rope dimension {rope_dim} of head {head_dim}) are not supported")
@@ -229,5 +231,6 @@ def import_gguf(src: Path, dest: Path, *, overwrite: bool = False, progress: Pro
                               "source_bytes": f.file_size, "source_sha256": _sha256(src),
                               "gguf_name": f.get("general.name")}
     extra[SOURCE_FILE] = json.dumps(source, indent=2, sort_keys=True) + "\n"
-    return write_checkpoint(dest, cfg, sorted(tensors.items()), extra_files=extra, overwrite=overwrite,
-                            metadata={"qkiln_source": "gguf"})
+    # No extra safetensors metadata: safetensors stores it in a hash map, so two keys or more would
+    # come out in a different order from run to run (the provenance lives in qkiln_source.json).
+    return write_checkpoint(dest, cfg, sorted(tensors.items()), extra_files=extra, overwrite=overwrite)
