@@ -35,7 +35,7 @@ LinearOp = Callable[[np.ndarray], np.ndarray]
 # Attention scores are computed for blocks of queries so their buffer stays under this many floats
 # (and keys beyond a block's last query are skipped, saving part of the causal triangle).
 _SCORE_BUDGET = 8 * 1024 * 1024
-_MAX_QUERY_BLOCK = 256
+_MAX_QUERY_BLOCK = 64
 
 
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
