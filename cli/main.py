@@ -27,6 +27,8 @@ COMMAND_MODULES = [
     "qkiln.cli.version_cmd",
     "qkiln.cli.eval_cmd",
     "qkiln.cli.info_cmd",
+    "qkiln.cli.convert_cmd",
+    "qkiln.cli.inspect_cmd",
 ]
 
 for _name in COMMAND_MODULES:

@@ -94,6 +94,26 @@ def _split_regex(step: dict[str, Any]) -> str | None:
     return pattern.get("Regex") or pattern.get("String")
 
 
+def _llama_cpp_regex_chain(steps: list[dict[str, Any]]) -> str | None:
+    """The name whose regex chain this is, for graphs written from llama.cpp's own regexes.
+
+    qkiln's GGUF importer (formats/tokenizer_gguf.py) expresses each llama.cpp pre-tokenizer as
+    Split(regex, isolated)... + ByteLevel(no regex); this maps such a graph back to the name.
+    """
+    from qkiln.formats.tokenizer_gguf import BPE_PRE_TOKENIZERS
+
+    if len(steps) < 2 or steps[-1].get("type") != "ByteLevel" or steps[-1].get("use_regex", True):
+        return None
+    splits = steps[:-1]
+    if any(s.get("type") != "Split" or s.get("behavior") != "Isolated" or s.get("invert") for s in splits):
+        return None
+    chain = tuple(_split_regex(s) for s in splits)
+    for name in ("smollm", "llama-bpe", "gpt-2", "default", *BPE_PRE_TOKENIZERS):
+        if name in BPE_PRE_TOKENIZERS and BPE_PRE_TOKENIZERS[name][0] == chain:
+            return name
+    return None
+
+
 def pre_tokenizer_name(tok: dict[str, Any], source: str = "tokenizer.json") -> str:
     """llama.cpp's pre-tokenizer whose behaviour equals this byte-level graph, or GGUFError.
 
@@ -121,6 +141,9 @@ def pre_tokenizer_name(tok: dict[str, Any], source: str = "tokenizer.json") -> s
         and not steps[1].get("use_regex", True)
     ):
         return "llama-bpe"
+    name = _llama_cpp_regex_chain(steps)
+    if name is not None:
+        return name
     raise GGUFError(
         f"{source}: pre-tokenizer {'+'.join(str(k) for k in kinds) or 'none'} has no llama.cpp equivalent "
         "(supported: SmolLM digits+byte-level, GPT-2 byte-level, Llama-3 split); the vocabulary cannot be "

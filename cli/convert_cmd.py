@@ -1,0 +1,78 @@
+"""`qkiln convert --model M --to gguf --scheme q4_k_m --algo gptq --calib FILE -o OUT.gguf`."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from qkiln.cli.common import console, handles_errors, print_json
+from qkiln.errors import UserError
+
+
+class Target(enum.StrEnum):
+    gguf = "gguf"
+
+
+class Algo(enum.StrEnum):
+    rtn = "rtn"
+    gptq = "gptq"
+    awq = "awq"
+    awq_gptq = "awq+gptq"
+
+
+@handles_errors
+def convert(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Destination file (written atomically).")],
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="Hugging Face checkpoint folder (default: the demo model).")
+    ] = None,
+    to: Annotated[Target, typer.Option("--to", help="Artifact format.")] = Target.gguf,
+    scheme: Annotated[
+        str,
+        typer.Option(
+            "--scheme",
+            help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, or a llama.cpp mix: q4_k_m, q4_k_s, q5_k_m.",
+        ),
+    ] = "q4_k_m",
+    algo: Annotated[Algo, typer.Option("--algo", help="How codes are chosen on the grid.")] = Algo.rtn,
+    calib: Annotated[
+        list[Path] | None, typer.Option("--calib", help="Calibration text file(s) for gptq/awq (repeatable).")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="general.name in the file (default: the folder name).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Quantize a checkpoint into a GGUF that llama.cpp runs as it is."""
+    from qkiln.formats.gguf_convert import convert_to_gguf
+    from qkiln.runtime.load import resolve_model_path
+
+    for path in calib or []:
+        if not path.is_file():
+            raise UserError(f"calibration file {path} not found; pass an existing text file to --calib")
+    model_path = resolve_model_path(model)
+    with console.status(f"converting {model_path} to {scheme} ({algo.value})") as status:
+        result = convert_to_gguf(
+            model_path,
+            output,
+            scheme,
+            algorithm=algo.value,
+            calib=calib or [],
+            name=name,
+            progress=lambda tensor: status.update(f"quantizing {tensor}"),
+        )
+    summary = result.summary()
+    for line in result.fallbacks:
+        console.print(f"[yellow]fallback[/] {line}")
+    if as_json:
+        print_json(summary)
+    else:
+        types = ", ".join(f"{k}×{v}" for k, v in summary["tensor_types"].items())
+        console.print(
+            f"wrote {output} ({summary['file_bytes'] / 2**20:.1f} MiB, {summary['bits_per_weight']:.3f} bits/weight; {types})"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("convert")(convert)

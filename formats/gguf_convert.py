@@ -1,0 +1,149 @@
+"""Checkpoint → GGUF: choose each tensor's type, quantize (RTN, GPTQ, AWQ), pack, write.
+
+The library side of `qkiln convert --to gguf`. Quantizers decide codes on a ggml grid; this module
+only routes tensors to them and hands the resulting QuantizedTensors to the writer, which packs the
+codes as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qkiln.errors import QuantizeError
+from qkiln.formats.gguf_meta import Provenance, sha256_of
+from qkiln.formats.gguf_write import FLOAT_TYPES, TensorPlan, Weight, write_llama_gguf
+from qkiln.formats.tokenizer_to_gguf import tokenizer_from_folder
+
+ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    plans: list[TensorPlan]
+    fallbacks: list[str]
+
+    def summary(self) -> dict[str, Any]:
+        by_type: dict[str, int] = {}
+        for p in self.plans:
+            by_type[p.ggml_type.name] = by_type.get(p.ggml_type.name, 0) + 1
+        n_weights = sum(int(np.prod(p.shape)) for p in self.plans)
+        n_bytes = sum(p.nbytes for p in self.plans)
+        return {
+            "path": str(self.path),
+            "file_bytes": self.path.stat().st_size,
+            "tensor_types": dict(sorted(by_type.items())),
+            "bits_per_weight": round(8 * n_bytes / max(1, n_weights), 4),
+            "fallbacks": self.fallbacks,
+        }
+
+
+def tensor_schemes(config: Any, shapes: dict[str, tuple[int, ...]], preset: str) -> tuple[dict[str, str], list[str]]:
+    """Scheme name per 2-D tensor for `preset`, and the fallbacks taken (`tensor: wanted -> used (why)`).
+
+    Delegates to `quantize.rules` (llama.cpp's per-tensor mix and its fallback when rows do not fit a block).
+    """
+    try:
+        from qkiln.quantize import rules
+    except ImportError:  # until quantize/rules.py lands: one scheme everywhere, llama.cpp's fallback
+        return _uniform_schemes(shapes, preset)
+    return rules.gguf_tensor_schemes(config, shapes, preset)
+
+
+_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+def _uniform_schemes(shapes: dict[str, tuple[int, ...]], preset: str) -> tuple[dict[str, str], list[str]]:
+    from qkiln.quantize.ggml_pack import GGML_TYPES
+
+    if preset not in GGML_TYPES:
+        raise QuantizeError(f"unknown GGUF scheme {preset!r}; use f32, f16, bf16 or one of {', '.join(GGML_TYPES)}")
+    out: dict[str, str] = {}
+    fallbacks: list[str] = []
+    for name, shape in sorted(shapes.items()):
+        if len(shape) != 2:
+            continue
+        chosen = preset
+        if shape[1] % GGML_TYPES[preset][1]:
+            chosen = _FALLBACK.get(preset, "f16")
+            fallbacks.append(f"{name}: {preset} -> {chosen} (rows of {shape[1]} are not a multiple of {GGML_TYPES[preset][1]})")
+        out[name] = chosen
+    return out, fallbacks
+
+
+def quantize_weights(
+    ckpt: Any,
+    schemes: dict[str, str],
+    algorithm: str,
+    calib: Sequence[Path],
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Weight]:
+    """HF name → QuantizedTensor (2-D weights in `schemes`) or float32 array (the rest)."""
+    if algorithm == "rtn":
+        from qkiln.quantize.registry import get_scheme
+        from qkiln.quantize.rtn import quantize_rtn
+
+        out: dict[str, Weight] = {}
+        for name in ckpt.names():
+            w = ckpt.tensor(name)
+            if name in schemes:
+                if progress:
+                    progress(name)
+                out[name] = quantize_rtn(w, get_scheme(schemes[name]), name=name)
+            else:
+                out[name] = np.asarray(w, dtype=np.float32)
+        return out
+    if not calib:
+        raise QuantizeError(f"--algo {algorithm} needs calibration text: pass --calib FILE")
+    from qkiln.quantize.calibrate import quantize_model
+
+    return dict(quantize_model(ckpt, schemes, algorithm=algorithm, calib=list(calib), progress=progress))
+
+
+def convert_to_gguf(
+    model: Path,
+    dest: Path,
+    scheme: str,
+    *,
+    algorithm: str = "rtn",
+    calib: Sequence[Path] = (),
+    name: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Convert the checkpoint folder `model` into a llama.cpp GGUF at `dest` (atomic, deterministic)."""
+    from qkiln.formats.hf import Checkpoint
+
+    scheme = scheme.strip().lower()
+    if algorithm not in ALGORITHMS:
+        raise QuantizeError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    ckpt = Checkpoint.open(model)
+    config = ckpt.config
+    ids = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+    tokenizer = tokenizer_from_folder(ckpt.path, config.vocab_size, ids)
+    fallbacks: list[str] = []
+    if scheme in FLOAT_TYPES:
+        if algorithm != "rtn":
+            raise QuantizeError(f"--scheme {scheme} stores weights unquantized; --algo {algorithm} does not apply")
+        weights: dict[str, Weight] = {n: np.asarray(ckpt.tensor(n), dtype=np.float32) for n in ckpt.names()}
+        float_type = scheme
+    else:
+        shapes = {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
+        schemes, fallbacks = tensor_schemes(config, shapes, scheme)
+        weights = quantize_weights(ckpt, schemes, algorithm, calib, progress)
+        float_type = "f32"
+    notes = {line.split(":", 1)[0]: line for line in fallbacks}
+    prov = Provenance(
+        name=name or ckpt.path.resolve().name,
+        scheme=scheme,
+        algorithm=algorithm if scheme not in FLOAT_TYPES else "none",
+        calibration_sha256=sha256_of(calib) if calib and algorithm != "rtn" else None,
+        source=ckpt.path.resolve().name,
+        fallbacks=tuple(fallbacks),
+    )
+    plans = write_llama_gguf(dest, config, weights, tokenizer, prov, float_type=float_type, notes=notes)
+    return ConvertResult(path=Path(dest), plans=plans, fallbacks=fallbacks)
