@@ -71,8 +71,8 @@ def _vocab(meta: Mapping[str, Any], where: str) -> tuple[list[str], list[int]]:
     if not all(isinstance(t, str) for t in tokens):
         raise GGUFError(f"{where}: tokenizer.ggml.tokens must be a list of strings")
     types = _meta(meta, "tokenizer.ggml.token_type", list, where) or [TOKEN_NORMAL] * len(tokens)
-    if len(types) != len(tokens):
-        raise GGUFError(f"{where}: {len(types)} token types for {len(tokens)} tokens")
+    if len(types) != len(tokens) or not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
+        raise GGUFError(f"{where}: tokenizer.ggml.token_type must hold one integer per token ({len(tokens)})")
     if len(set(tokens)) != len(tokens):
         raise GGUFError(f"{where}: the vocabulary has duplicate tokens; cannot rebuild a tokenizer")
     return tokens, [int(t) for t in types]
@@ -103,6 +103,10 @@ def _bpe_tokenizer(meta: Mapping[str, Any], tokens: list[str], where: str) -> tu
             raise GGUFError(f"{where}: merge {m!r:.40} is not two tokens separated by one space")
         merges.append((parts[0], parts[1]))
     vocab = {t: i for i, t in enumerate(tokens)}
+    # tokenizers panics (a Rust panic, not an exception) on a merge outside the vocabulary: check first.
+    bad = next((m for m in merges if m[0] not in vocab or m[1] not in vocab or m[0] + m[1] not in vocab), None)
+    if bad is not None:
+        raise GGUFError(f"{where}: merge {' '.join(bad)!r:.60} uses or makes a token that is not in the vocabulary")
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False,
                                byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -134,7 +138,7 @@ def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> lis
 
 def _spm_tokenizer(meta: Mapping[str, Any], tokens: list[str], types: list[int], where: str) -> tuple[Tokenizer, bool]:
     scores = _meta(meta, "tokenizer.ggml.scores", list, where)
-    if scores is None or len(scores) != len(tokens):
+    if scores is None or len(scores) != len(tokens) or not all(isinstance(x, float | int) for x in scores):
         raise GGUFError(f"{where}: a SentencePiece vocabulary needs one score per token (tokenizer.ggml.scores)")
     byte_tokens = {f"<0x{b:02X}>" for b in range(256)}
     if not byte_tokens <= set(tokens):

@@ -214,3 +214,15 @@ def test_existing_output_needs_overwrite(make_gguf, tmp_path):
         import_gguf(src, tmp_path / "hf")
     assert import_gguf(src, tmp_path / "hf", overwrite=True) == tmp_path / "hf"
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_refuses_merge_outside_vocabulary(make_gguf, tmp_path):
+    src = make_gguf()
+    blob = src.read_bytes()
+    from qkiln.formats.gguf_read import read_gguf
+
+    assert blob.index(b"h e") < read_gguf(src).data_start  # the merge, not tensor bytes
+    src.write_bytes(blob.replace(b"h e", b"h q", 1))  # "hq" is no token: tokenizers would panic on it
+    with pytest.raises(GGUFError, match=r"merge 'h q' uses or makes a token that is not in the vocabulary"):
+        import_gguf(src, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
