@@ -226,3 +226,28 @@ def test_refuses_merge_outside_vocabulary(make_gguf, tmp_path):
     with pytest.raises(GGUFError, match=r"merge 'h q' uses or makes a token that is not in the vocabulary"):
         import_gguf(src, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_random_header_damage_gives_user_errors_only(make_gguf, tmp_path):
+    """Whatever the damage to the header (metadata, vocabulary, tensor infos), the import either works
+    or raises a UserError: no numpy, tokenizers or struct exception escapes."""
+    import random
+
+    from qkiln.formats.gguf_read import read_gguf
+
+    src = make_gguf(n_layers=1)
+    blob, end = src.read_bytes(), read_gguf(src).data_start
+    rng = random.Random(7)
+    failures = 0
+    for i in range(60):
+        damaged = bytearray(blob)
+        for _ in range(rng.randint(1, 3)):
+            damaged[rng.randrange(end)] = rng.randrange(256)
+        src.write_bytes(damaged)
+        try:
+            import_gguf(src, tmp_path / f"out{i}")
+        except UserError as e:
+            failures += 1
+            assert "\n" not in str(e)
+            assert not (tmp_path / f"out{i}").exists()
+    assert failures > 30
