@@ -65,7 +65,13 @@ class FP8Grid(Scheme):
         return (0x80,) if self.fmt == "e4m3fnuz" else (0x7F, 0xFF)
 
     def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> Params:
-        amax = np.abs(w.astype(np.float32, copy=False)).max(axis=1, keepdims=True)  # (rows, 1)
+        step = max(1, (1 << 20) // max(w.shape[1], 1))  # row chunks: no full float32 copy of `w`
+        amax = np.concatenate(
+            [
+                np.abs(w[r0 : r0 + step].astype(np.float32)).max(axis=1, keepdims=True)
+                for r0 in range(0, len(w), step)
+            ]
+        )  # (rows, 1)
         if self.tensor_scale:
             amax = np.full_like(amax, amax.max())
         scale = np.where(amax > 0, amax / np.float32(self.fmax), np.float32(1))

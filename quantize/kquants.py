@@ -1,0 +1,267 @@
+"""llama.cpp's K-quants: Q4_K, Q5_K (256-weight super-blocks of 8 sub-blocks of 32 with 6-bit scales and
+mins) and Q6_K (16 sub-blocks of 16 with int8 scales).
+
+The reference rules of ggml-quants.c (`quantize_row_q{4,5,6}_K_ref`: `make_qkx2_quants` per sub-block
+— a weighted least-squares search over 1 + nstep candidate scales with a min — then 6-bit
+quantization of the sub-scales against the super-block maximum; `make_qx_quants` with x² weights
+and 18 trial scales for Q6_K) are re-expressed on arrays of all sub-blocks at once. gguf-py has no
+K-quant quantizer to compare against, and the float sums here run in a different order than
+ggml's loops, so a code can differ from llama.cpp's on a near-tie; the grid and layout are exact
+(`ggml_pack.pack_blocks` + `gguf.quants.dequantize` reproduce `decode` bit for bit).
+
+Error bound: codes are the nearest on the final grid (w within half a sub-block step d·sc of its
+value) except where the 6-bit sub-scale/min quantization pushes a value past the grid's end.
+
+`importance` (cols,), when given, multiplies llama.cpp's per-weight search weights (as its imatrix
+path does); the search itself stays the reference one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from qkiln.quantize.scheme import Params, UniformGrid, to_fp16
+
+QK_K = 256
+GROUP_MAX_EPS = np.float32(1e-15)
+
+
+def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Σ_i a[:, i]·b[:, i] in one pass (no temporary)."""
+    return np.vecdot(a, b)
+
+
+def _rowsum(a: np.ndarray) -> np.ndarray:
+    """Σ_i a[:, i] (vecdot with ones: faster than .sum(axis=1) on short rows, no BLAS threads)."""
+    return np.vecdot(a, np.ones(a.shape[1], a.dtype))
+
+
+def _make_qkx2(
+    x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorized make_qkx2_quants over sub-blocks x (B, n): (scale (B,), the_min (B,) >= 0, L (B, n) uint8).
+
+    Hot loop. Each trial costs a handful of passes over (B, n): the weighted error of a trial is
+    expanded into the sums the least-squares fit already needs (Σw, Σwx, Σwx², Σwl, Σwl², Σwlx),
+    evaluated in float64, and only the winning inverse scale is kept — L is rebuilt once at the end
+    with the same float32 operations, so it equals the winning trial's L.
+    """
+    f32, f64 = np.float32, np.float64
+    mn = np.minimum(x.min(axis=1), f32(0))  # (B,) current min; ggml updates it on every accepted trial
+    hi = x.max(axis=1)
+    sum_w = _rowsum(weights)
+    sum_x = _rowdot(weights, x)
+    sum_xx = _rowdot(weights * x, x).astype(f64)
+    flat = hi == mn
+    t = np.empty_like(x)  # (B, n) trial levels
+    wl = np.empty_like(x)
+
+    def trial(iscale: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        np.subtract(x, m[:, None], out=t)
+        np.multiply(iscale[:, None], t, out=t)
+        np.rint(t, out=t)
+        np.clip(t, f32(0), f32(nmax), out=t)
+        np.multiply(weights, t, out=wl)
+        return _rowsum(wl), _rowdot(wl, t), _rowdot(wl, x)
+
+    def error(s: np.ndarray, m: np.ndarray, sl: np.ndarray, sl2: np.ndarray, sxl: np.ndarray) -> np.ndarray:
+        s, m = s.astype(f64), m.astype(f64)
+        return (
+            s * s * sl2 + 2 * s * m * sl - 2 * s * sxl + m * m * sum_w - 2 * m * sum_x + sum_xx
+        )  # (B,) Σ w (s·l + m − x)²
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        best_iscale = np.where(flat, f32(0), f32(nmax) / np.where(flat, f32(1), hi - mn))
+        scale = np.where(flat, f32(0), f32(1) / best_iscale)
+    best_mn = mn  # the min the winning levels were computed against
+    best = error(scale, mn, *trial(best_iscale, mn))
+    for step in range(nstep + 1):
+        span = hi - mn
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / np.where(span > 0, span, f32(1))
+        sum_l, sum_l2, sum_xl = trial(iscale, mn)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            Ds = np.where(ok, D, f32(1))
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+            pos = this_min > 0
+            this_min = np.where(pos, f32(0), this_min)
+            this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), this_scale)
+        err = error(this_scale, this_min, sum_l, sum_l2, sum_xl)
+        take = ok & ~flat & (err < best)
+        best = np.where(take, err, best)
+        best_iscale = np.where(take, iscale, best_iscale)
+        best_mn = np.where(take, mn, best_mn)
+        scale = np.where(take, this_scale, scale)
+        mn = np.where(take, this_min, mn)
+    trial(best_iscale, best_mn)
+    L = np.where(flat[:, None], f32(0), t)
+    return scale.astype(f32), (-mn).astype(f32), L.astype(np.uint8)
+
+
+def _make_qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorized make_qx_quants(rmse_type=1) over sub-blocks x (B, n): (scale (B,), L (B, n) uint8 = l + nmax).
+
+    Hot loop: only the winning inverse scale is kept; L is rebuilt once at the end.
+    """
+    f32 = np.float32
+    imax = np.abs(x).argmax(axis=1)[:, None]
+    vmax = np.take_along_axis(x, imax, axis=1)[:, 0]  # (B,) signed value of largest magnitude
+    zero = np.abs(vmax) < GROUP_MAX_EPS
+    vmax = np.where(zero, f32(1), vmax)
+    w = x * x  # (B, n)
+    t = np.empty_like(x)
+    wl = np.empty_like(x)
+
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        np.multiply(iscale[:, None], x, out=t)
+        np.rint(t, out=t)
+        np.clip(t, -nmax, nmax - 1, out=t)
+        np.multiply(w, t, out=wl)
+        return _rowdot(wl, x), _rowdot(wl, t)
+
+    best_iscale = f32(-nmax) / vmax
+    sumlx, suml2 = trial(best_iscale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, f32(1)), f32(0))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(f32(nmax) + f32(0.1) * f32(step)) / vmax
+        slx, sl2 = trial(iscale)
+        take = (sl2 > 0) & (slx * slx > best * sl2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = slx / np.where(sl2 > 0, sl2, f32(1))
+        best_iscale = np.where(take, iscale, best_iscale)
+        scale = np.where(take, s, scale)
+        best = np.where(take, s * slx, best)
+    trial(best_iscale)
+    scale = np.where(zero, f32(0), scale)
+    L = np.where(zero[:, None], f32(0), t + f32(nmax))
+    return scale.astype(f32), L.astype(np.uint8)
+
+
+class _KQuant(UniformGrid):
+    @property
+    def fit_cols(self) -> int:
+        return QK_K
+
+    def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> Params:
+        return self.quantize(w, importance)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class QKMin(_KQuant):
+    """Q4_K (bits=4) / Q5_K (bits=5): w = d·sc_j·q − dmin·m_j on sub-block j of 32.
+
+    params:
+      d, dmin  (rows, cols/256) float16 — super-block scale of the sub-scales / sub-mins
+      scales   (rows, cols/32) uint8 in 0..63 — sub-block scale sc_j
+      mins     (rows, cols/32) uint8 in 0..63 — sub-block min m_j
+    codes (rows, cols) uint8 in 0..2**bits - 1.
+    """
+
+    bits: int = 4  # type: ignore[misc]
+    shift: ClassVar[int] = 0
+
+    @property
+    def group_cols(self) -> int:
+        return 32
+
+    def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, Params]:
+        f32 = np.float32
+        rows, cols = w.shape
+        nsb = cols // QK_K
+        nmax = (1 << self.bits) - 1
+        x = w.astype(f32, copy=False).reshape(rows * nsb * 8, 32)  # (B, 32) sub-blocks
+        av_x = np.sqrt((x * x).sum(axis=1, keepdims=True) / f32(32))
+        weights = av_x + np.abs(x)  # (B, 32)
+        if importance is not None:
+            qw = np.broadcast_to(importance.astype(f32).reshape(1, nsb * 8, 32), (rows, nsb * 8, 32))
+            weights = weights * qw.reshape(-1, 32)
+        rmin, nstep = (-1.0, 20) if self.bits == 4 else (-0.5, 15)
+        sc, mn, L = _make_qkx2(x, weights, nmax, rmin, 0.1, nstep)
+        sc = sc.reshape(rows * nsb, 8)
+        mn = mn.reshape(rows * nsb, 8)
+        max_scale = np.maximum(sc.max(axis=1), f32(0))  # (S,)
+        max_min = np.maximum(mn.max(axis=1), f32(0))
+        with np.errstate(divide="ignore"):
+            inv_scale = np.where(max_scale > 0, f32(63) / max_scale, f32(0))
+            inv_min = np.where(max_min > 0, f32(63) / max_min, f32(0))
+        ls = np.clip(np.rint(inv_scale[:, None] * sc), 0, 63).astype(np.uint8)  # (S, 8)
+        lm = np.clip(np.rint(inv_min[:, None] * mn), 0, 63).astype(np.uint8)
+        d = to_fp16(max_scale / f32(63), self.name)
+        dmin = to_fp16(max_min / f32(63), self.name)
+        dj = (d.astype(f32)[:, None] * ls.astype(f32)).reshape(-1, 1)  # (B, 1)
+        mj = (dmin.astype(f32)[:, None] * lm.astype(f32)).reshape(-1, 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.clip(np.rint((x + mj) / np.where(dj != 0, dj, f32(1))), 0, nmax).astype(np.uint8)
+        codes = np.where(dj != 0, q, L).reshape(rows, cols)
+        params = {
+            "d": d.reshape(rows, nsb),
+            "dmin": dmin.reshape(rows, nsb),
+            "scales": ls.reshape(rows, nsb * 8),
+            "mins": lm.reshape(rows, nsb * 8),
+        }
+        return codes, params
+
+    def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        f32 = np.float32
+        d = np.repeat(params["d"].astype(f32), 8, axis=1)  # (rows, n_sub)
+        dmin = np.repeat(params["dmin"].astype(f32), 8, axis=1)
+        return d * params["scales"].astype(f32), -(dmin * params["mins"].astype(f32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Q6K(_KQuant):
+    """Q6_K: w = d·sc_j·(q − 32) on sub-block j of 16.
+
+    params:
+      d       (rows, cols/256) float16
+      scales  (rows, cols/16) int8 — sub-block scale sc_j
+    codes (rows, cols) uint8 in 0..63.
+    """
+
+    bits: ClassVar[int] = 6
+    shift: ClassVar[int] = 32
+
+    @property
+    def group_cols(self) -> int:
+        return 16
+
+    def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, Params]:
+        f32 = np.float32
+        rows, cols = w.shape
+        nsb = cols // QK_K
+        x = w.astype(f32, copy=False).reshape(rows * nsb * 16, 16)  # (B, 16) sub-blocks
+        sc, L = _make_qx(x, 32)
+        sc = sc.reshape(rows * nsb, 16)  # (S, 16)
+        imax = np.abs(sc).argmax(axis=1)[:, None]
+        max_scale = np.take_along_axis(sc, imax, axis=1)[:, 0]  # (S,) signed
+        empty = np.abs(max_scale) < GROUP_MAX_EPS
+        safe = np.where(empty, f32(1), max_scale)
+        iscale = f32(-128) / safe
+        d = to_fp16(np.where(empty, f32(0), f32(1) / iscale), self.name)
+        ls = np.clip(np.rint(iscale[:, None] * sc), -128, 127)
+        ls = np.where(empty[:, None], f32(0), ls).astype(np.int8)  # (S, 16)
+        dj = (d.astype(f32)[:, None] * ls.astype(f32)).reshape(-1, 1)  # (B, 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.clip(np.rint(x / np.where(dj != 0, dj, f32(1))), -32, 31) + f32(32)
+        codes = np.where(dj != 0, q.astype(np.uint8), L)
+        codes = np.where(np.repeat(empty, 16)[:, None], np.uint8(0), codes).reshape(rows, cols)
+        return codes, {"d": d.reshape(rows, nsb), "scales": ls.reshape(rows, nsb * 16)}
+
+    def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        d = np.repeat(params["d"].astype(np.float32), 16, axis=1)  # (rows, n_sub)
+        scale = d * params["scales"].astype(np.float32)
+        return scale, np.zeros_like(scale)
+
+
+def kquant_schemes() -> list[UniformGrid]:
+    return [QKMin("q4_k", bits=4), QKMin("q5_k", bits=5), Q6K("q6_k")]
