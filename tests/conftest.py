@@ -428,3 +428,21 @@ def make_gguf(tmp_path: Path) -> Callable[..., Path]:
         return write_tiny_llama_gguf(tmp_path / name, **kw)
 
     return make
+
+
+# --- hypothesis: derandomized, so CI runs the same examples every time (SCHEMES helper) -------------
+try:
+    from hypothesis import HealthCheck
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass
+else:
+    _hypothesis_settings.register_profile(
+        "qkiln",
+        derandomize=True,
+        deadline=None,
+        max_examples=60,
+        suppress_health_check=[HealthCheck.too_slow],
+        print_blob=True,
+    )
+    _hypothesis_settings.load_profile("qkiln")
