@@ -180,13 +180,15 @@ class QKMin(_KQuant):
         nsb = cols // QK_K
         nmax = (1 << self.bits) - 1
         x = w.astype(f32, copy=False).reshape(rows * nsb * 8, 32)  # (B, 32) sub-blocks
-        av_x = np.sqrt((x * x).sum(axis=1, keepdims=True) / f32(32))
-        weights = av_x + np.abs(x)  # (B, 32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            av_x = np.sqrt((x * x).sum(axis=1, keepdims=True) / f32(32))
+            weights = av_x + np.abs(x)  # (B, 32)
         if importance is not None:
             qw = np.broadcast_to(importance.astype(f32).reshape(1, nsb * 8, 32), (rows, nsb * 8, 32))
             weights = weights * qw.reshape(-1, 32)
         rmin, nstep = (-1.0, 20) if self.bits == 4 else (-0.5, 15)
-        sc, mn, L = _make_qkx2(x, weights, nmax, rmin, 0.1, nstep)
+        with np.errstate(over="ignore", invalid="ignore"):  # |x| > 1.8e19 overflows x²; to_fp16 reports it
+            sc, mn, L = _make_qkx2(x, weights, nmax, rmin, 0.1, nstep)
         sc = sc.reshape(rows * nsb, 8)
         mn = mn.reshape(rows * nsb, 8)
         max_scale = np.maximum(sc.max(axis=1), f32(0))  # (S,)
@@ -240,7 +242,8 @@ class Q6K(_KQuant):
         rows, cols = w.shape
         nsb = cols // QK_K
         x = w.astype(f32, copy=False).reshape(rows * nsb * 16, 16)  # (B, 16) sub-blocks
-        sc, L = _make_qx(x, 32)
+        with np.errstate(over="ignore", invalid="ignore"):  # |x| > 1.8e19 overflows x²; to_fp16 reports it
+            sc, L = _make_qx(x, 32)
         sc = sc.reshape(rows * nsb, 16)  # (S, 16)
         imax = np.abs(sc).argmax(axis=1)[:, None]
         max_scale = np.take_along_axis(sc, imax, axis=1)[:, 0]  # (S,) signed

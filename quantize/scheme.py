@@ -152,9 +152,10 @@ def to_fp16(x: np.ndarray, what: str) -> np.ndarray:
     with np.errstate(over="ignore"):
         h = x.astype(np.float16)
     if not np.isfinite(h).all():
-        worst = float(np.abs(x).max())
+        finite = np.isfinite(x)
+        worst = f"of {float(np.abs(x).max()):.3g}" if finite.all() else "that overflows float32"
         raise QuantizeError(
-            f"{what} needs a scale of {worst:.3g}, beyond float16's {FP16_MAX:g}; the weights are out of range "
+            f"{what} needs a scale {worst}, beyond float16's {FP16_MAX:g}; the weights are out of range "
             f"for this scheme — use an FP8 or float scheme, or fix the checkpoint"
         )
     return h
