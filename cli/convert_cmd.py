@@ -42,6 +42,9 @@ def convert(
         list[Path] | None, typer.Option("--calib", help="Calibration text file(s) for gptq/awq (repeatable).")
     ] = None,
     name: Annotated[str | None, typer.Option("--name", help="general.name in the file (default: the folder name).")] = None,
+    uniform: Annotated[
+        bool, typer.Option("--uniform", help="One scheme for every tensor instead of llama.cpp's mix for that name.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a checkpoint into a GGUF that llama.cpp runs as it is."""
@@ -60,6 +63,7 @@ def convert(
             algorithm=algo.value,
             calib=calib or [],
             name=name,
+            uniform=uniform,
             progress=lambda tensor: status.update(f"quantizing {tensor}"),
         )
     summary = result.summary()

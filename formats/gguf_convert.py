@@ -43,37 +43,25 @@ class ConvertResult:
         }
 
 
-def tensor_schemes(config: Any, shapes: dict[str, tuple[int, ...]], preset: str) -> tuple[dict[str, str], list[str]]:
-    """Scheme name per 2-D tensor for `preset`, and the fallbacks taken (`tensor: wanted -> used (why)`).
+def tensor_schemes(
+    config: Any, shapes: dict[str, tuple[int, ...]], preset: str, *, uniform: bool = False
+) -> tuple[dict[str, str], list[str]]:
+    """Scheme name per quantized tensor, and the fallbacks taken (`tensor: why`).
 
-    Delegates to `quantize.rules` (llama.cpp's per-tensor mix and its fallback when rows do not fit a block).
+    `preset` is one of llama.cpp's mixes (`q4_k_m`, and `q4_0` etc. as llama.cpp's quantize means them:
+    Q6_K output/tied embedding, more bits on some attn_v/ffn_down), or with `uniform` one scheme for
+    every quantizable tensor. Tensors absent from the result stay in float (norms; misfits).
     """
-    try:
-        from qkiln.quantize import rules
-    except ImportError:  # until quantize/rules.py lands: one scheme everywhere, llama.cpp's fallback
-        return _uniform_schemes(shapes, preset)
-    return rules.gguf_tensor_schemes(config, shapes, preset)
+    from qkiln.quantize import rules
 
-
-_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
-
-
-def _uniform_schemes(shapes: dict[str, tuple[int, ...]], preset: str) -> tuple[dict[str, str], list[str]]:
-    from qkiln.quantize.ggml_pack import GGML_TYPES
-
-    if preset not in GGML_TYPES:
-        raise QuantizeError(f"unknown GGUF scheme {preset!r}; use f32, f16, bf16 or one of {', '.join(GGML_TYPES)}")
-    out: dict[str, str] = {}
-    fallbacks: list[str] = []
-    for name, shape in sorted(shapes.items()):
-        if len(shape) != 2:
-            continue
-        chosen = preset
-        if shape[1] % GGML_TYPES[preset][1]:
-            chosen = _FALLBACK.get(preset, "f16")
-            fallbacks.append(f"{name}: {preset} -> {chosen} (rows of {shape[1]} are not a multiple of {GGML_TYPES[preset][1]})")
-        out[name] = chosen
-    return out, fallbacks
+    if uniform or preset not in rules.preset_names():
+        ruleset = rules.single(preset)
+    else:
+        ruleset = rules.preset(preset, config.num_hidden_layers, tied_embeddings=config.tie_word_embeddings)
+    plan = ruleset.plan(shapes)
+    schemes = {n: s for n, (s, _) in plan.items() if s != rules.KEEP}
+    fallbacks = [f"{n}: {why}" for n, (_, why) in plan.items() if why]
+    return schemes, fallbacks
 
 
 def quantize_weights(
@@ -113,6 +101,7 @@ def convert_to_gguf(
     algorithm: str = "rtn",
     calib: Sequence[Path] = (),
     name: str | None = None,
+    uniform: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint folder `model` into a llama.cpp GGUF at `dest` (atomic, deterministic)."""
@@ -133,9 +122,9 @@ def convert_to_gguf(
         float_type = scheme
     else:
         shapes = {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
-        schemes, fallbacks = tensor_schemes(config, shapes, scheme)
+        schemes, fallbacks = tensor_schemes(config, shapes, scheme, uniform=uniform)
         weights = quantize_weights(ckpt, schemes, algorithm, calib, progress)
-        float_type = "f32"
+        float_type = "f16"  # a 2-D tensor no block fits stays F16, as llama.cpp keeps it
     notes = {line.split(":", 1)[0]: line for line in fallbacks}
     prov = Provenance(
         name=name or ckpt.path.resolve().name,
