@@ -74,24 +74,33 @@ def write_gguf(dest: str | Path, arch: str, kv: Iterable[KV], tensors: list[Tens
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise GGUFError(f"duplicate tensor names in {dest.name}")
+    try:
+        _write(dest, arch, kv, tensors)
+    except OSError as e:  # a folder that refuses writes, a full disk: the user's environment, not a bug
+        raise GGUFError(f"cannot write {dest}: {e.strerror or e}; choose another output path") from None
+    return dest
+
+
+def _write(dest: Path, arch: str, kv: Iterable[KV], tensors: list[TensorPlan]) -> None:
     with atomic_file(dest) as tmp:
         writer = GGUFWriter(tmp, arch)
-        for key, value, vtype in kv:
-            if key == "general.architecture":
-                continue  # GGUFWriter writes it first
-            writer.add_key_value(key, value, vtype)
-        for t in tensors:
-            writer.add_tensor_info(t.name, t.byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.ggml_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in tensors:
-            data = np.ascontiguousarray(t.produce())
-            if data.nbytes != t.nbytes:
-                raise AssertionError(f"{t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
-            writer.write_tensor_data(data.reshape(-1).view(np.uint8))
-        writer.close()
-    return dest
+        try:
+            for key, value, vtype in kv:
+                if key == "general.architecture":
+                    continue  # GGUFWriter writes it first
+                writer.add_key_value(key, value, vtype)
+            for t in tensors:
+                writer.add_tensor_info(t.name, t.byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.ggml_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for t in tensors:
+                data = np.ascontiguousarray(t.produce())
+                if data.nbytes != t.nbytes:
+                    raise AssertionError(f"{t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
+                writer.write_tensor_data(data.reshape(-1).view(np.uint8))
+        finally:
+            writer.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,181 @@
+"""`qkiln convert --to gguf` and `qkiln inspect`: determinism, summaries, and every bad input as exit 2
+with no file left at the destination (including a run killed mid-write)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from qkiln.cli.main import app
+
+runner = CliRunner()
+
+
+def convert(*args: str):
+    return runner.invoke(app, ["convert", *args])
+
+
+def test_two_conversions_give_identical_bytes(make_checkpoint, tmp_path):
+    ckpt = make_checkpoint()
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    for out in (a, b):
+        r = convert("--model", str(ckpt), "--scheme", "q4_0", "-o", str(out))
+        assert r.exit_code == 0, r.output
+    assert a.read_bytes() == b.read_bytes()
+    assert a.stat().st_size > 10_000
+
+
+def test_convert_json_summary_and_inspect(make_checkpoint, tmp_path):
+    ckpt = make_checkpoint()
+    out = tmp_path / "m.gguf"
+    r = convert("--model", str(ckpt), "--scheme", "q8_0", "-o", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["tensor_types"] == {"F32": 5, "Q8_0": 16}
+    assert summary["fallbacks"] == []
+
+    r = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["types"]["Q8_0"]["bits_per_weight"] == 8.5
+    assert doc["metadata"]["qkiln.scheme"] == "q8_0"
+    assert doc["metadata"]["general.architecture"] == "llama"
+    assert doc["metadata"]["tokenizer.ggml.pre"] == "gpt-2"
+    assert doc["metadata"]["tokenizer.ggml.tokens"]["length"] == 512
+    assert doc["n_tensors"] == 21
+    assert {t["name"] for t in doc["tensors"]} >= {"token_embd.weight", "output.weight", "blk.1.ffn_down.weight"}
+    assert runner.invoke(app, ["inspect", str(out)]).exit_code == 0
+
+
+def test_fallback_is_reported_and_recorded(make_checkpoint, tmp_path):
+    """64-wide rows do not fit a 256-weight K-quant block: llama.cpp's fallback (Q4_K -> Q5_0) is taken."""
+    ckpt = make_checkpoint()
+    out = tmp_path / "m.gguf"
+    r = convert("--model", str(ckpt), "--scheme", "q4_k", "-o", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert any("q_proj" in f and "q5_0" in f for f in summary["fallbacks"])
+    assert "fallback" in r.stderr
+    meta = gguf.GGUFReader(out).fields["qkiln.fallbacks"].contents()
+    assert meta == summary["fallbacks"]
+
+
+def test_import_gguf_of_a_qkiln_artifact_gives_the_checkpoint_back(make_checkpoint, tmp_path):
+    """Round trip: convert (Q8_0) then import-gguf: same config, weights on the grid, same tokenizer."""
+    from qkiln.formats.hf import Checkpoint
+    from qkiln.quantize.registry import get_scheme
+    from qkiln.quantize.rtn import quantize_rtn
+
+    ckpt = make_checkpoint()
+    out, back = tmp_path / "m.gguf", tmp_path / "back"
+    assert convert("--model", str(ckpt), "--scheme", "q8_0", "-o", str(out)).exit_code == 0
+    r = runner.invoke(app, ["import-gguf", str(out), "-o", str(back)])
+    assert r.exit_code == 0, r.output
+    src, dst = Checkpoint.open(ckpt), Checkpoint.open(back)
+    assert dst.config == src.config
+    for name in src.names():
+        w = np.asarray(src.tensor(name))
+        want = quantize_rtn(w, get_scheme("q8_0"), name=name).dequantize() if w.ndim == 2 else w
+        np.testing.assert_array_equal(np.asarray(dst.tensor(name)), want, err_msg=name)
+    text = "Hello  world 123 <s> naïve\n\n"
+    assert dst.tokenizer().encode(text).ids == src.tokenizer().encode(text).ids
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+
+
+def test_unknown_scheme_is_exit_2(make_checkpoint, tmp_path):
+    out = tmp_path / "m.gguf"
+    r = convert("--model", str(make_checkpoint()), "--scheme", "q3_z", "-o", str(out))
+    assert r.exit_code == 2
+    assert "unknown scheme 'q3_z'" in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_unknown_algorithm_is_a_usage_error(make_checkpoint, tmp_path):
+    r = convert("--model", str(make_checkpoint()), "--algo", "magic", "-o", str(tmp_path / "m.gguf"))
+    assert r.exit_code == 2
+
+
+def test_vocabulary_that_cannot_be_expressed_is_exit_2(make_checkpoint, tmp_path):
+    ckpt = make_checkpoint()
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Whitespace"}
+    (ckpt / "tokenizer.json").write_text(json.dumps(tok))
+    out = tmp_path / "m.gguf"
+    r = convert("--model", str(ckpt), "--scheme", "f16", "-o", str(out))
+    assert r.exit_code == 2
+    assert "cannot be expressed" in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_destination_folder_missing_is_exit_2(make_checkpoint, tmp_path):
+    out = tmp_path / "no" / "such" / "m.gguf"
+    r = convert("--model", str(make_checkpoint()), "--scheme", "f16", "-o", str(out))
+    assert r.exit_code == 2
+    assert "does not exist" in r.output
+
+
+def test_destination_not_writable_is_exit_2(make_checkpoint, tmp_path):
+    """A destination whose folder refuses writes (a read-only bind is not available here: /proc is)."""
+    r = convert("--model", str(make_checkpoint()), "--scheme", "f16", "-o", "/proc/qkiln-test.gguf")
+    assert r.exit_code == 2, r.output
+    assert "cannot write" in r.output and "Traceback" not in r.output
+
+
+def test_killed_mid_write_leaves_no_file_at_destination(make_checkpoint, tmp_path):
+    """SIGKILL while tensors are being written: the destination never exists (only a hidden .partial file)."""
+    ckpt = make_checkpoint()
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    script = textwrap.dedent(
+        f"""
+        import time
+        from qkiln.formats import gguf_write
+        real = gguf_write.float_bytes
+        def slow(w, t):
+            time.sleep(0.2)
+            return real(w, t)
+        gguf_write.float_bytes = slow
+        from qkiln.formats.gguf_convert import convert_to_gguf
+        convert_to_gguf({str(ckpt)!r}, {str(out)!r}, "f32")
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        partial: list[Path] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            partial = [p for p in out.parent.iterdir() if ".partial-" in p.name and p.stat().st_size > 0]
+            if partial:
+                break
+            time.sleep(0.05)
+        assert partial, "the writer never started"
+        time.sleep(0.3)  # a few tensors in
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert all(p.name.startswith(".m.gguf.partial-") for p in out.parent.iterdir())
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF\x03\x00\x00\x00", b"not a gguf at all"])
+def test_inspect_bad_file_is_exit_2(tmp_path, content):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(content)
+    r = runner.invoke(app, ["inspect", str(bad)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
