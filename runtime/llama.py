@@ -304,6 +304,8 @@ class LlamaModel:
         positions (as transformers' `position_ids` do) and the s tokens attend among themselves.
         """
         cfg = self.config
+        assert 0 <= i < cfg.num_hidden_layers, i
+        h = np.asarray(h, dtype=np.float32)  # a float64 caller must not silently double the cost
         b, s, hidden = h.shape
         n_heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         p = f"model.layers.{i}."
