@@ -2,7 +2,8 @@
 
 `pack_blocks(qt)` returns uint8 (rows, cols / block * type_size) — the tensor data a GGUF writer
 stores for that ggml type; `gguf.quants.dequantize` of it equals `qt.dequantize()` bit for bit.
-Little-endian fp16, as GGUF is.
+`unpack_blocks(data, scheme_name, shape)` is the exact inverse (a GGUF's blocks as a QuantizedTensor,
+so re-packing them loses nothing). Little-endian fp16, as GGUF is.
 
 Layouts (ggml-common.h):
   Q8_0  d fp16 | qs int8[32]
@@ -21,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from qkiln.errors import QuantizeError
+from qkiln.quantize.registry import get_scheme
 from qkiln.quantize.tensor import QuantizedTensor
 
 QK_K = 256
@@ -116,3 +118,82 @@ def pack_blocks(qt: QuantizedTensor) -> np.ndarray:
     if kind.endswith("_k"):
         return _pack_k(qt, kind)
     return _pack_legacy(qt, kind)
+
+
+def _fp16_from(b: np.ndarray) -> np.ndarray:
+    """(..., 2) uint8 little-endian -> (...) float16."""
+    return np.ascontiguousarray(b).view("<f2")[..., 0].astype(np.float16)
+
+
+def _split_nibbles(b: np.ndarray) -> np.ndarray:
+    """(..., n) bytes -> (..., 2, n): low nibbles then high nibbles."""
+    return np.stack([b & 0x0F, b >> 4], axis=-2)
+
+
+def unpack_kscales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 scale bytes (..., 12) -> (scales, mins), each (..., 8) uint8 in 0..63."""
+    b0, b1, b2 = b[..., 0:4], b[..., 4:8], b[..., 8:12]
+    sc = np.concatenate([b0 & 0x3F, (b2 & 0x0F) | ((b0 >> 6) << 4)], axis=-1)
+    mn = np.concatenate([b1 & 0x3F, (b2 >> 4) | ((b1 >> 6) << 4)], axis=-1)
+    return sc.astype(np.uint8), mn.astype(np.uint8)
+
+
+def unpack_blocks(
+    data: np.ndarray, scheme_name: str, shape: tuple[int, int], name: str = ""
+) -> QuantizedTensor:
+    """ggml block bytes of a (rows, cols) tensor -> QuantizedTensor on scheme `scheme_name` (exact)."""
+    _, block, size = (
+        GGML_TYPES[scheme_name] if scheme_name in GGML_TYPES else (ggml_type_name(scheme_name), 0, 0)
+    )
+    rows, cols = shape
+    if cols % block:
+        raise QuantizeError(
+            f"{name or 'tensor'}: row length {cols} is not a multiple of {scheme_name}'s block of {block}"
+        )
+    nb = cols // block
+    raw = np.asarray(data).view(np.uint8).reshape(-1)
+    if raw.size != rows * nb * size:
+        raise QuantizeError(
+            f"{name or 'tensor'}: {raw.size} bytes of {scheme_name} data for shape {shape}, expected {rows * nb * size}"
+        )
+    b = raw.reshape(rows, nb, size)
+    scheme = get_scheme(scheme_name)
+    params: dict[str, np.ndarray] = {}
+    if scheme_name == "q6_k":
+        lo = _split_nibbles(b[..., 0:128].reshape(rows, nb, 2, 64))  # (rows, nb, half, nibble, 64)
+        qh = b[..., 128:192].reshape(rows, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
+        q = lo.reshape(rows, nb, 256) | ((qh & 3).reshape(rows, nb, 256) << 4)
+        params = {
+            "d": _fp16_from(b[..., 208:210]),
+            "scales": b[..., 192:208].reshape(rows, nb * 16).view(np.int8),
+        }
+    elif scheme_name in ("q4_k", "q5_k"):
+        sc, mn = unpack_kscales(b[..., 4:16])
+        params = {
+            "d": _fp16_from(b[..., 0:2]),
+            "dmin": _fp16_from(b[..., 2:4]),
+            "scales": sc.reshape(rows, nb * 8),
+            "mins": mn.reshape(rows, nb * 8),
+        }
+        qs = b[..., -128:].reshape(rows, nb, 4, 32)
+        q = _split_nibbles(qs).reshape(rows, nb, 256)
+        if scheme_name == "q5_k":
+            qh = b[..., 16:48].reshape(rows, nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)
+            q = q | ((qh & 1).reshape(rows, nb, 256) << 4)
+    else:
+        params["d"] = _fp16_from(b[..., 0:2])
+        at = 2
+        if scheme_name in ("q4_1", "q5_1"):
+            params["m"] = _fp16_from(b[..., 2:4])
+            at = 4
+        if scheme_name == "q8_0":
+            q = b[..., 2:] ^ np.uint8(0x80)
+        else:
+            if scheme_name in ("q5_0", "q5_1"):
+                hi = np.unpackbits(b[..., at : at + 4], axis=-1, bitorder="little")  # (rows, nb, 32)
+                at += 4
+            q = _split_nibbles(b[..., at : at + 16]).reshape(rows, nb, 32)
+            if scheme_name in ("q5_0", "q5_1"):
+                q = q | (hi << 4)
+    codes = np.ascontiguousarray(q.reshape(rows, cols).astype(np.uint8))
+    return QuantizedTensor(scheme, codes, params, name)

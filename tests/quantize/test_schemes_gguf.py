@@ -137,3 +137,45 @@ def test_kquants_match_llamacpp_reference(name: str) -> None:
     ref_err = np.sqrt(np.mean((gguf_dequantize(ref, _qtype(name)) - w) ** 2))
     our_err = np.sqrt(np.mean((qt.dequantize() - w) ** 2))
     assert our_err <= ref_err * 1.005
+
+
+@pytest.mark.parametrize("name", list(GGML_TYPES))
+def test_unpack_is_the_exact_inverse_of_pack(name: str) -> None:
+    """Any block bytes (random, so every bit of every field is exercised) survive unpack -> pack, and
+    gguf-py decodes them to what our QuantizedTensor decodes."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from qkiln.quantize.ggml_pack import unpack_blocks
+
+    _, block, size = GGML_TYPES[name]
+
+    @given(st.integers(1, 3), st.integers(1, 2), st.integers(0, 2**32 - 1))
+    def prop(rows: int, nb: int, seed: int) -> None:
+        raw = np.random.default_rng(seed).integers(0, 256, (rows, nb * size), dtype=np.uint8)
+        # keep fp16 fields finite (a NaN d decodes to NaN on both sides, but NaN != NaN)
+        raw = raw.reshape(rows, nb, size)
+        for lo in (
+            (size - 2,)
+            if name == "q6_k"
+            else ((0, 2) if name.endswith("_k") or name in ("q4_1", "q5_1") else (0,))
+        ):
+            raw[..., lo + 1] &= 0x7B  # exponent < 31: finite
+        raw = raw.reshape(rows, nb * size)
+        qt = unpack_blocks(raw, name, (rows, nb * block))
+        assert np.array_equal(pack_blocks(qt), raw)
+        assert np.array_equal(gguf_dequantize(raw, _qtype(name)), qt.dequantize())
+
+    prop()
+
+
+def test_unpack_rejects_wrong_sizes() -> None:
+    from qkiln.errors import QuantizeError
+    from qkiln.quantize.ggml_pack import unpack_blocks
+
+    with pytest.raises(QuantizeError, match="expected 36"):
+        unpack_blocks(np.zeros(35, np.uint8), "q4_0", (2, 32), name="blk.0.attn_q.weight")
+    with pytest.raises(QuantizeError, match="not a multiple"):
+        unpack_blocks(np.zeros(18, np.uint8), "q4_0", (1, 48))
+    with pytest.raises(QuantizeError, match="no ggml block type"):
+        unpack_blocks(np.zeros(18, np.uint8), "int4_g32", (1, 32))
