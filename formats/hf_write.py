@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from qkiln.atomic import atomic_dir
+from qkiln.formats.safetensors_write import write_safetensors
 from qkiln.runtime.config import LlamaConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -33,8 +33,7 @@ def write_checkpoint(
     """
     dest = Path(dest)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
-        arrays = {name: np.ascontiguousarray(a) for name, a in tensors}
-        save_file(dict(sorted(arrays.items())), str(tmp / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
+        write_safetensors(tmp / "model.safetensors", dict(tensors), metadata={"format": "pt", **(metadata or {})})
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
         if tokenizer_from is not None:
             for fname in TOKENIZER_FILES:
