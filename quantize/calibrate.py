@@ -43,7 +43,7 @@ import numpy as np
 
 from qkiln.errors import QuantizeError
 from qkiln.quantize.awq import GROUP_OF, INPUT_GROUPS, LINEARS, NORMS, GroupStats, awq_layer
-from qkiln.quantize.gptq import GridMode, gptq_quantize
+from qkiln.quantize.gptq import GridMode, gptq_quantize_shared, prepare_hessian
 from qkiln.quantize.hessian import abs_mean_sum, accumulate_hessian, empty_hessian
 from qkiln.quantize.rtn import quantize_rtn
 from qkiln.quantize.scheme import Scheme
@@ -260,13 +260,19 @@ def quantize_model(
                 res = awq_layer(tensors, group_stats, layer_schemes, cfg, n_grid=awq_grid, clip=clip)
                 tensors, group_stats = res.tensors, res.stats
                 report.awq[str(i)] = res.info
-            for n in LINEARS:
-                name = p + n + ".weight"
-                if use_gptq:
-                    out[n] = gptq_quantize(tensors[n], group_stats[GROUP_OF[n]].h, layer_schemes[n], block_size=block_size,
-                                           damp=damp, act_order=act_order, grid=grid, name=name)
-                else:
-                    out[n] = quantize_rtn(tensors[n], layer_schemes[n], name=name)
+            for group, names in INPUT_GROUPS.items():
+                if not use_gptq:
+                    for n in names:
+                        out[n] = quantize_rtn(tensors[n], layer_schemes[n], name=p + n + ".weight")
+                    continue
+                prep = prepare_hessian(group_stats[group].h, damp=damp, act_order=act_order, name=f"{p}{group}")
+                by_scheme: dict[Scheme, list[str]] = {}
+                for n in names:  # linears sharing an input AND a scheme are scanned together
+                    by_scheme.setdefault(layer_schemes[n], []).append(n)
+                for scheme, same in by_scheme.items():
+                    got = gptq_quantize_shared({p + n + ".weight": tensors[n] for n in same}, prep, scheme,
+                                               block_size=block_size, grid=grid)
+                    out.update({n: got[p + n + ".weight"] for n in same})
             for n in NORMS:
                 out[n] = tensors[n]
             del group_stats

@@ -27,13 +27,16 @@ Working layout is transposed (in, out) so a column of W is a contiguous row; flo
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from qkiln.errors import QuantizeError
-from qkiln.quantize.scheme import Params, Scheme
+from qkiln.quantize.scheme import Params, Scheme, UniformGrid, concat_cols, slice_rows
 from qkiln.quantize.tensor import QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -49,9 +52,41 @@ def check_finite(w: np.ndarray, name: str) -> None:
         raise QuantizeError(f"{name or 'weight'}: {bad} NaN/Inf value(s) in the weight; fix the checkpoint")
 
 
+@functools.cache
+def _blas_controller() -> Any:
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        return None
+    return ThreadpoolController()  # inspecting the loaded libraries costs ~0.1 s: once per process
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """OpenBLAS's threaded potrf is ~15x slower than one thread on a busy 2-core machine (measured)."""
+    ctl = _blas_controller()
+    return contextlib.nullcontext() if ctl is None else ctl.limit(limits=1, user_api="blas")
+
+
+def _inv_lower(low: np.ndarray) -> np.ndarray:
+    """Inverse of a lower-triangular matrix by 2x2 block recursion (n³/3 flops, all in matmuls)."""
+    n = low.shape[0]
+    if n <= 128:
+        return np.linalg.inv(low)
+    m = n // 2
+    a_inv = _inv_lower(low[:m, :m])
+    c_inv = _inv_lower(low[m:, m:])
+    out = np.zeros_like(low)
+    out[:m, :m] = a_inv
+    out[m:, m:] = c_inv
+    out[m:, :m] = -(c_inv @ low[m:, :m]) @ a_inv
+    return out
+
+
 def inverse_hessian_cholesky(h: np.ndarray, damp: float, name: str = "") -> tuple[np.ndarray, float]:
     """Upper U with UᵀU = (H + λI)⁻¹, λ = damp·mean(diag H); returns (U (in, in) float64, damp used).
 
+    With J the order-reversing permutation and L = chol(J H J): H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), so
+    U = J L⁻¹ J — one Cholesky and one triangular inverse, no general inverse.
     Retries with 10x the damping when H + λI is not numerically positive definite.
     """
     n = h.shape[0]
@@ -60,17 +95,15 @@ def inverse_hessian_cholesky(h: np.ndarray, damp: float, name: str = "") -> tupl
         mean_diag = 1.0
     d = damp
     for attempt in range(MAX_DAMP_RETRIES):
-        hd = h.copy()
+        hd = h[::-1, ::-1].copy()  # J H J
         hd[np.diag_indices(n)] += d * mean_diag
         try:
-            low = np.linalg.cholesky(hd)  # (in, in), hd = L Lᵀ
-            low_inv = np.linalg.inv(low)  # L⁻¹, lower triangular
-            hinv = low_inv.T @ low_inv  # (H + λI)⁻¹
-            upper = np.linalg.cholesky(hinv).T  # (in, in)
+            with _one_blas_thread():
+                upper = _inv_lower(np.linalg.cholesky(hd))[::-1, ::-1]  # (in, in)
             if np.isfinite(upper).all() and (np.diag(upper) > 0).all():
                 if attempt:
                     log.warning("%s: Cholesky succeeded with dampening %.3g (asked %.3g)", name, d, damp)
-                return upper, d
+                return np.ascontiguousarray(upper), d
         except np.linalg.LinAlgError:
             pass
         log.warning("%s: Hessian not positive definite with dampening %.3g; retrying with %.3g", name, d, d * 10)
@@ -81,16 +114,63 @@ def inverse_hessian_cholesky(h: np.ndarray, damp: float, name: str = "") -> tupl
     )
 
 
-def _concat_params(parts: list[Params]) -> Params:
-    """Join per-fit-unit params along their unit axis (axis 1; every scheme puts the row first)."""
-    if len(parts) == 1:
-        return parts[0]
-    return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
+@dataclasses.dataclass(frozen=True)
+class PreparedHessian:
+    """What GPTQ needs from H, computed once per input and shared by the linears reading it (q/k/v).
+
+    perm   (in,) int64   scan position -> column (descending diag H with act-order, else identity)
+    hinv   (in, in) f32  upper Cholesky factor of (H + λI)⁻¹, rows/columns in scan order
+    damp   float         the dampening finally used
+    """
+
+    perm: np.ndarray
+    hinv: np.ndarray
+    damp: float
+
+
+def prepare_hessian(h: np.ndarray, *, damp: float = 0.01, act_order: bool = False, name: str = "") -> PreparedHessian:
+    """Dead inputs (H_ii == 0) decoupled, optional act-order permutation, dampened inverse Cholesky."""
+    h = np.array(h, dtype=np.float64)
+    dead = np.diag(h) <= 0  # (in,)
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    cols = h.shape[0]
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
+    upper, used = inverse_hessian_cholesky(h[np.ix_(perm, perm)], damp, name)
+    return PreparedHessian(perm=perm, hinv=upper.astype(np.float32), damp=used)
+
+
+class _ColumnCoder:
+    """Codes and values of one column on fixed per-row (scale, offset): the scheme's `encode_affine`,
+    or — for plain integer grids, the hot case — the same rule (floor(x + 0.5) + shift, clamped) inlined
+    without per-call overhead (this runs once per column of every matrix)."""
+
+    def __init__(self, scheme: Scheme):
+        self.scheme = scheme
+        t = type(scheme)
+        self.fast = isinstance(scheme, UniformGrid) and (
+            t.encode_affine is UniformGrid.encode_affine and t.values is UniformGrid.values
+        )
+        if self.fast:
+            assert isinstance(scheme, UniformGrid)
+            self.shift = np.float32(scheme.shift)
+            self.qmax = np.float32((1 << scheme.bits) - 1)
+
+    def __call__(self, col: np.ndarray, s: np.ndarray, s_safe: np.ndarray, o: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """col, s, o (rows,) float32 -> (codes uint8, dequantized float32); s_safe = s with 0 -> inf."""
+        if self.fast:
+            qf = np.floor((col - o) / s_safe + np.float32(0.5))
+            qf += self.shift
+            np.clip(qf, 0, self.qmax, out=qf)
+            return qf.astype(np.uint8), (qf - self.shift) * s + o
+        codes = self.scheme.encode_affine(col[:, None], s[:, None], o[:, None])[:, 0]
+        return codes, self.scheme.values(codes) * s + o
 
 
 def gptq_quantize(
     w: np.ndarray,
-    h: np.ndarray,
+    h: np.ndarray | PreparedHessian,
     scheme: Scheme,
     *,
     block_size: int = 128,
@@ -99,21 +179,19 @@ def gptq_quantize(
     grid: GridMode = "updated",
     name: str = "",
 ) -> QuantizedTensor:
-    """GPTQ codes for `w` (out, in) float32 given H (in, in) on `scheme`'s grid; see the module docstring."""
+    """GPTQ codes for `w` (out, in) float32 given H (in, in) on `scheme`'s grid; see the module docstring.
+
+    `h` may be a `PreparedHessian` (then `damp`/`act_order` are the ones it was prepared with).
+    """
     w = np.asarray(w, dtype=np.float32)
     scheme.check_shape(w.shape, name or "weight")
     check_finite(w, name)
     rows, cols = w.shape
-    assert h.shape == (cols, cols), (h.shape, w.shape)
     if grid not in ("original", "updated"):
         raise QuantizeError(f"{name}: GPTQ grid mode {grid!r} is not 'original' or 'updated'")
-
-    h = np.array(h, dtype=np.float64)
-    diag = np.diag(h).copy()  # (in,)
-    dead = diag <= 0
-    h[dead, :] = 0.0
-    h[:, dead] = 0.0
-    h[dead, dead] = 1.0
+    prep = h if isinstance(h, PreparedHessian) else prepare_hessian(h, damp=damp, act_order=act_order, name=name)
+    assert prep.hinv.shape == (cols, cols), (prep.hinv.shape, w.shape)
+    perm, hinv = prep.perm, prep.hinv
 
     fit_cols = scheme.fit_cols or cols
     group_cols = scheme.group_cols or cols
@@ -122,61 +200,95 @@ def gptq_quantize(
     n_groups = cols // group_cols
     per_matrix = grid == "original" or scheme.per_tensor or n_units == 1
 
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)  # scan position -> column
-    upper, _ = inverse_hessian_cholesky(h[np.ix_(perm, perm)], damp, name)
-    hinv = upper.astype(np.float32)  # (in, in) in scan order
-
-    scale_all = np.zeros((rows, n_groups), dtype=np.float32)
+    scale_all = np.zeros((rows, n_groups), dtype=np.float32)  # (out, n_groups)
     offset_all = np.zeros((rows, n_groups), dtype=np.float32)
     unit_params: list[Params | None] = [None] * n_units
+
+    def set_grid(gs: slice, params: Params) -> None:
+        sc, of = scheme.affine(params)
+        scale_all[:, gs], offset_all[:, gs] = sc, of
+
     if per_matrix:
         params = scheme.fit(w)
-        scale_all[:], offset_all[:] = scheme.affine(params)
-        unit_params = [params]  # marks every unit as fitted
+        set_grid(slice(None), params)
+        unit_params = [params] * n_units
     pos_of_col = np.empty(cols, dtype=np.int64)
     pos_of_col[perm] = np.arange(cols)
+    coder = _ColumnCoder(scheme)
+    scale_t = np.ascontiguousarray(scale_all.T)  # (n_groups, out): a group's scales contiguous
+    safe_t = np.where(scale_t == 0, np.float32(np.inf), scale_t)
+    offset_t = np.ascontiguousarray(offset_all.T)
 
     wt = np.ascontiguousarray(w[:, perm].T)  # (in, out) error-updated weights, scan order
     codes_t = np.zeros((cols, rows), dtype=np.uint8)  # (in, out) scan order
-    for i1 in range(0, cols, block_size):
+    for i1 in range(0, cols, block_size):  # hot loop: one iteration per column of the matrix
         i2 = min(i1 + block_size, cols)
         w1 = wt[i1:i2].copy()  # (count, out)
         err1 = np.zeros_like(w1)  # (count, out)
         h1 = hinv[i1:i2, i1:i2]  # (count, count)
         for k in range(i2 - i1):
             c = int(perm[i1 + k])
-            if not per_matrix and unit_params[c // fit_cols] is None:
-                u = c // fit_cols
+            u = c // fit_cols
+            if unit_params[u] is None:
                 ucols = np.arange(u * fit_cols, (u + 1) * fit_cols)  # (fit_cols,) format order
                 upos = pos_of_col[ucols]
                 assert (upos >= i1 + k).all()
-                cur = np.empty((fit_cols, rows), dtype=np.float32)  # current weights of the unit
+                cur = np.empty((fit_cols, rows), dtype=np.float32)  # the unit's current weights
                 inb = upos < i2
                 cur[inb] = w1[upos[inb] - i1]
                 later = upos[~inb]
-                # pending lazy updates from this block's already-quantized columns
+                # plus the lazy updates still pending from this block's already-quantized columns
                 cur[~inb] = wt[later] - hinv[i1 : i1 + k][:, later].T @ err1[:k]
-                p = scheme.fit(np.ascontiguousarray(cur.T))
-                unit_params[u] = p
+                unit_params[u] = p = scheme.fit(np.ascontiguousarray(cur.T))
                 gs = slice(u * groups_per_unit, (u + 1) * groups_per_unit)
-                scale_all[:, gs], offset_all[:, gs] = scheme.affine(p)
+                set_grid(gs, p)
+                scale_t[gs] = scale_all[:, gs].T
+                safe_t[gs] = np.where(scale_t[gs] == 0, np.float32(np.inf), scale_t[gs])
+                offset_t[gs] = offset_all[:, gs].T
             g = c // group_cols
-            s = scale_all[:, g : g + 1]  # (out, 1)
-            o = offset_all[:, g : g + 1]
             col = w1[k]  # (out,)
-            q_codes = scheme.encode_affine(col[:, None], s, o)  # (out, 1)
-            q = scheme.values(q_codes)[:, 0] * s[:, 0] + o[:, 0]  # (out,)
-            codes_t[i1 + k] = q_codes[:, 0]
+            codes_t[i1 + k], q = coder(col, scale_t[g], safe_t[g], offset_t[g])
             e = (col - q) / h1[k, k]  # (out,)
             err1[k] = e
             if k + 1 < i2 - i1:
-                w1[k + 1 :] -= np.outer(h1[k, k + 1 :], e)
+                w1[k + 1 :] -= h1[k, k + 1 :, None] * e[None, :]
         if i2 < cols:
             wt[i2:] -= hinv[i1:i2, i2:].T @ err1  # (rest, out)
 
     codes = np.ascontiguousarray(codes_t[pos_of_col].T)  # (out, in) format order
-    params = unit_params[0] if per_matrix else _concat_params(unit_params)  # type: ignore[arg-type]
+    params = unit_params[0] if per_matrix else concat_cols(unit_params)  # type: ignore[arg-type]
     return QuantizedTensor(scheme=scheme, codes=codes, params=params, name=name)  # type: ignore[arg-type]
+
+
+def gptq_quantize_shared(
+    weights: dict[str, np.ndarray],
+    prep: PreparedHessian,
+    scheme: Scheme,
+    *,
+    block_size: int = 128,
+    grid: GridMode = "updated",
+) -> dict[str, QuantizedTensor]:
+    """GPTQ for several linears reading the same input (q/k/v, gate/up) on one scheme.
+
+    GPTQ treats rows independently given H, so stacking the matrices' rows is exactly the same as
+    quantizing each — but one column scan instead of several (the scan is Python-loop bound). Not for
+    per-tensor schemes, whose single scale must stay per matrix.
+    """
+    names = list(weights)
+    if scheme.per_tensor or len(names) == 1:
+        return {n: gptq_quantize(weights[n], prep, scheme, block_size=block_size, grid=grid, name=n) for n in names}
+    for n in names:
+        scheme.check_shape(weights[n].shape, n)
+        check_finite(np.asarray(weights[n]), n)
+    stacked = np.concatenate([np.asarray(weights[n], np.float32) for n in names])  # (sum out, in)
+    qt = gptq_quantize(stacked, prep, scheme, block_size=block_size, grid=grid, name="+".join(names))
+    out: dict[str, QuantizedTensor] = {}
+    r0 = 0
+    for n in names:
+        r1 = r0 + weights[n].shape[0]
+        out[n] = QuantizedTensor(scheme=scheme, codes=qt.codes[r0:r1].copy(), params=slice_rows(qt.params, r0, r1), name=n)
+        r0 = r1
+    return out
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
