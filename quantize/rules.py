@@ -128,6 +128,15 @@ class RuleSet:
             f"row length {cols} is not a multiple of {wanted}'s block of {unit}; using {chosen.name}",
         )
 
+    def scheme_for(self, name: str, shape: tuple[int, ...]) -> Scheme:
+        """The scheme for a tensor that must be quantized (the layer-streamed driver's protocol);
+        QuantizeError when the rules or its shape keep it in float."""
+        scheme, reason = self.resolve(name, shape)
+        if scheme is None:
+            why = reason or "the rules keep it in float"
+            raise QuantizeError(f"{name}: no scheme — {why}; add a rule that gives it one")
+        return scheme
+
     def plan(self, shapes: dict[str, Sequence[int]]) -> dict[str, tuple[str, str | None]]:
         """{name: (scheme name or "keep", fallback reason)} for a whole model, in the given order."""
         out: dict[str, tuple[str, str | None]] = {}

@@ -158,3 +158,13 @@ def test_golden_table_is_what_llamacpp_writes(tmp_path: Path) -> None:
         t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors if t.tensor_type.name != "F32"
     }
     assert written == json.loads(GOLDEN.read_text())["types"]
+
+
+def test_scheme_for_protocol() -> None:
+    """What the layer-streamed driver calls: a Scheme, or a clear error when nothing fits."""
+    rules = preset("q4_k_m", LAYERS)
+    assert rules.scheme_for("model.layers.0.mlp.down_proj.weight", (H, INTER)).name == "q6_k"
+    with pytest.raises(QuantizeError, match=r"^odd\.weight: no scheme — row length 40"):
+        single("q4_0").scheme_for("odd.weight", (4, 40))
+    with pytest.raises(QuantizeError, match="keep it in float"):
+        RuleSet((parse_rule("*=keep"),), "q4_0").scheme_for("x.weight", (4, 64))
