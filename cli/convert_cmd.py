@@ -41,6 +41,8 @@ def convert(
     calib: Annotated[
         list[Path] | None, typer.Option("--calib", help="Calibration text file(s) for gptq/awq (repeatable).")
     ] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration windows (gptq/awq).")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")] = 512,
     name: Annotated[str | None, typer.Option("--name", help="general.name in the file (default: the folder name).")] = None,
     uniform: Annotated[
         bool, typer.Option("--uniform", help="One scheme for every tensor instead of llama.cpp's mix for that name.")
@@ -64,6 +66,8 @@ def convert(
             calib=calib or [],
             name=name,
             uniform=uniform,
+            samples=samples,
+            seq_len=seq_len,
             progress=lambda tensor: status.update(f"quantizing {tensor}"),
         )
     summary = result.summary()

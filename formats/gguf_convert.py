@@ -69,11 +69,19 @@ def quantize_weights(
     schemes: dict[str, str],
     algorithm: str,
     calib: Sequence[Path],
+    *,
+    samples: int = 64,
+    seq_len: int = 512,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Weight]:
-    """HF name → QuantizedTensor (2-D weights in `schemes`) or float32 array (the rest)."""
+    """HF name → QuantizedTensor (2-D weights in `schemes`) or float32 array (the rest).
+
+    RTN quantizes tensor by tensor; GPTQ/AWQ go through `quantize.calibrate.quantize_model`, layer by
+    layer on `samples` windows of `seq_len` tokens of the calibration text.
+    """
+    from qkiln.quantize.registry import get_scheme
+
     if algorithm == "rtn":
-        from qkiln.quantize.registry import get_scheme
         from qkiln.quantize.rtn import quantize_rtn
 
         out: dict[str, Weight] = {}
@@ -88,9 +96,18 @@ def quantize_weights(
         return out
     if not calib:
         raise QuantizeError(f"--algo {algorithm} needs calibration text: pass --calib FILE")
-    from qkiln.quantize.calibrate import quantize_model
+    from qkiln.quantize.calibrate import calibration_ids, quantize_model
 
-    return dict(quantize_model(ckpt, schemes, algorithm=algorithm, calib=list(calib), progress=progress))
+    def scheme_for(name: str, shape: tuple[int, ...]) -> Any:
+        if name not in schemes:
+            raise QuantizeError(f"{name}: no GGUF block fits its shape {shape}; --algo {algorithm} needs every weight quantized")
+        return get_scheme(schemes[name])
+
+    text = "".join(Path(p).read_text(encoding="utf-8") for p in calib)
+    ids = np.asarray(ckpt.tokenizer().encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    calib_ids = calibration_ids(ids, samples, seq_len)
+    report = (lambda stage, done, total: progress(f"{algorithm} {stage} ({done}/{total})")) if progress else None
+    return dict(quantize_model(ckpt, scheme_for, algorithm, calib_ids, progress=report))
 
 
 def convert_to_gguf(
@@ -102,6 +119,8 @@ def convert_to_gguf(
     calib: Sequence[Path] = (),
     name: str | None = None,
     uniform: bool = False,
+    samples: int = 64,
+    seq_len: int = 512,
     progress: Callable[[str], None] | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint folder `model` into a llama.cpp GGUF at `dest` (atomic, deterministic)."""
@@ -123,7 +142,7 @@ def convert_to_gguf(
     else:
         shapes = {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
         schemes, fallbacks = tensor_schemes(config, shapes, scheme, uniform=uniform)
-        weights = quantize_weights(ckpt, schemes, algorithm, calib, progress)
+        weights = quantize_weights(ckpt, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress)
         float_type = "f16"  # a 2-D tensor no block fits stays F16, as llama.cpp keeps it
     notes = {line.split(":", 1)[0]: line for line in fallbacks}
     prov = Provenance(

@@ -288,3 +288,32 @@ def test_wordpiece_vocabulary_cannot_be_expressed(tmp_path):
 def test_vocabulary_larger_than_embeddings_is_refused(tiny):
     with pytest.raises(GGUFError, match="does not fit the model's 100 embedding rows"):
         tokenizer_from_folder(tiny, 100)
+
+
+@pytest.mark.parametrize("algo", ["gptq", "awq+gptq"])
+def test_calibrated_codes_are_packed_exactly(make_checkpoint, tmp_path, algo):
+    """GPTQ/AWQ results land in the file as they are: gguf-py reads back exactly their dequantize()."""
+    from qkiln.formats.gguf_convert import quantize_weights, tensor_schemes
+    from qkiln.formats.hf import Checkpoint
+    from qkiln.quantize.tensor import QuantizedTensor
+
+    ckpt = Checkpoint.open(make_checkpoint())
+    config = ckpt.config
+    schemes, _ = tensor_schemes(config, {n: ckpt.shape(n) for n in ckpt.names()}, "q4_0")
+    calib = [Path("/usr/share/common-licenses/GPL-3")]
+    weights = quantize_weights(ckpt, schemes, algo, calib, samples=4, seq_len=64)
+    assert sum(isinstance(w, QuantizedTensor) for w in weights.values()) == 16
+    tok = tokenizer_from_folder(ckpt.path, config.vocab_size)
+    out = tmp_path / "m.gguf"
+    write_llama_gguf(out, config, weights, tok, Provenance(name="t", scheme="q4_0", algorithm=algo), float_type="f16")
+    back = read_back(out, config)
+    for name, w in weights.items():
+        want = w.dequantize() if isinstance(w, QuantizedTensor) else w
+        np.testing.assert_array_equal(back[name], want, err_msg=name)
+    if algo == "gptq":  # GPTQ changes codes (not RTN's), yet they are what the file holds
+        from qkiln.quantize.registry import get_scheme
+        from qkiln.quantize.rtn import quantize_rtn
+
+        name = "model.layers.1.mlp.down_proj.weight"
+        rtn = quantize_rtn(np.asarray(ckpt.tensor(name)), get_scheme("q4_0"), name=name)
+        assert (rtn.codes != weights[name].codes).any()
