@@ -86,11 +86,12 @@ def tie_heads(abs_mean: np.ndarray, config: LlamaConfig) -> np.ndarray:
 
 
 def search_scale(
-    weights: list[np.ndarray], schemes: list[Scheme], stats: GroupStats, *, n_grid: int = 20
+    weights: list[np.ndarray], schemes: list[Scheme | None], stats: GroupStats, *, n_grid: int = 20
 ) -> tuple[np.ndarray, float, float, float]:
     """Best per-channel scale for linears sharing one input: (s (in,) float32, alpha, loss, loss at α=0).
 
-    α = 0 gives s = 1, i.e. plain RTN, so the result is never worse than RTN on this proxy.
+    α = 0 gives s = 1, i.e. plain RTN, so the result is never worse than RTN on this proxy. A linear
+    whose scheme is None stays in float: folding is exact for it, so it adds no loss.
     """
     x_mean = np.maximum(stats.abs_mean, 1e-8)
     h = stats.h.astype(np.float32)
@@ -102,6 +103,8 @@ def search_scale(
         s = np.maximum(s, 1e-4).astype(np.float32)  # (in,)
         loss = 0.0
         for w, scheme in zip(weights, schemes, strict=True):
+            if scheme is None:
+                continue
             w_hat = rtn_dequant(w * s[None, :], scheme) / s[None, :]
             loss += output_error(w, w_hat, h)
         if alpha == 0:
@@ -178,7 +181,7 @@ class AwqLayerResult:
 def awq_layer(
     tensors: dict[str, np.ndarray],
     stats: dict[str, GroupStats],
-    schemes: dict[str, Scheme],
+    schemes: dict[str, Scheme | None],
     config: LlamaConfig,
     *,
     n_grid: int = 20,
@@ -201,6 +204,7 @@ def awq_layer(
     new_stats = {g: stats[g].scaled(scales[g]) for g in INPUT_GROUPS}
     if clip:
         for n in LINEARS:
-            if n not in NO_CLIP:
-                folded[n] = search_clip(folded[n], schemes[n], new_stats[GROUP_OF[n]].h, n_grid=n_grid)
+            sch = schemes[n]
+            if n not in NO_CLIP and sch is not None:
+                folded[n] = search_clip(folded[n], sch, new_stats[GROUP_OF[n]].h, n_grid=n_grid)
     return AwqLayerResult(tensors=folded, stats=new_stats, info=info)

@@ -55,20 +55,25 @@ log = logging.getLogger(__name__)
 
 ALGOS = ("rtn", "gptq", "awq", "awq+gptq")
 SchemeFor = Callable[[str, tuple[int, ...]], Scheme]
+Resolver = Callable[[str, tuple[int, ...]], tuple[Scheme | None, str | None]]
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 class _Rules(Protocol):
-    def scheme_for(self, name: str, shape: tuple[int, ...]) -> Scheme: ...
+    def resolve(self, name: str, shape: tuple[int, ...]) -> tuple[Scheme | None, str | None]: ...
 
 
-def scheme_chooser(rules_or_scheme: Scheme | SchemeFor | _Rules) -> SchemeFor:
-    """A function tensor name, shape -> Scheme from a single scheme, such a function, or a rules object."""
+def scheme_resolver(rules_or_scheme: Scheme | SchemeFor | _Rules) -> Resolver:
+    """name, shape -> (scheme or None = keep in float, fallback reason) from a single scheme (strict:
+    a shape it cannot hold is a QuantizeError), a function name, shape -> Scheme, or a
+    `quantize.rules.RuleSet` (its per-tensor fallbacks and "keep" rules apply)."""
     if isinstance(rules_or_scheme, Scheme):
-        return lambda name, shape: rules_or_scheme
-    if hasattr(rules_or_scheme, "scheme_for"):
-        return rules_or_scheme.scheme_for
-    return rules_or_scheme  # type: ignore[return-value]
+        scheme = rules_or_scheme
+        return lambda name, shape: (scheme, None)
+    if hasattr(rules_or_scheme, "resolve"):
+        return rules_or_scheme.resolve
+    fn = rules_or_scheme
+    return lambda name, shape: (fn(name, shape), None)  # type: ignore[operator]
 
 
 def calibration_ids(token_ids: np.ndarray, n_samples: int, seq_len: int) -> np.ndarray:
@@ -108,7 +113,8 @@ class QuantizeReport:
     algo: str
     n_samples: int = 0
     seq_len: int = 0
-    schemes: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> scheme name
+    schemes: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> scheme name ("keep" = float)
+    fallbacks: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> why its scheme changed
     layer_seconds: list[float] = dataclasses.field(default_factory=list)
     awq: dict[str, Any] = dataclasses.field(default_factory=dict)  # layer -> group -> alpha/loss
     wall_seconds: float = 0.0
@@ -192,7 +198,7 @@ def quantize_model(
     report = report if report is not None else QuantizeReport(algo=algo)
     report.algo = algo
     cfg = source.config
-    choose = scheme_chooser(rules_or_scheme)
+    resolve = scheme_resolver(rules_or_scheme)
     use_awq = algo in ("awq", "awq+gptq")
     use_gptq = algo in ("gptq", "awq+gptq")
     clip = (algo == "awq") if awq_clip is None else awq_clip
@@ -206,12 +212,16 @@ def quantize_model(
     for i in range(cfg.num_hidden_layers):
         quantized_names += [f"model.layers.{i}.{n}.weight" for n in LINEARS]
     shapes = _shapes(cfg)
-    schemes: dict[str, Scheme] = {}
+    schemes: dict[str, Scheme | None] = {}
     for name in quantized_names:
-        scheme = choose(name, shapes[name])
-        scheme.check_shape(shapes[name], name)
+        scheme, reason = resolve(name, shapes[name])
+        if scheme is not None:
+            scheme.check_shape(shapes[name], name)
         schemes[name] = scheme
-        report.schemes[name] = scheme.name
+        report.schemes[name] = scheme.name if scheme is not None else "keep"
+        if reason:
+            report.fallbacks[name] = reason
+            log.info("%s: %s", name, reason)
 
     ids: np.ndarray | None = None
     if algo != "rtn":
@@ -225,12 +235,11 @@ def quantize_model(
     model = LlamaModel(overlay, cache_weights=False)
     n_layers = cfg.num_hidden_layers
 
-    embed_q = quantize_rtn(source.tensor("model.embed_tokens.weight"), schemes["model.embed_tokens.weight"],
-                           name="model.embed_tokens.weight")
+    embed_q = _rtn_or_keep(source, "model.embed_tokens.weight", schemes["model.embed_tokens.weight"])
     yield "model.embed_tokens.weight", embed_q
     h: np.ndarray | None = None
     if ids is not None:
-        overlay.replaced["model.embed_tokens.weight"] = embed_q.dequantize()
+        overlay.replaced["model.embed_tokens.weight"] = _dense(embed_q)
         h = model.embed(ids)  # (n, L, hidden) — through the QUANTIZED embeddings, as the result will run
         overlay.replaced.clear()
     del embed_q
@@ -246,7 +255,7 @@ def quantize_model(
         out: dict[str, QuantizedTensor | np.ndarray] = {}
         if algo == "rtn":
             for n in LINEARS:
-                out[n] = quantize_rtn(tensors[n], layer_schemes[n], name=p + n + ".weight")
+                out[n] = _rtn_or_keep(tensors[n], p + n + ".weight", layer_schemes[n])
             for n in NORMS:
                 out[n] = tensors[n]
         else:
@@ -263,12 +272,18 @@ def quantize_model(
             for group, names in INPUT_GROUPS.items():
                 if not use_gptq:
                     for n in names:
-                        out[n] = quantize_rtn(tensors[n], layer_schemes[n], name=p + n + ".weight")
+                        out[n] = _rtn_or_keep(tensors[n], p + n + ".weight", layer_schemes[n])
                     continue
-                prep = prepare_hessian(group_stats[group].h, damp=damp, act_order=act_order, name=f"{p}{group}")
                 by_scheme: dict[Scheme, list[str]] = {}
                 for n in names:  # linears sharing an input AND a scheme are scanned together
-                    by_scheme.setdefault(layer_schemes[n], []).append(n)
+                    sch = layer_schemes[n]
+                    if sch is None:
+                        out[n] = tensors[n]
+                    else:
+                        by_scheme.setdefault(sch, []).append(n)
+                if not by_scheme:
+                    continue
+                prep = prepare_hessian(group_stats[group].h, damp=damp, act_order=act_order, name=f"{p}{group}")
                 for scheme, same in by_scheme.items():
                     got = gptq_quantize_shared({p + n + ".weight": tensors[n] for n in same}, prep, scheme,
                                                block_size=block_size, grid=grid)
@@ -277,7 +292,7 @@ def quantize_model(
                 out[n] = tensors[n]
             del group_stats
             for n, v in out.items():
-                overlay.replaced[p + n + ".weight"] = v.dequantize() if isinstance(v, QuantizedTensor) else v
+                overlay.replaced[p + n + ".weight"] = _dense(v)
             h_next = np.empty_like(h)
             for b0, b1 in batches:
                 h_next[b0:b1] = model.layer(i, h[b0:b1])
@@ -292,12 +307,23 @@ def quantize_model(
     del h
     yield "model.norm.weight", np.asarray(source.tensor("model.norm.weight"), dtype=np.float32)
     if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", quantize_rtn(source.tensor("lm_head.weight"), schemes["lm_head.weight"],
-                                             name="lm_head.weight")
+        yield "lm_head.weight", _rtn_or_keep(source, "lm_head.weight", schemes["lm_head.weight"])
     if progress is not None:
         progress("done", n_layers, n_layers)
     report.wall_seconds = time.perf_counter() - t_start
     report.peak_rss_bytes = peak_rss_bytes()
+
+
+def _dense(v: QuantizedTensor | np.ndarray) -> np.ndarray:
+    return v.dequantize() if isinstance(v, QuantizedTensor) else v
+
+
+def _rtn_or_keep(w: np.ndarray | TensorSource, name: str, scheme: Scheme | None) -> QuantizedTensor | np.ndarray:
+    """RTN on `scheme`, or the float32 tensor when the rules keep it in float."""
+    arr = w.tensor(name) if not isinstance(w, np.ndarray) else w
+    if scheme is None:
+        return np.asarray(arr, dtype=np.float32)
+    return quantize_rtn(arr, scheme, name=name)
 
 
 def _shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:

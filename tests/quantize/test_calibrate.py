@@ -91,3 +91,19 @@ def test_calibration_windows():
     assert calibration_ids(ids, 10, 300).shape == (3, 300)  # as many full windows as the text holds
     with pytest.raises(QuantizeError, match="1000 tokens, one sample needs 2048"):
         calibration_ids(ids, 1, 2048)
+
+
+def test_rules_fall_back_per_tensor_and_keep_float(tiny_config, llama_weights):
+    from qkiln.quantize.rules import Rule, RuleSet
+
+    cfg, weights = _model(tiny_config, llama_weights)
+    rules = RuleSet((Rule("*.mlp.down_proj.weight", "keep"),), "q4_k")  # rows of 64/192: Q4_K needs 256
+    calib = calibration_ids(np.arange(3, 3 + 4 * 32) % cfg.vocab_size, 4, 32)
+    report = QuantizeReport(algo="awq+gptq")
+    out = dict(quantize_model(DictSource(cfg, weights), rules, "awq+gptq", calib, report=report))
+    assert report.schemes["model.layers.0.self_attn.q_proj.weight"] == "q5_0"
+    assert "not a multiple" in report.fallbacks["model.layers.0.self_attn.q_proj.weight"]
+    assert report.schemes["model.layers.1.mlp.down_proj.weight"] == "keep"
+    down = out["model.layers.1.mlp.down_proj.weight"]
+    assert isinstance(down, np.ndarray) and down.dtype == np.float32  # kept in float (AWQ-folded)
+    assert isinstance(out["model.layers.1.mlp.up_proj.weight"], QuantizedTensor)
