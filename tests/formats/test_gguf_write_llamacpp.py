@@ -165,3 +165,36 @@ def test_demo_generates_greedy_text(demo_q4_0):
     assert len(text.split()) >= 5, text
     chat = llm.create_chat_completion([{"role": "user", "content": "Say hello."}], max_tokens=12, temperature=0)
     assert chat["choices"][0]["message"]["content"].strip()
+
+
+def test_sentencepiece_vocabulary_round_trips_through_llama_cpp(make_checkpoint, tiny_config, tmp_path):
+    """A SentencePiece-style (byte-fallback BPE, "▁" spaces) tokenizer.json is written as a `llama` vocabulary
+    whose llama.cpp tokenization equals the HF tokenizer's, BOS included."""
+    import tokenizers
+    from llama_cpp import Llama
+
+    from qkiln.formats.gguf_convert import convert_to_gguf
+    from qkiln.formats.gguf_read import read_gguf
+    from qkiln.formats.tokenizer_gguf import tokenizer_files
+
+    imp = _load("_gguf_import_llamacpp_tests", HERE / "test_gguf_import_llamacpp.py")
+    spm = imp._toy_sentencepiece_gguf(tmp_path / "spm.gguf")
+    meta = read_gguf(spm).metadata
+    files = tokenizer_files(meta, where=str(spm))
+    ckpt = make_checkpoint(tiny_config(vocab_size=len(meta["tokenizer.ggml.tokens"])), tokenizer=False)
+    for fname, text in files.items():
+        (ckpt / fname).write_text(text, encoding="utf-8")
+    out = tmp_path / "m.gguf"
+    convert_to_gguf(ckpt, out, "f16")
+    written = read_gguf(out).metadata
+    assert written["tokenizer.ggml.model"] == "llama"
+    assert written["tokenizer.ggml.token_type"][:5] == [2, 3, 3, 6, 6]
+
+    hf = tokenizers.Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    llm = Llama(model_path=str(out), vocab_only=True, verbose=False)
+    lines = [ln for ln in Path("/usr/share/common-licenses/MPL-2.0").read_text().splitlines() if ln.strip()]
+    texts = ["Hello world", "  two  spaces", "naïve 日本 🤖", "<s>hi</s> there", "x<|user|>y z", *lines[:100]]
+    for s in texts:
+        assert llm.tokenize(s.encode(), add_bos=False, special=True) == hf.encode(s, add_special_tokens=False).ids, s
+    for s in texts[:10]:
+        assert llm.tokenize(s.encode(), add_bos=True, special=True) == hf.encode(s, add_special_tokens=True).ids, s
