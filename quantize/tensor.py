@@ -24,7 +24,7 @@ class QuantizedTensor:
     name: str = ""
 
     def __post_init__(self) -> None:
-        assert self.codes.ndim == 2, self.codes.shape
+        assert self.codes.ndim == 2 and self.codes.dtype == np.uint8, (self.codes.shape, self.codes.dtype)
         for key, p in self.params.items():
             assert p.shape[0] == self.codes.shape[0], (key, p.shape, self.codes.shape)
 
@@ -35,3 +35,21 @@ class QuantizedTensor:
     def dequantize(self) -> np.ndarray:
         """Exact float32 weights (rows, cols)."""
         return self.scheme.decode(self.codes, self.params)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this tensor takes in its format: ggml block bytes for llama.cpp grids, else packed codes
+        (bits per weight, rounded up per tensor) plus the params as stored."""
+        from qkiln.quantize.ggml_pack import GGML_TYPES
+
+        rows, cols = self.shape
+        if self.scheme.name in GGML_TYPES:
+            _, block, size = GGML_TYPES[self.scheme.name]
+            return rows * (cols // block) * size
+        bits = getattr(self.scheme, "bits", 8)
+        return -(-rows * cols * bits // 8) + sum(int(p.nbytes) for p in self.params.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        rows, cols = self.shape
+        return 8.0 * self.nbytes / (rows * cols)

@@ -179,3 +179,12 @@ def test_unpack_rejects_wrong_sizes() -> None:
         unpack_blocks(np.zeros(18, np.uint8), "q4_0", (1, 48))
     with pytest.raises(QuantizeError, match="no ggml block type"):
         unpack_blocks(np.zeros(18, np.uint8), "int4_g32", (1, 32))
+
+
+@pytest.mark.parametrize("name", list(GGML_TYPES))
+def test_nbytes_is_the_packed_size(name: str) -> None:
+    qt = quantize_rtn(_weights(8, 512), get_scheme(name))
+    assert qt.nbytes == pack_blocks(qt).nbytes
+    assert qt.bits_per_weight == {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0}.get(
+        name, {"q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}.get(name)
+    )
