@@ -64,6 +64,18 @@ def tensor_schemes(
     return schemes, fallbacks
 
 
+def _check_gguf_types(preset: str, schemes: dict[str, str]) -> None:
+    """Refuse, before any quantization work, a scheme that has no ggml block type (e.g. int4_g128, fp8)."""
+    from qkiln.quantize.ggml_pack import GGML_TYPES
+
+    for name, scheme in sorted(schemes.items()):
+        if scheme not in GGML_TYPES:
+            raise QuantizeError(
+                f"scheme {preset!r} puts {name} on {scheme}, which GGUF has no block type for; "
+                f"use f32, f16, bf16, {', '.join(GGML_TYPES)} or a llama.cpp mix such as q4_k_m"
+            )
+
+
 def quantize_weights(
     ckpt: Any,
     schemes: dict[str, str],
@@ -142,6 +154,7 @@ def convert_to_gguf(
     else:
         shapes = {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
         schemes, fallbacks = tensor_schemes(config, shapes, scheme, uniform=uniform)
+        _check_gguf_types(scheme, schemes)
         weights = quantize_weights(ckpt, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress)
         float_type = "f16"  # a 2-D tensor no block fits stays F16, as llama.cpp keeps it
     notes = {line.split(":", 1)[0]: line for line in fallbacks}

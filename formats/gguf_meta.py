@@ -78,8 +78,6 @@ class Provenance:
             ("general.name", self.name),
             ("general.quantized_by", "qkiln"),
         ]
-        if self.source:
-            kv.append(("general.source.url", self.source))
         return kv
 
     def qkiln_items(self) -> list[tuple[str, Any]]:
@@ -88,6 +86,8 @@ class Provenance:
             ("qkiln.scheme", self.scheme),
             ("qkiln.algorithm", self.algorithm),
         ]
+        if self.source:
+            kv.append(("qkiln.source", self.source))
         if self.calibration_sha256:
             kv.append(("qkiln.calibration.sha256", self.calibration_sha256))
         if self.fallbacks:

@@ -103,6 +103,15 @@ def test_unknown_scheme_is_exit_2(make_checkpoint, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("scheme", ["int4_g32", "fp8_e4m3fn"])
+def test_scheme_without_a_ggml_block_is_exit_2(make_checkpoint, tmp_path, scheme):
+    out = tmp_path / "m.gguf"
+    r = convert("--model", str(make_checkpoint()), "--scheme", scheme, "-o", str(out))
+    assert r.exit_code == 2
+    assert "GGUF has no block type" in r.output
+    assert not out.exists()
+
+
 def test_unknown_algorithm_is_a_usage_error(make_checkpoint, tmp_path):
     r = convert("--model", str(make_checkpoint()), "--algo", "magic", "-o", str(tmp_path / "m.gguf"))
     assert r.exit_code == 2
