@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "qkiln.cli.import_gguf_cmd",
     "qkiln.cli.version_cmd",
     "qkiln.cli.eval_cmd",
+    "qkiln.cli.quantize_cmd",
     "qkiln.cli.info_cmd",
     "qkiln.cli.convert_cmd",
     "qkiln.cli.inspect_cmd",
