@@ -1,0 +1,68 @@
+"""Benchmark (not a timed test): GPTQ INT4 g64 asymmetric of the demo model, 128 samples x 512 tokens.
+
+    python bench/quantize_bench.py [--samples 128] [--seq-len 512] [--algo gptq] [--scheme int4_g64_asym]
+
+Calibration text: GPL-3 + LGPL-2.1 + GFDL-1.3 from /usr/share/common-licenses. Those three hold about
+18.7k tokens of the demo tokenizer — 36 windows of 512 — so the text is repeated end to end until it
+holds 128 windows: the work (and the memory) is that of 128 x 512 distinct tokens, the statistics those
+of 36 distinct windows. The goals: under 60 s and under 2 GB peak RSS. Prints both, the per-phase split
+of one layer, and the machine's load average (the box is shared; compare runs side by side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+LICENSES = Path("/usr/share/common-licenses")
+CALIB = ("GPL-3", "LGPL-2.1", "GFDL-1.3")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--algo", default="gptq")
+    ap.add_argument("--scheme", default="int4_g64_asym")
+    ap.add_argument("--batch-samples", type=int, default=8)
+    args = ap.parse_args()
+
+    from qkiln.demo import demo_model_dir
+    from qkiln.formats.hf import Checkpoint
+    from qkiln.quantize.calibrate import QuantizeReport, calibration_ids, peak_rss_bytes, quantize_model
+    from qkiln.quantize.registry import get_scheme
+
+    ck = Checkpoint.open(demo_model_dir())
+    text = "".join((LICENSES / n).read_text(encoding="utf-8") for n in CALIB)
+    tokens = np.asarray(ck.tokenizer().encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    need = args.samples * args.seq_len
+    reps = -(-need // len(tokens))
+    ids = calibration_ids(np.tile(tokens, reps), args.samples, args.seq_len)
+    rss_before = peak_rss_bytes()
+    report = QuantizeReport(algo=args.algo)
+    t0 = time.perf_counter()
+    n_quantized = 0
+    for _name, _value in quantize_model(ck, get_scheme(args.scheme), args.algo, ids, report=report,
+                                        batch_samples=args.batch_samples):
+        n_quantized += 1  # the consumer keeps nothing: this measures the quantizer's own footprint
+    wall = time.perf_counter() - t0
+    doc = {
+        "algo": args.algo, "scheme": args.scheme, "samples": int(ids.shape[0]), "seq_len": args.seq_len,
+        "distinct_calibration_tokens": len(tokens), "text_repeats": reps,
+        "wall_seconds": round(wall, 1), "peak_rss_mb": round(report.peak_rss_bytes / 2**20),
+        "rss_before_mb": round(rss_before / 2**20), "tensors": n_quantized,
+        "layer_seconds_mean": round(float(np.mean(report.layer_seconds)), 2),
+        "load_average": os.getloadavg(), "cpus": os.cpu_count(),
+        "goals": {"wall_seconds": 60, "peak_rss_mb": 2000},
+    }
+    print(json.dumps(doc, indent=2))
+    print(f"wall time {wall:.1f} s, peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
