@@ -4,10 +4,10 @@ mins) and Q6_K (16 sub-blocks of 16 with int8 scales).
 The reference rules of ggml-quants.c (`quantize_row_q{4,5,6}_K_ref`: `make_qkx2_quants` per sub-block
 — a weighted least-squares search over 1 + nstep candidate scales with a min — then 6-bit
 quantization of the sub-scales against the super-block maximum; `make_qx_quants` with x² weights
-and 18 trial scales for Q6_K) are re-expressed on arrays of all sub-blocks at once. gguf-py has no
-K-quant quantizer to compare against, and the float sums here run in a different order than
-ggml's loops, so a code can differ from llama.cpp's on a near-tie; the grid and layout are exact
-(`ggml_pack.pack_blocks` + `gguf.quants.dequantize` reproduce `decode` bit for bit).
+and 18 trial scales for Q6_K) are re-expressed on arrays of all sub-blocks at once, with the same
+float32 operations in the same order (sums included), so RTN output is bit-identical to llama.cpp's
+reference quantizer (tested against libggml through ctypes; gguf-py has no K-quant quantizer).
+The price of exactness is about twice the passes of an algebraically rearranged search.
 
 Error bound: codes are the nearest on the final grid (w within half a sub-block step d·sc of its
 value) except where the 6-bit sub-scale/min quantization pushes a value past the grid's end.
@@ -30,101 +30,114 @@ GROUP_MAX_EPS = np.float32(1e-15)
 CACHE_ELEMS = 1 << 16
 
 
-def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Σ_i a[:, i]·b[:, i] in one pass (no temporary)."""
-    return np.vecdot(a, b)
-
-
-def _rowsum(a: np.ndarray) -> np.ndarray:
-    """Σ_i a[:, i] (vecdot with ones: faster than .sum(axis=1) on short rows, no BLAS threads)."""
-    return np.vecdot(a, np.ones(a.shape[1], a.dtype))
+def _seq_sum(a: np.ndarray) -> np.ndarray:
+    """(n, B) -> (B,): Σ over axis 0 in index order — NumPy reduces an outer axis row by row, which is
+    exactly the order of ggml's `for (i...) sum += ...` loops, so float32 sums round the same way.
+    Only for a C-contiguous `a`: on a transposed view NumPy would sum pairwise along memory instead."""
+    assert a.flags.c_contiguous
+    return np.add.reduce(a, axis=0)
 
 
 def _make_qkx2(
     x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Vectorized make_qkx2_quants over sub-blocks x (B, n): (scale (B,), the_min (B,) >= 0, L (B, n) uint8).
+    """make_qkx2_quants on every sub-block at once: x, weights (B, n) -> (scale (B,), the_min (B,) >= 0,
+    L (B, n) uint8).
 
-    Hot loop. Each trial costs a handful of passes over (B, n): the weighted error of a trial is
-    expanded into the sums the least-squares fit already needs (Σw, Σwx, Σwx², Σwl, Σwl², Σwlx),
-    evaluated in float64, and only the winning inverse scale is kept — L is rebuilt once at the end
-    with the same float32 operations, so it equals the winning trial's L.
+    Hot loop. Arrays are transposed to (n, B) so every sum runs in ggml's order, and each product,
+    sum and comparison is the same float32 operation as in ggml-quants.c, including the running min
+    that an accepted trial feeds into the next one — so the result is bit-identical to llama.cpp's.
+    Only the winning (inverse scale, min) is kept; L is rebuilt from it at the end with the same
+    operations, so it equals the winning trial's levels.
     """
-    f32, f64 = np.float32, np.float64
-    mn = np.minimum(x.min(axis=1), f32(0))  # (B,) current min; ggml updates it on every accepted trial
-    hi = x.max(axis=1)
-    sum_w = _rowsum(weights)
-    sum_x = _rowdot(weights, x)
-    sum_xx = _rowdot(weights * x, x).astype(f64)
+    f32 = np.float32
+    xt = np.ascontiguousarray(x.T)  # (n, B)
+    wt = np.ascontiguousarray(weights.T)  # (n, B)
+    mn = np.minimum(xt.min(axis=0), f32(0))  # (B,) current min
+    hi = xt.max(axis=0)
+    sum_w = _seq_sum(wt)
+    sum_x = _seq_sum(wt * xt)
     flat = hi == mn
-    t = np.empty_like(x)  # (B, n) trial levels
-    wl = np.empty_like(x)
+    t = np.empty_like(xt)  # (n, B) levels of the current trial
+    wl = np.empty_like(xt)
+    tmp = np.empty_like(xt)
 
-    def trial(iscale: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        np.subtract(x, m[:, None], out=t)
-        np.multiply(iscale[:, None], t, out=t)
-        np.rint(t, out=t)
+    def levels(iscale: np.ndarray, m: np.ndarray) -> None:
+        np.subtract(xt, m, out=t)
+        np.multiply(t, iscale, out=t)  # iscale·(x − min)
+        np.rint(t, out=t)  # nearest_int: round half to even
         np.clip(t, f32(0), f32(nmax), out=t)
-        np.multiply(weights, t, out=wl)
-        return _rowsum(wl), _rowdot(wl, t), _rowdot(wl, x)
 
-    def error(s: np.ndarray, m: np.ndarray, sl: np.ndarray, sl2: np.ndarray, sxl: np.ndarray) -> np.ndarray:
-        s, m = s.astype(f64), m.astype(f64)
-        return (
-            s * s * sl2 + 2 * s * m * sl - 2 * s * sxl + m * m * sum_w - 2 * m * sum_x + sum_xx
-        )  # (B,) Σ w (s·l + m − x)²
+    def error(s: np.ndarray, m: np.ndarray) -> np.ndarray:
+        np.multiply(t, s, out=tmp)
+        np.add(tmp, m, out=tmp)
+        np.subtract(tmp, xt, out=tmp)  # diff = s·L + min − x
+        np.multiply(tmp, tmp, out=tmp)
+        np.multiply(wt, tmp, out=tmp)
+        return _seq_sum(tmp)  # Σ w·diff²
 
-    with np.errstate(divide="ignore", invalid="ignore"):
-        best_iscale = np.where(flat, f32(0), f32(nmax) / np.where(flat, f32(1), hi - mn))
-        scale = np.where(flat, f32(0), f32(1) / best_iscale)
+    span0 = np.where(flat, f32(1), hi - mn)
+    best_iscale = f32(nmax) / span0
+    scale = f32(1) / best_iscale
+    levels(best_iscale, mn)
+    best = error(scale, mn)
     best_mn = mn  # the min the winning levels were computed against
-    best = error(scale, mn, *trial(best_iscale, mn))
     for step in range(nstep + 1):
         span = hi - mn
         with np.errstate(divide="ignore", invalid="ignore"):
-            iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / np.where(span > 0, span, f32(1))
-        sum_l, sum_l2, sum_xl = trial(iscale, mn)
+            iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / np.where(span != 0, span, f32(1))
+        levels(iscale, mn)
+        np.multiply(wt, t, out=wl)
+        sum_l = _seq_sum(wl)
+        np.multiply(wl, t, out=tmp)
+        sum_l2 = _seq_sum(tmp)
+        np.multiply(wl, xt, out=tmp)
+        sum_xl = _seq_sum(tmp)
         D = sum_w * sum_l2 - sum_l * sum_l
-        ok = D > 0
+        ok = (D > 0) & ~flat
         with np.errstate(divide="ignore", invalid="ignore"):
             Ds = np.where(ok, D, f32(1))
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
             pos = this_min > 0
             this_min = np.where(pos, f32(0), this_min)
-            this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), this_scale)
-        err = error(this_scale, this_min, sum_l, sum_l2, sum_xl)
-        take = ok & ~flat & (err < best)
+            this_scale = np.where(pos, sum_xl / np.where(sum_l2 != 0, sum_l2, f32(1)), this_scale)
+        err = error(this_scale, this_min)
+        take = ok & (err < best)
         best = np.where(take, err, best)
         best_iscale = np.where(take, iscale, best_iscale)
         best_mn = np.where(take, mn, best_mn)
         scale = np.where(take, this_scale, scale)
         mn = np.where(take, this_min, mn)
-    trial(best_iscale, best_mn)
-    L = np.where(flat[:, None], f32(0), t)
+    levels(best_iscale, best_mn)
+    L = np.where(flat, f32(0), t).T
+    scale = np.where(flat, f32(0), scale)
     return scale.astype(f32), (-mn).astype(f32), L.astype(np.uint8)
 
 
 def _make_qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Vectorized make_qx_quants(rmse_type=1) over sub-blocks x (B, n): (scale (B,), L (B, n) uint8 = l + nmax).
-
-    Hot loop: only the winning inverse scale is kept; L is rebuilt once at the end.
-    """
+    """make_qx_quants(rmse_type=1) on every sub-block at once: x (B, n) -> (scale (B,), L (B, n) uint8 =
+    l + nmax). Same float32 operations and sum order as ggml (see _make_qkx2); hot loop."""
     f32 = np.float32
     imax = np.abs(x).argmax(axis=1)[:, None]
-    vmax = np.take_along_axis(x, imax, axis=1)[:, 0]  # (B,) signed value of largest magnitude
+    vmax = np.take_along_axis(x, imax, axis=1)[:, 0]  # (B,) signed value of largest magnitude (first)
     zero = np.abs(vmax) < GROUP_MAX_EPS
     vmax = np.where(zero, f32(1), vmax)
-    w = x * x  # (B, n)
-    t = np.empty_like(x)
-    wl = np.empty_like(x)
+    xt = np.ascontiguousarray(x.T)  # (n, B)
+    w = xt * xt
+    wx = w * xt
+    t = np.empty_like(xt)
+    tmp = np.empty_like(xt)
 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        np.multiply(iscale[:, None], x, out=t)
+        np.multiply(xt, iscale, out=t)
         np.rint(t, out=t)
         np.clip(t, -nmax, nmax - 1, out=t)
-        np.multiply(w, t, out=wl)
-        return _rowdot(wl, x), _rowdot(wl, t)
+        np.multiply(wx, t, out=tmp)
+        sumlx = _seq_sum(tmp)  # Σ (w·x)·l
+        np.multiply(w, t, out=tmp)
+        np.multiply(tmp, t, out=tmp)
+        return sumlx, _seq_sum(tmp)  # Σ (w·l)·l
 
     best_iscale = f32(-nmax) / vmax
     sumlx, suml2 = trial(best_iscale)
@@ -144,7 +157,7 @@ def _make_qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         best = np.where(take, s * slx, best)
     trial(best_iscale)
     scale = np.where(zero, f32(0), scale)
-    L = np.where(zero[:, None], f32(0), t + f32(nmax))
+    L = np.where(zero, f32(0), t + f32(nmax)).T
     return scale.astype(f32), L.astype(np.uint8)
 
 
@@ -194,7 +207,7 @@ class QKMin(_KQuant):
         nmax = (1 << self.bits) - 1
         x = w.astype(f32, copy=False).reshape(rows * nsb * 8, 32)  # (B, 32) sub-blocks
         with np.errstate(over="ignore", invalid="ignore"):
-            av_x = np.sqrt((x * x).sum(axis=1, keepdims=True) / f32(32))
+            av_x = np.sqrt(_seq_sum(np.ascontiguousarray(np.square(x).T))[:, None] / f32(32))
             weights = av_x + np.abs(x)  # (B, 32)
         if importance is not None:
             qw = np.broadcast_to(importance.astype(f32).reshape(1, nsb * 8, 32), (rows, nsb * 8, 32))
