@@ -16,7 +16,7 @@ import numpy as np
 
 from qkiln.errors import QuantizeError
 from qkiln.formats.gguf_meta import Provenance, sha256_of
-from qkiln.formats.gguf_write import FLOAT_TYPES, TensorPlan, Weight, write_llama_gguf
+from qkiln.formats.gguf_write import FLOAT_TYPES, TensorPlan, Weight, WeightSpec, write_llama_gguf
 from qkiln.formats.tokenizer_to_gguf import tokenizer_from_folder
 
 ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
@@ -76,50 +76,111 @@ def _check_gguf_types(preset: str, schemes: dict[str, str]) -> None:
             )
 
 
-def quantize_weights(
+class CheckpointStream:
+    """Weights read (and RTN-quantized) one at a time from a checkpoint, in llama.cpp's order."""
+
+    def __init__(self, ckpt: Any, schemes: dict[str, str], float_type: str, progress: Callable[[str], None] | None = None):
+        from qkiln.formats.gguf_write import _ordered
+
+        self.ckpt, self.schemes, self.progress = ckpt, schemes, progress
+        shapes = {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
+        self.specs = [_spec(n, shapes[n], schemes.get(n), float_type) for n in _ordered(ckpt.config, shapes)]
+
+    def get(self, hf_name: str) -> Weight:
+        w = self.ckpt.tensor(hf_name)
+        if hf_name not in self.schemes:
+            return np.asarray(w, dtype=np.float32)
+        from qkiln.quantize.registry import get_scheme
+        from qkiln.quantize.rtn import quantize_rtn
+
+        if self.progress:
+            self.progress(f"rtn {hf_name}")
+        return quantize_rtn(w, get_scheme(self.schemes[hf_name]), name=hf_name)
+
+
+class CalibratedStream:
+    """`quantize.calibrate.quantize_model`'s layer-by-layer output as a writer stream.
+
+    The file holds tensors in the order the quantizer yields them (embeddings, then layer by layer), so
+    only the layer being quantized is in memory; a tensor asked for early is pulled ahead and kept.
+    """
+
+    def __init__(self, ckpt: Any, schemes: dict[str, str], algorithm: str, calib_ids: np.ndarray,
+                 progress: Callable[[str], None] | None = None):
+        from qkiln.quantize.awq import LINEARS, NORMS
+        from qkiln.quantize.calibrate import quantize_model
+        from qkiln.quantize.registry import get_scheme
+
+        cfg = ckpt.config
+
+        def scheme_for(name: str, shape: tuple[int, ...]) -> Any:
+            if name not in schemes:
+                raise QuantizeError(f"{name}: no GGUF block fits its shape {shape}; --algo {algorithm} needs every weight quantized")
+            return get_scheme(schemes[name])
+
+        order = ["model.embed_tokens.weight"]
+        for i in range(cfg.num_hidden_layers):
+            order += [f"model.layers.{i}.{n}.weight" for n in (*LINEARS, *NORMS)]
+        order.append("model.norm.weight")
+        if not cfg.tie_word_embeddings:
+            order.append("lm_head.weight")
+        self.specs = [_spec(n, tuple(ckpt.shape(n)), schemes.get(n), "f16") for n in order]
+        report = (lambda stage, done, total: progress(f"{algorithm} {stage} ({done}/{total})")) if progress else None
+        self._gen = quantize_model(ckpt, scheme_for, algorithm, calib_ids, progress=report)
+        self._ahead: dict[str, Weight] = {}
+
+    def get(self, hf_name: str) -> Weight:
+        while hf_name not in self._ahead:
+            try:
+                name, w = next(self._gen)
+            except StopIteration:
+                raise AssertionError(f"the quantizer never produced {hf_name}") from None
+            self._ahead[name] = w
+        return self._ahead.pop(hf_name)
+
+
+def _spec(name: str, shape: tuple[int, ...], scheme: str | None, float_type: str) -> WeightSpec:
+    from gguf import GGMLQuantizationType
+
+    from qkiln.quantize.ggml_pack import ggml_type_name
+
+    if scheme is not None:
+        return WeightSpec(name, shape, GGMLQuantizationType[ggml_type_name(scheme)])
+    return WeightSpec(name, shape, GGMLQuantizationType.F32 if len(shape) == 1 else FLOAT_TYPES[float_type])
+
+
+def calibration_windows(ckpt: Any, calib: Sequence[Path], samples: int, seq_len: int) -> np.ndarray:
+    """(n, seq_len) token windows of the concatenated calibration files, tokenized without BOS."""
+    from qkiln.quantize.calibrate import calibration_ids
+
+    text = "".join(Path(p).read_text(encoding="utf-8") for p in calib)
+    ids = np.asarray(ckpt.tokenizer().encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    return calibration_ids(ids, samples, seq_len)
+
+
+def weight_stream(
     ckpt: Any,
     schemes: dict[str, str],
     algorithm: str,
     calib: Sequence[Path],
     *,
+    float_type: str = "f16",
     samples: int = 64,
     seq_len: int = 512,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, Weight]:
-    """HF name → QuantizedTensor (2-D weights in `schemes`) or float32 array (the rest).
-
-    RTN quantizes tensor by tensor; GPTQ/AWQ go through `quantize.calibrate.quantize_model`, layer by
-    layer on `samples` windows of `seq_len` tokens of the calibration text.
-    """
-    from qkiln.quantize.registry import get_scheme
-
+) -> CheckpointStream | CalibratedStream:
+    """The model's weights, quantized by `algorithm` on `schemes`, handed to the writer one at a time."""
     if algorithm == "rtn":
-        from qkiln.quantize.rtn import quantize_rtn
-
-        out: dict[str, Weight] = {}
-        for name in ckpt.names():
-            w = ckpt.tensor(name)
-            if name in schemes:
-                if progress:
-                    progress(name)
-                out[name] = quantize_rtn(w, get_scheme(schemes[name]), name=name)
-            else:
-                out[name] = np.asarray(w, dtype=np.float32)
-        return out
+        return CheckpointStream(ckpt, schemes, float_type, progress)
     if not calib:
         raise QuantizeError(f"--algo {algorithm} needs calibration text: pass --calib FILE")
-    from qkiln.quantize.calibrate import calibration_ids, quantize_model
+    return CalibratedStream(ckpt, schemes, algorithm, calibration_windows(ckpt, calib, samples, seq_len), progress)
 
-    def scheme_for(name: str, shape: tuple[int, ...]) -> Any:
-        if name not in schemes:
-            raise QuantizeError(f"{name}: no GGUF block fits its shape {shape}; --algo {algorithm} needs every weight quantized")
-        return get_scheme(schemes[name])
 
-    text = "".join(Path(p).read_text(encoding="utf-8") for p in calib)
-    ids = np.asarray(ckpt.tokenizer().encode(text, add_special_tokens=False).ids, dtype=np.int64)
-    calib_ids = calibration_ids(ids, samples, seq_len)
-    report = (lambda stage, done, total: progress(f"{algorithm} {stage} ({done}/{total})")) if progress else None
-    return dict(quantize_model(ckpt, scheme_for, algorithm, calib_ids, progress=report))
+def quantize_weights(ckpt: Any, schemes: dict[str, str], algorithm: str, calib: Sequence[Path], **kw: Any) -> dict[str, Weight]:
+    """All weights at once (HF name -> QuantizedTensor or float32 array); for tests and small models."""
+    stream = weight_stream(ckpt, schemes, algorithm, calib, **kw)
+    return {s.hf_name: stream.get(s.hf_name) for s in stream.specs}
 
 
 def convert_to_gguf(
@@ -149,14 +210,13 @@ def convert_to_gguf(
     if scheme in FLOAT_TYPES:
         if algorithm != "rtn":
             raise QuantizeError(f"--scheme {scheme} stores weights unquantized; --algo {algorithm} does not apply")
-        weights: dict[str, Weight] = {n: np.asarray(ckpt.tensor(n), dtype=np.float32) for n in ckpt.names()}
-        float_type = scheme
+        weights = CheckpointStream(ckpt, {}, scheme, progress)
     else:
         shapes = {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
         schemes, fallbacks = tensor_schemes(config, shapes, scheme, uniform=uniform)
         _check_gguf_types(scheme, schemes)
-        weights = quantize_weights(ckpt, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress)
-        float_type = "f16"  # a 2-D tensor no block fits stays F16, as llama.cpp keeps it
+        # a 2-D tensor no block fits stays F16, as llama.cpp keeps it
+        weights = weight_stream(ckpt, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress)
     notes = {line.split(":", 1)[0]: line for line in fallbacks}
     prov = Provenance(
         name=name or ckpt.path.resolve().name,
@@ -166,5 +226,5 @@ def convert_to_gguf(
         source=ckpt.path.resolve().name,
         fallbacks=tuple(fallbacks),
     )
-    plans = write_llama_gguf(dest, config, weights, tokenizer, prov, float_type=float_type, notes=notes)
+    plans = write_llama_gguf(dest, config, weights, tokenizer, prov, notes=notes)
     return ConvertResult(path=Path(dest), plans=plans, fallbacks=fallbacks)

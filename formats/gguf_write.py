@@ -18,7 +18,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ml_dtypes
 import numpy as np
@@ -146,41 +146,91 @@ def _pack(qt: QuantizedTensor) -> np.ndarray:
 Weight = QuantizedTensor | np.ndarray
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """What the file will hold for one HF tensor, known before its values are computed."""
+
+    hf_name: str
+    shape: tuple[int, ...]  # HF layout, (out, in) or (n,)
+    ggml_type: GGMLQuantizationType
+
+
+class WeightStream(Protocol):
+    """Weights handed out one at a time, in `specs` order, so a writer never holds the whole model.
+
+    `get` is called exactly once per spec, in order; what it returns must match the spec (a
+    QuantizedTensor of that ggml type, or a float array for F32/F16/BF16).
+    """
+
+    specs: list[WeightSpec]
+
+    def get(self, hf_name: str) -> Weight: ...
+
+
+class _DictStream:
+    """A dict of computed weights as a stream, in llama.cpp's converter order."""
+
+    def __init__(self, config: LlamaConfig, weights: Mapping[str, Weight], float_type: GGMLQuantizationType):
+        self._weights = weights
+        self.specs = []
+        for name in _ordered(config, weights):
+            w = weights[name]
+            if isinstance(w, QuantizedTensor):
+                self.specs.append(WeightSpec(name, w.shape, ggml_type_of(w)))
+            else:
+                shape = tuple(np.shape(w))
+                if len(shape) not in (1, 2):
+                    raise GGUFError(f"{name}: {len(shape)}-D tensors are not part of a Llama model")
+                self.specs.append(WeightSpec(name, shape, GGMLQuantizationType.F32 if len(shape) == 1 else float_type))
+
+    def get(self, hf_name: str) -> Weight:
+        return self._weights[hf_name]
+
+
+def _tensor_bytes(config: LlamaConfig, spec: WeightSpec, w: Weight) -> np.ndarray:
+    """Pack one weight as its spec says, q/k rows permuted for llama.cpp's rotary layout."""
+    order = _permutation(config, spec.hf_name)
+    if isinstance(w, QuantizedTensor):
+        if w.shape != spec.shape or ggml_type_of(w) != spec.ggml_type:
+            raise AssertionError(f"{spec.hf_name}: got {ggml_type_of(w).name} {w.shape}, planned {spec.ggml_type.name} {spec.shape}")
+        return _pack(permute_qt(w, order) if order is not None else w)
+    arr = np.asarray(w)
+    if arr.shape != spec.shape:
+        raise AssertionError(f"{spec.hf_name}: got shape {arr.shape}, planned {spec.shape}")
+    return float_bytes(arr[order] if order is not None else arr, spec.ggml_type)
+
+
 def plan_llama_tensors(
     config: LlamaConfig,
-    weights: Mapping[str, Weight],
+    weights: Mapping[str, Weight] | WeightStream,
     *,
     float_type: GGMLQuantizationType = GGMLQuantizationType.F32,
     notes: Mapping[str, str] | None = None,
 ) -> list[TensorPlan]:
-    """Tensor plans in llama.cpp's order for HF-named weights.
+    """Tensor plans for HF-named weights: GGUF names, types and sizes now, bytes when written.
 
-    `weights` maps HF names to a QuantizedTensor (packed exactly) or a float array (2-D stored as
-    `float_type`, 1-D always F32). Tied embeddings write no `output.weight` (llama.cpp reuses
-    `token_embd`). `rope_freqs.weight` is added for `llama3` rope scaling.
+    `weights` is a dict (HF name -> QuantizedTensor packed exactly, or float array: 2-D stored as
+    `float_type`, 1-D always F32; written in llama.cpp's converter order) or a `WeightStream`
+    (written in its own order, one tensor in memory at a time). Tied embeddings write no
+    `output.weight` (llama.cpp reuses `token_embd`). `rope_freqs.weight` is added for `llama3` rope scaling.
     """
     from qkiln.formats import llama_names
 
+    stream: WeightStream = _DictStream(config, weights, float_type) if isinstance(weights, Mapping) else weights
+    _ordered(config, {s.hf_name: None for s in stream.specs})  # complete, and nothing foreign
     notes = notes or {}
     plans: list[TensorPlan] = []
-    for hf_name in _ordered(config, weights):
-        w = weights[hf_name]
-        gguf_name = llama_names.hf_to_gguf_name(hf_name, config.num_hidden_layers)
-        order = _permutation(config, hf_name)
-        if isinstance(w, QuantizedTensor):
-            qt = permute_qt(w, order) if order is not None else w
-            plans.append(
-                TensorPlan(gguf_name, qt.shape, ggml_type_of(qt), lambda qt=qt: _pack(qt), notes.get(hf_name, ""))
-            )
+    for spec in stream.specs:
+        if spec.hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        arr = np.asarray(w)
-        if arr.ndim not in (1, 2):
-            raise GGUFError(f"{hf_name}: {arr.ndim}-D tensors are not part of a Llama model")
-        if order is not None:
-            arr = arr[order]
-        ttype = GGMLQuantizationType.F32 if arr.ndim == 1 else float_type
         plans.append(
-            TensorPlan(gguf_name, tuple(arr.shape), ttype, lambda a=arr, t=ttype: float_bytes(a, t), notes.get(hf_name, ""))
+            TensorPlan(
+                llama_names.hf_to_gguf_name(spec.hf_name, config.num_hidden_layers),
+                spec.shape,
+                spec.ggml_type,
+                lambda spec=spec: _tensor_bytes(config, spec, stream.get(spec.hf_name)),
+                notes.get(spec.hf_name, ""),
+            )
         )
     factors = gguf_meta.rope_freq_factors(config)
     if factors is not None:
@@ -192,10 +242,14 @@ def plan_llama_tensors(
 
 
 def _after_embeddings(plans: list[TensorPlan]) -> int:
-    return sum(1 for p in plans if not p.name.startswith("blk."))
+    """Index after the leading global tensors (rope_freqs sits with them, as llama.cpp's converter puts it)."""
+    for i, p in enumerate(plans):
+        if p.name.startswith("blk."):
+            return i
+    return len(plans)
 
 
-def _ordered(config: LlamaConfig, weights: Mapping[str, Weight]) -> list[str]:
+def _ordered(config: LlamaConfig, weights: Mapping[str, Any]) -> list[str]:
     """HF names in llama.cpp's converter order (globals, then layer by layer); refuses gaps and strays."""
     from qkiln.formats import llama_names
 
@@ -243,7 +297,7 @@ def llama_metadata(
 def write_llama_gguf(
     dest: str | Path,
     config: LlamaConfig,
-    weights: Mapping[str, Weight],
+    weights: Mapping[str, Weight] | WeightStream,
     tokenizer: GGUFTokenizer,
     provenance: Provenance,
     *,
