@@ -71,6 +71,26 @@ def test_fallback_is_reported_and_recorded(make_checkpoint, tmp_path):
     assert meta == summary["fallbacks"]
 
 
+def test_calibrated_conversion_records_provenance(make_checkpoint, tmp_path):
+    import hashlib
+
+    calib = Path("/usr/share/common-licenses/LGPL-2.1")
+    out = tmp_path / "m.gguf"
+    r = convert("--model", str(make_checkpoint()), "--scheme", "q4_0", "--algo", "gptq", "--calib", str(calib),
+                "--samples", "4", "--seq-len", "64", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    meta = {k: f.contents() for k, f in gguf.GGUFReader(out).fields.items() if k.startswith(("qkiln.", "general."))}
+    assert meta["qkiln.algorithm"] == "gptq"
+    assert meta["qkiln.scheme"] == "q4_0"
+    assert meta["qkiln.calibration.sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
+    assert meta["general.file_type"] == 2 and meta["general.quantized_by"] == "qkiln"
+
+
+def test_calibrated_algorithm_without_text_is_exit_2(make_checkpoint, tmp_path):
+    r = convert("--model", str(make_checkpoint()), "--scheme", "q4_0", "--algo", "gptq", "-o", str(tmp_path / "m.gguf"))
+    assert r.exit_code == 2 and "--calib" in r.output
+
+
 def test_import_gguf_of_a_qkiln_artifact_gives_the_checkpoint_back(make_checkpoint, tmp_path):
     """Round trip: convert (Q8_0) then import-gguf: same config, weights on the grid, same tokenizer."""
     from qkiln.formats.hf import Checkpoint
