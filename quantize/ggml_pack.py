@@ -15,6 +15,10 @@ Layouts (ggml-common.h):
         sub-block 2c in the low nibbles and 2c+1 in the high nibbles
   Q5_K  as Q4_K, then qh[32] (bit j of byte l = bit 4 of element 32j + l) before qs[128]
   Q6_K  ql[128] | qh[64] | scales int8[16] | d fp16
+  Q2_K  scales[16] (scale low nibble, min high nibble) | qs[64]: element 128h + 32s + l at bits 2s of
+        byte 32h + l | d, dmin fp16
+  Q3_K  hmask[32] (bit t of byte l = bit 2 of element 32t + l) | qs[64] (low 2 bits, as Q2_K) |
+        scales[12] (16 six-bit values sc + 32: low nibbles in bytes 0-7, high 2 bits in bytes 8-11) | d fp16
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ GGML_TYPES: dict[str, tuple[str, int, int]] = {
     "q4_1": ("Q4_1", 32, 20),
     "q5_0": ("Q5_0", 32, 22),
     "q5_1": ("Q5_1", 32, 24),
+    "q2_k": ("Q2_K", 256, 84),
+    "q3_k": ("Q3_K", 256, 110),
     "q4_k": ("Q4_K", 256, 144),
     "q5_k": ("Q5_K", 256, 176),
     "q6_k": ("Q6_K", 256, 210),
@@ -87,11 +93,43 @@ def pack_kscales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return np.concatenate([b0, b1, b2], axis=-1).astype(np.uint8)
 
 
+def pack_q3scales(sc: np.ndarray) -> np.ndarray:
+    """Q3_K's 12 scale bytes from 16 signed scales (..., 16) int8 in -32..31 (stored as sc + 32)."""
+    u = (sc.astype(np.int16) + 32).astype(np.uint8)  # (..., 16) six-bit
+    low = (u[..., :8] & 0x0F) | ((u[..., 8:] & 0x0F) << 4)
+    hi = (u >> 4).reshape(*u.shape[:-1], 4, 4)  # (..., j // 4, j % 4)
+    high = hi[..., 0, :] | (hi[..., 1, :] << 2) | (hi[..., 2, :] << 4) | (hi[..., 3, :] << 6)
+    return np.concatenate([low, high], axis=-1).astype(np.uint8)
+
+
+def unpack_q3scales(b: np.ndarray) -> np.ndarray:
+    """(..., 12) bytes -> (..., 16) int8 scales in -32..31."""
+    low = np.concatenate([b[..., :8] & 0x0F, b[..., :8] >> 4], axis=-1)  # (..., 16)
+    hi = (b[..., 8:12, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3  # (..., j % 4, j // 4)
+    hi = np.swapaxes(hi, -1, -2).reshape(*b.shape[:-1], 16)
+    return ((low | (hi << 4)).astype(np.int16) - 32).astype(np.int8)
+
+
 def _pack_k(qt: QuantizedTensor, kind: str) -> np.ndarray:
     rows, cols = qt.shape
     nb = cols // QK_K
     p = qt.params
     q = qt.codes.reshape(rows, nb, QK_K)
+    if kind in ("q2_k", "q3_k"):
+        low = (q & 3).reshape(rows, nb, 2, 4, 32)  # (half, shift, l)
+        qs = (low[..., 0, :] | (low[..., 1, :] << 2) | (low[..., 2, :] << 4) | (low[..., 3, :] << 6)).reshape(
+            rows, nb, 64
+        )
+        if kind == "q2_k":
+            sc = p["scales"].reshape(rows, nb, 16) | (p["mins"].reshape(rows, nb, 16) << 4)
+            parts = [sc.astype(np.uint8), qs, _fp16_bytes(p["d"]), _fp16_bytes(p["dmin"])]
+        else:
+            hbit = ((q >> 2) & 1).reshape(rows, nb, 8, 32)
+            hmask = np.zeros((rows, nb, 32), np.uint8)
+            for t in range(8):  # 8 bit planes, each vectorized over all blocks
+                hmask |= hbit[:, :, t, :] << t
+            parts = [hmask, qs, pack_q3scales(p["scales"].reshape(rows, nb, 16)), _fp16_bytes(p["d"])]
+        return np.concatenate(parts, axis=-1).reshape(rows, -1)
     if kind == "q6_k":
         ql = _nibbles((q & 0x0F).reshape(rows, nb, 2, 2, 64)).reshape(rows, nb, 128)
         hi = (q >> 4).reshape(rows, nb, 2, 4, 32)  # (half, quarter, l)
@@ -159,7 +197,27 @@ def unpack_blocks(
     b = raw.reshape(rows, nb, size)
     scheme = get_scheme(scheme_name)
     params: dict[str, np.ndarray] = {}
-    if scheme_name == "q6_k":
+    if scheme_name in ("q2_k", "q3_k"):
+        qs = b[..., 16:80] if scheme_name == "q2_k" else b[..., 32:96]
+        q = ((qs.reshape(rows, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3).reshape(
+            rows, nb, 256
+        )
+        if scheme_name == "q2_k":
+            sc = b[..., 0:16]
+            params = {
+                "d": _fp16_from(b[..., 80:82]),
+                "dmin": _fp16_from(b[..., 82:84]),
+                "scales": (sc & 0x0F).reshape(rows, nb * 16),
+                "mins": (sc >> 4).reshape(rows, nb * 16),
+            }
+        else:
+            hm = (b[..., 0:32].reshape(rows, nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
+            q = q | (hm.reshape(rows, nb, 256) << 2)
+            params = {
+                "d": _fp16_from(b[..., 108:110]),
+                "scales": unpack_q3scales(b[..., 96:108]).reshape(rows, nb * 16),
+            }
+    elif scheme_name == "q6_k":
         lo = _split_nibbles(b[..., 0:128].reshape(rows, nb, 2, 64))  # (rows, nb, half, nibble, 64)
         qh = b[..., 128:192].reshape(rows, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
         q = lo.reshape(rows, nb, 256) | ((qh & 3).reshape(rows, nb, 256) << 4)

@@ -39,7 +39,13 @@ def _seq_sum(a: np.ndarray) -> np.ndarray:
 
 
 def _make_qkx2(
-    x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+    x: np.ndarray,
+    weights: np.ndarray,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """make_qkx2_quants on every sub-block at once: x, weights (B, n) -> (scale (B,), the_min (B,) >= 0,
     L (B, n) uint8).
@@ -72,9 +78,12 @@ def _make_qkx2(
         np.multiply(t, s, out=tmp)
         np.add(tmp, m, out=tmp)
         np.subtract(tmp, xt, out=tmp)  # diff = s·L + min − x
-        np.multiply(tmp, tmp, out=tmp)
+        if use_mad:
+            np.abs(tmp, out=tmp)
+        else:
+            np.multiply(tmp, tmp, out=tmp)
         np.multiply(wt, tmp, out=tmp)
-        return _seq_sum(tmp)  # Σ w·diff²
+        return _seq_sum(tmp)  # Σ w·diff² (Σ w·|diff| with use_mad)
 
     span0 = np.where(flat, f32(1), hi - mn)
     best_iscale = f32(nmax) / span0
@@ -292,5 +301,145 @@ class Q6K(_KQuant):
         return scale, np.zeros_like(scale)
 
 
+def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants(do_rmse=true) on every sub-block at once: x (B, n) -> (scale (B,), L (B, n) uint8 =
+    l + nmax). ggml refines the levels one weight at a time (each accepted change updates the running
+    sums the next weight sees), so the loop runs over the n weights, vectorized over blocks."""
+    f32 = np.float32
+    imax = np.abs(x).argmax(axis=1)[:, None]
+    vmax = np.take_along_axis(x, imax, axis=1)[:, 0]  # (B,)
+    zero = np.abs(vmax) < GROUP_MAX_EPS
+    iscale = f32(-nmax) / np.where(zero, f32(1), vmax)
+    xt = np.ascontiguousarray(x.T)  # (n, B)
+    w = xt * xt
+    wx = w * xt
+    L = np.clip(np.rint(xt * iscale), -nmax, nmax - 1)  # (n, B) float levels
+    sumlx = _seq_sum(wx * L)
+    suml2 = _seq_sum(w * L * L)
+    for _ in range(5):  # ggml stops early once a pass changes nothing; later passes then change nothing
+        for i in range(xt.shape[0]):
+            li = L[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = np.clip(np.rint(xt[i] * sl2 / np.where(slx > 0, slx, f32(1))), -nmax, nmax - 1)
+            slx2 = slx + wx[i] * new
+            sl22 = sl2 + w[i] * new * new
+            take = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = np.where(take, new, li)
+            sumlx = np.where(take, slx2, sumlx)
+            suml2 = np.where(take, sl22, suml2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f32(1)), f32(0))
+    scale = np.where(zero, f32(0), scale)
+    L = np.where(zero, f32(0), L + f32(nmax)).T
+    return scale.astype(f32), L.astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Q2K(_KQuant):
+    """Q2_K: w = d·sc_j·q − dmin·m_j on sub-block j of 16.
+
+    params:
+      d, dmin  (rows, cols/256) float16
+      scales   (rows, cols/16) uint8 in 0..15 — sub-block scale sc_j
+      mins     (rows, cols/16) uint8 in 0..15 — sub-block min m_j
+    codes (rows, cols) uint8 in 0..3.
+    """
+
+    bits: ClassVar[int] = 2
+    shift: ClassVar[int] = 0
+
+    @property
+    def group_cols(self) -> int:
+        return 16
+
+    def _quantize(self, w: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, Params]:
+        f32 = np.float32
+        rows, cols = w.shape
+        nsb = cols // QK_K
+        x = w.astype(f32, copy=False).reshape(rows * nsb * 16, 16)  # (B, 16) sub-blocks
+        weights = np.abs(x)
+        if importance is not None:
+            weights = weights * np.broadcast_to(
+                importance.astype(f32).reshape(1, -1, 16), (rows, nsb * 16, 16)
+            ).reshape(-1, 16)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sc, mn, L = _make_qkx2(x, weights, 3, -0.5, 0.1, 15, use_mad=True)
+        sc, mn = sc.reshape(-1, 16), mn.reshape(-1, 16)  # (S, 16)
+        max_scale = np.maximum(sc.max(axis=1), f32(0))
+        max_min = np.maximum(mn.max(axis=1), f32(0))
+        with np.errstate(divide="ignore"):
+            inv_scale = np.where(max_scale > 0, f32(15) / max_scale, f32(0))  # (S,)
+            inv_min = np.where(max_min > 0, f32(15) / max_min, f32(0))
+        ls = np.rint(inv_scale[:, None] * sc)
+        lm = np.rint(inv_min[:, None] * mn)
+        ls, lm = np.clip(ls, 0, 15).astype(np.uint8), np.clip(lm, 0, 15).astype(np.uint8)
+        d = to_fp16(np.where(max_scale > 0, max_scale / f32(15), f32(0)), self.name)
+        dmin = to_fp16(np.where(max_min > 0, max_min / f32(15), f32(0)), self.name)
+        dj = (d.astype(f32)[:, None] * ls.astype(f32)).reshape(-1, 1)  # (B, 1)
+        mj = (dmin.astype(f32)[:, None] * lm.astype(f32)).reshape(-1, 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.clip(np.rint((x + mj) / np.where(dj != 0, dj, f32(1))), 0, 3).astype(np.uint8)
+        codes = np.where(dj != 0, q, L).reshape(rows, cols)
+        params = {
+            "d": d.reshape(rows, nsb),
+            "dmin": dmin.reshape(rows, nsb),
+            "scales": ls.reshape(rows, nsb * 16),
+            "mins": lm.reshape(rows, nsb * 16),
+        }
+        return codes, params
+
+    def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        f32 = np.float32
+        d = np.repeat(params["d"].astype(f32), 16, axis=1)  # (rows, n_sub)
+        dmin = np.repeat(params["dmin"].astype(f32), 16, axis=1)
+        return d * params["scales"].astype(f32), -(dmin * params["mins"].astype(f32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Q3K(_KQuant):
+    """Q3_K: w = d·sc_j·(q − 4) on sub-block j of 16.
+
+    params:
+      d       (rows, cols/256) float16
+      scales  (rows, cols/16) int8 in -32..31 — sub-block scale sc_j (stored 6-bit as sc_j + 32)
+    codes (rows, cols) uint8 in 0..7.
+    """
+
+    bits: ClassVar[int] = 3
+    shift: ClassVar[int] = 4
+
+    @property
+    def group_cols(self) -> int:
+        return 16
+
+    def _quantize(self, w: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, Params]:
+        f32 = np.float32
+        rows, cols = w.shape
+        nsb = cols // QK_K
+        x = w.astype(f32, copy=False).reshape(rows * nsb * 16, 16)  # (B, 16) sub-blocks
+        with np.errstate(over="ignore", invalid="ignore"):
+            sc, L = _make_q3(x, 4)
+        sc = sc.reshape(-1, 16)  # (S, 16)
+        imax = np.abs(sc).argmax(axis=1)[:, None]
+        max_scale = np.take_along_axis(sc, imax, axis=1)[:, 0]  # (S,) signed
+        empty = max_scale == 0
+        iscale = f32(-32) / np.where(empty, f32(1), max_scale)
+        d = to_fp16(np.where(empty, f32(0), f32(1) / iscale), self.name)
+        ls = np.clip(np.rint(iscale[:, None] * sc), -32, 31)
+        ls = np.where(empty[:, None], f32(-32), ls).astype(np.int8)  # (S, 16); a zero block stores 6-bit 0
+        dj = (d.astype(f32)[:, None] * ls.astype(f32)).reshape(-1, 1)  # (B, 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.clip(np.rint(x / np.where(dj != 0, dj, f32(1))), -4, 3) + f32(4)
+        codes = np.where(dj != 0, q.astype(np.uint8), L).reshape(rows, cols)
+        return codes, {"d": d.reshape(rows, nsb), "scales": ls.reshape(rows, nsb * 16)}
+
+    def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        d = np.repeat(params["d"].astype(np.float32), 16, axis=1)  # (rows, n_sub)
+        scale = d * params["scales"].astype(np.float32)
+        return scale, np.zeros_like(scale)
+
+
 def kquant_schemes() -> list[UniformGrid]:
-    return [QKMin("q4_k", bits=4), QKMin("q5_k", bits=5), Q6K("q6_k")]
+    return [Q2K("q2_k"), Q3K("q3_k"), QKMin("q4_k", bits=4), QKMin("q5_k", bits=5), Q6K("q6_k")]

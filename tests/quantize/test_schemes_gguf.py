@@ -53,7 +53,17 @@ def test_gguf_dequantize_of_packed_equals_ours(name: str) -> None:
     assert np.array_equal(ref, qt.dequantize())
 
 
-KQUANTS = ["q4_k", "q5_k", "q6_k"]
+KQUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+# byte offsets of the fp16 fields in one block
+FP16_FIELDS = {
+    "q4_1": (0, 2),
+    "q5_1": (0, 2),
+    "q4_k": (0, 2),
+    "q5_k": (0, 2),
+    "q6_k": (208,),
+    "q2_k": (80, 82),
+    "q3_k": (108,),
+}
 
 
 @pytest.mark.parametrize("name", KQUANTS)
@@ -80,6 +90,15 @@ def test_pack_blocks_layout_round_trip(name: str) -> None:
     d = rng.uniform(0.01, 1, (rows, nsb)).astype(np.float16)
     if name == "q6_k":
         params = {"d": d, "scales": rng.integers(-128, 128, (rows, nsb * 16)).astype(np.int8)}
+    elif name == "q3_k":
+        params = {"d": d, "scales": rng.integers(-32, 32, (rows, nsb * 16)).astype(np.int8)}
+    elif name == "q2_k":
+        params = {
+            "d": d,
+            "dmin": rng.uniform(0.01, 1, (rows, nsb)).astype(np.float16),
+            "scales": rng.integers(0, 16, (rows, nsb * 16)).astype(np.uint8),
+            "mins": rng.integers(0, 16, (rows, nsb * 16)).astype(np.uint8),
+        }
     else:
         params = {
             "d": d,
@@ -176,11 +195,7 @@ def test_unpack_is_the_exact_inverse_of_pack(name: str) -> None:
         raw = np.random.default_rng(seed).integers(0, 256, (rows, nb * size), dtype=np.uint8)
         # keep fp16 fields finite (a NaN d decodes to NaN on both sides, but NaN != NaN)
         raw = raw.reshape(rows, nb, size)
-        for lo in (
-            (size - 2,)
-            if name == "q6_k"
-            else ((0, 2) if name.endswith("_k") or name in ("q4_1", "q5_1") else (0,))
-        ):
+        for lo in FP16_FIELDS.get(name, (0,)):
             raw[..., lo + 1] &= 0x7B  # exponent < 31: finite
         raw = raw.reshape(rows, nb * size)
         qt = unpack_blocks(raw, name, (rows, nb * block))
@@ -207,5 +222,5 @@ def test_nbytes_is_the_packed_size(name: str) -> None:
     qt = quantize_rtn(_weights(8, 512), get_scheme(name))
     assert qt.nbytes == pack_blocks(qt).nbytes
     assert qt.bits_per_weight == {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0}.get(
-        name, {"q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}.get(name)
+        name, {"q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}.get(name)
     )

@@ -21,14 +21,14 @@ from qkiln.errors import QuantizeError
 from qkiln.quantize.fp8 import FP8Grid
 from qkiln.quantize.ggml_legacy import MinBlock, SymBlock
 from qkiln.quantize.int_grid import IntGrid
-from qkiln.quantize.kquants import Q6K, QKMin
+from qkiln.quantize.kquants import Q2K, Q3K, Q6K, QKMin
 from qkiln.quantize.registry import get_scheme, scheme_names
 from qkiln.quantize.rtn import quantize_rtn
 from qkiln.quantize.scheme import Scheme, UniformGrid, concat_cols
 from qkiln.quantize.tensor import QuantizedTensor
 
 ALL = scheme_names()
-KQUANTS = [n for n in ALL if isinstance(get_scheme(n), QKMin | Q6K)]
+KQUANTS = [n for n in ALL if isinstance(get_scheme(n), Q2K | Q3K | QKMin | Q6K)]
 FP16_SCALED = [n for n in ALL if not isinstance(get_scheme(n), FP8Grid)]
 KINDS = ["normal", "uniform", "outlier", "sparse", "constant", "zeros", "tiny", "ramp", "lognormal"]
 
@@ -109,7 +109,7 @@ def check_bound(scheme: Scheme, w: np.ndarray, qt: QuantizedTensor) -> None:
         assert np.all(err <= bound), f"{scheme.name}: max excess {(err - bound).max()}"
         return
     assert isinstance(scheme, UniformGrid)
-    if isinstance(scheme, QKMin | Q6K):
+    if isinstance(scheme, Q2K | Q3K | QKMin | Q6K):
         assert_nearest_on_grid(scheme, w, qt)
         return
     s, o = _grid(scheme, qt)
@@ -223,7 +223,9 @@ def test_nan_inf_names_the_tensor(name: str, bad: float) -> None:
         quantize_rtn(w, scheme, name="model.layers.0.self_attn.q_proj.weight")
 
 
-@pytest.mark.parametrize(("name", "limit"), [("q4_k", 0.1), ("q5_k", 0.05), ("q6_k", 0.025)])
+@pytest.mark.parametrize(
+    ("name", "limit"), [("q2_k", 0.32), ("q3_k", 0.16), ("q4_k", 0.1), ("q5_k", 0.05), ("q6_k", 0.025)]
+)
 def test_kquant_rms_error(name: str, limit: float) -> None:
     """K-quants are better than their bit width's uniform grid; a broken search would not be."""
     w = _make("normal", 64, 512, 11, 1.0)
@@ -260,6 +262,13 @@ def test_param_shapes_documented() -> None:
             "mins": ((5, 16), np.uint8),
         },
         "q6_k": {"d": ((5, 2), np.float16), "scales": ((5, 32), np.int8)},
+        "q3_k": {"d": ((5, 2), np.float16), "scales": ((5, 32), np.int8)},
+        "q2_k": {
+            "d": ((5, 2), np.float16),
+            "dmin": ((5, 2), np.float16),
+            "scales": ((5, 32), np.uint8),
+            "mins": ((5, 32), np.uint8),
+        },
         "fp8_e4m3fn_pt": {"scale": ((5, 1), np.float32)},
     }
     for name, shapes in expect.items():
