@@ -197,6 +197,7 @@ def unpack_blocks(
     b = raw.reshape(rows, nb, size)
     scheme = get_scheme(scheme_name)
     params: dict[str, np.ndarray] = {}
+    q: np.ndarray  # (rows, nb, block) codes
     if scheme_name in ("q2_k", "q3_k"):
         qs = b[..., 16:80] if scheme_name == "q2_k" else b[..., 32:96]
         q = ((qs.reshape(rows, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3).reshape(
