@@ -210,7 +210,7 @@ def convert_to_gguf(
     if scheme in FLOAT_TYPES:
         if algorithm != "rtn":
             raise QuantizeError(f"--scheme {scheme} stores weights unquantized; --algo {algorithm} does not apply")
-        weights = CheckpointStream(ckpt, {}, scheme, progress)
+        weights: CheckpointStream | CalibratedStream = CheckpointStream(ckpt, {}, scheme, progress)
     else:
         shapes = {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
         schemes, fallbacks = tensor_schemes(config, shapes, scheme, uniform=uniform)

@@ -15,10 +15,11 @@ blocks, in another row order. We permute the QuantizedTensor and pack it; we nev
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import ml_dtypes
 import numpy as np
@@ -143,7 +144,7 @@ def _pack(qt: QuantizedTensor) -> np.ndarray:
     return packed if isinstance(packed, np.ndarray) else np.frombuffer(packed, dtype=np.uint8)
 
 
-Weight = QuantizedTensor | np.ndarray
+Weight: TypeAlias = QuantizedTensor | np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +201,10 @@ def _tensor_bytes(config: LlamaConfig, spec: WeightSpec, w: Weight) -> np.ndarra
     return float_bytes(arr[order] if order is not None else arr, spec.ggml_type)
 
 
+def _produce(config: LlamaConfig, spec: WeightSpec, stream: WeightStream) -> np.ndarray:
+    return _tensor_bytes(config, spec, stream.get(spec.hf_name))
+
+
 def plan_llama_tensors(
     config: LlamaConfig,
     weights: Mapping[str, Weight] | WeightStream,
@@ -228,7 +233,7 @@ def plan_llama_tensors(
                 llama_names.hf_to_gguf_name(spec.hf_name, config.num_hidden_layers),
                 spec.shape,
                 spec.ggml_type,
-                lambda spec=spec: _tensor_bytes(config, spec, stream.get(spec.hf_name)),
+                functools.partial(_produce, config, spec, stream),
                 notes.get(spec.hf_name, ""),
             )
         )
@@ -236,7 +241,7 @@ def plan_llama_tensors(
     if factors is not None:
         plans.insert(
             _after_embeddings(plans),
-            TensorPlan("rope_freqs.weight", factors.shape, GGMLQuantizationType.F32, lambda f=factors: f),
+            TensorPlan("rope_freqs.weight", factors.shape, GGMLQuantizationType.F32, functools.partial(np.asarray, factors)),
         )
     return plans
 
