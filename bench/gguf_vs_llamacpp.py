@@ -158,6 +158,25 @@ def cmd_ppl(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def score_against_reference(ref: Path, candidates: list[tuple[str, Path]], windows: np.ndarray) -> list[dict]:
+    """Window by window: the reference's logits once, then every candidate's, all through llama.cpp."""
+    from qkiln.validate.metrics import TokenScores
+
+    ref_fn = llamacpp_logits(llamacpp_model(ref))
+    fns = [llamacpp_logits(llamacpp_model(path)) for _, path in candidates]
+    ref_scores = TokenScores()
+    scores = [TokenScores() for _ in candidates]
+    for i, window in enumerate(windows):
+        ref_logits = ref_fn(window[None])[0]
+        ref_scores.add_window(window, ref_logits)
+        for fn, sc in zip(fns, scores, strict=True):
+            sc.add_window(window, fn(window[None])[0], ref_logits)
+        print(f"# window {i + 1}/{len(windows)}", file=sys.stderr, flush=True)
+    rows = [{"model": "f32 (reference)", "bytes": ref.stat().st_size, **ref_scores.as_dict()}]
+    rows += [{"model": label, "bytes": path.stat().st_size, **sc.as_dict()} for (label, path), sc in zip(candidates, scores, strict=True)]
+    return rows
+
+
 def cmd_compare(args: argparse.Namespace) -> list[dict]:
     from gguf import LlamaFileType
 
@@ -168,28 +187,24 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
     work = Path(args.workdir)
     windows = windows_for(model / "tokenizer.json", max_windows=args.max_windows)
     base = work / "base-f32.gguf"
-    convert_to_gguf(model, base, "f32")
-    ref_llm = llamacpp_model(base)
-    ref_fn = llamacpp_logits(ref_llm)
-    # Reference logits once (held per window: n x ctx x vocab float32 would be large; recompute instead).
-    ref_scores = score(ref_fn, windows)
+    if not (args.reuse and base.exists()):
+        convert_to_gguf(model, base, "f32")
     candidates: list[tuple[str, Path]] = []
     for preset, ftype in (("q4_0", LlamaFileType.MOSTLY_Q4_0), ("q4_k_m", LlamaFileType.MOSTLY_Q4_K_M)):
-        lc = llamacpp_quantize(base, work / f"llamacpp-{preset}.gguf", int(ftype))
-        candidates.append((f"llama.cpp {preset} (rtn)", lc))
+        lc = work / f"llamacpp-{preset}.gguf"
+        if not (args.reuse and lc.exists()):
+            llamacpp_quantize(base, lc, int(ftype))
+        candidates.append((f"llama.cpp {preset} (its quantizer)", lc))
         for algo in args.algo.split(","):
             qk = work / f"qkiln-{preset}-{algo}.gguf"
-            t0 = time.perf_counter()
-            convert_to_gguf(model, qk, preset, algorithm=algo, calib=CALIB_FILES if algo != "rtn" else ())
-            print(f"# qkiln {preset} {algo}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+            if not (args.reuse and qk.exists()):
+                t0 = time.perf_counter()
+                convert_to_gguf(model, qk, preset, algorithm=algo, calib=CALIB_FILES if algo != "rtn" else (),
+                                samples=args.samples)
+                print(f"# qkiln {preset} {algo}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
             candidates.append((f"qkiln {preset} ({algo})", qk))
-    rows = [{"model": "f32 (reference)", "bytes": base.stat().st_size, **ref_scores}]
-    for label, path in candidates:
-        llm = llamacpp_model(path)
-        s = score(llamacpp_logits(llm), windows, reference=ref_fn)
-        del llm
-        row = {"model": label, "bytes": path.stat().st_size, **s}
-        rows.append(row)
+    rows = score_against_reference(base, candidates, windows)
+    for row in rows:
         print(json.dumps(row), flush=True)
     print("\n| model | MiB | mean KL | perplexity | top-1 agreement |\n|---|---:|---:|---:|---:|")
     for r in rows:
@@ -209,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     pp.add_argument("--types", default="f32,f16,bf16,q8_0,q4_0,q4_1,q5_0,q5_1,q4_k,q5_k,q6_k")
     pc = sub.add_parser("compare")
     pc.add_argument("--algo", default="gptq", help="comma-separated qkiln algorithms (rtn, gptq, awq, awq+gptq)")
+    pc.add_argument("--samples", type=int, default=64, help="calibration windows of 512 tokens (the text holds 36)")
+    pc.add_argument("--reuse", action="store_true", help="keep artifacts already in --workdir")
     args = p.parse_args(argv)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     {"ppl": cmd_ppl, "compare": cmd_compare}[args.cmd](args)
