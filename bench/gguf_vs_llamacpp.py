@@ -136,25 +136,37 @@ def cmd_ppl(args: argparse.Namespace) -> list[dict]:
     rows = []
     for t in args.types.split(","):
         out = Path(args.workdir) / f"qkiln-{t}.gguf"
-        convert_to_gguf(model, out, t)
+        convert_to_gguf(model, out, t, uniform=True)
         t0 = time.perf_counter()
         llm = llamacpp_model(out)
         ll = score(llamacpp_logits(llm), windows)
         del llm
         t1 = time.perf_counter()
-        qk = score(qkiln_logits(out), windows)
+        llm = llamacpp_model(out, repack=False)
+        plain = score(llamacpp_logits(llm), windows)
+        del llm
         t2 = time.perf_counter()
-        rel = ll["perplexity"] / qk["perplexity"] - 1
+        qk = score(qkiln_logits(out), windows)
+        t3 = time.perf_counter()
         row = {
-            "type": t, "bytes": out.stat().st_size, "ppl_llamacpp": ll["perplexity"], "ppl_qkiln": qk["perplexity"],
-            "rel_diff": rel, "tokens": ll["scored_tokens"], "s_llamacpp": t1 - t0, "s_qkiln": t2 - t1,
+            "type": t, "bytes": out.stat().st_size, "ppl_llamacpp": ll["perplexity"],
+            "ppl_llamacpp_no_repack": plain["perplexity"], "ppl_qkiln": qk["perplexity"],
+            "rel_diff": ll["perplexity"] / qk["perplexity"] - 1,
+            "rel_diff_no_repack": plain["perplexity"] / qk["perplexity"] - 1,
+            "tokens": ll["scored_tokens"], "s_llamacpp": t1 - t0, "s_qkiln": t3 - t2,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
         out.unlink()
-    print("\n| type | MiB | ppl llama.cpp | ppl qkiln runtime | diff |\n|---|---:|---:|---:|---:|")
+    print(
+        "\n| type | MiB | ppl llama.cpp | ppl llama.cpp (no repack) | ppl qkiln runtime | diff | diff (no repack) |"
+        "\n|---|---:|---:|---:|---:|---:|---:|"
+    )
     for r in rows:
-        print(f"| {r['type']} | {r['bytes'] / 2**20:.1f} | {r['ppl_llamacpp']:.4f} | {r['ppl_qkiln']:.4f} | {100 * r['rel_diff']:+.3f}% |")
+        print(
+            f"| {r['type']} | {r['bytes'] / 2**20:.1f} | {r['ppl_llamacpp']:.4f} | {r['ppl_llamacpp_no_repack']:.4f} | "
+            f"{r['ppl_qkiln']:.4f} | {100 * r['rel_diff']:+.3f}% | {100 * r['rel_diff_no_repack']:+.3f}% |"
+        )
     return rows
 
 
