@@ -84,8 +84,8 @@ def _flatten(node: dict[str, Any] | None) -> list[dict[str, Any]]:
     if not node:
         return []
     if node.get("type") == "Sequence":
-        key = "pretokenizers" if "pretokenizers" in node else "normalizers"
-        return [step for child in node.get(key, []) for step in _flatten(child)]
+        children = next((node[k] for k in ("pretokenizers", "normalizers", "processors", "decoders") if k in node), [])
+        return [step for child in children for step in _flatten(child)]
     return [node]
 
 
@@ -201,8 +201,7 @@ def _chat_template(folder: Path, tok_cfg: dict[str, Any]) -> str | None:
 
 def _adds_bos(tok: dict[str, Any], tok_cfg: dict[str, Any], tokens: list[str]) -> tuple[bool, int | None]:
     """Whether HF's encode() prepends a token (TemplateProcessing or add_bos_token), and which."""
-    post = _flatten({"type": "Sequence", "pretokenizers": [tok.get("post_processor") or {}]})
-    for step in post:
+    for step in _flatten(tok.get("post_processor")):
         if step.get("type") == "TemplateProcessing":
             single = step.get("single") or []
             if single and "SpecialToken" in single[0]:

@@ -198,3 +198,53 @@ def test_sentencepiece_vocabulary_round_trips_through_llama_cpp(make_checkpoint,
         assert llm.tokenize(s.encode(), add_bos=False, special=True) == hf.encode(s, add_special_tokens=False).ids, s
     for s in texts[:10]:
         assert llm.tokenize(s.encode(), add_bos=True, special=True) == hf.encode(s, add_special_tokens=True).ids, s
+
+
+@pytest.mark.parametrize("style", ["llama3", "gpt2"])
+def test_byte_level_styles_tokenize_like_hf_in_llama_cpp(make_checkpoint, tiny_config, tmp_path, style):
+    """Llama-3 style (split regex, BOS added by the post-processor, merges ignored for whole words) and plain
+    GPT-2 byte-level vocabularies: llama.cpp's ids on the written GGUF equal the HF tokenizer's."""
+    import json
+
+    import tokenizers
+    from llama_cpp import Llama
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+
+    from qkiln.formats.gguf_convert import convert_to_gguf
+    from qkiln.formats.gguf_read import read_gguf
+    from qkiln.formats.tokenizer_to_gguf import _LLAMA3_SPLIT
+
+    tok = tokenizers.Tokenizer(models.BPE(ignore_merges=style == "llama3"))
+    if style == "llama3":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([Path("/usr/share/common-licenses/GPL-3").read_text()], trainer)
+    if style == "llama3":
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]),
+        ])
+    ckpt = make_checkpoint(tiny_config(vocab_size=tok.get_vocab_size(), bos_token_id=0, eos_token_id=1), tokenizer=False)
+    (ckpt / "tokenizer.json").write_text(tok.to_str())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"bos_token": specials[0], "eos_token": specials[1]}))
+    out = tmp_path / "m.gguf"
+    convert_to_gguf(ckpt, out, "f16")
+    meta = read_gguf(out).metadata
+    assert meta["tokenizer.ggml.pre"] == {"llama3": "llama-bpe", "gpt2": "gpt-2"}[style]
+    assert meta["tokenizer.ggml.add_bos_token"] is (style == "llama3")
+
+    llm = Llama(model_path=str(out), vocab_only=True, verbose=False)
+    lines = [ln for ln in Path("/usr/share/common-licenses/MPL-2.0").read_text().splitlines() if ln.strip()]
+    texts = [*(t for t in TOKENIZER_STRINGS if t), "<|begin_of_text|>x<|eot_id|>", "1234567 12 1", *lines[:80]]
+    for s in texts:
+        assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(s, add_special_tokens=False).ids, s
+        if style == "llama3":
+            assert llm.tokenize(s.encode(), add_bos=True, special=True) == tok.encode(s).ids, s
