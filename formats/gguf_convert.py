@@ -113,10 +113,10 @@ class CalibratedStream:
 
         cfg = ckpt.config
 
-        def scheme_for(name: str, shape: tuple[int, ...]) -> Any:
-            if name not in schemes:
-                raise QuantizeError(f"{name}: no GGUF block fits its shape {shape}; --algo {algorithm} needs every weight quantized")
-            return get_scheme(schemes[name])
+        class _Resolver:  # the rules' choices, already resolved; absent = kept in float (F16)
+            @staticmethod
+            def resolve(name: str, shape: tuple[int, ...]) -> tuple[Any, str | None]:
+                return (get_scheme(schemes[name]) if name in schemes else None), None
 
         order = ["model.embed_tokens.weight"]
         for i in range(cfg.num_hidden_layers):
@@ -126,7 +126,7 @@ class CalibratedStream:
             order.append("lm_head.weight")
         self.specs = [_spec(n, tuple(ckpt.shape(n)), schemes.get(n), "f16") for n in order]
         report = (lambda stage, done, total: progress(f"{algorithm} {stage} ({done}/{total})")) if progress else None
-        self._gen = quantize_model(ckpt, scheme_for, algorithm, calib_ids, progress=report)
+        self._gen = quantize_model(ckpt, _Resolver(), algorithm, calib_ids, progress=report)
         self._ahead: dict[str, Weight] = {}
 
     def get(self, hf_name: str) -> Weight:
