@@ -7,6 +7,7 @@ The llama.cpp tests (test_gguf_write_llamacpp.py) reuse it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -317,3 +318,28 @@ def test_calibrated_codes_are_packed_exactly(make_checkpoint, tmp_path, algo):
         name = "model.layers.1.mlp.down_proj.weight"
         rtn = quantize_rtn(np.asarray(ckpt.tensor(name)), get_scheme("q4_0"), name=name)
         assert (rtn.codes != weights[name].codes).any()
+
+
+def test_import_gguf_gives_back_the_checkpoint_on_the_grid(tiny, tmp_path):
+    """K-quant artifact of a llama3-rope model -> import-gguf: same config (rope scaling recovered from
+    rope_freqs), every weight equal to the QuantizedTensor's dequantize()."""
+    pytest.importorskip("qkiln.quantize.kquants", reason="K-quant grids not available")
+    from qkiln.formats.gguf_convert import quantize_weights, tensor_schemes
+    from qkiln.formats.gguf_import import import_gguf
+    from qkiln.formats.hf import Checkpoint
+    from qkiln.quantize.tensor import QuantizedTensor
+
+    src = Checkpoint.open(tiny)
+    schemes, fallbacks = tensor_schemes(src.config, {n: src.shape(n) for n in src.names()}, "q4_k_m")
+    assert not fallbacks and {"q4_k", "q6_k"} <= set(schemes.values())
+    weights = quantize_weights(src, schemes, "rtn", [])
+    out = tmp_path / "m.gguf"
+    write_llama_gguf(out, src.config, weights, tokenizer_from_folder(tiny, 512), PROV)
+    back = Checkpoint.open(import_gguf(out, tmp_path / "back"))
+    # GGUF keeps llama3 scaling only as per-dimension factors (as llama.cpp's converter does), so the
+    # importer may pick another (factor, low, high, original length) with the very same factors.
+    np.testing.assert_allclose(rope_freq_factors(back.config), rope_freq_factors(src.config), rtol=1e-6)
+    assert dataclasses.replace(back.config, rope_scaling=None) == dataclasses.replace(src.config, rope_scaling=None)
+    for name, w in weights.items():
+        want = w.dequantize() if isinstance(w, QuantizedTensor) else w
+        np.testing.assert_array_equal(np.asarray(back.tensor(name)), want, err_msg=name)
