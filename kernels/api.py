@@ -28,11 +28,12 @@ class KernelError(UserError):
     """A requested kernel path is unknown or cannot run on this machine."""
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: error messages call available_paths()
 _lib: Any = None
 _lib_error: str | None = None
 _use_numpy = False
 _loaded = False
+_env_error: KernelError | None = None
 
 _i8p = ctypes.POINTER(ctypes.c_int8)
 _f32p = ctypes.POINTER(ctypes.c_float)
@@ -55,6 +56,8 @@ def _declare(lib: Any) -> None:
         "qk_gemm": (c_int, [c_int, _vp, c_int, c_int, _vp, _vp, _vp, c_int, _vp, c_int]),
         "qk_gemm_int4g": (c_int, [_vp, _vp, _vp, c_int, c_int, c_int, _vp, _vp, _vp, c_int, _vp, c_int]),
         "qk_linear_f32": (c_int, [c_int, _vp, c_int, c_int, _vp, c_int, _vp, c_int]),
+        "qk_copy_mt": (None, [_vp, _vp, c_size_t, c_int]),
+        "qk_read_mt": (ctypes.c_uint64, [_vp, c_size_t, c_int]),
         "qk_q4_0x2_bytes": (c_size_t, [c_int, c_int]),
         "qk_repack_q4_0x2": (None, [_vp, c_int, c_int, _vp]),
     }
@@ -66,8 +69,10 @@ def _declare(lib: Any) -> None:
 
 def _load() -> None:
     """Build/load the C library once; apply QKILN_KERNEL."""
-    global _lib, _lib_error, _use_numpy, _loaded
+    global _lib, _lib_error, _use_numpy, _loaded, _env_error
     with _lock:
+        if _env_error is not None:
+            raise _env_error
         if _loaded:
             return
         want = os.environ.get(ENV, "").strip().lower()
@@ -92,7 +97,11 @@ def _load() -> None:
                 raise KernelError(f"{ENV}={want} needs the C kernels, which could not be built: {_lib_error}")
             _use_numpy = True
         elif want:
-            _set_c_path(want)
+            try:
+                _set_c_path(want)
+            except KernelError as e:
+                _env_error = KernelError(f"{ENV}={want}: {e}")
+                raise _env_error from None
 
 
 def _set_c_path(name: str) -> None:
@@ -242,6 +251,33 @@ def gemm_int4g(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: 
     if rc != 0:
         raise ValueError("qk_gemm_int4g rejected its arguments")
     return y
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, nthreads: int | None = None, repeats: int = 5) -> dict[str, float]:
+    """Measure this machine's memory bandwidth now: best of `repeats` multithreaded memcpy and read passes
+    over buffers far larger than the last-level cache. GB/s = 1e9 bytes/s. `copy_gbs` counts bytes copied
+    per second (each is read once and written once, so `copy_rw_gbs` = 2x, the STREAM convention)."""
+    import time
+
+    _load()
+    src = np.ones(nbytes, np.uint8)
+    dst = np.zeros(nbytes, np.uint8)
+    best_copy = best_read = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if _lib is not None:
+            _lib.qk_copy_mt(_ptr(dst), _ptr(src), nbytes, _threads(nthreads))
+        else:
+            np.copyto(dst, src)
+        best_copy = min(best_copy, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        if _lib is not None:
+            _lib.qk_read_mt(_ptr(src), nbytes, _threads(nthreads))
+        else:
+            int(src.view(np.uint64).sum())
+        best_read = min(best_read, time.perf_counter() - t0)
+    return {"copy_gbs": nbytes / best_copy / 1e9, "copy_rw_gbs": 2 * nbytes / best_copy / 1e9,
+            "read_gbs": nbytes / best_read / 1e9}
 
 
 def repack_q4_0x2(w: np.ndarray, n: int, k: int) -> np.ndarray:

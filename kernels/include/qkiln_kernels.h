@@ -61,6 +61,11 @@ int qk_linear_f32(int wtype, const void *w, int N, int K, const float *x, int M,
 size_t qk_q4_0x2_bytes(int N, int K);
 void qk_repack_q4_0x2(const void *src, int N, int K, void *dst);
 
+/* Memory bandwidth probes for benchmarks, on the same thread pool: copy `bytes` from src to dst, or read
+ * src (returns a checksum so the reads are not optimized away). */
+void qk_copy_mt(void *dst, const void *src, size_t bytes, int nthreads);
+uint64_t qk_read_mt(const void *src, size_t bytes, int nthreads);
+
 /* Worker threads of the pool (excluding the caller); created on first multithreaded call. */
 int qk_default_threads(void);
 

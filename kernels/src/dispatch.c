@@ -375,3 +375,43 @@ int qk_linear_f32(int wtype, const void *w, int N, int K, const float *x, int M,
     qk_quantize_q8(x, M, K, scratch.qs, scratch.d, scratch.sums);
     return qk_gemm(wtype, w, N, K, scratch.qs, scratch.d, scratch.sums, M, y, nthreads);
 }
+
+/* ---- bandwidth probes ----------------------------------------------------------------------------- */
+
+#define PROBE_CHUNK (1 << 20)
+
+static void copy_rows(const qk_job *j, int n0, int n1) {
+    const size_t total = (size_t)j->group, off0 = (size_t)n0 * PROBE_CHUNK;
+    size_t off1 = (size_t)n1 * PROBE_CHUNK;
+    if (off1 > total) off1 = total;
+    if (off1 > off0) memcpy((uint8_t *)j->y + off0, j->w + off0, off1 - off0);
+}
+
+static _Atomic uint64_t g_read_sink;
+
+static void read_rows(const qk_job *j, int n0, int n1) {
+    const size_t total = (size_t)j->group, off0 = (size_t)n0 * PROBE_CHUNK;
+    size_t off1 = (size_t)n1 * PROBE_CHUNK;
+    if (off1 > total) off1 = total;
+    const uint64_t *p = (const uint64_t *)(j->w + off0);
+    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (size_t i = 0; i + 4 <= (off1 - off0) / 8; i += 4) {
+        a0 ^= p[i]; a1 ^= p[i + 1]; a2 ^= p[i + 2]; a3 ^= p[i + 3];
+    }
+    atomic_fetch_xor(&g_read_sink, a0 ^ a1 ^ a2 ^ a3);
+}
+
+static void probe(qk_rows_fn fn, void *dst, const void *src, size_t bytes, int nthreads) {
+    /* group carries the byte count; K = chunk size so run() sees enough work to split */
+    qk_job job = {0, (int)((bytes + PROBE_CHUNK - 1) / PROBE_CHUNK), PROBE_CHUNK, 1, (const uint8_t *)src,
+                  NULL, NULL, (int)0, NULL, NULL, NULL, (float *)dst};
+    job.group = (int)(bytes > 0x7fffffff ? 0x7fffffff : bytes);
+    run(fn, &job, nthreads);
+}
+
+void qk_copy_mt(void *dst, const void *src, size_t bytes, int nthreads) { probe(copy_rows, dst, src, bytes, nthreads); }
+
+uint64_t qk_read_mt(const void *src, size_t bytes, int nthreads) {
+    probe(read_rows, NULL, src, bytes, nthreads);
+    return atomic_load(&g_read_sink);
+}

@@ -1,0 +1,231 @@
+"""Every C path this machine can run equals the scalar reference and the NumPy path: exactly where the
+arithmetic is exact (unit scales), within numpy_ref.TOLERANCE of the absolute term sum otherwise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qkiln.kernels import api, numpy_ref
+from qkiln.kernels.types import WType
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest_helpers import random_int4g, random_weights, unit_activations
+
+C_PATHS = [p for p in api.available_paths() if p != "numpy"]
+GGML_TYPES = [WType.Q4_0, WType.Q8_0, WType.Q4_K, WType.Q6_K, WType.Q4_0X2]
+SHAPES = [(1, 256, 1), (7, 512, 3), (33, 256, 2), (64, 768, 1), (5, 1024, 5)]  # (N, K, M): odd N, K % 256 == 0
+
+
+@pytest.fixture(autouse=True)
+def _restore_path():
+    before = api.kernel_path()
+    yield
+    api.set_kernel_path(before)
+
+
+def test_a_compiled_path_exists():
+    assert C_PATHS, "the C kernels did not build on this machine"
+    assert "scalar" in C_PATHS
+
+
+def test_activation_quantization_is_bit_identical():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 512)).astype(np.float32) * rng.uniform(0.01, 100, (4, 1)).astype(np.float32)
+    x[0, :32] = 0.0  # zero block -> d = 0, codes 0
+    x[1, 32:64] = -3.0  # amax from a negative value -> code -127 exactly, never -128
+    x[2, 64:96] = np.arange(32) - 15.5  # many exact .5 ties after scaling
+    ref = numpy_ref.quantize_q8(x)
+    for p in C_PATHS:
+        api.set_kernel_path(p)
+        got = api.quantize_activations_q8(x)
+        np.testing.assert_array_equal(got.qs, ref.qs)
+        np.testing.assert_array_equal(got.d, ref.d)
+        np.testing.assert_array_equal(got.sums, ref.sums)
+    assert ref.qs.min() >= -127 and (ref.qs[1, 32:64] == -127).all() and (ref.qs[0, :32] == 0).all()
+    assert ref.d[0, 0] == 0.0
+
+
+@pytest.mark.parametrize("wtype", GGML_TYPES, ids=lambda t: t.name)
+def test_numpy_decode_matches_gguf_dequantize(wtype):
+    gguf = pytest.importorskip("gguf", reason="gguf-py is the golden block decoder")
+    if wtype == WType.Q4_0X2:
+        pytest.skip("not a ggml type; covered through the repack tests")
+    rng = np.random.default_rng(2)
+    n, k = 6, 512
+    w = random_weights(wtype, n, k, rng)
+    codes, scale, mins = numpy_ref.decode(wtype, w, n, k)
+    nb = k // 32
+    ours = (codes.reshape(n, nb, 32) * scale[..., None] - mins[..., None]).reshape(n, k)
+    theirs = gguf.quants.dequantize(w.reshape(n, -1), gguf.GGMLQuantizationType(int(wtype)))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("wtype", GGML_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_paths_equal_numpy_within_tolerance(wtype, shape):
+    n, k, m = shape
+    rng = np.random.default_rng(hash((int(wtype), *shape)) % 2**32)
+    w = random_weights(wtype, n, k, rng)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    act = numpy_ref.quantize_q8(x)
+    ref, yabs = numpy_ref.gemm(wtype, w, n, k, act, with_abs=True)
+    for p in C_PATHS:
+        api.set_kernel_path(p)
+        y = api.gemm(wtype, w, n, k, act)
+        err = np.abs(y - ref) - numpy_ref.TOLERANCE * yabs
+        assert (err <= 1e-30).all(), f"{p}: worst {float(np.max(np.abs(y - ref) / (yabs + 1e-30)))}"
+
+
+@pytest.mark.parametrize("wtype", GGML_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("codes", ["random", "min", "max"])
+def test_integer_parts_are_exact(wtype, codes):
+    """Scales of exactly 1.0 make every result an integer below 2**24: all paths must agree bit for bit."""
+    n, k, m = 9, 512, 3
+    rng = np.random.default_rng(3)
+    w = random_weights(wtype, n, k, rng, unit_scales=True, codes=codes)
+    act = unit_activations(m, k, rng, extreme=codes != "random")
+    ref = numpy_ref.gemm(wtype, w, n, k, act)
+    assert np.all(ref == np.round(ref))
+    if wtype in (WType.Q4_K,):  # Q4_K's 6-bit scales multiply the sums; still exact integers
+        pass
+    for p in C_PATHS:
+        api.set_kernel_path(p)
+        np.testing.assert_array_equal(api.gemm(wtype, w, n, k, act), ref, err_msg=p)
+
+
+def test_extreme_codes_against_hand_computed_value():
+    """Q4_0 code 15 (w = 7d) and 0 (w = -8d) against activations of +-127: the value is known in closed form."""
+    n, k = 2, 64
+    rng = np.random.default_rng(4)
+    for code_byte, per in ((0xFF, 7), (0x00, -8)):
+        w = random_weights(WType.Q4_0, n, k, rng, unit_scales=True, codes="max" if code_byte else "min")
+        act = unit_activations(1, k, rng)
+        act.qs[:] = -127
+        act.sums[:] = -127 * 32
+        for p in C_PATHS:
+            api.set_kernel_path(p)
+            np.testing.assert_array_equal(api.gemm(WType.Q4_0, w, n, k, act), np.full((1, n), per * -127 * k))
+
+
+@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q8_0, WType.Q6_K], ids=lambda t: t.name)
+def test_zero_scales_give_zero(wtype):
+    n, k = 5, 256
+    rng = np.random.default_rng(5)
+    w = random_weights(wtype, n, k, rng)
+    blk = w.reshape(n * (k // (256 if wtype == WType.Q6_K else 32)), -1)
+    if wtype == WType.Q6_K:
+        blk[:, 208:210] = 0
+    else:
+        blk[:, :2] = 0
+    act = numpy_ref.quantize_q8(rng.standard_normal((2, k)).astype(np.float32))
+    for p in C_PATHS:
+        api.set_kernel_path(p)
+        assert not api.gemm(wtype, w, n, k, act).any()
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("unit", [False, True])
+def test_int4_with_zero_points(group, unit):
+    n, k, m = 11, 512, 3
+    rng = np.random.default_rng(group)
+    codes, scales, zeros = random_int4g(n, k, group, rng, unit_scales=unit)
+    act = unit_activations(m, k, rng) if unit else numpy_ref.quantize_q8(rng.standard_normal((m, k)).astype(np.float32))
+    ref, yabs = numpy_ref.gemm_int4g(codes, scales, zeros, group, n, k, act, with_abs=True)
+    # against a plain dequantized float product
+    q = np.concatenate([codes.reshape(n, -1, 16) & 15, codes.reshape(n, -1, 16) >> 4], axis=-1).reshape(n, k)
+    wf = (q.astype(np.float32) - np.repeat(zeros, group, axis=1)) * np.repeat(scales, group, axis=1)
+    xf = (act.qs.reshape(m, -1, 32) * act.d[..., None]).reshape(m, k)
+    np.testing.assert_allclose(ref, xf @ wf.T, rtol=1e-4, atol=1e-3 * float(np.abs(xf @ wf.T).max()) * 1e-2)
+    for p in C_PATHS:
+        api.set_kernel_path(p)
+        y = api.gemm_int4g(codes, scales, zeros, group, n, k, act)
+        if unit:
+            np.testing.assert_array_equal(y, ref, err_msg=p)
+        else:
+            assert (np.abs(y - ref) <= numpy_ref.TOLERANCE * yabs + 1e-30).all(), p
+
+
+def test_float_product_matches_dequantized_weights():
+    """The kernel result is the product of the dequantized weights and activations (gguf-py decoding)."""
+    gguf = pytest.importorskip("gguf", reason="gguf-py quantizes the reference weights")
+    rng = np.random.default_rng(6)
+    n, k = 40, 576
+    wf = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    act = numpy_ref.quantize_q8(x)
+    xf = (act.qs.reshape(2, -1, 32) * act.d[..., None]).reshape(2, k)
+    for wtype in (WType.Q4_0, WType.Q8_0):
+        gt = gguf.GGMLQuantizationType(int(wtype))
+        w = gguf.quants.quantize(wf, gt)
+        want = xf @ gguf.quants.dequantize(w, gt).T
+        got = api.gemm(wtype, w, n, k, act)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_repack_is_identical_in_c_and_numpy_and_keeps_results():
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 7, 16):
+        w = random_weights(WType.Q4_0, n, 256, rng)
+        packed = api.repack_q4_0x2(w, n, 256)
+        np.testing.assert_array_equal(packed, numpy_ref.repack_q4_0x2(w, n, 256))
+        act = unit_activations(2, 256, rng)
+        api.set_kernel_path("scalar")
+        np.testing.assert_array_equal(api.gemm(WType.Q4_0X2, packed, n, 256, act), api.gemm(WType.Q4_0, w, n, 256, act))
+
+
+def test_threads_do_not_change_results():
+    rng = np.random.default_rng(8)
+    n, k = 1000, 2048
+    w = random_weights(WType.Q4_0, n, k, rng)
+    act = numpy_ref.quantize_q8(rng.standard_normal((3, k)).astype(np.float32))
+    for p in C_PATHS:
+        api.set_kernel_path(p)
+        one = api.gemm(WType.Q4_0, w, n, k, act, nthreads=1)
+        np.testing.assert_array_equal(api.gemm(WType.Q4_0, w, n, k, act, nthreads=2), one)
+        np.testing.assert_array_equal(api.gemm(WType.Q4_0, w, n, k, act, nthreads=5), one)
+
+
+def test_linear_f32_equals_quantize_then_gemm():
+    rng = np.random.default_rng(9)
+    n, k = 70, 576
+    w = random_weights(WType.Q8_0, n, k, rng)
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    for p in C_PATHS:
+        api.set_kernel_path(p)
+        np.testing.assert_array_equal(api.linear_f32(WType.Q8_0, w, n, k, x), api.gemm(WType.Q8_0, w, n, k, x))
+
+
+def test_unavailable_or_unknown_path_is_a_clear_error():
+    with pytest.raises(api.KernelError, match="not supported by this CPU"):
+        api.set_kernel_path("sve" if "sve" not in C_PATHS else "avx2")
+    with pytest.raises(api.KernelError, match="unknown kernel path"):
+        api.set_kernel_path("fastest")
+
+
+def test_env_var_forces_a_path():
+    code = "from qkiln.kernels import api; print(api.kernel_path())"
+    for want in ("scalar", "numpy"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "QKILN_KERNEL": want})
+        assert out.stdout.strip() == want
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "QKILN_KERNEL": "neon" if "neon" not in C_PATHS else "avx2"})
+    assert bad.returncode != 0 and "not supported by this CPU" in bad.stderr
+
+
+def test_numpy_path_serves_the_same_api():
+    rng = np.random.default_rng(10)
+    w = random_weights(WType.Q4_0, 8, 256, rng)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    api.set_kernel_path("scalar")
+    c = api.gemm_q4_0(w, x, 8, 256)
+    api.set_kernel_path("numpy")
+    assert api.kernel_path() == "numpy"
+    np.testing.assert_allclose(api.gemm_q4_0(w, x, 8, 256), c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(api.gemv_q4_0(w, x[0], 8, 256), c[0], rtol=1e-5, atol=1e-6)
