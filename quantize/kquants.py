@@ -1,10 +1,11 @@
-"""llama.cpp's K-quants: Q4_K, Q5_K (256-weight super-blocks of 8 sub-blocks of 32 with 6-bit scales and
-mins) and Q6_K (16 sub-blocks of 16 with int8 scales).
+"""llama.cpp's K-quants on 256-weight super-blocks: Q4_K, Q5_K (8 sub-blocks of 32, 6-bit scales and
+mins), Q6_K (16 sub-blocks of 16, int8 scales), Q2_K (16 of 16, 4-bit scales and mins) and Q3_K
+(16 of 16, 6-bit signed scales).
 
-The reference rules of ggml-quants.c (`quantize_row_q{4,5,6}_K_ref`: `make_qkx2_quants` per sub-block
-— a weighted least-squares search over 1 + nstep candidate scales with a min — then 6-bit
+The reference rules of ggml-quants.c (`quantize_row_q{2,3,4,5,6}_K_ref`: `make_qkx2_quants` per
+sub-block — a weighted least-squares search over 1 + nstep candidate scales with a min — then
 quantization of the sub-scales against the super-block maximum; `make_qx_quants` with x² weights
-and 18 trial scales for Q6_K) are re-expressed on arrays of all sub-blocks at once, with the same
+and 18 trial scales for Q6_K; `make_q3_quants`' per-weight refinement for Q3_K) are re-expressed on arrays of all sub-blocks at once, with the same
 float32 operations in the same order (sums included), so RTN output is bit-identical to llama.cpp's
 reference quantizer (tested against libggml through ctypes; gguf-py has no K-quant quantizer).
 The price of exactness is about twice the passes of an algebraically rearranged search.
@@ -12,8 +13,8 @@ The price of exactness is about twice the passes of an algebraically rearranged 
 Error bound: codes are the nearest on the final grid (w within half a sub-block step d·sc of its
 value) except where the 6-bit sub-scale/min quantization pushes a value past the grid's end.
 
-`importance` (cols,), when given, multiplies llama.cpp's per-weight search weights (as its imatrix
-path does); the search itself stays the reference one.
+`importance` (cols,), when given, multiplies the Q2_K/Q4_K/Q5_K per-weight search weights (as
+llama.cpp's imatrix path does, though its imatrix search itself differs); Q3_K/Q6_K ignore it.
 """
 
 from __future__ import annotations
