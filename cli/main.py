@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "qkiln.cli.info_cmd",
     "qkiln.cli.convert_cmd",
     "qkiln.cli.inspect_cmd",
+    "qkiln.cli.schemes_cmd",
 ]
 
 for _name in COMMAND_MODULES:

@@ -47,3 +47,29 @@ def get_scheme(name: str) -> Scheme:
     except KeyError:
         valid = ", ".join([*scheme_names(), *(f"{a} (= {c})" for a, c in ALIASES.items())])
         raise QuantizeError(f"unknown scheme {name!r}; valid schemes: {valid}") from None
+
+
+def describe(name: str, row_length: int = 4096) -> dict[str, object]:
+    """What a scheme is, for listings: grid family, code bits, columns per scale, stored bits per weight
+    on rows of `row_length` (per-channel scales cost less on longer rows; None when such a row does
+    not fit the scheme's blocks), its ggml type if any."""
+    from qkiln.quantize.ggml_pack import GGML_TYPES
+    from qkiln.quantize.rtn import quantize_rtn
+
+    scheme = get_scheme(name)
+    import numpy as np
+
+    unit = scheme.fit_cols or 1
+    cols = row_length if row_length % unit == 0 else unit * max(1, row_length // unit)
+    qt = quantize_rtn(np.zeros((1, cols), np.float32), scheme)
+    kind = type(scheme).__name__
+    return {
+        "name": scheme.name,
+        "grid": kind,
+        "code_bits": int(getattr(scheme, "bits", 8)),
+        "group_cols": scheme.group_cols or "row",
+        "fit_cols": scheme.fit_cols or "row",
+        "params": {k: [str(v.dtype), v.shape[1]] for k, v in qt.params.items()},
+        "bits_per_weight": round(qt.bits_per_weight, 4) if cols == row_length else None,
+        "ggml_type": GGML_TYPES[scheme.name][0] if scheme.name in GGML_TYPES else None,
+    }

@@ -47,7 +47,9 @@ class QuantizedTensor:
             _, block, size = GGML_TYPES[self.scheme.name]
             return rows * (cols // block) * size
         bits = getattr(self.scheme, "bits", 8)
-        return -(-rows * cols * bits // 8) + sum(int(p.nbytes) for p in self.params.values())
+        # a per-tensor scale is repeated on every row here but stored once
+        params = sum(int(p[:1].nbytes if self.scheme.per_tensor else p.nbytes) for p in self.params.values())
+        return -(-rows * cols * bits // 8) + params
 
     @property
     def bits_per_weight(self) -> float:
