@@ -194,7 +194,9 @@ class Checkpoint:
         else:
             _refuse_pickles(folder)
         files = {name: _resolve_inside(folder, name, what=INDEX_FILE if weight_map else "weights") for name in file_names}
-        headers = [read_header(f) for f in files.values()]
+        # "x.safetensors" and "./x.safetensors" name one file: read each real file once.
+        headers = [read_header(f) for f in dict.fromkeys(Path(os.path.normpath(f)) for f in files.values())]
+        files = {name: Path(os.path.normpath(f)) for name, f in files.items()}
 
         entries: dict[str, TensorEntry] = {}
         owner: dict[str, SafetensorsHeader] = {}

@@ -148,6 +148,12 @@ def test_hugging_face_cache_layout_is_accepted(make_checkpoint, llama_weights, t
     assert ckpt.tokenizer().get_vocab_size() == 512
 
 
+def test_index_may_spell_one_shard_two_ways(make_checkpoint):
+    path = make_checkpoint(shards=2)
+    _rewrite_index(path, lambda ix: ix["weight_map"].update({"model.norm.weight": "./" + ix["weight_map"]["model.norm.weight"]}))
+    assert "model.norm.weight" in Checkpoint.open(path).names()
+
+
 def test_index_shard_missing(make_checkpoint):
     path = make_checkpoint(shards=2)
     (path / "model-00002-of-00002.safetensors").unlink()
