@@ -1,0 +1,96 @@
+"""Kernel speed on this machine (a benchmark, not a test): INT4 GEMV bandwidth against measured copy
+bandwidth, and decode tokens/s of the demo model's Q4_0 GGUF through qkiln's runtime vs llama.cpp.
+
+    python bench/kernel_bench.py gemv [--threads 2] [--seconds 3]
+    python bench/kernel_bench.py decode --gguf demo-q4_0.gguf [--tokens 64]
+    python bench/kernel_bench.py all --gguf ...          (prints one JSON document)
+
+GEMV: 4096-in x 11008-out matrices (a 7B model's FFN), enough of them to exceed the last-level cache
+several times, visited round-robin so every product streams its weights from DRAM. GB/s counts the
+weight bytes the kernel reads (activations and outputs are negligible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from qkiln.kernels import api
+from qkiln.kernels.types import WType, block_bytes
+
+L3_BYTES = 32 << 20
+
+
+def _random_q4_0(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    w = rng.integers(0, 256, block_bytes(WType.Q4_0, n, k), dtype=np.uint8)
+    w.reshape(-1, 18)[:, :2] = np.array([0.01], np.float16).view(np.uint8).reshape(1, 2)  # valid scale bytes
+    return w
+
+
+def gemv_bandwidth(n: int = 11008, k: int = 4096, threads: int | None = None, seconds: float = 3.0,
+                   cache_multiple: float = 4.0, wtype: str = "q4_0") -> dict:
+    """Stream INT4 weights through GEMV; returns GB/s and the ratio to the copy bandwidth measured now."""
+    rng = np.random.default_rng(0)
+    per = block_bytes(WType.Q4_0, n, k) if wtype == "q4_0" else n * k // 2 + n * (k // 128) * 5
+    count = max(2, int(np.ceil(cache_multiple * L3_BYTES / per)))
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    act = api.quantize_activations_q8(x)
+    if wtype == "q4_0":
+        mats = [_random_q4_0(n, k, rng) for _ in range(count)]
+
+        def product(i: int) -> None:
+            api.gemm(WType.Q4_0, mats[i], n, k, act, threads)
+    else:
+        mats4 = [(rng.integers(0, 256, (n, k // 2), dtype=np.uint8),
+                  rng.uniform(0.001, 0.01, (n, k // 128)).astype(np.float32),
+                  rng.integers(0, 16, (n, k // 128), dtype=np.uint8)) for _ in range(count)]
+
+        def product(i: int) -> None:
+            c, s, z = mats4[i]
+            api.gemm_int4g(c, s, z, 128, n, k, act, threads)
+    for i in range(count):  # warm: page in, start the pool
+        product(i)
+    bw = api.copy_bandwidth(nthreads=threads)
+    best = 0.0
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for i in range(count):
+            product(i)
+        dt = time.perf_counter() - t0
+        best = max(best, count * per / dt / 1e9)
+    return {
+        "kernel_path": api.kernel_path(), "weight_type": wtype, "shape": [n, k], "matrices": count,
+        "bytes_per_matrix": per, "threads": threads or api.default_threads(),
+        "gemv_gbs": round(best, 2), **{key: round(v, 2) for key, v in bw.items()},
+        "ratio_to_copy": round(best / bw["copy_gbs"], 3), "ratio_to_read": round(best / bw["read_gbs"], 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["gemv", "decode", "all"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--gguf", default=None)
+    ap.add_argument("--tokens", type=int, default=64)
+    args = ap.parse_args(argv)
+    out: dict = {}
+    if args.what in ("gemv", "all"):
+        out["gemv_q4_0"] = gemv_bandwidth(threads=args.threads, seconds=args.seconds)
+        out["gemv_int4_g128"] = gemv_bandwidth(threads=args.threads, seconds=args.seconds, wtype="int4g")
+    if args.what in ("decode", "all"):
+        from qkiln.kernels.decode_compare import compare_decode
+
+        if not args.gguf:
+            sys.exit("decode needs --gguf FILE (a Q4_0 GGUF)")
+        out["decode"] = compare_decode(args.gguf, tokens=args.tokens, threads=args.threads)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+/* Row drivers shared by the NEON and dotprod files: each includes this after defining
+ *   static inline int32x4_t DOT16(int32x4_t acc, int8x16_t w, int8x16_t a)   (16 products summed into acc)
+ * and FILL_NAME (the qk_fill_* function to define). Only the 16-wide dot differs between the two ISAs. */
+#include <arm_neon.h>
+
+#include "../common.h"
+
+static inline float h2f_arm(const uint8_t *p) {
+    __fp16 h;
+    memcpy(&h, p, 2);
+    return (float)h;
+}
+
+static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    const uint8x16_t m4 = vdupq_n_u8(0x0f);
+    const int8x16_t eight = vdupq_n_s8(8);
+    for (int b = 0; b < nb; b++, w += Q4_0_BYTES, a += QK8) {
+        const uint8x16_t raw = vld1q_u8(w + 2);
+        const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, m4)), eight);
+        const int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight);
+        const int32x4_t p = DOT16(DOT16(vdupq_n_s32(0), lo, vld1q_s8(a)), hi, vld1q_s8(a + 16));
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f_arm(w) * ad[b]);
+    }
+    return vaddvq_f32(acc);
+}
+
+static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (int b = 0; b < nb; b++, w += Q8_0_BYTES, a += QK8) {
+        const int8_t *q = (const int8_t *)(w + 2);
+        const int32x4_t p = DOT16(DOT16(vdupq_n_s32(0), vld1q_s8(q), vld1q_s8(a)), vld1q_s8(q + 16), vld1q_s8(a + 16));
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f_arm(w) * ad[b]);
+    }
+    return vaddvq_f32(acc);
+}
+
+static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp, int group, const int8_t *a,
+                       const float *ad, int nb) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    const uint8x16_t m4 = vdupq_n_u8(0x0f);
+    const int per_group = group / QK8;
+    for (int b = 0; b < nb; b++, codes += 16, a += QK8) {
+        const int g = b / per_group;
+        const int8x16_t z = vdupq_n_s8((int8_t)zp[g]);
+        const uint8x16_t raw = vld1q_u8(codes);
+        const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, m4)), z);
+        const int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), z);
+        const int32x4_t p = DOT16(DOT16(vdupq_n_s32(0), lo, vld1q_s8(a)), hi, vld1q_s8(a + 16));
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), sc[g] * ad[b]);
+    }
+    return vaddvq_f32(acc);
+}
+
+static void rows_q4_0(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8;
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->N + n] =
+                dot_q4_0(j->w + (size_t)n * nb * Q4_0_BYTES, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
+}
+
+static void rows_q8_0(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8;
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->N + n] =
+                dot_q8_0(j->w + (size_t)n * nb * Q8_0_BYTES, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
+}
+
+static void rows_int4g(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8, ng = j->K / j->group;
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->N + n] =
+                dot_int4g(j->w + (size_t)n * (j->K / 2), j->scales + (size_t)n * ng, j->zeros + (size_t)n * ng,
+                          j->group, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
+}
+
+void FILL_NAME(qk_kernels *k) {
+    k->q4_0 = rows_q4_0;
+    k->q8_0 = rows_q8_0;
+    k->int4g = rows_int4g;
+}

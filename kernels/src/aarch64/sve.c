@@ -1,0 +1,96 @@
+/* SVE (vector-length agnostic: the same binary runs 128-bit Graviton4, 256-bit Graviton3, 512-bit A64FX).
+ * Uses SVE's own sdot (base SVE, so A64FX without NEON dotprod runs it). Each 32-element block is covered
+ * by whole vectors: with >= 256-bit vectors the 16 low and 16 high nibbles are spliced into one vector and
+ * one sdot does the block; with 128-bit vectors two sdots do it. */
+#include <arm_sve.h>
+
+#include "../common.h"
+
+int qk_sve_vector_bytes(void) { return (int)svcntb(); }
+
+static inline float h2f_sve(const uint8_t *p) {
+    __fp16 h;
+    memcpy(&h, p, 2);
+    return (float)h;
+}
+
+/* Integer dot of one block of 32 signed codes given as low/high 16-code halves already offset. */
+static inline int32_t block_dot_nibbles(const uint8_t *q16, int8_t zero, const int8_t *a) {
+    const svbool_t p16 = svwhilelt_b8_s32(0, 16);
+    const svuint8_t raw = svld1_u8(p16, q16);
+    const svint8_t lo = svsub_n_s8_x(p16, svreinterpret_s8_u8(svand_n_u8_x(p16, raw, 0x0f)), zero);
+    const svint8_t hi = svsub_n_s8_x(p16, svreinterpret_s8_u8(svlsr_n_u8_x(p16, raw, 4)), zero);
+    if (svcntb() >= 32) {
+        const svbool_t p32 = svwhilelt_b8_s32(0, 32);
+        const svint8_t codes = svsplice_s8(p16, lo, hi); /* lo[0..15] then hi[0..15] */
+        const svint32_t s = svdot_s32(svdup_n_s32(0), svsel_s8(p32, codes, svdup_n_s8(0)), svld1_s8(p32, a));
+        return (int32_t)svaddv_s32(svptrue_b32(), s);
+    }
+    svint32_t s = svdot_s32(svdup_n_s32(0), lo, svld1_s8(p16, a));
+    s = svdot_s32(s, hi, svld1_s8(p16, a + 16));
+    return (int32_t)svaddv_s32(svptrue_b32(), s);
+}
+
+static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++, w += Q4_0_BYTES, a += QK8)
+        acc += (h2f_sve(w) * ad[b]) * (float)block_dot_nibbles(w + 2, 8, a);
+    return acc;
+}
+
+static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+    float acc = 0.0f;
+    const int vl = (int)svcntb();
+    for (int b = 0; b < nb; b++, w += Q8_0_BYTES, a += QK8) {
+        const int8_t *q = (const int8_t *)(w + 2);
+        svint32_t s = svdup_n_s32(0);
+        for (int i = 0; i < QK8; i += vl) {
+            const svbool_t pg = svwhilelt_b8_s32(i, QK8);
+            s = svdot_s32(s, svld1_s8(pg, q + i), svld1_s8(pg, a + i)); /* inactive lanes load as 0 */
+        }
+        acc += (h2f_sve(w) * ad[b]) * (float)svaddv_s32(svptrue_b32(), s);
+    }
+    return acc;
+}
+
+static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp, int group, const int8_t *a,
+                       const float *ad, int nb) {
+    float acc = 0.0f;
+    const int per_group = group / QK8;
+    for (int b = 0; b < nb; b++, codes += 16, a += QK8) {
+        const int g = b / per_group;
+        acc += (sc[g] * ad[b]) * (float)block_dot_nibbles(codes, (int8_t)zp[g], a);
+    }
+    return acc;
+}
+
+static void rows_q4_0(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8;
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->N + n] =
+                dot_q4_0(j->w + (size_t)n * nb * Q4_0_BYTES, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
+}
+
+static void rows_q8_0(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8;
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->N + n] =
+                dot_q8_0(j->w + (size_t)n * nb * Q8_0_BYTES, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
+}
+
+static void rows_int4g(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8, ng = j->K / j->group;
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->N + n] =
+                dot_int4g(j->w + (size_t)n * (j->K / 2), j->scales + (size_t)n * ng, j->zeros + (size_t)n * ng,
+                          j->group, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
+}
+
+void qk_fill_sve(qk_kernels *k) {
+    k->q4_0 = rows_q4_0;
+    k->q8_0 = rows_q8_0;
+    k->int4g = rows_int4g;
+}

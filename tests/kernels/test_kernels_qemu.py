@@ -1,0 +1,52 @@
+"""Arm kernels under qemu-aarch64: the cross-compiled self-test picks the path each CPU model allows and every
+available path equals the scalar reference (exact integer parts, fp32 within 1e-5 of the output scale)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qkiln.kernels.build import build_test_binary
+
+pytestmark = pytest.mark.qemu
+
+CC = "aarch64-linux-gnu-gcc"
+SYSROOT = Path("/usr/aarch64-linux-gnu")
+SELFTEST = Path(__file__).parent / "kernel_selftest.c"
+
+# (qemu -cpu, the path the dispatcher must choose, the paths that must be reported available)
+CPUS = [
+    ("cortex-a72", "neon", {"scalar", "neon"}),
+    ("neoverse-n1", "dotprod", {"scalar", "neon", "dotprod"}),
+    ("a64fx", "sve", {"scalar", "neon", "sve"}),
+    ("max", "i8mm", {"scalar", "neon", "dotprod", "i8mm", "sve"}),
+    ("max,sve-default-vector-length=16", "i8mm", {"scalar", "neon", "dotprod", "i8mm", "sve"}),
+    ("max,sve-default-vector-length=32", "i8mm", {"scalar", "neon", "dotprod", "i8mm", "sve"}),
+]
+SVE_BYTES = {"a64fx": 64, "max": 64, "max,sve-default-vector-length=16": 16, "max,sve-default-vector-length=32": 32}
+
+
+@pytest.fixture(scope="module")
+def arm_binary(tmp_path_factory) -> Path:
+    if shutil.which(CC) is None or shutil.which("qemu-aarch64") is None or not SYSROOT.exists():
+        pytest.skip(f"needs {CC}, libc6-dev-arm64-cross and qemu-user (scripts/setup.sh test installs them)")
+    return build_test_binary(tmp_path_factory.mktemp("arm") / "qk_selftest", CC, "aarch64", SELFTEST)
+
+
+@pytest.mark.parametrize(("cpu", "expect", "available"), CPUS, ids=[c[0] for c in CPUS])
+def test_selftest_under_qemu(arm_binary, cpu, expect, available):
+    r = subprocess.run(["qemu-aarch64", "-L", str(SYSROOT), "-cpu", cpu, str(arm_binary)],
+                       capture_output=True, text=True, timeout=300)
+    head = re.search(r"^auto=(\w+) sve_bytes=(\d+) available=([\w,]*)$", r.stdout, re.M)
+    assert head, r.stdout + r.stderr
+    assert head.group(1) == expect, f"{cpu} chose {head.group(1)}"
+    assert set(filter(None, head.group(3).split(","))) == available
+    assert int(head.group(2)) == SVE_BYTES.get(cpu, 0)
+    assert r.returncode == 0, r.stdout
+    assert re.search(r"checks=\d+ failures=0", r.stdout)
+    for path in available:
+        assert f"path {path}: ok" in r.stdout
