@@ -139,6 +139,79 @@ def _quantized_hint(folder: Path) -> str | None:
     return None
 
 
+def _read_weight_headers(
+    folder: Path,
+) -> tuple[list[SafetensorsHeader], dict[str, TensorEntry], dict[str, SafetensorsHeader]]:
+    """Find the weight files (single or indexed), check each header, and map every tensor to its file."""
+    weight_map: dict[str, str] | None
+    if (folder / INDEX_FILE).is_file():
+        weight_map = _read_index(folder)
+        file_names = list(dict.fromkeys(weight_map.values()))
+    elif (folder / SINGLE_FILE).exists() or (folder / SINGLE_FILE).is_symlink():
+        weight_map = None
+        file_names = [SINGLE_FILE]
+    else:
+        _refuse_pickles(folder)
+    what = INDEX_FILE if weight_map else "weights"
+    files = {name: Path(os.path.normpath(_resolve_inside(folder, name, what=what))) for name in file_names}
+    # "x.safetensors" and "./x.safetensors" name one file: read each real file once.
+    headers = [read_header(f) for f in dict.fromkeys(files.values())]
+
+    entries: dict[str, TensorEntry] = {}
+    owner: dict[str, SafetensorsHeader] = {}
+    for h in headers:
+        for name, entry in h.tensors.items():
+            if name in owner:
+                raise CheckpointError(
+                    f"{folder}: tensor {name!r} is stored twice ({owner[name].path.name} and {h.path.name})"
+                )
+            entries[name], owner[name] = entry, h
+    for name, fname in (weight_map or {}).items():
+        if name not in owner or owner[name].path != files[fname]:
+            raise CheckpointError(
+                f"{folder / INDEX_FILE}: weight_map puts {name!r} in {fname} but that file does not hold it"
+            )
+    return headers, entries, owner
+
+
+def _check_against_config(
+    folder: Path, config: LlamaConfig, entries: dict[str, TensorEntry]
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor the config implies is stored, with that shape and a readable dtype.
+
+    Returns the names/shapes the checkpoint exposes: `expected_shapes`, plus a stored `lm_head.weight`
+    when embeddings are tied (some exporters write the copy).
+    """
+    expected = expected_shapes(config)
+    missing = [n for n in expected if n not in entries]
+    if missing:
+        quant = _quantized_hint(folder)
+        if quant is not None:
+            raise CheckpointError(
+                f"{folder} is already quantized ({quant}) and has no float tensor {missing[0]!r}; "
+                "start from the original float checkpoint"
+            )
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(
+            f"{folder}: tensor {missing[0]!r} is missing{more}; the checkpoint does not match its config.json"
+        )
+    if "lm_head.weight" in entries and "lm_head.weight" not in expected:
+        expected = {**expected, "lm_head.weight": (config.vocab_size, config.hidden_size)}
+    for name, shape in expected.items():
+        e = entries[name]
+        if e.shape != shape:
+            raise CheckpointError(
+                f"{folder}: tensor {name!r} has shape {e.shape} but config.json implies {shape}; "
+                "the weights and config.json do not belong together"
+            )
+        if e.dtype not in READABLE_DTYPES:
+            raise CheckpointError(
+                f"{folder}: tensor {name!r} has dtype {e.dtype}; qkiln reads only F32, F16 and BF16 weights "
+                "(start from the float checkpoint)"
+            )
+    return expected
+
+
 class Checkpoint:
     """A validated Hugging Face Llama checkpoint on disk; a `runtime.source.TensorSource`.
 
@@ -185,69 +258,8 @@ class Checkpoint:
                 f"{folder / 'config.json'} has a malformed field ({type(err).__name__}: {err}); fix or re-download it"
             ) from None
 
-        if (folder / INDEX_FILE).is_file():
-            weight_map = _read_index(folder)
-            file_names = list(dict.fromkeys(weight_map.values()))
-        elif (folder / SINGLE_FILE).exists() or (folder / SINGLE_FILE).is_symlink():
-            weight_map = None
-            file_names = [SINGLE_FILE]
-        else:
-            _refuse_pickles(folder)
-        files = {name: _resolve_inside(folder, name, what=INDEX_FILE if weight_map else "weights") for name in file_names}
-        # "x.safetensors" and "./x.safetensors" name one file: read each real file once.
-        headers = [read_header(f) for f in dict.fromkeys(Path(os.path.normpath(f)) for f in files.values())]
-        files = {name: Path(os.path.normpath(f)) for name, f in files.items()}
-
-        entries: dict[str, TensorEntry] = {}
-        owner: dict[str, SafetensorsHeader] = {}
-        for h in headers:
-            for name, entry in h.tensors.items():
-                if name in owner:
-                    raise CheckpointError(
-                        f"{folder}: tensor {name!r} is stored twice ({owner[name].path.name} and {h.path.name})"
-                    )
-                entries[name], owner[name] = entry, h
-        if weight_map is not None:
-            for name, fname in weight_map.items():
-                if name not in owner or owner[name].path != files[fname]:
-                    raise CheckpointError(
-                        f"{folder / INDEX_FILE}: weight_map puts {name!r} in {fname} but that file does not hold it"
-                    )
-
-        expected = expected_shapes(config)
-        missing = [n for n in expected if n not in entries]
-        if missing:
-            quant = _quantized_hint(folder)
-            if quant is not None:
-                raise CheckpointError(
-                    f"{folder} is already quantized ({quant}) and has no float tensor {missing[0]!r}; "
-                    "start from the original float checkpoint"
-                )
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise CheckpointError(
-                f"{folder}: tensor {missing[0]!r} is missing{more}; the checkpoint does not match its config.json"
-            )
-        for name, shape in expected.items():
-            e = entries[name]
-            if e.shape != shape:
-                raise CheckpointError(
-                    f"{folder}: tensor {name!r} has shape {e.shape} but config.json implies {shape}; "
-                    "the weights and config.json do not belong together"
-                )
-            if e.dtype not in READABLE_DTYPES:
-                raise CheckpointError(
-                    f"{folder}: tensor {name!r} has dtype {e.dtype}; qkiln reads only F32, F16 and BF16 weights "
-                    "(start from the float checkpoint)"
-                )
-        # A tied checkpoint may still store lm_head (some exporters write the copy); check it if present.
-        if "lm_head.weight" in entries and "lm_head.weight" not in expected:
-            e = entries["lm_head.weight"]
-            if e.shape != (config.vocab_size, config.hidden_size) or e.dtype not in READABLE_DTYPES:
-                raise CheckpointError(
-                    f"{folder}: tensor 'lm_head.weight' has shape {e.shape} ({e.dtype}) but config.json implies "
-                    f"{(config.vocab_size, config.hidden_size)} in F32, F16 or BF16"
-                )
-            expected = {**expected, "lm_head.weight": e.shape}
+        headers, entries, owner = _read_weight_headers(folder)
+        expected = _check_against_config(folder, config, entries)
         ignored = sorted(set(entries) - set(expected))
         kept = {n: entries[n] for n in sorted(expected)}
         return cls(folder, config, headers, kept, {n: owner[n] for n in kept}, ignored)

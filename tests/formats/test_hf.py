@@ -107,6 +107,12 @@ def test_tied_checkpoint_may_still_store_lm_head(make_checkpoint, tiny_config):
     np.testing.assert_array_equal(ckpt.tensor("lm_head.weight"), lm)
 
 
+def test_tied_checkpoint_with_a_wrong_lm_head_is_refused(make_checkpoint, tiny_config):
+    cfg = tiny_config(tie_word_embeddings=True)
+    with pytest.raises(CheckpointError, match=r"'lm_head.weight' has shape \(64, 512\) but config.json implies \(512, 64\)"):
+        Checkpoint.open(make_checkpoint(cfg, extra={"lm_head.weight": np.zeros((64, 512), np.float32)}))
+
+
 def test_untied_checkpoint_without_lm_head_is_refused(make_checkpoint):
     with pytest.raises(CheckpointError, match=r"'lm_head.weight' is missing"):
         Checkpoint.open(make_checkpoint(drop=["lm_head.weight"]))
