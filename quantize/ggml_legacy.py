@@ -11,6 +11,12 @@ followed operation for operation in float32, so RTN codes and fp16 params are bi
 
 The codes are chosen with the float32 d (then d is rounded to fp16), exactly as ggml does; the
 fixed-grid `encode` used by GPTQ works from the stored fp16 d instead.
+
+With `importance` (cols,) — llama.cpp's imatrix, the mean squared activation of each input column —
+Q4_0/Q5_0/Q4_1/Q5_1 follow ggml's `quantize_row_q*_impl` instead: per-weight error weights
+importance · sqrt(σ²_row + x²) and a weighted search for the block scale (`make_qx_quants`; with a
+min, `make_qkx3_quants`), bit-identical to `llama-quantize --imatrix`. Q8_0 has no such path in ggml
+and ignores it.
 """
 
 from __future__ import annotations
@@ -20,9 +26,26 @@ from typing import ClassVar
 
 import numpy as np
 
+from qkiln.errors import QuantizeError
 from qkiln.quantize.scheme import Params, UniformGrid, to_fp16
 
 BLOCK = 32
+
+
+def _imatrix_weights(w: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """ggml's error weights for the imatrix path: qw · sqrt(σ² + x²), σ² = mean x² of the row.
+    (rows, cols) -> (rows, cols / 32, 32) float32, σ² summed in ggml's order."""
+    from qkiln.quantize.kquants import _seq_sum
+
+    x = w.astype(np.float32, copy=False)
+    rows, cols = x.shape
+    if importance.shape != (cols,):
+        raise QuantizeError(
+            f"importance has shape {importance.shape}, expected ({cols},): one value per input column"
+        )
+    sigma2 = _seq_sum(np.ascontiguousarray(np.square(x).T)) / np.float32(cols)  # (rows,)
+    weights = importance.astype(np.float32)[None, :] * np.sqrt(sigma2[:, None] + x * x)
+    return weights.reshape(rows, cols // BLOCK, BLOCK)
 
 
 def _blocks(w: np.ndarray) -> np.ndarray:
@@ -93,6 +116,12 @@ class SymBlock(_Legacy):
         return 1 << (self.bits - 1)
 
     def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, Params]:
+        if importance is not None:
+            from qkiln.quantize.kquants import _make_qx
+
+            qw = _imatrix_weights(w, importance).reshape(-1, BLOCK)
+            scale, L = _make_qx(_blocks(w).reshape(-1, BLOCK), self.shift, qw)
+            return L.reshape(w.shape), {"d": to_fp16(scale.reshape(w.shape[0], -1), self.name)}
         b = _blocks(w)
         imax = np.abs(b).argmax(axis=-1)[..., None]  # (rows, nb, 1)
         vmax = np.take_along_axis(b, imax, axis=-1)
@@ -115,6 +144,20 @@ class MinBlock(_Legacy):
     shift: ClassVar[int] = 0
 
     def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, Params]:
+        if importance is not None:
+            from qkiln.quantize.kquants import _make_qkx2
+
+            qw = _imatrix_weights(w, importance).reshape(-1, BLOCK)
+            nmax = (1 << self.bits) - 1
+            scale, the_min, L = _make_qkx2(
+                _blocks(w).reshape(-1, BLOCK), qw, nmax, -0.9, 0.05, 36
+            )  # make_qkx3
+            rows = w.shape[0]
+            params = {
+                "d": to_fp16(scale.reshape(rows, -1), self.name),
+                "m": to_fp16(-the_min.reshape(rows, -1), self.name),
+            }
+            return L.reshape(w.shape), params
         b = _blocks(w)
         hi = b.max(axis=-1, keepdims=True)  # (rows, nb, 1)
         lo = b.min(axis=-1, keepdims=True)

@@ -125,16 +125,17 @@ def _make_qkx2(
     return scale.astype(f32), (-mn).astype(f32), L.astype(np.uint8)
 
 
-def _make_qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+def _make_qx(x: np.ndarray, nmax: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(rmse_type=1) on every sub-block at once: x (B, n) -> (scale (B,), L (B, n) uint8 =
-    l + nmax). Same float32 operations and sum order as ggml (see _make_qkx2); hot loop."""
+    l + nmax), error weights x² or `weights` (B, n) (ggml's `quant_weights`). Same float32 operations
+    and sum order as ggml (see _make_qkx2); hot loop."""
     f32 = np.float32
     imax = np.abs(x).argmax(axis=1)[:, None]
     vmax = np.take_along_axis(x, imax, axis=1)[:, 0]  # (B,) signed value of largest magnitude (first)
     zero = np.abs(vmax) < GROUP_MAX_EPS
     vmax = np.where(zero, f32(1), vmax)
     xt = np.ascontiguousarray(x.T)  # (n, B)
-    w = xt * xt
+    w = xt * xt if weights is None else np.ascontiguousarray(weights.T)
     wx = w * xt
     t = np.empty_like(xt)
     tmp = np.empty_like(xt)

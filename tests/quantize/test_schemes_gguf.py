@@ -224,3 +224,54 @@ def test_nbytes_is_the_packed_size(name: str) -> None:
     assert qt.bits_per_weight == {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0}.get(
         name, {"q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}.get(name)
     )
+
+
+IMATRIX_TYPES = ["q4_0", "q5_0", "q4_1", "q5_1"]
+
+
+def _llamacpp_chunk(name: str, w: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """llama.cpp's `ggml_quantize_chunk` with an imatrix (what `llama-quantize --imatrix` runs)."""
+    import ctypes
+    import os
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python ships libggml")
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    fn = lib.ggml_quantize_chunk
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    fn.restype = ctypes.c_size_t
+    rows, cols = w.shape
+    out = np.zeros((rows, cols // GGML_TYPES[name][1] * GGML_TYPES[name][2]), np.uint8)
+    imp = np.ascontiguousarray(importance, np.float32)
+    fn(int(_qtype(name)), w.ctypes.data, out.ctypes.data, 0, rows, cols, imp.ctypes.data)
+    return out
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", IMATRIX_TYPES)
+def test_importance_bytes_equal_llamacpp_imatrix(name: str) -> None:
+    rng = np.random.default_rng(6)
+    w = np.ascontiguousarray(_weights(40, 512, seed=6))
+    importance = rng.lognormal(0, 1, 512).astype(np.float32)
+    importance[:32] = 0  # a block nobody reads
+    ours = pack_blocks(quantize_rtn(w, get_scheme(name), importance=importance))
+    assert np.array_equal(ours, _llamacpp_chunk(name, w, importance))
+
+
+@pytest.mark.parametrize("name", IMATRIX_TYPES)
+def test_importance_lowers_the_weighted_error(name: str) -> None:
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((64, 512)).astype(np.float32)
+    importance = rng.lognormal(0, 1.5, 512).astype(np.float32)
+    plain = quantize_rtn(w, get_scheme(name)).dequantize()
+    weighted = quantize_rtn(w, get_scheme(name), importance=importance).dequantize()
+    err = lambda d: float((((d - w) ** 2) * importance).mean())  # noqa: E731
+    assert err(weighted) < 0.9 * err(plain)
+
+
+def test_importance_of_wrong_length_is_an_error() -> None:
+    from qkiln.errors import QuantizeError
+
+    with pytest.raises(QuantizeError, match=r"^t: importance has shape \(3,\), expected \(64,\)"):
+        quantize_rtn(
+            np.ones((2, 64), np.float32), get_scheme("q4_0"), name="t", importance=np.ones(3, np.float32)
+        )
