@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from qkiln.errors import QkilnError
 
@@ -27,7 +28,7 @@ def handles_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except QkilnError as e:
-            console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]; no partial output was left behind")

@@ -99,11 +99,6 @@ def test_bad_checkpoint_real_process_has_no_traceback(bad_checkpoint, kind, tmp_
     assert not (tmp_path / "UNPICKLED").exists()
 
 
-@pytest.mark.xfail(
-    reason="cli/common.handles_errors renders the message as rich markup; '[/x]' in a path raises MarkupError "
-    "(lead: print rich.markup.escape(str(e)))",
-    strict=False,
-)
 @pytest.mark.parametrize("name", ["a[/x]b", "models[bold]x"])
 def test_message_with_brackets_is_printed_verbatim(tmp_path, name):
     r = _info("--model", tmp_path / name)
