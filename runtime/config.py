@@ -59,6 +59,15 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], *, source: str = "config.json") -> LlamaConfig:
+        """Parse a config.json; any malformed field is a CheckpointError naming the file."""
+        try:
+            return cls._from_dict(cfg, source)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+            raise CheckpointError(f"{source}: malformed Llama config ({what}); fix config.json") from None
+
+    @classmethod
+    def _from_dict(cls, cfg: dict[str, Any], source: str) -> LlamaConfig:
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else None
         model_type = cfg.get("model_type")
