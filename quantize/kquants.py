@@ -13,8 +13,9 @@ The price of exactness is about twice the passes of an algebraically rearranged 
 Error bound: codes are the nearest on the final grid (w within half a sub-block step d·sc of its
 value) except where the 6-bit sub-scale/min quantization pushes a value past the grid's end.
 
-`importance` (cols,), when given, multiplies the Q2_K/Q4_K/Q5_K per-weight search weights (as
-llama.cpp's imatrix path does, though its imatrix search itself differs); Q3_K/Q6_K ignore it.
+`importance` (cols,) — an imatrix, the mean squared activation per input column — switches every
+type to ggml's `quantize_row_q*_K_impl` path (weighted sub-block searches, sub-scales quantized by
+`make_qp_quants` / `make_qx_quants`), bit-identical to `llama-quantize --imatrix`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from qkiln.errors import QuantizeError
 from qkiln.quantize.scheme import Params, UniformGrid, concat_rows, to_fp16
 
 QK_K = 256
@@ -172,6 +174,78 @@ def _make_qx(x: np.ndarray, nmax: int, weights: np.ndarray | None = None) -> tup
     return scale.astype(f32), L.astype(np.uint8)
 
 
+def _make_qp(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """make_qp_quants on every row at once: non-negative x (B, n) with weights qw (B, n) -> (scale (B,),
+    L (B, n) uint8 in 0..nmax): ggml's imatrix-path quantizer of K-quant sub-scales (9 trial scales,
+    then per-element refinement as in _make_q3)."""
+    f32 = np.float32
+    xt = np.ascontiguousarray(x.T)  # (n, B)
+    wt = np.ascontiguousarray(qw.T)
+    vmax = np.maximum(xt.max(axis=0), f32(0))  # (B,)
+    zero = vmax < GROUP_MAX_EPS
+    vmax = np.where(zero, f32(1), vmax)
+
+    def mse(iscale: np.ndarray, clamp: bool) -> np.ndarray:
+        lv = np.rint(xt * iscale)
+        if clamp:
+            lv = np.minimum(lv, f32(nmax))
+        diff = xt - (f32(1) / iscale) * lv
+        return _seq_sum(wt * diff * diff)
+
+    iscale = f32(nmax) / vmax
+    best = mse(iscale, clamp=False)
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        trial = (f32(0.1) * f32(step) + f32(nmax)) / vmax
+        err = mse(trial, clamp=True)
+        take = err < best
+        best = np.where(take, err, best)
+        iscale = np.where(take, trial, iscale)
+    L = np.minimum(np.rint(xt * iscale), f32(nmax))  # (n, B)
+    wx = wt * xt
+    sumlx = _seq_sum(wx * L)
+    suml2 = _seq_sum(wt * L * L)
+    for _ in range(5):  # ggml stops once a pass changes nothing; later passes would change nothing
+        for i in range(xt.shape[0]):
+            li = L[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - wt[i] * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = np.minimum(np.rint(xt[i] * sl2 / np.where(ok, slx, f32(1))), f32(nmax))
+            slx2 = slx + wx[i] * new
+            sl22 = sl2 + wt[i] * new * new
+            take = ok & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = np.where(take, new, li)
+            sumlx = np.where(take, slx2, sumlx)
+            suml2 = np.where(take, sl22, suml2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f32(1)), f32(0))
+    scale = np.where(zero, f32(0), scale)
+    L = np.where(zero, f32(0), L).T
+    return scale.astype(f32), np.clip(L, 0, 255).astype(np.uint8)
+
+
+def _imatrix_weights(
+    x: np.ndarray, importance: np.ndarray, rows: int, sub: int, sigma_scale: float
+) -> np.ndarray:
+    """ggml's K-quant imatrix error weights qw · sqrt(σ² + x²), σ² = sigma_scale · Σx² / 256 per
+    super-block (summed in ggml's order). x (rows·cols/sub, sub) sub-blocks -> same shape."""
+    f32 = np.float32
+    cols = x.size // rows
+    if importance.shape != (cols,):
+        raise QuantizeError(
+            f"importance has shape {importance.shape}, expected ({cols},): one value per input column"
+        )
+    sb = x.reshape(-1, QK_K)  # (S, 256) super-blocks
+    sum_x2 = _seq_sum(np.ascontiguousarray(np.square(sb).T))  # (S,)
+    sigma2 = f32(sigma_scale) * sum_x2 / f32(QK_K)
+    qw = np.broadcast_to(importance.astype(f32).reshape(1, cols // QK_K, QK_K), (rows, cols // QK_K, QK_K))
+    weights = qw.reshape(-1, QK_K) * np.sqrt(sigma2[:, None] + sb * sb)
+    return weights.reshape(-1, sub)
+
+
 class _KQuant(UniformGrid):
     @property
     def fit_cols(self) -> int:
@@ -217,26 +291,34 @@ class QKMin(_KQuant):
         nsb = cols // QK_K
         nmax = (1 << self.bits) - 1
         x = w.astype(f32, copy=False).reshape(rows * nsb * 8, 32)  # (B, 32) sub-blocks
-        with np.errstate(over="ignore", invalid="ignore"):
-            av_x = np.sqrt(_seq_sum(np.ascontiguousarray(np.square(x).T))[:, None] / f32(32))
-            weights = av_x + np.abs(x)  # (B, 32)
-        if importance is not None:
-            qw = np.broadcast_to(importance.astype(f32).reshape(1, nsb * 8, 32), (rows, nsb * 8, 32))
-            weights = weights * qw.reshape(-1, 32)
-        rmin, nstep = (-1.0, 20) if self.bits == 4 else (-0.5, 15)
-        with np.errstate(over="ignore", invalid="ignore"):  # |x| > 1.8e19 overflows x²; to_fp16 reports it
-            sc, mn, L = _make_qkx2(x, weights, nmax, rmin, 0.1, nstep)
-        sc = sc.reshape(rows * nsb, 8)
-        mn = mn.reshape(rows * nsb, 8)
-        max_scale = np.maximum(sc.max(axis=1), f32(0))  # (S,)
-        max_min = np.maximum(mn.max(axis=1), f32(0))
-        with np.errstate(divide="ignore"):
-            inv_scale = np.where(max_scale > 0, f32(63) / max_scale, f32(0))
-            inv_min = np.where(max_min > 0, f32(63) / max_min, f32(0))
-        ls = np.clip(np.rint(inv_scale[:, None] * sc), 0, 63).astype(np.uint8)  # (S, 8)
-        lm = np.clip(np.rint(inv_min[:, None] * mn), 0, 63).astype(np.uint8)
-        d = to_fp16(max_scale / f32(63), self.name)
-        dmin = to_fp16(max_min / f32(63), self.name)
+        if importance is None:
+            with np.errstate(
+                over="ignore", invalid="ignore"
+            ):  # |x| > 1.8e19 overflows x²; to_fp16 reports it
+                av_x = np.sqrt(_seq_sum(np.ascontiguousarray(np.square(x).T))[:, None] / f32(32))
+                weights = av_x + np.abs(x)  # (B, 32)
+                rmin, nstep = (-1.0, 20) if self.bits == 4 else (-0.5, 15)
+                sc, mn, L = _make_qkx2(x, weights, nmax, rmin, 0.1, nstep)
+            sc = sc.reshape(rows * nsb, 8)
+            mn = mn.reshape(rows * nsb, 8)
+            max_scale = np.maximum(sc.max(axis=1), f32(0))  # (S,)
+            max_min = np.maximum(mn.max(axis=1), f32(0))
+            with np.errstate(divide="ignore"):
+                inv_scale = np.where(max_scale > 0, f32(63) / max_scale, f32(0))
+                inv_min = np.where(max_min > 0, f32(63) / max_min, f32(0))
+            ls = np.clip(np.rint(inv_scale[:, None] * sc), 0, 63).astype(np.uint8)  # (S, 8)
+            lm = np.clip(np.rint(inv_min[:, None] * mn), 0, 63).astype(np.uint8)
+            d_block, m_block = max_scale / f32(63), max_min / f32(63)
+        else:  # ggml's quantize_row_q{4,5}_K_impl
+            with np.errstate(over="ignore", invalid="ignore"):
+                weights = _imatrix_weights(x, importance, rows, 32, 2.0)  # (B, 32)
+                sw = _seq_sum(np.ascontiguousarray(weights.T)).reshape(-1, 8)  # (S, 8)
+                sc, mn, L = _make_qkx2(x, weights, nmax, -0.9, 0.05, 36)  # make_qkx3_quants
+                d_block, ls = _make_qp(sc.reshape(-1, 8), 63, sw)
+                m_block, lm = _make_qp(mn.reshape(-1, 8), 63, sw)
+            ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+        d = to_fp16(d_block, self.name)
+        dmin = to_fp16(m_block, self.name)
         dj = (d.astype(f32)[:, None] * ls.astype(f32)).reshape(-1, 1)  # (B, 1)
         mj = (dmin.astype(f32)[:, None] * lm.astype(f32)).reshape(-1, 1)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -279,8 +361,15 @@ class Q6K(_KQuant):
         rows, cols = w.shape
         nsb = cols // QK_K
         x = w.astype(f32, copy=False).reshape(rows * nsb * 16, 16)  # (B, 16) sub-blocks
+        qw = None
+        if importance is not None:  # ggml's quantize_row_q6_K_impl weighs the search by the imatrix alone
+            if importance.shape != (cols,):
+                raise QuantizeError(f"importance has shape {importance.shape}, expected ({cols},)")
+            qw = np.broadcast_to(importance.astype(f32).reshape(1, -1, 16), (rows, cols // 16, 16)).reshape(
+                -1, 16
+            )
         with np.errstate(over="ignore", invalid="ignore"):  # |x| > 1.8e19 overflows x²; to_fp16 reports it
-            sc, L = _make_qx(x, 32)
+            sc, L = _make_qx(x, 32, qw)
         sc = sc.reshape(rows * nsb, 16)  # (S, 16)
         imax = np.abs(sc).argmax(axis=1)[:, None]
         max_scale = np.take_along_axis(sc, imax, axis=1)[:, 0]  # (S,) signed
@@ -361,24 +450,28 @@ class Q2K(_KQuant):
         rows, cols = w.shape
         nsb = cols // QK_K
         x = w.astype(f32, copy=False).reshape(rows * nsb * 16, 16)  # (B, 16) sub-blocks
-        weights = np.abs(x)
-        if importance is not None:
-            weights = weights * np.broadcast_to(
-                importance.astype(f32).reshape(1, -1, 16), (rows, nsb * 16, 16)
-            ).reshape(-1, 16)
-        with np.errstate(over="ignore", invalid="ignore"):
-            sc, mn, L = _make_qkx2(x, weights, 3, -0.5, 0.1, 15, use_mad=True)
-        sc, mn = sc.reshape(-1, 16), mn.reshape(-1, 16)  # (S, 16)
-        max_scale = np.maximum(sc.max(axis=1), f32(0))
-        max_min = np.maximum(mn.max(axis=1), f32(0))
-        with np.errstate(divide="ignore"):
-            inv_scale = np.where(max_scale > 0, f32(15) / max_scale, f32(0))  # (S,)
-            inv_min = np.where(max_min > 0, f32(15) / max_min, f32(0))
-        ls = np.rint(inv_scale[:, None] * sc)
-        lm = np.rint(inv_min[:, None] * mn)
-        ls, lm = np.clip(ls, 0, 15).astype(np.uint8), np.clip(lm, 0, 15).astype(np.uint8)
-        d = to_fp16(np.where(max_scale > 0, max_scale / f32(15), f32(0)), self.name)
-        dmin = to_fp16(np.where(max_min > 0, max_min / f32(15), f32(0)), self.name)
+        if importance is None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                sc, mn, L = _make_qkx2(x, np.abs(x), 3, -0.5, 0.1, 15, use_mad=True)
+            sc, mn = sc.reshape(-1, 16), mn.reshape(-1, 16)  # (S, 16)
+            max_scale = np.maximum(sc.max(axis=1), f32(0))
+            max_min = np.maximum(mn.max(axis=1), f32(0))
+            with np.errstate(divide="ignore"):
+                inv_scale = np.where(max_scale > 0, f32(15) / max_scale, f32(0))  # (S,)
+                inv_min = np.where(max_min > 0, f32(15) / max_min, f32(0))
+            ls = np.clip(np.rint(inv_scale[:, None] * sc), 0, 15).astype(np.uint8)
+            lm = np.clip(np.rint(inv_min[:, None] * mn), 0, 15).astype(np.uint8)
+            d_block = np.where(max_scale > 0, max_scale / f32(15), f32(0))
+            m_block = np.where(max_min > 0, max_min / f32(15), f32(0))
+        else:  # ggml's quantize_row_q2_K_impl
+            with np.errstate(over="ignore", invalid="ignore"):
+                weights = _imatrix_weights(x, importance, rows, 16, 1.0)  # (B, 16)
+                sw = _seq_sum(np.ascontiguousarray(weights.T)).reshape(-1, 16)  # (S, 16)
+                sc, mn, L = _make_qkx2(x, weights, 3, -0.9, 0.05, 36)  # make_qkx3_quants
+                d_block, ls = _make_qp(sc.reshape(-1, 16), 15, sw)
+                m_block, lm = _make_qp(mn.reshape(-1, 16), 15, sw)
+        d = to_fp16(d_block, self.name)
+        dmin = to_fp16(m_block, self.name)
         dj = (d.astype(f32)[:, None] * ls.astype(f32)).reshape(-1, 1)  # (B, 1)
         mj = (dmin.astype(f32)[:, None] * lm.astype(f32)).reshape(-1, 1)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -421,16 +514,27 @@ class Q3K(_KQuant):
         rows, cols = w.shape
         nsb = cols // QK_K
         x = w.astype(f32, copy=False).reshape(rows * nsb * 16, 16)  # (B, 16) sub-blocks
-        with np.errstate(over="ignore", invalid="ignore"):
-            sc, L = _make_q3(x, 4)
-        sc = sc.reshape(-1, 16)  # (S, 16)
-        imax = np.abs(sc).argmax(axis=1)[:, None]
-        max_scale = np.take_along_axis(sc, imax, axis=1)[:, 0]  # (S,) signed
-        empty = max_scale == 0
-        iscale = f32(-32) / np.where(empty, f32(1), max_scale)
-        d = to_fp16(np.where(empty, f32(0), f32(1) / iscale), self.name)
-        ls = np.clip(np.rint(iscale[:, None] * sc), -32, 31)
-        ls = np.where(empty[:, None], f32(-32), ls).astype(np.int8)  # (S, 16); a zero block stores 6-bit 0
+        if importance is None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                sc, L = _make_q3(x, 4)
+            sc = sc.reshape(-1, 16)  # (S, 16)
+            imax = np.abs(sc).argmax(axis=1)[:, None]
+            max_scale = np.take_along_axis(sc, imax, axis=1)[:, 0]  # (S,) signed
+            empty = max_scale == 0
+            iscale = f32(-32) / np.where(empty, f32(1), max_scale)
+            d = to_fp16(np.where(empty, f32(0), f32(1) / iscale), self.name)
+            ls = np.clip(np.rint(iscale[:, None] * sc), -32, 31)
+            ls = np.where(empty[:, None], f32(-32), ls).astype(
+                np.int8
+            )  # (S, 16); a zero block stores 6-bit 0
+        else:  # ggml's quantize_row_q3_K_impl
+            with np.errstate(over="ignore", invalid="ignore"):
+                weights = _imatrix_weights(x, importance, rows, 16, 2.0)  # (B, 16)
+                sw = _seq_sum(np.ascontiguousarray(weights.T)).reshape(-1, 16)  # (S, 16)
+                sc, L = _make_qx(x, 4, weights)
+                d_block, l6 = _make_qx(sc.reshape(-1, 16), 32, sw)
+            d = to_fp16(d_block, self.name)
+            ls = (l6.astype(np.int16) - 32).astype(np.int8)
         dj = (d.astype(f32)[:, None] * ls.astype(f32)).reshape(-1, 1)  # (B, 1)
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.clip(np.rint(x / np.where(dj != 0, dj, f32(1))), -4, 3) + f32(4)

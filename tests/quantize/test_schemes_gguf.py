@@ -226,7 +226,7 @@ def test_nbytes_is_the_packed_size(name: str) -> None:
     )
 
 
-IMATRIX_TYPES = ["q4_0", "q5_0", "q4_1", "q5_1"]
+IMATRIX_TYPES = ["q4_0", "q5_0", "q4_1", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 
 
 def _llamacpp_chunk(name: str, w: np.ndarray, importance: np.ndarray) -> np.ndarray:
@@ -253,6 +253,7 @@ def test_importance_bytes_equal_llamacpp_imatrix(name: str) -> None:
     w = np.ascontiguousarray(_weights(40, 512, seed=6))
     importance = rng.lognormal(0, 1, 512).astype(np.float32)
     importance[:32] = 0  # a block nobody reads
+    w[3, :256] = 0  # and a zero super-block
     ours = pack_blocks(quantize_rtn(w, get_scheme(name), importance=importance))
     assert np.array_equal(ours, _llamacpp_chunk(name, w, importance))
 
@@ -268,10 +269,11 @@ def test_importance_lowers_the_weighted_error(name: str) -> None:
     assert err(weighted) < 0.9 * err(plain)
 
 
-def test_importance_of_wrong_length_is_an_error() -> None:
+@pytest.mark.parametrize("name", IMATRIX_TYPES)
+def test_importance_of_wrong_length_is_an_error(name: str) -> None:
     from qkiln.errors import QuantizeError
 
-    with pytest.raises(QuantizeError, match=r"^t: importance has shape \(3,\), expected \(64,\)"):
+    with pytest.raises(QuantizeError, match=r"^t: importance has shape \(3,\), expected \(256,\)"):
         quantize_rtn(
-            np.ones((2, 64), np.float32), get_scheme("q4_0"), name="t", importance=np.ones(3, np.float32)
+            np.ones((2, 256), np.float32), get_scheme(name), name="t", importance=np.ones(3, np.float32)
         )
