@@ -77,7 +77,7 @@ def _append(row: dict) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from qkiln.quantize.calibrate import QuantizeReport, calibration_ids, quantize_model
     from qkiln.quantize.registry import get_scheme
-    from qkiln.quantize.rules import single
+    from qkiln.quantize.rules import Rule, RuleSet, single
     from qkiln.quantize.tensor import QuantizedTensor
     from qkiln.runtime.llama import LlamaModel
     from qkiln.runtime.source import DictSource
@@ -86,6 +86,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     ck = _ckpt()
     tok = ck.tokenizer()
     rules = single(args.grid) if args.fallback else get_scheme(args.grid)
+    if args.embed:  # the tied embedding / head on its own grid, as llama.cpp keeps its output tensor finer
+        rules = RuleSet((Rule("model.embed_tokens.weight", args.embed), Rule("lm_head.weight", args.embed)),
+                        args.grid, fallback=args.fallback)
     ids = None
     if args.algo != "rtn":
         calib_tokens = np.asarray(tok.encode(_text(CALIB), add_special_tokens=False).ids, dtype=np.int64)
@@ -106,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         scores.add_window(w, model.forward(w[None])[0], np.asarray(ref[i]))
     fallbacks = sorted({f"{report.schemes[n]}" for n in report.fallbacks})
     _append({
-        "grid": args.grid, "algo": args.algo, "gptq_grid": args.gptq_grid, "act_order": args.act_order,
+        "grid": args.grid, "embed": args.embed or args.grid, "algo": args.algo, "gptq_grid": args.gptq_grid, "act_order": args.act_order,
         "awq_clip": report.settings.get("awq_clip"), "samples": int(ids.shape[0]) if ids is not None else 0,
         "seq_len": args.seq_len if ids is not None else 0, "kl": scores.mean_kl, "ppl": scores.perplexity,
         "top1": scores.top1_agreement, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20),
@@ -117,11 +120,15 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_table(args: argparse.Namespace) -> None:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    print("| grid | algo | KL | ppl | top-1 | KL / RTN | wall s | peak RSS MB | notes |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    rtn = {r["grid"]: r["kl"] for r in rows if r["algo"] == "rtn"}
+    print("| grid | embed | algo | KL | ppl | top-1 | KL / RTN | wall s | peak RSS MB | notes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def key(r: dict) -> tuple[str, str]:
+        return r["grid"], r.get("embed", r["grid"])
+
+    rtn = {key(r): r["kl"] for r in rows if r["algo"] == "rtn"}
     for r in rows:
-        ratio = r["kl"] / rtn[r["grid"]] if r["grid"] in rtn and rtn[r["grid"]] else float("nan")
+        ratio = r["kl"] / rtn[key(r)] if key(r) in rtn and rtn[key(r)] else float("nan")
         notes = []
         if r.get("gptq_grid") == "original" and "gptq" in r["algo"]:
             notes.append("grid from original W")
@@ -131,7 +138,7 @@ def cmd_table(args: argparse.Namespace) -> None:
             notes.append(f"{r['fallbacks']['count']} tensors fell back to {', '.join(r['fallbacks']['to'])}")
         if r.get("samples"):
             notes.append(f"{r['samples']}x{r['seq_len']} calib")
-        print(f"| {r['grid']} | {r['algo']} | {r['kl']:.4f} | {r['ppl']:.3f} | {100 * r['top1']:.1f}% | "
+        print(f"| {r['grid']} | {key(r)[1]} | {r['algo']} | {r['kl']:.4f} | {r['ppl']:.3f} | {100 * r['top1']:.1f}% | "
               f"{ratio:.2f} | {r.get('wall_s', '')} | {r.get('peak_rss_mb', '')} | {'; '.join(notes)} |")
 
 
@@ -150,6 +157,7 @@ def main() -> None:
             p.add_argument("--act-order", action="store_true")
             p.add_argument("--awq-clip", default=None, type=lambda s: s == "1")
             p.add_argument("--fallback", action="store_true")
+            p.add_argument("--embed", default=None, help="scheme for the embedding / lm_head (default: the grid)")
     args = ap.parse_args()
     {"ref": cmd_ref, "run": cmd_run, "table": cmd_table}[args.cmd](args)
 
