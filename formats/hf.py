@@ -250,13 +250,7 @@ class Checkpoint:
             raise CheckpointError(
                 f"{folder} has no config.json; a Hugging Face checkpoint folder needs config.json beside its weights"
             )
-        try:
-            config = LlamaConfig.from_file(folder / "config.json")
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            # LlamaConfig trusts the types of some optional fields (rope_scaling, rms_norm_eps, ...).
-            raise CheckpointError(
-                f"{folder / 'config.json'} has a malformed field ({type(err).__name__}: {err}); fix or re-download it"
-            ) from None
+        config = LlamaConfig.from_file(folder / "config.json")
 
         headers, entries, owner = _read_weight_headers(folder)
         expected = _check_against_config(folder, config, entries)

@@ -63,8 +63,8 @@ class LlamaConfig:
         try:
             return cls._from_dict(cfg, source)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
-            raise CheckpointError(f"{source}: malformed Llama config ({what}); fix config.json") from None
+            what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise CheckpointError(f"{source} has a malformed field ({what}); fix or re-download it") from None
 
     @classmethod
     def _from_dict(cls, cfg: dict[str, Any], source: str) -> LlamaConfig:
