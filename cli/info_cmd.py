@@ -14,6 +14,7 @@ import typer
 from qkiln.cli.common import handles_errors, print_json
 from qkiln.errors import CheckpointError
 from qkiln.formats.hf import Checkpoint
+from qkiln.runtime.load import resolve_model_path
 
 # How `info` lays out the shapes summary: embeddings, attention, MLP (layer 0; all layers match).
 SHAPE_GROUPS = (
@@ -56,12 +57,13 @@ def _fmt_shape(shape: Any) -> str:
 @handles_errors
 def info(
     model: Annotated[
-        Path, typer.Option("--model", "-m", help="Hugging Face checkpoint folder (config.json + safetensors).")
-    ],
+        Path | None,
+        typer.Option("--model", "-m", help="Hugging Face checkpoint folder; default: the bundled demo model."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Validate a checkpoint and show its architecture, shapes, parameter count, dtypes and tokenizer."""
-    ckpt = Checkpoint.open(model)
+    ckpt = Checkpoint.open(resolve_model_path(model))
     s = ckpt.summary()
     s["tokenizer"] = _tokenizer_info(ckpt)
     if as_json:
