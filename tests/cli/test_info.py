@@ -66,8 +66,12 @@ def test_info_lists_ignored_tensors(make_checkpoint):
     assert "ignored      1 extra tensor(s), e.g. model.layers.0.self_attn.rotary_emb.inv_freq" in r.stdout
 
 
-def test_info_requires_model():
-    assert _info().exit_code == 2
+@pytest.mark.slow
+def test_info_defaults_to_the_demo_model():
+    r = _info("--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["hidden_size"] == 576 and doc["num_hidden_layers"] == 30
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
