@@ -25,6 +25,7 @@ def _root() -> None:
 COMMAND_MODULES = [
     "qkiln.cli.import_gguf_cmd",
     "qkiln.cli.version_cmd",
+    "qkiln.cli.bench_cmd",
     "qkiln.cli.eval_cmd",
     "qkiln.cli.quantize_cmd",
     "qkiln.cli.info_cmd",

@@ -1,0 +1,141 @@
+"""Packed linears for qkiln's runtime: a quantized artifact runs on its own blocks through the C kernels.
+
+`PackedLinear` holds one weight matrix in a kernel layout and is the `op` that `LlamaModel.set_linear`
+takes (x (tokens, in) f32 -> (tokens, out) f32). `load_gguf_model(path)` opens a llama GGUF as a runnable
+model: linears whose ggml type has a kernel (Q4_0, Q8_0, Q4_K, Q6_K) stay packed — q/k rows put back in
+Hugging Face order by moving whole rows of blocks, which is exact — and everything else (norms,
+embeddings, other types) is dequantized with gguf-py as the importer does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qkiln.kernels import api
+from qkiln.kernels.types import BLOCK, WType, block_bytes
+
+KERNEL_TYPES = {int(t) for t in BLOCK}  # ggml type ids with a kernel
+
+
+@dataclass
+class PackedLinear:
+    """One (out, in) weight in a kernel layout; calling it runs y = x W^T on the quantized blocks.
+
+    On the i8mm path Q4_0 is repacked once into Q4_0X2 (row pairs for smmla), as llama.cpp does at load.
+    """
+
+    wtype: WType
+    data: np.ndarray  # (bytes,) uint8 in wtype's layout
+    out_features: int
+    in_features: int
+    nthreads: int | None = None
+    _run_type: WType = field(init=False)
+    _run_data: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.wtype = WType(self.wtype)
+        self.data = np.ascontiguousarray(self.data).view(np.uint8).reshape(-1)
+        want = block_bytes(self.wtype, self.out_features, self.in_features)
+        if self.data.size != want:
+            raise ValueError(f"{self.wtype.name} ({self.out_features}, {self.in_features}) needs {want} bytes, "
+                             f"got {self.data.size}")
+        self._run_type, self._run_data = self.wtype, self.data
+        if self.wtype == WType.Q4_0 and api.prefers_repacked():
+            self._run_type = WType.Q4_0X2
+            self._run_data = api.repack_q4_0x2(self.data, self.out_features, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.size)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)  # (tokens, in)
+        return api.linear_f32(self._run_type, self._run_data, self.out_features, self.in_features, x,
+                              self.nthreads)
+
+
+def plug_packed_linears(model, packed: dict[str, PackedLinear]) -> int:
+    """`model.set_linear(name, op)` for every HF module name in `packed`; returns how many were plugged."""
+    for name, op in packed.items():
+        model.set_linear(name, op)
+    return len(packed)
+
+
+def _rows(t) -> np.ndarray:
+    """A GGUF tensor's bytes as (out rows, bytes per row) uint8."""
+    return np.asarray(t.data, dtype=np.uint8).reshape(t.shape[0], -1)
+
+
+class GGUFSource:
+    """TensorSource over a llama GGUF: dequantizes on request (only what is not packed is ever asked)."""
+
+    def __init__(self, f, config):
+        from qkiln.formats.gguf_import import load_llama_tensors  # noqa: F401  (validates the import path)
+        from qkiln.formats.llama_names import GGUF_DERIVED, gguf_to_hf_name
+
+        self.config = config
+        self._f = f
+        self._by_hf = {gguf_to_hf_name(n, config.num_hidden_layers): n for n in f.tensors if n not in GGUF_DERIVED}
+
+    def names(self) -> list[str]:
+        return list(self._by_hf)
+
+    def gguf_tensor(self, hf_name: str):
+        return self._f.tensors[self._by_hf[hf_name]]
+
+    def tensor(self, name: str) -> np.ndarray:
+        from qkiln.formats.gguf_import import _dequantize
+        from qkiln.formats.llama_names import is_k_proj, is_q_proj, unpermute_qk
+
+        w = _dequantize(self._f, self.gguf_tensor(name))
+        if is_q_proj(name):
+            w = unpermute_qk(w, self.config.num_attention_heads)
+        elif is_k_proj(name):
+            w = unpermute_qk(w, self.config.num_attention_heads, self.config.num_key_value_heads)
+        return w
+
+
+def packed_linears_from_gguf(source: GGUFSource, nthreads: int | None = None) -> dict[str, PackedLinear]:
+    """A PackedLinear per linear (and the head, tied or not) whose ggml type has a kernel."""
+    from qkiln.formats.llama_names import is_k_proj, is_q_proj, unpermute_qk
+
+    cfg = source.config
+    out: dict[str, PackedLinear] = {}
+    names = [n for n in source.names() if n.startswith("model.layers.") and n.endswith("_proj.weight")]
+    head = "lm_head.weight" if "lm_head.weight" in source.names() else "model.embed_tokens.weight"
+    for name in [*names, head]:
+        t = source.gguf_tensor(name)
+        if int(t.ggml_type) not in KERNEL_TYPES or t.shape[1] % BLOCK[WType(int(t.ggml_type))][0]:
+            continue
+        rows = _rows(t)  # (out, row bytes): moving whole rows is exact for any block type
+        if is_q_proj(name):
+            rows = unpermute_qk(rows, cfg.num_attention_heads)
+        elif is_k_proj(name):
+            rows = unpermute_qk(rows, cfg.num_attention_heads, cfg.num_key_value_heads)
+        module = "lm_head" if name == head else name.removesuffix(".weight")
+        out[module] = PackedLinear(WType(int(t.ggml_type)), np.ascontiguousarray(rows).reshape(-1),
+                                   t.shape[0], t.shape[1], nthreads)
+    return out
+
+
+def load_gguf_model(path: str | Path, nthreads: int | None = None):
+    """A `runtime.load.LoadedModel` running a llama GGUF on packed weights (C kernels, else NumPy)."""
+    import tokenizers
+
+    from qkiln.formats.gguf_import import config_from_gguf
+    from qkiln.formats.gguf_read import read_gguf
+    from qkiln.formats.tokenizer_gguf import tokenizer_files
+    from qkiln.runtime.llama import LlamaModel
+    from qkiln.runtime.load import LoadedModel
+
+    f = read_gguf(path)
+    cfg = config_from_gguf(f)
+    source = GGUFSource(f, cfg)
+    model = LlamaModel(source)
+    plug_packed_linears(model, packed_linears_from_gguf(source, nthreads))
+    tok = tokenizers.Tokenizer.from_str(
+        tokenizer_files(f.metadata, where=str(path), model_max_length=cfg.max_position_embeddings)["tokenizer.json"])
+    return LoadedModel(path=Path(path), model=model, tokenizer=tok)
