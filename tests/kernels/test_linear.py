@@ -1,0 +1,74 @@
+"""Packed weights in qkiln's runtime and `qkiln bench`: a GGUF runs on its own blocks and gives the logits of
+the dense dequantized model (up to the int8 activation rounding llama.cpp also does)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from qkiln.kernels import api
+from qkiln.kernels.linear import GGUFSource, PackedLinear, load_gguf_model
+from qkiln.kernels.types import WType
+
+MIXED = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q8_0", "attn_output": "Q4_K", "ffn_gate": "Q4_0",
+         "ffn_up": "Q6_K", "ffn_down": "Q4_K", "token_embd": "Q8_0", "output": "Q4_0"}
+
+
+def test_packed_linear_is_the_dequantized_product():
+    gguf = pytest.importorskip("gguf", reason="gguf-py quantizes the reference weights")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 256)).astype(np.float32)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    for t in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0):
+        blocks = gguf.quants.quantize(w, t)
+        op = PackedLinear(WType(int(t)), blocks, 48, 256)
+        act = api.quantize_activations_q8(x)
+        xq = (act.qs.reshape(3, -1, 32) * act.d[..., None]).reshape(3, 256)
+        np.testing.assert_allclose(op(x), xq @ gguf.quants.dequantize(blocks, t).T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="needs"):
+        PackedLinear(WType.Q4_0, blocks[:10], 48, 256)
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_model_on_packed_weights_matches_dense(make_gguf, tied):
+    path = make_gguf(types=MIXED, tied=tied, hidden=256, intermediate=512)
+    lm = load_gguf_model(path)
+    assert len(lm.model._ops) == 2 * 7 + 1  # every linear and the head run packed
+    from qkiln.runtime.llama import LlamaModel
+
+    dense = LlamaModel(GGUFSource(lm.model.source._f, lm.model.config))
+    ids = np.arange(3, 40, dtype=np.int64)[None]
+    got, want = lm.model.forward(ids)[0], dense.forward(ids)[0]
+    # q/k rows must be unpermuted exactly like the dense import, or attention would be scrambled
+    kl = (_softmax(want) * (np.log(_softmax(want)) - np.log(_softmax(got)))).sum(-1).mean()
+    assert kl < 2e-3, kl
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()  # int8 activation rounding over 2 layers
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def test_bench_cli_json_and_errors(make_gguf, tmp_path):
+    from qkiln.cli.main import app
+
+    path = make_gguf(types={**MIXED, "ffn_up": "Q4_1"}, hidden=256, intermediate=512)
+    r = CliRunner().invoke(app, ["bench", str(path), "--json", "--seconds", "0", "--prompt-tokens", "4",
+                                 "--threads", "2", "--price-per-hour", "1.5"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["kernel_path"] == api.kernel_path()
+    assert doc["stand_ins"] == ["Q4_1->Q4_0"]
+    assert doc["decode_tokens_per_s"] > 0 and doc["prompt_tokens_per_s"] > 0 and doc["machine_copy_gbs"] > 0
+    assert doc["usd_per_million_decode_tokens"] == pytest.approx(1.5 / 3600 / doc["decode_tokens_per_s"] * 1e6, rel=1e-2)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    r = CliRunner().invoke(app, ["bench", str(bad)])
+    assert r.exit_code == 2 and "not a readable GGUF" in r.output
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "missing.gguf")])
+    assert r.exit_code == 2 and "not found" in r.output
