@@ -248,3 +248,28 @@ def test_byte_level_styles_tokenize_like_hf_in_llama_cpp(make_checkpoint, tiny_c
         assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(s, add_special_tokens=False).ids, s
         if style == "llama3":
             assert llm.tokenize(s.encode(), add_bos=True, special=True) == tok.encode(s).ids, s
+
+
+@pytest.mark.parametrize(
+    "preset", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
+)
+def test_rtn_artifact_equals_llama_cpp_quantizer_byte_for_byte(tiny, tmp_path, preset):
+    """qkiln RTN with llama.cpp's mix == llama_model_quantize of qkiln's F32 file: same type per tensor and
+    identical block bytes (so calibrated codes are compared with llama.cpp's at the very same grid and size)."""
+    from gguf import LlamaFileType
+
+    from qkiln.formats.gguf_convert import convert_to_gguf
+    from qkiln.formats.gguf_read import read_gguf
+
+    if "_k" in preset:
+        pytest.importorskip("qkiln.quantize.kquants", reason="K-quant grids not available")
+    base = tmp_path / "f32.gguf"
+    convert_to_gguf(tiny, base, "f32")
+    theirs = bench.llamacpp_quantize(base, tmp_path / "llamacpp.gguf", int(LlamaFileType[f"MOSTLY_{preset.upper()}"]))
+    ours = tmp_path / "qkiln.gguf"
+    convert_to_gguf(tiny, ours, preset)
+    a, b = read_gguf(ours).tensors, read_gguf(theirs).tensors
+    assert set(a) == set(b)
+    for name, t in a.items():
+        assert t.ggml_type == b[name].ggml_type, (name, t.ggml_type.name, b[name].ggml_type.name)
+        assert np.array_equal(np.asarray(t.data), np.asarray(b[name].data)), name
