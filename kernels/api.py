@@ -82,7 +82,8 @@ def _load() -> None:
             from qkiln.kernels.build import BuildError, build_library
 
             try:
-                lib = ctypes.CDLL(str(build_library()))
+                # QKILN_KERNELS_LIB: a prebuilt library (cross-compiled for qemu, or packaged); else build/cache
+                lib = ctypes.CDLL(os.environ.get("QKILN_KERNELS_LIB") or str(build_library()))
                 _declare(lib)
                 if lib.qk_abi_version() != 1:
                     raise OSError("stale kernel library (ABI version mismatch)")

@@ -50,3 +50,30 @@ def test_selftest_under_qemu(arm_binary, cpu, expect, available):
     assert re.search(r"checks=\d+ failures=0", r.stdout)
     for path in available:
         assert f"path {path}: ok" in r.stdout
+
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "arm"
+
+
+@pytest.fixture(scope="module")
+def arm_python(arm_binary) -> None:
+    """Debian's arm64 python3.11 + numpy unpacked into ~/.cache (scripts/arm/fetch_arm_python.sh)."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        pytest.skip("needs apt-get and dpkg-deb to fetch Debian's arm64 python3 and numpy")
+    r = subprocess.run([str(SCRIPTS / "fetch_arm_python.sh")], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        pytest.skip(f"could not fetch Debian's arm64 Python packages: {r.stderr.strip()[-300:]}")
+
+
+def test_python_level_kernels_under_qemu(arm_python):
+    """qkiln.kernels.api from an aarch64 Python with NumPy: every allowed path equals the NumPy reference."""
+    import sys
+
+    cpus = {"cortex-a72": "neon", "neoverse-n1": "dotprod", "a64fx": "sve", "max": "i8mm"}
+    r = subprocess.run([str(SCRIPTS / "run_arm_python.sh"), *cpus], capture_output=True, text=True, timeout=900,
+                       env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stdout + r.stderr
+    for cpu, path in cpus.items():
+        assert re.search(rf"^cpu={re.escape(cpu)} machine=aarch64 .* auto={path} ", r.stdout, re.M), r.stdout
+    assert r.stdout.count("python-check ok") == len(cpus)
+    assert "path numpy: ok" in r.stdout

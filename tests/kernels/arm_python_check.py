@@ -1,0 +1,71 @@
+"""Python-level kernel checks without pytest, for an aarch64 Python under qemu (scripts/arm/run_arm_python.sh):
+the C library loaded through qkiln.kernels.api equals the NumPy reference on every path the CPU allows.
+Prints one line per path and `python-check ok` / exits 1 on the first mismatch."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import numpy as np
+
+from qkiln.kernels import api, numpy_ref
+from qkiln.kernels.types import WType
+
+
+def random_blocks(wtype: WType, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    from qkiln.kernels.types import block_bytes
+
+    raw = rng.integers(0, 256, block_bytes(wtype, n, k), dtype=np.uint8)
+    bsz = {WType.Q4_0: 18, WType.Q8_0: 34, WType.Q4_K: 144, WType.Q6_K: 210}[wtype]
+    blk = raw.reshape(-1, bsz)
+    d = rng.uniform(-0.02, 0.02, (len(blk), 2)).astype(np.float16).view(np.uint8)  # (blocks, 4)
+    if wtype == WType.Q6_K:
+        blk[:, 208:210] = d[:, :2]
+    elif wtype == WType.Q4_K:
+        blk[:, 0:4] = np.abs(d.view(np.float16)).view(np.uint8)
+    else:
+        blk[:, 0:2] = d[:, :2]
+    return raw
+
+
+def main() -> int:
+    rng = np.random.default_rng(0)
+    print(f"{' '.join(sys.argv[1:])} machine={platform.machine()} numpy={np.__version__} "
+          f"auto={api.kernel_path()} available={','.join(api.available_paths())} sve_bytes={api.sve_bytes()}")
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    ref_act = numpy_ref.quantize_q8(x)
+    for path in api.available_paths():
+        api.set_kernel_path(path)
+        act = api.quantize_activations_q8(x)
+        if not (np.array_equal(act.qs, ref_act.qs) and np.array_equal(act.d, ref_act.d)):
+            print(f"FAIL {path}: activation quantization differs")
+            return 1
+        worst = 0.0
+        for wtype in (WType.Q4_0, WType.Q8_0, WType.Q4_K, WType.Q6_K):
+            for n in (1, 7, 64):
+                w = random_blocks(wtype, n, 512, rng)
+                ref, yabs = numpy_ref.gemm(wtype, w, n, 512, ref_act, with_abs=True)
+                ws, wt = (api.repack_q4_0x2(w, n, 512), WType.Q4_0X2) if wtype == WType.Q4_0 else (w, wtype)
+                for weights, t in ((w, wtype), (ws, wt)):
+                    y = api.gemm(t, weights, n, 512, ref_act)
+                    err = float(np.max(np.abs(y - ref) / (yabs + 1e-30)))
+                    worst = max(worst, err)
+                    if err > numpy_ref.TOLERANCE:
+                        print(f"FAIL {path} {t.name} n={n}: relative error {err}")
+                        return 1
+        codes = rng.integers(0, 256, (9, 256), dtype=np.uint8)
+        scales = rng.uniform(0.01, 0.1, (9, 4)).astype(np.float32)
+        zeros = rng.integers(0, 16, (9, 4), dtype=np.uint8)
+        ref, yabs = numpy_ref.gemm_int4g(codes, scales, zeros, 128, 9, 512, ref_act, with_abs=True)
+        y = api.gemm_int4g(codes, scales, zeros, 128, 9, 512, ref_act)
+        if np.any(np.abs(y - ref) > numpy_ref.TOLERANCE * yabs + 1e-30):
+            print(f"FAIL {path} int4 g128")
+            return 1
+        print(f"path {path}: ok (worst relative error {worst:.2e})")
+    print("python-check ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
