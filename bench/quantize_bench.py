@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--algo", default="gptq")
     ap.add_argument("--scheme", default="int4_g64_asym")
     ap.add_argument("--batch-samples", type=int, default=8)
+    ap.add_argument("--max-layers", type=int, default=None,
+                    help="stop after this many decoder layers and extrapolate the wall time (every layer costs the same)")
     args = ap.parse_args()
 
     from qkiln.demo import demo_model_dir
@@ -47,21 +49,33 @@ def main() -> None:
     report = QuantizeReport(algo=args.algo)
     t0 = time.perf_counter()
     n_quantized = 0
-    for _name, _value in quantize_model(ck, get_scheme(args.scheme), args.algo, ids, report=report,
-                                        batch_samples=args.batch_samples):
+    n_layers = ck.config.num_hidden_layers
+    for name, _value in quantize_model(ck, get_scheme(args.scheme), args.algo, ids, report=report,
+                                       batch_samples=args.batch_samples):
         n_quantized += 1  # the consumer keeps nothing: this measures the quantizer's own footprint
+        if args.max_layers and name == f"model.layers.{args.max_layers - 1}.post_attention_layernorm.weight":
+            break
     wall = time.perf_counter() - t0
+    report.peak_rss_bytes = peak_rss_bytes()
+    done = len(report.layer_seconds)
+    extrapolated = None
+    if done < n_layers:  # embedding RTN + measured layers + the rest at the measured mean
+        extrapolated = wall + (n_layers - done) * float(np.mean(report.layer_seconds))
     doc = {
         "algo": args.algo, "scheme": args.scheme, "samples": int(ids.shape[0]), "seq_len": args.seq_len,
         "distinct_calibration_tokens": len(tokens), "text_repeats": reps,
-        "wall_seconds": round(wall, 1), "peak_rss_mb": round(report.peak_rss_bytes / 2**20),
+        "wall_seconds": round(wall, 1), "layers_run": done,
+        "wall_seconds_extrapolated_to_all_layers": round(extrapolated, 1) if extrapolated else None, "peak_rss_mb": round(report.peak_rss_bytes / 2**20),
         "rss_before_mb": round(rss_before / 2**20), "tensors": n_quantized,
         "layer_seconds_mean": round(float(np.mean(report.layer_seconds)), 2),
         "load_average": os.getloadavg(), "cpus": os.cpu_count(),
         "goals": {"wall_seconds": 60, "peak_rss_mb": 2000},
     }
     print(json.dumps(doc, indent=2))
-    print(f"wall time {wall:.1f} s, peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB")
+    total = extrapolated or wall
+    note = f" (extrapolated from {done} layers)" if extrapolated else ""
+    print(f"wall time {total:.1f} s{note}, "
+          f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":
