@@ -4,6 +4,7 @@
  * sleeping thread each time would cost more than the product) and then sleep on a condition variable. */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -202,7 +203,7 @@ void qk_repack_q4_0x2(const void *src, int N, int K, void *dst) {
 /* ---- thread pool ---------------------------------------------------------------------------------- */
 
 #define MAX_WORKERS 63
-#define SPIN_ROUNDS 200000
+#define SPIN_ROUNDS 20000 /* ~0.5 ms of pause: covers the gap between a token's products */
 
 static struct {
     pthread_mutex_t mu;
@@ -247,6 +248,7 @@ static void *worker(void *arg) {
         unsigned g;
         while ((g = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen) {
             if (++spins < SPIN_ROUNDS) {
+                if (spins % 1024 == 0) sched_yield(); /* an oversubscribed machine: let the holder run */
                 cpu_relax();
                 continue;
             }
@@ -313,7 +315,10 @@ static void run(qk_rows_fn fn, const qk_job *job, int nthreads) {
         pthread_mutex_unlock(&pool.mu);
     }
     run_chunks();
-    while (atomic_load_explicit(&pool.done_chunks, memory_order_acquire) < nchunks) cpu_relax();
+    for (int spins = 1; atomic_load_explicit(&pool.done_chunks, memory_order_acquire) < nchunks; spins++) {
+        if (spins % 1024 == 0) sched_yield(); /* a descheduled worker holds the last chunk */
+        cpu_relax();
+    }
     pthread_mutex_unlock(&g_call);
 }
 
