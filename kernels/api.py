@@ -220,6 +220,28 @@ def linear_f32(wtype: WType, w: np.ndarray, n: int, k: int, x: np.ndarray, nthre
     return y
 
 
+def linear_fn(wtype: WType, w: np.ndarray, n: int, k: int, nthreads: int | None = None):
+    """A callable x (M, K) f32 -> y (M, N) f32 bound to these weights, with the per-call work cut to the C
+    call (decode runs a few hundred small products per token, so Python overhead matters). Keeps `w` alive."""
+    _load()
+    if _use_numpy:
+        return lambda x: gemm(wtype, w, n, k, x, nthreads)
+    w = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
+    if w.size != block_bytes(WType(wtype), n, k):
+        raise ValueError(f"{WType(wtype).name} weights of shape ({n}, {k}) need {block_bytes(WType(wtype), n, k)} bytes")
+    fn, wptr, t, code = _lib.qk_linear_f32, _ptr(w), _threads(nthreads), int(wtype)
+
+    def run(x: np.ndarray, _keep: np.ndarray = w) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        m = x.shape[0]
+        y = np.empty((m, n), np.float32)
+        if fn(code, wptr, n, k, x.ctypes.data, m, y.ctypes.data, t) != 0:
+            raise ValueError(f"qk_linear_f32 rejected {WType(code).name} ({n}, {k}) x M={m}")
+        return y
+
+    return run
+
+
 def gemv_q4_0(packed: np.ndarray, x: np.ndarray, n: int, k: int, nthreads: int | None = None) -> np.ndarray:
     """y (N,) = W x for one activation vector x (K,) and Q4_0 bytes."""
     return gemm(WType.Q4_0, packed, n, k, np.asarray(x).reshape(1, -1), nthreads)[0]

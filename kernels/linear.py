@@ -34,6 +34,7 @@ class PackedLinear:
     nthreads: int | None = None
     _run_type: WType = field(init=False)
     _run_data: np.ndarray = field(init=False, repr=False)
+    _fn: object = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.wtype = WType(self.wtype)
@@ -46,15 +47,14 @@ class PackedLinear:
         if self.wtype == WType.Q4_0 and api.prefers_repacked():
             self._run_type = WType.Q4_0X2
             self._run_data = api.repack_q4_0x2(self.data, self.out_features, self.in_features)
+        self._fn = api.linear_fn(self._run_type, self._run_data, self.out_features, self.in_features, self.nthreads)
 
     @property
     def nbytes(self) -> int:
         return int(self.data.size)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)  # (tokens, in)
-        return api.linear_f32(self._run_type, self._run_data, self.out_features, self.in_features, x,
-                              self.nthreads)
+        return self._fn(x)  # x (tokens, in) -> (tokens, out)
 
 
 def plug_packed_linears(model, packed: dict[str, PackedLinear]) -> int:
