@@ -64,6 +64,37 @@ def plug_packed_linears(model, packed: dict[str, PackedLinear]) -> int:
     return len(packed)
 
 
+def packed_linear_from_quantized(qt, nthreads: int | None = None) -> PackedLinear | None:
+    """A QuantizedTensor on a llama.cpp grid -> PackedLinear on its ggml blocks (quantize/ggml_pack.py),
+    or None when its ggml type has no kernel (the caller keeps the dense dequantized weight)."""
+    from gguf import GGMLQuantizationType
+
+    from qkiln.errors import QuantizeError
+    from qkiln.quantize.ggml_pack import ggml_type_name, pack_blocks
+
+    try:
+        tid = int(GGMLQuantizationType[ggml_type_name(qt.scheme.name)])
+    except QuantizeError:
+        return None
+    rows, cols = qt.shape
+    if tid not in KERNEL_TYPES or cols % BLOCK[WType(tid)][0]:
+        return None
+    return PackedLinear(WType(tid), np.ascontiguousarray(pack_blocks(qt)).reshape(-1), rows, cols, nthreads)
+
+
+def plug_quantized(model, tensors: dict, nthreads: int | None = None) -> list[str]:
+    """Plug a PackedLinear for every (HF weight or module name -> QuantizedTensor) with a kernel; returns the
+    names that stayed dense (replace those with `model.replace_tensor(name, qt.dequantize())`)."""
+    dense = []
+    for name, qt in tensors.items():
+        op = packed_linear_from_quantized(qt, nthreads)
+        if op is None:
+            dense.append(name)
+        else:
+            model.set_linear(name.removesuffix(".weight"), op)
+    return dense
+
+
 def _rows(t) -> np.ndarray:
     """A GGUF tensor's bytes as (out rows, bytes per row) uint8."""
     return np.asarray(t.data, dtype=np.uint8).reshape(t.shape[0], -1)

@@ -72,3 +72,24 @@ def test_bench_cli_json_and_errors(make_gguf, tmp_path):
     assert r.exit_code == 2 and "not a readable GGUF" in r.output
     r = CliRunner().invoke(app, ["bench", str(tmp_path / "missing.gguf")])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+@pytest.mark.parametrize("scheme", ["q4_0", "q8_0", "q4_k", "q6_k", "q5_0"])
+def test_quantized_tensor_plugs_as_packed_linear(scheme):
+    """A QuantizedTensor from qkiln's quantizers runs on its ggml blocks and equals its dequantized product."""
+    from qkiln.kernels.linear import packed_linear_from_quantized
+    from qkiln.quantize.registry import get_scheme
+    from qkiln.quantize.rtn import quantize_rtn
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 512)).astype(np.float32)
+    qt = quantize_rtn(w, get_scheme(scheme))
+    op = packed_linear_from_quantized(qt)
+    if scheme == "q5_0":
+        assert op is None  # no kernel: stays dense
+        return
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    act = api.quantize_activations_q8(x)
+    xq = (act.qs.reshape(2, -1, 32) * act.d[..., None]).reshape(2, 512)
+    want = xq @ qt.dequantize().T
+    np.testing.assert_allclose(op(x), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
