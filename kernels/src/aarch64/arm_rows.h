@@ -52,6 +52,83 @@ static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp,
     return vaddvq_f32(acc);
 }
 
+static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    float corr = 0.0f;
+    const uint8x16_t m4 = vdupq_n_u8(0x0f);
+    for (int s = 0; s < nsb; s++, w += Q4_K_BYTES) {
+        const float d = h2f_arm(w), dmin = h2f_arm(w + 2);
+        const uint8_t *scales = w + 4, *qs = w + 16;
+        for (int j2 = 0; j2 < 4; j2++) {
+            const uint8x16_t r0 = vld1q_u8(qs + j2 * 32), r1 = vld1q_u8(qs + j2 * 32 + 16);
+            for (int h = 0; h < 2; h++) {
+                const int jj = 2 * j2 + h, b = s * 8 + jj;
+                int sc, m;
+                qk_q4k_scale_min(jj, scales, &sc, &m);
+                const int8x16_t q0 = vreinterpretq_s8_u8(h ? vshrq_n_u8(r0, 4) : vandq_u8(r0, m4));
+                const int8x16_t q1 = vreinterpretq_s8_u8(h ? vshrq_n_u8(r1, 4) : vandq_u8(r1, m4));
+                const int8_t *ab = a + (size_t)b * QK8;
+                const int32x4_t p = DOT16(DOT16(vdupq_n_s32(0), q0, vld1q_s8(ab)), q1, vld1q_s8(ab + 16));
+                acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), ad[b] * (d * (float)sc));
+                corr += ad[b] * ((dmin * (float)m) * (float)as[b]);
+            }
+        }
+    }
+    return vaddvq_f32(acc) - corr;
+}
+
+static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, int nsb) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    const uint8x16_t m4 = vdupq_n_u8(0x0f), three = vdupq_n_u8(3);
+    const int8x16_t off = vdupq_n_s8(32);
+    for (int s = 0; s < nsb; s++, w += Q6_K_BYTES) {
+        const uint8_t *ql = w, *qh = w + 128;
+        const int8_t *sc = (const int8_t *)(w + 192);
+        const float d = h2f_arm(w + 208);
+        for (int h = 0; h < 2; h++) {
+            const uint8x16_t hb[2] = {vld1q_u8(qh + h * 32), vld1q_u8(qh + h * 32 + 16)};
+            for (int cc = 0; cc < 4; cc++) {
+                const int c = h * 4 + cc, b = s * 8 + c;
+                const uint8_t *src = ql + h * 64 + (cc & 1) * 32;
+                const int8_t *ab = a + (size_t)b * QK8;
+                int32x4_t isum = vdupq_n_s32(0);
+                for (int half = 0; half < 2; half++) {
+                    const uint8x16_t l = vld1q_u8(src + half * 16);
+                    const uint8x16_t lo = (cc >> 1) ? vshrq_n_u8(l, 4) : vandq_u8(l, m4);
+                    uint8x16_t hi = hb[half];
+                    switch (cc) { /* shift counts must be immediates */
+                    case 1: hi = vshrq_n_u8(hi, 2); break;
+                    case 2: hi = vshrq_n_u8(hi, 4); break;
+                    case 3: hi = vshrq_n_u8(hi, 6); break;
+                    default: break;
+                    }
+                    const int8x16_t q = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(lo, vshlq_n_u8(vandq_u8(hi, three), 4))), off);
+                    const int32x4_t p = DOT16(vdupq_n_s32(0), q, vld1q_s8(ab + half * 16));
+                    isum = vmlaq_n_s32(isum, p, sc[2 * c + half]);
+                }
+                acc = vfmaq_n_f32(acc, vcvtq_f32_s32(isum), d * ad[b]);
+            }
+        }
+    }
+    return vaddvq_f32(acc);
+}
+
+static void rows_q4_k(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8, nsb = j->K / QKK;
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->N + n] = dot_q4_k(j->w + (size_t)n * nsb * Q4_K_BYTES, j->qs + (size_t)m * j->K,
+                                                  j->d + (size_t)m * nb, j->sums + (size_t)m * nb, nsb);
+}
+
+static void rows_q6_k(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8, nsb = j->K / QKK;
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->N + n] = dot_q6_k(j->w + (size_t)n * nsb * Q6_K_BYTES, j->qs + (size_t)m * j->K,
+                                                  j->d + (size_t)m * nb, nsb);
+}
+
 static void rows_q4_0(const qk_job *j, int n0, int n1) {
     const int nb = j->K / QK8;
     for (int n = n0; n < n1; n++)
@@ -81,4 +158,6 @@ void FILL_NAME(qk_kernels *k) {
     k->q4_0 = rows_q4_0;
     k->q8_0 = rows_q8_0;
     k->int4g = rows_int4g;
+    k->q4_k = rows_q4_k;
+    k->q6_k = rows_q6_k;
 }
