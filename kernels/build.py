@@ -70,7 +70,10 @@ def host_arch() -> str:
 
 
 def find_cc() -> str | None:
-    """$QKILN_CC, else $CC, else cc/gcc/clang on PATH."""
+    """$QKILN_CC (authoritative when set: a missing one means "no compiler"), else $CC, else cc/gcc/clang."""
+    forced = os.environ.get("QKILN_CC")
+    if forced:
+        return forced if shutil.which(forced) else None
     for cand in (os.environ.get("QKILN_CC"), os.environ.get("CC"), "cc", "gcc", "clang"):
         if cand and shutil.which(cand):
             return cand

@@ -229,3 +229,15 @@ def test_numpy_path_serves_the_same_api():
     assert api.kernel_path() == "numpy"
     np.testing.assert_allclose(api.gemm_q4_0(w, x, 8, 256), c, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(api.gemv_q4_0(w, x[0], 8, 256), c[0], rtol=1e-5, atol=1e-6)
+
+
+def test_no_compiler_falls_back_to_numpy(tmp_path):
+    """A machine without a C compiler still runs every product, through the NumPy path."""
+    code = ("import numpy as np; from qkiln.kernels import api; from qkiln.kernels.types import WType;"
+            "w = np.zeros(4 * 18, np.uint8); y = api.gemm(WType.Q4_0, w, 4, 32, np.ones((1, 32), np.float32));"
+            "print(api.kernel_path(), y.shape)")
+    env = {**os.environ, "QKILN_CC": "/nonexistent/cc", "QKILN_KERNELS_CACHE": str(tmp_path)}
+    env.pop("QKILN_KERNEL", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["numpy", "(1,", "4)"]
+    assert not list(tmp_path.iterdir())
