@@ -2,7 +2,7 @@
 bandwidth, and decode tokens/s of the demo model's Q4_0 GGUF through qkiln's runtime vs llama.cpp.
 
     python bench/kernel_bench.py gemv [--threads 2] [--seconds 3]
-    python bench/kernel_bench.py decode --gguf demo-q4_0.gguf [--tokens 64]
+    python bench/kernel_bench.py decode [--gguf Q4_0.gguf] [--tokens 64]   (default: the demo model's Q4_0)
     python bench/kernel_bench.py all --gguf ...          (prints one JSON document)
 
 GEMV: 4096-in x 11008-out matrices (a 7B model's FFN), enough of them to exceed the last-level cache
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import numpy as np
@@ -84,11 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         out["gemv_q4_0"] = gemv_bandwidth(threads=args.threads, seconds=args.seconds)
         out["gemv_int4_g128"] = gemv_bandwidth(threads=args.threads, seconds=args.seconds, wtype="int4g")
     if args.what in ("decode", "all"):
-        from qkiln.kernels.decode_compare import compare_decode
+        from qkiln.kernels.decode_compare import compare_decode, demo_q4_0_gguf
 
-        if not args.gguf:
-            sys.exit("decode needs --gguf FILE (a Q4_0 GGUF)")
-        out["decode"] = compare_decode(args.gguf, tokens=args.tokens, threads=args.threads)
+        out["decode"] = compare_decode(args.gguf or demo_q4_0_gguf(), tokens=args.tokens, threads=args.threads)
     print(json.dumps(out, indent=2))
 
 

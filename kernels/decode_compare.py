@@ -15,6 +15,30 @@ import numpy as np
 PROMPT = "The GNU General Public License is a free, copyleft license for software and other kinds of works."
 
 
+def demo_q4_0_gguf() -> Path:
+    """The demo model as a Q4_0 GGUF, made once by llama.cpp's own quantizer from the bundled Q4_1 file
+    (re-quantized: llama.cpp falls back to Q8_0 for the 576-wide embedding, as for any Q4_0 model)."""
+    import ctypes
+
+    import llama_cpp
+
+    from qkiln.demo import cache_dir, demo_gguf_path
+
+    dest = cache_dir() / "bench" / "demo-q4_0.gguf"
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.allow_requantize = True
+    rc = llama_cpp.llama_model_quantize(str(demo_gguf_path()).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc})")
+    tmp.replace(dest)
+    return dest
+
+
 def qkiln_decode(path: str | Path, tokens: int = 64, threads: int | None = None, prompt: str = PROMPT) -> dict:
     from qkiln.kernels import api
     from qkiln.kernels.linear import load_gguf_model
