@@ -93,3 +93,25 @@ def test_quantized_tensor_plugs_as_packed_linear(scheme):
     xq = (act.qs.reshape(2, -1, 32) * act.d[..., None]).reshape(2, 512)
     want = xq @ qt.dequantize().T
     np.testing.assert_allclose(op(x), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_demo_q4_0_on_packed_weights_agrees_with_llama_cpp():
+    """The demo model's Q4_0 GGUF (llama.cpp's quantizer) through qkiln's runtime on its packed blocks gives
+    llama.cpp's next-token distribution: both quantize activations to int8 per 32, so they nearly coincide."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference runtime")
+    from qkiln.kernels.decode_compare import PROMPT, demo_q4_0_gguf
+
+    path = demo_q4_0_gguf()
+    lm = load_gguf_model(path)
+    ids = lm.encode(PROMPT)
+    ours = lm.model.forward(ids[None])[0]  # (s, vocab)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    assert list(llm.tokenize(PROMPT.encode(), add_bos=False, special=False)) == ids.tolist()
+    llm.eval(ids.tolist())
+    theirs = np.array(llm.scores[: ids.size], dtype=np.float32)
+    p, q = _softmax(theirs), _softmax(ours)
+    kl = float((p * (np.log(p + 1e-30) - np.log(q + 1e-30))).sum(-1).mean())
+    assert kl < 0.05, kl
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.85
