@@ -57,7 +57,59 @@ class PackedLinear:
         return self._fn(x)  # x (tokens, in) -> (tokens, out)
 
 
-def plug_packed_linears(model, packed: dict[str, PackedLinear]) -> int:
+class FusedPacked:
+    """Linears that read the same input (q/k/v, gate/up) as ONE packed matrix: the first member called with an
+    input runs the whole product once and the others return their slice of it. Fewer, larger products per
+    token: one activation quantization, one thread hand-off. The cache is keyed by the input object itself
+    (the runtime passes the same array to each member, unmodified); any other input recomputes."""
+
+    def __init__(self, members: list[tuple[str, PackedLinear]]):
+        first = members[0][1]
+        assert all(m.wtype == first.wtype and m.in_features == first.in_features for _, m in members)
+        data = np.concatenate([m.data for _, m in members])
+        self.names = [name for name, _ in members]
+        self.bounds = np.cumsum([0] + [m.out_features for _, m in members])
+        self.linear = PackedLinear(first.wtype, data, int(self.bounds[-1]), first.in_features, first.nthreads)
+        self._x: np.ndarray | None = None
+        self._y: np.ndarray | None = None
+        self._pending: set[int] = set()
+
+    def member(self, i: int):
+        def op(x: np.ndarray) -> np.ndarray:
+            if not (self._x is x and i in self._pending):
+                self._x, self._y = x, self.linear(x)
+                self._pending = set(range(len(self.names)))
+            self._pending.discard(i)
+            y = self._y
+            assert y is not None
+            if not self._pending:
+                self._x = self._y = None  # drop the references once every member has its slice
+            return y[:, self.bounds[i] : self.bounds[i + 1]]
+
+        return op
+
+
+def fuse_shared_inputs(packed: dict[str, PackedLinear]) -> dict[str, object]:
+    """Replace each layer's q/k/v and gate/up PackedLinears by members of a FusedPacked when they share a
+    weight type; everything else is returned unchanged."""
+    out: dict[str, object] = dict(packed)
+    groups = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+    prefixes = {name.rsplit(".", 2)[0] for name in packed if name.startswith("model.layers.")}
+    for prefix in prefixes:
+        for group in groups:
+            names = [f"{prefix}.{g}" for g in group]
+            if not all(n in packed for n in names):
+                continue
+            ops = [packed[n] for n in names]
+            if len({(o.wtype, o.in_features) for o in ops}) != 1:
+                continue
+            fused = FusedPacked(list(zip(names, ops, strict=True)))
+            for i, n in enumerate(names):
+                out[n] = fused.member(i)
+    return out
+
+
+def plug_packed_linears(model, packed: dict) -> int:
     """`model.set_linear(name, op)` for every HF module name in `packed`; returns how many were plugged."""
     for name, op in packed.items():
         model.set_linear(name, op)
@@ -166,7 +218,7 @@ def load_gguf_model(path: str | Path, nthreads: int | None = None):
     cfg = config_from_gguf(f)
     source = GGUFSource(f, cfg)
     model = LlamaModel(source)
-    plug_packed_linears(model, packed_linears_from_gguf(source, nthreads))
+    plug_packed_linears(model, fuse_shared_inputs(packed_linears_from_gguf(source, nthreads)))
     tok = tokenizers.Tokenizer.from_str(
         tokenizer_files(f.metadata, where=str(path), model_max_length=cfg.max_position_embeddings)["tokenizer.json"])
     return LoadedModel(path=Path(path), model=model, tokenizer=tok)

@@ -115,3 +115,23 @@ def test_demo_q4_0_on_packed_weights_agrees_with_llama_cpp():
     kl = float((p * (np.log(p + 1e-30) - np.log(q + 1e-30))).sum(-1).mean())
     assert kl < 0.05, kl
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.85
+
+
+def test_fused_members_equal_separate_products_in_any_order():
+    from qkiln.kernels.linear import FusedPacked
+
+    rng = np.random.default_rng(4)
+    ops = []
+    for i, n in enumerate((64, 32, 32)):
+        w = rng.integers(0, 256, n * 8 * 18, dtype=np.uint8)
+        w.reshape(-1, 18)[:, :2] = np.array([0.01 * (i + 1)], np.float16).view(np.uint8)
+        ops.append((f"m{i}", PackedLinear(WType.Q4_0, w, n, 256)))
+    fused = FusedPacked(ops)
+    x1, x2 = (rng.standard_normal((3, 256)).astype(np.float32) for _ in range(2))
+    members = [fused.member(i) for i in range(3)]
+    for order in ((0, 1, 2), (2, 0, 1)):
+        for i in order:
+            np.testing.assert_array_equal(members[i](x1), ops[i][1](x1))
+    np.testing.assert_array_equal(members[1](x1), ops[1][1](x1))
+    np.testing.assert_array_equal(members[2](x2), ops[2][1](x2))  # a new input recomputes
+    np.testing.assert_array_equal(members[0](x2), ops[0][1](x2))
