@@ -170,12 +170,14 @@ def cmd_ppl(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def score_against_reference(ref: Path, candidates: list[tuple[str, Path]], windows: np.ndarray) -> list[dict]:
+def score_against_reference(
+    ref: Path, candidates: list[tuple[str, Path]], windows: np.ndarray, *, repack: bool = True
+) -> list[dict]:
     """Window by window: the reference's logits once, then every candidate's, all through llama.cpp."""
     from qkiln.validate.metrics import TokenScores
 
     ref_fn = llamacpp_logits(llamacpp_model(ref))
-    fns = [llamacpp_logits(llamacpp_model(path)) for _, path in candidates]
+    fns = [llamacpp_logits(llamacpp_model(path, repack=repack)) for _, path in candidates]
     ref_scores = TokenScores()
     scores = [TokenScores() for _ in candidates]
     for i, window in enumerate(windows):
