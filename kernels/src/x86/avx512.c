@@ -78,9 +78,45 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
     return _mm512_reduce_add_ps(acc) + tail;
 }
 
+/* Four rows against one activation row: the activation shuffle, its 8*sum correction and its scales are
+ * computed once per block pair and shared by the four weight rows (decode GEMV is dominated by this loop). */
+static void dot4_q4_0(const uint8_t *w, size_t stride, const int8_t *a, const float *ad, int nb, float *out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m512i eight = _mm512_set1_epi8(8);
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        __m512i av = _mm512_loadu_si512((const void *)(a + (size_t)b * QK8));
+        av = _mm512_shuffle_i64x2(av, av, _MM_SHUFFLE(3, 1, 2, 0));
+        const __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, av);
+        const float a0 = ad[b], a1 = ad[b + 1];
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *w0 = w + r * stride + (size_t)b * Q4_0_BYTES, *w1 = w0 + Q4_0_BYTES;
+            const __m256i raw = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(w1 + 2)),
+                                                 _mm_loadu_si128((const __m128i *)(w0 + 2)));
+            const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            const __m512i sres = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, av), corr);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sres), scales_interleaved(h2f(w0) * a0, h2f(w1) * a1), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        out[r] = _mm512_reduce_add_ps(acc[r]);
+        if (b < nb) out[r] += dot_q4_0(w + r * stride + (size_t)b * Q4_0_BYTES, a + (size_t)b * QK8, ad + b, 1);
+    }
+}
+
 static void rows_q4_0(const qk_job *j, int n0, int n1) {
     const int nb = j->K / QK8;
-    for (int n = n0; n < n1; n++) {
+    const size_t stride = (size_t)nb * Q4_0_BYTES;
+    int n = n0;
+    for (; n + 4 <= n1; n += 4)
+        for (int m = 0; m < j->M; m++) {
+            float r[4];
+            dot4_q4_0(j->w + (size_t)n * stride, stride, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb, r);
+            for (int i = 0; i < 4; i++) j->y[(size_t)m * j->N + n + i] = r[i];
+        }
+    for (; n < n1; n++) {
         const uint8_t *w = j->w + (size_t)n * nb * Q4_0_BYTES;
         for (int m = 0; m < j->M; m++)
             j->y[(size_t)m * j->N + n] = dot_q4_0(w, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
