@@ -123,9 +123,40 @@ static void rows_q4_0(const qk_job *j, int n0, int n1) {
     }
 }
 
+/* Four Q8_0 rows against one activation row, sharing the activation load and its 128*sum correction. */
+static void dot4_q8_0(const uint8_t *w, size_t stride, const int8_t *a, const float *ad, int nb, float *out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const __m512i av = _mm512_loadu_si512((const void *)(a + (size_t)b * QK8));
+        const __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, av);
+        const float a0 = ad[b], a1 = ad[b + 1];
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *w0 = w + r * stride + (size_t)b * Q8_0_BYTES, *w1 = w0 + Q8_0_BYTES;
+            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w0 + 2))),
+                                                 _mm256_loadu_si256((const __m256i *)(w1 + 2)), 1);
+            const __m512i sres = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(q, bias), av), corr);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sres), scales_halves(h2f(w0) * a0, h2f(w1) * a1), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        out[r] = _mm512_reduce_add_ps(acc[r]);
+        if (b < nb) out[r] += dot_q8_0(w + r * stride + (size_t)b * Q8_0_BYTES, a + (size_t)b * QK8, ad + b, 1);
+    }
+}
+
 static void rows_q8_0(const qk_job *j, int n0, int n1) {
     const int nb = j->K / QK8;
-    for (int n = n0; n < n1; n++) {
+    const size_t stride = (size_t)nb * Q8_0_BYTES;
+    int n = n0;
+    for (; n + 4 <= n1; n += 4)
+        for (int m = 0; m < j->M; m++) {
+            float r[4];
+            dot4_q8_0(j->w + (size_t)n * stride, stride, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb, r);
+            for (int i = 0; i < 4; i++) j->y[(size_t)m * j->N + n + i] = r[i];
+        }
+    for (; n < n1; n++) {
         const uint8_t *w = j->w + (size_t)n * nb * Q8_0_BYTES;
         for (int m = 0; m < j->M; m++)
             j->y[(size_t)m * j->N + n] = dot_q8_0(w, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
