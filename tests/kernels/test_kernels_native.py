@@ -239,3 +239,22 @@ def test_no_compiler_falls_back_to_numpy(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["numpy", "(1,", "4)"]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q8_0, WType.Q4_0X2], ids=lambda t: t.name)
+@pytest.mark.parametrize("shape", [(9, 96, 2), (13, 544, 1), (4, 32, 3)], ids=str)
+def test_odd_block_counts(wtype, shape):
+    """K/32 odd (3, 17, 1 blocks): the two-blocks-per-vector kernels must finish the last block alone."""
+    n, k, m = shape
+    rng = np.random.default_rng(k)
+    for unit in (False, True):
+        w = random_weights(wtype, n, k, rng, unit_scales=unit)
+        act = unit_activations(m, k, rng) if unit else numpy_ref.quantize_q8(rng.standard_normal((m, k)).astype(np.float32))
+        ref, yabs = numpy_ref.gemm(wtype, w, n, k, act, with_abs=True)
+        for p in C_PATHS:
+            api.set_kernel_path(p)
+            y = api.gemm(wtype, w, n, k, act)
+            if unit:
+                np.testing.assert_array_equal(y, ref, err_msg=p)
+            else:
+                assert (np.abs(y - ref) <= numpy_ref.TOLERANCE * yabs + 1e-30).all(), p
