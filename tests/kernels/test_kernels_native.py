@@ -258,3 +258,19 @@ def test_odd_block_counts(wtype, shape):
                 np.testing.assert_array_equal(y, ref, err_msg=p)
             else:
                 assert (np.abs(y - ref) <= numpy_ref.TOLERANCE * yabs + 1e-30).all(), p
+
+
+def test_c_selftest_natively(tmp_path):
+    """The same C self-test the qemu runs use, on this machine's paths (needs a C compiler)."""
+    from qkiln.kernels.build import build_test_binary, find_cc, host_arch
+
+    cc = find_cc()
+    if cc is None:
+        pytest.skip("no C compiler")
+    exe = build_test_binary(tmp_path / "selftest", cc, host_arch(), Path(__file__).parent / "kernel_selftest.c")
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout
+    best = next(p for p in ("avx512", "avx2", "i8mm", "sve", "dotprod", "neon", "scalar") if p in C_PATHS)
+    assert r.stdout.startswith(f"auto={best} ")
+    for p in C_PATHS:
+        assert f"path {p}: ok" in r.stdout
