@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def main() -> None:
     reps = -(-need // len(tokens))
     ids = calibration_ids(np.tile(tokens, reps), args.samples, args.seq_len)
     rss_before = peak_rss_bytes()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     report = QuantizeReport(algo=args.algo)
     t0 = time.perf_counter()
     n_quantized = 0
@@ -56,16 +58,21 @@ def main() -> None:
         if args.max_layers and name == f"model.layers.{args.max_layers - 1}.post_attention_layernorm.weight":
             break
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)  # seconds, all threads
     report.peak_rss_bytes = peak_rss_bytes()
     done = len(report.layer_seconds)
     extrapolated = None
+    cpu_all = cpu
     if done < n_layers:  # embedding RTN + measured layers + the rest at the measured mean
         extrapolated = wall + (n_layers - done) * float(np.mean(report.layer_seconds))
+        cpu_all = cpu * n_layers / done  # CPU seconds are what a busy machine does not inflate
     doc = {
         "algo": args.algo, "scheme": args.scheme, "samples": int(ids.shape[0]), "seq_len": args.seq_len,
         "distinct_calibration_tokens": len(tokens), "text_repeats": reps,
-        "wall_seconds": round(wall, 1), "layers_run": done,
-        "wall_seconds_extrapolated_to_all_layers": round(extrapolated, 1) if extrapolated else None, "peak_rss_mb": round(report.peak_rss_bytes / 2**20),
+        "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "layers_run": done,
+        "wall_seconds_extrapolated_to_all_layers": round(extrapolated, 1) if extrapolated else None,
+        "cpu_seconds_all_layers": round(cpu_all, 1), "peak_rss_mb": round(report.peak_rss_bytes / 2**20),
         "rss_before_mb": round(rss_before / 2**20), "tensors": n_quantized,
         "layer_seconds_mean": round(float(np.mean(report.layer_seconds)), 2),
         "load_average": os.getloadavg(), "cpus": os.cpu_count(),

@@ -299,11 +299,11 @@ def quantize_model(
             h = h_next
             overlay.replaced.clear()
         del tensors
+        report.layer_seconds.append(time.perf_counter() - t0)  # the layer's work, not the consumer's
+        report.peak_rss_bytes = peak_rss_bytes()
         for n in (*LINEARS, *NORMS):
             yield p + n + ".weight", out[n]
         del out
-        report.layer_seconds.append(time.perf_counter() - t0)
-        report.peak_rss_bytes = peak_rss_bytes()
     del h
     yield "model.norm.weight", np.asarray(source.tensor("model.norm.weight"), dtype=np.float32)
     if not cfg.tie_word_embeddings:
