@@ -58,6 +58,8 @@ def _declare(lib: Any) -> None:
         "qk_linear_f32": (c_int, [c_int, _vp, c_int, c_int, _vp, c_int, _vp, c_int]),
         "qk_copy_mt": (None, [_vp, _vp, c_size_t, c_int]),
         "qk_read_mt": (ctypes.c_uint64, [_vp, c_size_t, c_int]),
+        "qk_q4_0x8_bytes": (c_size_t, [c_int, c_int]),
+        "qk_repack_q4_0x8": (None, [_vp, c_int, c_int, _vp]),
         "qk_q4_0x2_bytes": (c_size_t, [c_int, c_int]),
         "qk_repack_q4_0x2": (None, [_vp, c_int, c_int, _vp]),
     }
@@ -314,6 +316,27 @@ def repack_q4_0x2(w: np.ndarray, n: int, k: int) -> np.ndarray:
     return out
 
 
+def repack_q4_0x8(w: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Q4_0 bytes -> Q4_0X8 (8-row groups for AVX-512 VNNI); C when loaded, same bytes as NumPy."""
+    _load()
+    w = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
+    if _lib is None:
+        return numpy_ref.repack_q4_0x8(w, n, k)
+    out = np.empty(int(_lib.qk_q4_0x8_bytes(n, k)), np.uint8)
+    _lib.qk_repack_q4_0x8(_ptr(w), n, k, _ptr(out))
+    return out
+
+
 def prefers_repacked() -> bool:
-    """True when the path in use has an smmla kernel that reads Q4_0X2 (prompt/GEMM speed)."""
-    return kernel_path() == "i8mm"
+    """True when the path in use has a kernel for a repacked Q4_0 layout (see `repacked_q4_0`)."""
+    return kernel_path() in ("i8mm", "avx512")
+
+
+def repacked_q4_0(w: np.ndarray, n: int, k: int) -> tuple[WType, np.ndarray]:
+    """Q4_0 bytes in the layout the current path runs fastest: Q4_0X2 (i8mm), Q4_0X8 (avx512), else as is."""
+    path = kernel_path()
+    if path == "i8mm":
+        return WType.Q4_0X2, repack_q4_0x2(w, n, k)
+    if path == "avx512":
+        return WType.Q4_0X8, repack_q4_0x8(w, n, k)
+    return WType.Q4_0, np.ascontiguousarray(w).view(np.uint8).reshape(-1)

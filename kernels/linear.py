@@ -24,7 +24,8 @@ KERNEL_TYPES = {int(t) for t in BLOCK}  # ggml type ids with a kernel
 class PackedLinear:
     """One (out, in) weight in a kernel layout; calling it runs y = x W^T on the quantized blocks.
 
-    On the i8mm path Q4_0 is repacked once into Q4_0X2 (row pairs for smmla), as llama.cpp does at load.
+    Q4_0 is repacked once at load where the path has a faster layout (Q4_0X2 row pairs for smmla on i8mm,
+    Q4_0X8 8-row groups on AVX-512 VNNI), as llama.cpp does.
     """
 
     wtype: WType
@@ -45,8 +46,7 @@ class PackedLinear:
                              f"got {self.data.size}")
         self._run_type, self._run_data = self.wtype, self.data
         if self.wtype == WType.Q4_0 and api.prefers_repacked():
-            self._run_type = WType.Q4_0X2
-            self._run_data = api.repack_q4_0x2(self.data, self.out_features, self.in_features)
+            self._run_type, self._run_data = api.repacked_q4_0(self.data, self.out_features, self.in_features)
         self._fn = api.linear_fn(self._run_type, self._run_data, self.out_features, self.in_features, self.nthreads)
 
     @property

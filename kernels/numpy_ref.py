@@ -85,6 +85,15 @@ def decode(wtype: WType, w: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.
         q = q.transpose(0, 3, 1, 2, 4).reshape(2 * pairs, nb, 16)
         codes = _nibbles32(q).astype(np.int16) - 8
         return codes.reshape(2 * pairs, k)[:n], d[:n], zeros
+    if wtype == WType.Q4_0X8:
+        groups = (n + 7) // 8
+        blk = raw.reshape(groups, nb, 144)
+        d = _f16(blk[..., :16]).reshape(groups, nb, 8).transpose(0, 2, 1).reshape(8 * groups, nb)
+        v = blk[..., 16:].reshape(groups, nb, 2, 2, 8, 4)  # (group, block, chunk c, half h, row r, j)
+        nib = np.stack([v & 0x0F, v >> 4], axis=2)  # (group, block, lo/hi, c, h, r, j): 4-group index
+        codes = nib.transpose(0, 5, 1, 2, 3, 4, 6).reshape(8 * groups, nb, 32)  # k = 16*lohi + 8c + 4h + j
+        codes = codes.astype(np.int16) - 8
+        return codes.reshape(8 * groups, k)[:n], d[:n], zeros
     if wtype == WType.Q4_K:
         nsb = k // 256
         blk = raw.reshape(n, nsb, 144)
@@ -172,6 +181,19 @@ def gemm(wtype: WType, w: np.ndarray, n: int, k: int, act: Q8Activations, *, wit
 def gemm_int4g(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, n: int, k: int,
                act: Q8Activations, *, with_abs: bool = False):
     return combine(*decode_int4g(codes, scales, zeros, group, n, k), act, with_abs=with_abs)
+
+
+def repack_q4_0x8(w: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Q4_0 (N, K) bytes -> the 8-row-group layout the AVX-512 VNNI kernel reads (qk_repack_q4_0x8)."""
+    nb = k // QK8
+    groups = (n + 7) // 8
+    blk = np.zeros((8 * groups, nb, 18), np.uint8)
+    blk[:n] = np.frombuffer(np.ascontiguousarray(w).data, np.uint8).reshape(n, nb, 18)
+    q = _nibbles32(blk[..., 2:]).reshape(groups, 8, nb, 2, 2, 2, 4)  # (g, r, b, lohi, c, h, j)
+    v = q[..., 0, :, :, :] | (q[..., 1, :, :, :] << 4)  # (g, r, b, c, h, j)
+    v = v.transpose(0, 2, 3, 4, 1, 5).reshape(groups, nb, 128)  # (g, b, c, h, r, j)
+    d = blk[..., :2].reshape(groups, 8, nb, 2).transpose(0, 2, 1, 3).reshape(groups, nb, 16)
+    return np.ascontiguousarray(np.concatenate([d, v], axis=-1)).reshape(-1)
 
 
 def repack_q4_0x2(w: np.ndarray, n: int, k: int) -> np.ndarray:

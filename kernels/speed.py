@@ -88,7 +88,7 @@ def bench_linears(linears: list[Linear], *, threads: int | None = None, prompt_t
         data = lin.data
         wt = lin.wtype
         if wt == WType.Q4_0 and api.prefers_repacked():
-            data, wt = api.repack_q4_0x2(data, lin.out_features, lin.in_features), WType.Q4_0X2
+            wt, data = api.repacked_q4_0(data, lin.out_features, lin.in_features)
         x1 = rng.standard_normal((1, lin.in_features)).astype(np.float32)
         xp = rng.standard_normal((prompt_tokens, lin.in_features)).astype(np.float32)
         prepared.append((lin, wt, data, x1, xp))

@@ -11,6 +11,7 @@
  *   QK_Q4_K   llama.cpp block_q4_K (256 elems, 144 bytes): w = d*sc*q - dmin*m per 32-elem sub-block
  *   QK_Q6_K   llama.cpp block_q6_K (256 elems, 210 bytes): w = d*sc*(q-32) per 16-elem sub-block
  *   QK_Q4_0X2 Q4_0 repacked for smmla: row pairs interleaved per block (see qk_repack_q4_0x2); N padded to even
+ *   QK_Q4_0X8 Q4_0 repacked for AVX-512 VNNI: 8-row groups (see qk_repack_q4_0x8); N padded to a multiple of 8
  *   INT4 with group size G (multiple of 32) and zero points: codes in Q4_0's nibble order per 32-elem block,
  *             (N, K/2) bytes; scales fp32 (N, K/G); zeros uint8 (N, K/G) in 0..15; w = (q - z) * s
  */
@@ -26,7 +27,8 @@ extern "C" {
 
 #define QK_ABI_VERSION 1
 
-enum qk_wtype { QK_Q4_0 = 2, QK_Q8_0 = 8, QK_Q4_K = 12, QK_Q6_K = 14, QK_Q4_0X2 = 100, QK_INT4G = 101 };
+enum qk_wtype { QK_Q4_0 = 2, QK_Q8_0 = 8, QK_Q4_K = 12, QK_Q6_K = 14, QK_Q4_0X2 = 100, QK_INT4G = 101,
+                QK_Q4_0X8 = 102 };
 
 /* Kernel paths; a process uses one, chosen at first use (best available) or by QKILN_KERNEL. */
 enum qk_path { QK_PATH_SCALAR = 0, QK_PATH_AVX2 = 1, QK_PATH_AVX512 = 2, QK_PATH_NEON = 3,
@@ -65,6 +67,13 @@ void qk_repack_q4_0x2(const void *src, int N, int K, void *dst);
  * src (returns a checksum so the reads are not optimized away). */
 void qk_copy_mt(void *dst, const void *src, size_t bytes, int nthreads);
 uint64_t qk_read_mt(const void *src, size_t bytes, int nthreads);
+
+/* Repack Q4_0 (N, K) into QK_Q4_0X8 for the AVX-512 VNNI GEMV: groups of 8 rows (N padded with zero rows),
+ * per group and block 144 bytes: 8 fp16 scales (row order), then 2 chunks of 64 bytes; in chunk c, byte
+ * 4*L + j (lane L = 8*h + r) holds q[r][4*(2c+h) + j] in the low nibble and q[r][4*(2c+h+4) + j] in the high
+ * nibble, so one vpdpbusd against a broadcast activation word yields one row's partial sum per int32 lane. */
+size_t qk_q4_0x8_bytes(int N, int K);
+void qk_repack_q4_0x8(const void *src, int N, int K, void *dst);
 
 /* Worker threads of the pool (excluding the caller); created on first multithreaded call. */
 int qk_default_threads(void);

@@ -154,7 +154,34 @@ static void rows_q4_0x2(const qk_job *j, int n0, int n1) {
     }
 }
 
+static void rows_q4_0x8(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8;
+    for (int m = 0; m < j->M; m++) {
+        const int8_t *a = j->qs + (size_t)m * j->K;
+        const float *ad = j->d + (size_t)m * nb;
+        const int32_t *as = j->sums + (size_t)m * nb;
+        for (int n = n0; n < n1; n++) {
+            const int r = n % 8;
+            const uint8_t *w = j->w + (size_t)(n / 8) * nb * Q4_0X8_BYTES;
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++, w += Q4_0X8_BYTES) {
+                const int8_t *ab = a + b * QK8;
+                int s = 0;
+                for (int k = 0; k < 32; k++) {
+                    int shift;
+                    const int pos = qk_x8_pos(r, k, &shift);
+                    s += ((w[pos] >> shift) & 0x0f) * ab[k];
+                }
+                s -= 8 * as[b];
+                acc += (qk_h2f(qk_rd16(w + 2 * r)) * ad[b]) * (float)s;
+            }
+            j->y[(size_t)m * j->N + n] = acc;
+        }
+    }
+}
+
 void qk_fill_scalar(qk_kernels *k) {
+    k->q4_0x8 = rows_q4_0x8;
     k->q4_0 = rows_q4_0;
     k->q8_0 = rows_q8_0;
     k->q4_k = rows_q4_k;
