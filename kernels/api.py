@@ -60,6 +60,8 @@ def _declare(lib: Any) -> None:
         "qk_read_mt": (ctypes.c_uint64, [_vp, c_size_t, c_int]),
         "qk_q4_0x8_bytes": (c_size_t, [c_int, c_int]),
         "qk_repack_q4_0x8": (None, [_vp, c_int, c_int, _vp]),
+        "qk_q8_0x8_bytes": (c_size_t, [c_int, c_int]),
+        "qk_repack_q8_0x8": (None, [_vp, c_int, c_int, _vp]),
         "qk_q4_0x2_bytes": (c_size_t, [c_int, c_int]),
         "qk_repack_q4_0x2": (None, [_vp, c_int, c_int, _vp]),
     }
@@ -325,6 +327,28 @@ def repack_q4_0x8(w: np.ndarray, n: int, k: int) -> np.ndarray:
     out = np.empty(int(_lib.qk_q4_0x8_bytes(n, k)), np.uint8)
     _lib.qk_repack_q4_0x8(_ptr(w), n, k, _ptr(out))
     return out
+
+
+def repack_q8_0x8(w: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Q8_0 bytes -> Q8_0X8 (8-row groups for AVX-512 VNNI); C when loaded, same bytes as NumPy."""
+    _load()
+    w = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
+    if _lib is None:
+        return numpy_ref.repack_q8_0x8(w, n, k)
+    out = np.empty(int(_lib.qk_q8_0x8_bytes(n, k)), np.uint8)
+    _lib.qk_repack_q8_0x8(_ptr(w), n, k, _ptr(out))
+    return out
+
+
+def repacked(wtype: WType, w: np.ndarray, n: int, k: int) -> tuple[WType, np.ndarray]:
+    """Weights in the layout the current path runs fastest (Q4_0 -> Q4_0X2 on i8mm, Q4_0/Q8_0 -> *X8 on
+    avx512); other types and paths unchanged."""
+    wtype = WType(wtype)
+    if wtype == WType.Q4_0:
+        return repacked_q4_0(w, n, k)
+    if wtype == WType.Q8_0 and kernel_path() == "avx512":
+        return WType.Q8_0X8, repack_q8_0x8(w, n, k)
+    return wtype, np.ascontiguousarray(w).view(np.uint8).reshape(-1)
 
 
 def prefers_repacked() -> bool:

@@ -25,7 +25,7 @@ class PackedLinear:
     """One (out, in) weight in a kernel layout; calling it runs y = x W^T on the quantized blocks.
 
     Q4_0 is repacked once at load where the path has a faster layout (Q4_0X2 row pairs for smmla on i8mm,
-    Q4_0X8 8-row groups on AVX-512 VNNI), as llama.cpp does.
+    Q4_0X8/Q8_0X8 8-row groups on AVX-512 VNNI), as llama.cpp does.
     """
 
     wtype: WType
@@ -45,8 +45,8 @@ class PackedLinear:
             raise ValueError(f"{self.wtype.name} ({self.out_features}, {self.in_features}) needs {want} bytes, "
                              f"got {self.data.size}")
         self._run_type, self._run_data = self.wtype, self.data
-        if self.wtype == WType.Q4_0 and api.prefers_repacked():
-            self._run_type, self._run_data = api.repacked_q4_0(self.data, self.out_features, self.in_features)
+        if api.prefers_repacked():
+            self._run_type, self._run_data = api.repacked(self.wtype, self.data, self.out_features, self.in_features)
         self._fn = api.linear_fn(self._run_type, self._run_data, self.out_features, self.in_features, self.nthreads)
 
     @property

@@ -94,6 +94,13 @@ def decode(wtype: WType, w: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.
         codes = nib.transpose(0, 5, 1, 2, 3, 4, 6).reshape(8 * groups, nb, 32)  # k = 16*lohi + 8c + 4h + j
         codes = codes.astype(np.int16) - 8
         return codes.reshape(8 * groups, k)[:n], d[:n], zeros
+    if wtype == WType.Q8_0X8:
+        groups = (n + 7) // 8
+        blk = raw.reshape(groups, nb, 272)
+        d = _f16(blk[..., :16]).reshape(groups, nb, 8).transpose(0, 2, 1).reshape(8 * groups, nb)
+        v = blk[..., 16:].view(np.int8).reshape(groups, nb, 4, 2, 8, 4)  # (group, block, c, h, r, j)
+        codes = v.transpose(0, 4, 1, 2, 3, 5).reshape(8 * groups, k).astype(np.int16)  # k = 8c + 4h + j
+        return codes[:n], d[:n], zeros
     if wtype == WType.Q4_K:
         nsb = k // 256
         blk = raw.reshape(n, nsb, 144)
@@ -192,6 +199,18 @@ def repack_q4_0x8(w: np.ndarray, n: int, k: int) -> np.ndarray:
     q = _nibbles32(blk[..., 2:]).reshape(groups, 8, nb, 2, 2, 2, 4)  # (g, r, b, lohi, c, h, j)
     v = q[..., 0, :, :, :] | (q[..., 1, :, :, :] << 4)  # (g, r, b, c, h, j)
     v = v.transpose(0, 2, 3, 4, 1, 5).reshape(groups, nb, 128)  # (g, b, c, h, r, j)
+    d = blk[..., :2].reshape(groups, 8, nb, 2).transpose(0, 2, 1, 3).reshape(groups, nb, 16)
+    return np.ascontiguousarray(np.concatenate([d, v], axis=-1)).reshape(-1)
+
+
+def repack_q8_0x8(w: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Q8_0 (N, K) bytes -> the 8-row-group layout of qk_repack_q8_0x8."""
+    nb = k // QK8
+    groups = (n + 7) // 8
+    blk = np.zeros((8 * groups, nb, 34), np.uint8)
+    blk[:n] = np.frombuffer(np.ascontiguousarray(w).data, np.uint8).reshape(n, nb, 34)
+    q = blk[..., 2:].reshape(groups, 8, nb, 4, 2, 4)  # (g, r, b, c, h, j)
+    v = q.transpose(0, 2, 3, 4, 1, 5).reshape(groups, nb, 256)
     d = blk[..., :2].reshape(groups, 8, nb, 2).transpose(0, 2, 1, 3).reshape(groups, nb, 16)
     return np.ascontiguousarray(np.concatenate([d, v], axis=-1)).reshape(-1)
 

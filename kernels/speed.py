@@ -87,8 +87,8 @@ def bench_linears(linears: list[Linear], *, threads: int | None = None, prompt_t
     for lin in linears:
         data = lin.data
         wt = lin.wtype
-        if wt == WType.Q4_0 and api.prefers_repacked():
-            wt, data = api.repacked_q4_0(data, lin.out_features, lin.in_features)
+        if api.prefers_repacked():
+            wt, data = api.repacked(wt, data, lin.out_features, lin.in_features)
         x1 = rng.standard_normal((1, lin.in_features)).astype(np.float32)
         xp = rng.standard_normal((prompt_tokens, lin.in_features)).astype(np.float32)
         prepared.append((lin, wt, data, x1, xp))

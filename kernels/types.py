@@ -18,6 +18,7 @@ class WType(IntEnum):
     Q4_0X2 = 100  # Q4_0 with row pairs interleaved for smmla
     INT4G = 101  # INT4, group size + zero points (separate arrays)
     Q4_0X8 = 102  # Q4_0 in 8-row groups for AVX-512 VNNI
+    Q8_0X8 = 103  # Q8_0 in 8-row groups for AVX-512 VNNI
 
 
 # (elements per block, bytes per block); Q4_0X2 counts one row's share of a pair block.
@@ -35,6 +36,8 @@ def block_bytes(wtype: WType, n: int, k: int) -> int:
         return (n + 1) // 2 * (k // QK8) * 36
     if wtype == WType.Q4_0X8:
         return (n + 7) // 8 * (k // QK8) * 144
+    if wtype == WType.Q8_0X8:
+        return (n + 7) // 8 * (k // QK8) * 272
     elems, nbytes = BLOCK[wtype]
     if k % elems:
         raise ValueError(f"K={k} is not a multiple of {elems} for {wtype.name}")

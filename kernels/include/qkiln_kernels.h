@@ -28,7 +28,7 @@ extern "C" {
 #define QK_ABI_VERSION 1
 
 enum qk_wtype { QK_Q4_0 = 2, QK_Q8_0 = 8, QK_Q4_K = 12, QK_Q6_K = 14, QK_Q4_0X2 = 100, QK_INT4G = 101,
-                QK_Q4_0X8 = 102 };
+                QK_Q4_0X8 = 102, QK_Q8_0X8 = 103 };
 
 /* Kernel paths; a process uses one, chosen at first use (best available) or by QKILN_KERNEL. */
 enum qk_path { QK_PATH_SCALAR = 0, QK_PATH_AVX2 = 1, QK_PATH_AVX512 = 2, QK_PATH_NEON = 3,
@@ -73,6 +73,10 @@ uint64_t qk_read_mt(const void *src, size_t bytes, int nthreads);
  * 4*L + j (lane L = 8*h + r) holds q[r][4*(2c+h) + j] in the low nibble and q[r][4*(2c+h+4) + j] in the high
  * nibble, so one vpdpbusd against a broadcast activation word yields one row's partial sum per int32 lane. */
 size_t qk_q4_0x8_bytes(int N, int K);
+/* Q8_0 the same way (QK_Q8_0X8): per group and block 8 fp16 scales, then 4 chunks of 64 bytes; in chunk c,
+ * byte 4*L + j (L = 8*h + r) holds q[r][4*(2c+h) + j]. */
+size_t qk_q8_0x8_bytes(int N, int K);
+void qk_repack_q8_0x8(const void *src, int N, int K, void *dst);
 void qk_repack_q4_0x8(const void *src, int N, int K, void *dst);
 
 /* Worker threads of the pool (excluding the caller); created on first multithreaded call. */

@@ -15,6 +15,7 @@
 #define Q6_K_BYTES 210
 #define Q4_0X2_BYTES 36 /* per row pair and block */
 #define Q4_0X8_BYTES 144 /* per 8-row group and block */
+#define Q8_0X8_BYTES 272
 
 /* One multiplication; kernels compute rows [n0, n1) of y for all M activation rows. */
 typedef struct {
@@ -32,7 +33,7 @@ typedef struct {
 typedef void (*qk_rows_fn)(const qk_job *job, int n0, int n1);
 
 typedef struct {
-    qk_rows_fn q4_0, q8_0, q4_k, q6_k, q4_0x2, int4g, q4_0x8;
+    qk_rows_fn q4_0, q8_0, q4_k, q6_k, q4_0x2, int4g, q4_0x8, q8_0x8;
 } qk_kernels;
 
 /* Each ISA file fills the entries it implements; dispatch.c fills the rest from the scalar table. */
@@ -86,6 +87,12 @@ static inline int qk_x8_pos(int r, int k, int *shift) {
     const int hi = g >= 4, gg = g % 4;       /* low nibbles: groups 0-3, high: 4-7 */
     const int c = gg / 2, h = gg % 2;        /* chunk, half */
     *shift = hi ? 4 : 0;
+    return 16 + c * 64 + 4 * (8 * h + r) + j;
+}
+
+/* Q8_0X8: byte offset (within a group's block) of element k of row r. */
+static inline int qk_x8q8_pos(int r, int k) {
+    const int g = k / 4, j = k % 4, c = g / 2, h = g % 2;
     return 16 + c * 64 + 4 * (8 * h + r) + j;
 }
 

@@ -109,6 +109,7 @@ static void load_path(int path) {
     if (!k.q4_0x2) k.q4_0x2 = s.q4_0x2;
     if (!k.int4g) k.int4g = s.int4g;
     if (!k.q4_0x8) k.q4_0x8 = s.q4_0x8;
+    if (!k.q8_0x8) k.q8_0x8 = s.q8_0x8;
     g_k = k;
     g_path = path;
 }
@@ -219,6 +220,22 @@ void qk_repack_q4_0x8(const void *src, int N, int K, void *dst) {
                     const int pos = qk_x8_pos(r, k, &shift);
                     o[pos] |= (uint8_t)(q << shift);
                 }
+            }
+}
+
+size_t qk_q8_0x8_bytes(int N, int K) { return (size_t)((N + 7) / 8) * (K / QK8) * Q8_0X8_BYTES; }
+
+void qk_repack_q8_0x8(const void *src, int N, int K, void *dst) {
+    const int nb = K / QK8;
+    const uint8_t *s = (const uint8_t *)src;
+    uint8_t *o = (uint8_t *)dst;
+    memset(o, 0, qk_q8_0x8_bytes(N, K));
+    for (int g = 0; g < (N + 7) / 8; g++)
+        for (int b = 0; b < nb; b++, o += Q8_0X8_BYTES)
+            for (int r = 0; r < 8 && 8 * g + r < N; r++) {
+                const uint8_t *blk = s + ((size_t)(8 * g + r) * nb + b) * Q8_0_BYTES;
+                memcpy(o + 2 * r, blk, 2);
+                for (int k = 0; k < 32; k++) o[qk_x8q8_pos(r, k)] = blk[2 + k];
             }
 }
 
@@ -358,6 +375,7 @@ int qk_gemm(int wtype, const void *w, int N, int K, const int8_t *qs, const floa
     case QK_Q8_0: fn = g_k.q8_0; break;
     case QK_Q4_0X2: fn = g_k.q4_0x2; break;
     case QK_Q4_0X8: fn = g_k.q4_0x8; break;
+    case QK_Q8_0X8: fn = g_k.q8_0x8; break;
     case QK_Q4_K: fn = g_k.q4_k; break;
     case QK_Q6_K: fn = g_k.q6_k; break;
     default: return -1;

@@ -68,7 +68,7 @@ static void compare(const char *path, const char *what, const float *y, const fl
 
 static void run_case(const char *path, int wtype, int N, int K, int M, int unit, int nthreads) {
     size_t nbytes;
-    const int kq = (wtype == QK_Q4_0X2 || wtype == QK_Q4_0X8) ? QK_Q4_0 : wtype;
+    const int kq = (wtype == QK_Q4_0X2 || wtype == QK_Q4_0X8) ? QK_Q4_0 : wtype == QK_Q8_0X8 ? QK_Q8_0 : wtype;
     uint8_t *w = make_weights(kq, N, K, unit, &nbytes);
     int8_t *qs = malloc((size_t)M * K);
     float *d = malloc(sizeof(float) * M * K / 32), *x = malloc(sizeof(float) * M * K);
@@ -91,6 +91,10 @@ static void run_case(const char *path, int wtype, int N, int K, int M, int unit,
     if (wtype == QK_Q4_0X2) {
         packed = malloc(qk_q4_0x2_bytes(N, K));
         qk_repack_q4_0x2(w, N, K, packed);
+        wuse = packed;
+    } else if (wtype == QK_Q8_0X8) {
+        packed = malloc(qk_q8_0x8_bytes(N, K));
+        qk_repack_q8_0x8(w, N, K, packed);
         wuse = packed;
     } else if (wtype == QK_Q4_0X8) {
         packed = malloc(qk_q4_0x8_bytes(N, K));
@@ -147,7 +151,7 @@ int main(int argc, char **argv) {
         }
     }
     if (qk_set_path("bogus") != -1) { failures++; printf("FAIL unknown path accepted\n"); }
-    const int wtypes[] = {QK_Q4_0, QK_Q8_0, QK_Q4_K, QK_Q6_K, QK_Q4_0X2, QK_Q4_0X8};
+    const int wtypes[] = {QK_Q4_0, QK_Q8_0, QK_Q4_K, QK_Q6_K, QK_Q4_0X2, QK_Q4_0X8, QK_Q8_0X8};
     const int shapes[][3] = {{1, 256, 1}, {7, 512, 3}, {33, 256, 2}, {64, 768, 1}, {5, 1024, 4}, {300, 512, 3},
                              {9, 96, 2}, {13, 544, 3}}; /* odd block counts (3, 17): 32-blocks only */
     for (int p = 0; p < QK_NPATHS; p++) {
@@ -157,7 +161,7 @@ int main(int argc, char **argv) {
         for (size_t t = 0; t < sizeof wtypes / sizeof wtypes[0]; t++)
             for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
                 for (int unit = 0; unit < 2; unit++)
-                    if (shapes[s][1] % 256 == 0 || wtypes[t] == QK_Q4_0 || wtypes[t] == QK_Q8_0 || wtypes[t] == QK_Q4_0X2 || wtypes[t] == QK_Q4_0X8)
+                    if (shapes[s][1] % 256 == 0 || wtypes[t] == QK_Q4_0 || wtypes[t] == QK_Q8_0 || wtypes[t] == QK_Q4_0X2 || wtypes[t] == QK_Q4_0X8 || wtypes[t] == QK_Q8_0X8)
                         run_case(name, wtypes[t], shapes[s][0], shapes[s][1], shapes[s][2], unit, s == 5 ? 2 : 1);
         for (int g = 32; g <= 128; g *= 2)
             for (int unit = 0; unit < 2; unit++) run_int4(name, 9, 512, 3, g, unit);

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest_helpers import random_int4g, random_weights, unit_activations
 
 C_PATHS = [p for p in api.available_paths() if p != "numpy"]
-GGML_TYPES = [WType.Q4_0, WType.Q8_0, WType.Q4_K, WType.Q6_K, WType.Q4_0X2, WType.Q4_0X8]
+GGML_TYPES = [WType.Q4_0, WType.Q8_0, WType.Q4_K, WType.Q6_K, WType.Q4_0X2, WType.Q4_0X8, WType.Q8_0X8]
 SHAPES = [(1, 256, 1), (7, 512, 3), (33, 256, 2), (64, 768, 1), (5, 1024, 5)]  # (N, K, M): odd N, K % 256 == 0
 
 
@@ -51,7 +51,7 @@ def test_activation_quantization_is_bit_identical():
     assert ref.d[0, 0] == 0.0
 
 
-@pytest.mark.parametrize("wtype", [t for t in GGML_TYPES if t not in (WType.Q4_0X2, WType.Q4_0X8)], ids=lambda t: t.name)
+@pytest.mark.parametrize("wtype", [t for t in GGML_TYPES if t not in (WType.Q4_0X2, WType.Q4_0X8, WType.Q8_0X8)], ids=lambda t: t.name)
 def test_numpy_decode_matches_gguf_dequantize(wtype):
     gguf = pytest.importorskip("gguf", reason="gguf-py is the golden block decoder")
     rng = np.random.default_rng(2)
@@ -179,6 +179,17 @@ def test_repack_is_identical_in_c_and_numpy_and_keeps_results():
             np.testing.assert_array_equal(api.gemm(wt, packed, n, 256, act), api.gemm(WType.Q4_0, w, n, 256, act))
 
 
+def test_q8_0x8_repack_is_identical_in_c_and_numpy():
+    rng = np.random.default_rng(11)
+    for n in (1, 8, 13):
+        w = random_weights(WType.Q8_0, n, 96, rng, codes="min" if n == 8 else "random")
+        packed = api.repack_q8_0x8(w, n, 96)
+        np.testing.assert_array_equal(packed, numpy_ref.repack_q8_0x8(w, n, 96))
+        act = unit_activations(2, 96, rng)
+        api.set_kernel_path("scalar")
+        np.testing.assert_array_equal(api.gemm(WType.Q8_0X8, packed, n, 96, act), api.gemm(WType.Q8_0, w, n, 96, act))
+
+
 def test_threads_do_not_change_results():
     rng = np.random.default_rng(8)
     n, k = 1000, 2048
@@ -243,7 +254,7 @@ def test_no_compiler_falls_back_to_numpy(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q8_0, WType.Q4_0X2, WType.Q4_0X8], ids=lambda t: t.name)
+@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q8_0, WType.Q4_0X2, WType.Q4_0X8, WType.Q8_0X8], ids=lambda t: t.name)
 @pytest.mark.parametrize("shape", [(9, 96, 2), (13, 544, 1), (4, 32, 3)], ids=str)
 def test_odd_block_counts(wtype, shape):
     """K/32 odd (3, 17, 1 blocks): the two-blocks-per-vector kernels must finish the last block alone."""

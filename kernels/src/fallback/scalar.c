@@ -180,7 +180,28 @@ static void rows_q4_0x8(const qk_job *j, int n0, int n1) {
     }
 }
 
+static void rows_q8_0x8(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8;
+    for (int m = 0; m < j->M; m++) {
+        const int8_t *a = j->qs + (size_t)m * j->K;
+        const float *ad = j->d + (size_t)m * nb;
+        for (int n = n0; n < n1; n++) {
+            const int r = n % 8;
+            const uint8_t *w = j->w + (size_t)(n / 8) * nb * Q8_0X8_BYTES;
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++, w += Q8_0X8_BYTES) {
+                const int8_t *ab = a + b * QK8;
+                int s = 0;
+                for (int k = 0; k < 32; k++) s += (int8_t)w[qk_x8q8_pos(r, k)] * ab[k];
+                acc += (qk_h2f(qk_rd16(w + 2 * r)) * ad[b]) * (float)s;
+            }
+            j->y[(size_t)m * j->N + n] = acc;
+        }
+    }
+}
+
 void qk_fill_scalar(qk_kernels *k) {
+    k->q8_0x8 = rows_q8_0x8;
     k->q4_0x8 = rows_q4_0x8;
     k->q4_0 = rows_q4_0;
     k->q8_0 = rows_q8_0;

@@ -210,8 +210,50 @@ static void rows_q4_0x8(const qk_job *j, int n0, int n1) {
     free(ab);
 }
 
+/* Q8_0X8: as Q4_0X8 with int8 codes offset to unsigned (w ^ 0x80) and 128 * sum(a) taken back per block. */
+static void rows_q8_0x8(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8;
+    __m512i *ab = (__m512i *)aligned_alloc(64, (size_t)nb * 4 * sizeof(__m512i));
+    if (!ab) return;
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    for (int m = 0; m < j->M; m++) {
+        const int8_t *a = j->qs + (size_t)m * j->K;
+        const float *ad = j->d + (size_t)m * nb;
+        const int32_t *as = j->sums + (size_t)m * nb;
+        for (int b = 0; b < nb; b++) {
+            const __m512i words = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + (size_t)b * QK8)));
+            for (int c = 0; c < 4; c++) {
+                const __m512i idx = _mm512_set_epi32(2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1,
+                                                     2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c,
+                                                     2 * c, 2 * c);
+                ab[b * 4 + c] = _mm512_permutexvar_epi32(idx, words);
+            }
+        }
+        for (int n = n0 & ~7; n < n1; n += 8) {
+            const uint8_t *w = j->w + (size_t)(n / 8) * nb * Q8_0X8_BYTES;
+            __m256 acc = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++, w += Q8_0X8_BYTES) {
+                __m512i s = _mm512_setzero_si512();
+                for (int c = 0; c < 4; c++)
+                    s = _mm512_dpbusd_epi32(s, _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + 16 + 64 * c)), bias),
+                                            ab[b * 4 + c]);
+                __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+                s8 = _mm256_sub_epi32(s8, _mm256_set1_epi32(128 * as[b]));
+                const __m256 sc = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)), _mm256_set1_ps(ad[b]));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), sc, acc);
+            }
+            float out[8];
+            _mm256_storeu_ps(out, acc);
+            for (int r = 0; r < 8 && n + r < n1; r++)
+                if (n + r >= n0) j->y[(size_t)m * j->N + n + r] = out[r];
+        }
+    }
+    free(ab);
+}
+
 void qk_fill_avx512(qk_kernels *k) {
     k->q4_0x8 = rows_q4_0x8;
+    k->q8_0x8 = rows_q8_0x8;
     k->q4_0 = rows_q4_0;
     k->q8_0 = rows_q8_0;
 }
