@@ -4,6 +4,7 @@ the dense dequantized model (up to the int8 activation rounding llama.cpp also d
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 from qkiln.kernels import api
 from qkiln.kernels.linear import GGUFSource, PackedLinear, load_gguf_model
 from qkiln.kernels.types import WType
+from qkiln.validate.metrics import TokenScores
 
 MIXED = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q8_0", "attn_output": "Q4_K", "ffn_gate": "Q4_0",
          "ffn_up": "Q6_K", "ffn_down": "Q4_K", "token_embd": "Q8_0", "output": "Q4_0"}
@@ -105,18 +107,17 @@ def test_demo_q4_0_on_packed_weights_agrees_with_llama_cpp():
 
     path = demo_q4_0_gguf()
     lm = load_gguf_model(path)
-    ids = lm.encode(PROMPT)
+    # 256 tokens of real text: a 20-token prompt makes top-1 agreement a coin toss on a handful of positions
+    ids = lm.encode(Path("/usr/share/common-licenses/Apache-2.0").read_text())[:256]
     ours = lm.model.forward(ids[None])[0]  # (s, vocab)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
-    assert list(llm.tokenize(PROMPT.encode(), add_bos=False, special=False)) == ids.tolist()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    assert list(llm.tokenize(PROMPT.encode(), add_bos=False, special=False)) == lm.encode(PROMPT).tolist()
     llm.eval(ids.tolist())
     theirs = np.array(llm.scores[: ids.size], dtype=np.float32)
-    p, q = _softmax(theirs), _softmax(ours)
-    kl = float((p * (np.log(p + 1e-30) - np.log(q + 1e-30))).sum(-1).mean())
-    assert kl < 0.05, kl  # measured 0.016-0.023 across scalar/avx2/avx512/numpy
-    # fp32 summation order flips a few int8 activation roundings, which 30 layers amplify: the paths differ
-    # from each other as much as from llama.cpp (top-1 agreement 0.75-0.9 on this 20-token prompt)
-    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.7
+    scores = TokenScores()
+    scores.add_window(ids, ours, ref_logits=theirs)
+    assert scores.mean_kl < 0.02, scores.as_dict()  # measured 0.0057 (AVX-512 path)
+    assert scores.top1_agreement >= 0.9, scores.as_dict()  # measured 0.957
 
 
 def test_fused_members_equal_separate_products_in_any_order():
