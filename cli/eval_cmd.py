@@ -18,7 +18,7 @@ from qkiln.validate.windows import make_windows, read_text
 def eval_command(
     text: Annotated[Path, typer.Option("--text", help="UTF-8 text to score (e.g. a license from /usr/share/common-licenses).")],
     model: Annotated[
-        Path | None, typer.Option("--model", "-m", help="Checkpoint folder; default: the bundled demo model.")
+        Path | None, typer.Option("--model", "-m", help="Checkpoint folder or .gguf artifact; default: the bundled demo model.")
     ] = None,
     ctx: Annotated[int, typer.Option("--ctx", min=2, help="Window length in tokens.")] = 512,
     max_windows: Annotated[int | None, typer.Option("--max-windows", min=1, help="Score at most this many windows.")] = None,

@@ -1,4 +1,4 @@
-"""Open a model for evaluation or generation from a path, whatever its format.
+"""Open a model for evaluation or generation from a path: a Hugging Face checkpoint folder or a GGUF file.
 
 One place that knows which artifact kinds qkiln's runtime can run; commands call `load_model`.
 """
@@ -50,5 +50,10 @@ def load_model(model: Path | None) -> LoadedModel:
         ckpt = Checkpoint.open(path)
         return LoadedModel(path=path, model=LlamaModel(ckpt), tokenizer=ckpt.tokenizer())
     if not path.exists():
-        raise UserError(f"model {path} not found; pass a Hugging Face checkpoint folder")
-    raise UserError(f"model {path} is a file; qkiln's runtime runs Hugging Face checkpoint folders")
+        raise UserError(f"model {path} not found; pass a Hugging Face checkpoint folder or a .gguf file")
+    if path.suffix.lower() == ".gguf":
+        # A GGUF runs on its own packed blocks through the C kernels (NumPy fallback), never re-quantized.
+        from qkiln.kernels.linear import load_gguf_model
+
+        return load_gguf_model(path)
+    raise UserError(f"model {path} is neither a checkpoint folder nor a .gguf file")
