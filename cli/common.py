@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import sys
@@ -18,6 +19,15 @@ from qkiln.errors import QkilnError
 console = Console(stderr=True, highlight=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Algo(enum.StrEnum):
+    """How codes are chosen on a grid (quantize.calibrate.ALGOS), for every command that quantizes."""
+
+    rtn = "rtn"
+    gptq = "gptq"
+    awq = "awq"
+    awq_gptq = "awq+gptq"
 
 
 def handles_errors(fn: F) -> F:

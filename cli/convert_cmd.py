@@ -8,19 +8,12 @@ from typing import Annotated
 
 import typer
 
-from qkiln.cli.common import console, handles_errors, print_json
+from qkiln.cli.common import Algo, console, handles_errors, print_json
 from qkiln.errors import UserError
 
 
 class Target(enum.StrEnum):
     gguf = "gguf"
-
-
-class Algo(enum.StrEnum):
-    rtn = "rtn"
-    gptq = "gptq"
-    awq = "awq"
-    awq_gptq = "awq+gptq"
 
 
 @handles_errors

@@ -19,15 +19,8 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from qkiln.cli.common import console, handles_errors, print_json
+from qkiln.cli.common import Algo, console, handles_errors, print_json
 from qkiln.errors import QuantizeError, UserError
-
-
-class Algo(enum.StrEnum):
-    rtn = "rtn"
-    gptq = "gptq"
-    awq = "awq"
-    awq_gptq = "awq+gptq"
 
 
 class Grid(enum.StrEnum):

@@ -47,3 +47,10 @@ def test_missing_text_file_is_exit_2_without_traceback(tmp_path):
 def test_version():
     r = CliRunner().invoke(app, ["version"])
     assert r.exit_code == 0 and r.stdout.strip()
+
+
+def test_cli_algorithms_are_the_quantizers():
+    from qkiln.cli.common import Algo
+    from qkiln.quantize.calibrate import ALGOS
+
+    assert tuple(a.value for a in Algo) == ALGOS
