@@ -70,4 +70,4 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, TensorSpec], metad
             arr = np.ascontiguousarray(arr)
             if arr.dtype.byteorder == ">":
                 arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
-            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+            f.write(arr.reshape(-1).view(np.uint8).data)

@@ -84,7 +84,7 @@ def _flatten(node: dict[str, Any] | None) -> list[dict[str, Any]]:
     if not node:
         return []
     if node.get("type") == "Sequence":
-        children = next((node[k] for k in ("pretokenizers", "normalizers", "processors", "decoders") if k in node), [])
+        children: list[dict[str, Any]] = next((node[k] for k in ("pretokenizers", "normalizers", "processors", "decoders") if k in node), [])
         return [step for child in children for step in _flatten(child)]
     return [node]
 
