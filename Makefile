@@ -15,4 +15,6 @@ demo:
 # Install everything the tests need, then run the whole suite.
 test:
 	scripts/setup.sh test
+	.venv/bin/ruff check .
+	.venv/bin/mypy quantize formats
 	.venv/bin/python -m pytest -p no:cacheprovider
