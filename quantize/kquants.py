@@ -266,6 +266,15 @@ class _KQuant(UniformGrid):
     def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> Params:
         return self.quantize(w, importance)[1]
 
+    def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        """Per sub-block: scale d·sc_j, and offset −dmin·m_j for the types with mins (else 0)."""
+        f32 = np.float32
+        per = QK_K // self.group_cols  # sub-blocks per super-block
+        scale = np.repeat(params["d"].astype(f32), per, axis=1) * params["scales"].astype(f32)  # (rows, n_sub)
+        if "dmin" not in params:
+            return scale, np.zeros_like(scale)
+        return scale, -(np.repeat(params["dmin"].astype(f32), per, axis=1) * params["mins"].astype(f32))
+
 
 @dataclasses.dataclass(frozen=True)
 class QKMin(_KQuant):
@@ -317,26 +326,7 @@ class QKMin(_KQuant):
                 d_block, ls = _make_qp(sc.reshape(-1, 8), 63, sw)
                 m_block, lm = _make_qp(mn.reshape(-1, 8), 63, sw)
             ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
-        d = to_fp16(d_block, self.name)
-        dmin = to_fp16(m_block, self.name)
-        dj = (d.astype(f32)[:, None] * ls.astype(f32)).reshape(-1, 1)  # (B, 1)
-        mj = (dmin.astype(f32)[:, None] * lm.astype(f32)).reshape(-1, 1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.clip(np.rint((x + mj) / np.where(dj != 0, dj, f32(1))), 0, nmax).astype(np.uint8)
-        codes = np.where(dj != 0, q, L).reshape(rows, cols)
-        params = {
-            "d": d.reshape(rows, nsb),
-            "dmin": dmin.reshape(rows, nsb),
-            "scales": ls.reshape(rows, nsb * 8),
-            "mins": lm.reshape(rows, nsb * 8),
-        }
-        return codes, params
-
-    def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
-        f32 = np.float32
-        d = np.repeat(params["d"].astype(f32), 8, axis=1)  # (rows, n_sub)
-        dmin = np.repeat(params["dmin"].astype(f32), 8, axis=1)
-        return d * params["scales"].astype(f32), -(dmin * params["mins"].astype(f32))
+        return _codes_with_mins(self.name, x, d_block, m_block, ls, lm, L, nmax, (rows, cols))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,11 +375,6 @@ class Q6K(_KQuant):
         codes = np.where(dj != 0, q.astype(np.uint8), L)
         codes = np.where(np.repeat(empty, 16)[:, None], np.uint8(0), codes).reshape(rows, cols)
         return codes, {"d": d.reshape(rows, nsb), "scales": ls.reshape(rows, nsb * 16)}
-
-    def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
-        d = np.repeat(params["d"].astype(np.float32), 16, axis=1)  # (rows, n_sub)
-        scale = d * params["scales"].astype(np.float32)
-        return scale, np.zeros_like(scale)
 
 
 def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -470,26 +455,7 @@ class Q2K(_KQuant):
                 sc, mn, L = _make_qkx2(x, weights, 3, -0.9, 0.05, 36)  # make_qkx3_quants
                 d_block, ls = _make_qp(sc.reshape(-1, 16), 15, sw)
                 m_block, lm = _make_qp(mn.reshape(-1, 16), 15, sw)
-        d = to_fp16(d_block, self.name)
-        dmin = to_fp16(m_block, self.name)
-        dj = (d.astype(f32)[:, None] * ls.astype(f32)).reshape(-1, 1)  # (B, 1)
-        mj = (dmin.astype(f32)[:, None] * lm.astype(f32)).reshape(-1, 1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.clip(np.rint((x + mj) / np.where(dj != 0, dj, f32(1))), 0, 3).astype(np.uint8)
-        codes = np.where(dj != 0, q, L).reshape(rows, cols)
-        params = {
-            "d": d.reshape(rows, nsb),
-            "dmin": dmin.reshape(rows, nsb),
-            "scales": ls.reshape(rows, nsb * 16),
-            "mins": lm.reshape(rows, nsb * 16),
-        }
-        return codes, params
-
-    def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
-        f32 = np.float32
-        d = np.repeat(params["d"].astype(f32), 16, axis=1)  # (rows, n_sub)
-        dmin = np.repeat(params["dmin"].astype(f32), 16, axis=1)
-        return d * params["scales"].astype(f32), -(dmin * params["mins"].astype(f32))
+        return _codes_with_mins(self.name, x, d_block, m_block, ls, lm, L, 3, (rows, cols))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -541,10 +507,41 @@ class Q3K(_KQuant):
         codes = np.where(dj != 0, q.astype(np.uint8), L).reshape(rows, cols)
         return codes, {"d": d.reshape(rows, nsb), "scales": ls.reshape(rows, nsb * 16)}
 
-    def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
-        d = np.repeat(params["d"].astype(np.float32), 16, axis=1)  # (rows, n_sub)
-        scale = d * params["scales"].astype(np.float32)
-        return scale, np.zeros_like(scale)
+
+def _codes_with_mins(
+    name: str,
+    x: np.ndarray,
+    d_block: np.ndarray,
+    m_block: np.ndarray,
+    ls: np.ndarray,
+    lm: np.ndarray,
+    L: np.ndarray,
+    nmax: int,
+    shape: tuple[int, int],
+) -> tuple[np.ndarray, Params]:
+    """The last step of Q2_K/Q4_K/Q5_K: fp16 super-block d/dmin, then each weight's code on the final grid.
+
+    x (B, sub) sub-blocks; d_block, m_block (S,) super-block scales; ls, lm (S, n_sub) quantized sub-block
+    scales and mins; L (B, sub) the search's codes, kept where a sub-block's scale is zero.
+    """
+    f32 = np.float32
+    rows, cols = shape
+    nsb = cols // QK_K
+    d = to_fp16(d_block, name)
+    dmin = to_fp16(m_block, name)
+    dj = (d.astype(f32)[:, None] * ls.astype(f32)).reshape(-1, 1)  # (B, 1)
+    mj = (dmin.astype(f32)[:, None] * lm.astype(f32)).reshape(-1, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(np.rint((x + mj) / np.where(dj != 0, dj, f32(1))), 0, nmax).astype(np.uint8)
+    codes = np.where(dj != 0, q, L).reshape(rows, cols)
+    n_sub = ls.shape[1]
+    params = {
+        "d": d.reshape(rows, nsb),
+        "dmin": dmin.reshape(rows, nsb),
+        "scales": ls.reshape(rows, nsb * n_sub),
+        "mins": lm.reshape(rows, nsb * n_sub),
+    }
+    return codes, params
 
 
 def kquant_schemes() -> list[UniformGrid]:
