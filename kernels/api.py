@@ -307,37 +307,30 @@ def copy_bandwidth(nbytes: int = 256 << 20, nthreads: int | None = None, repeats
             "read_gbs": nbytes / best_read / 1e9}
 
 
-def repack_q4_0x2(w: np.ndarray, n: int, k: int) -> np.ndarray:
-    """Q4_0 bytes -> Q4_0X2 (row pairs interleaved for smmla); C when loaded, same bytes as NumPy."""
+def _repack(layout: str, w: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Plain ggml bytes -> `layout` ("q4_0x2", "q4_0x8", "q8_0x8"); C when loaded, the same bytes as NumPy."""
     _load()
     w = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
     if _lib is None:
-        return numpy_ref.repack_q4_0x2(w, n, k)
-    out = np.empty(int(_lib.qk_q4_0x2_bytes(n, k)), np.uint8)
-    _lib.qk_repack_q4_0x2(_ptr(w), n, k, _ptr(out))
+        return getattr(numpy_ref, f"repack_{layout}")(w, n, k)
+    out = np.empty(int(getattr(_lib, f"qk_{layout}_bytes")(n, k)), np.uint8)
+    getattr(_lib, f"qk_repack_{layout}")(_ptr(w), n, k, _ptr(out))
     return out
+
+
+def repack_q4_0x2(w: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Q4_0 bytes -> Q4_0X2 (row pairs interleaved for smmla)."""
+    return _repack("q4_0x2", w, n, k)
 
 
 def repack_q4_0x8(w: np.ndarray, n: int, k: int) -> np.ndarray:
-    """Q4_0 bytes -> Q4_0X8 (8-row groups for AVX-512 VNNI); C when loaded, same bytes as NumPy."""
-    _load()
-    w = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
-    if _lib is None:
-        return numpy_ref.repack_q4_0x8(w, n, k)
-    out = np.empty(int(_lib.qk_q4_0x8_bytes(n, k)), np.uint8)
-    _lib.qk_repack_q4_0x8(_ptr(w), n, k, _ptr(out))
-    return out
+    """Q4_0 bytes -> Q4_0X8 (8-row groups for AVX-512 VNNI)."""
+    return _repack("q4_0x8", w, n, k)
 
 
 def repack_q8_0x8(w: np.ndarray, n: int, k: int) -> np.ndarray:
-    """Q8_0 bytes -> Q8_0X8 (8-row groups for AVX-512 VNNI); C when loaded, same bytes as NumPy."""
-    _load()
-    w = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
-    if _lib is None:
-        return numpy_ref.repack_q8_0x8(w, n, k)
-    out = np.empty(int(_lib.qk_q8_0x8_bytes(n, k)), np.uint8)
-    _lib.qk_repack_q8_0x8(_ptr(w), n, k, _ptr(out))
-    return out
+    """Q8_0 bytes -> Q8_0X8 (8-row groups for AVX-512 VNNI)."""
+    return _repack("q8_0x8", w, n, k)
 
 
 def repacked(wtype: WType, w: np.ndarray, n: int, k: int) -> tuple[WType, np.ndarray]:
