@@ -154,7 +154,7 @@ def main() -> None:
             p.add_argument("--samples", type=int, default=32)
             p.add_argument("--seq-len", type=int, default=256)
             p.add_argument("--gptq-grid", default="updated", choices=["updated", "original"])
-            p.add_argument("--act-order", action="store_true")
+            p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
             p.add_argument("--awq-clip", default=None, type=lambda s: s == "1")
             p.add_argument("--fallback", action="store_true")
             p.add_argument("--embed", default=None, help="scheme for the embedding / lm_head (default: the grid)")

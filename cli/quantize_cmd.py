@@ -52,7 +52,9 @@ def quantize_command(
     ] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration samples (consecutive windows).")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Tokens per calibration sample.")] = 512,
-    act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize columns by descending Hessian diagonal.")] = False,
+    act_order: Annotated[
+        bool, typer.Option("--act-order/--no-act-order", help="GPTQ: quantize columns by descending Hessian diagonal.")
+    ] = True,
     damp: Annotated[float, typer.Option("--damp", min=0.0, help="GPTQ dampening, fraction of the mean Hessian diagonal.")] = 0.01,
     grid: Annotated[
         Grid, typer.Option("--grid", help="GPTQ: fit each group's scale on the error-updated weights or the original ones.")

@@ -174,7 +174,7 @@ def quantize_model(
     calib_ids: np.ndarray | None,
     *,
     damp: float = 0.01,
-    act_order: bool = False,
+    act_order: bool = True,
     block_size: int = 128,
     grid: GridMode = "updated",
     awq_grid: int = 20,
