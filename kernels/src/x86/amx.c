@@ -1,0 +1,448 @@
+/* bf16 matrix products on Intel AMX (tdpbf16ps) for GPTQ calibration: a linear layer's forward
+ * y = bf16(x) · bf16(W)ᵀ and the Hessian core bf16(x)ᵀ · bf16(x), both accumulated in float32.
+ *
+ * Why AMX and why here: calibration runs ~20 TFLOP of such products; float32 BLAS reaches ~180 GFLOPS on
+ * this class of machine while one AMX tile multiply does 16x16x32 bf16 products per instruction. The file
+ * is self-contained (own cpuid check, own threads) so the rest of the library is unaffected by it.
+ *
+ * Rounding rule (reproduced exactly by qkiln.kernels.bf16.round_bf16): float32 -> bf16 flushes float32
+ * denormals (exponent field 0) to a zero of the same sign, then rounds to nearest, ties to even; values
+ * that round past the largest bf16 become inf; NaN stays NaN (quiet bit set, payload truncated). That is
+ * what vcvtne2ps2bf16 does; tdpbf16ps then multiplies bf16 pairs exactly and adds in float32 with
+ * round-to-nearest-even, flushing denormal results to zero.
+ *
+ * Layouts (all tiles 16 rows x 64 bytes, stored as contiguous 1 KB blocks):
+ *   A tile  : 16 rows (tokens for the linear, features for the gram) x 32 bf16 along the reduced axis;
+ *   B tile  : 16 rows of 16 bf16 pairs, B[r][2c+j] = M[2r+j][c] (the "VNNI" pairing of the reduced axis).
+ * The packed weight holds B tiles, tile (nb, kb) at ((nb * KB) + kb) * 1 KB, with the n-block count rounded
+ * up to an even number and k up to a multiple of 32, zero padded.
+ */
+#define _GNU_SOURCE
+#include <cpuid.h>
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define TILE_BYTES 1024
+#define MAX_THREADS 64
+
+typedef struct {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((aligned(64))) tilecfg_t;
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* availability                                                                                           */
+
+static uint64_t amx_xgetbv0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static int g_amx_ok = 0;
+static pthread_once_t g_amx_once = PTHREAD_ONCE_INIT;
+
+static void amx_detect(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return;
+    if (!((c >> 27) & 1)) return; /* OSXSAVE: xgetbv usable */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return;
+    const int avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
+    const int amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1;
+    if (!(avx512f && avx512bw && avx512vl && amx_bf16 && amx_tile)) return;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return;
+    if (!((a >> 5) & 1)) return; /* AVX512_BF16 (vcvtne2ps2bf16) */
+    const uint64_t xcr0 = amx_xgetbv0();
+    if ((xcr0 & 0xe6) != 0xe6) return;                  /* SSE/AVX/AVX-512 state */
+    if ((xcr0 & (3ull << 17)) != (3ull << 17)) return;  /* XTILECFG + XTILEDATA */
+    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return; /* Linux >= 5.16 */
+    g_amx_ok = 1;
+}
+
+int qk_bf16_amx_available(void) {
+    pthread_once(&g_amx_once, amx_detect);
+    return g_amx_ok;
+}
+
+static void tile_config(void) {
+    tilecfg_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+static int resolve_threads(int nthreads) {
+    if (nthreads <= 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        nthreads = n > 0 ? (int)n : 1;
+    }
+    return nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
+}
+
+/* Run fn(arg_i) for i in [0, n) on n threads, the caller being thread 0. Threads are created per call:
+ * a call here is milliseconds to seconds of work, so ~50 us of creation does not matter. */
+static void run_threads(int n, void *(*fn)(void *), void *args, size_t arg_size) {
+    pthread_t th[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int i = 1; i < n; i++)
+        started[i] = pthread_create(&th[i], NULL, fn, (char *)args + (size_t)i * arg_size) == 0;
+    fn(args);
+    for (int i = 1; i < n; i++) {
+        if (started[i]) pthread_join(th[i], NULL);
+        else fn((char *)args + (size_t)i * arg_size); /* could not start a thread: do its share here */
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* conversion helpers                                                                                      */
+
+static inline __mmask16 mask_upto(int64_t n) {
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+/* 32 floats (p[0..31], only the first `valid` read) -> 32 bf16 in order, as one 512-bit vector. */
+static inline __m512i cvt32(const float *p, int64_t valid) {
+    const __m512 lo = _mm512_maskz_loadu_ps(mask_upto(valid), p);
+    const __m512 hi = _mm512_maskz_loadu_ps(mask_upto(valid - 16), p + 16);
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* Transpose a 16x16 matrix of 32-bit elements held in 16 registers. */
+static inline void transpose16_epi32(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* now r[4q + s] holds, per 128-bit lane L, row (4L + ?) ... finish with two lane shuffles */
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);       /* lanes 0,2 of a ; 0,2 of b */
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);   /* lanes 1,3 */
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+}
+
+/* float32 -> bf16 by the rule above, n elements (exported so the tests pin the C rounding to NumPy's). */
+void qk_bf16_round(const float *x, int64_t n, uint16_t *out) {
+    int64_t i = 0;
+    for (; i < n; i += 32) {
+        const __m512i v = cvt32(x + i, n - i);
+        const int64_t left = n - i;
+        const __mmask32 m = left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << left) - 1ull);
+        _mm512_mask_storeu_epi16(out + i, m, v);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* weight packing                                                                                          */
+
+static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+size_t qk_bf16_packed_bytes(int64_t n, int64_t k) {
+    if (n <= 0 || k <= 0) return 0;
+    return (size_t)(cdiv(n, 32) * 2) * (size_t)cdiv(k, 32) * TILE_BYTES;
+}
+
+void qk_bf16_pack_weight(const float *w, int64_t n, int64_t k, uint16_t *out) {
+    const int64_t NB = cdiv(n, 32) * 2, KB = cdiv(k, 32);
+    for (int64_t nb = 0; nb < NB; nb++) {
+        for (int64_t kb = 0; kb < KB; kb++) {
+            __m512i r[16];
+            for (int c = 0; c < 16; c++) {
+                const int64_t row = nb * 16 + c;
+                r[c] = row < n ? cvt32(w + row * k + kb * 32, k - kb * 32) : _mm512_setzero_si512();
+            }
+            /* r[c] dword q = pair (W[row c][2q], W[row c][2q+1]); B dword [q][c] is that pair. */
+            transpose16_epi32(r);
+            uint16_t *tile = out + (nb * KB + kb) * (TILE_BYTES / 2);
+            for (int q = 0; q < 16; q++) _mm512_storeu_si512(tile + q * 32, r[q]);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* linear: y (m, n) = bf16(x) (m, k) · bf16(W)ᵀ                                                            */
+
+typedef struct {
+    const float *x;
+    const uint16_t *w;
+    float *y;
+    int64_t m, k, n;
+    int64_t strips, nsplit; /* work unit u: strip u / nsplit, n-pair range part u % nsplit */
+    int tid, nthreads;
+    uint16_t *abuf; /* 2 * KB tiles: the strip's 32 rows as A tiles, [half][kb] */
+} linear_job_t;
+
+static void *linear_worker(void *arg) {
+    linear_job_t *j = (linear_job_t *)arg;
+    const int64_t KB = cdiv(j->k, 32), NP = cdiv(j->n, 32);
+    const int64_t units = j->strips * j->nsplit;
+    float ctmp[16 * 16] __attribute__((aligned(64)));
+    int configured = 0;
+    for (int64_t u = j->tid; u < units; u += j->nthreads) {
+        const int64_t s = u / j->nsplit, part = u % j->nsplit;
+        const int64_t p0 = NP * part / j->nsplit, p1 = NP * (part + 1) / j->nsplit;
+        if (p0 >= p1) continue;
+        if (!configured) {
+            tile_config();
+            configured = 1;
+        }
+        const int64_t t0 = s * 32;
+        /* strip -> A tiles: row r of half h is token t0 + 16h + r */
+        for (int h = 0; h < 2; h++) {
+            for (int r = 0; r < 16; r++) {
+                const int64_t t = t0 + 16 * h + r;
+                for (int64_t kb = 0; kb < KB; kb++) {
+                    const __m512i v = t < j->m ? cvt32(j->x + t * j->k + kb * 32, j->k - kb * 32)
+                                               : _mm512_setzero_si512();
+                    _mm512_store_si512(j->abuf + ((h * KB + kb) * 16 + r) * 32, v);
+                }
+            }
+        }
+        const uint16_t *a0 = j->abuf, *a1 = j->abuf + KB * 512;
+        for (int64_t p = p0; p < p1; p++) {
+            const uint16_t *b0 = j->w + (2 * p) * KB * 512, *b1 = j->w + (2 * p + 1) * KB * 512;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t kb = 0; kb < KB; kb++) {
+                _tile_loadd(4, a0 + kb * 512, 64);
+                _tile_loadd(5, a1 + kb * 512, 64);
+                _tile_loadd(6, b0 + kb * 512, 64);
+                _tile_loadd(7, b1 + kb * 512, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            /* C tile (h, q): tokens t0 + 16h.., outputs 32p + 16q.. */
+            const int64_t n0 = 32 * p;
+            const int full_rows0 = t0 + 16 <= j->m, full_rows1 = t0 + 32 <= j->m;
+            const int full_c0 = n0 + 16 <= j->n, full_c1 = n0 + 32 <= j->n;
+            float *y = j->y;
+            const int64_t ys = j->n * 4;
+#define STORE_C(TILE, H, Q, FULL)                                                                  \
+    do {                                                                                           \
+        const int64_t tr = t0 + 16 * (H), nc = n0 + 16 * (Q);                                     \
+        if (FULL) {                                                                                \
+            _tile_stored(TILE, y + tr * j->n + nc, ys);                                            \
+        } else if (tr < j->m && nc < j->n) {                                                       \
+            _tile_stored(TILE, ctmp, 64);                                                          \
+            const int64_t nr = j->m - tr < 16 ? j->m - tr : 16, ncol = j->n - nc < 16 ? j->n - nc : 16; \
+            for (int64_t rr = 0; rr < nr; rr++)                                                    \
+                memcpy(y + (tr + rr) * j->n + nc, ctmp + rr * 16, (size_t)ncol * 4);               \
+        }                                                                                          \
+    } while (0)
+            STORE_C(0, 0, 0, full_rows0 && full_c0);
+            STORE_C(1, 0, 1, full_rows0 && full_c1);
+            STORE_C(2, 1, 0, full_rows1 && full_c0);
+            STORE_C(3, 1, 1, full_rows1 && full_c1);
+#undef STORE_C
+        }
+    }
+    if (configured) _tile_release();
+    return NULL;
+}
+
+int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
+                   int nthreads) {
+    if (m <= 0 || n <= 0) return 0;
+    if (k <= 0) {
+        memset(y, 0, (size_t)(m * n) * sizeof(float));
+        return 0;
+    }
+    if (!qk_bf16_amx_available()) return -1;
+    const int nt = resolve_threads(nthreads);
+    const int64_t KB = cdiv(k, 32), strips = cdiv(m, 32), NP = cdiv(n, 32);
+    /* few strips: split the output columns too so every thread has work */
+    int64_t nsplit = strips >= nt ? 1 : (nt + strips - 1) / strips;
+    if (nsplit > NP) nsplit = NP;
+    const int use = (int)(strips * nsplit < nt ? strips * nsplit : nt);
+    linear_job_t jobs[MAX_THREADS];
+    uint16_t *bufs = aligned_alloc(64, (size_t)use * (size_t)(2 * KB) * TILE_BYTES);
+    if (!bufs) return -2;
+    for (int i = 0; i < use; i++) {
+        jobs[i] = (linear_job_t){x, wpacked, y, m, k, n, strips, nsplit, i, use,
+                                 bufs + (size_t)i * (size_t)(2 * KB) * 512};
+    }
+    run_threads(use, linear_worker, jobs, sizeof jobs[0]);
+    free(bufs);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* gram: out (k, k) = bf16(x)ᵀ · bf16(x), upper block triangle computed, mirrored                           */
+
+typedef struct {
+    const float *x;
+    int64_t m, k, kp, T; /* kp: k rounded up to 32; T: tokens per chunk (multiple of 32) */
+    int64_t nchunks;
+    uint16_t *abuf[2], *bbuf[2]; /* per chunk: tiles [fb][tb], fb < kp/16, tb < T/32 */
+    float *acc;                  /* kp x kp, upper super-blocks accumulated */
+    pthread_barrier_t *barrier;
+    int tid, nthreads;
+} gram_job_t;
+
+/* Convert tokens [c0, c0+T) x features of blocks [fb0, fb1) to B tiles (token pairs) and A tiles (xᵀ). */
+static void gram_convert(const gram_job_t *j, int64_t c0, int64_t fb0, int64_t fb1, uint16_t *abuf,
+                         uint16_t *bbuf) {
+    const int64_t TB = j->T / 32;
+    const __m512i perm = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                          23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int64_t tb = 0; tb < TB; tb++) {
+        const int64_t t0 = c0 + tb * 32;
+        for (int64_t fb = fb0; fb < fb1; fb++) {
+            const int64_t f0 = fb * 16;
+            const __mmask16 fm = mask_upto(j->k - f0);
+            __m512i r[16];
+            for (int q = 0; q < 16; q++) {
+                const int64_t ta = t0 + 2 * q, tbb = ta + 1;
+                const __m512 lo = ta < j->m ? _mm512_maskz_loadu_ps(fm, j->x + ta * j->k + f0) : _mm512_setzero_ps();
+                const __m512 hi = tbb < j->m ? _mm512_maskz_loadu_ps(fm, j->x + tbb * j->k + f0) : _mm512_setzero_ps();
+                /* words 0..15 token ta, 16..31 token ta+1 -> interleave to pairs per feature */
+                r[q] = _mm512_permutexvar_epi16(perm, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
+            uint16_t *bt = bbuf + (fb * TB + tb) * 512;
+            for (int q = 0; q < 16; q++) _mm512_store_si512(bt + q * 32, r[q]);
+            transpose16_epi32(r);
+            uint16_t *at = abuf + (fb * TB + tb) * 512;
+            for (int q = 0; q < 16; q++) _mm512_store_si512(at + q * 32, r[q]);
+        }
+    }
+}
+
+static void *gram_worker(void *arg) {
+    gram_job_t *j = (gram_job_t *)arg;
+    const int64_t FB = j->kp / 16, SB = j->kp / 32, TB = j->T / 32;
+    const int64_t P = SB * (SB + 1) / 2; /* super-block pairs (I <= J), row-major */
+    const int64_t p0 = P * j->tid / j->nthreads, p1 = P * (j->tid + 1) / j->nthreads;
+    const int64_t fb0 = FB * j->tid / j->nthreads, fb1 = FB * (j->tid + 1) / j->nthreads;
+    /* first pair of this thread as (I, J) */
+    int64_t I0 = 0, J0 = 0;
+    {
+        int64_t left = p0;
+        while (left >= SB - I0) {
+            left -= SB - I0;
+            I0++;
+        }
+        J0 = I0 + left;
+    }
+    if (p0 < p1) tile_config();
+    const int64_t ks = j->kp * 4;
+    for (int64_t c = 0; c < j->nchunks; c++) {
+        uint16_t *ab = j->abuf[c & 1], *bb = j->bbuf[c & 1];
+        gram_convert(j, c * j->T, fb0, fb1, ab, bb);
+        pthread_barrier_wait(j->barrier);
+        int64_t I = I0, J = J0;
+        for (int64_t p = p0; p < p1; p++) {
+            float *c00 = j->acc + (I * 32) * j->kp + J * 32;
+            float *c10 = c00 + 16 * j->kp;
+            _tile_loadd(0, c00, ks);
+            _tile_loadd(1, c00 + 16, ks);
+            _tile_loadd(2, c10, ks);
+            _tile_loadd(3, c10 + 16, ks);
+            const uint16_t *a0 = ab + (2 * I) * TB * 512, *a1 = ab + (2 * I + 1) * TB * 512;
+            const uint16_t *b0 = bb + (2 * J) * TB * 512, *b1 = bb + (2 * J + 1) * TB * 512;
+            for (int64_t tb = 0; tb < TB; tb++) {
+                _tile_loadd(4, a0 + tb * 512, 64);
+                _tile_loadd(5, a1 + tb * 512, 64);
+                _tile_loadd(6, b0 + tb * 512, 64);
+                _tile_loadd(7, b1 + tb * 512, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, c00, ks);
+            _tile_stored(1, c00 + 16, ks);
+            _tile_stored(2, c10, ks);
+            _tile_stored(3, c10 + 16, ks);
+            if (++J == SB) {
+                I++;
+                J = I;
+            }
+        }
+    }
+    if (p0 < p1) _tile_release();
+    return NULL;
+}
+
+int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads) {
+    if (k <= 0) return 0;
+    if (m <= 0) {
+        memset(out, 0, (size_t)(k * k) * sizeof(float));
+        return 0;
+    }
+    if (!qk_bf16_amx_available()) return -1;
+    const int64_t kp = cdiv(k, 32) * 32;
+    /* tokens per chunk: both layouts of a chunk in ~1 MB (stays in L2 next to the accumulator rows) */
+    int64_t T = ((int64_t)1 << 20) / (kp * 4) / 32 * 32;
+    if (T < 64) T = 64;
+    if (T > 1024) T = 1024;
+    if (T > cdiv(m, 32) * 32) T = cdiv(m, 32) * 32;
+    const int64_t nchunks = cdiv(m, T);
+    int nt = resolve_threads(nthreads);
+    if (nt > kp / 16) nt = (int)(kp / 16);
+    const size_t halfe = (size_t)(kp * T); /* bf16 elements of one layout of one chunk */
+    uint16_t *bufs = aligned_alloc(64, 4 * halfe * sizeof(uint16_t));
+    float *acc = aligned_alloc(64, (size_t)(kp * kp) * sizeof(float));
+    if (!bufs || !acc) {
+        free(bufs);
+        free(acc);
+        return -2;
+    }
+    memset(acc, 0, (size_t)(kp * kp) * sizeof(float));
+    pthread_barrier_t barrier;
+    pthread_barrier_init(&barrier, NULL, (unsigned)nt);
+    gram_job_t jobs[MAX_THREADS];
+    for (int i = 0; i < nt; i++) {
+        jobs[i] = (gram_job_t){x, m, k, kp, T, nchunks,
+                               {bufs, bufs + halfe}, {bufs + 2 * halfe, bufs + 3 * halfe},
+                               acc, &barrier, i, nt};
+    }
+    run_threads(nt, gram_worker, jobs, sizeof jobs[0]);
+    pthread_barrier_destroy(&barrier);
+    /* mirror the upper triangle (element-wise i <= j) into both halves: exactly symmetric */
+    for (int64_t i0 = 0; i0 < k; i0 += 32) {
+        for (int64_t j0 = i0; j0 < k; j0 += 32) {
+            const int64_t i1 = i0 + 32 < k ? i0 + 32 : k, j1 = j0 + 32 < k ? j0 + 32 : k;
+            for (int64_t i = i0; i < i1; i++)
+                for (int64_t jj = (j0 > i ? j0 : i); jj < j1; jj++) {
+                    const float v = acc[i * kp + jj];
+                    out[i * k + jj] = v;
+                    out[jj * k + i] = v;
+                }
+        }
+    }
+    free(bufs);
+    free(acc);
+    return 0;
+}
