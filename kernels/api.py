@@ -17,7 +17,7 @@ import numpy as np
 from qkiln.errors import UserError
 from qkiln.kernels import numpy_ref
 from qkiln.kernels.numpy_ref import Q8Activations
-from qkiln.kernels.types import QK8, WType, block_bytes
+from qkiln.kernels.types import QK8, WType, block_bytes, int4gx8_bytes
 
 ENV = "QKILN_KERNEL"
 C_PATHS = ("scalar", "avx2", "avx512", "neon", "dotprod", "i8mm", "sve")
@@ -62,6 +62,9 @@ def _declare(lib: Any) -> None:
         "qk_repack_q4_0x8": (None, [_vp, c_int, c_int, _vp]),
         "qk_q8_0x8_bytes": (c_size_t, [c_int, c_int]),
         "qk_repack_q8_0x8": (None, [_vp, c_int, c_int, _vp]),
+        "qk_int4gx8_bytes": (c_size_t, [c_int, c_int, c_int]),
+        "qk_repack_int4gx8": (None, [_vp, _vp, _vp, c_int, c_int, c_int, _vp]),
+        "qk_gemm_int4gx8": (c_int, [_vp, c_int, c_int, c_int, _vp, _vp, _vp, c_int, _vp, c_int]),
         "qk_q4_0x2_bytes": (c_size_t, [c_int, c_int]),
         "qk_repack_q4_0x2": (None, [_vp, c_int, c_int, _vp]),
     }
@@ -82,7 +85,7 @@ def _load() -> None:
         want = os.environ.get(ENV, "").strip().lower()
         if want and want not in ALL_PATHS:
             raise KernelError(f"{ENV}={want!r} is not a kernel path; use one of {', '.join(ALL_PATHS)}")
-        if want != "numpy":
+        if want != "numpy" and _lib is None:
             from qkiln.kernels.build import BuildError, build_library
 
             try:
@@ -107,6 +110,18 @@ def _load() -> None:
             except KernelError as e:
                 _env_error = KernelError(f"{ENV}={want}: {e}")
                 raise _env_error from None
+
+
+def reset() -> None:
+    """Forget the path choice so the next use re-reads QKILN_KERNEL (tests that change the environment);
+    the loaded library stays loaded and is reused."""
+    global _use_numpy, _loaded, _env_error
+    with _lock:
+        _use_numpy, _loaded, _env_error = False, False, None
+        if _lib is not None:
+            best = next(p for p in ("avx512", "avx2", "i8mm", "sve", "dotprod", "neon", "scalar")  # dispatch.c's order
+                        if _lib.qk_available_paths() >> C_PATHS.index(p) & 1)
+            _lib.qk_set_path(best.encode())
 
 
 def _set_c_path(name: str) -> None:
@@ -278,6 +293,70 @@ def gemm_int4g(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: 
     if rc != 0:
         raise ValueError("qk_gemm_int4g rejected its arguments")
     return y
+
+
+def _int4g_arrays(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, n: int, k: int):
+    codes = np.ascontiguousarray(codes, np.uint8)
+    scales = np.ascontiguousarray(scales, np.float32)
+    zeros = np.ascontiguousarray(zeros, np.uint8)
+    if group % QK8 or k % group or codes.size != n * k // 2 or scales.size != n * k // group or zeros.size != scales.size:
+        raise ValueError(f"INT4 g{group} arrays do not match shape ({n}, {k})")
+    return codes, scales, zeros
+
+
+def repack_int4gx8(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, n: int, k: int
+                   ) -> np.ndarray:
+    """INT4 g`group` arrays -> INT4GX8 bytes (8-row groups for AVX-512 VNNI); C when loaded, same bytes as NumPy."""
+    _load()
+    codes, scales, zeros = _int4g_arrays(codes, scales, zeros, group, n, k)
+    if _lib is None:
+        return numpy_ref.repack_int4gx8(codes, scales, zeros, group, n, k)
+    out = np.empty(int4gx8_bytes(n, k, group), np.uint8)
+    _lib.qk_repack_int4gx8(_ptr(codes), _ptr(scales), _ptr(zeros), group, n, k, _ptr(out))
+    return out
+
+
+def gemm_int4gx8(w: np.ndarray, group: int, n: int, k: int, x: np.ndarray | Q8Activations,
+                 nthreads: int | None = None) -> np.ndarray:
+    """y (M, N) = W x for INT4GX8 bytes (see repack_int4gx8)."""
+    _load()
+    w = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
+    if w.size != int4gx8_bytes(n, k, group):
+        raise ValueError(f"INT4GX8 g{group} weights of shape ({n}, {k}) need {int4gx8_bytes(n, k, group)} bytes")
+    act = _as_act(x)
+    if _use_numpy:
+        return numpy_ref.gemm_int4gx8(w, group, n, k, act)
+    m = act.qs.shape[0]
+    y = np.empty((m, n), np.float32)
+    rc = _lib.qk_gemm_int4gx8(_ptr(w), group, n, k, _ptr(act.qs), _ptr(act.d), _ptr(act.sums), m, _ptr(y),
+                              _threads(nthreads))
+    if rc != 0:
+        raise ValueError("qk_gemm_int4gx8 rejected its arguments")
+    return y
+
+
+class Int4GLinear:
+    """An INT4 g-group weight with zero points in the layout the current path runs fastest: INT4GX8 on
+    avx512 (repacked once here, as Q4_0 is), the plain three arrays elsewhere. Calling it runs y = W x."""
+
+    def __init__(self, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, n: int, k: int,
+                 nthreads: int | None = None):
+        codes, scales, zeros = _int4g_arrays(codes, scales, zeros, group, n, k)
+        self.group, self.n, self.k, self.nthreads = group, n, k, nthreads
+        self.wtype = WType.INT4GX8 if kernel_path() == "avx512" else WType.INT4G
+        if self.wtype == WType.INT4GX8:
+            self.arrays: tuple[np.ndarray, ...] = (repack_int4gx8(codes, scales, zeros, group, n, k),)
+        else:
+            self.arrays = (codes, scales, zeros)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays)
+
+    def __call__(self, x: np.ndarray | Q8Activations) -> np.ndarray:
+        if self.wtype == WType.INT4GX8:
+            return gemm_int4gx8(self.arrays[0], self.group, self.n, self.k, x, self.nthreads)
+        return gemm_int4g(*self.arrays, self.group, self.n, self.k, x, self.nthreads)
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, nthreads: int | None = None, repeats: int = 5) -> dict[str, float]:

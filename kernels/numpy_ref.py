@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qkiln.kernels.types import QK8, WType, block_bytes
+from qkiln.kernels.types import QK8, WType, block_bytes, int4gx8_bytes
 
 # Relative tolerance on the absolute sum of the block terms: fp32 sums of a few hundred terms in two
 # different orders differ by at most ~nb * 2**-24 of that sum; 1e-5 leaves headroom for K up to ~40k.
@@ -144,6 +144,48 @@ def decode_int4g(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group
     z = np.repeat(np.asarray(zeros, np.int16).reshape(n, k // group), per, axis=1)  # (N, nb)
     s = np.repeat(np.asarray(scales, np.float32).reshape(n, k // group), per, axis=1)  # (N, nb)
     return (q - z[..., None]).reshape(n, k), s.astype(np.float32), np.zeros((n, nb), np.float32)
+
+
+def decode_int4gx8(w: np.ndarray, group: int, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """INT4GX8 bytes (qk_repack_int4gx8) -> the same (codes - zero, scale, mins) as decode_int4g."""
+    nb, ng, per = k // QK8, k // group, group // QK8
+    groups = (n + 7) // 8
+    raw = np.frombuffer(np.ascontiguousarray(w).data, np.uint8).reshape(groups, ng, 40 + per * 128)
+    s = np.ascontiguousarray(raw[..., :32]).view("<f4").reshape(groups, ng, 8).transpose(0, 2, 1)  # (G, 8, ng)
+    z = raw[..., 32:40].transpose(0, 2, 1)  # (G, 8, ng)
+    v = raw[..., 40:].reshape(groups, ng, per, 2, 2, 8, 4)  # (G, g, i, chunk c, half h, row r, j)
+    nib = np.stack([v & 0x0F, v >> 4], axis=3)  # (G, g, i, lo/hi, c, h, r, j): k = 16*lohi + 8c + 4h + j
+    q = nib.transpose(0, 6, 1, 2, 3, 4, 5, 7).reshape(8 * groups, nb, 32).astype(np.int16)  # (Npad, nb, 32)
+    zb = np.repeat(z.reshape(8 * groups, ng).astype(np.int16), per, axis=1)  # (Npad, nb)
+    sb = np.repeat(s.reshape(8 * groups, ng).astype(np.float32), per, axis=1)  # (Npad, nb)
+    codes = (q - zb[..., None]).reshape(8 * groups, k)
+    return codes[:n], sb[:n], np.zeros((n, nb), np.float32)
+
+
+def repack_int4gx8(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, n: int, k: int
+                   ) -> np.ndarray:
+    """INT4 (codes (N, K/2), scales f32 / zeros u8 (N, K/group)) -> INT4GX8 bytes, as qk_repack_int4gx8."""
+    nb, ng, per = k // QK8, k // group, group // QK8
+    groups = (n + 7) // 8
+    q = np.zeros((8 * groups, nb, 32), np.uint8)
+    q[:n] = _nibbles32(np.asarray(codes, np.uint8).reshape(n, nb, 16))
+    q = q.reshape(groups, 8, nb, 2, 2, 2, 4)  # (G, r, b, lohi, c, h, j)
+    v = q[..., 0, :, :, :] | (q[..., 1, :, :, :] << 4)  # (G, r, b, c, h, j)
+    v = v.transpose(0, 2, 3, 4, 1, 5).reshape(groups, ng, per * 128)  # (G, g, [i, c, h, r, j])
+    s = np.zeros((8 * groups, ng), "<f4")
+    s[:n] = np.asarray(scales, np.float32).reshape(n, ng)
+    z = np.zeros((8 * groups, ng), np.uint8)
+    z[:n] = np.asarray(zeros, np.uint8).reshape(n, ng)
+    s8 = s.reshape(groups, 8, ng).transpose(0, 2, 1).copy().view(np.uint8)  # (G, g, 32)
+    z8 = z.reshape(groups, 8, ng).transpose(0, 2, 1)  # (G, g, 8)
+    out = np.concatenate([s8, z8, v], axis=-1).reshape(-1)
+    assert out.size == int4gx8_bytes(n, k, group)
+    return out
+
+
+def gemm_int4gx8(w: np.ndarray, group: int, n: int, k: int, act: Q8Activations, *, with_abs: bool = False):
+    assert w.size == int4gx8_bytes(n, k, group), "weight byte count does not match the shape"
+    return combine(*decode_int4gx8(w, group, n, k), act, with_abs=with_abs)
 
 
 def block_isums(codes: np.ndarray, act: Q8Activations) -> np.ndarray:

@@ -19,6 +19,7 @@ class WType(IntEnum):
     INT4G = 101  # INT4, group size + zero points (separate arrays)
     Q4_0X8 = 102  # Q4_0 in 8-row groups for AVX-512 VNNI
     Q8_0X8 = 103  # Q8_0 in 8-row groups for AVX-512 VNNI
+    INT4GX8 = 104  # INT4 g-group with zero points in 8-row groups for AVX-512 VNNI (one array)
 
 
 # (elements per block, bytes per block); Q4_0X2 counts one row's share of a pair block.
@@ -42,3 +43,10 @@ def block_bytes(wtype: WType, n: int, k: int) -> int:
     if k % elems:
         raise ValueError(f"K={k} is not a multiple of {elems} for {wtype.name}")
     return n * (k // elems) * nbytes
+
+
+def int4gx8_bytes(n: int, k: int, group: int) -> int:
+    """Bytes of an (N, K) INT4 g`group` matrix in the INT4GX8 layout (qk_int4gx8_bytes)."""
+    if group <= 0 or group % QK8 or k % group:
+        raise ValueError(f"INT4 group {group} must be a multiple of {QK8} dividing K={k}")
+    return (n + 7) // 8 * (k // group) * (40 + group // QK8 * 128)

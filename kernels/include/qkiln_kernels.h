@@ -28,7 +28,7 @@ extern "C" {
 #define QK_ABI_VERSION 1
 
 enum qk_wtype { QK_Q4_0 = 2, QK_Q8_0 = 8, QK_Q4_K = 12, QK_Q6_K = 14, QK_Q4_0X2 = 100, QK_INT4G = 101,
-                QK_Q4_0X8 = 102, QK_Q8_0X8 = 103 };
+                QK_Q4_0X8 = 102, QK_Q8_0X8 = 103, QK_INT4GX8 = 104 };
 
 /* Kernel paths; a process uses one, chosen at first use (best available) or by QKILN_KERNEL. */
 enum qk_path { QK_PATH_SCALAR = 0, QK_PATH_AVX2 = 1, QK_PATH_AVX512 = 2, QK_PATH_NEON = 3,
@@ -78,6 +78,16 @@ size_t qk_q4_0x8_bytes(int N, int K);
 size_t qk_q8_0x8_bytes(int N, int K);
 void qk_repack_q8_0x8(const void *src, int N, int K, void *dst);
 void qk_repack_q4_0x8(const void *src, int N, int K, void *dst);
+
+/* INT4 with zero points repacked for the AVX-512 VNNI GEMV (QK_INT4GX8): groups of 8 rows (N padded with
+ * zero rows); per 8-row group, for each weight group of G columns: 8 fp32 scales and 8 uint8 zero points
+ * (row order, 40 bytes), then G/32 blocks of 128 code bytes in Q4_0X8's chunk order (the Q4_0X8 block
+ * without its 16 scale bytes). One 8-row group is K/G * (40 + G/32 * 128) bytes. */
+size_t qk_int4gx8_bytes(int N, int K, int group);
+void qk_repack_int4gx8(const uint8_t *codes, const float *scales, const uint8_t *zeros, int group, int N, int K,
+                       void *dst);
+int qk_gemm_int4gx8(const void *w, int group, int N, int K, const int8_t *qs, const float *d, const int32_t *sums,
+                    int M, float *y, int nthreads);
 
 /* Worker threads of the pool (excluding the caller); created on first multithreaded call. */
 int qk_default_threads(void);

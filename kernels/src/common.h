@@ -16,6 +16,8 @@
 #define Q4_0X2_BYTES 36 /* per row pair and block */
 #define Q4_0X8_BYTES 144 /* per 8-row group and block */
 #define Q8_0X8_BYTES 272
+#define INT4GX8_HEAD 40  /* per 8-row group and weight group: 8 fp32 scales, 8 zero points */
+#define INT4GX8_BLOCK 128 /* per 8-row group and 32-element block: the codes, Q4_0X8's nibble order */
 
 /* One multiplication; kernels compute rows [n0, n1) of y for all M activation rows. */
 typedef struct {
@@ -23,7 +25,7 @@ typedef struct {
     const uint8_t *w;          /* ggml blocks, or INT4 codes */
     const float *scales;       /* INT4: (N, K/group) */
     const uint8_t *zeros;      /* INT4: (N, K/group) */
-    int group;                 /* INT4 */
+    int group;                 /* INT4, INT4GX8 */
     const int8_t *qs;          /* (M, K) */
     const float *d;            /* (M, K/32) */
     const int32_t *sums;       /* (M, K/32) */
@@ -33,7 +35,7 @@ typedef struct {
 typedef void (*qk_rows_fn)(const qk_job *job, int n0, int n1);
 
 typedef struct {
-    qk_rows_fn q4_0, q8_0, q4_k, q6_k, q4_0x2, int4g, q4_0x8, q8_0x8;
+    qk_rows_fn q4_0, q8_0, q4_k, q6_k, q4_0x2, int4g, q4_0x8, q8_0x8, int4gx8;
 } qk_kernels;
 
 /* Each ISA file fills the entries it implements; dispatch.c fills the rest from the scalar table. */
@@ -89,6 +91,9 @@ static inline int qk_x8_pos(int r, int k, int *shift) {
     *shift = hi ? 4 : 0;
     return 16 + c * 64 + 4 * (8 * h + r) + j;
 }
+
+/* INT4GX8: bytes of one 8-row group's weight group (scales, zeros, then group/32 blocks of codes). */
+static inline size_t qk_int4gx8_group_bytes(int group) { return INT4GX8_HEAD + (size_t)(group / QK8) * INT4GX8_BLOCK; }
 
 /* Q8_0X8: byte offset (within a group's block) of element k of row r. */
 static inline int qk_x8q8_pos(int r, int k) {

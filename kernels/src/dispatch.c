@@ -110,6 +110,7 @@ static void load_path(int path) {
     if (!k.int4g) k.int4g = s.int4g;
     if (!k.q4_0x8) k.q4_0x8 = s.q4_0x8;
     if (!k.q8_0x8) k.q8_0x8 = s.q8_0x8;
+    if (!k.int4gx8) k.int4gx8 = s.int4gx8;
     g_k = k;
     g_path = path;
 }
@@ -236,6 +237,35 @@ void qk_repack_q8_0x8(const void *src, int N, int K, void *dst) {
                 const uint8_t *blk = s + ((size_t)(8 * g + r) * nb + b) * Q8_0_BYTES;
                 memcpy(o + 2 * r, blk, 2);
                 for (int k = 0; k < 32; k++) o[qk_x8q8_pos(r, k)] = blk[2 + k];
+            }
+}
+
+size_t qk_int4gx8_bytes(int N, int K, int group) {
+    if (group <= 0 || group % QK8 != 0 || K % group != 0) return 0;
+    return (size_t)((N + 7) / 8) * (K / group) * qk_int4gx8_group_bytes(group);
+}
+
+void qk_repack_int4gx8(const uint8_t *codes, const float *scales, const uint8_t *zeros, int group, int N, int K,
+                       void *dst) {
+    const int nb = K / QK8, ng = K / group, per = group / QK8;
+    uint8_t *o = (uint8_t *)dst;
+    memset(o, 0, qk_int4gx8_bytes(N, K, group));
+    for (int g8 = 0; g8 < (N + 7) / 8; g8++)
+        for (int g = 0; g < ng; g++, o += qk_int4gx8_group_bytes(group))
+            for (int r = 0; r < 8 && 8 * g8 + r < N; r++) {
+                const int n = 8 * g8 + r;
+                memcpy(o + 4 * r, scales + (size_t)n * ng + g, 4);
+                o[32 + r] = zeros[(size_t)n * ng + g];
+                for (int i = 0; i < per; i++) {
+                    const uint8_t *blk = codes + ((size_t)n * nb + g * per + i) * 16;
+                    uint8_t *ob = o + INT4GX8_HEAD + i * INT4GX8_BLOCK - 16; /* qk_x8_pos counts Q4_0X8's scales */
+                    for (int k = 0; k < 32; k++) {
+                        const int q = k < 16 ? (blk[k] & 0x0f) : (blk[k - 16] >> 4);
+                        int shift;
+                        const int pos = qk_x8_pos(r, k, &shift);
+                        ob[pos] |= (uint8_t)(q << shift);
+                    }
+                }
             }
 }
 
@@ -392,6 +422,15 @@ int qk_gemm_int4g(const uint8_t *codes, const float *scales, const uint8_t *zero
     if (group <= 0 || group % QK8 != 0 || K % group != 0 || !valid(N, K, M, QK8)) return -1;
     qk_job job = {QK_INT4G, N, K, M, codes, scales, zeros, group, qs, d, sums, y};
     run(g_k.int4g, &job, nthreads);
+    return 0;
+}
+
+int qk_gemm_int4gx8(const void *w, int group, int N, int K, const int8_t *qs, const float *d, const int32_t *sums,
+                    int M, float *y, int nthreads) {
+    pthread_once(&g_once, init_once);
+    if (group <= 0 || group % QK8 != 0 || K % group != 0 || !valid(N, K, M, QK8)) return -1;
+    qk_job job = {QK_INT4GX8, N, K, M, (const uint8_t *)w, NULL, NULL, group, qs, d, sums, y};
+    run(g_k.int4gx8, &job, nthreads);
     return 0;
 }
 

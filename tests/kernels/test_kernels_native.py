@@ -17,9 +17,21 @@ from qkiln.kernels.types import WType
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest_helpers import random_int4g, random_weights, unit_activations
 
-C_PATHS = [p for p in api.available_paths() if p != "numpy"]
+C_PATHS: list[str] = []  # filled by _c_library_regardless_of_env: every C path this machine runs
 GGML_TYPES = [WType.Q4_0, WType.Q8_0, WType.Q4_K, WType.Q6_K, WType.Q4_0X2, WType.Q4_0X8, WType.Q8_0X8]
 SHAPES = [(1, 256, 1), (7, 512, 3), (33, 256, 2), (64, 768, 1), (5, 1024, 5)]  # (N, K, M): odd N, K % 256 == 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _c_library_regardless_of_env():
+    """These tests compare the C paths, so they load the library even when QKILN_KERNEL=numpy is exported;
+    the variable is back (and re-read) for the modules that run after."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(api.ENV, raising=False)
+        api.reset()
+        C_PATHS[:] = [p for p in api.available_paths() if p != "numpy"]
+        yield
+    api.reset()
 
 
 @pytest.fixture(autouse=True)
@@ -287,3 +299,79 @@ def test_c_selftest_natively(tmp_path):
     assert r.stdout.startswith(f"auto={best} ")
     for p in C_PATHS:
         assert f"path {p}: ok" in r.stdout
+
+
+def _int4_edge_cases(n: int, k: int, group: int, rng: np.random.Generator, case: str):
+    """Unit-scale INT4 arrays for one edge case: extreme codes (all 0 / all 15) against zero points 15 / 0, or
+    zero scales on every other row."""
+    codes, scales, zeros = random_int4g(n, k, group, rng, unit_scales=True)
+    if case == "codes0_zero15":
+        codes[:] = 0x00
+        zeros[:] = 15
+    elif case == "codes15_zero0":
+        codes[:] = 0xFF
+        zeros[:] = 0
+    elif case == "zero_scales":
+        scales[::2] = 0.0  # every other row
+    return codes, scales, zeros
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 37])
+def test_int4gx8_repack_is_identical_in_c_and_numpy(group, n):
+    k = 256
+    rng = np.random.default_rng(n * group)
+    codes, scales, zeros = random_int4g(n, k, group, rng)
+    packed = api.repack_int4gx8(codes, scales, zeros, group, n, k)
+    np.testing.assert_array_equal(packed, numpy_ref.repack_int4gx8(codes, scales, zeros, group, n, k))
+    # the NumPy decode of the repacked bytes is the INT4 decode: same integer codes, same scales
+    for got, want in zip(numpy_ref.decode_int4gx8(packed, group, n, k),
+                         numpy_ref.decode_int4g(codes, scales, zeros, group, n, k), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("case", ["random", "unit", "codes0_zero15", "codes15_zero0", "zero_scales"])
+def test_int4gx8_paths_equal_int4_reference(group, case):
+    """Every path's INT4GX8 product equals the INT4 NumPy reference: bit for bit where the arithmetic is exact
+    (unit scales, extreme codes and zero points against +-127 activations), within TOLERANCE otherwise."""
+    n, k, m = 13, 512, 3  # odd rows: a partial 8-row group
+    rng = np.random.default_rng(group + len(case))
+    if case == "random":
+        codes, scales, zeros = random_int4g(n, k, group, rng)
+        act = numpy_ref.quantize_q8(rng.standard_normal((m, k)).astype(np.float32))
+    else:
+        codes, scales, zeros = _int4_edge_cases(n, k, group, rng, case)
+        act = unit_activations(m, k, rng, extreme=case != "unit")
+        act.qs[0] = -127  # a row of -127: the most negative activation the quantizer emits
+        act.sums[0] = -127 * 32
+    exact = case != "random"
+    ref, yabs = numpy_ref.gemm_int4g(codes, scales, zeros, group, n, k, act, with_abs=True)
+    if case == "codes0_zero15":
+        np.testing.assert_array_equal(ref[0], np.full(n, -15 * -127 * k, np.float32))
+    if case == "zero_scales":
+        assert not ref[:, ::2].any()
+    packed = api.repack_int4gx8(codes, scales, zeros, group, n, k)
+    np.testing.assert_array_equal(numpy_ref.gemm_int4gx8(packed, group, n, k, act), ref)
+    for p in C_PATHS:
+        api.set_kernel_path(p)
+        for y in (api.gemm_int4gx8(packed, group, n, k, act), api.gemm_int4gx8(packed, group, n, k, act, nthreads=1)):
+            if exact:
+                np.testing.assert_array_equal(y, ref, err_msg=p)
+            else:
+                assert (np.abs(y - ref) <= numpy_ref.TOLERANCE * yabs + 1e-30).all(), p
+
+
+def test_int4_linear_runs_the_path_layout():
+    """Int4GLinear repacks to INT4GX8 exactly where the path has that kernel (avx512) and gives the INT4 product."""
+    n, k, group = 21, 256, 128
+    rng = np.random.default_rng(12)
+    codes, scales, zeros = random_int4g(n, k, group, rng)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    act = numpy_ref.quantize_q8(x)
+    ref, yabs = numpy_ref.gemm_int4g(codes, scales, zeros, group, n, k, act, with_abs=True)
+    for p in [*C_PATHS, "numpy"]:
+        api.set_kernel_path(p)
+        lin = api.Int4GLinear(codes, scales, zeros, group, n, k)
+        assert lin.wtype == (WType.INT4GX8 if p == "avx512" else WType.INT4G)
+        assert (np.abs(lin(x) - ref) <= numpy_ref.TOLERANCE * yabs + 1e-30).all(), p

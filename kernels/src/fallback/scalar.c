@@ -154,6 +154,41 @@ static void rows_q4_0x2(const qk_job *j, int n0, int n1) {
     }
 }
 
+/* INT4GX8: the INT4 g-group sums of rows_int4g read from the 8-row-group layout (qk_repack_int4gx8). */
+static void rows_int4gx8(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8, ng = j->K / j->group, per = j->group / QK8;
+    const size_t gbytes = qk_int4gx8_group_bytes(j->group);
+    for (int m = 0; m < j->M; m++) {
+        const int8_t *a = j->qs + (size_t)m * j->K;
+        const float *ad = j->d + (size_t)m * nb;
+        const int32_t *as = j->sums + (size_t)m * nb;
+        for (int n = n0; n < n1; n++) {
+            const int r = n % 8;
+            const uint8_t *w = j->w + (size_t)(n / 8) * ng * gbytes;
+            float acc = 0.0f;
+            for (int g = 0; g < ng; g++, w += gbytes) {
+                float sc;
+                memcpy(&sc, w + 4 * r, 4);
+                const int z = w[32 + r];
+                for (int i = 0; i < per; i++) {
+                    const int b = g * per + i;
+                    const uint8_t *q = w + INT4GX8_HEAD + i * INT4GX8_BLOCK - 16;
+                    const int8_t *ab = a + (size_t)b * QK8;
+                    int s = 0;
+                    for (int k = 0; k < 32; k++) {
+                        int shift;
+                        const int pos = qk_x8_pos(r, k, &shift);
+                        s += ((q[pos] >> shift) & 0x0f) * ab[k];
+                    }
+                    s -= z * as[b];
+                    acc += (sc * ad[b]) * (float)s;
+                }
+            }
+            j->y[(size_t)m * j->N + n] = acc;
+        }
+    }
+}
+
 static void rows_q4_0x8(const qk_job *j, int n0, int n1) {
     const int nb = j->K / QK8;
     for (int m = 0; m < j->M; m++) {
@@ -209,4 +244,5 @@ void qk_fill_scalar(qk_kernels *k) {
     k->q6_k = rows_q6_k;
     k->q4_0x2 = rows_q4_0x2;
     k->int4g = rows_int4g;
+    k->int4gx8 = rows_int4gx8;
 }

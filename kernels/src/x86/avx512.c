@@ -251,7 +251,62 @@ static void rows_q8_0x8(const qk_job *j, int n0, int n1) {
     free(ab);
 }
 
+/* INT4GX8: Q4_0X8's inner loop on 8-row groups, with per-row fp32 scales and zero points per weight group.
+ * The block's integer sum is exact: sum(q * a) - z * sum(a) per lane; the activation scale multiplies it per
+ * block and the weight scale once per weight group. */
+static void rows_int4gx8(const qk_job *j, int n0, int n1) {
+    const int nb = j->K / QK8, ng = j->K / j->group, per = j->group / QK8;
+    const size_t gbytes = qk_int4gx8_group_bytes(j->group);
+    __m512i *ab = (__m512i *)aligned_alloc(64, (size_t)nb * 4 * sizeof(__m512i));
+    if (!ab) return;
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const __m512i idx_lo[2] = {_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                               _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2)};
+    const __m512i four = _mm512_set1_epi32(4);
+    for (int m = 0; m < j->M; m++) {
+        const int8_t *a = j->qs + (size_t)m * j->K;
+        const float *ad = j->d + (size_t)m * nb;
+        const int32_t *as = j->sums + (size_t)m * nb;
+        for (int b = 0; b < nb; b++) {
+            const __m512i words = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + (size_t)b * QK8)));
+            for (int c = 0; c < 2; c++) {
+                ab[b * 4 + 2 * c] = _mm512_permutexvar_epi32(idx_lo[c], words);
+                ab[b * 4 + 2 * c + 1] = _mm512_permutexvar_epi32(_mm512_add_epi32(idx_lo[c], four), words);
+            }
+        }
+        for (int n = n0 & ~7; n < n1; n += 8) {
+            const uint8_t *w = j->w + (size_t)(n / 8) * ng * gbytes;
+            __m256 acc = _mm256_setzero_ps();
+            for (int g = 0; g < ng; g++, w += gbytes) {
+                const __m256 sc = _mm256_loadu_ps((const float *)w);
+                const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 32)));
+                const uint8_t *q = w + INT4GX8_HEAD;
+                __m256 accg = _mm256_setzero_ps();
+                for (int i = 0; i < per; i++, q += INT4GX8_BLOCK) {
+                    const int b = g * per + i;
+                    const __m512i v0 = _mm512_loadu_si512((const void *)q);
+                    const __m512i v1 = _mm512_loadu_si512((const void *)(q + 64));
+                    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v0, m4), ab[b * 4 + 0]);
+                    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), ab[b * 4 + 1]);
+                    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(v1, m4), ab[b * 4 + 2]);
+                    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4), ab[b * 4 + 3]);
+                    __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+                    s8 = _mm256_sub_epi32(s8, _mm256_mullo_epi32(z, _mm256_set1_epi32(as[b])));
+                    accg = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), _mm256_set1_ps(ad[b]), accg);
+                }
+                acc = _mm256_fmadd_ps(accg, sc, acc);
+            }
+            float out[8];
+            _mm256_storeu_ps(out, acc);
+            for (int r = 0; r < 8 && n + r < n1; r++)
+                if (n + r >= n0) j->y[(size_t)m * j->N + n + r] = out[r];
+        }
+    }
+    free(ab);
+}
+
 void qk_fill_avx512(qk_kernels *k) {
+    k->int4gx8 = rows_int4gx8;
     k->q4_0x8 = rows_q4_0x8;
     k->q8_0x8 = rows_q8_0x8;
     k->q4_0 = rows_q4_0;
