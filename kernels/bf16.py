@@ -1,0 +1,209 @@
+"""bf16 matrix products for GPTQ calibration: a linear layer's forward and the Hessian core XᵀX.
+
+Why bf16: calibration pushes ~65k tokens through every linear layer and accumulates XᵀX per layer (~20 TFLOP
+in all); float32 BLAS does ~180 GFLOPS on a 2-core machine, Intel AMX's tdpbf16ps several times that. Both
+paths compute the same thing, so results do not depend on the machine beyond float32 summation order:
+
+* inputs are rounded to bf16 by `round_bf16` (the rule below), products of two bf16 values are exact in
+  float32 (8 + 8 significant bits), and the products are summed in float32;
+* "amx": the C kernels in kernels/src/x86/amx.c (tdpbf16ps, float32 accumulation, two threads);
+* "numpy": `round_bf16` the inputs, then float32 `np.matmul`.
+
+Rounding rule (`round_bf16`): float32 denormals (exponent field 0) become a zero of the same sign, then
+round to nearest with ties to even; values past the largest bf16 become ±inf; NaN stays NaN (quiet bit set,
+payload truncated). This is exactly what vcvtne2ps2bf16 does (tests compare the C conversion bit for bit).
+The flush matters only for |x| < 1.2e-38.
+
+Tolerance: with s = Σᵢ |xᵢ wᵢ| over the K reduced terms (features for `linear`, tokens for `gram`) of the
+rounded inputs, each path's float32 sum of K exact products is within K·2⁻²⁴·s of the exact sum (the
+classical recursive-summation bound, valid for any summation order; tdpbf16ps also flushes denormal results,
+adding at most K·2⁻¹²⁶). So |amx − numpy| ≤ 2·K·2⁻²⁴·s + 2·K·2⁻¹²⁶. That bound is the worst case; the
+observed error is ~1e-7·s (summation errors cancel), which the tests also check.
+
+QKILN_KERNEL=numpy forces the NumPy path (other values of that variable choose among the quantized-kernel
+paths and do not affect this module, which has one C path).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qkiln.kernels.api import ENV, KernelError
+
+PATHS = ("amx", "numpy")
+
+_lock = threading.Lock()
+_lib: Any = None
+_lib_error: str | None = None
+_loaded = False
+
+
+def _declare(lib: Any) -> None:
+    i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    sig = {
+        "qk_bf16_amx_available": (c_int, []),
+        "qk_bf16_round": (None, [vp, i64, vp]),
+        "qk_bf16_packed_bytes": (ctypes.c_size_t, [i64, i64]),
+        "qk_bf16_pack_weight": (None, [vp, i64, i64, vp]),
+        "qk_bf16_linear": (c_int, [vp, i64, i64, vp, i64, vp, c_int]),
+        "qk_bf16_gram": (c_int, [vp, i64, i64, vp, c_int]),
+    }
+    for name, (res, args) in sig.items():
+        fn = getattr(lib, name)
+        fn.restype = res
+        fn.argtypes = args
+
+
+def _library() -> Any:
+    """The kernel library (the same shared object kernels.api loads) if it has usable AMX, else None."""
+    global _lib, _lib_error, _loaded
+    with _lock:
+        if not _loaded:
+            _loaded = True
+            from qkiln.kernels.build import BuildError, build_library
+
+            try:
+                lib = ctypes.CDLL(os.environ.get("QKILN_KERNELS_LIB") or str(build_library()))
+                _declare(lib)  # AttributeError: a library without amx.c (aarch64, or stale)
+                if not lib.qk_bf16_amx_available():
+                    raise OSError("this CPU/OS has no usable AMX-BF16 (cpuid, XCR0 or arch_prctl permission)")
+                _lib = lib
+            except (BuildError, OSError, AttributeError) as e:
+                _lib_error = str(e).splitlines()[0]
+        return _lib
+
+
+def amx_available() -> bool:
+    """True when the C library loads and qk_bf16_amx_available() says AMX-BF16 can run here."""
+    return _library() is not None
+
+
+def amx_unavailable_reason() -> str | None:
+    """Why the AMX path cannot run (None when it can): for skip messages and errors."""
+    _library()
+    return _lib_error
+
+
+def bf16_path() -> str:
+    """The default path: 'numpy' when QKILN_KERNEL=numpy or AMX is unavailable, else 'amx'."""
+    if os.environ.get(ENV, "").strip().lower() == "numpy":
+        return "numpy"
+    return "amx" if amx_available() else "numpy"
+
+
+def _resolve(path: str | None) -> str:
+    if path is None:
+        return bf16_path()
+    if path not in PATHS:
+        raise KernelError(f"unknown bf16 path {path!r}; use one of {', '.join(PATHS)}")
+    if path == "amx" and not amx_available():
+        raise KernelError(f"the amx bf16 path cannot run here: {_lib_error}")
+    return path
+
+
+def round_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 -> nearest bf16 value (as float32) by the module's rule; same shape."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)  # (...)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    tiny = (u & np.uint32(0x7F800000)) == 0  # zero or denormal: flush, keep the sign
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    out = np.where(tiny, u & np.uint32(0x80000000), rounded)
+    out = np.where(nan, (u | np.uint32(0x00400000)) & np.uint32(0xFFFF0000), out)
+    return out.astype(np.uint32).view(np.float32)
+
+
+def round_bf16_c(a: np.ndarray) -> np.ndarray:
+    """The C conversion (vcvtne2ps2bf16) as float32, for tests that pin it to `round_bf16`."""
+    lib = _library()
+    if lib is None:
+        raise KernelError(f"the amx bf16 path cannot run here: {_lib_error}")
+    x = np.ascontiguousarray(a, dtype=np.float32)
+    bits = np.empty(x.shape, np.uint16)
+    lib.qk_bf16_round(_ptr(x), x.size, _ptr(bits))
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _ptr(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+def _threads(nthreads: int | None) -> int:
+    return 0 if nthreads is None else int(nthreads)
+
+
+@dataclass(frozen=True)
+class BF16Weight:
+    """A linear layer's weight W (n, k) (y = x Wᵀ) ready for `linear` on one path.
+
+    `packed` (uint16 bf16 AMX B tiles) for the amx path, or `rounded` (float32 (n, k), round_bf16(W))
+    for the numpy path; the path is fixed when packing so a product never silently changes path."""
+
+    shape: tuple[int, int]
+    packed: np.ndarray | None = None
+    rounded: np.ndarray | None = None
+
+    @property
+    def path(self) -> str:
+        return "amx" if self.packed is not None else "numpy"
+
+
+def pack_weight(w: np.ndarray, *, path: str | None = None) -> BF16Weight:
+    """W (n, k) float -> BF16Weight for the given path (default `bf16_path()`)."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D (n, k), got shape {w.shape}")
+    n, k = w.shape
+    if _resolve(path) == "numpy":
+        return BF16Weight((n, k), rounded=round_bf16(w))
+    lib = _library()
+    packed = np.zeros(lib.qk_bf16_packed_bytes(n, k) // 2, np.uint16)  # (tiles * 512,)
+    if n and k:
+        lib.qk_bf16_pack_weight(_ptr(w), n, k, _ptr(packed))
+    return BF16Weight((n, k), packed=packed)
+
+
+def _as_x(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{what} input must be 2-D (m, k), got shape {x.shape}")
+    return x
+
+
+def linear(x: np.ndarray, w: BF16Weight, *, nthreads: int | None = None) -> np.ndarray:
+    """y (m, n) float32 = bf16(x) (m, k) · bf16(W)ᵀ with float32 accumulation, on the weight's path."""
+    x = _as_x(x, "linear")
+    m, k = x.shape
+    n, wk = w.shape
+    if k != wk:
+        raise ValueError(f"linear: x has width {k}, weight is {w.shape}")
+    if w.rounded is not None:
+        return np.matmul(round_bf16(x), w.rounded.T).astype(np.float32, copy=False)
+    lib = _library()
+    assert lib is not None and w.packed is not None, "an amx-packed weight implies the library loaded"
+    y = np.empty((m, n), np.float32)
+    rc = lib.qk_bf16_linear(_ptr(x), m, k, _ptr(w.packed), n, _ptr(y), _threads(nthreads))
+    if rc != 0:
+        raise MemoryError(f"qk_bf16_linear failed (code {rc})")
+    return y
+
+
+def gram(x: np.ndarray, *, path: str | None = None, nthreads: int | None = None) -> np.ndarray:
+    """(k, k) float32 = bf16(x)ᵀ · bf16(x) for x (m, k), float32 accumulation; exactly symmetric."""
+    x = _as_x(x, "gram")
+    m, k = x.shape
+    if _resolve(path) == "numpy":
+        xr = round_bf16(x)  # (m, k)
+        g = np.matmul(xr.T, xr).astype(np.float32, copy=False)  # (k, k)
+        upper = np.triu(g)
+        return upper + np.triu(g, 1).T
+    out = np.empty((k, k), np.float32)
+    rc = _library().qk_bf16_gram(_ptr(x), m, k, _ptr(out), _threads(nthreads))
+    if rc != 0:
+        raise MemoryError(f"qk_bf16_gram failed (code {rc})")
+    return out

@@ -1,0 +1,154 @@
+"""bf16 products for calibration: the rounding rule is exact (NumPy == ml_dtypes on normals == the C
+conversion), and both paths give the float64 product of the rounded inputs within the stated bound."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from qkiln.kernels import bf16
+from qkiln.kernels.api import KernelError
+
+U = 2.0**-24  # float32 unit roundoff
+
+
+@pytest.fixture(params=["amx", "numpy"])
+def path(request):
+    if request.param == "amx" and not bf16.amx_available():
+        pytest.skip(f"AMX-BF16 cannot run here ({bf16.amx_unavailable_reason()}); the numpy path is tested")
+    return request.param
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float32).view(np.uint32)
+
+
+def _normals(rng: np.random.Generator, size: int) -> np.ndarray:
+    """float32 values with random bits across every normal exponent, plus exact ties (low half 0x8000)."""
+    bits = rng.integers(0x00800000, 0x7F7FFFFF, size, dtype=np.uint32, endpoint=True)
+    ties = (bits[: size // 4] & np.uint32(0xFFFF0000)) | np.uint32(0x8000)  # both even and odd upper halves
+    bits = np.concatenate([bits, ties, np.array([0x00800000, 0x7F7F8000, 0x7F7F7FFF, 0x3F808000, 0x3F818000],
+                                                np.uint32)])
+    sign = rng.integers(0, 2, bits.size, dtype=np.uint32) << np.uint32(31)
+    return (bits | sign).view(np.float32)
+
+
+def test_round_bf16_is_ml_dtypes_rne_on_normals():
+    x = _normals(np.random.default_rng(0), 400_000)
+    want = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(_bits(bf16.round_bf16(x)), _bits(want))
+    # ties go to even: 1 + 2^-8 (halfway between 1 and 1 + 2^-7) -> 1; 1 + 3*2^-8 -> 1 + 2^-6
+    assert bf16.round_bf16(np.float32([1 + 2**-8, 1 + 3 * 2**-8])).tolist() == [1.0, 1 + 2**-6]
+
+
+def test_round_bf16_special_values():
+    x = np.float32([np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-40, 1.2e-38, 3.4e38, -3.4e38, 3.3895314e38])
+    r = bf16.round_bf16(x)
+    assert r[:2].tolist() == [np.inf, -np.inf]
+    assert _bits(r[2:6]).tolist() == [0, 0x80000000, 0, 0x80000000]  # denormals flush, sign kept
+    assert r[6] == np.float32(1.2e-38).astype(ml_dtypes.bfloat16).astype(np.float32)  # smallest normals kept
+    assert r[7:9].tolist() == [np.inf, -np.inf]  # past the largest bf16
+    assert r[9] == np.float32(3.3895314e38)  # the largest bf16 itself
+    nans = np.array([0x7FC00000, 0xFF800001, 0x7F80FFFF, 0x7FBFFFFF], np.uint32).view(np.float32)
+    rn = bf16.round_bf16(nans)
+    assert np.isnan(rn).all()
+    assert (_bits(rn) & np.uint32(0x80000000)).tolist() == [0, 0x80000000, 0, 0]
+
+
+def test_c_conversion_is_round_bf16_bit_for_bit():
+    if not bf16.amx_available():
+        pytest.skip(f"AMX-BF16 cannot run here ({bf16.amx_unavailable_reason()})")
+    rng = np.random.default_rng(1)
+    every = rng.integers(0, 2**32, 1_000_003, dtype=np.uint64).astype(np.uint32).view(np.float32)  # denormals, NaNs
+    for x in (every, _normals(rng, 100_001), every[:5]):
+        np.testing.assert_array_equal(_bits(bf16.round_bf16_c(x)), _bits(bf16.round_bf16(x)))
+
+
+def _check(got: np.ndarray, xr: np.ndarray, wr: np.ndarray, kterms: int) -> None:
+    """got vs the float64 product of the rounded inputs: within K·2⁻²⁴·Σ|xw| (rigorous), ~1e-7 typically."""
+    x64, w64 = xr.astype(np.float64), wr.astype(np.float64)
+    exact = x64 @ w64.T
+    s = np.abs(x64) @ np.abs(w64).T
+    err = np.abs(got.astype(np.float64) - exact)
+    assert got.dtype == np.float32 and got.shape == exact.shape
+    assert np.all(err <= kterms * U * s + kterms * 2.0**-126), np.max(err - kterms * U * s)
+    nz = s > 0
+    if nz.any():  # the worst case above is loose for large K; the observed error is far smaller
+        assert np.max(err[nz] / s[nz]) <= 2e-6, np.max(err[nz] / s[nz])
+    assert np.all(err[~nz] == 0)
+
+
+M_SIZES = (1, 15, 16, 33, 1000)
+KN_SIZES = ((1, 1), (95, 17), (17, 95), (576, 1536), (1536, 576))
+
+
+@pytest.mark.parametrize("m", M_SIZES)
+@pytest.mark.parametrize(("k", "n"), KN_SIZES)
+def test_linear_is_the_product_of_rounded_inputs(path, m, k, n):
+    rng = np.random.default_rng(m * 7919 + k * 31 + n)
+    x = rng.standard_normal((m, k), dtype=np.float32) * np.float32(3)
+    w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(0.05)
+    pw = bf16.pack_weight(w, path=path)
+    assert pw.path == path and pw.shape == (n, k)
+    _check(bf16.linear(x, pw), bf16.round_bf16(x), bf16.round_bf16(w), k)
+
+
+def test_linear_zeros_large_magnitudes_and_thread_counts(path):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((70, 95), dtype=np.float32) * np.float32(1e17)  # products ~1e34, sums < float32 max
+    x[3] = 0
+    x[:, 10] = 0
+    w = rng.standard_normal((33, 95), dtype=np.float32) * np.float32(1e17)
+    w[5] = 0
+    pw = bf16.pack_weight(w, path=path)
+    y = bf16.linear(x, pw)
+    _check(y, bf16.round_bf16(x), bf16.round_bf16(w), 95)
+    assert np.all(y[3] == 0) and np.all(y[:, 5] == 0)
+    for t in (1, 3):  # the split across threads does not change any sum's order
+        np.testing.assert_array_equal(bf16.linear(x, pw, nthreads=t), y)
+    assert np.all(bf16.linear(np.zeros((40, 95), np.float32), pw) == 0)
+
+
+@pytest.mark.parametrize("m", M_SIZES)
+@pytest.mark.parametrize("k", (1, 17, 95, 576, 1536))
+def test_gram_is_exactly_symmetric_and_the_rounded_product(path, m, k):
+    rng = np.random.default_rng(m * 13 + k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    x[:, 0] *= np.float32(1e12)  # a large-magnitude feature next to ordinary ones
+    g = bf16.gram(x, path=path)
+    assert np.array_equal(g, g.T)
+    xr = bf16.round_bf16(x)
+    _check(g, xr.T, xr.T, m)
+
+
+def test_gram_zeros_threads_and_agreement_between_paths():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3000, 200), dtype=np.float32)
+    x[:, 7] = 0
+    x[100:900] = 0
+    paths = ["numpy"] + (["amx"] if bf16.amx_available() else [])
+    got = {p: bf16.gram(x, path=p) for p in paths}
+    for g in got.values():
+        assert np.all(g[7] == 0) and np.all(g[:, 7] == 0)
+    if "amx" in got:
+        xr = bf16.round_bf16(x).astype(np.float64)
+        s = np.abs(xr).T @ np.abs(xr)
+        assert np.all(np.abs(got["amx"] - got["numpy"]) <= 2 * 3000 * U * s)
+        for t in (1, 3):
+            np.testing.assert_array_equal(bf16.gram(x, path="amx", nthreads=t), got["amx"])
+    assert np.all(bf16.gram(np.zeros((5, 40), np.float32)) == 0)
+
+
+def test_path_choice_and_errors(monkeypatch):
+    monkeypatch.setenv("QKILN_KERNEL", "numpy")
+    assert bf16.bf16_path() == "numpy"
+    assert bf16.pack_weight(np.ones((2, 3), np.float32)).path == "numpy"
+    monkeypatch.delenv("QKILN_KERNEL")
+    assert bf16.bf16_path() == ("amx" if bf16.amx_available() else "numpy")
+    with pytest.raises(KernelError, match="unknown bf16 path"):
+        bf16.gram(np.ones((2, 3), np.float32), path="avx9")
+    with pytest.raises(ValueError, match="width"):
+        bf16.linear(np.ones((2, 4), np.float32), bf16.pack_weight(np.ones((2, 3), np.float32)))
+    with pytest.raises(ValueError, match="2-D"):
+        bf16.gram(np.ones(3, np.float32))
