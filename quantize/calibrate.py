@@ -2,13 +2,13 @@
 
 For each decoder layer i, with the calibration hidden states h_i (n_samples, seq_len, hidden) that the
 ALREADY QUANTIZED layers 0..i-1 produced:
-1. run layer i (original weights) over h_i in batches of samples, observing the input of each linear:
-   per input group (q/k/v share one, gate/up share one, o, down) GPTQ's Hessian H = 2XᵀX/n and, for
-   AWQ, the mean |x| per channel — running sums, no activation is kept past its batch;
-2. quantize the layer's 7 linears (AWQ scales searched and folded first when asked; folded norms are
-   part of the output), each on the scheme the rules give its name;
-3. put the dequantized weights in place and run the QUANTIZED layer over h_i to get h_{i+1}, so later
-   layers are calibrated on the inputs they will really see (errors do not compound unnoticed).
+1. AWQ: run layer i (original weights) over h_i observing each input group's statistics (Hessian
+   and mean |x|), search the scales and fold them (`quantize.awq`);
+2. `quantize.sequential.run_layer`: one forward over h_i that stops at each input group (q/k/v, o,
+   gate/up, down) to gather the Hessian of the inputs the group really sees — produced by the groups
+   already quantized — and quantize it (GPTQ; RTN for plain AWQ, which needs no Hessian), then goes on
+   with the quantized weights. Its output is h_{i+1}: later layers are calibrated on the inputs they
+   will really see (errors do not compound unnoticed).
 RTN needs no calibration: it skips the forward passes entirely.
 
 Embeddings and lm_head are quantized by RTN on their own grid (no Hessian for a lookup table; the
@@ -16,12 +16,14 @@ head's input statistics would need the whole model run once more); the final nor
 With tied embeddings only `model.embed_tokens.weight` is produced (the head reads it).
 
 Memory model (what is resident at the peak, demo model numbers for 128 samples x 512 tokens):
-- hidden states in and out of the current layer: 2 · N·L·hidden·4 B           (2 x 151 MB)
+- hidden states of the current layer, updated in place: N·L·hidden·4 B             (151 MB)
+- between groups, the attention output N·L·heads·d·4 B (151 MB), later the MLP activation N·L·inter·4 B
+  (403 MB) — see `quantize.sequential`
 - one layer's weights: original, folded, dequantized float32 (~3 x 14 MB) — the runtime runs with
   cache_weights=False and reads each layer's tensors from the (memory-mapped) checkpoint when it runs;
   `_Overlay` holds only the current layer's replaced tensors and drops them when the layer is done
 - statistics: per input group (in, in) float64 Hessian (+ a temporary): 3·576² + 1536² doubles ≈ 27 MB
-- one batch's activations inside the layer: batch·L·(3·inter + 6·hidden)·4 B      (8 samples: ~130 MB)
+- one batch's temporaries inside the layer: batch·L·(3·inter + 6·hidden)·4 B     (8 samples: ~130 MB)
 - the embedding matrix while it is quantized (vocab·hidden·4 B, 113 MB) and whatever the consumer
   keeps of the yielded tensors (the CLI's writer keeps them all: the output checkpoint's size).
 It never holds more than one layer's activations, nor the model's weights in float32 (except through
@@ -45,8 +47,10 @@ from qkiln.errors import QuantizeError
 from qkiln.quantize.awq import GROUP_OF, INPUT_GROUPS, LINEARS, NORMS, GroupStats, awq_layer
 from qkiln.quantize.gptq import GridMode, gptq_quantize_shared, prepare_hessian
 from qkiln.quantize.hessian import abs_mean_sum, accumulate_hessian, empty_hessian
+from qkiln.quantize.matmul import matmul_engine
 from qkiln.quantize.rtn import quantize_rtn
 from qkiln.quantize.scheme import Scheme
+from qkiln.quantize.sequential import run_layer
 from qkiln.quantize.tensor import QuantizedTensor
 from qkiln.runtime.config import LlamaConfig
 from qkiln.runtime.source import TensorSource
@@ -167,6 +171,38 @@ class _Stats:
         return out
 
 
+class _GroupQuantizer:
+    """`sequential.run_layer`'s callback: quantize one input group's linears (GPTQ on the Hessian it is
+    given, RTN when it gets none, float for linears the rules keep), record them in `out`, and return
+    them dequantized for the rest of the layer's forward."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], schemes: dict[str, Scheme | None], prefix: str,
+                 out: dict[str, QuantizedTensor | np.ndarray], *, damp: float, act_order: bool, block_size: int,
+                 grid: GridMode):
+        self.tensors, self.schemes, self.prefix, self.out = tensors, schemes, prefix, out
+        self.damp, self.act_order, self.block_size, self.grid = damp, act_order, block_size, grid
+
+    def __call__(self, group: str, hess: np.ndarray | None) -> dict[str, np.ndarray]:
+        names, p, out = INPUT_GROUPS[group], self.prefix, self.out
+        by_scheme: dict[Scheme, list[str]] = {}
+        for n in names:  # linears sharing an input AND a scheme are scanned together
+            sch = self.schemes[n]
+            if sch is None:
+                out[n] = self.tensors[n]
+            elif hess is None:
+                out[n] = _rtn_or_keep(self.tensors[n], p + n + ".weight", sch)
+            else:
+                by_scheme.setdefault(sch, []).append(n)
+        if by_scheme:
+            assert hess is not None
+            prep = prepare_hessian(hess, damp=self.damp, act_order=self.act_order, name=f"{p}{group}")
+            for sch, same in by_scheme.items():
+                got = gptq_quantize_shared({p + n + ".weight": self.tensors[n] for n in same}, prep, sch,
+                                           block_size=self.block_size, grid=self.grid)
+                out.update({n: got[p + n + ".weight"] for n in same})
+        return {n: _dense(out[n]) for n in names}
+
+
 def quantize_model(
     source: TensorSource,
     rules_or_scheme: Scheme | SchemeFor | _Rules,
@@ -180,6 +216,7 @@ def quantize_model(
     awq_grid: int = 20,
     awq_clip: bool | None = None,
     batch_samples: int = 8,
+    calib_dtype: str = "float32",
     progress: Progress | None = None,
     report: QuantizeReport | None = None,
 ) -> Iterator[tuple[str, QuantizedTensor | np.ndarray]]:
@@ -203,7 +240,9 @@ def quantize_model(
     use_gptq = algo in ("gptq", "awq+gptq")
     clip = (algo == "awq") if awq_clip is None else awq_clip
     report.settings = {"damp": damp, "act_order": act_order, "block_size": block_size, "grid": grid,
-                       "awq_grid": awq_grid, "awq_clip": clip if use_awq else None, "batch_samples": batch_samples}
+                       "awq_grid": awq_grid, "awq_clip": clip if use_awq else None, "batch_samples": batch_samples,
+                       "calib_dtype": calib_dtype}
+    engine = matmul_engine(calib_dtype)
 
     # Every quantized tensor's scheme, checked up front: a bad group size fails before minutes of work.
     quantized_names = ["model.embed_tokens.weight"]
@@ -260,44 +299,21 @@ def quantize_model(
                 out[n] = tensors[n]
         else:
             assert h is not None
-            stats = _Stats(cfg, need_abs=use_awq)
-            for b0, b1 in batches:
-                model.layer(i, h[b0:b1], observer=stats)
-            group_stats = stats.groups()
-            del stats
-            if use_awq:
-                res = awq_layer(tensors, group_stats, layer_schemes, cfg, n_grid=awq_grid, clip=clip)
-                tensors, group_stats = res.tensors, res.stats
+            if use_awq:  # scales are searched on the ORIGINAL layer's statistics, then folded
+                stats = _Stats(cfg, need_abs=True)
+                for b0, b1 in batches:
+                    model.layer(i, h[b0:b1], observer=stats)
+                res = awq_layer(tensors, stats.groups(), layer_schemes, cfg, n_grid=awq_grid, clip=clip)
+                del stats
+                tensors = res.tensors
                 report.awq[str(i)] = res.info
-            for group, names in INPUT_GROUPS.items():
-                if not use_gptq:
-                    for n in names:
-                        out[n] = _rtn_or_keep(tensors[n], p + n + ".weight", layer_schemes[n])
-                    continue
-                by_scheme: dict[Scheme, list[str]] = {}
-                for n in names:  # linears sharing an input AND a scheme are scanned together
-                    sch = layer_schemes[n]
-                    if sch is None:
-                        out[n] = tensors[n]
-                    else:
-                        by_scheme.setdefault(sch, []).append(n)
-                if not by_scheme:
-                    continue
-                prep = prepare_hessian(group_stats[group].h, damp=damp, act_order=act_order, name=f"{p}{group}")
-                for scheme, same in by_scheme.items():
-                    got = gptq_quantize_shared({p + n + ".weight": tensors[n] for n in same}, prep, scheme,
-                                               block_size=block_size, grid=grid)
-                    out.update({n: got[p + n + ".weight"] for n in same})
-            for n in NORMS:
-                out[n] = tensors[n]
-            del group_stats
-            for n, v in out.items():
-                overlay.replaced[p + n + ".weight"] = _dense(v)
-            h_next = np.empty_like(h)
-            for b0, b1 in batches:
-                h_next[b0:b1] = model.layer(i, h[b0:b1])
-            h = h_next
-            overlay.replaced.clear()
+
+            quantize_group = _GroupQuantizer(tensors, layer_schemes, p, out, damp=damp, act_order=act_order,
+                                             block_size=block_size, grid=grid)
+            norms = {n: tensors[n] for n in NORMS}
+            h = run_layer(h, norms, cfg, model.rope, quantize_group, engine, batch_samples=batch_samples,
+                          need_hessian=use_gptq)
+            out.update(norms)
         del tensors
         report.layer_seconds.append(time.perf_counter() - t0)  # the layer's work, not the consumer's
         report.peak_rss_bytes = peak_rss_bytes()

@@ -61,7 +61,7 @@ def _blas_controller() -> Any:
     return ThreadpoolController()  # inspecting the loaded libraries costs ~0.1 s: once per process
 
 
-def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
+def one_blas_thread() -> contextlib.AbstractContextManager[object]:
     """OpenBLAS's threaded potrf is ~15x slower than one thread on a busy 2-core machine (measured)."""
     ctl = _blas_controller()
     return contextlib.nullcontext() if ctl is None else ctl.limit(limits=1, user_api="blas")
@@ -98,7 +98,7 @@ def inverse_hessian_cholesky(h: np.ndarray, damp: float, name: str = "") -> tupl
         hd = h[::-1, ::-1].copy()  # J H J
         hd[np.diag_indices(n)] += d * mean_diag
         try:
-            with _one_blas_thread():
+            with one_blas_thread():
                 upper = _inv_lower(np.linalg.cholesky(hd))[::-1, ::-1]  # (in, in)
             if np.isfinite(upper).all() and (np.diag(upper) > 0).all():
                 if attempt:

@@ -12,6 +12,8 @@ relative error around 1e-6, far below the dampening GPTQ adds (1% of the mean di
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 # Tokens per float32 XᵀX product: bounds the temporary copy of x and keeps the float32 sums short.
@@ -21,6 +23,37 @@ CHUNK_TOKENS = 8192
 def empty_hessian(n_in: int) -> tuple[np.ndarray, int]:
     """A fresh (H, n_seen): (in, in) float64 zeros and no tokens seen."""
     return np.zeros((n_in, n_in), dtype=np.float64), 0
+
+
+def gram_f32(x2d: np.ndarray) -> np.ndarray:
+    """xᵀx (in, in) float32 of a (tokens, in) float32 chunk: one BLAS product (syrk for this pattern)."""
+    return x2d.T @ x2d
+
+
+class HessianSum:
+    """Running H = 2XᵀX/n over token chunks, the chunk products made by `gram` (float32 BLAS by default,
+    bfloat16 AMX in calibration) and summed in float64."""
+
+    def __init__(self, n_in: int, gram: Callable[[np.ndarray], np.ndarray] = gram_f32):
+        self.sum = np.zeros((n_in, n_in), dtype=np.float64)  # (in, in) Σ xᵀx
+        self.n = 0
+        self.gram = gram
+
+    def add(self, x2d: np.ndarray) -> None:
+        """Fold tokens x2d (tokens, in) float32 in, CHUNK_TOKENS at a time."""
+        for start in range(0, x2d.shape[0], CHUNK_TOKENS):
+            xc = np.ascontiguousarray(x2d[start : start + CHUNK_TOKENS], dtype=np.float32)  # (chunk, in)
+            self.sum += self.gram(xc)
+        self.n += x2d.shape[0]
+
+    def add_gram(self, g: np.ndarray, n_tokens: int) -> None:
+        """Fold in a chunk's xᵀx (in, in) made elsewhere, over n_tokens tokens."""
+        self.sum += g
+        self.n += n_tokens
+
+    def mean(self) -> np.ndarray:
+        """H = 2 Σxᵀx / n, (in, in) float64 (zeros before any token)."""
+        return self.sum * (2.0 / max(self.n, 1))
 
 
 def accumulate_hessian(h: np.ndarray, n_seen: int, x2d: np.ndarray) -> tuple[np.ndarray, int]:
@@ -34,10 +67,9 @@ def accumulate_hessian(h: np.ndarray, n_seen: int, x2d: np.ndarray) -> tuple[np.
     m = x2d.shape[0]
     if m == 0:
         return h.copy(), n_seen
-    xtx = np.zeros(h.shape, dtype=np.float64)  # (in, in)
-    for start in range(0, m, CHUNK_TOKENS):
-        xc = np.ascontiguousarray(x2d[start : start + CHUNK_TOKENS], dtype=np.float32)  # (chunk, in)
-        xtx += xc.T @ xc
+    chunks = HessianSum(h.shape[0])
+    chunks.add(x2d)
+    xtx = chunks.sum  # (in, in)
     n_new = n_seen + m
     h_new = h * (n_seen / n_new) + xtx * (2.0 / n_new)
     return h_new, n_new

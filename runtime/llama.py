@@ -120,6 +120,35 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.
     return out.reshape(b * s, n_heads * d)
 
 
+def rope_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    config: LlamaConfig,
+    rope: RopeTable,
+    b: int,
+    *,
+    start_pos: int = 0,
+    cache: KVCache | None = None,
+    layer: int = 0,
+) -> np.ndarray:
+    """The attention step of a decoder layer, from projections to the o_proj input.
+
+    q (b * s, heads * d), k and v (b * s, kv_heads * d) float32, as the q/k/v linears give them (any
+    strides); RoPE at positions start_pos.., the KV cache (layer `layer`) when given, then causal
+    grouped-query attention -> (b * s, heads * d). Calibration runs this same step on quantized weights.
+    """
+    n_heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    s = q.shape[0] // b
+    cos, sin = rope.get(start_pos, s)  # (s, d/2) each
+    q4 = apply_rope(q.reshape(b, s, n_heads, d), cos, sin)  # (b, s, heads, d)
+    k4 = apply_rope(k.reshape(b, s, kv_heads, d), cos, sin).transpose(0, 2, 1, 3)  # (b, kvh, s, d)
+    v4 = v.reshape(b, s, kv_heads, d).transpose(0, 2, 1, 3)  # (b, kvh, s, d)
+    if cache is not None:
+        k4, v4 = cache.store(layer, start_pos, k4, v4)  # (b, kvh, start_pos + s, d) views
+    return causal_attention(q4, k4, v4)
+
+
 _MASKS: dict[int, np.ndarray] = {}
 
 
@@ -326,13 +355,7 @@ class LlamaModel:
             q, k, v = qkv[:, :q_out], qkv[:, q_out : q_out + kv_out], qkv[:, q_out + kv_out :]
         else:
             q, k, v = (self._linear(p + n, x, lw.linears.get(n)) for n in ATTN_LINEARS[:3])
-        cos, sin = self.rope.get(start_pos, s)  # (s, d/2) each
-        q = apply_rope(q.reshape(b, s, n_heads, d), cos, sin)  # (b, s, heads, d)
-        k = apply_rope(k.reshape(b, s, kv_heads, d), cos, sin).transpose(0, 2, 1, 3)  # (b, kvh, s, d)
-        v = v.reshape(b, s, kv_heads, d).transpose(0, 2, 1, 3)  # (b, kvh, s, d)
-        if cache is not None:
-            k, v = cache.store(i, start_pos, k, v)  # (b, kvh, start_pos + s, d) views
-        attn = causal_attention(q, k, v)  # (t, heads * d)
+        attn = rope_attention(q, k, v, cfg, self.rope, b, start_pos=start_pos, cache=cache, layer=i)  # (t, heads * d)
         if observer is not None:
             observer("self_attn.o_proj", attn)
         out = h + self._linear(p + "self_attn.o_proj", attn, lw.linears.get("self_attn.o_proj")).reshape(

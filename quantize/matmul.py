@@ -1,0 +1,94 @@
+"""The dense products calibration runs on: one interface, float32 NumPy or bfloat16.
+
+Calibration spends nearly all its time in two products per linear: the forward x·Wᵀ over every
+calibration token and the Hessian chunks xᵀx. An engine makes both:
+
+- `float32`: NumPy/BLAS, the same arithmetic as the runtime's reference forward.
+- `bfloat16`: inputs rounded to bfloat16 (round to nearest even), products summed in float32, as GPU
+  GPTQ implementations run in half precision. `qkiln.kernels.bf16` does it with AMX tiles where the
+  CPU has them (about 4x float32 BLAS here) and in NumPy otherwise; both round the same way, so the two
+  differ only in float32 summation order.
+
+Weights are packed once per use (`pack`) and applied to many token batches (`linear`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+from qkiln.errors import QuantizeError
+from qkiln.quantize.hessian import gram_f32
+
+DTYPES = ("float32", "bfloat16")
+
+
+class Matmul(Protocol):
+    name: str
+
+    def pack(self, w: np.ndarray) -> Any:
+        """A linear's weight (out, in) float32, in the engine's layout."""
+
+    def linear(self, x: np.ndarray, packed: Any) -> np.ndarray:
+        """x (tokens, in) float32 -> (tokens, out) float32."""
+
+    def gram(self, x: np.ndarray) -> np.ndarray:
+        """xᵀx (in, in) float32 of a (tokens, in) float32 chunk."""
+
+    def threads(self, n: int) -> contextlib.AbstractContextManager[object]:
+        """Within the context, each product uses at most n threads (callers run several at once)."""
+
+
+class F32Matmul:
+    name = "float32"
+
+    def threads(self, n: int) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext()  # BLAS threads are the caller's (threadpoolctl) business
+
+    def pack(self, w: np.ndarray) -> np.ndarray:
+        return np.asarray(w, dtype=np.float32)
+
+    def linear(self, x: np.ndarray, packed: np.ndarray) -> np.ndarray:
+        return np.matmul(x, packed.T)
+
+    def gram(self, x: np.ndarray) -> np.ndarray:
+        return gram_f32(x)
+
+
+class BF16Matmul:
+    name = "bfloat16"
+
+    def __init__(self) -> None:
+        from qkiln.kernels import bf16
+
+        self._k = bf16
+        self._threads = 0  # 0: the kernel's default (every core)
+
+    @contextlib.contextmanager
+    def threads(self, n: int) -> Iterator[None]:
+        old, self._threads = self._threads, n
+        try:
+            yield
+        finally:
+            self._threads = old
+
+    def pack(self, w: np.ndarray) -> Any:
+        return self._k.pack_weight(np.asarray(w, dtype=np.float32))
+
+    def linear(self, x: np.ndarray, packed: Any) -> np.ndarray:
+        return self._k.linear(np.ascontiguousarray(x, dtype=np.float32), packed, threads=self._threads)
+
+    def gram(self, x: np.ndarray) -> np.ndarray:
+        return self._k.gram(np.ascontiguousarray(x, dtype=np.float32), threads=self._threads)
+
+
+def matmul_engine(dtype: str) -> Matmul:
+    """The engine for a calibration dtype name ('float32' or 'bfloat16')."""
+    if dtype == "float32":
+        return F32Matmul()
+    if dtype == "bfloat16":
+        return BF16Matmul()
+    raise QuantizeError(f"unknown calibration dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

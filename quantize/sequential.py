@@ -1,0 +1,140 @@
+"""One decoder layer calibrated in a single pass, input group by input group ("true sequential").
+
+GPTQ needs, for each linear, the Hessian of the inputs it will really see. Within a layer those depend on
+the linears before it: o_proj's input is attention over the QUANTIZED q/k/v, down_proj's is
+silu(gate)·up of the QUANTIZED gate/up. So the layer runs forward over all calibration samples once,
+stopping at each of the four input groups to quantize it before going on:
+
+1. attn_in  x = norm(h)                          -> H -> quantize q, k, v
+2. attn_out a = attention(q̂ x, k̂ x, v̂ x)          -> H -> quantize o       (a kept for step 3)
+3. mlp_in   h += ô a;  x = norm(h)               -> H -> quantize gate, up
+4. mlp_out  m = silu(ĝ x) · (û x)                 -> H -> quantize down    (m kept for step 5)
+5.          h += d̂ m                             -> the next layer's input
+
+Every product goes through a `quantize.matmul` engine (float32 or bfloat16). One forward over the
+calibration tokens in all, where "statistics pass with the original weights, then a second pass with the
+quantized ones" costs two — the linears' products are most of calibration's time.
+
+Memory (besides one layer's weights): h updated in place (N·L·hidden·4 B), the attention output between
+steps 2 and 3 (N·L·heads·d·4 B) and the MLP activation between steps 4 and 5 (N·L·inter·4 B); for the
+demo model at 128 x 512: 151 + 151 + 403 MB, never more than two of them (plus one batch's temporaries).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from qkiln.quantize.gptq import one_blas_thread
+from qkiln.quantize.hessian import HessianSum
+from qkiln.quantize.matmul import Matmul
+from qkiln.runtime.config import LlamaConfig
+from qkiln.runtime.llama import rms_norm, rope_attention, silu_mul
+from qkiln.runtime.rope import RopeTable
+
+# (group name, its Hessian (in, in) float64 or None when not asked) -> the group's linears, dequantized
+# (out, in) float32 by short name ("self_attn.q_proj", ...): what the rest of the layer runs on.
+QuantizeGroup = Callable[[str, np.ndarray | None], dict[str, np.ndarray]]
+
+
+def run_layer(
+    h: np.ndarray,
+    norms: dict[str, np.ndarray],
+    config: LlamaConfig,
+    rope: RopeTable,
+    quantize_group: QuantizeGroup,
+    engine: Matmul,
+    *,
+    batch_samples: int = 8,
+    need_hessian: bool = True,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Calibrate and quantize one layer over hidden states h (N, L, hidden) float32; returns the layer's
+    output, written into h (the input is consumed).
+
+    `norms` holds "input_layernorm" and "post_attention_layernorm" (hidden,) float32 (AWQ-folded ones
+    when AWQ ran). `quantize_group` is called once per group, in order; with need_hessian=False it
+    gets None and no Hessian is computed (RTN after AWQ needs only the forward).
+    """
+    n, seq, _ = h.shape
+    eps = config.rms_norm_eps
+    q_out, kv_out = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    inter = config.intermediate_size
+    batches = [slice(b0, min(n, b0 + batch_samples)) for b0 in range(0, n, batch_samples)]
+    norm_attn, norm_mlp = norms["input_layernorm"], norms["post_attention_layernorm"]
+
+    def tokens(a: np.ndarray, sl: slice) -> np.ndarray:
+        return a[sl].reshape(-1, a.shape[-1])  # (b * L, features) view
+
+    def gram(x: np.ndarray) -> np.ndarray | None:
+        return engine.gram(x) if need_hessian else None
+
+    # Batches run on `threads` workers, each product single-threaded: NumPy's element-wise work
+    # (norms, RoPE, softmax, SiLU) is single-threaded, and a layer is as much of that as of products.
+    workers = max(1, min(threads or os.cpu_count() or 1, len(batches)))
+    with ThreadPoolExecutor(max_workers=workers) as pool, one_blas_thread(), engine.threads(1):
+
+        def each(fn: Callable[[slice], np.ndarray | None]) -> np.ndarray | None:
+            """fn over every batch; the Hessian from the grams the batches returned (summed in batch
+            order, so the result does not depend on which worker finished first), or None."""
+            results = list(pool.map(fn, batches))
+            if results[0] is None:
+                return None
+            hs = HessianSum(results[0].shape[0])  # type: ignore[union-attr]
+            for sl, g in zip(batches, results, strict=True):
+                hs.add_gram(g, (sl.stop - sl.start) * seq)  # type: ignore[arg-type]
+            return hs.mean()
+
+        # 1. attn_in
+        def attn_in(sl: slice) -> np.ndarray | None:
+            return gram(rms_norm(tokens(h, sl), norm_attn, eps)) if need_hessian else None
+
+        w = quantize_group("attn_in", each(attn_in))
+        live: dict[str, Any] = {}  # packed weights and stored activations, dropped when no longer needed
+        live["qkv"] = engine.pack(np.concatenate([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]))
+
+        # 2. attn_out: attention over the quantized q/k/v
+        live["attn"] = np.empty((n, seq, q_out), np.float32)  # o_proj's input, all samples
+
+        def attn_out(sl: slice) -> np.ndarray | None:
+            qkv = engine.linear(rms_norm(tokens(h, sl), norm_attn, eps), live["qkv"])  # (t, q + 2 kv)
+            a = rope_attention(qkv[:, :q_out], qkv[:, q_out : q_out + kv_out], qkv[:, q_out + kv_out :],
+                               config, rope, sl.stop - sl.start)  # (t, q_out)
+            tokens(live["attn"], sl)[...] = a
+            return gram(a)
+
+        live["o"] = engine.pack(quantize_group("attn_out", each(attn_out))["self_attn.o_proj"])
+        del live["qkv"]
+
+        # 3. residual, then mlp_in
+        def mlp_in(sl: slice) -> np.ndarray | None:
+            hb = tokens(h, sl)  # (t, hidden) view into h
+            hb += engine.linear(tokens(live["attn"], sl), live["o"])
+            return gram(rms_norm(hb, norm_mlp, eps)) if need_hessian else None
+
+        w = quantize_group("mlp_in", each(mlp_in))
+        del live["attn"], live["o"]
+        live["gate_up"] = engine.pack(np.concatenate([w["mlp.gate_proj"], w["mlp.up_proj"]]))
+
+        # 4. mlp_out: the activation of the quantized gate/up
+        act = np.empty((n, seq, inter), np.float32)  # down_proj's input, all samples
+
+        def mlp_out(sl: slice) -> np.ndarray | None:
+            gu = engine.linear(rms_norm(tokens(h, sl), norm_mlp, eps), live["gate_up"])  # (t, 2 inter)
+            m = silu_mul(gu[:, :inter], gu[:, inter:])  # (t, inter)
+            tokens(act, sl)[...] = m
+            return gram(m)
+
+        w_down = engine.pack(quantize_group("mlp_out", each(mlp_out))["mlp.down_proj"])
+        del live["gate_up"]
+
+        # 5. the layer's output
+        def output(sl: slice) -> None:
+            tokens(h, sl)[...] += engine.linear(tokens(act, sl), w_down)
+
+        each(output)
+    return h

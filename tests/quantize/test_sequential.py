@@ -1,0 +1,89 @@
+"""The single-pass sequential layer: its forward is the runtime's layer, its Hessians those of the inputs
+each group really sees, and it is deterministic whatever the number of worker threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qkiln.quantize.awq import INPUT_GROUPS, LINEARS, NORMS
+from qkiln.quantize.hessian import accumulate_hessian, empty_hessian
+from qkiln.quantize.matmul import F32Matmul
+from qkiln.quantize.sequential import run_layer
+from qkiln.runtime.llama import LlamaModel
+from qkiln.runtime.source import DictSource
+
+
+def _setup(tiny_config, llama_weights, n=5, seq=24):
+    cfg = tiny_config(num_attention_heads=4, num_key_value_heads=2)
+    w = llama_weights(cfg, seed=3)
+    model = LlamaModel(DictSource(cfg, w))
+    rng = np.random.default_rng(0)
+    h = model.embed(rng.integers(0, cfg.vocab_size, size=(n, seq)))
+    layer = {n_: w[f"model.layers.0.{n_}.weight"] for n_ in (*LINEARS, *NORMS)}
+    return cfg, model, h, layer
+
+
+class _Keep:
+    """Quantize nothing: record each group's Hessian and hand back the original weights."""
+
+    def __init__(self, layer, transform=None):
+        self.layer, self.transform, self.seen = layer, transform, {}
+
+    def __call__(self, group, hess):
+        self.seen[group] = hess
+        return {n: (self.transform(self.layer[n]) if self.transform else self.layer[n]) for n in INPUT_GROUPS[group]}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_forward_equals_runtime_layer_and_hessians_equal_observed(tiny_config, llama_weights, threads):
+    cfg, model, h, layer = _setup(tiny_config, llama_weights)
+    want = model.layer(0, h)
+    observed: dict[str, tuple] = {}
+
+    def observer(name, x):
+        if name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+            group = next(g for g, names in INPUT_GROUPS.items() if name in names)
+            observed[group] = accumulate_hessian(*observed.get(group, empty_hessian(x.shape[1])), x)
+
+    model.layer(0, h, observer=observer)
+    keep = _Keep(layer)
+    got = run_layer(h.copy(), {n: layer[n] for n in NORMS}, cfg, model.rope, keep, F32Matmul(),
+                    batch_samples=2, threads=threads)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert list(keep.seen) == list(INPUT_GROUPS)  # called in the layer's order
+    for group, (hess, n_tok) in observed.items():
+        assert n_tok == h.shape[0] * h.shape[1]
+        np.testing.assert_allclose(keep.seen[group], hess, rtol=1e-5, atol=1e-6 * np.abs(hess).max())
+
+
+def test_later_groups_see_the_quantized_earlier_ones(tiny_config, llama_weights):
+    """o_proj's Hessian must come from attention over the weights q/k/v were quantized to."""
+    cfg, model, h, layer = _setup(tiny_config, llama_weights)
+    exact, coarse = _Keep(layer), _Keep(layer, transform=lambda w: np.round(w * 4) / 4)
+    run_layer(h.copy(), {n: layer[n] for n in NORMS}, cfg, model.rope, exact, F32Matmul())
+    run_layer(h.copy(), {n: layer[n] for n in NORMS}, cfg, model.rope, coarse, F32Matmul())
+    np.testing.assert_array_equal(exact.seen["attn_in"], coarse.seen["attn_in"])  # before any quantization
+    for group in ("attn_out", "mlp_in", "mlp_out"):
+        assert not np.allclose(exact.seen[group], coarse.seen[group], rtol=1e-3)
+
+
+def test_threads_do_not_change_results(tiny_config, llama_weights):
+    cfg, model, h, layer = _setup(tiny_config, llama_weights, n=7)
+    runs = []
+    for threads in (1, 2):
+        keep = _Keep(layer)
+        out = run_layer(h.copy(), {n: layer[n] for n in NORMS}, cfg, model.rope, keep, F32Matmul(),
+                        batch_samples=2, threads=threads)
+        runs.append((out, keep.seen))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    for group in INPUT_GROUPS:
+        np.testing.assert_array_equal(runs[0][1][group], runs[1][1][group])
+
+
+def test_no_hessian_when_not_needed(tiny_config, llama_weights):
+    cfg, model, h, layer = _setup(tiny_config, llama_weights)
+    keep = _Keep(layer)
+    got = run_layer(h.copy(), {n: layer[n] for n in NORMS}, cfg, model.rope, keep, F32Matmul(), need_hessian=False)
+    assert all(v is None for v in keep.seen.values()) and len(keep.seen) == 4
+    np.testing.assert_allclose(got, model.layer(0, h), rtol=1e-5, atol=1e-5)
