@@ -1,0 +1,149 @@
+"""Prefill causal attention in C: one fused pass per (batch, kv head, query block), flash-attention style.
+
+`runtime.llama.causal_attention` (NumPy) materializes score blocks and makes several passes over them
+(batched QKᵀ with inner dimension 64, mask, max, exp, sum, PV); calibration and `qkiln eval` spend a
+large share of their time there. The C kernel (kernels/src/attention/) streams key blocks with an online
+softmax instead and never builds the score matrix. Same signature, semantics and return as the NumPy
+function, which stays the reference and the fallback: used when the C library cannot be built or loaded,
+or with QKILN_KERNEL=numpy. QKILN_KERNEL=scalar (or any C path other than avx512) selects the portable C
+variant; unset or avx512 takes the best variant the CPU runs.
+
+Agreement with NumPy: max|Δ| ≤ ATOL_REL · max|v| · (1 + max|score| / 16) (see ATOL_REL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from qkiln.kernels.api import ALL_PATHS, ENV, KernelError
+
+# Tolerance against runtime.llama.causal_attention, relative to max|v|: the polynomial exp is within
+# ~2 ulp (2.4e-7) of exp, each score's fp32 dot product of d terms may differ from BLAS's by a few ulp of
+# Σ|q_i k_i| (so the bound grows with the score magnitude), and the softmax sums and PV products are fp32
+# sums of up to t terms in another order (online rescaling adds one rounding per key block).
+ATOL_REL = 1e-5
+
+VARIANTS = {"auto": 0, "portable": 1, "avx512": 2}
+_VARIANT_NAMES = {1: "portable", 2: "avx512"}
+
+_lock = threading.Lock()
+_lib: Any = None
+_lib_error: str | None = None
+_loaded = False
+
+_vp = ctypes.c_void_p
+_longs3 = ctypes.c_long * 3
+
+
+def _load() -> Any:
+    """The kernel library (the one kernels.api loads: QKILN_KERNELS_LIB or the cached build), or None."""
+    global _lib, _lib_error, _loaded
+    with _lock:
+        if not _loaded:
+            from qkiln.kernels.build import BuildError, build_library
+
+            try:
+                lib = ctypes.CDLL(os.environ.get("QKILN_KERNELS_LIB") or str(build_library()))
+                c_int, c_long = ctypes.c_int, ctypes.c_long
+                fn = lib.qk_causal_attention_ex
+                fn.restype = c_int
+                fn.argtypes = [c_int, _vp, _vp, _vp, _vp, c_int, c_int, c_int, c_int, c_int, c_int,
+                               _vp, _vp, _vp, c_int]
+                lib.qk_attention_exp.restype = c_int
+                lib.qk_attention_exp.argtypes = [c_int, _vp, _vp, c_long]
+                lib.qk_attention_variant.restype = c_int
+                lib.qk_attention_variant.argtypes = []
+                _lib = lib
+            except (BuildError, OSError, AttributeError) as e:
+                _lib_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            _loaded = True
+        return _lib
+
+
+def _env_variant() -> str | None:
+    """The variant QKILN_KERNEL asks for: None = NumPy, else a key of VARIANTS."""
+    want = os.environ.get(ENV, "").strip().lower()
+    if want and want not in ALL_PATHS:
+        raise KernelError(f"{ENV}={want!r} is not a kernel path; use one of {', '.join(ALL_PATHS)}")
+    if want == "numpy":
+        return None
+    if want in ("", "avx512"):
+        return "auto" if not want else "avx512"
+    return "portable"
+
+
+def variant_name(variant: str = "auto") -> str:
+    """The C variant `variant` runs on this machine ('portable' or 'avx512'), or 'numpy' without the library."""
+    lib = _load()
+    if lib is None:
+        return "numpy"
+    code = VARIANTS[variant]
+    return _VARIANT_NAMES[int(lib.qk_attention_variant()) if code == 0 else code]
+
+
+def _ptr(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+def _elem_strides(a: np.ndarray) -> np.ndarray:
+    """a with float32 dtype and a contiguous last axis (a view when it already is), for the C strides."""
+    a = np.asarray(a, dtype=np.float32)
+    if a.strides[-1] != 4 or any(st % 4 for st in a.strides):
+        a = np.ascontiguousarray(a)
+    return a
+
+
+def causal_attention_c(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, threads: int = 0,
+                       variant: str = "auto") -> np.ndarray:
+    """The C kernel alone (raises KernelError without the library): same contract as causal_attention."""
+    lib = _load()
+    if lib is None:
+        raise KernelError(f"the C attention kernel is unavailable: {_lib_error}")
+    q, keys, values = _elem_strides(q), _elem_strides(keys), _elem_strides(values)
+    b, s, n_heads, d = q.shape
+    kb, kv_heads, t, kd = keys.shape
+    if values.shape != keys.shape or kb != b or kd != d or t < s or n_heads % kv_heads:
+        raise ValueError(f"attention shapes q {q.shape}, keys {keys.shape}, values {values.shape} do not fit")
+    out = np.empty((b * s, n_heads * d), np.float32)  # (b * s, heads * d)
+    qs, ks, vs = (_longs3(*(st // 4 for st in a.strides[:3])) for a in (q, keys, values))
+    rc = lib.qk_causal_attention_ex(VARIANTS[variant], _ptr(q), _ptr(keys), _ptr(values), _ptr(out), b, s, t,
+                                    n_heads, kv_heads, d, ctypes.addressof(qs), ctypes.addressof(ks),
+                                    ctypes.addressof(vs), int(threads))
+    if rc == -2:
+        raise KernelError(f"attention variant {variant!r} cannot run on this CPU")
+    if rc != 0:
+        raise MemoryError(f"qk_causal_attention failed (code {rc})") if rc == -3 else ValueError(f"code {rc}")
+    return out
+
+
+def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, threads: int = 0) -> np.ndarray:
+    """Grouped-query causal attention; returns (b * s, heads * head_dim) float32.
+
+    q: (b, s, heads, d) rotated queries; keys, values: (b, kv_heads, t, d) with t >= s, the queries
+    being the last s of the t positions. Query head h reads kv head h // n_rep. Any strides (copied only
+    when the last axis is not contiguous). threads: 0 = one per core; calibration, which runs batches in
+    parallel itself, passes 1.
+    """
+    want = _env_variant()
+    if want is None or _load() is None:
+        from qkiln.runtime.llama import causal_attention as numpy_attention  # lazy: runtime imports us
+
+        return numpy_attention(q, keys, values)
+    return causal_attention_c(q, keys, values, threads=threads, variant=want)
+
+
+def exp_approx(x: np.ndarray, variant: str = "auto") -> np.ndarray:
+    """The kernel's softmax exp applied to x (float32), for its error test."""
+    lib = _load()
+    if lib is None:
+        raise KernelError(f"the C attention kernel is unavailable: {_lib_error}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.empty_like(x)
+    if lib.qk_attention_exp(VARIANTS[variant], _ptr(x), _ptr(y), x.size) != 0:
+        raise KernelError(f"attention variant {variant!r} cannot run on this CPU")
+    return y

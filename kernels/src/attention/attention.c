@@ -1,0 +1,239 @@
+/* attention.c — the entry point of the fused causal attention (argument checks, work split, threads, the
+ * run-time choice of variant) and its portable unit: plain loops over small blocks that the compiler
+ * vectorizes (SSE2 on baseline x86-64, NEON on aarch64). The AVX-512 unit is in attention_avx512.c.
+ * Layout and algorithm: attention.h. */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "attention/attention.h"
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
+#define PR 8 /* query rows per row group in the portable unit */
+
+/* Pack the unit's keys transposed in panels of NB keys, Kt (tpad / NB, d, NB), so one key block's panel is
+ * contiguous (a (d, tpad) matrix would put its rows a power of two apart: L1 set conflicts), and values,
+ * Vp (tpad, dp); both zero-padded. */
+void qk_attn_pack_kv(const qk_attn_args *a, int bi, int g, int nkeys, int npad, float *kt, float *vp) {
+    const float *k = a->k + (long)bi * a->ks_b + (long)g * a->ks_h;
+    const float *v = a->v + (long)bi * a->vs_b + (long)g * a->vs_h;
+    const int d = a->d, dp = a->dp;
+    for (int j = 0; j < nkeys; j++) {
+        const float *kr = k + (long)j * a->ks_t;
+        float *panel = kt + (long)(j / QK_ATTN_NB) * d * QK_ATTN_NB + j % QK_ATTN_NB;
+        for (int c = 0; c < d; c++) panel[c * QK_ATTN_NB] = kr[c];
+        memcpy(vp + (long)j * dp, v + (long)j * a->vs_t, sizeof(float) * d);
+        for (int c = d; c < dp; c++) vp[(long)j * dp + c] = 0.0f;
+    }
+    for (int j = nkeys; j < npad; j++)
+        for (int c = 0; c < d; c++) kt[(long)(j / QK_ATTN_NB) * d * QK_ATTN_NB + c * QK_ATTN_NB + j % QK_ATTN_NB] = 0.0f;
+    memset(vp + (long)nkeys * dp, 0, sizeof(float) * (size_t)(npad - nkeys) * dp);
+}
+
+void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
+    int bi, g, qb;
+    qk_attn_unit_coords(a, u, &bi, &g, &qb);
+    const int d = a->d, dp = a->dp, tp = a->tpad, n_rep = a->n_heads / a->kv_heads, offset = a->t - a->s;
+    const int q0 = qb * a->qblock, q1 = q0 + a->qblock < a->s ? q0 + a->qblock : a->s;
+    const int nkeys = offset + q1, npad = (nkeys + QK_ATTN_NB - 1) / QK_ATTN_NB * QK_ATTN_NB;
+    float *kt = scratch;                     /* (tpad / NB, d, NB) */
+    float *vp = kt + (long)d * tp;           /* (tpad, dp) */
+    float *qp = vp + (long)tp * dp;          /* (PR, d) scaled queries */
+    float *sc = qp + PR * d;                 /* (PR, NB) scores, then probabilities */
+    float *o = sc + PR * QK_ATTN_NB;         /* (PR, dp) unnormalized output */
+    float *m = o + PR * dp, *l = m + PR;     /* (PR,) running max and sum */
+    qk_attn_pack_kv(a, bi, g, nkeys, npad, kt, vp);
+    const float scale = (float)(1.0 / sqrt((double)d));
+    for (int r = 0; r < n_rep; r++) {
+        const int h = g * n_rep + r;
+        for (int i0 = q0; i0 < q1; i0 += PR) {
+            const int rows = q1 - i0 < PR ? q1 - i0 : PR;
+            for (int rr = 0; rr < PR; rr++) {
+                if (rr < rows) {
+                    const float *qr = a->q + (long)bi * a->qs_b + (long)(i0 + rr) * a->qs_s + (long)h * a->qs_h;
+                    for (int c = 0; c < d; c++) qp[rr * d + c] = qr[c] * scale;
+                } else {
+                    for (int c = 0; c < d; c++) qp[rr * d + c] = 0.0f;
+                }
+                m[rr] = -INFINITY;
+                l[rr] = 0.0f;
+            }
+            memset(o, 0, sizeof(float) * PR * dp);
+            const int first = offset + i0, last = first + rows - 1; /* key positions of the first/last row */
+            for (int j0 = 0; j0 <= last; j0 += QK_ATTN_NB) {
+                const int nk = last + 1 - j0 < QK_ATTN_NB ? last + 1 - j0 : QK_ATTN_NB;
+                for (int rr = 0; rr < PR; rr++) {
+                    float *sr = sc + rr * QK_ATTN_NB;
+                    for (int j = 0; j < QK_ATTN_NB; j++) sr[j] = 0.0f;
+                    for (int c = 0; c < d; c++) {
+                        const float qv = qp[rr * d + c];
+                        const float *kr = kt + (long)j0 * d + c * QK_ATTN_NB;
+                        for (int j = 0; j < QK_ATTN_NB; j++) sr[j] += qv * kr[j];
+                    }
+                    const int lim = first + rr - j0; /* last visible key of this row, relative to j0 */
+                    float mx = m[rr];
+                    for (int j = 0; j < nk; j++) {
+                        sr[j] = j > lim ? -INFINITY : sr[j];
+                        mx = sr[j] > mx ? sr[j] : mx;
+                    }
+                    const float alpha = qk_attn_expf(m[rr] - mx); /* first block: exp(-inf) = 0 */
+                    m[rr] = mx;
+                    float sum = 0.0f;
+                    for (int j = 0; j < nk; j++) {
+                        sr[j] = qk_attn_expf(sr[j] - mx);
+                        sum += sr[j];
+                    }
+                    l[rr] = l[rr] * alpha + sum;
+                    float *orow = o + rr * dp;
+                    if (alpha != 1.0f)
+                        for (int c = 0; c < dp; c++) orow[c] *= alpha;
+                    for (int j = 0; j < nk; j++) {
+                        const float p = sr[j];
+                        const float *vr = vp + (long)(j0 + j) * dp;
+                        for (int c = 0; c < dp; c++) orow[c] += p * vr[c];
+                    }
+                }
+            }
+            for (int rr = 0; rr < rows; rr++) {
+                float *dst = a->out + ((long)bi * a->s + i0 + rr) * ((long)a->n_heads * d) + (long)h * d;
+                for (int c = 0; c < d; c++) dst[c] = o[rr * dp + c] / l[rr];
+            }
+        }
+    }
+}
+
+/* ---- driver ---- */
+
+typedef void (*unit_fn)(const qk_attn_args *, int, float *);
+
+typedef struct {
+    const qk_attn_args *a;
+    unit_fn fn;
+    int nunits;
+    atomic_int next;
+    atomic_int failed;
+} job_t;
+
+static void *run_units(void *arg) {
+    job_t *job = arg;
+    const long n = qk_attn_scratch_floats(job->a);
+    float *scratch = aligned_alloc(64, (size_t)((n * sizeof(float) + 63) / 64 * 64));
+    if (!scratch) {
+        atomic_store(&job->failed, 1);
+        return NULL;
+    }
+    for (;;) {
+        const int u = atomic_fetch_add(&job->next, 1);
+        if (u >= job->nunits) break;
+        job->fn(job->a, u, scratch);
+    }
+    free(scratch);
+    return NULL;
+}
+
+static int have_avx512(void) {
+#if defined(__x86_64__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    if (!((c >> 27) & 1) || !((c >> 12) & 1)) return 0; /* OSXSAVE, FMA */
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0xe6) != 0xe6) return 0; /* the OS saves XMM/YMM/opmask/ZMM state */
+    (void)hi;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (b >> 16) & 1; /* AVX512F */
+#else
+    return 0;
+#endif
+}
+
+/* Variant: 0 = best this CPU runs, 1 = portable, 2 = AVX-512. Which one `0` means here: */
+int qk_attention_variant(void) { return have_avx512() ? 2 : 1; }
+
+/* y = exp(x) with the variant's exp (for the error test). Returns 0, or -2 if the variant cannot run. */
+int qk_attention_exp(int variant, const float *x, float *y, long n) {
+    if (variant == 0) variant = qk_attention_variant();
+    if (variant == 1) {
+        for (long i = 0; i < n; i++) y[i] = qk_attn_expf(x[i]);
+        return 0;
+    }
+#if defined(__x86_64__)
+    if (variant == 2 && have_avx512()) {
+        qk_attn_exp_avx512(x, y, n);
+        return 0;
+    }
+#endif
+    return -2;
+}
+
+/* Strides (floats) of q {batch, position, head} and of k, v {batch, kv head, position}; NULL = contiguous.
+ * nthreads <= 0: one thread per online CPU. Returns 0; -1 bad sizes; -2 variant unavailable; -3 no memory. */
+int qk_causal_attention_ex(int variant, const float *q, const float *k, const float *v, float *out, int b, int s,
+                           int t, int n_heads, int kv_heads, int d, const long *q_strides, const long *k_strides,
+                           const long *v_strides, int nthreads) {
+    if (b < 0 || s < 0 || t < s || d <= 0 || kv_heads <= 0 || n_heads <= 0 || n_heads % kv_heads) return -1;
+    if (variant == 0) variant = qk_attention_variant();
+    unit_fn fn = NULL;
+    if (variant == 1) fn = qk_attn_unit_portable;
+#if defined(__x86_64__)
+    if (variant == 2 && have_avx512()) fn = qk_attn_unit_avx512;
+#endif
+    if (!fn) return -2;
+    if (b == 0 || s == 0) return 0;
+    qk_attn_args a = {.q = q, .k = k, .v = v, .out = out, .b = b, .s = s, .t = t, .n_heads = n_heads,
+                      .kv_heads = kv_heads, .d = d};
+    a.qs_b = q_strides ? q_strides[0] : (long)s * n_heads * d;
+    a.qs_s = q_strides ? q_strides[1] : (long)n_heads * d;
+    a.qs_h = q_strides ? q_strides[2] : d;
+    a.ks_b = k_strides ? k_strides[0] : (long)kv_heads * t * d;
+    a.ks_h = k_strides ? k_strides[1] : (long)t * d;
+    a.ks_t = k_strides ? k_strides[2] : d;
+    a.vs_b = v_strides ? v_strides[0] : (long)kv_heads * t * d;
+    a.vs_h = v_strides ? v_strides[1] : (long)t * d;
+    a.vs_t = v_strides ? v_strides[2] : d;
+    if (nthreads <= 0) {
+        const long n = sysconf(_SC_NPROCESSORS_ONLN);
+        nthreads = n < 1 ? 1 : (n > 256 ? 256 : (int)n);
+    }
+    /* One query block per (batch, kv head) packs its keys once; with threads, split the queries so there
+     * are about 4 units per thread (largest first balances the causal triangle). */
+    const int pairs = b * kv_heads;
+    int nqb = 1;
+    if (nthreads > 1 && pairs < 4 * nthreads) nqb = (4 * nthreads + pairs - 1) / pairs;
+    int qblock = (s + nqb - 1) / nqb;
+    qblock = (qblock + 23) / 24 * 24; /* whole row groups of both variants */
+    if (qblock > s) qblock = s;
+    a.qblock = qblock;
+    a.nqb = (s + qblock - 1) / qblock;
+    a.dp = (d + 15) / 16 * 16;
+    a.tpad = (t + QK_ATTN_NB - 1) / QK_ATTN_NB * QK_ATTN_NB;
+    job_t job = {.a = &a, .fn = fn, .nunits = pairs * a.nqb};
+    atomic_init(&job.next, 0);
+    atomic_init(&job.failed, 0);
+    if (nthreads > job.nunits) nthreads = job.nunits;
+    pthread_t tids[256];
+    int started = 0;
+    for (int i = 1; i < nthreads; i++) {
+        if (pthread_create(&tids[started], NULL, run_units, &job) != 0) break;
+        started++;
+    }
+    run_units(&job);
+    for (int i = 0; i < started; i++) pthread_join(tids[i], NULL);
+    /* A thread without scratch left its units to the others; only all failing leaves work undone. */
+    if (atomic_load(&job.failed) && atomic_load(&job.next) < job.nunits) return -3;
+    return 0;
+}
+
+int qk_causal_attention(const float *q, const float *k, const float *v, float *out, int b, int s, int t, int n_heads,
+                        int kv_heads, int d, const long *q_strides, const long *k_strides, const long *v_strides,
+                        int nthreads) {
+    return qk_causal_attention_ex(0, q, k, v, out, b, s, t, n_heads, kv_heads, d, q_strides, k_strides, v_strides,
+                                  nthreads);
+}

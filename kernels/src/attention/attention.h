@@ -1,0 +1,101 @@
+/* attention.h — fused causal grouped-query attention (prefill), shared by the portable and AVX-512 files.
+ *
+ * Layout (what runtime/llama.py has at hand; strides in floats, the head_dim axis contiguous):
+ *   q    (b, s, n_heads, d)      rotated queries, strides q_strides = {batch, position, head}
+ *   k, v (b, kv_heads, t, d)     t >= s; the queries are the last s of the t key positions
+ *   out  (b * s, n_heads * d)    contiguous
+ * Query head h reads kv head h / (n_heads / kv_heads). Scores are (q * 1/sqrt(d)) . k, query i sees keys
+ * 0 .. t - s + i. Flash-attention style: a work unit is (batch, kv head, block of queries) for all n_rep
+ * query heads sharing that kv head; it packs its keys transposed (d, keys) and its values (keys, dp) once,
+ * then streams key blocks per group of query rows with an online softmax (running max and sum), so the
+ * s x t score matrix never exists and keys after a query's position are skipped.
+ */
+#ifndef QKILN_ATTENTION_H
+#define QKILN_ATTENTION_H
+
+#include <stdint.h>
+#include <string.h>
+
+#define QK_ATTN_NB 64 /* keys per block (both variants) */
+#define QK_ATTN_RMAX 12 /* most query rows per row group (AVX-512: 12, portable: 8) */
+
+typedef struct {
+    const float *q, *k, *v;
+    float *out;
+    int b, s, t, n_heads, kv_heads, d;
+    long qs_b, qs_s, qs_h; /* q strides (floats) */
+    long ks_b, ks_h, ks_t; /* k strides */
+    long vs_b, vs_h, vs_t; /* v strides */
+    int qblock;            /* queries per work unit */
+    int nqb;               /* query blocks per (batch, kv head) */
+    int dp;                /* d rounded up to 16 (padded value / output rows) */
+    int tpad;              /* largest key count of a unit rounded up to QK_ATTN_NB */
+} qk_attn_args;
+
+/* Floats of per-thread scratch a unit needs (both variants use the same layout bound). */
+static inline long qk_attn_scratch_floats(const qk_attn_args *a) {
+    return (long)a->d * a->tpad + (long)a->tpad * a->dp + (long)QK_ATTN_RMAX * (a->d + QK_ATTN_NB + a->dp + 16 + 2) +
+           16 * 8;
+}
+
+/* Unit u in [0, b * kv_heads * nqb): the last query blocks (most keys) come first so a thread that
+ * picks a unit late gets a small one. */
+static inline void qk_attn_unit_coords(const qk_attn_args *a, int u, int *bi, int *g, int *qb) {
+    const int per = a->b * a->kv_heads;
+    *qb = a->nqb - 1 - u / per;
+    *bi = (u % per) / a->kv_heads;
+    *g = (u % per) % a->kv_heads;
+}
+
+/* exp(x) for the softmax: x clamped to [-110, 88]; n = round(x / ln 2), r = x - n ln 2 (Cody-Waite, ln2_hi
+ * has 15 significant bits so n * ln2_hi is exact), degree-7 Taylor polynomial on |r| <= ln2 / 2 (truncation
+ * 5e-9 relative), times 2^(n >> 1) * 2^(n - (n >> 1)) so results below FLT_MIN round once into subnormals and
+ * exp(-inf) = exp(x < -104) = 0. Max relative error ~2 ulp over [-87, 0] (tested); below -87.3 the result is
+ * subnormal and within one subnormal step. Written branch-free so compilers vectorize loops calling it. */
+#define QK_EXP_LO (-110.0f)
+#define QK_EXP_HI (88.0f)
+#define QK_LOG2E 1.44269504088896341f
+#define QK_LN2_HI 0.693145751953125f
+#define QK_LN2_LO 1.42860682030941723e-6f
+#define QK_EXP_C2 (1.0f / 2.0f)
+#define QK_EXP_C3 (1.0f / 6.0f)
+#define QK_EXP_C4 (1.0f / 24.0f)
+#define QK_EXP_C5 (1.0f / 120.0f)
+#define QK_EXP_C6 (1.0f / 720.0f)
+#define QK_EXP_C7 (1.0f / 5040.0f)
+#define QK_ROUND_SHIFT 12582912.0f /* 1.5 * 2^23: x + shift - shift rounds x to nearest even integer */
+
+static inline float qk_attn_expf(float x) {
+    x = x < QK_EXP_LO ? QK_EXP_LO : x; /* -inf and NaN-free inputs only; -inf -> LO */
+    x = x > QK_EXP_HI ? QK_EXP_HI : x;
+    const float n = (x * QK_LOG2E + QK_ROUND_SHIFT) - QK_ROUND_SHIFT;
+    const float r = (x - n * QK_LN2_HI) - n * QK_LN2_LO;
+    float p = QK_EXP_C7;
+    p = p * r + QK_EXP_C6;
+    p = p * r + QK_EXP_C5;
+    p = p * r + QK_EXP_C4;
+    p = p * r + QK_EXP_C3;
+    p = p * r + QK_EXP_C2;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t ni = (int32_t)n;
+    const int32_t n1 = ni >> 1, n2 = ni - n1;
+    const int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, 4);
+    memcpy(&s2, &b2, 4);
+    return (p * s1) * s2;
+}
+
+/* Pack keys [0, nkeys) of (batch bi, kv head g): Kt panels (npad / NB, d, NB), Vp (npad, dp), zero-padded
+ * up to npad (a multiple of NB). */
+void qk_attn_pack_kv(const qk_attn_args *a, int bi, int g, int nkeys, int npad, float *kt, float *vp);
+
+/* One work unit; `scratch` holds qk_attn_scratch_floats(a) floats, 64-byte aligned. */
+void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch);
+#if defined(__x86_64__)
+void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch);
+void qk_attn_exp_avx512(const float *x, float *y, long n);
+#endif
+
+#endif

@@ -1,0 +1,181 @@
+/* attention_avx512.c — the AVX-512F (+FMA) unit of the fused causal attention (layout, algorithm:
+ * attention.h). Per group of 12 query rows and block of 64 keys: scores 12 x 32 at a time in 24 zmm
+ * accumulators (keys along the vector, query elements broadcast), the online-softmax update on the score
+ * rows with a vector exp, then probabilities x values 6 rows x 64 columns at a time (24 accumulators).
+ * The hot loops are these two tiles; everything else is per row and per block. */
+#include <immintrin.h>
+#include <math.h>
+
+#include "attention/attention.h"
+
+#define AR 12 /* query rows per row group */
+#define NB QK_ATTN_NB
+
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(QK_EXP_LO)); /* also maps -inf (and NaN) to LO */
+    x = _mm512_min_ps(x, _mm512_set1_ps(QK_EXP_HI));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(QK_LOG2E)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(QK_LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(QK_LN2_LO), r);
+    __m512 p = _mm512_set1_ps(QK_EXP_C7);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP_C6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP_C5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP_C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __m512i ni = _mm512_cvtps_epi32(n);
+    const __m512i n1 = _mm512_srai_epi32(ni, 1), n2 = _mm512_sub_epi32(ni, n1);
+    const __m512i bias = _mm512_set1_epi32(127);
+    const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23));
+    const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, bias), 23));
+    return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+}
+
+void qk_attn_exp_avx512(const float *x, float *y, long n) {
+    long i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, exp512(_mm512_loadu_ps(x + i)));
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, m, exp512(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+/* sc (AR, NB) columns [jj, jj + 32) = qp (AR, d) . panel (d, NB) columns [jj, jj + 32). */
+static inline void qk_tile(const float *qp, int d, const float *panel, int jj, float *sc) {
+    __m512 acc0[AR], acc1[AR];
+#pragma GCC unroll 12
+    for (int r = 0; r < AR; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int c = 0; c < d; c++) {
+        const __m512 k0 = _mm512_loadu_ps(panel + c * NB + jj), k1 = _mm512_loadu_ps(panel + c * NB + jj + 16);
+#pragma GCC unroll 12
+        for (int r = 0; r < AR; r++) {
+            const __m512 qv = _mm512_set1_ps(qp[r * d + c]);
+            acc0[r] = _mm512_fmadd_ps(qv, k0, acc0[r]);
+            acc1[r] = _mm512_fmadd_ps(qv, k1, acc1[r]);
+        }
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < AR; r++) {
+        _mm512_storeu_ps(sc + r * NB + jj, acc0[r]);
+        _mm512_storeu_ps(sc + r * NB + jj + 16, acc1[r]);
+    }
+}
+
+/* o (6 rows, stride dp) columns [0, 16 NV) += p (6 rows, stride NB) columns [0, nk) . vp (nk, stride dp). */
+static inline __attribute__((always_inline)) void pv_tile(const int NV, const float *p, const float *vp, int dp,
+                                                          float *o, int nk) {
+    __m512 acc[6][4];
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_loadu_ps(o + r * dp + 16 * v);
+    for (int j = 0; j < nk; j++) {
+        __m512 vv[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) vv[v] = _mm512_loadu_ps(vp + (long)j * dp + 16 * v);
+#pragma GCC unroll 6
+        for (int r = 0; r < 6; r++) {
+            const __m512 pv = _mm512_set1_ps(p[r * NB + j]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(pv, vv[v], acc[r][v]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(o + r * dp + 16 * v, acc[r][v]);
+}
+
+static void pv_rows6(const float *p, const float *vp, int dp, float *o, int nk) {
+    for (int c0 = 0; c0 < dp; c0 += 64) {
+        switch ((dp - c0) / 16) {
+        case 1: pv_tile(1, p, vp + c0, dp, o + c0, nk); break;
+        case 2: pv_tile(2, p, vp + c0, dp, o + c0, nk); break;
+        case 3: pv_tile(3, p, vp + c0, dp, o + c0, nk); break;
+        default: pv_tile(4, p, vp + c0, dp, o + c0, nk); break;
+        }
+    }
+}
+
+void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
+    int bi, g, qb;
+    qk_attn_unit_coords(a, u, &bi, &g, &qb);
+    const int d = a->d, dp = a->dp, tp = a->tpad, n_rep = a->n_heads / a->kv_heads, offset = a->t - a->s;
+    const int q0 = qb * a->qblock, q1 = q0 + a->qblock < a->s ? q0 + a->qblock : a->s;
+    const int nkeys = offset + q1, npad = (nkeys + NB - 1) / NB * NB;
+    float *kt = scratch;                 /* (tpad / NB, d, NB) */
+    float *vp = kt + (long)d * tp;       /* (tpad, dp) */
+    float *qp = vp + (long)tp * dp;      /* (AR, d) scaled queries */
+    float *sc = qp + AR * d;             /* (AR, NB) scores, then probabilities */
+    float *o = sc + AR * NB;             /* (AR, dp) unnormalized output */
+    float *lv = o + AR * dp;             /* (AR, 16) running sums, per lane */
+    float m[AR];                         /* running max */
+    qk_attn_pack_kv(a, bi, g, nkeys, npad, kt, vp);
+    const float scale = (float)(1.0 / sqrt((double)d));
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int r = 0; r < n_rep; r++) {
+        const int h = g * n_rep + r;
+        for (int i0 = q0; i0 < q1; i0 += AR) {
+            const int rows = q1 - i0 < AR ? q1 - i0 : AR;
+            for (int rr = 0; rr < AR; rr++) {
+                if (rr < rows) {
+                    const float *qr = a->q + (long)bi * a->qs_b + (long)(i0 + rr) * a->qs_s + (long)h * a->qs_h;
+                    for (int c = 0; c < d; c++) qp[rr * d + c] = qr[c] * scale;
+                } else {
+                    for (int c = 0; c < d; c++) qp[rr * d + c] = 0.0f;
+                }
+                m[rr] = -INFINITY;
+                _mm512_storeu_ps(lv + rr * 16, _mm512_setzero_ps());
+                for (int c = 0; c < dp; c++) o[rr * dp + c] = 0.0f;
+            }
+            const int first = offset + i0, last = first + rows - 1; /* key positions of the first/last row */
+            for (int j0 = 0; j0 <= last; j0 += NB) {
+                const int nk = last + 1 - j0 < NB ? last + 1 - j0 : NB; /* keys any row of the group sees */
+                const float *panel = kt + (long)j0 * d;
+                qk_tile(qp, d, panel, 0, sc);
+                if (nk > 32) qk_tile(qp, d, panel, 32, sc);
+                const int nv = (nk + 15) / 16;
+                for (int rr = 0; rr < AR; rr++) {
+                    float *sr = sc + rr * NB;
+                    const __m512 lim = _mm512_set1_ps((float)(first + rr - j0)); /* last visible key */
+                    __m512 s[4];
+                    __m512 mx = _mm512_set1_ps(m[rr]);
+                    for (int v = 0; v < nv; v++) {
+                        const __mmask16 hide =
+                            _mm512_cmp_ps_mask(_mm512_add_ps(iota, _mm512_set1_ps(16.0f * v)), lim, _CMP_GT_OQ);
+                        s[v] = _mm512_mask_mov_ps(_mm512_loadu_ps(sr + 16 * v), hide, ninf);
+                        mx = _mm512_max_ps(mx, s[v]);
+                    }
+                    const float mnew = _mm512_reduce_max_ps(mx);
+                    float *orow = o + rr * dp;
+                    __m512 lsum = _mm512_loadu_ps(lv + rr * 16);
+                    if (mnew > m[rr]) { /* rescale what was summed under the old max (first block: by 0) */
+                        const __m512 alpha = exp512(_mm512_set1_ps(m[rr] - mnew));
+                        for (int c = 0; c < dp; c += 16)
+                            _mm512_storeu_ps(orow + c, _mm512_mul_ps(_mm512_loadu_ps(orow + c), alpha));
+                        lsum = _mm512_mul_ps(lsum, alpha);
+                        m[rr] = mnew;
+                    }
+                    const __m512 mv = _mm512_set1_ps(m[rr]);
+                    for (int v = 0; v < nv; v++) {
+                        const __m512 pv = exp512(_mm512_sub_ps(s[v], mv));
+                        _mm512_storeu_ps(sr + 16 * v, pv);
+                        lsum = _mm512_add_ps(lsum, pv);
+                    }
+                    _mm512_storeu_ps(lv + rr * 16, lsum);
+                }
+                pv_rows6(sc, vp + (long)j0 * dp, dp, o, nk);
+                if (rows > 6) pv_rows6(sc + 6 * NB, vp + (long)j0 * dp, dp, o + 6 * dp, nk);
+            }
+            for (int rr = 0; rr < rows; rr++) {
+                float *dst = a->out + ((long)bi * a->s + i0 + rr) * ((long)a->n_heads * d) + (long)h * d;
+                const float l = _mm512_reduce_add_ps(_mm512_loadu_ps(lv + rr * 16));
+                for (int c = 0; c < d; c++) dst[c] = o[rr * dp + c] / l;
+            }
+        }
+    }
+}
