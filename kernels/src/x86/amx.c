@@ -196,7 +196,8 @@ typedef struct {
     float *y;
     int64_t m, k, n;
     int64_t strips, nsplit; /* work unit u: strip u / nsplit, n-pair range part u % nsplit */
-    int tid, nthreads;
+    int stream;             /* y is large and 64-byte aligned rows: write it around the caches */
+    int64_t *next_unit;     /* shared work counter: units are taken dynamically (results do not depend on it) */
     uint16_t *abuf; /* 2 * KB tiles: the strip's 32 rows as A tiles, [half][kb] */
 } linear_job_t;
 
@@ -206,7 +207,9 @@ static void *linear_worker(void *arg) {
     const int64_t units = j->strips * j->nsplit;
     float ctmp[16 * 16] __attribute__((aligned(64)));
     int configured = 0;
-    for (int64_t u = j->tid; u < units; u += j->nthreads) {
+    for (;;) {
+        const int64_t u = __atomic_fetch_add(j->next_unit, 1, __ATOMIC_RELAXED);
+        if (u >= units) break;
         const int64_t s = u / j->nsplit, part = u % j->nsplit;
         const int64_t p0 = NP * part / j->nsplit, p1 = NP * (part + 1) / j->nsplit;
         if (p0 >= p1) continue;
@@ -252,7 +255,11 @@ static void *linear_worker(void *arg) {
 #define STORE_C(TILE, H, Q, FULL)                                                                  \
     do {                                                                                           \
         const int64_t tr = t0 + 16 * (H), nc = n0 + 16 * (Q);                                     \
-        if (FULL) {                                                                                \
+        if ((FULL) && j->stream) {                                                                 \
+            _tile_stored(TILE, ctmp, 64);                                                          \
+            for (int rr = 0; rr < 16; rr++)                                                        \
+                _mm512_stream_ps(y + (tr + rr) * j->n + nc, _mm512_load_ps(ctmp + rr * 16));      \
+        } else if (FULL) {                                                                         \
             _tile_stored(TILE, y + tr * j->n + nc, ys);                                            \
         } else if (tr < j->m && nc < j->n) {                                                       \
             _tile_stored(TILE, ctmp, 64);                                                          \
@@ -268,7 +275,10 @@ static void *linear_worker(void *arg) {
 #undef STORE_C
         }
     }
-    if (configured) _tile_release();
+    if (configured) {
+        _mm_sfence(); /* streaming stores visible before the caller reads y */
+        _tile_release();
+    }
     return NULL;
 }
 
@@ -286,11 +296,15 @@ int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked
     int64_t nsplit = strips >= nt ? 1 : (nt + strips - 1) / strips;
     if (nsplit > NP) nsplit = NP;
     const int use = (int)(strips * nsplit < nt ? strips * nsplit : nt);
+    /* Streaming (non-temporal) stores keep a large y from evicting the packed weight from L2 and skip the
+     * read-for-ownership of every output line; they need 64-byte aligned output rows. */
+    const int stream = (uintptr_t)y % 64 == 0 && n % 16 == 0 && (size_t)(m * n) * 4 >= ((size_t)8 << 20);
+    int64_t next_unit = 0;
     linear_job_t jobs[MAX_THREADS];
     uint16_t *bufs = aligned_alloc(64, (size_t)use * (size_t)(2 * KB) * TILE_BYTES);
     if (!bufs) return -2;
     for (int i = 0; i < use; i++) {
-        jobs[i] = (linear_job_t){x, wpacked, y, m, k, n, strips, nsplit, i, use,
+        jobs[i] = (linear_job_t){x, wpacked, y, m, k, n, strips, nsplit, stream, &next_unit,
                                  bufs + (size_t)i * (size_t)(2 * KB) * 512};
     }
     run_threads(use, linear_worker, jobs, sizeof jobs[0]);
@@ -300,33 +314,37 @@ int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* gram: out (k, k) = bf16(x)ᵀ · bf16(x), upper block triangle computed, mirrored                           */
+/*
+ * The tokens are cut into G groups of whole chunks; a group is summed in its own float32 accumulator, the
+ * chunks of a group in token order, and the accumulators are then added in group order. G and the chunk
+ * size depend only on (m, k), so the result is the same bytes for any thread count or scheduling, while
+ * threads take groups dynamically (a thread slowed by another process does not hold the other back).
+ */
 
 typedef struct {
     const float *x;
-    int64_t m, k, kp, T; /* kp: k rounded up to 32; T: tokens per chunk (multiple of 32) */
-    int64_t nchunks;
-    uint16_t *abuf[2], *bbuf[2]; /* per chunk: tiles [fb][tb], fb < kp/16, tb < T/32 */
-    float *acc;                  /* kp x kp, upper super-blocks accumulated */
-    pthread_barrier_t *barrier;
-    int tid, nthreads;
+    int64_t m, k, kp, T;     /* kp: k rounded up to 32; T: tokens per chunk (multiple of 32) */
+    int64_t G, group_chunks; /* groups and chunks per group */
+    float *accs;             /* G accumulators of kp x kp; only upper super-blocks are written */
+    int64_t *next_group;     /* shared work counter */
+    uint16_t *abuf, *bbuf;   /* this thread's chunk: tiles [fb][tb], fb < kp/16, tb < T/32 */
 } gram_job_t;
 
-/* Convert tokens [c0, c0+T) x features of blocks [fb0, fb1) to B tiles (token pairs) and A tiles (xᵀ). */
-static void gram_convert(const gram_job_t *j, int64_t c0, int64_t fb0, int64_t fb1, uint16_t *abuf,
-                         uint16_t *bbuf) {
-    const int64_t TB = j->T / 32;
+/* Convert tokens [c0, c0+T) (zeros past m) to B tiles (token pairs) and A tiles (xᵀ) of every feature. */
+static void gram_convert(const gram_job_t *j, int64_t c0, uint16_t *abuf, uint16_t *bbuf) {
+    const int64_t TB = j->T / 32, FB = j->kp / 16;
     const __m512i perm = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int64_t tb = 0; tb < TB; tb++) {
         const int64_t t0 = c0 + tb * 32;
-        for (int64_t fb = fb0; fb < fb1; fb++) {
+        for (int64_t fb = 0; fb < FB; fb++) {
             const int64_t f0 = fb * 16;
             const __mmask16 fm = mask_upto(j->k - f0);
             __m512i r[16];
             for (int q = 0; q < 16; q++) {
-                const int64_t ta = t0 + 2 * q, tbb = ta + 1;
+                const int64_t ta = t0 + 2 * q, tn = ta + 1;
                 const __m512 lo = ta < j->m ? _mm512_maskz_loadu_ps(fm, j->x + ta * j->k + f0) : _mm512_setzero_ps();
-                const __m512 hi = tbb < j->m ? _mm512_maskz_loadu_ps(fm, j->x + tbb * j->k + f0) : _mm512_setzero_ps();
+                const __m512 hi = tn < j->m ? _mm512_maskz_loadu_ps(fm, j->x + tn * j->k + f0) : _mm512_setzero_ps();
                 /* words 0..15 token ta, 16..31 token ta+1 -> interleave to pairs per feature */
                 r[q] = _mm512_permutexvar_epi16(perm, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
             }
@@ -341,59 +359,64 @@ static void gram_convert(const gram_job_t *j, int64_t c0, int64_t fb0, int64_t f
 
 static void *gram_worker(void *arg) {
     gram_job_t *j = (gram_job_t *)arg;
-    const int64_t FB = j->kp / 16, SB = j->kp / 32, TB = j->T / 32;
-    const int64_t P = SB * (SB + 1) / 2; /* super-block pairs (I <= J), row-major */
-    const int64_t p0 = P * j->tid / j->nthreads, p1 = P * (j->tid + 1) / j->nthreads;
-    const int64_t fb0 = FB * j->tid / j->nthreads, fb1 = FB * (j->tid + 1) / j->nthreads;
-    /* first pair of this thread as (I, J) */
-    int64_t I0 = 0, J0 = 0;
-    {
-        int64_t left = p0;
-        while (left >= SB - I0) {
-            left -= SB - I0;
-            I0++;
+    const int64_t SB = j->kp / 32, TB = j->T / 32, ks = j->kp * 4;
+    int configured = 0;
+    for (;;) {
+        const int64_t g = __atomic_fetch_add(j->next_group, 1, __ATOMIC_RELAXED);
+        if (g >= j->G) break;
+        if (!configured) {
+            tile_config();
+            configured = 1;
         }
-        J0 = I0 + left;
-    }
-    if (p0 < p1) tile_config();
-    const int64_t ks = j->kp * 4;
-    for (int64_t c = 0; c < j->nchunks; c++) {
-        uint16_t *ab = j->abuf[c & 1], *bb = j->bbuf[c & 1];
-        gram_convert(j, c * j->T, fb0, fb1, ab, bb);
-        pthread_barrier_wait(j->barrier);
-        int64_t I = I0, J = J0;
-        for (int64_t p = p0; p < p1; p++) {
-            float *c00 = j->acc + (I * 32) * j->kp + J * 32;
-            float *c10 = c00 + 16 * j->kp;
-            _tile_loadd(0, c00, ks);
-            _tile_loadd(1, c00 + 16, ks);
-            _tile_loadd(2, c10, ks);
-            _tile_loadd(3, c10 + 16, ks);
-            const uint16_t *a0 = ab + (2 * I) * TB * 512, *a1 = ab + (2 * I + 1) * TB * 512;
-            const uint16_t *b0 = bb + (2 * J) * TB * 512, *b1 = bb + (2 * J + 1) * TB * 512;
-            for (int64_t tb = 0; tb < TB; tb++) {
-                _tile_loadd(4, a0 + tb * 512, 64);
-                _tile_loadd(5, a1 + tb * 512, 64);
-                _tile_loadd(6, b0 + tb * 512, 64);
-                _tile_loadd(7, b1 + tb * 512, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
-            }
-            _tile_stored(0, c00, ks);
-            _tile_stored(1, c00 + 16, ks);
-            _tile_stored(2, c10, ks);
-            _tile_stored(3, c10 + 16, ks);
-            if (++J == SB) {
-                I++;
-                J = I;
+        float *acc = j->accs + (size_t)g * (size_t)(j->kp * j->kp);
+        for (int64_t c = 0; c < j->group_chunks; c++) {
+            const int64_t c0 = (g * j->group_chunks + c) * j->T;
+            if (c0 >= j->m) break;
+            gram_convert(j, c0, j->abuf, j->bbuf);
+            for (int64_t I = 0; I < SB; I++) {
+                const uint16_t *a0 = j->abuf + (2 * I) * TB * 512, *a1 = a0 + TB * 512;
+                for (int64_t J = I; J < SB; J++) {
+                    float *c00 = acc + (I * 32) * j->kp + J * 32;
+                    float *c10 = c00 + 16 * j->kp;
+                    if (c == 0) {
+                        _tile_zero(0);
+                        _tile_zero(1);
+                        _tile_zero(2);
+                        _tile_zero(3);
+                    } else {
+                        _tile_loadd(0, c00, ks);
+                        _tile_loadd(1, c00 + 16, ks);
+                        _tile_loadd(2, c10, ks);
+                        _tile_loadd(3, c10 + 16, ks);
+                    }
+                    const uint16_t *b0 = j->bbuf + (2 * J) * TB * 512, *b1 = b0 + TB * 512;
+                    for (int64_t tb = 0; tb < TB; tb++) {
+                        _tile_loadd(4, a0 + tb * 512, 64);
+                        _tile_loadd(5, a1 + tb * 512, 64);
+                        _tile_loadd(6, b0 + tb * 512, 64);
+                        _tile_loadd(7, b1 + tb * 512, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                    _tile_stored(0, c00, ks);
+                    _tile_stored(1, c00 + 16, ks);
+                    _tile_stored(2, c10, ks);
+                    _tile_stored(3, c10 + 16, ks);
+                }
             }
         }
     }
-    if (p0 < p1) _tile_release();
+    if (configured) _tile_release();
     return NULL;
 }
+
+#ifndef QK_GRAM_CHUNK_BYTES
+#define QK_GRAM_CHUNK_BYTES (1 << 20)
+#endif
+#define QK_GRAM_MAX_GROUPS 16
+#define QK_GRAM_ACC_BYTES ((size_t)128 << 20)
 
 int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads) {
     if (k <= 0) return 0;
@@ -403,46 +426,55 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
     }
     if (!qk_bf16_amx_available()) return -1;
     const int64_t kp = cdiv(k, 32) * 32;
-    /* tokens per chunk: both layouts of a chunk in ~1 MB (stays in L2 next to the accumulator rows) */
-    int64_t T = ((int64_t)1 << 20) / (kp * 4) / 32 * 32;
+    /* tokens per chunk: both bf16 layouts of a chunk in about QK_GRAM_CHUNK_BYTES */
+    int64_t T = (int64_t)QK_GRAM_CHUNK_BYTES / (kp * 4) / 32 * 32;
     if (T < 64) T = 64;
-    if (T > 1024) T = 1024;
+    if (T > 2048) T = 2048;
     if (T > cdiv(m, 32) * 32) T = cdiv(m, 32) * 32;
     const int64_t nchunks = cdiv(m, T);
+    const size_t acc_elems = (size_t)(kp * kp);
+    int64_t gmax = (int64_t)(QK_GRAM_ACC_BYTES / (acc_elems * sizeof(float)));
+    if (gmax > QK_GRAM_MAX_GROUPS) gmax = QK_GRAM_MAX_GROUPS;
+    if (gmax < 1) gmax = 1;
+    const int64_t group_chunks = cdiv(nchunks, gmax < nchunks ? gmax : nchunks);
+    const int64_t G = cdiv(nchunks, group_chunks);
     int nt = resolve_threads(nthreads);
-    if (nt > kp / 16) nt = (int)(kp / 16);
-    const size_t halfe = (size_t)(kp * T); /* bf16 elements of one layout of one chunk */
-    uint16_t *bufs = aligned_alloc(64, 4 * halfe * sizeof(uint16_t));
-    float *acc = aligned_alloc(64, (size_t)(kp * kp) * sizeof(float));
-    if (!bufs || !acc) {
+    if (nt > G) nt = (int)G;
+    const size_t chunk_elems = (size_t)(kp * T); /* bf16 elements of one layout of one chunk */
+    uint16_t *bufs = aligned_alloc(64, (size_t)nt * 2 * chunk_elems * sizeof(uint16_t));
+    float *accs = aligned_alloc(64, (size_t)G * acc_elems * sizeof(float));
+    if (!bufs || !accs) {
         free(bufs);
-        free(acc);
+        free(accs);
         return -2;
     }
-    memset(acc, 0, (size_t)(kp * kp) * sizeof(float));
-    pthread_barrier_t barrier;
-    pthread_barrier_init(&barrier, NULL, (unsigned)nt);
+    int64_t next_group = 0;
     gram_job_t jobs[MAX_THREADS];
     for (int i = 0; i < nt; i++) {
-        jobs[i] = (gram_job_t){x, m, k, kp, T, nchunks,
-                               {bufs, bufs + halfe}, {bufs + 2 * halfe, bufs + 3 * halfe},
-                               acc, &barrier, i, nt};
+        uint16_t *mine = bufs + (size_t)i * 2 * chunk_elems;
+        jobs[i] = (gram_job_t){x, m, k, kp, T, G, group_chunks, accs, &next_group, mine, mine + chunk_elems};
     }
     run_threads(nt, gram_worker, jobs, sizeof jobs[0]);
-    pthread_barrier_destroy(&barrier);
-    /* mirror the upper triangle (element-wise i <= j) into both halves: exactly symmetric */
+    /* add the groups in order into the first, element-wise upper triangle (i <= j), and mirror it:
+     * the result is exactly symmetric */
     for (int64_t i0 = 0; i0 < k; i0 += 32) {
         for (int64_t j0 = i0; j0 < k; j0 += 32) {
             const int64_t i1 = i0 + 32 < k ? i0 + 32 : k, j1 = j0 + 32 < k ? j0 + 32 : k;
-            for (int64_t i = i0; i < i1; i++)
-                for (int64_t jj = (j0 > i ? j0 : i); jj < j1; jj++) {
-                    const float v = acc[i * kp + jj];
-                    out[i * k + jj] = v;
-                    out[jj * k + i] = v;
+            for (int64_t i = i0; i < i1; i++) {
+                float *row = accs + i * kp;
+                const int64_t jstart = j0 > i ? j0 : i;
+                for (int64_t g = 1; g < G; g++) {
+                    const float *other = accs + (size_t)g * acc_elems + i * kp;
+                    for (int64_t jj = jstart; jj < j1; jj++) row[jj] += other[jj];
                 }
+                for (int64_t jj = jstart; jj < j1; jj++) {
+                    out[i * k + jj] = row[jj];
+                    out[jj * k + i] = row[jj];
+                }
+            }
         }
     }
     free(bufs);
-    free(acc);
+    free(accs);
     return 0;
 }
