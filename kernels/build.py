@@ -46,6 +46,7 @@ UNITS: dict[str, tuple[Unit, ...]] = {
     "x86_64": (
         Unit("dispatch.c", ("-DQK_WITH_AVX512",)),
         Unit("fallback/scalar.c"),
+        Unit("decode.c"),
         Unit("x86/avx2.c", ("-mavx2", "-mfma", "-mf16c")),
         Unit("x86/avx512.c", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c")),
         Unit("x86/amx.c", ("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl")),
@@ -53,6 +54,7 @@ UNITS: dict[str, tuple[Unit, ...]] = {
     "aarch64": (
         Unit("dispatch.c", ("-march=armv8-a",)),
         Unit("fallback/scalar.c", ("-march=armv8-a",)),
+        Unit("decode.c", ("-march=armv8-a",)),
         Unit("aarch64/neon.c", ("-march=armv8-a",)),
         Unit("aarch64/dotprod.c", ("-march=armv8.2-a+dotprod",)),
         Unit("aarch64/i8mm.c", ("-march=armv8.6-a+i8mm",)),

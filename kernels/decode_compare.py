@@ -39,10 +39,13 @@ def demo_q4_0_gguf() -> Path:
     return dest
 
 
-def qkiln_decode(path: str | Path, tokens: int = 64, threads: int | None = None, prompt: str = PROMPT) -> dict:
+def qkiln_decode(path: str | Path, tokens: int = 64, threads: int | None = None, prompt: str = PROMPT,
+                 fast: bool = True) -> dict:
+    """Greedy decode through qkiln's runtime; `fast=False` runs every token through the NumPy layer code
+    (runtime/llama.py) instead of the C decode step, for comparison."""
     from qkiln.kernels import api
     from qkiln.kernels.linear import load_gguf_model
-    from qkiln.runtime.generate import KVCache
+    from qkiln.runtime.generate import KVCache, fast_decode_step
 
     lm = load_gguf_model(path, nthreads=threads)
     model = lm.model
@@ -51,19 +54,23 @@ def qkiln_decode(path: str | Path, tokens: int = 64, threads: int | None = None,
     model.forward(ids[None, :1])  # warm: dequantize the embeddings, start the thread pool
     t0 = time.perf_counter()
     h = model.hidden(ids[None, :], start_pos=0, cache=cache)
-    logits = model.head(h[:, -1:])
+    logits = model.head(h[:, -1:])[0, -1]  # (vocab,)
     t_prompt = time.perf_counter() - t0
     out: list[int] = []
     pos = ids.size
     t0 = time.perf_counter()
+    step = fast_decode_step(model, cache) if fast else None  # as runtime.generate decodes
     for _ in range(tokens):
-        tok = int(np.argmax(logits[0, -1]))
+        tok = int(np.argmax(logits))
         out.append(tok)
-        h = model.hidden(np.array([[tok]], dtype=np.int64), start_pos=pos, cache=cache)
-        logits = model.head(h)
+        if step is not None:
+            logits = step(tok, pos)
+        else:
+            h = model.hidden(np.array([[tok]], dtype=np.int64), start_pos=pos, cache=cache)
+            logits = model.head(h)[0, -1]
         pos += 1
     t_decode = time.perf_counter() - t0
-    return {"runtime": "qkiln", "kernel_path": api.kernel_path(), "prompt_tokens": int(ids.size),
+    return {"runtime": "qkiln", "kernel_path": api.kernel_path(), "c_decode_step": step is not None, "prompt_tokens": int(ids.size),
             "prompt_tps": ids.size / t_prompt, "decode_tokens": tokens, "decode_tps": tokens / t_decode,
             "text": lm.tokenizer.decode(out)}
 

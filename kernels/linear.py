@@ -74,19 +74,30 @@ class FusedPacked:
         self._y: np.ndarray | None = None
         self._pending: set[int] = set()
 
-    def member(self, i: int):
-        def op(x: np.ndarray) -> np.ndarray:
-            if not (self._x is x and i in self._pending):
-                self._x, self._y = x, self.linear(x)
-                self._pending = set(range(len(self.names)))
-            self._pending.discard(i)
-            y = self._y
-            assert y is not None
-            if not self._pending:
-                self._x = self._y = None  # drop the references once every member has its slice
-            return y[:, self.bounds[i] : self.bounds[i + 1]]
+    def member(self, i: int) -> FusedMember:
+        return FusedMember(self, i)
 
-        return op
+    def _slice(self, i: int, x: np.ndarray) -> np.ndarray:
+        if not (self._x is x and i in self._pending):
+            self._x, self._y = x, self.linear(x)
+            self._pending = set(range(len(self.names)))
+        self._pending.discard(i)
+        y = self._y
+        assert y is not None
+        if not self._pending:
+            self._x = self._y = None  # drop the references once every member has its slice
+        return y[:, self.bounds[i] : self.bounds[i + 1]]
+
+
+@dataclass(frozen=True)
+class FusedMember:
+    """Member `index` of a FusedPacked, as a linear op (the decode step reads `fused` to run the whole product)."""
+
+    fused: FusedPacked
+    index: int
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.fused._slice(self.index, x)  # x (tokens, in) -> (tokens, out of this member)
 
 
 def fuse_shared_inputs(packed: dict[str, PackedLinear]) -> dict[str, object]:

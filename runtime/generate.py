@@ -94,13 +94,28 @@ def generate_greedy(
     stop = _eos_set(model, eos_ids)
     cache = KVCache(model.config, prompt.size + max_new_tokens, batch=1)
     h = model.hidden(prompt[None, :], start_pos=0, cache=cache)  # (1, s, hidden)
+    logits = model.head(h[:, -1:])[0, -1]  # (vocab,)
+    step = fast_decode_step(model, cache)
     pos = prompt.size
     out: list[int] = []
     while True:
-        logits = model.head(h[:, -1:])  # (1, 1, vocab)
-        token = int(np.argmax(logits[0, -1]))
+        token = int(np.argmax(logits))
         out.append(token)
         if token in stop or len(out) >= max_new_tokens:
             return out
-        h = model.hidden(np.array([[token]], dtype=np.int64), start_pos=pos, cache=cache)  # (1, 1, hidden)
+        if step is not None:
+            logits = step(token, pos)  # (vocab,): the whole token in one C call
+        else:
+            h = model.hidden(np.array([[token]], dtype=np.int64), start_pos=pos, cache=cache)  # (1, 1, hidden)
+            logits = model.head(h)[0, -1]
         pos += 1
+
+
+def fast_decode_step(model: LlamaModel, cache: KVCache):
+    """The C decode step (qkiln.kernels.decode) when the model's linears are all packed, else None: single
+    tokens then run in one C call each with the same results as `model.hidden` + `model.head`."""
+    if not getattr(model, "_ops", None):  # dense model: nothing packed, keep the NumPy runtime
+        return None
+    from qkiln.kernels.decode import DecodeStep
+
+    return DecodeStep.for_model(model, cache)

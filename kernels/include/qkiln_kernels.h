@@ -89,6 +89,42 @@ void qk_repack_int4gx8(const uint8_t *codes, const float *scales, const uint8_t 
 int qk_gemm_int4gx8(const void *w, int group, int N, int K, const int8_t *qs, const float *d, const int32_t *sums,
                     int M, float *y, int nthreads);
 
+/* ---- one decode step (src/decode.c) ----
+ * A packed linear: y (N) = W x (K) in `wtype`'s layout (QK_INT4GX8 also reads `group`). */
+typedef struct {
+    int wtype;
+    int N, K, group;
+    const void *w;
+} qk_linear_desc;
+
+/* One decoder layer: the products reading the attention norm's output (q, k, v in that order, fused into one
+ * or separate), o_proj, the products reading the MLP norm's output (gate, up), down_proj; RMSNorm weights
+ * (hidden); the layer's key and value cache, each (kv_heads, max_len, head_dim) float32. */
+typedef struct {
+    const float *attn_norm, *mlp_norm;
+    qk_linear_desc attn_in[3];
+    int n_attn_in;
+    qk_linear_desc o;
+    qk_linear_desc mlp_in[2];
+    int n_mlp_in;
+    qk_linear_desc down;
+    float *k_cache, *v_cache;
+} qk_layer_desc;
+
+typedef struct {
+    int n_layers, hidden, n_heads, kv_heads, head_dim, inter, vocab, max_len;
+    float eps;
+    int nthreads;
+    const qk_layer_desc *layers;
+    const float *final_norm; /* (hidden) */
+    qk_linear_desc head;     /* w == NULL: no head (the caller runs it) */
+} qk_decoder_desc;
+
+/* The token at position `pos` through every layer: h (hidden) is the embedding in, the last hidden state out;
+ * cos/sin (head_dim/2) are RoPE's for `pos`; k/v are written at `pos` of each cache and attention reads
+ * positions 0..pos. With a head and `logits` (vocab) non-NULL, also the final norm and the head. 0 or -1. */
+int qk_decode_token(const qk_decoder_desc *m, float *h, int pos, const float *cos, const float *sin, float *logits);
+
 /* Worker threads of the pool (excluding the caller); created on first multithreaded call. */
 int qk_default_threads(void);
 
