@@ -37,6 +37,18 @@ void qk_attn_pack_kv(const qk_attn_args *a, int bi, int g, int nkeys, int npad, 
     memset(vp + (long)nkeys * dp, 0, sizeof(float) * (size_t)(npad - nkeys) * dp);
 }
 
+void qk_attn_pack_q(const qk_attn_args *a, int bi, int g, int q0, int q1, float *qp) {
+    const int d = a->d, n_rep = a->n_heads / a->kv_heads, nq = q1 - q0;
+    const float scale = (float)(1.0 / sqrt((double)d));
+    for (int i = 0; i < nq; i++)
+        for (int r = 0; r < n_rep; r++) {
+            const float *src = a->q + (long)bi * a->qs_b + (long)(q0 + i) * a->qs_s + (long)(g * n_rep + r) * a->qs_h;
+            float *dst = qp + ((long)r * a->qrows + i) * d;
+            for (int c = 0; c < d; c++) dst[c] = src[c] * scale;
+        }
+    for (int r = 0; r < n_rep; r++) memset(qp + ((long)r * a->qrows + nq) * d, 0, sizeof(float) * (size_t)(a->qrows - nq) * d);
+}
+
 void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
     int bi, g, qb;
     qk_attn_unit_coords(a, u, &bi, &g, &qb);
@@ -45,23 +57,18 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
     const int nkeys = offset + q1, npad = (nkeys + QK_ATTN_NB - 1) / QK_ATTN_NB * QK_ATTN_NB;
     float *kt = scratch;                     /* (tpad / NB, d, NB) */
     float *vp = kt + (long)d * tp;           /* (tpad, dp) */
-    float *qp = vp + (long)tp * dp;          /* (PR, d) scaled queries */
-    float *sc = qp + PR * d;                 /* (PR, NB) scores, then probabilities */
+    float *qall = vp + (long)tp * dp;        /* (n_rep, qrows, d) scaled queries */
+    float *sc = qall + (long)n_rep * a->qrows * d; /* (PR, NB) scores, then probabilities */
     float *o = sc + PR * QK_ATTN_NB;         /* (PR, dp) unnormalized output */
     float *m = o + PR * dp, *l = m + PR;     /* (PR,) running max and sum */
     qk_attn_pack_kv(a, bi, g, nkeys, npad, kt, vp);
-    const float scale = (float)(1.0 / sqrt((double)d));
+    qk_attn_pack_q(a, bi, g, q0, q1, qall);
     for (int r = 0; r < n_rep; r++) {
         const int h = g * n_rep + r;
         for (int i0 = q0; i0 < q1; i0 += PR) {
             const int rows = q1 - i0 < PR ? q1 - i0 : PR;
+            const float *qp = qall + ((long)r * a->qrows + (i0 - q0)) * d; /* (PR, d) */
             for (int rr = 0; rr < PR; rr++) {
-                if (rr < rows) {
-                    const float *qr = a->q + (long)bi * a->qs_b + (long)(i0 + rr) * a->qs_s + (long)h * a->qs_h;
-                    for (int c = 0; c < d; c++) qp[rr * d + c] = qr[c] * scale;
-                } else {
-                    for (int c = 0; c < d; c++) qp[rr * d + c] = 0.0f;
-                }
                 m[rr] = -INFINITY;
                 l[rr] = 0.0f;
             }
@@ -208,9 +215,11 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
     int nqb = 1;
     if (nthreads > 1 && pairs < 4 * nthreads) nqb = (4 * nthreads + pairs - 1) / pairs;
     int qblock = (s + nqb - 1) / nqb;
-    qblock = (qblock + 23) / 24 * 24; /* whole row groups of both variants */
+    if (qblock > 512) qblock = 512; /* bounds the packed queries; re-packing keys per block costs little */
+    qblock = (qblock + QK_ATTN_QALIGN - 1) / QK_ATTN_QALIGN * QK_ATTN_QALIGN; /* whole row groups */
     if (qblock > s) qblock = s;
     a.qblock = qblock;
+    a.qrows = (qblock + QK_ATTN_QALIGN - 1) / QK_ATTN_QALIGN * QK_ATTN_QALIGN;
     a.nqb = (s + qblock - 1) / qblock;
     a.dp = (d + 15) / 16 * 16;
     a.tpad = (t + QK_ATTN_NB - 1) / QK_ATTN_NB * QK_ATTN_NB;

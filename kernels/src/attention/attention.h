@@ -28,14 +28,18 @@ typedef struct {
     long vs_b, vs_h, vs_t; /* v strides */
     int qblock;            /* queries per work unit */
     int nqb;               /* query blocks per (batch, kv head) */
+    int qrows;             /* qblock rounded up to QK_ATTN_QALIGN: rows per head in the packed queries */
     int dp;                /* d rounded up to 16 (padded value / output rows) */
     int tpad;              /* largest key count of a unit rounded up to QK_ATTN_NB */
 } qk_attn_args;
 
-/* Floats of per-thread scratch a unit needs (both variants use the same layout bound). */
+#define QK_ATTN_QALIGN 24 /* a multiple of both variants' row-group sizes */
+
+/* Floats of per-thread scratch a unit needs: packed keys and values (attention.h top), the unit's scaled
+ * queries (n_rep, qrows, d), and per row group scores (RMAX, NB), output (RMAX, dp), sums (RMAX, 16). */
 static inline long qk_attn_scratch_floats(const qk_attn_args *a) {
-    return (long)a->d * a->tpad + (long)a->tpad * a->dp + (long)QK_ATTN_RMAX * (a->d + QK_ATTN_NB + a->dp + 16 + 2) +
-           16 * 8;
+    return (long)a->d * a->tpad + (long)a->tpad * a->dp + (long)(a->n_heads / a->kv_heads) * a->qrows * a->d +
+           (long)QK_ATTN_RMAX * (QK_ATTN_NB + a->dp + 16 + 2) + 16 * 8;
 }
 
 /* Unit u in [0, b * kv_heads * nqb): the last query blocks (most keys) come first so a thread that
@@ -90,6 +94,10 @@ static inline float qk_attn_expf(float x) {
 /* Pack keys [0, nkeys) of (batch bi, kv head g): Kt panels (npad / NB, d, NB), Vp (npad, dp), zero-padded
  * up to npad (a multiple of NB). */
 void qk_attn_pack_kv(const qk_attn_args *a, int bi, int g, int nkeys, int npad, float *kt, float *vp);
+
+/* Pack the unit's queries times 1/sqrt(d), reading q in memory order: qp (n_rep, qrows, d), rows past the
+ * block zero. */
+void qk_attn_pack_q(const qk_attn_args *a, int bi, int g, int q0, int q1, float *qp);
 
 /* One work unit; `scratch` holds qk_attn_scratch_floats(a) floats, 64-byte aligned. */
 void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch);

@@ -5,15 +5,17 @@
  * The hot loops are these two tiles; everything else is per row and per block. */
 #include <immintrin.h>
 #include <math.h>
+#include <string.h>
 
 #include "attention/attention.h"
 
 #define AR 12 /* query rows per row group */
 #define NB QK_ATTN_NB
 
+/* The exp of attention.h (same n, r, polynomial) with FMAs, and vscalefps for p * 2^n, which rounds once
+ * into subnormals and gives 0 below them (so -inf, clamped to -110, gives 0). */
 static inline __m512 exp512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(QK_EXP_LO)); /* also maps -inf (and NaN) to LO */
-    x = _mm512_min_ps(x, _mm512_set1_ps(QK_EXP_HI));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(QK_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(QK_LN2_HI), x);
@@ -26,12 +28,7 @@ static inline __m512 exp512(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP_C2));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    const __m512i ni = _mm512_cvtps_epi32(n);
-    const __m512i n1 = _mm512_srai_epi32(ni, 1), n2 = _mm512_sub_epi32(ni, n1);
-    const __m512i bias = _mm512_set1_epi32(127);
-    const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23));
-    const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, bias), 23));
-    return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+    return _mm512_scalef_ps(p, n);
 }
 
 void qk_attn_exp_avx512(const float *x, float *y, long n) {
@@ -44,7 +41,7 @@ void qk_attn_exp_avx512(const float *x, float *y, long n) {
 }
 
 /* sc (AR, NB) columns [jj, jj + 32) = qp (AR, d) . panel (d, NB) columns [jj, jj + 32). */
-static inline void qk_tile(const float *qp, int d, const float *panel, int jj, float *sc) {
+static __attribute__((noinline)) void qk_tile(const float *qp, int d, const float *panel, int jj, float *sc) {
     __m512 acc0[AR], acc1[AR];
 #pragma GCC unroll 12
     for (int r = 0; r < AR; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
@@ -64,14 +61,16 @@ static inline void qk_tile(const float *qp, int d, const float *panel, int jj, f
     }
 }
 
-/* o (6 rows, stride dp) columns [0, 16 NV) += p (6 rows, stride NB) columns [0, nk) . vp (nk, stride dp). */
+/* o (6 rows, stride dp) columns [0, 16 NV) = alpha o + p (6 rows, stride NB) columns [0, nk) . vp (nk, stride dp). */
 static inline __attribute__((always_inline)) void pv_tile(const int NV, const float *p, const float *vp, int dp,
-                                                          float *o, int nk) {
+                                                          float *o, int nk, const float *alpha) {
     __m512 acc[6][4];
 #pragma GCC unroll 6
-    for (int r = 0; r < 6; r++)
+    for (int r = 0; r < 6; r++) {
+        const __m512 al = _mm512_set1_ps(alpha[r]); /* the online-softmax rescale of what o holds */
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_loadu_ps(o + r * dp + 16 * v);
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(o + r * dp + 16 * v), al);
+    }
     for (int j = 0; j < nk; j++) {
         __m512 vv[4];
 #pragma GCC unroll 4
@@ -89,13 +88,13 @@ static inline __attribute__((always_inline)) void pv_tile(const int NV, const fl
         for (int v = 0; v < NV; v++) _mm512_storeu_ps(o + r * dp + 16 * v, acc[r][v]);
 }
 
-static void pv_rows6(const float *p, const float *vp, int dp, float *o, int nk) {
+static void pv_rows6(const float *p, const float *vp, int dp, float *o, int nk, const float *alpha) {
     for (int c0 = 0; c0 < dp; c0 += 64) {
         switch ((dp - c0) / 16) {
-        case 1: pv_tile(1, p, vp + c0, dp, o + c0, nk); break;
-        case 2: pv_tile(2, p, vp + c0, dp, o + c0, nk); break;
-        case 3: pv_tile(3, p, vp + c0, dp, o + c0, nk); break;
-        default: pv_tile(4, p, vp + c0, dp, o + c0, nk); break;
+        case 1: pv_tile(1, p, vp + c0, dp, o + c0, nk, alpha); break;
+        case 2: pv_tile(2, p, vp + c0, dp, o + c0, nk, alpha); break;
+        case 3: pv_tile(3, p, vp + c0, dp, o + c0, nk, alpha); break;
+        default: pv_tile(4, p, vp + c0, dp, o + c0, nk, alpha); break;
         }
     }
 }
@@ -108,73 +107,82 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
     const int nkeys = offset + q1, npad = (nkeys + NB - 1) / NB * NB;
     float *kt = scratch;                 /* (tpad / NB, d, NB) */
     float *vp = kt + (long)d * tp;       /* (tpad, dp) */
-    float *qp = vp + (long)tp * dp;      /* (AR, d) scaled queries */
-    float *sc = qp + AR * d;             /* (AR, NB) scores, then probabilities */
+    float *qall = vp + (long)tp * dp;    /* (n_rep, qrows, d) scaled queries */
+    float *sc = qall + (long)n_rep * a->qrows * d; /* (AR, NB) scores, then probabilities */
     float *o = sc + AR * NB;             /* (AR, dp) unnormalized output */
     float *lv = o + AR * dp;             /* (AR, 16) running sums, per lane */
-    float m[AR];                         /* running max */
+    float m[16], mn[16], alpha[16];      /* running max, this block's max, rescale factor (rows 0..AR-1) */
     qk_attn_pack_kv(a, bi, g, nkeys, npad, kt, vp);
-    const float scale = (float)(1.0 / sqrt((double)d));
+    qk_attn_pack_q(a, bi, g, q0, q1, qall);
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     for (int r = 0; r < n_rep; r++) {
         const int h = g * n_rep + r;
         for (int i0 = q0; i0 < q1; i0 += AR) {
             const int rows = q1 - i0 < AR ? q1 - i0 : AR;
-            for (int rr = 0; rr < AR; rr++) {
-                if (rr < rows) {
-                    const float *qr = a->q + (long)bi * a->qs_b + (long)(i0 + rr) * a->qs_s + (long)h * a->qs_h;
-                    for (int c = 0; c < d; c++) qp[rr * d + c] = qr[c] * scale;
-                } else {
-                    for (int c = 0; c < d; c++) qp[rr * d + c] = 0.0f;
-                }
-                m[rr] = -INFINITY;
-                _mm512_storeu_ps(lv + rr * 16, _mm512_setzero_ps());
-                for (int c = 0; c < dp; c++) o[rr * dp + c] = 0.0f;
-            }
+            const float *qp = qall + ((long)r * a->qrows + (i0 - q0)) * d; /* (AR, d) */
+            for (int rr = 0; rr < 16; rr++) m[rr] = rr < AR ? -INFINITY : 0.0f;
+            for (int rr = 0; rr < AR; rr++) _mm512_storeu_ps(lv + rr * 16, _mm512_setzero_ps());
+            memset(o, 0, sizeof(float) * AR * dp);
             const int first = offset + i0, last = first + rows - 1; /* key positions of the first/last row */
+            for (int rr = 0; rr < rows; rr++) { /* the output rows are scattered: fetch them while we compute */
+                const char *dst = (const char *)(a->out + ((long)bi * a->s + i0 + rr) * ((long)a->n_heads * d) +
+                                                 (long)h * d);
+                for (int c = 0; c < d * 4; c += 64) _mm_prefetch(dst + c, _MM_HINT_T0);
+            }
             for (int j0 = 0; j0 <= last; j0 += NB) {
                 const int nk = last + 1 - j0 < NB ? last + 1 - j0 : NB; /* keys any row of the group sees */
                 const float *panel = kt + (long)j0 * d;
                 qk_tile(qp, d, panel, 0, sc);
                 if (nk > 32) qk_tile(qp, d, panel, 32, sc);
                 const int nv = (nk + 15) / 16;
+                const int diag = j0 + 16 * nv - 1 > first; /* some key is after some row's position */
+                /* Block maxima per row (masking keys after the row's position), then all rows' rescale
+                 * factors in one vector exp: no data-dependent branch. */
                 for (int rr = 0; rr < AR; rr++) {
                     float *sr = sc + rr * NB;
-                    const __m512 lim = _mm512_set1_ps((float)(first + rr - j0)); /* last visible key */
-                    __m512 s[4];
                     __m512 mx = _mm512_set1_ps(m[rr]);
-                    for (int v = 0; v < nv; v++) {
-                        const __mmask16 hide =
-                            _mm512_cmp_ps_mask(_mm512_add_ps(iota, _mm512_set1_ps(16.0f * v)), lim, _CMP_GT_OQ);
-                        s[v] = _mm512_mask_mov_ps(_mm512_loadu_ps(sr + 16 * v), hide, ninf);
-                        mx = _mm512_max_ps(mx, s[v]);
+                    if (diag) { /* full stores (a masked store would stall the loads that follow) */
+                        const __m512 lim = _mm512_set1_ps((float)(first + rr - j0)); /* last visible key */
+                        for (int v = 0; v < nv; v++) {
+                            const __mmask16 hide = _mm512_cmp_ps_mask(
+                                _mm512_add_ps(iota, _mm512_set1_ps(16.0f * v)), lim, _CMP_GT_OQ);
+                            const __m512 sv = _mm512_mask_mov_ps(_mm512_loadu_ps(sr + 16 * v), hide, ninf);
+                            _mm512_storeu_ps(sr + 16 * v, sv);
+                            mx = _mm512_max_ps(mx, sv);
+                        }
+                    } else {
+                        for (int v = 0; v < nv; v++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + 16 * v));
                     }
-                    const float mnew = _mm512_reduce_max_ps(mx);
-                    float *orow = o + rr * dp;
-                    __m512 lsum = _mm512_loadu_ps(lv + rr * 16);
-                    if (mnew > m[rr]) { /* rescale what was summed under the old max (first block: by 0) */
-                        const __m512 alpha = exp512(_mm512_set1_ps(m[rr] - mnew));
-                        for (int c = 0; c < dp; c += 16)
-                            _mm512_storeu_ps(orow + c, _mm512_mul_ps(_mm512_loadu_ps(orow + c), alpha));
-                        lsum = _mm512_mul_ps(lsum, alpha);
-                        m[rr] = mnew;
-                    }
-                    const __m512 mv = _mm512_set1_ps(m[rr]);
+                    mn[rr] = _mm512_reduce_max_ps(mx);
+                }
+                for (int rr = AR; rr < 16; rr++) mn[rr] = 0.0f;
+                const __m512 mold = _mm512_loadu_ps(m), mnew = _mm512_loadu_ps(mn);
+                _mm512_storeu_ps(alpha, exp512(_mm512_sub_ps(mold, mnew))); /* first block: exp(-inf) = 0 */
+                _mm512_storeu_ps(m, mnew);
+                for (int rr = 0; rr < AR; rr++) {
+                    float *sr = sc + rr * NB;
+                    const __m512 mv = _mm512_set1_ps(mn[rr]);
+                    __m512 lsum = _mm512_mul_ps(_mm512_loadu_ps(lv + rr * 16), _mm512_set1_ps(alpha[rr]));
                     for (int v = 0; v < nv; v++) {
-                        const __m512 pv = exp512(_mm512_sub_ps(s[v], mv));
+                        const __m512 pv = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * v), mv));
                         _mm512_storeu_ps(sr + 16 * v, pv);
                         lsum = _mm512_add_ps(lsum, pv);
                     }
                     _mm512_storeu_ps(lv + rr * 16, lsum);
                 }
-                pv_rows6(sc, vp + (long)j0 * dp, dp, o, nk);
-                if (rows > 6) pv_rows6(sc + 6 * NB, vp + (long)j0 * dp, dp, o + 6 * dp, nk);
+                pv_rows6(sc, vp + (long)j0 * dp, dp, o, nk, alpha);
+                if (rows > 6) pv_rows6(sc + 6 * NB, vp + (long)j0 * dp, dp, o + 6 * dp, nk, alpha + 6);
             }
             for (int rr = 0; rr < rows; rr++) {
                 float *dst = a->out + ((long)bi * a->s + i0 + rr) * ((long)a->n_heads * d) + (long)h * d;
-                const float l = _mm512_reduce_add_ps(_mm512_loadu_ps(lv + rr * 16));
-                for (int c = 0; c < d; c++) dst[c] = o[rr * dp + c] / l;
+                const __m512 l = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_loadu_ps(lv + rr * 16)));
+                int c = 0;
+                for (; c + 16 <= d; c += 16) _mm512_storeu_ps(dst + c, _mm512_div_ps(_mm512_loadu_ps(o + rr * dp + c), l));
+                if (c < d) {
+                    const __mmask16 mk = (__mmask16)((1u << (d - c)) - 1);
+                    _mm512_mask_storeu_ps(dst + c, mk, _mm512_div_ps(_mm512_loadu_ps(o + rr * dp + c), l));
+                }
             }
         }
     }
