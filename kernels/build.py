@@ -50,6 +50,8 @@ UNITS: dict[str, tuple[Unit, ...]] = {
         Unit("x86/avx2.c", ("-mavx2", "-mfma", "-mf16c")),
         Unit("x86/avx512.c", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c")),
         Unit("x86/amx.c", ("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl")),
+        Unit("attention/attention.c"),
+        Unit("attention/attention_avx512.c", ("-mavx512f", "-mfma")),
     ),
     "aarch64": (
         Unit("dispatch.c", ("-march=armv8-a",)),
@@ -59,6 +61,7 @@ UNITS: dict[str, tuple[Unit, ...]] = {
         Unit("aarch64/dotprod.c", ("-march=armv8.2-a+dotprod",)),
         Unit("aarch64/i8mm.c", ("-march=armv8.6-a+i8mm",)),
         Unit("aarch64/sve.c", ("-march=armv8.2-a+sve",)),
+        Unit("attention/attention.c", ("-march=armv8-a",)),
     ),
 }
 
