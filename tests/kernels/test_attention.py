@@ -1,0 +1,139 @@
+"""The fused C causal attention against runtime.llama's NumPy function (the reference), on the shapes the
+runtime produces: MHA and GQA, a KV-cache offset (t > s), decode (s = 1), odd lengths around the 12/8-row
+groups and 64-key blocks, head_dim 24/64/96/128, saturating softmax, strided views; and its exp polynomial.
+
+Tolerance (kernels.attention.ATOL_REL): max|Δ| ≤ 1e-5 · max|v| · (1 + max|score| / 16). The exp is within
+~1 ulp (measured 9.7e-8 relative), the fp32 sums of ≤ 130 probabilities and PV terms differ from NumPy's
+only in order and in one rescale rounding per 64-key block (measured ≤ 2e-7 · max|v| on random data), and
+a score's fp32 dot product differs from BLAS's by a few ulp of Σ|q_i k_i|, which moves the output by up to
+that much times max|v|: hence the term growing with the score magnitude (1e-5 leaves a 10x margin over
+the worst measured case, the saturating one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qkiln.kernels import attention
+from qkiln.runtime.llama import causal_attention as numpy_attention
+
+if attention.variant_name() == "numpy":
+    pytest.skip("the C kernel library cannot be built here", allow_module_level=True)
+
+VARIANTS = ["portable"] + (["avx512"] if attention.variant_name() == "avx512" else [])
+
+
+def _inputs(b, s, t, heads, kv_heads, d, seed=0, q_scale=1.0):
+    rng = np.random.default_rng(seed)
+    q = (rng.standard_normal((b, s, heads, d)) * q_scale).astype(np.float32)  # (b, s, heads, d)
+    k = rng.standard_normal((b, kv_heads, t, d)).astype(np.float32)  # (b, kvh, t, d)
+    v = rng.standard_normal((b, kv_heads, t, d)).astype(np.float32)  # (b, kvh, t, d)
+    return q, k, v
+
+
+def _tolerance(q, k, v):
+    """ATOL_REL · max|v| · (1 + max|score| / 16), the bound stated in kernels.attention."""
+    b, s, heads, d = q.shape
+    kvh = k.shape[1]
+    qg = q.reshape(b, s, kvh, heads // kvh, d).astype(np.float64)
+    smax = np.abs(np.einsum("bsgrd,bgtd->bgrst", qg, k.astype(np.float64))).max() / np.sqrt(d)
+    return attention.ATOL_REL * float(np.abs(v).max()) * (1.0 + smax / 16.0)
+
+
+CASES = {
+    "mha": (1, 33, 33, 4, 4, 64),
+    "gqa-nrep3": (2, 130, 130, 9, 3, 64),
+    "cache-offset": (2, 7, 40, 6, 2, 64),
+    "decode": (3, 1, 130, 9, 3, 64),
+    "one-token": (1, 1, 1, 3, 1, 64),
+    "odd-7": (1, 7, 7, 9, 3, 64),
+    "odd-33-130": (2, 33, 130, 4, 2, 64),
+    "head-dim-24": (1, 33, 70, 4, 2, 24),
+    "head-dim-96": (2, 130, 130, 6, 3, 96),
+    "head-dim-128": (1, 70, 70, 8, 2, 128),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_numpy(case, variant):
+    q, k, v = _inputs(*CASES[case])
+    want = numpy_attention(q, k, v)  # (b * s, heads * d)
+    tol = _tolerance(q, k, v)
+    for threads in (1, 2):
+        got = attention.causal_attention_c(q, k, v, threads=threads, variant=variant)
+        assert got.shape == want.shape and got.dtype == np.float32
+        err = float(np.abs(got - want).max())
+        assert err <= tol, (case, variant, threads, err, tol)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_saturating_softmax(variant):
+    """Scores of magnitude ~100: exp of most scores underflows to 0, one key per row dominates."""
+    q, k, v = _inputs(2, 70, 130, 6, 2, 64, seed=1, q_scale=12.0)
+    want = numpy_attention(q, k, v)
+    got = attention.causal_attention_c(q, k, v, threads=1, variant=variant)
+    assert np.isfinite(got).all()
+    assert float(np.abs(got - want).max()) <= _tolerance(q, k, v)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_strided_views_as_the_runtime_passes_them(variant):
+    """q, k, v sliced out of one fused projection and transposed (runtime.llama's views): no copy needed,
+    same answer as contiguous inputs; a non-contiguous head axis is copied."""
+    b, s, heads, kvh, d = 2, 45, 9, 3, 64
+    rng = np.random.default_rng(2)
+    qkv = rng.standard_normal((b * s, (heads + 2 * kvh) * d)).astype(np.float32)  # (b*s, fused)
+    q = qkv[:, : heads * d].reshape(b, s, heads, d)  # (b, s, heads, d) view
+    k = qkv[:, heads * d : (heads + kvh) * d].reshape(b, s, kvh, d).transpose(0, 2, 1, 3)  # (b, kvh, s, d)
+    v = qkv[:, (heads + kvh) * d :].reshape(b, s, kvh, d).transpose(0, 2, 1, 3)  # (b, kvh, s, d)
+    want = attention.causal_attention_c(*map(np.ascontiguousarray, (q, k, v)), threads=1, variant=variant)
+    got = attention.causal_attention_c(q, k, v, threads=1, variant=variant)
+    np.testing.assert_array_equal(got, want)
+    qf = np.asfortranarray(q)  # last axis not contiguous: copied
+    np.testing.assert_array_equal(attention.causal_attention_c(qf, k, v, threads=1, variant=variant), want)
+    assert float(np.abs(got - numpy_attention(q, k, v)).max()) <= _tolerance(q, k, v)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_exp_relative_error(variant):
+    """Max relative error over [-87.3, 0] (normal results) within 2 ulp of float32; below that the result
+    is subnormal and within one subnormal step (2^-149) of exp; exp(-inf) = 0 and exp(0) = 1."""
+    x = -np.linspace(0.0, 100.0, 2_000_001, dtype=np.float64).astype(np.float32)  # (n,)
+    want = np.exp(x.astype(np.float64))  # (n,)
+    got = attention.exp_approx(x, variant).astype(np.float64)
+    normal = want >= np.finfo(np.float32).tiny
+    rel = np.abs(got - want)[normal] / want[normal]
+    assert rel.max() <= 2 * 2.0**-23, rel.max()
+    assert np.abs(got - want)[~normal].max() <= 2.0**-149
+    special = attention.exp_approx(np.array([-np.inf, 0.0, -1000.0], np.float32), variant)
+    np.testing.assert_array_equal(special, np.array([0.0, 1.0, 0.0], np.float32))
+
+
+def test_environment_selects_numpy_or_portable(monkeypatch):
+    q, k, v = _inputs(2, 33, 40, 9, 3, 64)
+    monkeypatch.setenv("QKILN_KERNEL", "numpy")
+    np.testing.assert_array_equal(attention.causal_attention(q, k, v), numpy_attention(q, k, v))
+    monkeypatch.setenv("QKILN_KERNEL", "scalar")
+    np.testing.assert_array_equal(attention.causal_attention(q, k, v, threads=1),
+                                  attention.causal_attention_c(q, k, v, threads=1, variant="portable"))
+    monkeypatch.delenv("QKILN_KERNEL")
+    np.testing.assert_array_equal(attention.causal_attention(q, k, v, threads=1),
+                                  attention.causal_attention_c(q, k, v, threads=1, variant="auto"))
+
+
+def test_falls_back_to_numpy_without_the_library(monkeypatch):
+    q, k, v = _inputs(1, 7, 7, 4, 2, 64)
+    monkeypatch.delenv("QKILN_KERNEL", raising=False)
+    monkeypatch.setattr(attention, "_lib", None)
+    monkeypatch.setattr(attention, "_loaded", True)
+    np.testing.assert_array_equal(attention.causal_attention(q, k, v), numpy_attention(q, k, v))
+
+
+def test_rejects_shapes_that_do_not_fit():
+    q, k, v = _inputs(1, 8, 8, 4, 2, 64)
+    with pytest.raises(ValueError, match="do not fit"):
+        attention.causal_attention_c(q, k[:, :, :4], v[:, :, :4])  # t < s
+    with pytest.raises(ValueError, match="do not fit"):
+        attention.causal_attention_c(q[..., :3, :], k, v)  # 3 heads over 2 kv heads
