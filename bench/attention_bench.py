@@ -1,0 +1,67 @@
+"""Prefill causal attention: runtime.llama's NumPy function vs the fused C kernel, 1 and 2 threads.
+
+    python bench/attention_bench.py [--repeats 5]
+
+Shapes: calibration's batch of the demo model (b=8, s=t=512, 9 heads over 3 kv heads, head_dim 64) and a
+long single sequence of a 7B-class GQA model (b=1, s=t=2048, 32 heads over 8, head_dim 128). NumPy's BLAS
+threads are set with threadpoolctl to the same count as the kernel's. Times are best of --repeats, wall
+milliseconds, all methods in one run; GFLOPS count the causal work, 4·b·heads·d·Σ_i(keys seen by query i).
+The agreement column is max|C - NumPy| / max|v|. Not a test: the machine is shared, so the load average is
+printed before and after; compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from qkiln.kernels import attention
+from qkiln.runtime.llama import causal_attention as numpy_attention
+
+SHAPES = ((8, 512, 512, 9, 3, 64), (1, 2048, 2048, 32, 8, 128))  # (b, s, t, heads, kv_heads, d)
+
+
+def _best(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: page faults, library load
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    print(f"load average before: {_load()}   C variant: {attention.variant_name()}")
+    print(f"{'shape (b, s, t, heads, kv, d)':32} {'thr':>3} {'numpy ms':>9} {'C ms':>8} {'ratio':>6} "
+          f"{'C GFLOPS':>8} {'max|Δ|/max|v|':>13}")
+    rng = np.random.default_rng(0)
+    for b, s, t, heads, kvh, d in SHAPES:
+        q = rng.standard_normal((b, s, heads, d), dtype=np.float32)  # (b, s, heads, d)
+        k = rng.standard_normal((b, kvh, t, d), dtype=np.float32)  # (b, kvh, t, d)
+        v = rng.standard_normal((b, kvh, t, d), dtype=np.float32)  # (b, kvh, t, d)
+        flops = 4.0 * b * heads * d * (s * (t - s) + s * (s + 1) / 2)
+        err = float(np.abs(attention.causal_attention_c(q, k, v, threads=1) - numpy_attention(q, k, v)).max())
+        for threads in (1, 2):
+            with threadpool_limits(limits=threads, user_api="blas"):
+                t_np = _best(lambda: numpy_attention(q, k, v), args.repeats)  # noqa: B023
+            t_c = _best(lambda: attention.causal_attention_c(q, k, v, threads=threads), args.repeats)  # noqa: B023
+            print(f"{(b, s, t, heads, kvh, d)!s:32} {threads:>3} {t_np:9.1f} {t_c:8.1f} {t_np / t_c:6.2f} "
+                  f"{flops / t_c / 1e6:8.1f} {err / float(np.abs(v).max()):13.2e}", flush=True)
+    print(f"load average after: {_load()}")
+
+
+if __name__ == "__main__":
+    main()
