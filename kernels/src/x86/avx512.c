@@ -9,6 +9,9 @@
 
 #include "../common.h"
 
+/* Software prefetch distance in bytes for the streamed X8 weights (decode reads them from L3 or DRAM). */
+#define QK_PREFETCH 1024
+
 static inline float h2f(const uint8_t *p) { return _cvtsh_ss(qk_rd16(p)); }
 
 /* [s0 x4, s1 x4, s0 x4, s1 x4] or [s0 x8, s1 x8] as 512-bit float vectors. */
@@ -190,6 +193,9 @@ static void rows_q4_0x8(const qk_job *j, int n0, int n1) {
             const uint8_t *w = j->w + (size_t)(n / 8) * nb * Q4_0X8_BYTES;
             __m256 acc = _mm256_setzero_ps();
             for (int b = 0; b < nb; b++, w += Q4_0X8_BYTES) {
+                _mm_prefetch((const char *)(w + QK_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w + QK_PREFETCH + 64), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w + QK_PREFETCH + 128), _MM_HINT_T0);
                 const __m512i v0 = _mm512_loadu_si512((const void *)(w + 16));
                 const __m512i v1 = _mm512_loadu_si512((const void *)(w + 80));
                 __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v0, m4), ab[b * 4 + 0]);
@@ -233,6 +239,7 @@ static void rows_q8_0x8(const qk_job *j, int n0, int n1) {
             const uint8_t *w = j->w + (size_t)(n / 8) * nb * Q8_0X8_BYTES;
             __m256 acc = _mm256_setzero_ps();
             for (int b = 0; b < nb; b++, w += Q8_0X8_BYTES) {
+                for (int c = 0; c < 5; c++) _mm_prefetch((const char *)(w + QK_PREFETCH + 64 * c), _MM_HINT_T0);
                 __m512i s = _mm512_setzero_si512();
                 for (int c = 0; c < 4; c++)
                     s = _mm512_dpbusd_epi32(s, _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + 16 + 64 * c)), bias),
@@ -283,6 +290,8 @@ static void rows_int4gx8(const qk_job *j, int n0, int n1) {
                 const uint8_t *q = w + INT4GX8_HEAD;
                 __m256 accg = _mm256_setzero_ps();
                 for (int i = 0; i < per; i++, q += INT4GX8_BLOCK) {
+                    _mm_prefetch((const char *)(q + QK_PREFETCH), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(q + QK_PREFETCH + 64), _MM_HINT_T0);
                     const int b = g * per + i;
                     const __m512i v0 = _mm512_loadu_si512((const void *)q);
                     const __m512i v1 = _mm512_loadu_si512((const void *)(q + 64));
