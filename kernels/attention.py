@@ -22,8 +22,8 @@ import numpy as np
 
 from qkiln.kernels.api import ALL_PATHS, ENV, KernelError
 
-# Tolerance against runtime.llama.causal_attention, relative to max|v|: the polynomial exp is within
-# ~2 ulp (2.4e-7) of exp, each score's fp32 dot product of d terms may differ from BLAS's by a few ulp of
+# Tolerance against runtime.llama.causal_attention, relative to max|v|: the polynomial 2^x is within
+# ~1 ulp of 2^x, the query scale log2(e)/sqrt(d) adds one rounding to each score, each score's fp32 dot product of d terms may differ from BLAS's by a few ulp of
 # Σ|q_i k_i| (so the bound grows with the score magnitude), and the softmax sums and PV products are fp32
 # sums of up to t terms in another order (online rescaling adds one rounding per key block).
 ATOL_REL = 1e-5
@@ -54,8 +54,8 @@ def _load() -> Any:
                 fn.restype = c_int
                 fn.argtypes = [c_int, _vp, _vp, _vp, _vp, c_int, c_int, c_int, c_int, c_int, c_int,
                                _vp, _vp, _vp, c_int]
-                lib.qk_attention_exp.restype = c_int
-                lib.qk_attention_exp.argtypes = [c_int, _vp, _vp, c_long]
+                lib.qk_attention_exp2.restype = c_int
+                lib.qk_attention_exp2.argtypes = [c_int, _vp, _vp, c_long]
                 lib.qk_attention_variant.restype = c_int
                 lib.qk_attention_variant.argtypes = []
                 _lib = lib
@@ -137,13 +137,14 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, thr
     return causal_attention_c(q, keys, values, threads=threads, variant=want)
 
 
-def exp_approx(x: np.ndarray, variant: str = "auto") -> np.ndarray:
-    """The kernel's softmax exp applied to x (float32), for its error test."""
+def exp2_approx(x: np.ndarray, variant: str = "auto") -> np.ndarray:
+    """The kernel's softmax 2^x applied to x (float32), for its error test. (Scores are kept in base 2:
+    log2 e is folded into the query scale, so e^(s - m) is computed as 2^(s·log2 e - m·log2 e).)"""
     lib = _load()
     if lib is None:
         raise KernelError(f"the C attention kernel is unavailable: {_lib_error}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.empty_like(x)
-    if lib.qk_attention_exp(VARIANTS[variant], _ptr(x), _ptr(y), x.size) != 0:
+    if lib.qk_attention_exp2(VARIANTS[variant], _ptr(x), _ptr(y), x.size) != 0:
         raise KernelError(f"attention variant {variant!r} cannot run on this CPU")
     return y

@@ -39,14 +39,16 @@ void qk_attn_pack_kv(const qk_attn_args *a, int bi, int g, int nkeys, int npad, 
 
 void qk_attn_pack_q(const qk_attn_args *a, int bi, int g, int q0, int q1, float *qp) {
     const int d = a->d, n_rep = a->n_heads / a->kv_heads, nq = q1 - q0;
-    const float scale = (float)(1.0 / sqrt((double)d));
+    const float scale = (float)(QK_LOG2E / sqrt((double)d));
     for (int i = 0; i < nq; i++)
         for (int r = 0; r < n_rep; r++) {
             const float *src = a->q + (long)bi * a->qs_b + (long)(q0 + i) * a->qs_s + (long)(g * n_rep + r) * a->qs_h;
-            float *dst = qp + ((long)r * a->qrows + i) * d;
-            for (int c = 0; c < d; c++) dst[c] = src[c] * scale;
+            float *dst = qp + qk_attn_qidx(a, r, i, 0);
+            for (int c = 0; c < d; c++) dst[c * QK_ATTN_QG] = src[c] * scale;
         }
-    for (int r = 0; r < n_rep; r++) memset(qp + ((long)r * a->qrows + nq) * d, 0, sizeof(float) * (size_t)(a->qrows - nq) * d);
+    for (int r = 0; r < n_rep; r++)
+        for (int i = nq; i < a->qrows; i++)
+            for (int c = 0; c < d; c++) qp[qk_attn_qidx(a, r, i, c)] = 0.0f;
 }
 
 void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
@@ -57,7 +59,7 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
     const int nkeys = offset + q1, npad = (nkeys + QK_ATTN_NB - 1) / QK_ATTN_NB * QK_ATTN_NB;
     float *kt = scratch;                     /* (tpad / NB, d, NB) */
     float *vp = kt + (long)d * tp;           /* (tpad, dp) */
-    float *qall = vp + (long)tp * dp;        /* (n_rep, qrows, d) scaled queries */
+    float *qall = vp + (long)tp * dp;        /* (n_rep, qrows, d) scaled queries, qk_attn_qidx layout */
     float *sc = qall + (long)n_rep * a->qrows * d; /* (PR, NB) scores, then probabilities */
     float *o = sc + PR * QK_ATTN_NB;         /* (PR, dp) unnormalized output */
     float *m = o + PR * dp, *l = m + PR;     /* (PR,) running max and sum */
@@ -67,7 +69,7 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
         const int h = g * n_rep + r;
         for (int i0 = q0; i0 < q1; i0 += PR) {
             const int rows = q1 - i0 < PR ? q1 - i0 : PR;
-            const float *qp = qall + ((long)r * a->qrows + (i0 - q0)) * d; /* (PR, d) */
+
             for (int rr = 0; rr < PR; rr++) {
                 m[rr] = -INFINITY;
                 l[rr] = 0.0f;
@@ -79,8 +81,9 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
                 for (int rr = 0; rr < PR; rr++) {
                     float *sr = sc + rr * QK_ATTN_NB;
                     for (int j = 0; j < QK_ATTN_NB; j++) sr[j] = 0.0f;
+                    const float *qr = qall + qk_attn_qidx(a, r, i0 - q0 + rr, 0);
                     for (int c = 0; c < d; c++) {
-                        const float qv = qp[rr * d + c];
+                        const float qv = qr[c * QK_ATTN_QG];
                         const float *kr = kt + (long)j0 * d + c * QK_ATTN_NB;
                         for (int j = 0; j < QK_ATTN_NB; j++) sr[j] += qv * kr[j];
                     }
@@ -90,11 +93,11 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
                         sr[j] = j > lim ? -INFINITY : sr[j];
                         mx = sr[j] > mx ? sr[j] : mx;
                     }
-                    const float alpha = qk_attn_expf(m[rr] - mx); /* first block: exp(-inf) = 0 */
+                    const float alpha = qk_attn_exp2f(m[rr] - mx); /* first block: exp(-inf) = 0 */
                     m[rr] = mx;
                     float sum = 0.0f;
                     for (int j = 0; j < nk; j++) {
-                        sr[j] = qk_attn_expf(sr[j] - mx);
+                        sr[j] = qk_attn_exp2f(sr[j] - mx);
                         sum += sr[j];
                     }
                     l[rr] = l[rr] * alpha + sum;
@@ -164,16 +167,16 @@ static int have_avx512(void) {
 /* Variant: 0 = best this CPU runs, 1 = portable, 2 = AVX-512. Which one `0` means here: */
 int qk_attention_variant(void) { return have_avx512() ? 2 : 1; }
 
-/* y = exp(x) with the variant's exp (for the error test). Returns 0, or -2 if the variant cannot run. */
-int qk_attention_exp(int variant, const float *x, float *y, long n) {
+/* y = 2^x with the variant's softmax exp2 (for the error test). Returns 0, or -2 if the variant cannot run. */
+int qk_attention_exp2(int variant, const float *x, float *y, long n) {
     if (variant == 0) variant = qk_attention_variant();
     if (variant == 1) {
-        for (long i = 0; i < n; i++) y[i] = qk_attn_expf(x[i]);
+        for (long i = 0; i < n; i++) y[i] = qk_attn_exp2f(x[i]);
         return 0;
     }
 #if defined(__x86_64__)
     if (variant == 2 && have_avx512()) {
-        qk_attn_exp_avx512(x, y, n);
+        qk_attn_exp2_avx512(x, y, n);
         return 0;
     }
 #endif

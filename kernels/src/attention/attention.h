@@ -51,36 +51,36 @@ static inline void qk_attn_unit_coords(const qk_attn_args *a, int u, int *bi, in
     *g = (u % per) % a->kv_heads;
 }
 
-/* exp(x) for the softmax: x clamped to [-110, 88]; n = round(x / ln 2), r = x - n ln 2 (Cody-Waite, ln2_hi
- * has 15 significant bits so n * ln2_hi is exact), degree-7 Taylor polynomial on |r| <= ln2 / 2 (truncation
- * 5e-9 relative), times 2^(n >> 1) * 2^(n - (n >> 1)) so results below FLT_MIN round once into subnormals and
- * exp(-inf) = exp(x < -104) = 0. Max relative error ~2 ulp over [-87, 0] (tested); below -87.3 the result is
- * subnormal and within one subnormal step. Written branch-free so compilers vectorize loops calling it. */
-#define QK_EXP_LO (-110.0f)
-#define QK_EXP_HI (88.0f)
-#define QK_LOG2E 1.44269504088896341f
-#define QK_LN2_HI 0.693145751953125f
-#define QK_LN2_LO 1.42860682030941723e-6f
-#define QK_EXP_C2 (1.0f / 2.0f)
-#define QK_EXP_C3 (1.0f / 6.0f)
-#define QK_EXP_C4 (1.0f / 24.0f)
-#define QK_EXP_C5 (1.0f / 120.0f)
-#define QK_EXP_C6 (1.0f / 720.0f)
-#define QK_EXP_C7 (1.0f / 5040.0f)
+/* 2^x for the softmax, whose scores are in base 2 (log2 e is folded into the query scale, so a score
+ * costs one multiply less than e^x would): n = round(x), r = x - n (exact) in [-1/2, 1/2], degree-7 Taylor
+ * polynomial of e^(r ln 2) (truncation 5e-9 relative), times 2^(n >> 1) * 2^(n - (n >> 1)) so results
+ * below FLT_MIN round once into subnormals and 2^(-inf) = 2^(x < -150) = 0. x is clamped to [-160, 127].
+ * Max relative error ~1 ulp over [-126, 0] (tested); below -126 the result is subnormal and within one
+ * subnormal step. Branch-free so compilers vectorize loops calling it. */
+#define QK_EXP2_LO (-160.0f)
+#define QK_EXP2_HI (127.0f)
+#define QK_LOG2E 1.44269504088896341
+#define QK_EXP2_C1 0.693147180559945309f /* ln2^k / k! */
+#define QK_EXP2_C2 0.240226506959100712f
+#define QK_EXP2_C3 0.0555041086648215800f
+#define QK_EXP2_C4 0.00961812910762847716f
+#define QK_EXP2_C5 0.00133335581464284434f
+#define QK_EXP2_C6 0.000154035303933816099f
+#define QK_EXP2_C7 1.52527338040598403e-5f
 #define QK_ROUND_SHIFT 12582912.0f /* 1.5 * 2^23: x + shift - shift rounds x to nearest even integer */
 
-static inline float qk_attn_expf(float x) {
-    x = x < QK_EXP_LO ? QK_EXP_LO : x; /* -inf and NaN-free inputs only; -inf -> LO */
-    x = x > QK_EXP_HI ? QK_EXP_HI : x;
-    const float n = (x * QK_LOG2E + QK_ROUND_SHIFT) - QK_ROUND_SHIFT;
-    const float r = (x - n * QK_LN2_HI) - n * QK_LN2_LO;
-    float p = QK_EXP_C7;
-    p = p * r + QK_EXP_C6;
-    p = p * r + QK_EXP_C5;
-    p = p * r + QK_EXP_C4;
-    p = p * r + QK_EXP_C3;
-    p = p * r + QK_EXP_C2;
-    p = p * r + 1.0f;
+static inline float qk_attn_exp2f(float x) {
+    x = x < QK_EXP2_LO ? QK_EXP2_LO : x; /* NaN-free inputs only; -inf -> LO */
+    x = x > QK_EXP2_HI ? QK_EXP2_HI : x;
+    const float n = (x + QK_ROUND_SHIFT) - QK_ROUND_SHIFT;
+    const float r = x - n;
+    float p = QK_EXP2_C7;
+    p = p * r + QK_EXP2_C6;
+    p = p * r + QK_EXP2_C5;
+    p = p * r + QK_EXP2_C4;
+    p = p * r + QK_EXP2_C3;
+    p = p * r + QK_EXP2_C2;
+    p = p * r + QK_EXP2_C1;
     p = p * r + 1.0f;
     const int32_t ni = (int32_t)n;
     const int32_t n1 = ni >> 1, n2 = ni - n1;
@@ -91,19 +91,26 @@ static inline float qk_attn_expf(float x) {
     return (p * s1) * s2;
 }
 
+/* Packed queries: per query head of the unit, per group of QK_ATTN_QG rows, the (d, QK_ATTN_QG) transpose,
+ * so a row group's broadcasts for one element are adjacent. Index of (head r, row i, element c): */
+#define QK_ATTN_QG 12
+static inline long qk_attn_qidx(const qk_attn_args *a, int r, int i, int c) {
+    return (((long)r * (a->qrows / QK_ATTN_QG) + i / QK_ATTN_QG) * a->d + c) * QK_ATTN_QG + i % QK_ATTN_QG;
+}
+
 /* Pack keys [0, nkeys) of (batch bi, kv head g): Kt panels (npad / NB, d, NB), Vp (npad, dp), zero-padded
  * up to npad (a multiple of NB). */
 void qk_attn_pack_kv(const qk_attn_args *a, int bi, int g, int nkeys, int npad, float *kt, float *vp);
 
-/* Pack the unit's queries times 1/sqrt(d), reading q in memory order: qp (n_rep, qrows, d), rows past the
- * block zero. */
+/* Pack the unit's queries times log2(e)/sqrt(d) (scores in base 2), reading q in memory order, in the
+ * qk_attn_qidx layout; rows past the block zero. */
 void qk_attn_pack_q(const qk_attn_args *a, int bi, int g, int q0, int q1, float *qp);
 
 /* One work unit; `scratch` holds qk_attn_scratch_floats(a) floats, 64-byte aligned. */
 void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch);
 #if defined(__x86_64__)
 void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch);
-void qk_attn_exp_avx512(const float *x, float *y, long n);
+void qk_attn_exp2_avx512(const float *x, float *y, long n);
 #endif
 
 #endif

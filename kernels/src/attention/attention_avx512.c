@@ -9,39 +9,44 @@
 
 #include "attention/attention.h"
 
+#if QK_ATTN_QG != 12
+#error "the row group is the packed query group"
+#endif
+
 #define AR 12 /* query rows per row group */
 #define NB QK_ATTN_NB
+#define MASKED (-1e30f) /* score of a key after the query: finite, so (masked - max) stays finite */
 
-/* The exp of attention.h (same n, r, polynomial) with FMAs, and vscalefps for p * 2^n, which rounds once
- * into subnormals and gives 0 below them (so -inf, clamped to -110, gives 0). */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(QK_EXP_LO)); /* also maps -inf (and NaN) to LO */
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(QK_LOG2E)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(QK_LN2_HI), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(QK_LN2_LO), r);
-    __m512 p = _mm512_set1_ps(QK_EXP_C7);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP_C6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP_C5));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP_C4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP_C3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP_C2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+/* The 2^x of attention.h (same n, r, polynomial) with FMAs, and vscalefps for p * 2^n, which rounds once
+ * into subnormals and gives 0 below them. No clamp: the kernel masks with a finite -1e30 (2^(-1e30 - m):
+ * n = x, r = 0, scalef gives 0), and -inf is only for the test function, which clamps. */
+static inline __m512 exp2_512(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(QK_EXP2_C7);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP2_C6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP2_C5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP2_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP2_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP2_C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP2_C1));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
 }
 
-void qk_attn_exp_avx512(const float *x, float *y, long n) {
+void qk_attn_exp2_avx512(const float *x, float *y, long n) {
+    const __m512 lo = _mm512_set1_ps(QK_EXP2_LO);
     long i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, exp512(_mm512_loadu_ps(x + i)));
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, exp2_512(_mm512_max_ps(_mm512_loadu_ps(x + i), lo)));
     if (i < n) {
         const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-        _mm512_mask_storeu_ps(y + i, m, exp512(_mm512_maskz_loadu_ps(m, x + i)));
+        _mm512_mask_storeu_ps(y + i, m, exp2_512(_mm512_max_ps(_mm512_maskz_loadu_ps(m, x + i), lo)));
     }
 }
 
-/* sc (AR, NB) columns [jj, jj + 32) = qp (AR, d) . panel (d, NB) columns [jj, jj + 32). */
-static __attribute__((noinline)) void qk_tile(const float *qp, int d, const float *panel, int jj, float *sc) {
+/* sc (AR, NB) columns [jj, jj + 32) = queries . panel (d, NB) columns [jj, jj + 32); qt is the row group's
+ * (d, AR) transposed queries. */
+static __attribute__((noinline)) void qk_tile(const float *qt, int d, const float *panel, int jj, float *sc) {
     __m512 acc0[AR], acc1[AR];
 #pragma GCC unroll 12
     for (int r = 0; r < AR; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
@@ -49,7 +54,7 @@ static __attribute__((noinline)) void qk_tile(const float *qp, int d, const floa
         const __m512 k0 = _mm512_loadu_ps(panel + c * NB + jj), k1 = _mm512_loadu_ps(panel + c * NB + jj + 16);
 #pragma GCC unroll 12
         for (int r = 0; r < AR; r++) {
-            const __m512 qv = _mm512_set1_ps(qp[r * d + c]);
+            const __m512 qv = _mm512_set1_ps(qt[c * AR + r]);
             acc0[r] = _mm512_fmadd_ps(qv, k0, acc0[r]);
             acc1[r] = _mm512_fmadd_ps(qv, k1, acc1[r]);
         }
@@ -115,13 +120,13 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
     qk_attn_pack_kv(a, bi, g, nkeys, npad, kt, vp);
     qk_attn_pack_q(a, bi, g, q0, q1, qall);
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    const __m512 ninf = _mm512_set1_ps(MASKED);
     for (int r = 0; r < n_rep; r++) {
         const int h = g * n_rep + r;
         for (int i0 = q0; i0 < q1; i0 += AR) {
             const int rows = q1 - i0 < AR ? q1 - i0 : AR;
-            const float *qp = qall + ((long)r * a->qrows + (i0 - q0)) * d; /* (AR, d) */
-            for (int rr = 0; rr < 16; rr++) m[rr] = rr < AR ? -INFINITY : 0.0f;
+            const float *qt = qall + qk_attn_qidx(a, r, i0 - q0, 0); /* (d, AR) */
+            for (int rr = 0; rr < 16; rr++) m[rr] = rr < AR ? MASKED : 0.0f;
             for (int rr = 0; rr < AR; rr++) _mm512_storeu_ps(lv + rr * 16, _mm512_setzero_ps());
             memset(o, 0, sizeof(float) * AR * dp);
             const int first = offset + i0, last = first + rows - 1; /* key positions of the first/last row */
@@ -133,8 +138,8 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
             for (int j0 = 0; j0 <= last; j0 += NB) {
                 const int nk = last + 1 - j0 < NB ? last + 1 - j0 : NB; /* keys any row of the group sees */
                 const float *panel = kt + (long)j0 * d;
-                qk_tile(qp, d, panel, 0, sc);
-                if (nk > 32) qk_tile(qp, d, panel, 32, sc);
+                qk_tile(qt, d, panel, 0, sc);
+                if (nk > 32) qk_tile(qt, d, panel, 32, sc);
                 const int nv = (nk + 15) / 16;
                 const int diag = j0 + 16 * nv - 1 > first; /* some key is after some row's position */
                 /* Block maxima per row (masking keys after the row's position), then all rows' rescale
@@ -158,14 +163,14 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
                 }
                 for (int rr = AR; rr < 16; rr++) mn[rr] = 0.0f;
                 const __m512 mold = _mm512_loadu_ps(m), mnew = _mm512_loadu_ps(mn);
-                _mm512_storeu_ps(alpha, exp512(_mm512_sub_ps(mold, mnew))); /* first block: exp(-inf) = 0 */
+                _mm512_storeu_ps(alpha, exp2_512(_mm512_sub_ps(mold, mnew))); /* first block: 2^(-1e30 - m) = 0 */
                 _mm512_storeu_ps(m, mnew);
                 for (int rr = 0; rr < AR; rr++) {
                     float *sr = sc + rr * NB;
                     const __m512 mv = _mm512_set1_ps(mn[rr]);
                     __m512 lsum = _mm512_mul_ps(_mm512_loadu_ps(lv + rr * 16), _mm512_set1_ps(alpha[rr]));
                     for (int v = 0; v < nv; v++) {
-                        const __m512 pv = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * v), mv));
+                        const __m512 pv = exp2_512(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * v), mv));
                         _mm512_storeu_ps(sr + 16 * v, pv);
                         lsum = _mm512_add_ps(lsum, pv);
                     }
