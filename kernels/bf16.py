@@ -133,6 +133,15 @@ def _ptr(a: np.ndarray) -> int:
     return int(a.__array_interface__["data"][0])
 
 
+def _empty64(shape: tuple[int, int]) -> np.ndarray:
+    """Uninitialized float32 array whose data starts on a 64-byte boundary (the kernel then streams large
+    outputs past the caches, which needs aligned rows)."""
+    nbytes = shape[0] * shape[1] * 4
+    raw = np.empty(nbytes + 64, np.uint8)
+    off = -_ptr(raw) % 64
+    return raw[off : off + nbytes].view(np.float32).reshape(shape)
+
+
 def _threads(nthreads: int | None) -> int:
     return 0 if nthreads is None else int(nthreads)
 
@@ -186,7 +195,7 @@ def linear(x: np.ndarray, w: BF16Weight, *, nthreads: int | None = None) -> np.n
         return np.matmul(round_bf16(x), w.rounded.T).astype(np.float32, copy=False)
     lib = _library()
     assert lib is not None and w.packed is not None, "an amx-packed weight implies the library loaded"
-    y = np.empty((m, n), np.float32)
+    y = _empty64((m, n))
     rc = lib.qk_bf16_linear(_ptr(x), m, k, _ptr(w.packed), n, _ptr(y), _threads(nthreads))
     if rc != 0:
         raise MemoryError(f"qk_bf16_linear failed (code {rc})")

@@ -412,11 +412,43 @@ static void *gram_worker(void *arg) {
     return NULL;
 }
 
+/* A scratch arena kept between Gram calls: calibration calls it per layer with the same shapes, and a fresh
+ * allocation of tens of MB would be page-faulted (and zeroed by the kernel) on every call. One caller at a
+ * time uses it; a concurrent caller gets a private allocation. */
+static pthread_mutex_t g_arena_lock = PTHREAD_MUTEX_INITIALIZER;
+static char *g_arena = NULL;
+static size_t g_arena_bytes = 0;
+
+static char *arena_get(size_t bytes, int *cached) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (pthread_mutex_trylock(&g_arena_lock) == 0) {
+        if (g_arena_bytes < bytes) {
+            free(g_arena);
+            g_arena = aligned_alloc(64, bytes);
+            g_arena_bytes = g_arena ? bytes : 0;
+        }
+        if (g_arena) {
+            *cached = 1;
+            return g_arena;
+        }
+        pthread_mutex_unlock(&g_arena_lock);
+    }
+    *cached = 0;
+    return aligned_alloc(64, bytes);
+}
+
+static void arena_put(char *p, int cached) {
+    if (cached) pthread_mutex_unlock(&g_arena_lock);
+    else free(p);
+}
+
 #ifndef QK_GRAM_CHUNK_BYTES
 #define QK_GRAM_CHUNK_BYTES (1 << 20)
 #endif
-#define QK_GRAM_MAX_GROUPS 16
-#define QK_GRAM_ACC_BYTES ((size_t)128 << 20)
+#ifndef QK_GRAM_MAX_GROUPS
+#define QK_GRAM_MAX_GROUPS 8
+#endif
+#define QK_GRAM_ACC_BYTES ((size_t)64 << 20)
 
 int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads) {
     if (k <= 0) return 0;
@@ -441,13 +473,13 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
     int nt = resolve_threads(nthreads);
     if (nt > G) nt = (int)G;
     const size_t chunk_elems = (size_t)(kp * T); /* bf16 elements of one layout of one chunk */
-    uint16_t *bufs = aligned_alloc(64, (size_t)nt * 2 * chunk_elems * sizeof(uint16_t));
-    float *accs = aligned_alloc(64, (size_t)G * acc_elems * sizeof(float));
-    if (!bufs || !accs) {
-        free(bufs);
-        free(accs);
-        return -2;
-    }
+    const size_t buf_bytes = (size_t)nt * 2 * chunk_elems * sizeof(uint16_t);
+    const size_t acc_bytes = (size_t)G * acc_elems * sizeof(float);
+    int cached = 0;
+    char *arena = arena_get(buf_bytes + acc_bytes, &cached);
+    if (!arena) return -2;
+    uint16_t *bufs = (uint16_t *)arena;
+    float *accs = (float *)(arena + buf_bytes);
     int64_t next_group = 0;
     gram_job_t jobs[MAX_THREADS];
     for (int i = 0; i < nt; i++) {
@@ -474,7 +506,6 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
             }
         }
     }
-    free(bufs);
-    free(accs);
+    arena_put(arena, cached);
     return 0;
 }
