@@ -127,14 +127,18 @@ def plug_packed_linears(model, packed: dict) -> int:
     return len(packed)
 
 
-def packed_linear_from_quantized(qt, nthreads: int | None = None) -> PackedLinear | None:
-    """A QuantizedTensor on a llama.cpp grid -> PackedLinear on its ggml blocks (quantize/ggml_pack.py),
-    or None when its ggml type has no kernel (the caller keeps the dense dequantized weight)."""
+def packed_linear_from_quantized(qt, nthreads: int | None = None):
+    """A QuantizedTensor -> a linear op on its packed form: PackedLinear on its ggml blocks for llama.cpp grids
+    (quantize/ggml_pack.py), `api.Int4GLinear` for INT4 grids (per group or per channel, zero point or
+    symmetric; INT4GX8 on AVX-512), or None when no kernel fits (the caller keeps the dense weight)."""
     from gguf import GGMLQuantizationType
 
     from qkiln.errors import QuantizeError
     from qkiln.quantize.ggml_pack import ggml_type_name, pack_blocks
 
+    int4 = int4_linear_from_quantized(qt, nthreads)
+    if int4 is not None:
+        return int4
     try:
         tid = int(GGMLQuantizationType[ggml_type_name(qt.scheme.name)])
     except QuantizeError:
@@ -145,8 +149,28 @@ def packed_linear_from_quantized(qt, nthreads: int | None = None) -> PackedLinea
     return PackedLinear(WType(tid), np.ascontiguousarray(pack_blocks(qt)).reshape(-1), rows, cols, nthreads)
 
 
+def int4_linear_from_quantized(qt, nthreads: int | None = None) -> api.Int4GLinear | None:
+    """INT4 codes (rows, cols) 0..15 with fp16 scales (and zero points) per group -> the INT4 kernel's arrays:
+    codes in Q4_0's nibble order per 32 columns, fp32 scales (exact), zeros (8 for symmetric grids)."""
+    from qkiln.quantize.int_grid import IntGrid
+
+    scheme = qt.scheme
+    rows, cols = qt.shape
+    if not isinstance(scheme, IntGrid) or scheme.bits != 4 or cols % 32:
+        return None
+    group = scheme.group or cols
+    if group % 32 or cols % group:
+        return None
+    q = np.asarray(qt.codes, np.uint8).reshape(rows, cols // 32, 2, 16)  # (rows, blocks, half, 16)
+    codes = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(rows, cols // 2)  # byte j = elem j | elem j + 16 << 4
+    scales = np.asarray(qt.params["scale"], np.float32).reshape(rows, cols // group)
+    zeros = (np.asarray(qt.params["zero"], np.uint8) if not scheme.symmetric
+             else np.full(scales.shape, scheme.shift, np.uint8)).reshape(rows, cols // group)
+    return api.Int4GLinear(codes, scales, zeros, group, rows, cols, nthreads)
+
+
 def plug_quantized(model, tensors: dict, nthreads: int | None = None) -> list[str]:
-    """Plug a PackedLinear for every (HF weight or module name -> QuantizedTensor) with a kernel; returns the
+    """Plug a packed op for every (HF weight or module name -> QuantizedTensor) with a kernel; returns the
     names that stayed dense (replace those with `model.replace_tensor(name, qt.dequantize())`)."""
     dense = []
     for name, qt in tensors.items():

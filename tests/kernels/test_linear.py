@@ -76,7 +76,8 @@ def test_bench_cli_json_and_errors(make_gguf, tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
 
 
-@pytest.mark.parametrize("scheme", ["q4_0", "q8_0", "q4_k", "q6_k", "q5_0"])
+@pytest.mark.parametrize("scheme", ["q4_0", "q8_0", "q4_k", "q6_k", "q5_0", "int4_g128", "int4_g32_asym",
+                                    "int4_g64_asym", "int4_pc", "int8"])
 def test_quantized_tensor_plugs_as_packed_linear(scheme):
     """A QuantizedTensor from qkiln's quantizers runs on its ggml blocks and equals its dequantized product."""
     from qkiln.kernels.linear import packed_linear_from_quantized
@@ -87,9 +88,11 @@ def test_quantized_tensor_plugs_as_packed_linear(scheme):
     w = rng.standard_normal((40, 512)).astype(np.float32)
     qt = quantize_rtn(w, get_scheme(scheme))
     op = packed_linear_from_quantized(qt)
-    if scheme == "q5_0":
+    if scheme in ("q5_0", "int8"):
         assert op is None  # no kernel: stays dense
         return
+    if scheme.startswith("int4"):
+        assert op.wtype == (WType.INT4GX8 if api.kernel_path() == "avx512" else WType.INT4G)
     x = rng.standard_normal((2, 512)).astype(np.float32)
     act = api.quantize_activations_q8(x)
     xq = (act.qs.reshape(2, -1, 32) * act.d[..., None]).reshape(2, 512)
