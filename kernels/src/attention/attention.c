@@ -42,6 +42,10 @@ void qk_attn_pack_q(const qk_attn_args *a, int bi, int g, int q0, int q1, float 
     const float scale = (float)(QK_LOG2E / sqrt((double)d));
     for (int i = 0; i < nq; i++)
         for (int r = 0; r < n_rep; r++) {
+            if (i + 8 < nq) /* positions are a stride apart, often a page: the hardware prefetcher stops there */
+                for (int c = 0; c < d; c += 16)
+                    __builtin_prefetch(a->q + (long)bi * a->qs_b + (long)(q0 + i + 8) * a->qs_s +
+                                       (long)(g * n_rep + r) * a->qs_h + c);
             const float *src = a->q + (long)bi * a->qs_b + (long)(q0 + i) * a->qs_s + (long)(g * n_rep + r) * a->qs_h;
             float *dst = qp + qk_attn_qidx(a, r, i, 0);
             for (int c = 0; c < d; c++) dst[c * QK_ATTN_QG] = src[c] * scale;
@@ -212,6 +216,9 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
         const long n = sysconf(_SC_NPROCESSORS_ONLN);
         nthreads = n < 1 ? 1 : (n > 256 ? 256 : (int)n);
     }
+    /* Starting a thread costs tens of microseconds: small calls (decode steps) run on the caller alone. */
+    const double macs = (double)b * n_heads * s * ((double)(t - s) + (s + 1) / 2.0) * d;
+    if (macs < (double)(1 << 22)) nthreads = 1;
     /* One query block per (batch, kv head) packs its keys once; with threads, split the queries so there
      * are about 4 units per thread (largest first balances the causal triangle). */
     const int pairs = b * kv_heads;
