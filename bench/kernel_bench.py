@@ -107,15 +107,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--gguf", default=None)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2, help="decode: alternate qkiln and llama.cpp this many times")
     args = ap.parse_args(argv)
-    out: dict = {}
+    out: dict = {"load_average_before": os.getloadavg()}  # the machine may be shared: say how busy it was
     if args.what in ("gemv", "all"):
         out["gemv_q4_0"] = gemv_bandwidth(threads=args.threads, seconds=args.seconds)
         out["gemv_int4_g128"] = gemv_bandwidth(threads=args.threads, seconds=args.seconds, wtype="int4g")
     if args.what in ("decode", "all"):
         from qkiln.kernels.decode_compare import compare_decode, demo_q4_0_gguf
 
-        out["decode"] = compare_decode(args.gguf or demo_q4_0_gguf(), tokens=args.tokens, threads=args.threads)
+        out["decode"] = compare_decode(args.gguf or demo_q4_0_gguf(), tokens=args.tokens, threads=args.threads,
+                                       rounds=args.rounds)
+    out["load_average_after"] = os.getloadavg()
     print(json.dumps(out, indent=2))
 
 

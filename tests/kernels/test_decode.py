@@ -39,8 +39,9 @@ def _decode_both(model, ids: np.ndarray, new: list[int]):
     return np.array(slow), np.array(fast), full
 
 
-@pytest.mark.parametrize("types,tied", [(ALL_Q4_0, False), (ALL_Q4_0, True), (MIXED, False)],
-                         ids=["fused", "fused-tied", "separate"])
+@pytest.mark.parametrize("types,tied", [(ALL_Q4_0, False), (ALL_Q4_0, True), (MIXED, False),
+                                        ({**ALL_Q4_0, "output": "F16"}, False)],
+                         ids=["fused", "fused-tied", "separate", "dense-head"])
 def test_c_step_matches_the_numpy_runtime(make_gguf, types, tied):
     path = make_gguf(types=types, tied=tied, hidden=256, intermediate=512, n_layers=3)
     lm = load_gguf_model(path)
