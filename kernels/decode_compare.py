@@ -1,4 +1,5 @@
-"""Decode speed of one GGUF file through qkiln's runtime (packed weights, C kernels) and through llama.cpp
+"""Decode speed of one GGUF file through qkiln's runtime (packed weights, C kernels, one C call per token
+through kernels.decode.DecodeStep as runtime.generate decodes) and through llama.cpp
 (llama-cpp-python), measured in the same process one after the other so both see the same machine load.
 
 Both decode greedily from the same prompt with a KV cache; tokens/s counts generated tokens over the time
