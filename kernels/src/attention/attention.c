@@ -269,6 +269,7 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
         const long n = sysconf(_SC_NPROCESSORS_ONLN);
         nthreads = n < 1 ? 1 : (n > 256 ? 256 : (int)n);
     }
+    if (nthreads > 256) nthreads = 256;
     /* Starting a thread costs tens of microseconds: small calls (decode steps) run on the caller alone. */
     const double macs = (double)b * n_heads * s * ((double)(t - s) + (s + 1) / 2.0) * d;
     if (macs < (double)(1 << 22)) nthreads = 1;
