@@ -357,9 +357,43 @@ static void gram_convert(const gram_job_t *j, int64_t c0, uint16_t *abuf, uint16
     }
 }
 
+/* Accumulate super-block (I, J) (features 32I.., 32J..) of one chunk into acc (zero it first if `first`). */
+static inline void gram_pair(const gram_job_t *j, float *acc, int64_t I, int64_t J, int first) {
+    const int64_t TB = j->T / 32, ks = j->kp * 4;
+    float *c00 = acc + (I * 32) * j->kp + J * 32;
+    float *c10 = c00 + 16 * j->kp;
+    if (first) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    } else {
+        _tile_loadd(0, c00, ks);
+        _tile_loadd(1, c00 + 16, ks);
+        _tile_loadd(2, c10, ks);
+        _tile_loadd(3, c10 + 16, ks);
+    }
+    const uint16_t *a0 = j->abuf + (2 * I) * TB * 512, *a1 = a0 + TB * 512;
+    const uint16_t *b0 = j->bbuf + (2 * J) * TB * 512, *b1 = b0 + TB * 512;
+    for (int64_t tb = 0; tb < TB; tb++) {
+        _tile_loadd(4, a0 + tb * 512, 64);
+        _tile_loadd(5, a1 + tb * 512, 64);
+        _tile_loadd(6, b0 + tb * 512, 64);
+        _tile_loadd(7, b1 + tb * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c00, ks);
+    _tile_stored(1, c00 + 16, ks);
+    _tile_stored(2, c10, ks);
+    _tile_stored(3, c10 + 16, ks);
+}
+
 static void *gram_worker(void *arg) {
     gram_job_t *j = (gram_job_t *)arg;
-    const int64_t SB = j->kp / 32, TB = j->T / 32, ks = j->kp * 4;
+    const int64_t SB = j->kp / 32;
     int configured = 0;
     for (;;) {
         const int64_t g = __atomic_fetch_add(j->next_group, 1, __ATOMIC_RELAXED);
@@ -373,37 +407,11 @@ static void *gram_worker(void *arg) {
             const int64_t c0 = (g * j->group_chunks + c) * j->T;
             if (c0 >= j->m) break;
             gram_convert(j, c0, j->abuf, j->bbuf);
-            for (int64_t I = 0; I < SB; I++) {
-                const uint16_t *a0 = j->abuf + (2 * I) * TB * 512, *a1 = a0 + TB * 512;
-                for (int64_t J = I; J < SB; J++) {
-                    float *c00 = acc + (I * 32) * j->kp + J * 32;
-                    float *c10 = c00 + 16 * j->kp;
-                    if (c == 0) {
-                        _tile_zero(0);
-                        _tile_zero(1);
-                        _tile_zero(2);
-                        _tile_zero(3);
-                    } else {
-                        _tile_loadd(0, c00, ks);
-                        _tile_loadd(1, c00 + 16, ks);
-                        _tile_loadd(2, c10, ks);
-                        _tile_loadd(3, c10 + 16, ks);
-                    }
-                    const uint16_t *b0 = j->bbuf + (2 * J) * TB * 512, *b1 = b0 + TB * 512;
-                    for (int64_t tb = 0; tb < TB; tb++) {
-                        _tile_loadd(4, a0 + tb * 512, 64);
-                        _tile_loadd(5, a1 + tb * 512, 64);
-                        _tile_loadd(6, b0 + tb * 512, 64);
-                        _tile_loadd(7, b1 + tb * 512, 64);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_dpbf16ps(1, 4, 7);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
-                    _tile_stored(0, c00, ks);
-                    _tile_stored(1, c00 + 16, ks);
-                    _tile_stored(2, c10, ks);
-                    _tile_stored(3, c10 + 16, ks);
+            /* two super-rows at a time: each B panel is used by both while it is in L1 */
+            for (int64_t I0 = 0; I0 < SB; I0 += 2) {
+                for (int64_t J = I0; J < SB; J++) {
+                    for (int64_t I = I0; I < I0 + 2 && I <= J; I++)
+                        gram_pair(j, acc, I, J, c == 0);
                 }
             }
         }
