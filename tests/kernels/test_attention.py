@@ -69,6 +69,16 @@ def test_matches_numpy(case, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_thread_count_does_not_change_the_result(variant):
+    """Units split the queries at multiples of the row groups and keys at the same 64-key blocks, so any
+    thread count gives the same bits (0 = one per core; absurd counts are capped)."""
+    q, k, v = _inputs(2, 130, 130, 9, 3, 64, seed=3)
+    one = attention.causal_attention_c(q, k, v, threads=1, variant=variant)
+    for threads in (0, 2, 3, 1000):
+        np.testing.assert_array_equal(attention.causal_attention_c(q, k, v, threads=threads, variant=variant), one)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_saturating_softmax(variant):
     """Scores of magnitude ~100: exp of most scores underflows to 0, one key per row dominates."""
     q, k, v = _inputs(2, 70, 130, 6, 2, 64, seed=1, q_scale=12.0)
