@@ -1,6 +1,6 @@
 """The C decode step (qkiln.kernels.decode) gives the NumPy runtime's logits: layer by layer to float32
-rounding until an int8 activation rounds the other way, and then within the spread the NumPy runtime itself
-shows between its one-token decode and its full forward pass."""
+rounding until an int8 activation rounds the other way (sums run in another order), then within about one
+int8 code step's effect — closer to the NumPy runtime than llama.cpp is on the demo model."""
 
 from __future__ import annotations
 
@@ -128,12 +128,21 @@ def test_generate_greedy_runs_the_c_step(make_gguf, monkeypatch):
             break
 
 
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(p) || softmax(q)) per row, float64."""
+    lp, lq = (z.astype(np.float64) - z.max(-1, keepdims=True) for z in (p_logits, q_logits))
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
 @pytest.mark.slow
 @pytest.mark.llamacpp
 def test_demo_q4_0_greedy_through_the_c_step():
-    """The demo model's Q4_0 GGUF: on the NumPy runtime's 64 greedy tokens (teacher-forced), the C step picks the
-    same next token except at near ties — where the NumPy top-1 margin is below the logit spread (~0.7 measured)
-    between the runtime's own one-token decode and its full forward pass."""
+    """The demo model's Q4_0 GGUF on the NumPy runtime's 64 greedy tokens (teacher-forced): the C step's next-token
+    distribution is closer to the NumPy runtime's than llama.cpp's is (measured mean KL 0.0038, vs 0.0057 for
+    llama.cpp, bounded at 0.02 in test_linear), and it picks the same token except at near ties (NumPy top-1
+    margin below 0.5, the median logit deviation int8 rounding flips cause being ~0.64)."""
     from qkiln.kernels.decode_compare import PROMPT, demo_q4_0_gguf
 
     lm = load_gguf_model(demo_q4_0_gguf())
@@ -146,14 +155,14 @@ def test_demo_q4_0_greedy_through_the_c_step():
     for t in range(64):  # the NumPy runtime's greedy tokens
         new.append(int(np.argmax(logits)))
         logits = model.head(model.hidden(np.array([[new[-1]]]), start_pos=ids.size + t, cache=cache))[0, -1]
-    slow, fast, full = _decode_both(model, ids, new)
-    spread = float(np.abs(slow - full).max())
-    assert float(np.abs(fast - full).max()) <= 2 * spread, (np.abs(fast - full).max(), spread)
+    slow, fast, _ = _decode_both(model, ids, new)
+    kl = _kl(slow, fast)
+    assert kl.mean() < 0.01 and kl.max() < 0.1, (kl.mean(), kl.max())
     top2 = np.sort(slow, axis=-1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     differ = slow.argmax(-1) != fast.argmax(-1)
-    assert differ.sum() <= 2 and (margin[differ] < spread).all(), (np.nonzero(differ), margin[differ], spread)
+    assert differ.sum() <= 2 and (margin[differ] < 0.5).all(), (np.nonzero(differ), margin[differ])
     # the text itself: identical up to the first near tie (same history, so the step's logits there are fast[t-1])
     text_fast = generate_greedy(model, ids, 64, eos_ids=set())
     first = next((t for t in range(64) if text_fast[t] != new[t]), 64)
-    assert first == 64 or (first > 0 and margin[first - 1] < spread), (first, margin[first - 1], spread)
+    assert first == 64 or (first > 0 and margin[first - 1] < 0.5), (first, margin[first - 1])
