@@ -96,7 +96,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     report = QuantizeReport(algo=args.algo)
     t0 = time.perf_counter()
     out = dict(quantize_model(ck, rules, args.algo, ids, grid=args.gptq_grid, act_order=args.act_order,
-                              awq_clip=args.awq_clip, report=report))
+                              weighted_fit=args.weighted_fit, awq_clip=args.awq_clip, calib_dtype=args.calib_dtype,
+                              report=report))
     wall = time.perf_counter() - t0
     peak = report.peak_rss_bytes
     dense = {n: v.dequantize() if isinstance(v, QuantizedTensor) else v for n, v in out.items()}
@@ -110,6 +111,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     fallbacks = sorted({f"{report.schemes[n]}" for n in report.fallbacks})
     _append({
         "grid": args.grid, "embed": args.embed or args.grid, "algo": args.algo, "gptq_grid": args.gptq_grid, "act_order": args.act_order,
+        "weighted_fit": args.weighted_fit, "calib_dtype": args.calib_dtype,
         "awq_clip": report.settings.get("awq_clip"), "samples": int(ids.shape[0]) if ids is not None else 0,
         "seq_len": args.seq_len if ids is not None else 0, "kl": scores.mean_kl, "ppl": scores.perplexity,
         "top1": scores.top1_agreement, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20),
@@ -134,6 +136,10 @@ def cmd_table(args: argparse.Namespace) -> None:
             notes.append("grid from original W")
         if r.get("act_order"):
             notes.append("act-order")
+        if r.get("weighted_fit"):
+            notes.append("weighted fit")
+        if r.get("calib_dtype"):
+            notes.append(f"{r['calib_dtype']} calibration")
         if r.get("fallbacks", {}).get("count"):
             notes.append(f"{r['fallbacks']['count']} tensors fell back to {', '.join(r['fallbacks']['to'])}")
         if r.get("samples"):
@@ -155,6 +161,8 @@ def main() -> None:
             p.add_argument("--seq-len", type=int, default=256)
             p.add_argument("--gptq-grid", default="updated", choices=["updated", "original"])
             p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
+            p.add_argument("--weighted-fit", action=argparse.BooleanOptionalAction, default=True)
+            p.add_argument("--calib-dtype", default="bfloat16", choices=["float32", "bfloat16"])
             p.add_argument("--awq-clip", default=None, type=lambda s: s == "1")
             p.add_argument("--fallback", action="store_true")
             p.add_argument("--embed", default=None, help="scheme for the embedding / lm_head (default: the grid)")

@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--algo", default="gptq")
     ap.add_argument("--scheme", default="int4_g64_asym")
     ap.add_argument("--batch-samples", type=int, default=8)
+    ap.add_argument("--calib-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--max-layers", type=int, default=None,
                     help="stop after this many decoder layers and extrapolate the wall time (every layer costs the same)")
     args = ap.parse_args()
@@ -53,7 +54,7 @@ def main() -> None:
     n_quantized = 0
     n_layers = ck.config.num_hidden_layers
     for name, _value in quantize_model(ck, get_scheme(args.scheme), args.algo, ids, report=report,
-                                       batch_samples=args.batch_samples):
+                                       batch_samples=args.batch_samples, calib_dtype=args.calib_dtype):
         n_quantized += 1  # the consumer keeps nothing: this measures the quantizer's own footprint
         if args.max_layers and name == f"model.layers.{args.max_layers - 1}.post_attention_layernorm.weight":
             break
@@ -68,7 +69,7 @@ def main() -> None:
         extrapolated = wall + (n_layers - done) * float(np.mean(report.layer_seconds))
         cpu_all = cpu * n_layers / done  # CPU seconds are what a busy machine does not inflate
     doc = {
-        "algo": args.algo, "scheme": args.scheme, "samples": int(ids.shape[0]), "seq_len": args.seq_len,
+        "algo": args.algo, "scheme": args.scheme, "calib_dtype": args.calib_dtype, "samples": int(ids.shape[0]), "seq_len": args.seq_len,
         "distinct_calibration_tokens": len(tokens), "text_repeats": reps,
         "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "layers_run": done,
         "wall_seconds_extrapolated_to_all_layers": round(extrapolated, 1) if extrapolated else None,

@@ -178,9 +178,10 @@ class _GroupQuantizer:
 
     def __init__(self, tensors: dict[str, np.ndarray], schemes: dict[str, Scheme | None], prefix: str,
                  out: dict[str, QuantizedTensor | np.ndarray], *, damp: float, act_order: bool, block_size: int,
-                 grid: GridMode):
+                 grid: GridMode, weighted_fit: bool):
         self.tensors, self.schemes, self.prefix, self.out = tensors, schemes, prefix, out
         self.damp, self.act_order, self.block_size, self.grid = damp, act_order, block_size, grid
+        self.weighted_fit = weighted_fit
 
     def __call__(self, group: str, hess: np.ndarray | None) -> dict[str, np.ndarray]:
         names, p, out = INPUT_GROUPS[group], self.prefix, self.out
@@ -198,7 +199,8 @@ class _GroupQuantizer:
             prep = prepare_hessian(hess, damp=self.damp, act_order=self.act_order, name=f"{p}{group}")
             for sch, same in by_scheme.items():
                 got = gptq_quantize_shared({p + n + ".weight": self.tensors[n] for n in same}, prep, sch,
-                                           block_size=self.block_size, grid=self.grid)
+                                           block_size=self.block_size, grid=self.grid,
+                                           weighted_fit=self.weighted_fit)
                 out.update({n: got[p + n + ".weight"] for n in same})
         return {n: _dense(out[n]) for n in names}
 
@@ -213,6 +215,7 @@ def quantize_model(
     act_order: bool = True,
     block_size: int = 128,
     grid: GridMode = "updated",
+    weighted_fit: bool = True,
     awq_grid: int = 20,
     awq_clip: bool | None = None,
     batch_samples: int = 8,
@@ -239,7 +242,7 @@ def quantize_model(
     use_awq = algo in ("awq", "awq+gptq")
     use_gptq = algo in ("gptq", "awq+gptq")
     clip = (algo == "awq") if awq_clip is None else awq_clip
-    report.settings = {"damp": damp, "act_order": act_order, "block_size": block_size, "grid": grid,
+    report.settings = {"damp": damp, "act_order": act_order, "block_size": block_size, "grid": grid, "weighted_fit": weighted_fit,
                        "awq_grid": awq_grid, "awq_clip": clip if use_awq else None, "batch_samples": batch_samples,
                        "calib_dtype": calib_dtype}
     engine = matmul_engine(calib_dtype)
@@ -309,7 +312,7 @@ def quantize_model(
                 report.awq[str(i)] = res.info
 
             quantize_group = _GroupQuantizer(tensors, layer_schemes, p, out, damp=damp, act_order=act_order,
-                                             block_size=block_size, grid=grid)
+                                             block_size=block_size, grid=grid, weighted_fit=weighted_fit)
             norms = {n: tensors[n] for n in NORMS}
             h = run_layer(h, norms, cfg, model.rope, quantize_group, engine, batch_samples=batch_samples,
                           need_hessian=use_gptq)

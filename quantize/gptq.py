@@ -118,19 +118,22 @@ def inverse_hessian_cholesky(h: np.ndarray, damp: float, name: str = "") -> tupl
 class PreparedHessian:
     """What GPTQ needs from H, computed once per input and shared by the linears reading it (q/k/v).
 
-    perm   (in,) int64   scan position -> column (descending diag H with act-order, else identity)
-    hinv   (in, in) f32  upper Cholesky factor of (H + λI)⁻¹, rows/columns in scan order
-    damp   float         the dampening finally used
+    perm       (in,) int64   scan position -> column (descending diag H with act-order, else identity)
+    hinv       (in, in) f32  upper Cholesky factor of (H + λI)⁻¹, rows/columns in scan order
+    damp       float         the dampening finally used
+    importance (in,) f32     mean squared activation per input column, diag(H)/2 (llama.cpp's imatrix)
     """
 
     perm: np.ndarray
     hinv: np.ndarray
     damp: float
+    importance: np.ndarray
 
 
 def prepare_hessian(h: np.ndarray, *, damp: float = 0.01, act_order: bool = False, name: str = "") -> PreparedHessian:
     """Dead inputs (H_ii == 0) decoupled, optional act-order permutation, dampened inverse Cholesky."""
     h = np.array(h, dtype=np.float64)
+    importance = (np.maximum(np.diag(h), 0) / 2).astype(np.float32)  # (in,)
     dead = np.diag(h) <= 0  # (in,)
     h[dead, :] = 0.0
     h[:, dead] = 0.0
@@ -138,7 +141,7 @@ def prepare_hessian(h: np.ndarray, *, damp: float = 0.01, act_order: bool = Fals
     cols = h.shape[0]
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
     upper, used = inverse_hessian_cholesky(h[np.ix_(perm, perm)], damp, name)
-    return PreparedHessian(perm=perm, hinv=upper.astype(np.float32), damp=used)
+    return PreparedHessian(perm=perm, hinv=upper.astype(np.float32), damp=used, importance=importance)
 
 
 class _ColumnCoder:
@@ -177,11 +180,14 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     grid: GridMode = "updated",
+    weighted_fit: bool = True,
     name: str = "",
 ) -> QuantizedTensor:
     """GPTQ codes for `w` (out, in) float32 given H (in, in) on `scheme`'s grid; see the module docstring.
 
     `h` may be a `PreparedHessian` (then `damp`/`act_order` are the ones it was prepared with).
+    `weighted_fit`: the format's params are fitted with the calibration's mean squared activation per
+    column as importance (llama.cpp's imatrix rule, for the grids that have one), not plain RTN's rule.
     """
     w = np.asarray(w, dtype=np.float32)
     scheme.check_shape(w.shape, name or "weight")
@@ -209,7 +215,7 @@ def gptq_quantize(
         scale_all[:, gs], offset_all[:, gs] = sc, of
 
     if per_matrix:
-        params = scheme.fit(w)
+        params = scheme.fit(w, prep.importance if weighted_fit else None)
         set_grid(slice(None), params)
         unit_params = [params] * n_units
     pos_of_col = np.empty(cols, dtype=np.int64)
@@ -239,7 +245,8 @@ def gptq_quantize(
                 later = upos[~inb]
                 # plus the lazy updates still pending from this block's already-quantized columns
                 cur[~inb] = wt[later] - hinv[i1 : i1 + k][:, later].T @ err1[:k]
-                unit_params[u] = p = scheme.fit(np.ascontiguousarray(cur.T))
+                unit_params[u] = p = scheme.fit(np.ascontiguousarray(cur.T),
+                                                prep.importance[ucols] if weighted_fit else None)
                 gs = slice(u * groups_per_unit, (u + 1) * groups_per_unit)
                 set_grid(gs, p)
                 scale_t[gs] = scale_all[:, gs].T
@@ -267,6 +274,7 @@ def gptq_quantize_shared(
     *,
     block_size: int = 128,
     grid: GridMode = "updated",
+    weighted_fit: bool = True,
 ) -> dict[str, QuantizedTensor]:
     """GPTQ for several linears reading the same input (q/k/v, gate/up) on one scheme.
 
@@ -276,12 +284,14 @@ def gptq_quantize_shared(
     """
     names = list(weights)
     if scheme.per_tensor or len(names) == 1:
-        return {n: gptq_quantize(weights[n], prep, scheme, block_size=block_size, grid=grid, name=n) for n in names}
+        return {n: gptq_quantize(weights[n], prep, scheme, block_size=block_size, grid=grid,
+                                 weighted_fit=weighted_fit, name=n) for n in names}
     for n in names:
         scheme.check_shape(weights[n].shape, n)
         check_finite(np.asarray(weights[n]), n)
     stacked = np.concatenate([np.asarray(weights[n], np.float32) for n in names])  # (sum out, in)
-    qt = gptq_quantize(stacked, prep, scheme, block_size=block_size, grid=grid, name="+".join(names))
+    qt = gptq_quantize(stacked, prep, scheme, block_size=block_size, grid=grid, weighted_fit=weighted_fit,
+                       name="+".join(names))
     out: dict[str, QuantizedTensor] = {}
     r0 = 0
     for n in names:

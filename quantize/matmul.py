@@ -65,11 +65,12 @@ class BF16Matmul:
         from qkiln.kernels import bf16
 
         self._k = bf16
-        self._threads = 0  # 0: the kernel's default (every core)
+        self._threads: int | None = None  # None: the kernel's default (every core)
 
     @contextlib.contextmanager
     def threads(self, n: int) -> Iterator[None]:
-        old, self._threads = self._threads, n
+        old = self._threads
+        self._threads = n
         try:
             yield
         finally:
@@ -79,10 +80,10 @@ class BF16Matmul:
         return self._k.pack_weight(np.asarray(w, dtype=np.float32))
 
     def linear(self, x: np.ndarray, packed: Any) -> np.ndarray:
-        return self._k.linear(np.ascontiguousarray(x, dtype=np.float32), packed, threads=self._threads)
+        return self._k.linear(np.ascontiguousarray(x, dtype=np.float32), packed, nthreads=self._threads)
 
     def gram(self, x: np.ndarray) -> np.ndarray:
-        return self._k.gram(np.ascontiguousarray(x, dtype=np.float32), threads=self._threads)
+        return self._k.gram(np.ascontiguousarray(x, dtype=np.float32), nthreads=self._threads)
 
 
 def matmul_engine(dtype: str) -> Matmul:

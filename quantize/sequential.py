@@ -103,7 +103,7 @@ def run_layer(
         def attn_out(sl: slice) -> np.ndarray | None:
             qkv = engine.linear(rms_norm(tokens(h, sl), norm_attn, eps), live["qkv"])  # (t, q + 2 kv)
             a = rope_attention(qkv[:, :q_out], qkv[:, q_out : q_out + kv_out], qkv[:, q_out + kv_out :],
-                               config, rope, sl.stop - sl.start)  # (t, q_out)
+                               config, rope, sl.stop - sl.start, threads=1)  # (t, q_out)
             tokens(live["attn"], sl)[...] = a
             return gram(a)
 

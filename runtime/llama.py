@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from qkiln.errors import CheckpointError, UserError
+from qkiln.kernels.attention import causal_attention as fused_attention
 from qkiln.runtime.config import LlamaConfig
 from qkiln.runtime.generate import KVCache
 from qkiln.runtime.rope import RopeTable, apply_rope
@@ -131,13 +132,17 @@ def rope_attention(
     start_pos: int = 0,
     cache: KVCache | None = None,
     layer: int = 0,
+    threads: int = 0,
 ) -> np.ndarray:
     """The attention step of a decoder layer, from projections to the o_proj input.
 
     q (b * s, heads * d), k and v (b * s, kv_heads * d) float32, as the q/k/v linears give them (any
     strides); RoPE at positions start_pos.., the KV cache (layer `layer`) when given, then causal
     grouped-query attention -> (b * s, heads * d). Calibration runs this same step on quantized weights.
+    The attention itself is the fused C kernel (`kernels.attention`; NumPy `causal_attention` without
+    the library), on `threads` threads (0: every core).
     """
+
     n_heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     s = q.shape[0] // b
     cos, sin = rope.get(start_pos, s)  # (s, d/2) each
@@ -146,7 +151,7 @@ def rope_attention(
     v4 = v.reshape(b, s, kv_heads, d).transpose(0, 2, 1, 3)  # (b, kvh, s, d)
     if cache is not None:
         k4, v4 = cache.store(layer, start_pos, k4, v4)  # (b, kvh, start_pos + s, d) views
-    return causal_attention(q4, k4, v4)
+    return fused_attention(q4, k4, v4, threads=threads)
 
 
 _MASKS: dict[int, np.ndarray] = {}
