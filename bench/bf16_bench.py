@@ -5,7 +5,8 @@
 Shapes are the demo model's (hidden 576, intermediate 1536) at GPTQ's 128 x 512 calibration tokens:
 x (T, 576)·W(1536, 576)ᵀ, x (T, 576)·W(576, 576)ᵀ, x (T, 1536)·W(576, 1536)ᵀ, and the Gram xᵀx of
 (T, 576) and (T, 1536). Every method is timed in the same run (best of --repeats, wall seconds), the weight
-prepared beforehand (packed/rounded/converted) and x converted inside the timing, as calibration does.
+prepared beforehand (packed/rounded/converted) and x converted inside the timing, as calibration does;
+"amx out=" writes into one reused output array (no page zeroing of a fresh output per call).
 GFLOPS count 2·m·k·n for a product and 2·m·k² for a Gram (the work of the full product, though the AMX
 Gram computes only the upper triangle). Not a test: the machine is shared, so the load average is printed
 before and after; compare ratios within one run.
@@ -55,6 +56,8 @@ def _time_linear(x: np.ndarray, w: np.ndarray, amx: bool, torch: Any, args: argp
     if amx:
         wa = bf16.pack_weight(w, path="amx")
         t["amx bf16"] = _best(lambda: bf16.linear(x, wa, nthreads=args.threads), reps)
+        out = np.empty((x.shape[0], w.shape[0]), np.float32)  # (m, n), reused: no page zeroing per call
+        t["amx out="] = _best(lambda: bf16.linear(x, wa, out=out, nthreads=args.threads), reps)
     if torch is not None:
         xt, wt = torch.from_numpy(x), torch.from_numpy(w).to(torch.bfloat16)
         t["torch bf16"] = _best(lambda: torch.nn.functional.linear(xt.to(torch.bfloat16), wt), reps)
@@ -90,7 +93,7 @@ def main() -> None:
     if not amx:
         print(f"AMX path unavailable: {bf16.amx_unavailable_reason()}")
     rng = np.random.default_rng(0)
-    cols = ["numpy f32", "numpy bf16", "amx bf16", "torch bf16"]
+    cols = ["numpy f32", "numpy bf16", "amx bf16", "amx out=", "torch bf16"]
     print(f"{'product':<28}" + "".join(f"{c + ' s':>14}{'GF/s':>8}" for c in cols) + f"{'amx/f32':>9}{'amx/torch':>10}")
     rows: list[tuple[str, float, dict[str, float]]] = []
     for k, n in ((576, 1536), (576, 576), (1536, 576)):

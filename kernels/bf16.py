@@ -184,18 +184,25 @@ def _as_x(x: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
-def linear(x: np.ndarray, w: BF16Weight, *, nthreads: int | None = None) -> np.ndarray:
-    """y (m, n) float32 = bf16(x) (m, k) · bf16(W)ᵀ with float32 accumulation, on the weight's path."""
+def linear(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
+           nthreads: int | None = None) -> np.ndarray:
+    """y (m, n) float32 = bf16(x) (m, k) · bf16(W)ᵀ with float32 accumulation, on the weight's path.
+
+    `out`: a C-contiguous float32 (m, n) array to write y into (returned). Reusing one across calls saves
+    the kernel's page zeroing of a fresh output, which costs ~0.1 s per 400 MB."""
     x = _as_x(x, "linear")
     m, k = x.shape
     n, wk = w.shape
     if k != wk:
         raise ValueError(f"linear: x has width {k}, weight is {w.shape}")
+    if out is not None and (out.shape != (m, n) or out.dtype != np.float32 or not out.flags.c_contiguous
+                            or not out.flags.writeable):
+        raise ValueError(f"linear: out must be a writeable C-contiguous float32 array of shape {(m, n)}")
     if w.rounded is not None:
-        return np.matmul(round_bf16(x), w.rounded.T).astype(np.float32, copy=False)
+        return np.matmul(round_bf16(x), w.rounded.T, out=out)
     lib = _library()
     assert lib is not None and w.packed is not None, "an amx-packed weight implies the library loaded"
-    y = _empty64((m, n))
+    y = _empty64((m, n)) if out is None else out
     rc = lib.qk_bf16_linear(_ptr(x), m, k, _ptr(w.packed), n, _ptr(y), _threads(nthreads))
     if rc != 0:
         raise MemoryError(f"qk_bf16_linear failed (code {rc})")

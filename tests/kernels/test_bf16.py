@@ -108,6 +108,11 @@ def test_linear_zeros_large_magnitudes_and_thread_counts(path):
     for t in (1, 3):  # the split across threads does not change any sum's order
         np.testing.assert_array_equal(bf16.linear(x, pw, nthreads=t), y)
     assert np.all(bf16.linear(np.zeros((40, 95), np.float32), pw) == 0)
+    out = np.full((70, 33), np.nan, np.float32)
+    assert bf16.linear(x, pw, out=out) is out
+    np.testing.assert_array_equal(out, y)
+    with pytest.raises(ValueError, match="out must be"):
+        bf16.linear(x, pw, out=np.empty((70, 32), np.float32))
 
 
 @pytest.mark.parametrize("m", M_SIZES)
