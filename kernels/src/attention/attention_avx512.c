@@ -112,7 +112,7 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
     const int nkeys = offset + q1, npad = (nkeys + NB - 1) / NB * NB;
     float *kt = scratch;                 /* (tpad / NB, d, NB) */
     float *vp = kt + (long)d * tp;       /* (tpad, dp) */
-    float *qall = vp + (long)tp * dp;    /* (n_rep, qrows, d) scaled queries */
+    float *qall = vp + (long)tp * dp;    /* (n_rep, qrows, d) scaled queries, qk_attn_qidx layout */
     float *sc = qall + (long)n_rep * a->qrows * d; /* (AR, NB) scores, then probabilities */
     float *o = sc + AR * NB;             /* (AR, dp) unnormalized output */
     float *lv = o + AR * dp;             /* (AR, 16) running sums, per lane */
