@@ -188,24 +188,42 @@ typedef struct {
     atomic_int failed;
 } job_t;
 
-static void *run_units(void *arg) {
-    job_t *job = arg;
+/* The calling thread keeps its scratch between calls (a decode step would otherwise pay an mmap and a
+ * page fault per 4 KiB of packed keys every layer); threads started for one call free theirs. */
+static __thread float *tls_scratch;
+static __thread size_t tls_bytes;
+
+static float *caller_scratch(size_t bytes) {
+    if (bytes > tls_bytes) {
+        free(tls_scratch);
+        tls_scratch = aligned_alloc(64, bytes);
+        tls_bytes = tls_scratch ? bytes : 0;
+    }
+    return tls_scratch;
+}
+
+static void work(job_t *job, int caller) {
     const long n = qk_attn_scratch_floats(job->a);
-    float *scratch = aligned_alloc(64, (size_t)((n * sizeof(float) + 63) / 64 * 64));
+    const size_t bytes = (size_t)((n * sizeof(float) + 63) / 64 * 64);
+    float *scratch = caller ? caller_scratch(bytes) : aligned_alloc(64, bytes);
     if (!scratch) {
         atomic_store(&job->failed, 1);
-        return NULL;
+        return;
     }
     for (;;) {
         const int u = atomic_fetch_add(&job->next, 1);
         if (u >= job->nunits) break;
         job->fn(job->a, u, scratch);
     }
-    free(scratch);
+    if (!caller) free(scratch);
+}
+
+static void *run_units(void *arg) {
+    work(arg, 0);
     return NULL;
 }
 
-static int have_avx512(void) {
+static int detect_avx512(void) {
 #if defined(__x86_64__)
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
@@ -219,6 +237,18 @@ static int have_avx512(void) {
 #else
     return 0;
 #endif
+}
+
+/* cpuid traps to the hypervisor on virtual machines: ask once (a benign race: every thread computes the
+ * same answer). */
+static int have_avx512(void) {
+    static atomic_int known = -1;
+    int v = atomic_load_explicit(&known, memory_order_relaxed);
+    if (v < 0) {
+        v = detect_avx512();
+        atomic_store_explicit(&known, v, memory_order_relaxed);
+    }
+    return v;
 }
 
 /* Variant: 0 = best this CPU runs, 1 = portable, 2 = AVX-512. Which one `0` means here: */
@@ -297,7 +327,7 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
         if (pthread_create(&tids[started], NULL, run_units, &job) != 0) break;
         started++;
     }
-    run_units(&job);
+    work(&job, 1);
     for (int i = 0; i < started; i++) pthread_join(tids[i], NULL);
     /* A thread without scratch left its units to the others; only all failing leaves work undone. */
     if (atomic_load(&job.failed) && atomic_load(&job.next) < job.nunits) return -3;

@@ -44,6 +44,62 @@ void qk_attn_exp2_avx512(const float *x, float *y, long n) {
     }
 }
 
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        const __m512d a0 = _mm512_castps_pd(t[i]), a1 = _mm512_castps_pd(t[i + 1]);
+        const __m512d a2 = _mm512_castps_pd(t[i + 2]), a3 = _mm512_castps_pd(t[i + 3]);
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0x88);
+            t[h + 4 + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+        r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+    }
+}
+
+/* The keys of qk_attn_pack_kv's Kt panels, 16 keys x 16 elements per in-register transpose (the scalar
+ * strided copy was a quarter of a decode step); values are packed only when d is not a multiple of 16,
+ * else the PV tile reads the source rows. */
+static void pack_kv512(const qk_attn_args *a, int bi, int g, int nkeys, int npad, float *kt, float *vp) {
+    const float *k = a->k + (long)bi * a->ks_b + (long)g * a->ks_h;
+    const int d = a->d, d16 = d & ~15;
+    for (int j0 = 0; j0 < npad; j0 += 16) {
+        float *panel = kt + (long)(j0 / NB) * d * NB + j0 % NB;
+        const int nj = nkeys - j0 < 16 ? (nkeys - j0 > 0 ? nkeys - j0 : 0) : 16;
+        for (int c0 = 0; c0 < d16; c0 += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = i < nj ? _mm512_loadu_ps(k + (long)(j0 + i) * a->ks_t + c0) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int i = 0; i < 16; i++) _mm512_storeu_ps(panel + (c0 + i) * NB, r[i]);
+        }
+        for (int c = d16; c < d; c++)
+            for (int i = 0; i < 16; i++) panel[c * NB + i] = i < nj ? k[(long)(j0 + i) * a->ks_t + c] : 0.0f;
+    }
+    if (d % 16) {
+        const float *v = a->v + (long)bi * a->vs_b + (long)g * a->vs_h;
+        const int dp = a->dp;
+        const __mmask16 tail = (__mmask16)((1u << (d % 16)) - 1);
+        for (int j = 0; j < nkeys; j++)
+            for (int c = 0; c < dp; c += 16) {
+                const __mmask16 mk = c + 16 <= d ? (__mmask16)0xffff : tail;
+                _mm512_storeu_ps(vp + (long)j * dp + c, _mm512_maskz_loadu_ps(mk, v + (long)j * a->vs_t + c));
+            }
+    }
+}
+
 /* sc (AR, NB) columns [jj, jj + 32) = queries . panel (d, NB) columns [jj, jj + 32); qt is the row group's
  * (d, AR) transposed queries. */
 static __attribute__((noinline)) void qk_tile(const float *qt, int d, const float *panel, int jj, float *sc) {
@@ -66,9 +122,9 @@ static __attribute__((noinline)) void qk_tile(const float *qt, int d, const floa
     }
 }
 
-/* o (6 rows, stride dp) columns [0, 16 NV) = alpha o + p (6 rows, stride NB) columns [0, nk) . vp (nk, stride dp). */
-static inline __attribute__((always_inline)) void pv_tile(const int NV, const float *p, const float *vp, int dp,
-                                                          float *o, int nk, const float *alpha) {
+/* o (6 rows, stride dp) columns [0, 16 NV) = alpha o + p (6 rows, stride NB) columns [0, nk) . vp (nk, stride vs). */
+static inline __attribute__((always_inline)) void pv_tile(const int NV, const float *p, const float *vp, long vs,
+                                                          int dp, float *o, int nk, const float *alpha) {
     __m512 acc[6][4];
 #pragma GCC unroll 6
     for (int r = 0; r < 6; r++) {
@@ -79,7 +135,7 @@ static inline __attribute__((always_inline)) void pv_tile(const int NV, const fl
     for (int j = 0; j < nk; j++) {
         __m512 vv[4];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) vv[v] = _mm512_loadu_ps(vp + (long)j * dp + 16 * v);
+        for (int v = 0; v < NV; v++) vv[v] = _mm512_loadu_ps(vp + j * vs + 16 * v);
 #pragma GCC unroll 6
         for (int r = 0; r < 6; r++) {
             const __m512 pv = _mm512_set1_ps(p[r * NB + j]);
@@ -93,13 +149,13 @@ static inline __attribute__((always_inline)) void pv_tile(const int NV, const fl
         for (int v = 0; v < NV; v++) _mm512_storeu_ps(o + r * dp + 16 * v, acc[r][v]);
 }
 
-static void pv_rows6(const float *p, const float *vp, int dp, float *o, int nk, const float *alpha) {
+static void pv_rows6(const float *p, const float *vp, long vs, int dp, float *o, int nk, const float *alpha) {
     for (int c0 = 0; c0 < dp; c0 += 64) {
         switch ((dp - c0) / 16) {
-        case 1: pv_tile(1, p, vp + c0, dp, o + c0, nk, alpha); break;
-        case 2: pv_tile(2, p, vp + c0, dp, o + c0, nk, alpha); break;
-        case 3: pv_tile(3, p, vp + c0, dp, o + c0, nk, alpha); break;
-        default: pv_tile(4, p, vp + c0, dp, o + c0, nk, alpha); break;
+        case 1: pv_tile(1, p, vp + c0, vs, dp, o + c0, nk, alpha); break;
+        case 2: pv_tile(2, p, vp + c0, vs, dp, o + c0, nk, alpha); break;
+        case 3: pv_tile(3, p, vp + c0, vs, dp, o + c0, nk, alpha); break;
+        default: pv_tile(4, p, vp + c0, vs, dp, o + c0, nk, alpha); break;
         }
     }
 }
@@ -117,8 +173,11 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
     float *o = sc + AR * NB;             /* (AR, dp) unnormalized output */
     float *lv = o + AR * dp;             /* (AR, 16) running sums, per lane */
     float m[16], mn[16], alpha[16];      /* running max, this block's max, rescale factor (rows 0..AR-1) */
-    qk_attn_pack_kv(a, bi, g, nkeys, npad, kt, vp);
+    pack_kv512(a, bi, g, nkeys, npad, kt, vp);
     qk_attn_pack_q(a, bi, g, q0, q1, qall);
+    /* values: the source rows when d is a multiple of 16, else the padded copy */
+    const float *vsrc = d % 16 ? vp : a->v + (long)bi * a->vs_b + (long)g * a->vs_h;
+    const long vs = d % 16 ? dp : a->vs_t;
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 ninf = _mm512_set1_ps(MASKED);
     for (int r = 0; r < n_rep; r++) {
@@ -176,8 +235,8 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
                     }
                     _mm512_storeu_ps(lv + rr * 16, lsum);
                 }
-                pv_rows6(sc, vp + (long)j0 * dp, dp, o, nk, alpha);
-                if (rows > 6) pv_rows6(sc + 6 * NB, vp + (long)j0 * dp, dp, o + 6 * dp, nk, alpha + 6);
+                pv_rows6(sc, vsrc + j0 * vs, vs, dp, o, nk, alpha);
+                if (rows > 6) pv_rows6(sc + 6 * NB, vsrc + j0 * vs, vs, dp, o + 6 * dp, nk, alpha + 6);
             }
             for (int rr = 0; rr < rows; rr++) {
                 float *dst = a->out + ((long)bi * a->s + i0 + rr) * ((long)a->n_heads * d) + (long)h * d;
