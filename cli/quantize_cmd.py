@@ -28,6 +28,11 @@ class Grid(enum.StrEnum):
     original = "original"
 
 
+class CalibDtype(enum.StrEnum):
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
 @handles_errors
 def quantize_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint folder (simulated: dequantized weights).")],
@@ -59,6 +64,9 @@ def quantize_command(
     grid: Annotated[
         Grid, typer.Option("--grid", help="GPTQ: fit each group's scale on the error-updated weights or the original ones.")
     ] = Grid.updated,
+    calib_dtype: Annotated[
+        CalibDtype, typer.Option("--calib-dtype", help="Precision of calibration's products (bfloat16 runs on AMX where the CPU has it).")
+    ] = CalibDtype.bfloat16,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (the quantization record) on stdout.")] = False,
 ) -> None:
@@ -116,7 +124,7 @@ def quantize_command(
             bar.update(task, completed=done, total=total)
 
         for name, value in quantize_model(
-            ckpt, rules, algo.value, ids, damp=damp, act_order=act_order, grid=grid.value,
+            ckpt, rules, algo.value, ids, damp=damp, act_order=act_order, grid=grid.value, calib_dtype=calib_dtype.value,
             progress=progress, report=report,
         ):
             if isinstance(value, QuantizedTensor):  # dequantized only when written: memory ~1 byte/weight

@@ -219,7 +219,7 @@ def quantize_model(
     awq_grid: int = 20,
     awq_clip: bool | None = None,
     batch_samples: int = 8,
-    calib_dtype: str = "float32",
+    calib_dtype: str = "bfloat16",
     progress: Progress | None = None,
     report: QuantizeReport | None = None,
 ) -> Iterator[tuple[str, QuantizedTensor | np.ndarray]]:

@@ -87,3 +87,20 @@ def test_no_hessian_when_not_needed(tiny_config, llama_weights):
     got = run_layer(h.copy(), {n: layer[n] for n in NORMS}, cfg, model.rope, keep, F32Matmul(), need_hessian=False)
     assert all(v is None for v in keep.seen.values()) and len(keep.seen) == 4
     np.testing.assert_allclose(got, model.layer(0, h), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_engine_tracks_float32(tiny_config, llama_weights):
+    """bfloat16 products (AMX or its NumPy definition) stay within bfloat16's rounding of float32's."""
+    from qkiln.quantize.matmul import matmul_engine
+
+    cfg, model, h, layer = _setup(tiny_config, llama_weights)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        keep = _Keep(layer)
+        out = run_layer(h.copy(), {n: layer[n] for n in NORMS}, cfg, model.rope, keep, matmul_engine(dtype))
+        runs[dtype] = (out, keep.seen)
+    (o32, h32), (o16, h16) = runs["float32"], runs["bfloat16"]
+    assert not np.array_equal(o32, o16)  # the engine really changed the arithmetic
+    np.testing.assert_allclose(o16, o32, atol=2e-2 * np.abs(o32).max())
+    for group in INPUT_GROUPS:
+        np.testing.assert_allclose(h16[group], h32[group], atol=2e-2 * np.abs(h32[group]).max())
