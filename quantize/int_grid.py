@@ -21,6 +21,9 @@ import numpy as np
 
 from qkiln.quantize.scheme import Params, UniformGrid, to_fp16
 
+# Range shrink factors tried by the importance-weighted fit: 1, 0.99, ..., 0.81.
+SHRINK = (1.0 - np.arange(20, dtype=np.float32) / 100).astype(np.float32)
+
 
 @dataclasses.dataclass(frozen=True)
 class IntGrid(UniformGrid):
@@ -54,14 +57,41 @@ class IntGrid(UniformGrid):
         return w.reshape(rows, cols // g, g)  # (rows, n_groups, g)
 
     def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> Params:
-        blocks = self._groups(w.astype(np.float32, copy=False))
-        qmax = (1 << self.bits) - 1
-        if self.symmetric:
-            amax = np.abs(blocks).max(axis=-1)  # (rows, n_groups)
-            scale = to_fp16(amax / np.float32(qmax / 2), f"{self.name}")
-            return {"scale": scale}
+        """Min/max params per group; with `importance` (cols,), the group's range is also shrunk by each
+        of SHRINK and, per (row, group), the params with the least importance-weighted squared error
+        are kept (llm-compressor's MSE observer grid, weighted like llama.cpp's imatrix)."""
+        w = w.astype(np.float32, copy=False)
+        blocks = self._groups(w)  # (rows, n_groups, g)
         lo = np.minimum(blocks.min(axis=-1), 0)  # (rows, n_groups)
         hi = np.maximum(blocks.max(axis=-1), 0)
+        if self.symmetric:
+            hi = np.maximum(-lo, hi)  # amax
+        best = self._range_params(lo, hi)
+        if importance is None:
+            return best
+        imp = np.asarray(importance, np.float32).reshape(1, -1)  # (1, cols)
+        g = self.group_index(w.shape[1])  # (cols,)
+
+        def error(params: Params) -> np.ndarray:
+            scale, offset = self.affine(params)  # (rows, n_groups)
+            codes = self.encode_affine(w, scale[:, g], offset[:, g])  # (rows, cols)
+            e = (self.decode(codes, params) - w) ** 2 * imp  # (rows, cols)
+            return self._groups(e).sum(axis=-1)  # (rows, n_groups)
+
+        best_err = error(best)
+        for r in SHRINK[1:]:
+            cand = self._range_params(lo * r, hi * r)
+            err = error(cand)
+            take = err < best_err  # (rows, n_groups)
+            best_err = np.where(take, err, best_err)
+            best = {k: np.where(take, cand[k], best[k]) for k in best}
+        return best
+
+    def _range_params(self, lo: np.ndarray, hi: np.ndarray) -> Params:
+        """Params for ranges [lo, hi] (rows, n_groups), lo <= 0 <= hi; symmetric grids use hi as amax."""
+        qmax = (1 << self.bits) - 1
+        if self.symmetric:
+            return {"scale": to_fp16(hi / np.float32(qmax / 2), f"{self.name}")}
         scale = to_fp16((hi - lo) / np.float32(qmax), f"{self.name}")
         s = scale.astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -127,10 +127,11 @@ def test_stacked_rows_equal_separate_matrices(problem):
         np.testing.assert_array_equal(scheme.encode(joint[n].dequantize(), joint[n].params), joint[n].codes)
 
 
-@pytest.mark.parametrize("scheme_name", ["q4_0", "q5_0", "q4_k"])
+@pytest.mark.parametrize("scheme_name", ["q4_0", "q5_0", "q4_k", "int4_g32_asym", "int4_g64", "int8"])
 def test_weighted_fit_lowers_output_error(scheme_name):
-    """Fitting each block's scale with the mean squared activation as importance (llama.cpp's imatrix
-    rule) beats the plain RTN fit under GPTQ when input channels differ widely in magnitude."""
+    """Fitting each block's params with the mean squared activation as importance (llama.cpp's imatrix
+    rule for ggml grids; an importance-weighted range search for integer grids) beats the plain RTN fit
+    under GPTQ when input channels differ widely in magnitude."""
     scheme = get_scheme(scheme_name)
     for seed in range(3):
         rng = np.random.default_rng(seed)
@@ -142,9 +143,11 @@ def test_weighted_fit_lowers_output_error(scheme_name):
         assert output_error(w, weighted.dequantize(), h) < 0.9 * output_error(w, plain.dequantize(), h)
 
 
-def test_weighted_fit_leaves_minmax_grids_alone(problem):
-    """INT grids fit min/max (no importance rule): the option changes nothing there."""
-    w, _, h = problem
+
+def test_unweighted_int_fit_is_min_max(problem):
+    """Without importance the integer grids keep the layouts' plain min/max rule (what RTN means)."""
+    w, _, _ = problem
     scheme = get_scheme("int4_g32_asym")
-    a, b = (gptq_quantize(w, h, scheme, weighted_fit=f) for f in (False, True))
-    np.testing.assert_array_equal(a.codes, b.codes)
+    blocks = w.reshape(w.shape[0], -1, 32)
+    lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+    np.testing.assert_array_equal(scheme.fit(w)["scale"], ((hi - lo) / 15).astype(np.float16))
