@@ -2,6 +2,7 @@
 
 The prompt runs once through every layer (all tokens in one batched pass); each new token then runs
 alone and attends to the cached keys/values, so a step costs one token's matmuls, not the whole prefix.
+A model whose linears all run on packed kernels decodes each token in one C call (`fast_decode_step`).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def generate_greedy(
 
 def fast_decode_step(model: LlamaModel, cache: KVCache):
     """The C decode step (qkiln.kernels.decode) when the model's linears are all packed, else None: single
-    tokens then run in one C call each with the same results as `model.hidden` + `model.head`."""
+    tokens then run in one C call each instead of `model.hidden` + `model.head` (the same float32 math in
+    another summation order: logits agree up to int8 activation rounding flips, see kernels/README.md)."""
     if not getattr(model, "_ops", None):  # dense model: nothing packed, keep the NumPy runtime
         return None
     from qkiln.kernels.decode import DecodeStep
