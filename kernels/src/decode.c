@@ -72,7 +72,8 @@ int qk_decode_token(const qk_decoder_desc *m, float *h, int pos, const float *co
     if (q_out > widest) widest = q_out;
     widest = (widest + QK8 - 1) / QK8 * QK8;
     const int qkv_n = q_out + 2 * kv_out, gu_n = 2 * m->inter;
-    const int big = (qkv_n > gu_n ? qkv_n : gu_n) > m->vocab ? (qkv_n > gu_n ? qkv_n : gu_n) : m->vocab;
+    int big = qkv_n > gu_n ? qkv_n : gu_n; /* the head writes straight into logits */
+    if (H > big) big = H;
     float *x = malloc(sizeof(float) * widest), *y = malloc(sizeof(float) * (size_t)big);
     float *att = malloc(sizeof(float) * q_out), *sc = malloc(sizeof(float) * (size_t)(pos + 1));
     int8_t *qs = malloc((size_t)widest);
