@@ -32,6 +32,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from qkiln.kernels.api import ENV, KernelError
@@ -108,14 +109,20 @@ def _resolve(path: str | None) -> str:
 
 
 def round_bf16(a: np.ndarray) -> np.ndarray:
-    """float32 -> nearest bf16 value (as float32) by the module's rule; same shape."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)  # (...)
-    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-    tiny = (u & np.uint32(0x7F800000)) == 0  # zero or denormal: flush, keep the sign
-    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    out = np.where(tiny, u & np.uint32(0x80000000), rounded)
-    out = np.where(nan, (u | np.uint32(0x00400000)) & np.uint32(0xFFFF0000), out)
-    return out.astype(np.uint32).view(np.float32)
+    """float32 -> nearest bf16 value (as float32) by the module's rule; same shape.
+
+    ml_dtypes' cast is the round-to-nearest-even (one C pass); float32 denormals and NaNs are then set by
+    the rule (flushed before rounding, so a denormal that would round up to the smallest normal is zero)."""
+    x = np.ascontiguousarray(a, dtype=np.float32)
+    with np.errstate(invalid="ignore"):  # NaN casts are fixed below
+        b = x.astype(ml_dtypes.bfloat16).view(np.uint16)  # (...) bf16 bits
+    tiny = np.abs(x) < np.float32(1.1754944e-38)  # zero or denormal (NaN compares False)
+    b[tiny] = (x[tiny].view(np.uint32) >> np.uint32(16)).astype(np.uint16) & np.uint16(0x8000)
+    nan = np.isnan(x)
+    b[nan] = ((x[nan].view(np.uint32) >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
+    out = np.empty(x.shape, np.uint32)
+    np.left_shift(b, np.uint32(16), out=out, dtype=np.uint32)
+    return out.view(np.float32)
 
 
 def round_bf16_c(a: np.ndarray) -> np.ndarray:

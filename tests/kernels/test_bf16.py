@@ -34,6 +34,24 @@ def _normals(rng: np.random.Generator, size: int) -> np.ndarray:
     return (bits | sign).view(np.float32)
 
 
+def _rule_on_bits(x: np.ndarray) -> np.ndarray:
+    """The rounding rule written out on the integer bits, independently of the module's implementation."""
+    u = _bits(x).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    r = np.where((u & 0x7F800000) == 0, u & 0x80000000, r)
+    r = np.where((u & 0x7FFFFFFF) > 0x7F800000, ((u >> 16) | 0x40) << 16, r)
+    return r.astype(np.uint32)
+
+
+def test_round_bf16_is_the_rule_on_every_kind_of_bit_pattern():
+    every = np.random.default_rng(2).integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32)
+    edges = np.array([0x00000001, 0x007FFFFF, 0x807FFFFF, 0x00800000, 0x7F7F8000, 0x7F800000, 0x7F800001,
+                      0xFFC00000, 0x7FFFFFFF, 0x80000000, 0], np.uint32)
+    x = np.concatenate([every, edges]).view(np.float32)
+    np.testing.assert_array_equal(_bits(bf16.round_bf16(x)), _rule_on_bits(x))
+    np.testing.assert_array_equal(bf16.round_bf16(x[:10**6].reshape(1000, 1000)).ravel(), bf16.round_bf16(x[:10**6]))
+
+
 def test_round_bf16_is_ml_dtypes_rne_on_normals():
     x = _normals(np.random.default_rng(0), 400_000)
     want = x.astype(ml_dtypes.bfloat16).astype(np.float32)
