@@ -107,6 +107,20 @@ def test_strided_views_as_the_runtime_passes_them(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_decode_on_kv_cache_views(variant):
+    """Decode and short chunks against the first t positions of a larger KV-cache buffer (runtime's
+    KVCache.store views): rows of several heads share a row group, keys come from a strided view."""
+    rng = np.random.default_rng(4)
+    kb = rng.standard_normal((2, 3, 1024, 64)).astype(np.float32)  # (b, kvh, capacity, d)
+    vb = rng.standard_normal((2, 3, 1024, 64)).astype(np.float32)
+    for s, t in ((1, 1), (1, 700), (5, 700), (16, 1024)):
+        q = rng.standard_normal((2, s, 9, 64)).astype(np.float32)  # (b, s, heads, d)
+        k, v = kb[:, :, :t], vb[:, :, :t]  # (b, kvh, t, d) views
+        got = attention.causal_attention_c(q, k, v, threads=1, variant=variant)
+        assert float(np.abs(got - numpy_attention(q, k, v)).max()) <= _tolerance(q, k, v), (s, t)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_exp2_relative_error(variant):
     """The softmax's 2^x (scores are in base 2) over [-150, 0], i.e. e^x over [-104, 0]: max relative error
     within 2 ulp of float32 where 2^x is a normal float (x >= -126); below, the result is subnormal and

@@ -47,12 +47,11 @@ void qk_attn_pack_q(const qk_attn_args *a, int bi, int g, int q0, int q1, float 
                     __builtin_prefetch(a->q + (long)bi * a->qs_b + (long)(q0 + i + 8) * a->qs_s +
                                        (long)(g * n_rep + r) * a->qs_h + c);
             const float *src = a->q + (long)bi * a->qs_b + (long)(q0 + i) * a->qs_s + (long)(g * n_rep + r) * a->qs_h;
-            float *dst = qp + qk_attn_qidx(a, r, i, 0);
+            float *dst = qp + qk_attn_qidx(a, i * n_rep + r, 0);
             for (int c = 0; c < d; c++) dst[c * QK_ATTN_QG] = src[c] * scale;
         }
-    for (int r = 0; r < n_rep; r++)
-        for (int i = nq; i < a->qrows; i++)
-            for (int c = 0; c < d; c++) qp[qk_attn_qidx(a, r, i, c)] = 0.0f;
+    for (int row = nq * n_rep; row < a->qrows; row++)
+        for (int c = 0; c < d; c++) qp[qk_attn_qidx(a, row, c)] = 0.0f;
 }
 
 /* Register tiles of 4-float vectors (GCC/Clang vector extensions: SSE2 on baseline x86-64, NEON on
@@ -82,96 +81,97 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
     const int nkeys = offset + q1, npad = (nkeys + QK_ATTN_NB - 1) / QK_ATTN_NB * QK_ATTN_NB;
     float *kt = scratch;                     /* (tpad / NB, d, NB) */
     float *vp = kt + (long)d * tp;           /* (tpad, dp) */
-    float *qall = vp + (long)tp * dp;        /* (n_rep, qrows, d) scaled queries, qk_attn_qidx layout */
-    float *sc = qall + (long)n_rep * a->qrows * d; /* (PR, NB) scores, then probabilities */
+    float *qall = vp + (long)tp * dp;        /* (qrows, d) scaled queries, qk_attn_qidx layout */
+    float *sc = qall + (long)a->qrows * d;   /* (PR, NB) scores, then probabilities */
     float *o = sc + PR * QK_ATTN_NB;         /* (PR, dp) unnormalized output */
     float m[PR], l[PR], alpha[PR];           /* running max (base 2) and sum, this block's rescale */
     qk_attn_pack_kv(a, bi, g, nkeys, npad, kt, vp);
     qk_attn_pack_q(a, bi, g, q0, q1, qall);
-    for (int r = 0; r < n_rep; r++) {
-        const int h = g * n_rep + r;
-        for (int i0 = q0; i0 < q1; i0 += PR) {
-            const int rows = q1 - i0 < PR ? q1 - i0 : PR;
-            for (int rr = 0; rr < PR; rr++) {
-                m[rr] = -INFINITY;
-                l[rr] = 0.0f;
-            }
-            memset(o, 0, sizeof(float) * PR * dp);
-            const int first = offset + i0, last = first + rows - 1; /* key positions of the first/last row */
-            for (int j0 = 0; j0 <= last; j0 += QK_ATTN_NB) {
-                const int nk = last + 1 - j0 < QK_ATTN_NB ? last + 1 - j0 : QK_ATTN_NB;
-                const int nk16 = (nk + PK - 1) / PK * PK;
-                const float *panel = kt + (long)j0 * d;
-                for (int rb = 0; rb < PR; rb += PQ) { /* scores: PQ rows x PK keys */
-                    const float *qr[PQ];
-                    for (int x = 0; x < PQ; x++) qr[x] = qall + qk_attn_qidx(a, r, i0 - q0 + rb + x, 0);
-                    for (int jb = 0; jb < nk16; jb += PK) {
-                        v4f acc[PQ][PK / 4];
-                        for (int x = 0; x < PQ; x++)
-                            for (int j = 0; j < PK / 4; j++) acc[x][j] = (v4f){0.0f, 0.0f, 0.0f, 0.0f};
-                        for (int c = 0; c < d; c++) {
-                            const float *kr = panel + c * QK_ATTN_NB + jb;
-                            const v4f k0 = ld4(kr), k1 = ld4(kr + 4), k2 = ld4(kr + 8), k3 = ld4(kr + 12);
-                            for (int x = 0; x < PQ; x++) {
-                                const float qs = qr[x][c * QK_ATTN_QG];
-                                const v4f qv = {qs, qs, qs, qs};
-                                acc[x][0] += qv * k0;
-                                acc[x][1] += qv * k1;
-                                acc[x][2] += qv * k2;
-                                acc[x][3] += qv * k3;
-                            }
-                        }
-                        for (int x = 0; x < PQ; x++)
-                            for (int j = 0; j < PK / 4; j++) st4(sc + (rb + x) * QK_ATTN_NB + jb + 4 * j, acc[x][j]);
-                    }
-                }
-                for (int rr = 0; rr < PR; rr++) { /* online softmax over keys [0, nk16) of the block */
-                    float *sr = sc + rr * QK_ATTN_NB;
-                    const int lim = first + rr - j0; /* last visible key of this row, relative to j0 */
-                    float mx = m[rr];
-                    for (int j = 0; j < nk16; j++) {
-                        sr[j] = j > lim ? -INFINITY : sr[j];
-                        mx = sr[j] > mx ? sr[j] : mx;
-                    }
-                    alpha[rr] = qk_attn_exp2f(m[rr] - mx); /* first block: 2^-inf = 0 */
-                    m[rr] = mx;
-                    float lane[PK] = {0};
-                    for (int jb = 0; jb < nk16; jb += PK)
-                        for (int j = 0; j < PK; j++) {
-                            sr[jb + j] = qk_attn_exp2f(sr[jb + j] - mx);
-                            lane[j] += sr[jb + j];
-                        }
-                    float sum = 0.0f;
-                    for (int j = 0; j < PK; j++) sum += lane[j];
-                    l[rr] = l[rr] * alpha[rr] + sum;
-                }
-                for (int rb = 0; rb < PR; rb += PQ) /* output: PQ rows x PK columns, rescaled as loaded */
-                    for (int cb = 0; cb < dp; cb += PK) { /* dp is a multiple of 16 */
-                        v4f acc[PQ][PK / 4];
+    const int nrows = (q1 - q0) * n_rep;
+    for (int row0 = 0; row0 < nrows; row0 += PR) {
+        const int rows = nrows - row0 < PR ? nrows - row0 : PR;
+        int pos[PR]; /* key position of each row's query (padding rows: the last one's) */
+        for (int rr = 0; rr < PR; rr++) {
+            m[rr] = -INFINITY;
+            l[rr] = 0.0f;
+            pos[rr] = offset + q0 + (row0 + (rr < rows ? rr : rows - 1)) / n_rep;
+        }
+        memset(o, 0, sizeof(float) * PR * dp);
+        const int last = pos[rows - 1];
+        for (int j0 = 0; j0 <= last; j0 += QK_ATTN_NB) {
+            const int nk = last + 1 - j0 < QK_ATTN_NB ? last + 1 - j0 : QK_ATTN_NB;
+            const int nk16 = (nk + PK - 1) / PK * PK;
+            const float *panel = kt + (long)j0 * d;
+            for (int rb = 0; rb < PR; rb += PQ) { /* scores: PQ rows x PK keys */
+                const float *qr[PQ];
+                for (int x = 0; x < PQ; x++) qr[x] = qall + qk_attn_qidx(a, row0 + rb + x, 0);
+                for (int jb = 0; jb < nk16; jb += PK) {
+                    v4f acc[PQ][PK / 4];
+                    for (int x = 0; x < PQ; x++)
+                        for (int j = 0; j < PK / 4; j++) acc[x][j] = (v4f){0.0f, 0.0f, 0.0f, 0.0f};
+                    for (int c = 0; c < d; c++) {
+                        const float *kr = panel + c * QK_ATTN_NB + jb;
+                        const v4f k0 = ld4(kr), k1 = ld4(kr + 4), k2 = ld4(kr + 8), k3 = ld4(kr + 12);
                         for (int x = 0; x < PQ; x++) {
-                            const v4f al = {alpha[rb + x], alpha[rb + x], alpha[rb + x], alpha[rb + x]};
-                            for (int c = 0; c < PK / 4; c++) acc[x][c] = ld4(o + (rb + x) * dp + cb + 4 * c) * al;
+                            const float qs = qr[x][c * QK_ATTN_QG];
+                            const v4f qv = {qs, qs, qs, qs};
+                            acc[x][0] += qv * k0;
+                            acc[x][1] += qv * k1;
+                            acc[x][2] += qv * k2;
+                            acc[x][3] += qv * k3;
                         }
-                        for (int j = 0; j < nk; j++) {
-                            const float *vr = vp + (long)(j0 + j) * dp + cb;
-                            const v4f v0 = ld4(vr), v1 = ld4(vr + 4), v2 = ld4(vr + 8), v3 = ld4(vr + 12);
-                            for (int x = 0; x < PQ; x++) {
-                                const float ps = sc[(rb + x) * QK_ATTN_NB + j];
-                                const v4f pv = {ps, ps, ps, ps};
-                                acc[x][0] += pv * v0;
-                                acc[x][1] += pv * v1;
-                                acc[x][2] += pv * v2;
-                                acc[x][3] += pv * v3;
-                            }
-                        }
-                        for (int x = 0; x < PQ; x++)
-                            for (int c = 0; c < PK / 4; c++) st4(o + (rb + x) * dp + cb + 4 * c, acc[x][c]);
                     }
+                    for (int x = 0; x < PQ; x++)
+                        for (int j = 0; j < PK / 4; j++) st4(sc + (rb + x) * QK_ATTN_NB + jb + 4 * j, acc[x][j]);
+                }
             }
-            for (int rr = 0; rr < rows; rr++) {
-                float *dst = a->out + ((long)bi * a->s + i0 + rr) * ((long)a->n_heads * d) + (long)h * d;
-                for (int c = 0; c < d; c++) dst[c] = o[rr * dp + c] / l[rr];
+            for (int rr = 0; rr < PR; rr++) { /* online softmax over keys [0, nk16) of the block */
+                float *sr = sc + rr * QK_ATTN_NB;
+                const int lim = pos[rr] - j0; /* last visible key of this row, relative to j0 */
+                float mx = m[rr];
+                for (int j = 0; j < nk16; j++) {
+                    sr[j] = j > lim ? -INFINITY : sr[j];
+                    mx = sr[j] > mx ? sr[j] : mx;
+                }
+                alpha[rr] = qk_attn_exp2f(m[rr] - mx); /* first block: 2^-inf = 0 */
+                m[rr] = mx;
+                float lane[PK] = {0};
+                for (int jb = 0; jb < nk16; jb += PK)
+                    for (int j = 0; j < PK; j++) {
+                        sr[jb + j] = qk_attn_exp2f(sr[jb + j] - mx);
+                        lane[j] += sr[jb + j];
+                    }
+                float sum = 0.0f;
+                for (int j = 0; j < PK; j++) sum += lane[j];
+                l[rr] = l[rr] * alpha[rr] + sum;
             }
+            for (int rb = 0; rb < PR; rb += PQ) /* output: PQ rows x PK columns, rescaled as loaded */
+                for (int cb = 0; cb < dp; cb += PK) { /* dp is a multiple of 16 */
+                    v4f acc[PQ][PK / 4];
+                    for (int x = 0; x < PQ; x++) {
+                        const v4f al = {alpha[rb + x], alpha[rb + x], alpha[rb + x], alpha[rb + x]};
+                        for (int c = 0; c < PK / 4; c++) acc[x][c] = ld4(o + (rb + x) * dp + cb + 4 * c) * al;
+                    }
+                    for (int j = 0; j < nk; j++) {
+                        const float *vr = vp + (long)(j0 + j) * dp + cb;
+                        const v4f v0 = ld4(vr), v1 = ld4(vr + 4), v2 = ld4(vr + 8), v3 = ld4(vr + 12);
+                        for (int x = 0; x < PQ; x++) {
+                            const float ps = sc[(rb + x) * QK_ATTN_NB + j];
+                            const v4f pv = {ps, ps, ps, ps};
+                            acc[x][0] += pv * v0;
+                            acc[x][1] += pv * v1;
+                            acc[x][2] += pv * v2;
+                            acc[x][3] += pv * v3;
+                        }
+                    }
+                    for (int x = 0; x < PQ; x++)
+                        for (int c = 0; c < PK / 4; c++) st4(o + (rb + x) * dp + cb + 4 * c, acc[x][c]);
+                }
+        }
+        for (int rr = 0; rr < rows; rr++) {
+            const int i = q0 + (row0 + rr) / n_rep, h = g * n_rep + (row0 + rr) % n_rep;
+            float *dst = a->out + ((long)bi * a->s + i) * ((long)a->n_heads * d) + (long)h * d;
+            for (int c = 0; c < d; c++) dst[c] = o[rr * dp + c] / l[rr];
         }
     }
 }
@@ -313,7 +313,7 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
     qblock = (qblock + QK_ATTN_QALIGN - 1) / QK_ATTN_QALIGN * QK_ATTN_QALIGN; /* whole row groups */
     if (qblock > s) qblock = s;
     a.qblock = qblock;
-    a.qrows = (qblock + QK_ATTN_QALIGN - 1) / QK_ATTN_QALIGN * QK_ATTN_QALIGN;
+    a.qrows = (qblock * (n_heads / kv_heads) + QK_ATTN_QALIGN - 1) / QK_ATTN_QALIGN * QK_ATTN_QALIGN;
     a.nqb = (s + qblock - 1) / qblock;
     a.dp = (d + 15) / 16 * 16;
     a.tpad = (t + QK_ATTN_NB - 1) / QK_ATTN_NB * QK_ATTN_NB;

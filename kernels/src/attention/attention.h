@@ -28,7 +28,7 @@ typedef struct {
     long vs_b, vs_h, vs_t; /* v strides */
     int qblock;            /* queries per work unit */
     int nqb;               /* query blocks per (batch, kv head) */
-    int qrows;             /* qblock rounded up to QK_ATTN_QALIGN: rows per head in the packed queries */
+    int qrows;             /* qblock * n_rep rounded up to QK_ATTN_QALIGN: rows of the packed queries */
     int dp;                /* d rounded up to 16 (padded value / output rows) */
     int tpad;              /* largest key count of a unit rounded up to QK_ATTN_NB */
 } qk_attn_args;
@@ -36,9 +36,9 @@ typedef struct {
 #define QK_ATTN_QALIGN 24 /* a multiple of both variants' row-group sizes */
 
 /* Floats of per-thread scratch a unit needs: packed keys and values (attention.h top), the unit's scaled
- * queries (n_rep, qrows, d), and per row group scores (RMAX, NB), output (RMAX, dp), sums (RMAX, 16). */
+ * queries (qrows, d), and per row group scores (RMAX, NB), output (RMAX, dp), sums (RMAX, 16). */
 static inline long qk_attn_scratch_floats(const qk_attn_args *a) {
-    return (long)a->d * a->tpad + (long)a->tpad * a->dp + (long)(a->n_heads / a->kv_heads) * a->qrows * a->d +
+    return (long)a->d * a->tpad + (long)a->tpad * a->dp + (long)a->qrows * a->d +
            (long)QK_ATTN_RMAX * (QK_ATTN_NB + a->dp + 16 + 2) + 16 * 8;
 }
 
@@ -91,11 +91,14 @@ static inline float qk_attn_exp2f(float x) {
     return (p * s1) * s2;
 }
 
-/* Packed queries: per query head of the unit, per group of QK_ATTN_QG rows, the (d, QK_ATTN_QG) transpose,
- * so a row group's broadcasts for one element are adjacent. Index of (head r, row i, element c): */
+/* Rows of a unit are (query, head) pairs, query-major: row = (i - q0) * n_rep + r, so a row group holds
+ * every head of a few positions (a decode step's n_rep rows fill one group instead of n_rep groups of
+ * one row, and the causal triangle inside a group spans fewer positions). Packed queries: per group of
+ * QK_ATTN_QG rows, the (d, QK_ATTN_QG) transpose, so a group's broadcasts for one element are adjacent.
+ * Index of (row, element c): */
 #define QK_ATTN_QG 12
-static inline long qk_attn_qidx(const qk_attn_args *a, int r, int i, int c) {
-    return (((long)r * (a->qrows / QK_ATTN_QG) + i / QK_ATTN_QG) * a->d + c) * QK_ATTN_QG + i % QK_ATTN_QG;
+static inline long qk_attn_qidx(const qk_attn_args *a, int row, int c) {
+    return ((long)(row / QK_ATTN_QG) * a->d + c) * QK_ATTN_QG + row % QK_ATTN_QG;
 }
 
 /* Pack keys [0, nkeys) of (batch bi, kv head g): Kt panels (npad / NB, d, NB), Vp (npad, dp), zero-padded

@@ -168,8 +168,8 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
     const int nkeys = offset + q1, npad = (nkeys + NB - 1) / NB * NB;
     float *kt = scratch;                 /* (tpad / NB, d, NB) */
     float *vp = kt + (long)d * tp;       /* (tpad, dp) */
-    float *qall = vp + (long)tp * dp;    /* (n_rep, qrows, d) scaled queries, qk_attn_qidx layout */
-    float *sc = qall + (long)n_rep * a->qrows * d; /* (AR, NB) scores, then probabilities */
+    float *qall = vp + (long)tp * dp;    /* (qrows, d) scaled queries, qk_attn_qidx layout */
+    float *sc = qall + (long)a->qrows * d; /* (AR, NB) scores, then probabilities */
     float *o = sc + AR * NB;             /* (AR, dp) unnormalized output */
     float *lv = o + AR * dp;             /* (AR, 16) running sums, per lane */
     float m[16], mn[16], alpha[16];      /* running max, this block's max, rescale factor (rows 0..AR-1) */
@@ -180,73 +180,75 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
     const long vs = d % 16 ? dp : a->vs_t;
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 ninf = _mm512_set1_ps(MASKED);
-    for (int r = 0; r < n_rep; r++) {
-        const int h = g * n_rep + r;
-        for (int i0 = q0; i0 < q1; i0 += AR) {
-            const int rows = q1 - i0 < AR ? q1 - i0 : AR;
-            const float *qt = qall + qk_attn_qidx(a, r, i0 - q0, 0); /* (d, AR) */
-            for (int rr = 0; rr < 16; rr++) m[rr] = rr < AR ? MASKED : 0.0f;
-            for (int rr = 0; rr < AR; rr++) _mm512_storeu_ps(lv + rr * 16, _mm512_setzero_ps());
-            memset(o, 0, sizeof(float) * AR * dp);
-            const int first = offset + i0, last = first + rows - 1; /* key positions of the first/last row */
-            for (int rr = 0; rr < rows; rr++) { /* the output rows are scattered: fetch them while we compute */
-                const char *dst = (const char *)(a->out + ((long)bi * a->s + i0 + rr) * ((long)a->n_heads * d) +
-                                                 (long)h * d);
-                for (int c = 0; c < d * 4; c += 64) _mm_prefetch(dst + c, _MM_HINT_T0);
-            }
-            for (int j0 = 0; j0 <= last; j0 += NB) {
-                const int nk = last + 1 - j0 < NB ? last + 1 - j0 : NB; /* keys any row of the group sees */
-                const float *panel = kt + (long)j0 * d;
-                qk_tile(qt, d, panel, 0, sc);
-                if (nk > 32) qk_tile(qt, d, panel, 32, sc);
-                const int nv = (nk + 15) / 16;
-                const int diag = j0 + 16 * nv - 1 > first; /* some key is after some row's position */
-                /* Block maxima per row (masking keys after the row's position), then all rows' rescale
-                 * factors in one vector exp: no data-dependent branch. */
-                for (int rr = 0; rr < AR; rr++) {
-                    float *sr = sc + rr * NB;
-                    __m512 mx = _mm512_set1_ps(m[rr]);
-                    if (diag) { /* full stores (a masked store would stall the loads that follow) */
-                        const __m512 lim = _mm512_set1_ps((float)(first + rr - j0)); /* last visible key */
-                        for (int v = 0; v < nv; v++) {
-                            const __mmask16 hide = _mm512_cmp_ps_mask(
-                                _mm512_add_ps(iota, _mm512_set1_ps(16.0f * v)), lim, _CMP_GT_OQ);
-                            const __m512 sv = _mm512_mask_mov_ps(_mm512_loadu_ps(sr + 16 * v), hide, ninf);
-                            _mm512_storeu_ps(sr + 16 * v, sv);
-                            mx = _mm512_max_ps(mx, sv);
-                        }
-                    } else {
-                        for (int v = 0; v < nv; v++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + 16 * v));
-                    }
-                    mn[rr] = _mm512_reduce_max_ps(mx);
-                }
-                for (int rr = AR; rr < 16; rr++) mn[rr] = 0.0f;
-                const __m512 mold = _mm512_loadu_ps(m), mnew = _mm512_loadu_ps(mn);
-                _mm512_storeu_ps(alpha, exp2_512(_mm512_sub_ps(mold, mnew))); /* first block: 2^(-1e30 - m) = 0 */
-                _mm512_storeu_ps(m, mnew);
-                for (int rr = 0; rr < AR; rr++) {
-                    float *sr = sc + rr * NB;
-                    const __m512 mv = _mm512_set1_ps(mn[rr]);
-                    __m512 lsum = _mm512_mul_ps(_mm512_loadu_ps(lv + rr * 16), _mm512_set1_ps(alpha[rr]));
+    const int nrows = (q1 - q0) * n_rep;
+    for (int row0 = 0; row0 < nrows; row0 += AR) {
+        const int rows = nrows - row0 < AR ? nrows - row0 : AR;
+        const float *qt = qall + qk_attn_qidx(a, row0, 0); /* (d, AR) */
+        int pos[AR]; /* key position of each row's query (padding rows: the last one's) */
+        for (int rr = 0; rr < AR; rr++) pos[rr] = offset + q0 + (row0 + (rr < rows ? rr : rows - 1)) / n_rep;
+        for (int rr = 0; rr < 16; rr++) m[rr] = rr < AR ? MASKED : 0.0f;
+        for (int rr = 0; rr < AR; rr++) _mm512_storeu_ps(lv + rr * 16, _mm512_setzero_ps());
+        memset(o, 0, sizeof(float) * AR * dp);
+        const int first = pos[0], last = pos[rows - 1]; /* key positions of the first/last row */
+        for (int rr = 0; rr < rows; rr++) { /* the output rows are scattered: fetch them while we compute */
+            const int i = q0 + (row0 + rr) / n_rep, h = g * n_rep + (row0 + rr) % n_rep;
+            const char *dst = (const char *)(a->out + ((long)bi * a->s + i) * ((long)a->n_heads * d) +
+                                             (long)h * d);
+            for (int c = 0; c < d * 4; c += 64) _mm_prefetch(dst + c, _MM_HINT_T0);
+        }
+        for (int j0 = 0; j0 <= last; j0 += NB) {
+            const int nk = last + 1 - j0 < NB ? last + 1 - j0 : NB; /* keys any row of the group sees */
+            const float *panel = kt + (long)j0 * d;
+            qk_tile(qt, d, panel, 0, sc);
+            if (nk > 32) qk_tile(qt, d, panel, 32, sc);
+            const int nv = (nk + 15) / 16;
+            const int diag = j0 + 16 * nv - 1 > first; /* some key is after some row's position */
+            /* Block maxima per row (masking keys after the row's position), then all rows' rescale
+             * factors in one vector exp: no data-dependent branch. */
+            for (int rr = 0; rr < AR; rr++) {
+                float *sr = sc + rr * NB;
+                __m512 mx = _mm512_set1_ps(m[rr]);
+                if (diag) { /* full stores (a masked store would stall the loads that follow) */
+                    const __m512 lim = _mm512_set1_ps((float)(pos[rr] - j0)); /* last visible key */
                     for (int v = 0; v < nv; v++) {
-                        const __m512 pv = exp2_512(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * v), mv));
-                        _mm512_storeu_ps(sr + 16 * v, pv);
-                        lsum = _mm512_add_ps(lsum, pv);
+                        const __mmask16 hide = _mm512_cmp_ps_mask(
+                            _mm512_add_ps(iota, _mm512_set1_ps(16.0f * v)), lim, _CMP_GT_OQ);
+                        const __m512 sv = _mm512_mask_mov_ps(_mm512_loadu_ps(sr + 16 * v), hide, ninf);
+                        _mm512_storeu_ps(sr + 16 * v, sv);
+                        mx = _mm512_max_ps(mx, sv);
                     }
-                    _mm512_storeu_ps(lv + rr * 16, lsum);
+                } else {
+                    for (int v = 0; v < nv; v++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + 16 * v));
                 }
-                pv_rows6(sc, vsrc + j0 * vs, vs, dp, o, nk, alpha);
-                if (rows > 6) pv_rows6(sc + 6 * NB, vsrc + j0 * vs, vs, dp, o + 6 * dp, nk, alpha + 6);
+                mn[rr] = _mm512_reduce_max_ps(mx);
             }
-            for (int rr = 0; rr < rows; rr++) {
-                float *dst = a->out + ((long)bi * a->s + i0 + rr) * ((long)a->n_heads * d) + (long)h * d;
-                const __m512 l = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_loadu_ps(lv + rr * 16)));
-                int c = 0;
-                for (; c + 16 <= d; c += 16) _mm512_storeu_ps(dst + c, _mm512_div_ps(_mm512_loadu_ps(o + rr * dp + c), l));
-                if (c < d) {
-                    const __mmask16 mk = (__mmask16)((1u << (d - c)) - 1);
-                    _mm512_mask_storeu_ps(dst + c, mk, _mm512_div_ps(_mm512_loadu_ps(o + rr * dp + c), l));
+            for (int rr = AR; rr < 16; rr++) mn[rr] = 0.0f;
+            const __m512 mold = _mm512_loadu_ps(m), mnew = _mm512_loadu_ps(mn);
+            _mm512_storeu_ps(alpha, exp2_512(_mm512_sub_ps(mold, mnew))); /* first block: 2^(-1e30 - m) = 0 */
+            _mm512_storeu_ps(m, mnew);
+            for (int rr = 0; rr < AR; rr++) {
+                float *sr = sc + rr * NB;
+                const __m512 mv = _mm512_set1_ps(mn[rr]);
+                __m512 lsum = _mm512_mul_ps(_mm512_loadu_ps(lv + rr * 16), _mm512_set1_ps(alpha[rr]));
+                for (int v = 0; v < nv; v++) {
+                    const __m512 pv = exp2_512(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * v), mv));
+                    _mm512_storeu_ps(sr + 16 * v, pv);
+                    lsum = _mm512_add_ps(lsum, pv);
                 }
+                _mm512_storeu_ps(lv + rr * 16, lsum);
+            }
+            pv_rows6(sc, vsrc + j0 * vs, vs, dp, o, nk, alpha);
+            if (rows > 6) pv_rows6(sc + 6 * NB, vsrc + j0 * vs, vs, dp, o + 6 * dp, nk, alpha + 6);
+        }
+        for (int rr = 0; rr < rows; rr++) {
+            const int i = q0 + (row0 + rr) / n_rep, h = g * n_rep + (row0 + rr) % n_rep;
+            float *dst = a->out + ((long)bi * a->s + i) * ((long)a->n_heads * d) + (long)h * d;
+            const __m512 l = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_loadu_ps(lv + rr * 16)));
+            int c = 0;
+            for (; c + 16 <= d; c += 16) _mm512_storeu_ps(dst + c, _mm512_div_ps(_mm512_loadu_ps(o + rr * dp + c), l));
+            if (c < d) {
+                const __mmask16 mk = (__mmask16)((1u << (d - c)) - 1);
+                _mm512_mask_storeu_ps(dst + c, mk, _mm512_div_ps(_mm512_loadu_ps(o + rr * dp + c), l));
             }
         }
     }
