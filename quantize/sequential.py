@@ -15,9 +15,10 @@ Every product goes through a `quantize.matmul` engine (float32 or bfloat16). One
 calibration tokens in all, where "statistics pass with the original weights, then a second pass with the
 quantized ones" costs two — the linears' products are most of calibration's time.
 
-Memory (besides one layer's weights): h updated in place (N·L·hidden·4 B), the attention output between
-steps 2 and 3 (N·L·heads·d·4 B) and the MLP activation between steps 4 and 5 (N·L·inter·4 B); for the
-demo model at 128 x 512: 151 + 151 + 403 MB, never more than two of them (plus one batch's temporaries).
+Memory (besides one layer's weights): h updated in place (N·L·hidden·4 B), the normalized h of steps 1
+and 3 kept for steps 2 and 4 (same size), the attention output between steps 2 and 3 (N·L·heads·d·4 B)
+and the MLP activation between steps 4 and 5 (N·L·inter·4 B); for the demo model at 128 x 512 the peak
+is h + norm(h) + activation = 151 + 151 + 403 MB (plus two batches' temporaries).
 """
 
 from __future__ import annotations
@@ -89,19 +90,29 @@ def run_layer(
                 hs.add_gram(g, (sl.stop - sl.start) * seq)  # type: ignore[arg-type]
             return hs.mean()
 
-        # 1. attn_in
-        def attn_in(sl: slice) -> np.ndarray | None:
-            return gram(rms_norm(tokens(h, sl), norm_attn, eps)) if need_hessian else None
-
-        w = quantize_group("attn_in", each(attn_in))
         live: dict[str, Any] = {}  # packed weights and stored activations, dropped when no longer needed
+
+        def normed(sl: slice, weight: np.ndarray) -> np.ndarray:
+            """The batch's normalized hidden states: kept from the Hessian pass when it ran."""
+            x = live.get("x")
+            return tokens(x, sl) if x is not None else rms_norm(tokens(h, sl), weight, eps)
+
+        def keep_normed(sl: slice, weight: np.ndarray) -> np.ndarray | None:
+            x = tokens(live["x"], sl)
+            x[...] = rms_norm(tokens(h, sl), weight, eps)
+            return gram(x)
+
+        # 1. attn_in
+        if need_hessian:
+            live["x"] = np.empty_like(h)  # norm(h), reused by step 2
+        w = quantize_group("attn_in", each(lambda sl: keep_normed(sl, norm_attn)) if need_hessian else None)
         live["qkv"] = engine.pack(np.concatenate([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]))
 
         # 2. attn_out: attention over the quantized q/k/v
         live["attn"] = np.empty((n, seq, q_out), np.float32)  # o_proj's input, all samples
 
         def attn_out(sl: slice) -> np.ndarray | None:
-            qkv = engine.linear(rms_norm(tokens(h, sl), norm_attn, eps), live["qkv"])  # (t, q + 2 kv)
+            qkv = engine.linear(normed(sl, norm_attn), live["qkv"])  # (t, q + 2 kv)
             a = rope_attention(qkv[:, :q_out], qkv[:, q_out : q_out + kv_out], qkv[:, q_out + kv_out :],
                                config, rope, sl.stop - sl.start, threads=1)  # (t, q_out)
             tokens(live["attn"], sl)[...] = a
@@ -109,13 +120,16 @@ def run_layer(
 
         live["o"] = engine.pack(quantize_group("attn_out", each(attn_out))["self_attn.o_proj"])
         del live["qkv"]
+        live.pop("x", None)
 
         # 3. residual, then mlp_in
         def mlp_in(sl: slice) -> np.ndarray | None:
             hb = tokens(h, sl)  # (t, hidden) view into h
             hb += engine.linear(tokens(live["attn"], sl), live["o"])
-            return gram(rms_norm(hb, norm_mlp, eps)) if need_hessian else None
+            return keep_normed(sl, norm_mlp) if need_hessian else None
 
+        if need_hessian:
+            live["x"] = np.empty_like(h)  # norm(h), reused by step 4
         w = quantize_group("mlp_in", each(mlp_in))
         del live["attn"], live["o"]
         live["gate_up"] = engine.pack(np.concatenate([w["mlp.gate_proj"], w["mlp.up_proj"]]))
@@ -124,13 +138,14 @@ def run_layer(
         act = np.empty((n, seq, inter), np.float32)  # down_proj's input, all samples
 
         def mlp_out(sl: slice) -> np.ndarray | None:
-            gu = engine.linear(rms_norm(tokens(h, sl), norm_mlp, eps), live["gate_up"])  # (t, 2 inter)
+            gu = engine.linear(normed(sl, norm_mlp), live["gate_up"])  # (t, 2 inter)
             m = silu_mul(gu[:, :inter], gu[:, inter:])  # (t, inter)
             tokens(act, sl)[...] = m
             return gram(m)
 
         w_down = engine.pack(quantize_group("mlp_out", each(mlp_out))["mlp.down_proj"])
         del live["gate_up"]
+        live.pop("x", None)
 
         # 5. the layer's output
         def output(sl: slice) -> None:
