@@ -1,9 +1,10 @@
 """Prefill causal attention: runtime.llama's NumPy function vs the fused C kernel, 1 and 2 threads.
 
-    python bench/attention_bench.py [--repeats 5]
+    python bench/attention_bench.py [--repeats 7]
 
 Shapes: calibration's batch of the demo model (b=8, s=t=512, 9 heads over 3 kv heads, head_dim 64) and a
-long single sequence of a 7B-class GQA model (b=1, s=t=2048, 32 heads over 8, head_dim 128). NumPy's BLAS
+long single sequence of a 7B-class GQA model (b=1, s=t=2048, 32 heads over 8, head_dim 128), and a decode
+step of the demo model (s=1 against 512 positions; the kernel runs calls this small on one thread). NumPy's BLAS
 threads are set with threadpoolctl to the same count as the kernel's. Times are best of --repeats, wall
 milliseconds, NumPy and C alternating in one run; GFLOPS count the causal work, 4·b·heads·d·Σ_i(keys seen by query i).
 The agreement column is max|C - NumPy| / max|v|. Not a test: the machine is shared, so the load average is
@@ -23,7 +24,8 @@ from threadpoolctl import threadpool_limits
 from qkiln.kernels import attention
 from qkiln.runtime.llama import causal_attention as numpy_attention
 
-SHAPES = ((8, 512, 512, 9, 3, 64), (1, 2048, 2048, 32, 8, 128))  # (b, s, t, heads, kv_heads, d)
+# (b, s, t, heads, kv_heads, d); the last is a decode step of the demo model with 511 cached positions
+SHAPES = ((8, 512, 512, 9, 3, 64), (1, 2048, 2048, 32, 8, 128), (1, 1, 512, 9, 3, 64))
 
 
 def _best_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -45,7 +47,7 @@ def _load() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     print(f"load average before: {_load()}   C variant: {attention.variant_name()}")
     print(f"{'shape (b, s, t, heads, kv, d)':32} {'thr':>3} {'numpy ms':>9} {'C ms':>8} {'ratio':>6} "
@@ -62,7 +64,7 @@ def main() -> None:
                 t_np, t_c = _best_pair(lambda: numpy_attention(q, k, v),  # noqa: B023
                                        lambda: attention.causal_attention_c(q, k, v, threads=threads),  # noqa: B023
                                        args.repeats)
-            print(f"{(b, s, t, heads, kvh, d)!s:32} {threads:>3} {t_np:9.1f} {t_c:8.1f} {t_np / t_c:6.2f} "
+            print(f"{(b, s, t, heads, kvh, d)!s:32} {threads:>3} {t_np:9.2f} {t_c:8.2f} {t_np / t_c:6.2f} "
                   f"{flops / t_c / 1e6:8.1f} {err / float(np.abs(v).max()):13.2e}", flush=True)
     print(f"load average after: {_load()}")
 
