@@ -6,8 +6,8 @@ large share of their time there. The C kernel (kernels/src/attention/) streams k
 softmax instead and never builds the score matrix. Same signature, semantics and return as the NumPy
 function, which stays the reference and the fallback: used when the C library cannot be built or loaded,
 or with QKILN_KERNEL=numpy. Unset, it takes the AVX-512 variant where the CPU has it and NumPy elsewhere
-(the portable C variant, plain loops the compiler vectorizes, is slower than NumPy's BLAS on x86-64 and
-untimed on real Arm hardware); QKILN_KERNEL=scalar (or any C path other than avx512) forces the portable
+(the portable C variant, 4-float vector tiles for SSE2/NEON, is slower than NumPy's AVX-512 BLAS on
+x86-64 and untimed on real Arm hardware); QKILN_KERNEL=scalar (or any C path other than avx512) forces the portable
 variant, QKILN_KERNEL=avx512 the AVX-512 one.
 
 Agreement with NumPy: max|Δ| ≤ ATOL_REL · max|v| · (1 + max|score| / 16) (see ATOL_REL).
@@ -25,9 +25,11 @@ import numpy as np
 from qkiln.kernels.api import ALL_PATHS, ENV, KernelError
 
 # Tolerance against runtime.llama.causal_attention, relative to max|v|: the polynomial 2^x is within
-# ~1 ulp of 2^x, the query scale log2(e)/sqrt(d) adds one rounding to each score, each score's fp32 dot product of d terms may differ from BLAS's by a few ulp of
-# Σ|q_i k_i| (so the bound grows with the score magnitude), and the softmax sums and PV products are fp32
-# sums of up to t terms in another order (online rescaling adds one rounding per key block).
+# ~1 ulp of 2^x, the query scale log2(e)/sqrt(d) adds one rounding to each score, each score's fp32 dot
+# product of d terms may differ from BLAS's by a few ulp of Σ|q_i k_i| (so the bound grows with the score
+# magnitude), and the softmax sums and PV products are fp32 sums of up to t terms in another order (online
+# rescaling adds one rounding per key block). Measured: ≤ 3.5e-7 · max|v| on random data up to t = 2048,
+# 1.7e-6 with scores of magnitude ~100 (portable variant; AVX-512 1.7e-7).
 ATOL_REL = 1e-5
 
 VARIANTS = {"auto": 0, "portable": 1, "avx512": 2}

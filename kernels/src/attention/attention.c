@@ -1,7 +1,11 @@
 /* attention.c — the entry point of the fused causal attention (argument checks, work split, threads, the
- * run-time choice of variant) and its portable unit: plain loops over small blocks that the compiler
- * vectorizes (SSE2 on baseline x86-64, NEON on aarch64). The AVX-512 unit is in attention_avx512.c.
- * Layout and algorithm: attention.h. */
+ * run-time choice of variant) and its portable unit: register tiles of 4-float vectors written with GCC/Clang
+ * vector extensions (SSE2 on baseline x86-64, NEON on aarch64) and plain loops the compiler vectorizes.
+ * The AVX-512 unit is in attention_avx512.c. Layout and algorithm: attention.h.
+ *
+ *   int qk_causal_attention(q, k, v, out, b, s, t, n_heads, kv_heads, d, q_strides, k_strides, v_strides,
+ *                           nthreads)              best variant; qk_causal_attention_ex(variant, ...) picks one
+ */
 #define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>

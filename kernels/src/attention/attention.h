@@ -6,9 +6,11 @@
  *   out  (b * s, n_heads * d)    contiguous
  * Query head h reads kv head h / (n_heads / kv_heads). Scores are (q * 1/sqrt(d)) . k, query i sees keys
  * 0 .. t - s + i. Flash-attention style: a work unit is (batch, kv head, block of queries) for all n_rep
- * query heads sharing that kv head; it packs its keys transposed (d, keys) and its values (keys, dp) once,
- * then streams key blocks per group of query rows with an online softmax (running max and sum), so the
- * s x t score matrix never exists and keys after a query's position are skipped.
+ * query heads sharing that kv head; it packs its queries (scaled, in base-2 score units), its keys
+ * transposed in 64-key panels and (if d % 16) its values once, then streams key blocks per group of
+ * query rows with an online softmax (running max and sum), so the s x t score matrix never exists and
+ * keys after a query's position are skipped. Each row's arithmetic is the same whatever the thread count
+ * or grouping, so results do not depend on them.
  */
 #ifndef QKILN_ATTENTION_H
 #define QKILN_ATTENTION_H
