@@ -100,6 +100,32 @@ static void pack_kv512(const qk_attn_args *a, int bi, int g, int nkeys, int npad
     }
 }
 
+/* qk_attn_pack_q by in-register transposes: a row group's 12 query rows (x 16 elements) become 16 columns of
+ * 12, stored masked; the next group's rows are prefetched (positions are a page apart). Same products, so
+ * the same bits as the portable packer. */
+static void pack_q512(const qk_attn_args *a, int bi, int g, int q0, int q1, float *qp) {
+    const int d = a->d, d16 = d & ~15, n_rep = a->n_heads / a->kv_heads, nrows = (q1 - q0) * n_rep;
+    const __m512 scale = _mm512_set1_ps((float)(QK_LOG2E / sqrt((double)d)));
+    const float *base = a->q + (long)bi * a->qs_b + (long)q0 * a->qs_s + (long)g * n_rep * a->qs_h;
+#define QROW(row) (base + (long)((row) / n_rep) * a->qs_s + (long)((row) % n_rep) * a->qs_h)
+    for (int row0 = 0; row0 < a->qrows; row0 += AR) {
+        const int nr = nrows - row0 < AR ? (nrows - row0 > 0 ? nrows - row0 : 0) : AR;
+        for (int i = 0; i < AR && row0 + AR + i < nrows; i++)
+            for (int c = 0; c < d; c += 16) _mm_prefetch((const char *)(QROW(row0 + AR + i) + c), _MM_HINT_T0);
+        float *dst = qp + qk_attn_qidx(a, row0, 0); /* (d, AR) */
+        for (int c0 = 0; c0 < d16; c0 += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = i < nr ? _mm512_mul_ps(_mm512_loadu_ps(QROW(row0 + i) + c0), scale) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int i = 0; i < 16; i++) _mm512_mask_storeu_ps(dst + (c0 + i) * AR, (__mmask16)0x0fff, r[i]);
+        }
+        for (int c = d16; c < d; c++)
+            for (int i = 0; i < AR; i++) dst[c * AR + i] = i < nr ? QROW(row0 + i)[c] * scale[0] : 0.0f;
+    }
+#undef QROW
+}
+
 /* sc (AR, NB) columns [jj, jj + 32) = queries . panel (d, NB) columns [jj, jj + 32); qt is the row group's
  * (d, AR) transposed queries. */
 static __attribute__((noinline)) void qk_tile(const float *qt, int d, const float *panel, int jj, float *sc) {
@@ -174,7 +200,7 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
     float *lv = o + AR * dp;             /* (AR, 16) running sums, per lane */
     float m[16], mn[16], alpha[16];      /* running max, this block's max, rescale factor (rows 0..AR-1) */
     pack_kv512(a, bi, g, nkeys, npad, kt, vp);
-    qk_attn_pack_q(a, bi, g, q0, q1, qall);
+    pack_q512(a, bi, g, q0, q1, qall);
     /* values: the source rows when d is a multiple of 16, else the padded copy */
     const float *vsrc = d % 16 ? vp : a->v + (long)bi * a->vs_b + (long)g * a->vs_h;
     const long vs = d % 16 ? dp : a->vs_t;
