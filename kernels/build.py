@@ -52,6 +52,8 @@ UNITS: dict[str, tuple[Unit, ...]] = {
         Unit("x86/amx.c", ("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl")),
         Unit("attention/attention.c"),
         Unit("attention/attention_avx512.c", ("-mavx512f", "-mfma")),
+        Unit("elementwise/elementwise.c"),
+        Unit("elementwise/elementwise_avx512.c", ("-mavx512f",)),
     ),
     "aarch64": (
         Unit("dispatch.c", ("-march=armv8-a",)),
@@ -62,6 +64,7 @@ UNITS: dict[str, tuple[Unit, ...]] = {
         Unit("aarch64/i8mm.c", ("-march=armv8.6-a+i8mm",)),
         Unit("aarch64/sve.c", ("-march=armv8.2-a+sve",)),
         Unit("attention/attention.c", ("-march=armv8-a",)),
+        Unit("elementwise/elementwise.c", ("-march=armv8-a",)),
     ),
 }
 

@@ -1,0 +1,262 @@
+/* elementwise.c — entry points of the element-wise kernels (argument checks, the run-time choice of
+ * variant, an optional split of rows over threads) and their portable variant: plain loops the compiler
+ * vectorizes (SSE2 on baseline x86-64, NEON on aarch64). The AVX-512 variant is in elementwise_avx512.c;
+ * what each function computes and how it rounds: elementwise.h. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "elementwise/elementwise.h"
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
+/* ---- portable variant ---- */
+
+void qk_ew_rms_rows_portable(const qk_ew_rms_args *a, long r0, long r1) {
+    const long n = a->n, nfull = n / QK_EW_LANES * QK_EW_LANES;
+    for (long i = r0; i < r1; i++) {
+        const float *x = a->x + i * a->xs;
+        float *o = a->out + i * n;
+        double acc[QK_EW_LANES] = {0};
+        for (long j = 0; j < nfull; j += QK_EW_LANES)
+            for (int l = 0; l < QK_EW_LANES; l++) acc[l] += (double)x[j + l] * (double)x[j + l];
+        for (long j = nfull; j < n; j++) acc[j - nfull] += (double)x[j] * (double)x[j];
+        double s8[8];
+        for (int l = 0; l < 8; l++) s8[l] = acc[l] + acc[l + 8];
+        const float r = qk_ew_rms_scale(qk_ew_fold(s8), n, a->eps);
+        const float *w = a->w;
+        for (long j = 0; j < n; j++) o[j] = (x[j] * r) * w[j];
+    }
+}
+
+/* 4-float vectors (GCC/Clang vector extensions: SSE2 on baseline x86-64, NEON on aarch64): GCC does not
+ * if-convert qk_ew_expf's clamps in a plain loop without fast-math, so SiLU's exp is written on vectors,
+ * the same operations lane by lane. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+static inline v4f ld4(const float *p) {
+    v4f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void st4(float *p, v4f v) { memcpy(p, &v, sizeof v); }
+
+static inline v4f splat(float f) { return (v4f){f, f, f, f}; }
+
+/* m ? a : b lane by lane (C has no vector ?:); m is a comparison's all-ones / zero lanes. */
+static inline v4f sel4(v4i m, v4f a, v4f b) { return (v4f)((m & (v4i)a) | (~m & (v4i)b)); }
+
+static inline v4f exp4(v4f x) {
+    x = sel4(x > splat(QK_EW_EXP_LO), x, splat(QK_EW_EXP_LO)); /* NaN -> LO */
+    x = sel4(x < splat(QK_EW_EXP_HI), x, splat(QK_EW_EXP_HI));
+    const v4f n = (x * QK_EW_LOG2E + QK_EW_ROUND_SHIFT) - QK_EW_ROUND_SHIFT;
+    const v4f r = (x - n * QK_EW_LN2_HI) - n * QK_EW_LN2_LO;
+    v4f p = splat(QK_EW_P7);
+    p = p * r + QK_EW_P6;
+    p = p * r + QK_EW_P5;
+    p = p * r + QK_EW_P4;
+    p = p * r + QK_EW_P3;
+    p = p * r + QK_EW_P2;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const v4i ni = __builtin_convertvector(n, v4i);
+    const v4i n1 = ni >> 1, n2 = ni - n1;
+    const v4i b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    v4f s1, s2;
+    memcpy(&s1, &b1, sizeof s1);
+    memcpy(&s2, &b2, sizeof s2);
+    return (p * s1) * s2;
+}
+
+static inline v4f silu4(v4f g, v4f u) { return g / (1.0f + exp4(-g)) * u; }
+
+void qk_ew_silu_rows_portable(const qk_ew_silu_args *a, long r0, long r1) {
+    const long n = a->n, n4 = n / 4 * 4;
+    for (long i = r0; i < r1; i++) {
+        const float *g = a->g + i * a->gs, *u = a->u + i * a->us;
+        float *o = a->out + i * n;
+        for (long j = 0; j < n4; j += 4) st4(o + j, silu4(ld4(g + j), ld4(u + j)));
+        if (n4 < n) { /* the tail through a zero-padded vector */
+            float gt[4] = {0}, ut[4] = {0}, ot[4];
+            memcpy(gt, g + n4, sizeof(float) * (size_t)(n - n4));
+            memcpy(ut, u + n4, sizeof(float) * (size_t)(n - n4));
+            st4(ot, silu4(ld4(gt), ld4(ut)));
+            memcpy(o + n4, ot, sizeof(float) * (size_t)(n - n4));
+        }
+    }
+}
+
+void qk_ew_rope_rows_portable(const qk_ew_rope_args *a, long r0, long r1) {
+    const long half = a->d / 2;
+    for (long row = r0; row < r1; row++) {
+        const long bi = row / a->s, p = row % a->s;
+        const float *c = a->cos + p * a->cs, *sn = a->sin + p * a->ss;
+        for (long h = 0; h < a->h; h++) {
+            const float *x1 = a->x + bi * a->xb + p * a->xsp + h * a->xh, *x2 = x1 + half;
+            float *o1 = a->out + (row * a->h + h) * a->d, *o2 = o1 + half;
+            for (long j = 0; j < half; j++) {
+                o1[j] = x1[j] * c[j] - x2[j] * sn[j];
+                o2[j] = x2[j] * c[j] + x1[j] * sn[j];
+            }
+        }
+    }
+}
+
+void qk_ew_exp_portable(const float *x, float *y, long n) {
+    for (long i = 0; i < n; i += 4) {
+        float t[4] = {0};
+        memcpy(t, x + i, sizeof(float) * (size_t)(n - i < 4 ? n - i : 4));
+        st4(t, exp4(ld4(t)));
+        memcpy(y + i, t, sizeof(float) * (size_t)(n - i < 4 ? n - i : 4));
+    }
+}
+
+/* ---- run-time choice of variant ---- */
+
+static int detect_avx512(void) {
+#if defined(__x86_64__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    if (!((c >> 27) & 1)) return 0; /* OSXSAVE */
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0xe6) != 0xe6) return 0; /* the OS saves XMM/YMM/opmask/ZMM state */
+    (void)hi;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (b >> 16) & 1; /* AVX512F */
+#else
+    return 0;
+#endif
+}
+
+/* cpuid traps to the hypervisor on virtual machines: ask once (a benign race: every thread computes the
+ * same answer). */
+static int have_avx512(void) {
+    static atomic_int known = -1;
+    int v = atomic_load_explicit(&known, memory_order_relaxed);
+    if (v < 0) {
+        v = detect_avx512();
+        atomic_store_explicit(&known, v, memory_order_relaxed);
+    }
+    return v;
+}
+
+/* Variant: 0 = best this CPU runs, 1 = portable, 2 = AVX-512. Which one `0` means here: */
+int qk_elementwise_variant(void) { return have_avx512() ? 2 : 1; }
+
+typedef void (*rows_fn)(const void *, long, long);
+
+/* Row functions behind one signature (calling through a cast function pointer would be undefined). */
+static void rms_p(const void *a, long r0, long r1) { qk_ew_rms_rows_portable(a, r0, r1); }
+static void silu_p(const void *a, long r0, long r1) { qk_ew_silu_rows_portable(a, r0, r1); }
+static void rope_p(const void *a, long r0, long r1) { qk_ew_rope_rows_portable(a, r0, r1); }
+#if defined(__x86_64__)
+static void rms_x(const void *a, long r0, long r1) { qk_ew_rms_rows_avx512(a, r0, r1); }
+static void silu_x(const void *a, long r0, long r1) { qk_ew_silu_rows_avx512(a, r0, r1); }
+static void rope_x(const void *a, long r0, long r1) { qk_ew_rope_rows_avx512(a, r0, r1); }
+#endif
+
+/* The row function of (kernel k, variant v), or NULL when v cannot run here. k: 0 rms, 1 silu, 2 rope. */
+static rows_fn pick(int k, int variant) {
+    if (variant == 0) variant = qk_elementwise_variant();
+    if (variant == 1) return k == 0 ? rms_p : k == 1 ? silu_p : rope_p;
+#if defined(__x86_64__)
+    if (variant == 2 && have_avx512()) return k == 0 ? rms_x : k == 1 ? silu_x : rope_x;
+#endif
+    return NULL;
+}
+
+/* ---- optional threads: contiguous row ranges, one per thread (rows cost the same) ---- */
+
+#define QK_EW_MAX_THREADS 64
+
+typedef struct {
+    rows_fn fn;
+    const void *args;
+    long r0, r1;
+} slice_t;
+
+static void *run_slice(void *p) {
+    const slice_t *sl = p;
+    sl->fn(sl->args, sl->r0, sl->r1);
+    return NULL;
+}
+
+/* Rows [0, rows) on `threads` threads (<= 1: the caller alone). A thread that fails to start leaves its
+ * rows to the caller, so the result never depends on it. */
+static void run_rows(rows_fn fn, const void *args, long rows, int threads) {
+    if (threads > QK_EW_MAX_THREADS) threads = QK_EW_MAX_THREADS;
+    if (threads > rows) threads = (int)rows;
+    if (threads <= 1) {
+        fn(args, 0, rows);
+        return;
+    }
+    slice_t sl[QK_EW_MAX_THREADS];
+    pthread_t tid[QK_EW_MAX_THREADS];
+    int started[QK_EW_MAX_THREADS] = {0};
+    for (int i = 0; i < threads; i++) sl[i] = (slice_t){fn, args, rows * i / threads, rows * (i + 1) / threads};
+    for (int i = 1; i < threads; i++) started[i] = pthread_create(&tid[i], NULL, run_slice, &sl[i]) == 0;
+    run_slice(&sl[0]);
+    for (int i = 1; i < threads; i++) {
+        if (started[i])
+            pthread_join(tid[i], NULL);
+        else
+            run_slice(&sl[i]);
+    }
+}
+
+/* ---- entry points: 0 ok, -1 bad sizes, -2 variant unavailable. Strides in floats. ---- */
+
+int qk_rms_norm(int variant, const float *x, long xs, const float *w, float *out, long t, long n, float eps,
+                int threads) {
+    if (t < 0 || n < 1 || xs < n) return -1;
+    rows_fn fn = pick(0, variant);
+    if (!fn) return -2;
+    const qk_ew_rms_args a = {x, w, out, t, n, xs, eps};
+    run_rows(fn, &a, t, threads);
+    return 0;
+}
+
+int qk_silu_mul(int variant, const float *g, long gs, const float *u, long us, float *out, long t, long n,
+                int threads) {
+    if (t < 0 || n < 0 || gs < n || us < n) return -1;
+    rows_fn fn = pick(1, variant);
+    if (!fn) return -2;
+    const qk_ew_silu_args a = {g, u, out, t, n, gs, us};
+    run_rows(fn, &a, t, threads);
+    return 0;
+}
+
+/* x (b, s, h, d) with strides xstr = {batch, position, head} in floats; cos/sin (s, d / 2), row strides cs
+ * and ss; out (b, s, h, d) contiguous. d even. */
+int qk_apply_rope(int variant, const float *x, const long *xstr, const float *cos, long cs, const float *sin,
+                  long ss, float *out, long b, long s, long h, long d, int threads) {
+    if (b < 0 || s < 0 || h < 0 || d < 0 || d % 2) return -1;
+    rows_fn fn = pick(2, variant);
+    if (!fn) return -2;
+    const qk_ew_rope_args a = {x, cos, sin, out, b, s, h, d, xstr[0], xstr[1], xstr[2], cs, ss};
+    run_rows(fn, &a, b * s, threads);
+    return 0;
+}
+
+/* y = e^x with the variant's polynomial (for the error test). */
+int qk_elementwise_exp(int variant, const float *x, float *y, long n) {
+    if (variant == 0) variant = qk_elementwise_variant();
+    if (variant == 1) {
+        qk_ew_exp_portable(x, y, n);
+        return 0;
+    }
+#if defined(__x86_64__)
+    if (variant == 2 && have_avx512()) {
+        qk_ew_exp_avx512(x, y, n);
+        return 0;
+    }
+#endif
+    return -2;
+}

@@ -1,0 +1,102 @@
+/* elementwise_avx512.c — the AVX-512F variant of the element-wise kernels: 16 floats per instruction,
+ * masked loads and stores for the tail of a row. The same operations in the same order as the portable
+ * variant (elementwise.h), without FMA (none is contracted either: -ffp-contract=off), so both give the
+ * same bits. */
+#include <immintrin.h>
+#include <string.h>
+
+#include "elementwise/elementwise.h"
+
+static inline __mmask16 tail_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+
+/* qk_ew_expf on 16 lanes. max_ps(x, LO) returns LO for NaN x, as the portable clamp does. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(QK_EW_EXP_LO));
+    x = _mm512_min_ps(x, _mm512_set1_ps(QK_EW_EXP_HI));
+    const __m512 shift = _mm512_set1_ps(QK_EW_ROUND_SHIFT);
+    const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(QK_EW_LOG2E)), shift), shift);
+    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(QK_EW_LN2_HI))),
+                                   _mm512_mul_ps(n, _mm512_set1_ps(QK_EW_LN2_LO)));
+    __m512 p = _mm512_set1_ps(QK_EW_P7);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(QK_EW_P6));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(QK_EW_P5));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(QK_EW_P4));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(QK_EW_P3));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(QK_EW_P2));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
+    const __m512i ni = _mm512_cvtps_epi32(n); /* n is an integer: exact */
+    const __m512i n1 = _mm512_srai_epi32(ni, 1), n2 = _mm512_sub_epi32(ni, n1);
+    const __m512i bias = _mm512_set1_epi32(127);
+    const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23));
+    const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, bias), 23));
+    return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+}
+
+void qk_ew_exp_avx512(const float *x, float *y, long n) {
+    for (long i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        _mm512_mask_storeu_ps(y + i, m, exp512(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+/* Hot: one read of the row for the float64 sum of squares (lanes j % 16, elementwise.h), one to scale. */
+void qk_ew_rms_rows_avx512(const qk_ew_rms_args *a, long r0, long r1) {
+    const long n = a->n;
+    for (long i = r0; i < r1; i++) {
+        const float *x = a->x + i * a->xs;
+        float *o = a->out + i * n;
+        __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd(); /* lanes 0-7, 8-15 */
+        for (long j = 0; j < n; j += 16) {
+            const __m512 v = _mm512_maskz_loadu_ps(tail_mask(n - j), x + j);
+            const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+            const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+            acc0 = _mm512_fmadd_pd(lo, lo, acc0); /* x² is exact in float64: the same as a multiply and add */
+            acc1 = _mm512_fmadd_pd(hi, hi, acc1);
+        }
+        double s8[8];
+        _mm512_storeu_pd(s8, _mm512_add_pd(acc0, acc1));
+        const __m512 r = _mm512_set1_ps(qk_ew_rms_scale(qk_ew_fold(s8), n, a->eps));
+        for (long j = 0; j < n; j += 16) {
+            const __mmask16 m = tail_mask(n - j);
+            const __m512 v = _mm512_maskz_loadu_ps(m, x + j), w = _mm512_maskz_loadu_ps(m, a->w + j);
+            _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_mul_ps(v, r), w));
+        }
+    }
+}
+
+/* Hot: g / (1 + e^-g) * u, one pass over both inputs. */
+void qk_ew_silu_rows_avx512(const qk_ew_silu_args *a, long r0, long r1) {
+    const long n = a->n;
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (long i = r0; i < r1; i++) {
+        const float *g = a->g + i * a->gs, *u = a->u + i * a->us;
+        float *o = a->out + i * n;
+        for (long j = 0; j < n; j += 16) {
+            const __mmask16 m = tail_mask(n - j);
+            const __m512 gv = _mm512_maskz_loadu_ps(m, g + j), uv = _mm512_maskz_loadu_ps(m, u + j);
+            const __m512 e = exp512(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gv), sign)));
+            _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), uv));
+        }
+    }
+}
+
+void qk_ew_rope_rows_avx512(const qk_ew_rope_args *a, long r0, long r1) {
+    const long half = a->d / 2;
+    for (long row = r0; row < r1; row++) {
+        const long bi = row / a->s, p = row % a->s;
+        const float *c = a->cos + p * a->cs, *sn = a->sin + p * a->ss;
+        for (long h = 0; h < a->h; h++) {
+            const float *x1 = a->x + bi * a->xb + p * a->xsp + h * a->xh, *x2 = x1 + half;
+            float *o1 = a->out + (row * a->h + h) * a->d, *o2 = o1 + half;
+            for (long j = 0; j < half; j += 16) {
+                const __mmask16 m = tail_mask(half - j);
+                const __m512 a1 = _mm512_maskz_loadu_ps(m, x1 + j), a2 = _mm512_maskz_loadu_ps(m, x2 + j);
+                const __m512 cv = _mm512_maskz_loadu_ps(m, c + j), sv = _mm512_maskz_loadu_ps(m, sn + j);
+                _mm512_mask_storeu_ps(o1 + j, m, _mm512_sub_ps(_mm512_mul_ps(a1, cv), _mm512_mul_ps(a2, sv)));
+                _mm512_mask_storeu_ps(o2 + j, m, _mm512_add_ps(_mm512_mul_ps(a2, cv), _mm512_mul_ps(a1, sv)));
+            }
+        }
+    }
+}
