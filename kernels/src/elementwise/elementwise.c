@@ -26,7 +26,7 @@ void qk_ew_rms_rows_portable(const qk_ew_rms_args *a, long r0, long r1) {
             for (int l = 0; l < QK_EW_LANES; l++) acc[l] += (double)x[j + l] * (double)x[j + l];
         for (long j = nfull; j < n; j++) acc[j - nfull] += (double)x[j] * (double)x[j];
         double s8[8];
-        for (int l = 0; l < 8; l++) s8[l] = acc[l] + acc[l + 8];
+        for (int l = 0; l < 8; l++) s8[l] = (acc[l] + acc[l + 8]) + (acc[l + 16] + acc[l + 24]);
         const float r = qk_ew_rms_scale(qk_ew_fold(s8), n, a->eps);
         const float *w = a->w;
         for (long j = 0; j < n; j++) o[j] = (x[j] * r) * w[j];

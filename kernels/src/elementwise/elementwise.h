@@ -8,10 +8,11 @@
  *               a fixed order), float32 with NumPy's own order there; the float64 sum rounded to float32
  *               is within 1 ulp of exact, NumPy's float32 sum within a few ulp, and r = 1/sqrt(ms + eps)
  *               moves by half the relative change of ms;
- *   silu_mul    differs only in e^x (this file's polynomial, ~1-2 ulp, vs NumPy's SIMD expf).
- * The portable and AVX-512 variants perform the same operations in the same order on every element (the
- * AVX-512 file uses no FMA; x² in float64 is exact, so its FMA there changes nothing), so they give the
- * same bits; the test checks it.
+ *   silu_mul    differs only in e^x (this file's polynomial, within 1.2 ulp, vs NumPy's SIMD expf).
+ * For rms_norm and apply_rope the portable and AVX-512 variants perform the same operations in the same
+ * order on every element (the AVX-512 file contracts nothing; x² in float64 is exact, so its FMA there
+ * changes nothing), so they give the same bits; the test checks it. silu_mul's AVX-512 e^x uses FMAs
+ * (half the time), so the two variants' silu_mul may differ in the last bit.
  */
 #ifndef QKILN_ELEMENTWISE_H
 #define QKILN_ELEMENTWISE_H
@@ -82,9 +83,10 @@ static inline float qk_ew_expf(float x) {
     return (p * s1) * s2;
 }
 
-/* Lanes of the float64 sum of squares: element j of a row goes to lane j % 16 (the AVX-512 file's two
- * 8-double accumulators); the 16 lanes are folded as lane[j] + lane[j + 8], then summed in this order. */
-#define QK_EW_LANES 16
+/* Lanes of the float64 sum of squares: element j of a row goes to lane j % 32 (the AVX-512 file's four
+ * 8-double accumulators); the 32 lanes are folded as (lane[l] + lane[l + 8]) + (lane[l + 16] + lane[l + 24])
+ * into 8, then summed in qk_ew_fold's order. */
+#define QK_EW_LANES 32
 static inline double qk_ew_fold(const double s[8]) {
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }

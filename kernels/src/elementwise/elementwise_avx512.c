@@ -1,36 +1,38 @@
 /* elementwise_avx512.c — the AVX-512F variant of the element-wise kernels: 16 floats per instruction,
- * masked loads and stores for the tail of a row. The same operations in the same order as the portable
- * variant (elementwise.h), without FMA (none is contracted either: -ffp-contract=off), so both give the
- * same bits. */
+ * masked loads and stores for the tail of a row. rms_norm and apply_rope do the same operations in the
+ * same order as the portable variant (elementwise.h; no FMA is contracted: -ffp-contract=off), so they
+ * give the same bits; silu_mul's e^x uses FMAs (see exp512). */
 #include <immintrin.h>
 #include <string.h>
 
 #include "elementwise/elementwise.h"
 
-static inline __mmask16 tail_mask(long left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+/* Lanes [0, left) of 16 (none when left <= 0). */
+static inline __mmask16 tail_mask(long left) {
+    return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+}
 
-/* qk_ew_expf on 16 lanes. max_ps(x, LO) returns LO for NaN x, as the portable clamp does. */
+/* qk_ew_expf's algorithm on 16 lanes with FMAs (SiLU is compute-bound in cache: FMAs halve its time), so
+ * not the same bits as the portable variant: the reduction r = x - n ln2 and the polynomial round once
+ * per step instead of twice, and vscalefps forms p * 2^n (one rounding into subnormals, +inf for n = 128).
+ * max_ps(x, LO) returns LO for NaN x, as the portable clamp does; the clamp also keeps x = -inf from
+ * giving r = -inf + inf. */
 static inline __m512 exp512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(QK_EW_EXP_LO));
     x = _mm512_min_ps(x, _mm512_set1_ps(QK_EW_EXP_HI));
-    const __m512 shift = _mm512_set1_ps(QK_EW_ROUND_SHIFT);
-    const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(QK_EW_LOG2E)), shift), shift);
-    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(QK_EW_LN2_HI))),
-                                   _mm512_mul_ps(n, _mm512_set1_ps(QK_EW_LN2_LO)));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(QK_EW_LOG2E)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(QK_EW_LN2_HI), x); /* exact, as in the portable variant */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(QK_EW_LN2_LO), r);
     __m512 p = _mm512_set1_ps(QK_EW_P7);
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(QK_EW_P6));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(QK_EW_P5));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(QK_EW_P4));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(QK_EW_P3));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(QK_EW_P2));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.0f));
-    const __m512i ni = _mm512_cvtps_epi32(n); /* n is an integer: exact */
-    const __m512i n1 = _mm512_srai_epi32(ni, 1), n2 = _mm512_sub_epi32(ni, n1);
-    const __m512i bias = _mm512_set1_epi32(127);
-    const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23));
-    const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, bias), 23));
-    return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EW_P6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EW_P5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EW_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EW_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EW_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
 }
 
 void qk_ew_exp_avx512(const float *x, float *y, long n) {
@@ -40,22 +42,25 @@ void qk_ew_exp_avx512(const float *x, float *y, long n) {
     }
 }
 
-/* Hot: one read of the row for the float64 sum of squares (lanes j % 16, elementwise.h), one to scale. */
+/* Hot: one read of the row for the float64 sum of squares (lanes j % 32 in four accumulators, so four
+ * FMA chains overlap; elementwise.h), one to scale. */
 void qk_ew_rms_rows_avx512(const qk_ew_rms_args *a, long r0, long r1) {
     const long n = a->n;
     for (long i = r0; i < r1; i++) {
         const float *x = a->x + i * a->xs;
         float *o = a->out + i * n;
-        __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd(); /* lanes 0-7, 8-15 */
-        for (long j = 0; j < n; j += 16) {
-            const __m512 v = _mm512_maskz_loadu_ps(tail_mask(n - j), x + j);
-            const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-            const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-            acc0 = _mm512_fmadd_pd(lo, lo, acc0); /* x² is exact in float64: the same as a multiply and add */
-            acc1 = _mm512_fmadd_pd(hi, hi, acc1);
+        __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+        for (long j = 0; j < n; j += 32) { /* acc[k] lane l: elements j + 8k + l */
+            for (int h = 0; h < 2; h++) {
+                const __m512 v = _mm512_maskz_loadu_ps(tail_mask(n - j - 16 * h), x + j + 16 * h);
+                const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+                const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+                acc[2 * h] = _mm512_fmadd_pd(lo, lo, acc[2 * h]); /* x² is exact in float64: as a multiply-add */
+                acc[2 * h + 1] = _mm512_fmadd_pd(hi, hi, acc[2 * h + 1]);
+            }
         }
         double s8[8];
-        _mm512_storeu_pd(s8, _mm512_add_pd(acc0, acc1));
+        _mm512_storeu_pd(s8, _mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3])));
         const __m512 r = _mm512_set1_ps(qk_ew_rms_scale(qk_ew_fold(s8), n, a->eps));
         for (long j = 0; j < n; j += 16) {
             const __mmask16 m = tail_mask(n - j);
