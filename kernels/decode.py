@@ -102,7 +102,8 @@ class DecodeStep:
 
     @classmethod
     def for_model(cls, model: Any, cache: Any, nthreads: int | None = None) -> DecodeStep | None:
-        """A step for `model` writing into `cache`, or None when the model cannot run it (see module doc)."""
+        """A step for `model` writing into `cache`, or None when the model cannot run it (see module doc).
+        `nthreads` defaults to the thread count the model's packed linears were made with (None: every core)."""
         if api.kernel_path() == "numpy" or api._lib is None or cache.batch != 1:
             return None
         ops = getattr(model, "_ops", None)  # LlamaModel's plugged linears (read only)
@@ -120,6 +121,8 @@ class DecodeStep:
             layers.append((model.tensor(p + "input_layernorm.weight"), model.tensor(p + "post_attention_layernorm.weight"),
                            attn_in, o, mlp_in, down))
         head = ops.get("lm_head")
+        if nthreads is None:  # as the model's packed linears were loaded (load_gguf_model(nthreads=...))
+            nthreads = layers[0][3].nthreads if layers else None
         threads = 0 if nthreads is None else int(nthreads)
         return cls(model, cache, layers, head if isinstance(head, PackedLinear) else None, threads)
 

@@ -76,6 +76,10 @@ def test_step_writes_the_cache_the_numpy_runtime_reads(make_gguf):
     for i in range(model.config.num_hidden_layers):
         np.testing.assert_allclose(cache.k[i][:, :, : ids.size + 1], ref.k[i][:, :, : ids.size + 1], atol=1e-3)
         np.testing.assert_allclose(cache.v[i][:, :, : ids.size + 1], ref.v[i][:, :, : ids.size + 1], atol=1e-3)
+    assert step._desc.nthreads == 0  # every core, as the linears
+    assert DecodeStep.for_model(load_gguf_model(make_gguf(name="one.gguf", types=ALL_Q4_0, hidden=256,
+                                                          intermediate=512), nthreads=1).model,
+                                KVCache(model.config, 4))._desc.nthreads == 1
     h = model.hidden(np.array([[21]]), start_pos=ids.size + 1, cache=cache)  # NumPy continues after the step
     assert h.shape == (1, 1, model.config.hidden_size) and cache.length == ids.size + 2
     with pytest.raises(UserError, match="skips positions"):
