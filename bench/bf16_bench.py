@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     m = args.tokens
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)  # NumPy's BLAS on the same number of threads as the others
     torch = _torch(args.threads)
     amx = bf16.amx_available()
     print(f"bf16 calibration products, {m} tokens, {args.threads} threads; load average {_load()}")
