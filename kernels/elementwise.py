@@ -13,8 +13,10 @@ Agreement with NumPy (elementwise.h says why; the tests check these bounds):
     rms_norm    |Δ| ≤ RMS_RTOL · |ref|: only the sum of squares differs (float64 here, float32 in NumPy).
     silu_mul    |Δ| ≤ SILU_RTOL · |ref| + SILU_ATOL: only e^x differs (this polynomial is within 1.2 ulp,
                 NumPy's expf within 2.4 ulp of exact); the absolute term covers results rounded into subnormals.
-The portable and AVX-512 variants give the same bits. Single-threaded unless `threads` > 1 (calibration
-runs batches in parallel itself).
+rms_norm and apply_rope give the same bits on both C variants (silu_mul's AVX-512 e^x uses FMAs).
+`threads`: 1 (the default) runs on the calling thread, which calibration wants (it runs batches in
+parallel itself); n > 1 splits rows over n threads, 0 over one per core; either way at most one thread per
+32768 floats, and the result does not depend on it.
 """
 
 from __future__ import annotations

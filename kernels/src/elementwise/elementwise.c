@@ -7,6 +7,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "elementwise/elementwise.h"
 
@@ -188,10 +189,17 @@ static void *run_slice(void *p) {
     return NULL;
 }
 
-/* Rows [0, rows) on `threads` threads (<= 1: the caller alone). A thread that fails to start leaves its
- * rows to the caller, so the result never depends on it. */
-static void run_rows(rows_fn fn, const void *args, long rows, int threads) {
+/* Rows [0, rows) of `row_floats` floats each on `threads` threads (1: the caller alone; <= 0: one per
+ * online CPU), at most one per 32768 floats so that small calls (a decode step) stay on the caller. A
+ * thread that fails to start leaves its rows to the caller, so the result never depends on it. */
+static void run_rows(rows_fn fn, const void *args, long rows, long row_floats, int threads) {
+    if (threads <= 0) {
+        const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = cpus > 0 ? (int)(cpus < QK_EW_MAX_THREADS ? cpus : QK_EW_MAX_THREADS) : 1;
+    }
     if (threads > QK_EW_MAX_THREADS) threads = QK_EW_MAX_THREADS;
+    const long by_work = rows * row_floats / 32768;
+    if (threads > by_work) threads = (int)(by_work > 1 ? by_work : 1);
     if (threads > rows) threads = (int)rows;
     if (threads <= 1) {
         fn(args, 0, rows);
@@ -219,7 +227,7 @@ int qk_rms_norm(int variant, const float *x, long xs, const float *w, float *out
     rows_fn fn = pick(0, variant);
     if (!fn) return -2;
     const qk_ew_rms_args a = {x, w, out, t, n, xs, eps};
-    run_rows(fn, &a, t, threads);
+    run_rows(fn, &a, t, n, threads);
     return 0;
 }
 
@@ -229,7 +237,7 @@ int qk_silu_mul(int variant, const float *g, long gs, const float *u, long us, f
     rows_fn fn = pick(1, variant);
     if (!fn) return -2;
     const qk_ew_silu_args a = {g, u, out, t, n, gs, us};
-    run_rows(fn, &a, t, threads);
+    run_rows(fn, &a, t, n, threads);
     return 0;
 }
 
@@ -241,7 +249,7 @@ int qk_apply_rope(int variant, const float *x, const long *xstr, const float *co
     rows_fn fn = pick(2, variant);
     if (!fn) return -2;
     const qk_ew_rope_args a = {x, cos, sin, out, b, s, h, d, xstr[0], xstr[1], xstr[2], cs, ss};
-    run_rows(fn, &a, b * s, threads);
+    run_rows(fn, &a, b * s, h * d, threads);
     return 0;
 }
 
