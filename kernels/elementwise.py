@@ -129,14 +129,22 @@ def _want() -> tuple[Any, str | None]:
     return (lib, want) if lib is not None else (None, None)
 
 
+def _reference(module: str, name: str) -> Any:
+    """The NumPy function runtime.<module>.<name>, imported lazily (runtime imports kernels). It must stay
+    the NumPy one: if runtime rebinds that name to this module's function, the fallback would recurse."""
+    import importlib
+
+    fn = getattr(importlib.import_module(f"qkiln.runtime.{module}"), name)
+    assert fn is not globals()[name], f"runtime.{module}.{name} must stay the NumPy reference"
+    return fn
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, threads: int = 1) -> np.ndarray:
     """x (t, hidden) -> x * rsqrt(mean(x^2) + eps) * weight, float32, a new (t, hidden) array."""
     lib, variant = _want()
     if (lib is None or not _rows_ok(x, 2) or x.shape[1] == 0 or weight.dtype != np.float32
             or weight.shape != (x.shape[1],)):
-        from qkiln.runtime.llama import rms_norm as numpy_rms_norm  # lazy: runtime imports kernels
-
-        return numpy_rms_norm(x, weight, eps)
+        return _reference("llama", "rms_norm")(x, weight, eps)
     t, n = x.shape
     w = np.ascontiguousarray(weight)  # (n,)
     out = np.empty((t, n), np.float32)  # (t, n)
@@ -152,9 +160,7 @@ def silu_mul(gate: np.ndarray, up: np.ndarray, *, threads: int = 1) -> np.ndarra
     lib, variant = _want()
     if lib is None or gate.shape != up.shape or gate.ndim not in (1, 2) or not (
             _rows_ok(gate, gate.ndim) and _rows_ok(up, up.ndim)):
-        from qkiln.runtime.llama import silu_mul as numpy_silu_mul  # lazy: runtime imports kernels
-
-        return numpy_silu_mul(gate, up)
+        return _reference("llama", "silu_mul")(gate, up)
     g2 = gate.reshape(1, -1) if gate.ndim == 1 else gate  # (t, n) view
     u2 = up.reshape(1, -1) if up.ndim == 1 else up  # (t, n) view
     t, n = g2.shape
@@ -175,9 +181,7 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, *, threads: int 
         b, s, h, d = x.shape
         ok = all(_rows_ok(c, 2) and c.shape == (s, d // 2) for c in (cos, sin))
     if not ok:
-        from qkiln.runtime.rope import apply_rope as numpy_apply_rope  # lazy: runtime imports kernels
-
-        return numpy_apply_rope(x, cos, sin)
+        return _reference("rope", "apply_rope")(x, cos, sin)
     out = np.empty((b, s, h, d), np.float32)  # (b, s, heads, d)
     xs = _longs3(*(st // 4 for st in x.strides[:3]))
     _check(lib.qk_apply_rope(VARIANTS[variant], _ptr(x), ctypes.addressof(xs), _ptr(cos), _row_stride(cos),
