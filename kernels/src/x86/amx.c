@@ -357,21 +357,23 @@ static void gram_convert(const gram_job_t *j, int64_t c0, uint16_t *abuf, uint16
     }
 }
 
-/* Accumulate super-block (I, J) (features 32I.., 32J..) of one chunk into acc (zero it first if `first`). */
+/* Accumulate super-block (I, J) (features 32I.., 32J..) of one chunk into acc (zero it first if `first`).
+ * The accumulator is tiled: the 16x16 tile of feature blocks (fi, fj) is 1 KB contiguous at (fi * FB + fj),
+ * so a pair's four tiles are read as whole contiguous kilobytes the prefetchers follow. */
 static inline void gram_pair(const gram_job_t *j, float *acc, int64_t I, int64_t J, int first) {
-    const int64_t TB = j->T / 32, ks = j->kp * 4;
-    float *c00 = acc + (I * 32) * j->kp + J * 32;
-    float *c10 = c00 + 16 * j->kp;
+    const int64_t TB = j->T / 32, FB = j->kp / 16;
+    float *c00 = acc + ((2 * I) * FB + 2 * J) * 256, *c01 = c00 + 256;
+    float *c10 = c00 + FB * 256, *c11 = c10 + 256;
     if (first) {
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
     } else {
-        _tile_loadd(0, c00, ks);
-        _tile_loadd(1, c00 + 16, ks);
-        _tile_loadd(2, c10, ks);
-        _tile_loadd(3, c10 + 16, ks);
+        _tile_loadd(0, c00, 64);
+        _tile_loadd(1, c01, 64);
+        _tile_loadd(2, c10, 64);
+        _tile_loadd(3, c11, 64);
     }
     const uint16_t *a0 = j->abuf + (2 * I) * TB * 512, *a1 = a0 + TB * 512;
     const uint16_t *b0 = j->bbuf + (2 * J) * TB * 512, *b1 = b0 + TB * 512;
@@ -385,10 +387,10 @@ static inline void gram_pair(const gram_job_t *j, float *acc, int64_t I, int64_t
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_stored(0, c00, ks);
-    _tile_stored(1, c00 + 16, ks);
-    _tile_stored(2, c10, ks);
-    _tile_stored(3, c10 + 16, ks);
+    _tile_stored(0, c00, 64);
+    _tile_stored(1, c01, 64);
+    _tile_stored(2, c10, 64);
+    _tile_stored(3, c11, 64);
 }
 
 static void *gram_worker(void *arg) {
@@ -495,21 +497,25 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
         jobs[i] = (gram_job_t){x, m, k, kp, T, G, group_chunks, accs, &next_group, mine, mine + chunk_elems};
     }
     run_threads(nt, gram_worker, jobs, sizeof jobs[0]);
-    /* add the groups in order into the first, element-wise upper triangle (i <= j), and mirror it:
+    /* add the groups in order into the first, and mirror the element-wise upper triangle (i <= j):
      * the result is exactly symmetric */
-    for (int64_t i0 = 0; i0 < k; i0 += 32) {
-        for (int64_t j0 = i0; j0 < k; j0 += 32) {
-            const int64_t i1 = i0 + 32 < k ? i0 + 32 : k, j1 = j0 + 32 < k ? j0 + 32 : k;
-            for (int64_t i = i0; i < i1; i++) {
-                float *row = accs + i * kp;
-                const int64_t jstart = j0 > i ? j0 : i;
-                for (int64_t g = 1; g < G; g++) {
-                    const float *other = accs + (size_t)g * acc_elems + i * kp;
-                    for (int64_t jj = jstart; jj < j1; jj++) row[jj] += other[jj];
-                }
-                for (int64_t jj = jstart; jj < j1; jj++) {
-                    out[i * k + jj] = row[jj];
-                    out[jj * k + i] = row[jj];
+    const int64_t FB = kp / 16;
+    for (int64_t ti = 0; ti * 16 < k; ti++) {
+        for (int64_t tj = ti; tj * 16 < k; tj++) {
+            float *tile = accs + (ti * FB + tj) * 256;
+            for (int64_t g = 1; g < G; g++) {
+                const float *other = accs + (size_t)g * acc_elems + (ti * FB + tj) * 256;
+                for (int e = 0; e < 256; e++) tile[e] += other[e];
+            }
+            for (int r = 0; r < 16; r++) {
+                const int64_t i = ti * 16 + r;
+                if (i >= k) break;
+                for (int c = 0; c < 16; c++) {
+                    const int64_t jj = tj * 16 + c;
+                    if (jj >= k) break;
+                    if (jj < i) continue;
+                    out[i * k + jj] = tile[r * 16 + c];
+                    out[jj * k + i] = tile[r * 16 + c];
                 }
             }
         }
