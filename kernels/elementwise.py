@@ -52,6 +52,8 @@ _longs3 = ctypes.c_long * 3
 def _load() -> Any:
     """The kernel library (QKILN_KERNELS_LIB or the cached build), or None when it cannot be had."""
     global _lib, _lib_error, _loaded
+    if _loaded:  # every call asks: skip the lock once loaded
+        return _lib
     with _lock:
         if not _loaded:
             from qkiln.kernels.build import BuildError, build_library
@@ -149,7 +151,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, threads: int = 1)
     w = np.ascontiguousarray(weight)  # (n,)
     out = np.empty((t, n), np.float32)  # (t, n)
     _check(lib.qk_rms_norm(VARIANTS[variant], _ptr(x), _row_stride(x), _ptr(w), _ptr(out), t, n,
-                           float(np.float32(eps)), int(threads)), variant, "rms_norm")
+                           eps, int(threads)), variant, "rms_norm")  # c_float rounds eps as np.float32 does
     return out
 
 
