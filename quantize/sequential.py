@@ -30,11 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from qkiln.kernels.elementwise import rms_norm, silu_mul
 from qkiln.quantize.gptq import one_blas_thread
 from qkiln.quantize.hessian import HessianSum
 from qkiln.quantize.matmul import Matmul
 from qkiln.runtime.config import LlamaConfig
-from qkiln.runtime.llama import rms_norm, rope_attention, silu_mul
+from qkiln.runtime.llama import rope_attention
 from qkiln.runtime.rope import RopeTable
 
 # (group name, its Hessian (in, in) float64 or None when not asked) -> the group's linears, dequantized

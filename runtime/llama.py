@@ -19,10 +19,11 @@ from collections.abc import Callable
 import numpy as np
 
 from qkiln.errors import CheckpointError, UserError
+from qkiln.kernels import elementwise as ew
 from qkiln.kernels.attention import causal_attention as fused_attention
 from qkiln.runtime.config import LlamaConfig
 from qkiln.runtime.generate import KVCache
-from qkiln.runtime.rope import RopeTable, apply_rope
+from qkiln.runtime.rope import RopeTable
 from qkiln.runtime.source import TensorSource
 
 ATTN_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -68,7 +69,10 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x (t, hidden) -> x * rsqrt(mean(x^2) + eps) * weight, float32, a new array."""
+    """x (t, hidden) -> x * rsqrt(mean(x^2) + eps) * weight, float32, a new array.
+
+    The NumPy definition: the forward calls `kernels.elementwise.rms_norm` (C, same answers within its
+    stated tolerance), which falls back to this; so do `silu_mul` and `rope.apply_rope`."""
     ms = np.einsum("ti,ti->t", x, x) / np.float32(x.shape[-1])  # (t,)
     r = (np.float32(1.0) / np.sqrt(ms + np.float32(eps))).astype(np.float32)  # (t,)
     out = x * r[:, None]  # (t, hidden)
@@ -146,8 +150,8 @@ def rope_attention(
     n_heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     s = q.shape[0] // b
     cos, sin = rope.get(start_pos, s)  # (s, d/2) each
-    q4 = apply_rope(q.reshape(b, s, n_heads, d), cos, sin)  # (b, s, heads, d)
-    k4 = apply_rope(k.reshape(b, s, kv_heads, d), cos, sin).transpose(0, 2, 1, 3)  # (b, kvh, s, d)
+    q4 = ew.apply_rope(q.reshape(b, s, n_heads, d), cos, sin)  # (b, s, heads, d)
+    k4 = ew.apply_rope(k.reshape(b, s, kv_heads, d), cos, sin).transpose(0, 2, 1, 3)  # (b, kvh, s, d)
     v4 = v.reshape(b, s, kv_heads, d).transpose(0, 2, 1, 3)  # (b, kvh, s, d)
     if cache is not None:
         k4, v4 = cache.store(layer, start_pos, k4, v4)  # (b, kvh, start_pos + s, d) views
@@ -350,7 +354,7 @@ class LlamaModel:
         lw = self._layer_weights(i)
         eps = cfg.rms_norm_eps
 
-        x = rms_norm(h.reshape(b * s, hidden), lw.attn_norm, eps)  # (t, hidden)
+        x = ew.rms_norm(h.reshape(b * s, hidden), lw.attn_norm, eps)  # (t, hidden)
         if observer is not None:
             for name in ATTN_LINEARS[:3]:
                 observer(name, x)
@@ -367,7 +371,7 @@ class LlamaModel:
             b, s, hidden
         )
 
-        x = rms_norm(out.reshape(b * s, hidden), lw.mlp_norm, eps)  # (t, hidden)
+        x = ew.rms_norm(out.reshape(b * s, hidden), lw.mlp_norm, eps)  # (t, hidden)
         if observer is not None:
             observer("mlp.gate_proj", x)
             observer("mlp.up_proj", x)
@@ -376,7 +380,7 @@ class LlamaModel:
             gate, up = gu[:, : cfg.intermediate_size], gu[:, cfg.intermediate_size :]
         else:
             gate, up = (self._linear(p + n, x, lw.linears.get(n)) for n in MLP_LINEARS[:2])
-        act = silu_mul(gate, up)  # (t, inter)
+        act = ew.silu_mul(gate, up)  # (t, inter)
         if observer is not None:
             observer("mlp.down_proj", act)
         out += self._linear(p + "mlp.down_proj", act, lw.linears.get("mlp.down_proj")).reshape(b, s, hidden)
@@ -385,7 +389,7 @@ class LlamaModel:
     def head(self, h: np.ndarray) -> np.ndarray:
         """Final RMSNorm and lm_head: (b, s, hidden) -> logits (b, s, vocab) float32."""
         b, s, hidden = h.shape
-        x = rms_norm(h.reshape(b * s, hidden), self._global("model.norm.weight"), self.config.rms_norm_eps)
+        x = ew.rms_norm(h.reshape(b * s, hidden), self._global("model.norm.weight"), self.config.rms_norm_eps)
         w = None if "lm_head" in self._ops else self._global("lm_head.weight")
         return self._linear("lm_head", x, w).reshape(b, s, -1)
 
