@@ -101,9 +101,13 @@ class Scheme(abc.ABC):
 
     def decode(self, codes: np.ndarray, params: Params) -> np.ndarray:
         """Exact float32 weights (rows, cols) from codes and params."""
-        scale, offset = self.affine(params)
-        g = self.group_index(codes.shape[1])
-        return self.values(codes) * scale[:, g] + offset[:, g]
+        scale, offset = self.affine(params)  # (rows, n_groups)
+        rows, cols = codes.shape
+        n_groups = scale.shape[1]
+        v = np.array(self.values(codes), dtype=np.float32).reshape(rows, n_groups, cols // n_groups)
+        v *= scale[:, :, None]  # the same v * scale + offset as per weight, without (rows, cols) gathers
+        v += offset[:, :, None]
+        return v.reshape(rows, cols)
 
     def group_index(self, cols: int) -> np.ndarray:
         """Group of each column, (cols,) int."""
