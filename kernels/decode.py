@@ -106,21 +106,21 @@ class DecodeStep:
         `nthreads` defaults to the thread count the model's packed linears were made with (None: every core)."""
         if api.kernel_path() == "numpy" or api._lib is None or cache.batch != 1:
             return None
-        ops = getattr(model, "_ops", None)  # LlamaModel's plugged linears (read only)
-        if not isinstance(ops, dict):
+        op_of = getattr(model, "linear_op", None)  # LlamaModel's plugged linears
+        if op_of is None:
             return None
         cfg = model.config
         layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
-            attn_in = _shared_input([ops.get(p + n) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")])
-            mlp_in = _shared_input([ops.get(p + n) for n in ("mlp.gate_proj", "mlp.up_proj")])
-            o, down = ops.get(p + "self_attn.o_proj"), ops.get(p + "mlp.down_proj")
+            attn_in = _shared_input([op_of(p + n) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")])
+            mlp_in = _shared_input([op_of(p + n) for n in ("mlp.gate_proj", "mlp.up_proj")])
+            o, down = op_of(p + "self_attn.o_proj"), op_of(p + "mlp.down_proj")
             if attn_in is None or mlp_in is None or not isinstance(o, PackedLinear) or not isinstance(down, PackedLinear):
                 return None
             layers.append((model.tensor(p + "input_layernorm.weight"), model.tensor(p + "post_attention_layernorm.weight"),
                            attn_in, o, mlp_in, down))
-        head = ops.get("lm_head")
+        head = op_of("lm_head")
         if nthreads is None:  # as the model's packed linears were loaded (load_gguf_model(nthreads=...))
             nthreads = layers[0][3].nthreads if layers else None
         threads = 0 if nthreads is None else int(nthreads)

@@ -264,6 +264,10 @@ class LlamaModel:
             self._ops[module] = op
         self._invalidate(module + ".weight")
 
+    def linear_op(self, module: str) -> LinearOp | None:
+        """The operator plugged into a linear by `set_linear` (module name, ".weight" optional), or None."""
+        return self._ops.get(module.removesuffix(".weight"))
+
     def _invalidate(self, name: str) -> None:
         if name.startswith("model.layers."):
             self._layers.pop(int(name.split(".")[2]), None)
