@@ -17,8 +17,9 @@ With tied embeddings only `model.embed_tokens.weight` is produced (the head read
 
 Memory model (what is resident at the peak, demo model numbers for 128 samples x 512 tokens):
 - hidden states of the current layer, updated in place: N·L·hidden·4 B             (151 MB)
-- between groups, the attention output N·L·heads·d·4 B (151 MB), later the MLP activation N·L·inter·4 B
-  (403 MB) — see `quantize.sequential`
+- between groups, norm(h) (151 MB) with the attention output N·L·heads·d·4 B (151 MB), later with the
+  MLP activation N·L·inter·4 B (403 MB) — see `quantize.sequential`; measured peak RSS for GPTQ INT4 g64
+  at 128 x 512 (bench/quantize_bench.py): 1.3 GB
 - one layer's weights: original, folded, dequantized float32 (~3 x 14 MB) — the runtime runs with
   cache_weights=False and reads each layer's tensors from the (memory-mapped) checkpoint when it runs;
   `_Overlay` holds only the current layer's replaced tensors and drops them when the layer is done
@@ -146,13 +147,14 @@ class _Overlay:
 
 
 class _Stats:
-    """Running statistics of one layer's linear inputs, per input group (fed by the runtime's observer)."""
+    """AWQ's statistics of one layer's linear inputs (Hessian and mean |x|) per input group, fed by the
+    runtime's observer on the original layer."""
 
-    def __init__(self, config: LlamaConfig, need_abs: bool):
+    def __init__(self, config: LlamaConfig):
         dims = {"attn_in": config.hidden_size, "attn_out": config.num_attention_heads * config.head_dim,
                 "mlp_in": config.hidden_size, "mlp_out": config.intermediate_size}
         self.h = {g: empty_hessian(d) for g, d in dims.items()}
-        self.abs = {g: np.zeros(d, np.float64) for g, d in dims.items()} if need_abs else None
+        self.abs = {g: np.zeros(d, np.float64) for g, d in dims.items()}
         self.first = {names[0] for names in INPUT_GROUPS.values()}
 
     def __call__(self, linear: str, x2d: np.ndarray) -> None:
@@ -160,13 +162,12 @@ class _Stats:
             return
         g = GROUP_OF[linear]
         self.h[g] = accumulate_hessian(*self.h[g], x2d)
-        if self.abs is not None:
-            self.abs[g] = abs_mean_sum(self.abs[g], x2d)
+        self.abs[g] = abs_mean_sum(self.abs[g], x2d)
 
     def groups(self) -> dict[str, GroupStats]:
         out = {}
         for g, (h, n) in self.h.items():
-            a = self.abs[g] / max(n, 1) if self.abs is not None else np.zeros(h.shape[0])
+            a = self.abs[g] / max(n, 1)
             out[g] = GroupStats(h=h, abs_mean=a)
         return out
 
@@ -303,7 +304,7 @@ def quantize_model(
         else:
             assert h is not None
             if use_awq:  # scales are searched on the ORIGINAL layer's statistics, then folded
-                stats = _Stats(cfg, need_abs=True)
+                stats = _Stats(cfg)
                 for b0, b1 in batches:
                     model.layer(i, h[b0:b1], observer=stats)
                 res = awq_layer(tensors, stats.groups(), layer_schemes, cfg, n_grid=awq_grid, clip=clip)
