@@ -16,13 +16,12 @@ Agreement with NumPy: max|Δ| ≤ ATOL_REL · max|v| · (1 + max|score| / 16) (s
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
 from typing import Any
 
 import numpy as np
 
-from qkiln.kernels.api import ALL_PATHS, ENV, KernelError
+from qkiln.kernels.api import KernelError
+from qkiln.kernels.clib import LazyLibrary, env_variant
 
 # Tolerance against runtime.llama.causal_attention, relative to max|v|: the polynomial 2^x is within
 # ~1 ulp of 2^x, the query scale log2(e)/sqrt(d) adds one rounding to each score, each score's fp32 dot
@@ -35,50 +34,25 @@ ATOL_REL = 1e-5
 VARIANTS = {"auto": 0, "portable": 1, "avx512": 2}
 _VARIANT_NAMES = {1: "portable", 2: "avx512"}
 
-_lock = threading.Lock()
-_lib: Any = None
-_lib_error: str | None = None
-_loaded = False
 
 _vp = ctypes.c_void_p
 _longs3 = ctypes.c_long * 3
 
 
+_LIB = LazyLibrary({
+    "qk_causal_attention_ex": [ctypes.c_int, _vp, _vp, _vp, _vp, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_int, ctypes.c_int, ctypes.c_int, _vp, _vp, _vp, ctypes.c_int],
+    "qk_attention_exp2": [ctypes.c_int, _vp, _vp, ctypes.c_long],
+    "qk_attention_variant": [],
+})
+
+
 def _load() -> Any:
-    """The kernel library (the one kernels.api loads: QKILN_KERNELS_LIB or the cached build), or None."""
-    global _lib, _lib_error, _loaded
-    with _lock:
-        if not _loaded:
-            from qkiln.kernels.build import BuildError, build_library
-
-            try:
-                lib = ctypes.CDLL(os.environ.get("QKILN_KERNELS_LIB") or str(build_library()))
-                c_int, c_long = ctypes.c_int, ctypes.c_long
-                fn = lib.qk_causal_attention_ex
-                fn.restype = c_int
-                fn.argtypes = [c_int, _vp, _vp, _vp, _vp, c_int, c_int, c_int, c_int, c_int, c_int,
-                               _vp, _vp, _vp, c_int]
-                lib.qk_attention_exp2.restype = c_int
-                lib.qk_attention_exp2.argtypes = [c_int, _vp, _vp, c_long]
-                lib.qk_attention_variant.restype = c_int
-                lib.qk_attention_variant.argtypes = []
-                _lib = lib
-            except (BuildError, OSError, AttributeError) as e:
-                _lib_error = str(e).splitlines()[0] if str(e) else type(e).__name__
-            _loaded = True
-        return _lib
+    """The kernel library with this module's entry points declared, or None (see `clib.LazyLibrary`)."""
+    return _LIB.load()
 
 
-def _env_variant() -> str | None:
-    """The variant QKILN_KERNEL asks for: None = NumPy, else a key of VARIANTS."""
-    want = os.environ.get(ENV, "").strip().lower()
-    if want and want not in ALL_PATHS:
-        raise KernelError(f"{ENV}={want!r} is not a kernel path; use one of {', '.join(ALL_PATHS)}")
-    if want == "numpy":
-        return None
-    if want in ("", "avx512"):
-        return "auto" if not want else "avx512"
-    return "portable"
+_env_variant = env_variant
 
 
 def variant_name(variant: str = "auto") -> str:
@@ -107,7 +81,7 @@ def causal_attention_c(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, t
     """The C kernel alone (raises KernelError without the library): same contract as causal_attention."""
     lib = _load()
     if lib is None:
-        raise KernelError(f"the C attention kernel is unavailable: {_lib_error}")
+        raise KernelError(f"the C attention kernel is unavailable: {_LIB.error}")
     q, keys, values = _elem_strides(q), _elem_strides(keys), _elem_strides(values)
     b, s, n_heads, d = q.shape
     kb, kv_heads, t, kd = keys.shape
@@ -146,7 +120,7 @@ def exp2_approx(x: np.ndarray, variant: str = "auto") -> np.ndarray:
     log2 e is folded into the query scale, so e^(s - m) is computed as 2^(s·log2 e - m·log2 e).)"""
     lib = _load()
     if lib is None:
-        raise KernelError(f"the C attention kernel is unavailable: {_lib_error}")
+        raise KernelError(f"the C attention kernel is unavailable: {_LIB.error}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.empty_like(x)
     if lib.qk_attention_exp2(VARIANTS[variant], _ptr(x), _ptr(y), x.size) != 0:

@@ -22,13 +22,12 @@ parallel itself); n > 1 splits rows over n threads, 0 over one per core; either 
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
 from typing import Any
 
 import numpy as np
 
-from qkiln.kernels.api import ALL_PATHS, ENV, KernelError
+from qkiln.kernels.api import KernelError
+from qkiln.kernels.clib import LazyLibrary, env_variant
 
 # Measured on random rows (scales 0.01..100): rms_norm ≤ 5.5e-7 relative for n ≤ 1536 (1.0e-6 at n = 16384,
 # NumPy's float32 sum losing more as n grows); silu_mul ≤ 4.2e-7 relative on normal results (gates -100..30)
@@ -40,56 +39,27 @@ SILU_ATOL = 3 * float(np.finfo(np.float32).smallest_subnormal)  # absolute, for 
 VARIANTS = {"auto": 0, "portable": 1, "avx512": 2}
 _VARIANT_NAMES = {1: "portable", 2: "avx512"}
 
-_lock = threading.Lock()
-_lib: Any = None
-_lib_error: str | None = None
-_loaded = False
 
 _vp = ctypes.c_void_p
 _longs3 = ctypes.c_long * 3
 
 
+_c_int, _c_long, _c_float = ctypes.c_int, ctypes.c_long, ctypes.c_float
+_LIB = LazyLibrary({
+    "qk_rms_norm": [_c_int, _vp, _c_long, _vp, _vp, _c_long, _c_long, _c_float, _c_int],
+    "qk_silu_mul": [_c_int, _vp, _c_long, _vp, _c_long, _vp, _c_long, _c_long, _c_int],
+    "qk_apply_rope": [_c_int, _vp, _vp, _vp, _c_long, _vp, _c_long, _vp, _c_long, _c_long, _c_long, _c_long, _c_int],
+    "qk_elementwise_exp": [_c_int, _vp, _vp, _c_long],
+    "qk_elementwise_variant": [],
+})
+
+
 def _load() -> Any:
-    """The kernel library (QKILN_KERNELS_LIB or the cached build), or None when it cannot be had."""
-    global _lib, _lib_error, _loaded
-    if _loaded:  # every call asks: skip the lock once loaded
-        return _lib
-    with _lock:
-        if not _loaded:
-            from qkiln.kernels.build import BuildError, build_library
-
-            try:
-                lib = ctypes.CDLL(os.environ.get("QKILN_KERNELS_LIB") or str(build_library()))
-                c_int, c_long, c_float = ctypes.c_int, ctypes.c_long, ctypes.c_float
-                sig = {
-                    "qk_rms_norm": [c_int, _vp, c_long, _vp, _vp, c_long, c_long, c_float, c_int],
-                    "qk_silu_mul": [c_int, _vp, c_long, _vp, c_long, _vp, c_long, c_long, c_int],
-                    "qk_apply_rope": [c_int, _vp, _vp, _vp, c_long, _vp, c_long, _vp, c_long, c_long, c_long,
-                                      c_long, c_int],
-                    "qk_elementwise_exp": [c_int, _vp, _vp, c_long],
-                    "qk_elementwise_variant": [],
-                }
-                for name, args in sig.items():
-                    fn = getattr(lib, name)
-                    fn.restype = c_int
-                    fn.argtypes = args
-                _lib = lib
-            except (BuildError, OSError, AttributeError) as e:
-                _lib_error = str(e).splitlines()[0] if str(e) else type(e).__name__
-            _loaded = True
-        return _lib
+    """The kernel library with this module's entry points declared, or None (see `clib.LazyLibrary`)."""
+    return _LIB.load()
 
 
-def _env_variant() -> str | None:
-    """The variant QKILN_KERNEL asks for: None = NumPy, else a key of VARIANTS."""
-    want = os.environ.get(ENV, "").strip().lower()
-    if want and want not in ALL_PATHS:
-        raise KernelError(f"{ENV}={want!r} is not a kernel path; use one of {', '.join(ALL_PATHS)}")
-    if want == "numpy":
-        return None
-    if want in ("", "avx512"):
-        return "auto" if not want else "avx512"
-    return "portable"
+_env_variant = env_variant
 
 
 def variant_name(variant: str = "auto") -> str:
@@ -196,7 +166,7 @@ def exp_approx(x: np.ndarray, variant: str = "auto") -> np.ndarray:
     """The kernels' e^x applied to x (float32), for its error test."""
     lib = _load()
     if lib is None:
-        raise KernelError(f"the C element-wise kernels are unavailable: {_lib_error}")
+        raise KernelError(f"the C element-wise kernels are unavailable: {_LIB.error}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.empty_like(x)
     _check(lib.qk_elementwise_exp(VARIANTS[variant], _ptr(x), _ptr(y), x.size), variant, "exp")
