@@ -54,6 +54,7 @@ UNITS: dict[str, tuple[Unit, ...]] = {
         Unit("attention/attention_avx512.c", ("-mavx512f", "-mfma")),
         Unit("elementwise/elementwise.c"),
         Unit("elementwise/elementwise_avx512.c", ("-mavx512f",)),
+        Unit("gptq/gptq.c"),
     ),
     "aarch64": (
         Unit("dispatch.c", ("-march=armv8-a",)),
@@ -65,6 +66,7 @@ UNITS: dict[str, tuple[Unit, ...]] = {
         Unit("aarch64/sve.c", ("-march=armv8.2-a+sve",)),
         Unit("attention/attention.c", ("-march=armv8-a",)),
         Unit("elementwise/elementwise.c", ("-march=armv8-a",)),
+        Unit("gptq/gptq.c", ("-march=armv8-a",)),
     ),
 }
 

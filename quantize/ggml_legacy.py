@@ -87,7 +87,7 @@ class Q8_0(_Legacy):
 
     @property
     def code_range(self) -> tuple[int, int]:
-        return 1, 255
+        return 1, 255  # int8 -128 is not on Q8_0's grid; encode_affine clamps to this range
 
     def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, Params]:
         b = _blocks(w)
@@ -99,9 +99,6 @@ class Q8_0(_Legacy):
     def affine(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
         d = params["d"].astype(np.float32)
         return d, np.zeros_like(d)
-
-    def encode_affine(self, w: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
-        return np.maximum(super().encode_affine(w, scale, offset), 1)  # int8 -128 is not on Q8_0's grid
 
 
 @dataclasses.dataclass(frozen=True)

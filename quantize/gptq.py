@@ -36,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from qkiln.errors import QuantizeError
+from qkiln.kernels import gptq as c_loops
 from qkiln.quantize.scheme import Params, Scheme, UniformGrid, concat_cols, slice_rows
 from qkiln.quantize.tensor import QuantizedTensor
 
@@ -146,8 +147,8 @@ def prepare_hessian(h: np.ndarray, *, damp: float = 0.01, act_order: bool = Fals
 
 class _ColumnCoder:
     """Codes and values of one column on fixed per-row (scale, offset): the scheme's `encode_affine`,
-    or — for plain integer grids, the hot case — the same rule (floor(x + 0.5) + shift, clamped) inlined
-    without per-call overhead (this runs once per column of every matrix)."""
+    or — for uniform integer grids, the hot case — the same rule (floor(x + 0.5) + shift, clamped to the
+    code range) inlined, which the C scan (`kernels.gptq.scan_block`) also implements."""
 
     def __init__(self, scheme: Scheme):
         self.scheme = scheme
@@ -158,17 +159,33 @@ class _ColumnCoder:
         if self.fast:
             assert isinstance(scheme, UniformGrid)
             self.shift = np.float32(scheme.shift)
-            self.qmax = np.float32((1 << scheme.bits) - 1)
+            self.qmin, self.qmax = (np.float32(v) for v in scheme.code_range)
 
     def __call__(self, col: np.ndarray, s: np.ndarray, s_safe: np.ndarray, o: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """col, s, o (rows,) float32 -> (codes uint8, dequantized float32); s_safe = s with 0 -> inf."""
         if self.fast:
             qf = np.floor((col - o) / s_safe + np.float32(0.5))
             qf += self.shift
-            np.clip(qf, 0, self.qmax, out=qf)
+            np.clip(qf, self.qmin, self.qmax, out=qf)
             return qf.astype(np.uint8), (qf - self.shift) * s + o
         codes = self.scheme.encode_affine(col[:, None], s[:, None], o[:, None])[:, 0]
         return codes, self.scheme.values(codes) * s + o
+
+
+def _scan_numpy(coder: _ColumnCoder, w1: np.ndarray, err1: np.ndarray, codes: np.ndarray, h1: np.ndarray,
+                k0: int, k1: int, gidx: np.ndarray, scale_t: np.ndarray, safe_t: np.ndarray,
+                offset_t: np.ndarray) -> None:
+    """Columns k0..k1-1 of a lazy block (count, out), in place: code each on its group's grid, record
+    e = (w - q) / U_kk and push it onto the block's later columns (rank 1)."""
+    count = w1.shape[0]
+    for k in range(k0, k1):  # hot loop: one iteration per column of the matrix
+        g = gidx[k]
+        col = w1[k]  # (out,)
+        codes[k], q = coder(col, scale_t[g], safe_t[g], offset_t[g])
+        e = (col - q) / h1[k, k]  # (out,)
+        err1[k] = e
+        if k + 1 < count:
+            w1[k + 1 :] -= h1[k, k + 1 :, None] * e[None, :]
 
 
 def gptq_quantize(
@@ -225,40 +242,49 @@ def gptq_quantize(
     safe_t = np.where(scale_t == 0, np.float32(np.inf), scale_t)
     offset_t = np.ascontiguousarray(offset_all.T)
 
+    # Scan positions where a fit unit is first reached: its params are fitted there, on the weights as
+    # the error feedback has left them (grid="updated"); between two such events the scan runs unbroken.
+    unit_first = np.full(n_units, cols, dtype=np.int64)
+    if not per_matrix:
+        np.minimum.at(unit_first, np.arange(cols) // fit_cols, pos_of_col)
+    events = sorted({int(p) for p in unit_first} | {cols})
+    group_of_pos = (perm // group_cols).astype(np.int32)  # (in,) group of each scan position
+    use_c = coder.fast and c_loops.available()
+
     wt = np.ascontiguousarray(w[:, perm].T)  # (in, out) error-updated weights, scan order
     codes_t = np.zeros((cols, rows), dtype=np.uint8)  # (in, out) scan order
-    for i1 in range(0, cols, block_size):  # hot loop: one iteration per column of the matrix
+    ev = 0
+    for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = wt[i1:i2].copy()  # (count, out)
         err1 = np.zeros_like(w1)  # (count, out)
         h1 = hinv[i1:i2, i1:i2]  # (count, count)
-        for k in range(i2 - i1):
-            c = int(perm[i1 + k])
-            u = c // fit_cols
-            if unit_params[u] is None:
-                ucols = np.arange(u * fit_cols, (u + 1) * fit_cols)  # (fit_cols,) format order
-                upos = pos_of_col[ucols]
-                assert (upos >= i1 + k).all()
-                cur = np.empty((fit_cols, rows), dtype=np.float32)  # the unit's current weights
-                inb = upos < i2
-                cur[inb] = w1[upos[inb] - i1]
-                later = upos[~inb]
-                # plus the lazy updates still pending from this block's already-quantized columns
-                cur[~inb] = wt[later] - hinv[i1 : i1 + k][:, later].T @ err1[:k]
-                unit_params[u] = p = scheme.fit(np.ascontiguousarray(cur.T),
-                                                prep.importance[ucols] if weighted_fit else None)
-                gs = slice(u * groups_per_unit, (u + 1) * groups_per_unit)
-                set_grid(gs, p)
-                scale_t[gs] = scale_all[:, gs].T
-                safe_t[gs] = np.where(scale_t[gs] == 0, np.float32(np.inf), scale_t[gs])
-                offset_t[gs] = offset_all[:, gs].T
-            g = c // group_cols
-            col = w1[k]  # (out,)
-            codes_t[i1 + k], q = coder(col, scale_t[g], safe_t[g], offset_t[g])
-            e = (col - q) / h1[k, k]  # (out,)
-            err1[k] = e
-            if k + 1 < i2 - i1:
-                w1[k + 1 :] -= h1[k, k + 1 :, None] * e[None, :]
+        k = 0
+        while k < i2 - i1:
+            while events[ev] == i1 + k:  # fit the units first reached here
+                for u in np.flatnonzero(unit_first == events[ev]):
+                    ucols = np.arange(u * fit_cols, (u + 1) * fit_cols)  # (fit_cols,) format order
+                    upos = pos_of_col[ucols]
+                    cur = np.empty((fit_cols, rows), dtype=np.float32)  # the unit's current weights
+                    inb = upos < i2
+                    cur[inb] = w1[upos[inb] - i1]
+                    later = upos[~inb]
+                    # plus the lazy updates still pending from this block's already-quantized columns
+                    cur[~inb] = wt[later] - hinv[i1 : i1 + k][:, later].T @ err1[:k]
+                    unit_params[u] = p = scheme.fit(np.ascontiguousarray(cur.T),
+                                                    prep.importance[ucols] if weighted_fit else None)
+                    gs = slice(u * groups_per_unit, (u + 1) * groups_per_unit)
+                    set_grid(gs, p)
+                    scale_t[gs] = scale_all[:, gs].T
+                    safe_t[gs] = np.where(scale_t[gs] == 0, np.float32(np.inf), scale_t[gs])
+                    offset_t[gs] = offset_all[:, gs].T
+                ev += 1
+            k_end = min(events[ev] - i1, i2 - i1)
+            gidx = group_of_pos[i1:i2]
+            if not (use_c and c_loops.scan_block(w1, err1, codes_t[i1:i2], h1, k, k_end, gidx, scale_t, safe_t,
+                                                  offset_t, coder.shift, coder.qmin, coder.qmax)):
+                _scan_numpy(coder, w1, err1, codes_t[i1:i2], h1, k, k_end, gidx, scale_t, safe_t, offset_t)
+            k = k_end
         if i2 < cols:
             wt[i2:] -= hinv[i1:i2, i2:].T @ err1  # (rest, out)
 

@@ -19,6 +19,7 @@ import dataclasses
 
 import numpy as np
 
+from qkiln.errors import QuantizeError
 from qkiln.quantize.scheme import Params, UniformGrid, to_fp16
 
 # Range shrink factors tried by the importance-weighted fit: 1, 0.99, ..., 0.81.
@@ -66,17 +67,28 @@ class IntGrid(UniformGrid):
         hi = np.maximum(blocks.max(axis=-1), 0)
         if self.symmetric:
             hi = np.maximum(-lo, hi)  # amax
-        best = self._range_params(lo, hi)
+        best = self._range_params(lo, hi)  # raises for a scale beyond float16 before any search
         if importance is None:
             return best
+        from qkiln.kernels import gptq as c_loops
+
+        got = c_loops.int_fit(w.T, self.group or w.shape[1], self.bits, self.symmetric, importance, SHRINK)
+        if got is not None:  # the same search in C, same bits
+            scale, zero, overflow = got
+            if overflow:
+                raise QuantizeError(f"{self.name}: a shrunk range's scale does not fit float16; fix the checkpoint")
+            return {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
         imp = np.asarray(importance, np.float32).reshape(1, -1)  # (1, cols)
         g = self.group_index(w.shape[1])  # (cols,)
 
         def error(params: Params) -> np.ndarray:
             scale, offset = self.affine(params)  # (rows, n_groups)
             codes = self.encode_affine(w, scale[:, g], offset[:, g])  # (rows, cols)
-            e = (self.decode(codes, params) - w) ** 2 * imp  # (rows, cols)
-            return self._groups(e).sum(axis=-1)  # (rows, n_groups)
+            e = self._groups((self.decode(codes, params) - w) ** 2 * imp)  # (rows, n_groups, group)
+            err = e[..., 0].copy()  # (rows, n_groups), summed in column order (the C kernel's order)
+            for c in range(1, e.shape[-1]):
+                err += e[..., c]
+            return err
 
         best_err = error(best)
         for r in SHRINK[1:]:

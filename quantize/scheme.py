@@ -148,7 +148,7 @@ class UniformGrid(Scheme):
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             x = np.where(scale != 0, (w - offset) / scale, np.float32(0))  # (rows, k)
         q = np.floor(x + np.float32(0.5)) + np.float32(self.shift)
-        return np.clip(q, 0, (1 << self.bits) - 1).astype(np.uint8)
+        return np.clip(q, *self.code_range).astype(np.uint8)
 
 
 def to_fp16(x: np.ndarray, what: str) -> np.ndarray:
