@@ -51,7 +51,7 @@ from qkiln.quantize.hessian import abs_mean_sum, accumulate_hessian, empty_hessi
 from qkiln.quantize.matmul import matmul_engine
 from qkiln.quantize.rtn import quantize_rtn
 from qkiln.quantize.scheme import Scheme
-from qkiln.quantize.sequential import run_layer
+from qkiln.quantize.sequential import LayerBuffers, run_layer
 from qkiln.quantize.tensor import QuantizedTensor
 from qkiln.runtime.config import LlamaConfig
 from qkiln.runtime.source import TensorSource
@@ -288,6 +288,7 @@ def quantize_model(
     del embed_q
 
     batches = [(b0, min(b0 + batch_samples, len(ids))) for b0 in range(0, len(ids), batch_samples)] if ids is not None else []
+    buffers = LayerBuffers()  # the activation arrays, reused from layer to layer
     for i in range(n_layers):
         t0 = time.perf_counter()
         if progress is not None:
@@ -316,7 +317,7 @@ def quantize_model(
                                              block_size=block_size, grid=grid, weighted_fit=weighted_fit)
             norms = {n: tensors[n] for n in NORMS}
             h = run_layer(h, norms, cfg, model.rope, quantize_group, engine, batch_samples=batch_samples,
-                          need_hessian=use_gptq)
+                          need_hessian=use_gptq, buffers=buffers)
             out.update(norms)
         del tensors
         report.layer_seconds.append(time.perf_counter() - t0)  # the layer's work, not the consumer's

@@ -17,8 +17,10 @@ quantized ones" costs two — the linears' products are most of calibration's ti
 
 Memory (besides one layer's weights): h updated in place (N·L·hidden·4 B), the normalized h of steps 1
 and 3 kept for steps 2 and 4 (same size), the attention output between steps 2 and 3 (N·L·heads·d·4 B)
-and the MLP activation between steps 4 and 5 (N·L·inter·4 B); for the demo model at 128 x 512 the peak
-is h + norm(h) + activation = 151 + 151 + 403 MB (plus two batches' temporaries).
+and the MLP activation between steps 4 and 5 (N·L·inter·4 B) — the last two never live at once, so
+they share one buffer; for the demo model at 128 x 512 that is h + norm(h) + activation = 151 + 151 +
+403 MB (plus two batches' temporaries). The buffers live in a `LayerBuffers` the caller keeps from layer to
+layer: fresh arrays of that size cost every layer ~0.2 s of page faults.
 """
 
 from __future__ import annotations
@@ -38,6 +40,21 @@ from qkiln.runtime.config import LlamaConfig
 from qkiln.runtime.llama import rope_attention
 from qkiln.runtime.rope import RopeTable
 
+
+class LayerBuffers:
+    """The per-layer activation arrays, reused by every layer of one calibration run (same shapes)."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, floats: int) -> np.ndarray:
+        """A float32 buffer of at least `floats` elements, flat; its contents are whatever was left."""
+        a = self._arrays.get(name)
+        if a is None or a.size < floats:
+            self._arrays[name] = a = np.empty(floats, np.float32)
+        return a[:floats]
+
+
 # (group name, its Hessian (in, in) float64 or None when not asked) -> the group's linears, dequantized
 # (out, in) float32 by short name ("self_attn.q_proj", ...): what the rest of the layer runs on.
 QuantizeGroup = Callable[[str, np.ndarray | None], dict[str, np.ndarray]]
@@ -54,13 +71,15 @@ def run_layer(
     batch_samples: int = 8,
     need_hessian: bool = True,
     threads: int | None = None,
+    buffers: LayerBuffers | None = None,
 ) -> np.ndarray:
     """Calibrate and quantize one layer over hidden states h (N, L, hidden) float32; returns the layer's
     output, written into h (the input is consumed).
 
     `norms` holds "input_layernorm" and "post_attention_layernorm" (hidden,) float32 (AWQ-folded ones
     when AWQ ran). `quantize_group` is called once per group, in order; with need_hessian=False it
-    gets None and no Hessian is computed (RTN after AWQ needs only the forward).
+    gets None and no Hessian is computed (RTN after AWQ needs only the forward). `buffers` keeps the
+    activation arrays for the next layer (a fresh set when not given).
     """
     n, seq, _ = h.shape
     eps = config.rms_norm_eps
@@ -68,6 +87,9 @@ def run_layer(
     inter = config.intermediate_size
     batches = [slice(b0, min(n, b0 + batch_samples)) for b0 in range(0, n, batch_samples)]
     norm_attn, norm_mlp = norms["input_layernorm"], norms["post_attention_layernorm"]
+    buffers = buffers if buffers is not None else LayerBuffers()
+    normed_buf = buffers.get("normed", h.size).reshape(h.shape) if need_hessian else None  # norm(h), steps 1, 3
+    wide = buffers.get("wide", n * seq * max(q_out, inter))  # attention output (2-3), then activation (4-5)
 
     def tokens(a: np.ndarray, sl: slice) -> np.ndarray:
         return a[sl].reshape(-1, a.shape[-1])  # (b * L, features) view
@@ -82,14 +104,15 @@ def run_layer(
 
         def each(fn: Callable[[slice], np.ndarray | None]) -> np.ndarray | None:
             """fn over every batch; the Hessian from the grams the batches returned (summed in batch
-            order, so the result does not depend on which worker finished first), or None."""
-            results = list(pool.map(fn, batches))
-            if results[0] is None:
-                return None
-            hs = HessianSum(results[0].shape[0])  # type: ignore[union-attr]
-            for sl, g in zip(batches, results, strict=True):
-                hs.add_gram(g, (sl.stop - sl.start) * seq)  # type: ignore[arg-type]
-            return hs.mean()
+            order as each arrives, while later batches run, so the result does not depend on which
+            worker finished first), or None."""
+            hs: HessianSum | None = None
+            for sl, g in zip(batches, pool.map(fn, batches), strict=True):
+                if g is None:
+                    continue
+                hs = hs if hs is not None else HessianSum(g.shape[0])
+                hs.add_gram(g, (sl.stop - sl.start) * seq)
+            return hs.mean() if hs is not None else None
 
         live: dict[str, Any] = {}  # packed weights and stored activations, dropped when no longer needed
 
@@ -105,12 +128,12 @@ def run_layer(
 
         # 1. attn_in
         if need_hessian:
-            live["x"] = np.empty_like(h)  # norm(h), reused by step 2
+            live["x"] = normed_buf  # norm(h), reused by step 2
         w = quantize_group("attn_in", each(lambda sl: keep_normed(sl, norm_attn)) if need_hessian else None)
         live["qkv"] = engine.pack(np.concatenate([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]))
 
         # 2. attn_out: attention over the quantized q/k/v
-        live["attn"] = np.empty((n, seq, q_out), np.float32)  # o_proj's input, all samples
+        live["attn"] = wide[: n * seq * q_out].reshape(n, seq, q_out)  # o_proj's input, all samples
 
         def attn_out(sl: slice) -> np.ndarray | None:
             qkv = engine.linear(normed(sl, norm_attn), live["qkv"])  # (t, q + 2 kv)
@@ -130,13 +153,13 @@ def run_layer(
             return keep_normed(sl, norm_mlp) if need_hessian else None
 
         if need_hessian:
-            live["x"] = np.empty_like(h)  # norm(h), reused by step 4
+            live["x"] = normed_buf  # norm(h), reused by step 4
         w = quantize_group("mlp_in", each(mlp_in))
         del live["attn"], live["o"]
         live["gate_up"] = engine.pack(np.concatenate([w["mlp.gate_proj"], w["mlp.up_proj"]]))
 
         # 4. mlp_out: the activation of the quantized gate/up
-        act = np.empty((n, seq, inter), np.float32)  # down_proj's input, all samples
+        act = wide[: n * seq * inter].reshape(n, seq, inter)  # down_proj's input, all samples (attn is dead)
 
         def mlp_out(sl: slice) -> np.ndarray | None:
             gu = engine.linear(normed(sl, norm_mlp), live["gate_up"])  # (t, 2 inter)
