@@ -7,7 +7,9 @@ operations in the same order (no FMA contraction), so they return the same bits 
 (`quantize.gptq._scan_numpy`, `quantize.int_grid.IntGrid.fit`), which stay the reference and the fallback:
 each function here returns None when the library cannot be built or loaded or QKILN_KERNEL=numpy, and the
 caller then runs NumPy. Rows are independent in both loops, so they are split over `threads` (0 = one per
-core) and the result does not depend on the split.
+core) and the result does not depend on the split. Unset, QKILN_KERNEL takes the AVX-512 variant where the
+CPU has it, else the portable one; QKILN_KERNEL=avx512 forces AVX-512, another C path name the portable
+variant (both give the same bits).
 """
 
 from __future__ import annotations
@@ -16,18 +18,33 @@ import ctypes
 
 import numpy as np
 
+from qkiln.kernels.api import KernelError
 from qkiln.kernels.clib import LazyLibrary, env_variant
 
 _vp, _long, _int, _float = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 _LIB = LazyLibrary({
-    "qk_gptq_scan": [_vp, _vp, _vp, _long, _long, _vp, _long, _long, _long, _vp, _vp, _vp, _vp,
+    "qk_gptq_scan": [_int, _vp, _vp, _vp, _long, _long, _vp, _long, _long, _long, _vp, _vp, _vp, _vp,
                      _float, _float, _float, _int],
-    "qk_int_fit_t": [_vp, _long, _long, _long, _int, _int, _vp, _vp, _int, _vp, _vp, _int],
+    "qk_int_fit_t": [_int, _vp, _long, _long, _long, _int, _int, _vp, _vp, _int, _vp, _vp, _int],
 })
+VARIANTS = {"auto": 0, "portable": 1, "avx512": 2}
 
 
 def _lib() -> object | None:
     return _LIB.load() if env_variant() is not None else None
+
+
+def _variant() -> int:
+    return VARIANTS[env_variant() or "auto"]
+
+
+def _check(rc: int, what: str) -> None:
+    if rc == -2:
+        raise KernelError(f"{what}: QKILN_KERNEL={env_variant()} cannot run on this CPU")
+    if rc == -3:
+        raise MemoryError(f"{what}: out of memory")
+    if rc < 0:
+        raise ValueError(f"{what}: bad arguments (code {rc})")
 
 
 def available() -> bool:
@@ -63,11 +80,10 @@ def scan_block(w1: np.ndarray, err1: np.ndarray, codes: np.ndarray, h1: np.ndarr
     assert h1.dtype == np.float32 and h1.shape == (count, count) and h1.strides[1] == 4
     assert _c_contig(gidx, np.int32) and gidx.shape == (count,)
     assert scale_t.shape[1] == out and int(gidx.max(initial=0)) < scale_t.shape[0]
-    rc = lib.qk_gptq_scan(_ptr(w1), _ptr(err1), _ptr(codes), count, out, _ptr(h1), h1.strides[0] // 4,
+    rc = lib.qk_gptq_scan(_variant(), _ptr(w1), _ptr(err1), _ptr(codes), count, out, _ptr(h1), h1.strides[0] // 4,
                           k0, k1, _ptr(gidx), _ptr(scale_t), _ptr(safe_t), _ptr(offset_t),
                           shift, qmin, qmax, threads)
-    if rc != 0:
-        raise ValueError(f"qk_gptq_scan: bad arguments (code {rc})")
+    _check(rc, "qk_gptq_scan")
     return True
 
 
@@ -89,8 +105,7 @@ def int_fit(wt: np.ndarray, group: int, bits: int, symmetric: bool, importance: 
     assert imp.shape == (cols,) and cols % group == 0 and shr.size >= 1
     scale = np.empty((rows, ng), np.float16)  # (rows, n_groups)
     zero = None if symmetric else np.empty((rows, ng), np.uint8)
-    rc = lib.qk_int_fit_t(_ptr(wt), cols, rows, group, bits, int(symmetric), _ptr(imp), _ptr(shr), shr.size,
+    rc = lib.qk_int_fit_t(_variant(), _ptr(wt), cols, rows, group, bits, int(symmetric), _ptr(imp), _ptr(shr), shr.size,
                           _ptr(scale), 0 if zero is None else _ptr(zero), threads)
-    if rc < 0:
-        raise ValueError(f"qk_int_fit_t: bad arguments (code {rc})")
+    _check(rc, "qk_int_fit_t")
     return scale, zero, rc == 1

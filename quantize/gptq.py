@@ -271,8 +271,7 @@ def gptq_quantize(
                     later = upos[~inb]
                     # plus the lazy updates still pending from this block's already-quantized columns
                     cur[~inb] = wt[later] - hinv[i1 : i1 + k][:, later].T @ err1[:k]
-                    unit_params[u] = p = scheme.fit(np.ascontiguousarray(cur.T),
-                                                    prep.importance[ucols] if weighted_fit else None)
+                    unit_params[u] = p = scheme.fit(cur.T, prep.importance[ucols] if weighted_fit else None)
                     gs = slice(u * groups_per_unit, (u + 1) * groups_per_unit)
                     set_grid(gs, p)
                     scale_t[gs] = scale_all[:, gs].T

@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from qkiln.errors import QuantizeError
+from qkiln.kernels import gptq as c_loops
 from qkiln.quantize.scheme import Params, UniformGrid, to_fp16
 
 # Range shrink factors tried by the importance-weighted fit: 1, 0.99, ..., 0.81.
@@ -62,22 +62,20 @@ class IntGrid(UniformGrid):
         of SHRINK and, per (row, group), the params with the least importance-weighted squared error
         are kept (llm-compressor's MSE observer grid, weighted like llama.cpp's imatrix)."""
         w = w.astype(np.float32, copy=False)
+        if importance is not None:
+            got = c_loops.int_fit(w.T, self.group or w.shape[1], self.bits, self.symmetric, importance, SHRINK)
+            if got is not None and not got[2]:  # the same search in C, same bits
+                scale, zero, _ = got
+                return {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
+            # no C library, or a scale beyond float16: NumPy below (which says which)
         blocks = self._groups(w)  # (rows, n_groups, g)
         lo = np.minimum(blocks.min(axis=-1), 0)  # (rows, n_groups)
         hi = np.maximum(blocks.max(axis=-1), 0)
         if self.symmetric:
             hi = np.maximum(-lo, hi)  # amax
-        best = self._range_params(lo, hi)  # raises for a scale beyond float16 before any search
+        best = self._range_params(lo, hi)
         if importance is None:
             return best
-        from qkiln.kernels import gptq as c_loops
-
-        got = c_loops.int_fit(w.T, self.group or w.shape[1], self.bits, self.symmetric, importance, SHRINK)
-        if got is not None:  # the same search in C, same bits
-            scale, zero, overflow = got
-            if overflow:
-                raise QuantizeError(f"{self.name}: a shrunk range's scale does not fit float16; fix the checkpoint")
-            return {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
         imp = np.asarray(importance, np.float32).reshape(1, -1)  # (1, cols)
         g = self.group_index(w.shape[1])  # (cols,)
 

@@ -14,12 +14,21 @@ pytestmark = pytest.mark.skipif(not c_loops.available(), reason="the C kernel li
 
 
 def _both(monkeypatch: pytest.MonkeyPatch, fn):
-    """fn() with the C loops, then with QKILN_KERNEL=numpy (the NumPy definitions)."""
+    """(fn() with the best C variant, fn() with QKILN_KERNEL=numpy — the NumPy definitions); the portable C
+    variant is run too and must equal the best one."""
     got_c = fn()
+    monkeypatch.setenv("QKILN_KERNEL", "scalar")  # any C path but avx512: portable
+    got_portable = fn()
     monkeypatch.setenv("QKILN_KERNEL", "numpy")
     assert not c_loops.available()
     got_np = fn()
     monkeypatch.delenv("QKILN_KERNEL")
+    a, b = (got_c.codes, got_portable.codes) if hasattr(got_c, "codes") else (got_c, got_portable)
+    if isinstance(a, dict):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"portable vs best variant: {k}")
+    else:
+        np.testing.assert_array_equal(a, b, err_msg="portable vs best variant")
     return got_c, got_np
 
 
@@ -69,6 +78,20 @@ def test_int_fit_matches_numpy_on_edge_blocks(monkeypatch: pytest.MonkeyPatch, n
     assert pc["scale"].dtype == np.float16
 
 
+@pytest.mark.parametrize("name", ["int4_g32", "int4_g32_asym", "int8"])
+def test_int_fit_matches_numpy_across_magnitudes(monkeypatch: pytest.MonkeyPatch, name: str):
+    """Rows scaled log-uniformly over 1e-9..1e4: the scales fall on float16 subnormals, normals of every
+    exponent and rounding ties, which the C fit rounds with its own float16 arithmetic."""
+    rng = np.random.default_rng(11)
+    rows, cols = 301, 64
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * (10.0 ** rng.uniform(-9, 4, (rows, 1))).astype(np.float32)
+    imp = rng.uniform(0.0, 2.0, cols).astype(np.float32)
+    scheme = get_scheme(name)
+    pc, pn = _both(monkeypatch, lambda: scheme.fit(w, imp))
+    for k in pc:
+        np.testing.assert_array_equal(pc[k], pn[k], err_msg=k)
+
+
 def test_int_fit_weighting_changes_the_choice():
     """The search is not a no-op: on a heavy-tailed row the weighted fit shrinks some ranges, and each
     choice is one of the SHRINK candidates with no larger weighted error than the full range."""
@@ -91,3 +114,19 @@ def test_scan_block_rejects_bad_ranges():
             np.zeros((1, 8), np.float32), 8.0, 0.0, 15.0)
     with pytest.raises(ValueError):
         c_loops.scan_block(*args)
+
+
+def test_variant_in_use():
+    """Where the CPU has AVX-512 the AVX-512 variant is what runs (forcing it must not raise)."""
+    from qkiln.kernels.elementwise import variant_name
+
+    if variant_name() != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    w, h = _problem(16, 64, seed=1)
+    import os
+
+    os.environ["QKILN_KERNEL"] = "avx512"
+    try:
+        gptq_quantize(w, h, get_scheme("int4_g32"))
+    finally:
+        del os.environ["QKILN_KERNEL"]

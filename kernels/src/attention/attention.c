@@ -15,10 +15,8 @@
 #include <unistd.h>
 
 #include "attention/attention.h"
+#include "cpu_x86.h"
 
-#if defined(__x86_64__)
-#include <cpuid.h>
-#endif
 
 #define PR 8 /* query rows per row group in the portable unit */
 
@@ -227,36 +225,8 @@ static void *run_units(void *arg) {
     return NULL;
 }
 
-static int detect_avx512(void) {
-#if defined(__x86_64__)
-    unsigned a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
-    if (!((c >> 27) & 1) || !((c >> 12) & 1)) return 0; /* OSXSAVE, FMA */
-    uint32_t lo, hi;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    if ((lo & 0xe6) != 0xe6) return 0; /* the OS saves XMM/YMM/opmask/ZMM state */
-    (void)hi;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    return (b >> 16) & 1; /* AVX512F */
-#else
-    return 0;
-#endif
-}
-
-/* cpuid traps to the hypervisor on virtual machines: ask once (a benign race: every thread computes the
- * same answer). */
-static int have_avx512(void) {
-    static atomic_int known = -1;
-    int v = atomic_load_explicit(&known, memory_order_relaxed);
-    if (v < 0) {
-        v = detect_avx512();
-        atomic_store_explicit(&known, v, memory_order_relaxed);
-    }
-    return v;
-}
-
 /* Variant: 0 = best this CPU runs, 1 = portable, 2 = AVX-512. Which one `0` means here: */
-int qk_attention_variant(void) { return have_avx512() ? 2 : 1; }
+int qk_attention_variant(void) { return qk_have_avx512() ? 2 : 1; }
 
 /* y = 2^x with the variant's softmax exp2 (for the error test). Returns 0, or -2 if the variant cannot run. */
 int qk_attention_exp2(int variant, const float *x, float *y, long n) {
@@ -266,7 +236,7 @@ int qk_attention_exp2(int variant, const float *x, float *y, long n) {
         return 0;
     }
 #if defined(__x86_64__)
-    if (variant == 2 && have_avx512()) {
+    if (variant == 2 && qk_have_avx512()) {
         qk_attn_exp2_avx512(x, y, n);
         return 0;
     }
@@ -284,7 +254,7 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
     unit_fn fn = NULL;
     if (variant == 1) fn = qk_attn_unit_portable;
 #if defined(__x86_64__)
-    if (variant == 2 && have_avx512()) fn = qk_attn_unit_avx512;
+    if (variant == 2 && qk_have_avx512()) fn = qk_attn_unit_avx512;
 #endif
     if (!fn) return -2;
     if (b == 0 || s == 0) return 0;

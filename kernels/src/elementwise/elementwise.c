@@ -3,17 +3,14 @@
  * vectorizes (SSE2 on baseline x86-64, NEON on aarch64). The AVX-512 variant is in elementwise_avx512.c;
  * what each function computes and how it rounds: elementwise.h. */
 #define _GNU_SOURCE
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "cpu_x86.h"
 #include "elementwise/elementwise.h"
+#include "run_rows.h"
 
-#if defined(__x86_64__)
-#include <cpuid.h>
-#endif
 
 /* ---- portable variant ---- */
 
@@ -120,38 +117,10 @@ void qk_ew_exp_portable(const float *x, float *y, long n) {
 
 /* ---- run-time choice of variant ---- */
 
-static int detect_avx512(void) {
-#if defined(__x86_64__)
-    unsigned a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
-    if (!((c >> 27) & 1)) return 0; /* OSXSAVE */
-    uint32_t lo, hi;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    if ((lo & 0xe6) != 0xe6) return 0; /* the OS saves XMM/YMM/opmask/ZMM state */
-    (void)hi;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    return (b >> 16) & 1; /* AVX512F */
-#else
-    return 0;
-#endif
-}
-
-/* cpuid traps to the hypervisor on virtual machines: ask once (a benign race: every thread computes the
- * same answer). */
-static int have_avx512(void) {
-    static atomic_int known = -1;
-    int v = atomic_load_explicit(&known, memory_order_relaxed);
-    if (v < 0) {
-        v = detect_avx512();
-        atomic_store_explicit(&known, v, memory_order_relaxed);
-    }
-    return v;
-}
-
 /* Variant: 0 = best this CPU runs, 1 = portable, 2 = AVX-512. Which one `0` means here: */
-int qk_elementwise_variant(void) { return have_avx512() ? 2 : 1; }
+int qk_elementwise_variant(void) { return qk_have_avx512() ? 2 : 1; }
 
-typedef void (*rows_fn)(const void *, long, long);
+typedef qk_rows_fn rows_fn;
 
 /* Row functions behind one signature (calling through a cast function pointer would be undefined). */
 static void rms_p(const void *a, long r0, long r1) { qk_ew_rms_rows_portable(a, r0, r1); }
@@ -168,55 +137,16 @@ static rows_fn pick(int k, int variant) {
     if (variant == 0) variant = qk_elementwise_variant();
     if (variant == 1) return k == 0 ? rms_p : k == 1 ? silu_p : rope_p;
 #if defined(__x86_64__)
-    if (variant == 2 && have_avx512()) return k == 0 ? rms_x : k == 1 ? silu_x : rope_x;
+    if (variant == 2 && qk_have_avx512()) return k == 0 ? rms_x : k == 1 ? silu_x : rope_x;
 #endif
     return NULL;
 }
 
-/* ---- optional threads: contiguous row ranges, one per thread (rows cost the same) ---- */
+/* ---- optional threads: contiguous row ranges, one per thread (rows cost the same), at most one per
+ * 32768 floats so that small calls (a decode step) stay on the caller ---- */
 
-#define QK_EW_MAX_THREADS 64
-
-typedef struct {
-    rows_fn fn;
-    const void *args;
-    long r0, r1;
-} slice_t;
-
-static void *run_slice(void *p) {
-    const slice_t *sl = p;
-    sl->fn(sl->args, sl->r0, sl->r1);
-    return NULL;
-}
-
-/* Rows [0, rows) of `row_floats` floats each on `threads` threads (1: the caller alone; <= 0: one per
- * online CPU), at most one per 32768 floats so that small calls (a decode step) stay on the caller. A
- * thread that fails to start leaves its rows to the caller, so the result never depends on it. */
 static void run_rows(rows_fn fn, const void *args, long rows, long row_floats, int threads) {
-    if (threads <= 0) {
-        const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-        threads = cpus > 0 ? (int)(cpus < QK_EW_MAX_THREADS ? cpus : QK_EW_MAX_THREADS) : 1;
-    }
-    if (threads > QK_EW_MAX_THREADS) threads = QK_EW_MAX_THREADS;
-    const long by_work = rows * row_floats / 32768;
-    if (threads > by_work) threads = (int)(by_work > 1 ? by_work : 1);
-    if (threads > rows) threads = (int)rows;
-    if (threads <= 1) {
-        fn(args, 0, rows);
-        return;
-    }
-    slice_t sl[QK_EW_MAX_THREADS];
-    pthread_t tid[QK_EW_MAX_THREADS];
-    int started[QK_EW_MAX_THREADS] = {0};
-    for (int i = 0; i < threads; i++) sl[i] = (slice_t){fn, args, rows * i / threads, rows * (i + 1) / threads};
-    for (int i = 1; i < threads; i++) started[i] = pthread_create(&tid[i], NULL, run_slice, &sl[i]) == 0;
-    run_slice(&sl[0]);
-    for (int i = 1; i < threads; i++) {
-        if (started[i])
-            pthread_join(tid[i], NULL);
-        else
-            run_slice(&sl[i]);
-    }
+    qk_run_rows(fn, args, rows, 1, (32768 + row_floats - 1) / (row_floats > 0 ? row_floats : 1), threads);
 }
 
 /* ---- entry points: 0 ok, -1 bad sizes, -2 variant unavailable. Strides in floats. ---- */
@@ -261,7 +191,7 @@ int qk_elementwise_exp(int variant, const float *x, float *y, long n) {
         return 0;
     }
 #if defined(__x86_64__)
-    if (variant == 2 && have_avx512()) {
+    if (variant == 2 && qk_have_avx512()) {
         qk_ew_exp_avx512(x, y, n);
         return 0;
     }
