@@ -40,22 +40,22 @@ static qk_rows_fn pick(int variant, int fit) {
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* entry points: 0 ok, -1 bad sizes, -2 variant unavailable                                               */
+/* entry points: 0 ok, -1 bad sizes, -2 variant unavailable, -3 out of memory                           */
 
 int qk_gptq_scan(int variant, float *w1, float *err1, uint8_t *codes, long count, long out, const float *h1,
                  long ldh, long k0, long k1, const int32_t *gidx, const float *scale_t, const float *safe_t,
                  const float *offset_t, float shift, float qmin, float qmax, int nthreads) {
     if (count < 0 || out < 0 || k0 < 0 || k1 > count || k0 > k1 || ldh < count) return -1;
     if (!(qmin >= 0.0f && qmax <= 255.0f && qmin <= qmax)) return -1;
-    const scan_args_t a = {w1, err1, codes, h1, gidx, scale_t, safe_t, offset_t, count, out, ldh, k0, k1,
-                           shift, qmin, qmax};
+    scan_args_t a = {w1, err1, codes, h1, gidx, scale_t, safe_t, offset_t, count, out, ldh, k0, k1,
+                     shift, qmin, qmax, 0};
     const qk_rows_fn fn = pick(variant, 0);
     if (!fn) return -2;
     if (out > 0 && k1 > k0) qk_run_rows(fn, &a, out, 16, 64, nthreads);
-    return 0;
+    return a.oom ? -3 : 0;
 }
 
-/* Also 1 when some scale overflows float16 (the caller names the tensor), -3 when out of memory. */
+/* Also 1 when some scale overflows float16 (the caller names the tensor). */
 int qk_int_fit_t(int variant, const float *wt, long cols, long rows, long group, int bits, int symmetric,
                  const float *imp, const float *shrink, int nshrink, uint16_t *scale, uint8_t *zero, int nthreads) {
     if (cols <= 0 || rows < 0 || group <= 0 || cols % group || bits < 1 || bits > 8 || nshrink < 1) return -1;

@@ -16,6 +16,7 @@ typedef struct {
     const float *offset_t; /* (n_groups, out) */
     long count, out, ldh, k0, k1;
     float shift, qmin, qmax;
+    int oom; /* set (a racy write of 1, read after the join) when a thread cannot get its buffer */
 } scan_args_t;
 
 typedef struct {

@@ -77,43 +77,68 @@ INLINE vf code_of(vf x, float shift, float qmin, float qmax) {
     return sel(t > splat(qmax), splat(qmax), t);
 }
 
-/* Rows [r0, r1) of columns k0..k1-1, in tiles of 64 rows so a tile's block (count x 64 floats) stays in
- * L1/L2 for the whole scan. */
+#define TILE_VECS 4 /* rows per tile: 4 vectors, whose e stays in registers through the rank-1 update */
+
+/* Rows [r0, r1) of columns k0..k1-1, one tile of rows at a time. The tile's slice of the block is copied
+ * to a contiguous buffer (count x TW floats) for the scan and back after: in place, the rows of w1 are
+ * `out` floats apart — a multiple of 4 KB for out = 3072 — and all fall in the same few L1 sets. */
 void ROWS_FN(qk_gptq_scan_rows)(const void *pa, long r0, long r1) {
+    enum { TW = TILE_VECS * LANES };
     const scan_args_t *a = (const scan_args_t *)pa;
-    const long out = a->out;
-    for (long t0 = r0; t0 < r1; t0 += 64) {
-        const long t1 = t0 + 64 < r1 ? t0 + 64 : r1;
-        for (long k = a->k0; k < a->k1; k++) {
+    const long out = a->out, count = a->count, k0 = a->k0;
+    vf *buf = aligned_alloc(sizeof(vf), (size_t)(count - k0) * TW * sizeof(float));
+    if (!buf) {
+        ((scan_args_t *)pa)->oom = 1;
+        return;
+    }
+    for (long t0 = r0; t0 < r1; t0 += TW) {
+        const long t1 = t0 + TW < r1 ? t0 + TW : r1, nt = t1 - t0;
+        const long nv = nt / LANES; /* full vectors; a partial one is zero padded in the buffer */
+        float *bw = (float *)buf - k0 * TW;            /* bw + j * TW: column j's tile */
+        for (long j = k0; j < count; j++) {
+            memcpy(bw + j * TW, a->w1 + j * out + t0, (size_t)nt * 4);
+            memset(bw + j * TW + nt, 0, (size_t)(TW - nt) * 4);
+        }
+        for (long k = k0; k < a->k1; k++) {
             const long g = a->gidx[k];
             const float d = a->h1[k * a->ldh + k];
-            float *col = a->w1 + k * out, *err = a->err1 + k * out;
-            const float *s = a->scale_t + g * out, *ss = a->safe_t + g * out, *o = a->offset_t + g * out;
-            uint8_t *code = a->codes + k * out;
-            for (long r = t0; r < t1; r += LANES) {
-                const long n = t1 - r < LANES ? t1 - r : LANES;
-                const vf w = ldn(col + r, n, 0.0f), sc = ldn(s + r, n, 0.0f), off = ldn(o + r, n, 0.0f);
+            const float *col = bw + k * TW, *s = a->scale_t + g * out + t0, *o = a->offset_t + g * out + t0;
+            const float *ss = a->safe_t + g * out + t0;
+            float *err = a->err1 + k * out + t0;
+            uint8_t *code = a->codes + k * out + t0;
+            vf ev[TILE_VECS];
+            for (long v = 0; v * LANES < nt; v++) {
+                const long r = v * LANES, n = nt - r < LANES ? nt - r : LANES;
+                const vf w = ldv(col + r), sc = ldn(s + r, n, 0.0f), off = ldn(o + r, n, 0.0f);
                 const vf q = code_of((w - off) / ldn(ss + r, n, 1.0f), a->shift, a->qmin, a->qmax);
-                const vf e = (w - ((q - a->shift) * sc + off)) / d;
-                float qv[LANES];
+                const vf e = ev[v] = (w - ((q - a->shift) * sc + off)) / d;
+                float qv[LANES], et[LANES];
                 stv(qv, q);
-                if (n == LANES) {
-                    stv(err + r, e);
-                } else {
-                    float ev[LANES];
-                    stv(ev, e);
-                    memcpy(err + r, ev, (size_t)n * 4);
-                }
+                stv(et, e);
+                memcpy(err + r, et, (size_t)n * 4);
                 for (long l = 0; l < n; l++) code[r + l] = (uint8_t)qv[l];
             }
+            /* w1[j] -= U_kj · e for the block's later columns: product, then difference (NumPy's order);
+             * padding lanes stay 0 - U_kj · 0 = 0 */
             const float *hrow = a->h1 + k * a->ldh;
-            for (long j = k + 1; j < a->count; j++) {
-                const float hj = hrow[j];
-                float *wj = a->w1 + j * out;
-                for (long r = t0; r < t1; r++) wj[r] -= hj * err[r];
+            if (nv == TILE_VECS) {
+                for (long j = k + 1; j < count; j++) {
+                    float *wj = bw + j * TW;
+                    const float hj = hrow[j];
+                    for (int v = 0; v < TILE_VECS; v++) stv(wj + v * LANES, ldv(wj + v * LANES) - hj * ev[v]);
+                }
+            } else {
+                const long vecs = (nt + LANES - 1) / LANES;
+                for (long j = k + 1; j < count; j++) {
+                    float *wj = bw + j * TW;
+                    const float hj = hrow[j];
+                    for (long v = 0; v < vecs; v++) stv(wj + v * LANES, ldv(wj + v * LANES) - hj * ev[v]);
+                }
             }
         }
+        for (long j = k0; j < count; j++) memcpy(a->w1 + j * out + t0, bw + j * TW, (size_t)nt * 4);
     }
+    free(buf);
 }
 
 /* x >= 0 (float32, finite) rounded to the nearest float16 value, ties to even, as NumPy's astype(float16)
