@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from qkiln.kernels.api import KernelError
-from qkiln.kernels.clib import LazyLibrary, env_variant
+from qkiln.kernels.clib import LazyLibrary, env_variant, fits_out, into
 
 # Tolerance against runtime.llama.causal_attention, relative to max|v|: the polynomial 2^x is within
 # ~1 ulp of 2^x, the query scale log2(e)/sqrt(d) adds one rounding to each score, each score's fp32 dot
@@ -77,7 +77,7 @@ def _elem_strides(a: np.ndarray) -> np.ndarray:
 
 
 def causal_attention_c(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, threads: int = 0,
-                       variant: str = "auto") -> np.ndarray:
+                       variant: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
     """The C kernel alone (raises KernelError without the library): same contract as causal_attention."""
     lib = _load()
     if lib is None:
@@ -87,7 +87,10 @@ def causal_attention_c(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, t
     kb, kv_heads, t, kd = keys.shape
     if values.shape != keys.shape or kb != b or kd != d or t < s or n_heads % kv_heads:
         raise ValueError(f"attention shapes q {q.shape}, keys {keys.shape}, values {values.shape} do not fit")
-    out = np.empty((b * s, n_heads * d), np.float32)  # (b * s, heads * d)
+    if out is None or not fits_out(out, (b * s, n_heads * d)):
+        got = causal_attention_c(q, keys, values, threads=threads, variant=variant,
+                                 out=np.empty((b * s, n_heads * d), np.float32))  # (b * s, heads * d)
+        return into(got, out)
     qs, ks, vs = (_longs3(*(st // 4 for st in a.strides[:3])) for a in (q, keys, values))
     rc = lib.qk_causal_attention_ex(VARIANTS[variant], _ptr(q), _ptr(keys), _ptr(values), _ptr(out), b, s, t,
                                     n_heads, kv_heads, d, ctypes.addressof(qs), ctypes.addressof(ks),
@@ -99,8 +102,10 @@ def causal_attention_c(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, t
     return out
 
 
-def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, threads: int = 0) -> np.ndarray:
-    """Grouped-query causal attention; returns (b * s, heads * head_dim) float32.
+def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, threads: int = 0,
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """Grouped-query causal attention; returns (b * s, heads * head_dim) float32 (written into `out` when
+    given: a (b * s, heads * head_dim) float32 array, so calibration skips a copy).
 
     q: (b, s, heads, d) rotated queries; keys, values: (b, kv_heads, t, d) with t >= s, the queries
     being the last s of the t positions. Query head h reads kv head h // n_rep. Any strides (copied only
@@ -111,8 +116,9 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, thr
     if want is None or _load() is None or (want == "auto" and variant_name() != "avx512"):
         from qkiln.runtime.llama import causal_attention as numpy_attention  # lazy: runtime imports us
 
-        return numpy_attention(q, keys, values)
-    return causal_attention_c(q, keys, values, threads=threads, variant=want)
+        got = numpy_attention(q, keys, values)
+        return into(got, out)
+    return causal_attention_c(q, keys, values, threads=threads, variant=want, out=out)
 
 
 def exp2_approx(x: np.ndarray, variant: str = "auto") -> np.ndarray:

@@ -1,5 +1,6 @@
-"""What the C-kernel wrappers with their own entry points (attention, element-wise) share: loading the
-kernel library once with their ctypes signatures, and the variant QKILN_KERNEL asks for."""
+"""What the C-kernel wrappers with their own entry points (attention, element-wise, GPTQ loops) share:
+loading the kernel library once with their ctypes signatures, the variant QKILN_KERNEL asks for, and the
+rule for writing a result into a caller's `out` array."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import ctypes
 import os
 import threading
 from typing import Any
+
+import numpy as np
 
 from qkiln.kernels.api import ALL_PATHS, ENV, KernelError
 
@@ -52,3 +55,16 @@ def env_variant() -> str | None:
     if want in ("", "avx512"):
         return "auto" if not want else "avx512"
     return "portable"
+
+
+def fits_out(out: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """`out` can take a C function's result directly: that shape, float32, C-contiguous, writable."""
+    return out.shape == shape and out.dtype == np.float32 and out.flags.c_contiguous and out.flags.writeable
+
+
+def into(got: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """A result made elsewhere (the NumPy fallback), copied into `out` when one was given."""
+    if out is None:
+        return got
+    out[...] = got
+    return out

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from qkiln.kernels.api import KernelError
-from qkiln.kernels.clib import LazyLibrary, env_variant
+from qkiln.kernels.clib import LazyLibrary, env_variant, fits_out, into
 
 # Measured on random rows (scales 0.01..100): rms_norm ≤ 5.5e-7 relative for n ≤ 1536 (1.0e-6 at n = 16384,
 # NumPy's float32 sum losing more as n grows); silu_mul ≤ 4.2e-7 relative on normal results (gates -100..30)
@@ -111,35 +111,39 @@ def _reference(module: str, name: str) -> Any:
     return fn
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, threads: int = 1) -> np.ndarray:
-    """x (t, hidden) -> x * rsqrt(mean(x^2) + eps) * weight, float32, a new (t, hidden) array."""
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, threads: int = 1,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """x (t, hidden) -> x * rsqrt(mean(x^2) + eps) * weight, float32: a new (t, hidden) array, or `out`."""
     lib, variant = _want()
     if (lib is None or not _rows_ok(x, 2) or x.shape[1] == 0 or weight.dtype != np.float32
-            or weight.shape != (x.shape[1],)):
-        return _reference("llama", "rms_norm")(x, weight, eps)
+            or weight.shape != (x.shape[1],) or (out is not None and not fits_out(out, x.shape))):
+        return into(_reference("llama", "rms_norm")(x, weight, eps), out)
     t, n = x.shape
     w = np.ascontiguousarray(weight)  # (n,)
-    out = np.empty((t, n), np.float32)  # (t, n)
+    out = np.empty((t, n), np.float32) if out is None else out  # (t, n)
     _check(lib.qk_rms_norm(VARIANTS[variant], _ptr(x), _row_stride(x), _ptr(w), _ptr(out), t, n,
                            eps, int(threads)), variant, "rms_norm")  # c_float rounds eps as np.float32 does
     return out
 
 
-def silu_mul(gate: np.ndarray, up: np.ndarray, *, threads: int = 1) -> np.ndarray:
-    """silu(gate) * up = gate / (1 + exp(-gate)) * up, (t, inter) float32; exp overflow gives 0.
+def silu_mul(gate: np.ndarray, up: np.ndarray, *, threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+    """silu(gate) * up = gate / (1 + exp(-gate)) * up, (t, inter) float32 (a new array, or `out`); exp
+    overflow gives 0.
 
     gate and up may be column slices of one (t, 2 * inter) array (any row stride)."""
     lib, variant = _want()
     if lib is None or gate.shape != up.shape or gate.ndim not in (1, 2) or not (
-            _rows_ok(gate, gate.ndim) and _rows_ok(up, up.ndim)):
-        return _reference("llama", "silu_mul")(gate, up)
+            _rows_ok(gate, gate.ndim) and _rows_ok(up, up.ndim)) or (
+            out is not None and not fits_out(out, gate.shape)):
+        return into(_reference("llama", "silu_mul")(gate, up), out)
     g2 = gate.reshape(1, -1) if gate.ndim == 1 else gate  # (t, n) view
     u2 = up.reshape(1, -1) if up.ndim == 1 else up  # (t, n) view
     t, n = g2.shape
-    out = np.empty((t, n), np.float32)  # (t, n)
+    given = out
+    out = np.empty((t, n), np.float32) if out is None else out.reshape(t, n)  # (t, n)
     _check(lib.qk_silu_mul(VARIANTS[variant], _ptr(g2), _row_stride(g2), _ptr(u2), _row_stride(u2), _ptr(out),
                            t, n, int(threads)), variant, "silu_mul")
-    return out.reshape(gate.shape)
+    return given if given is not None else out.reshape(gate.shape)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, *, threads: int = 1) -> np.ndarray:

@@ -122,8 +122,7 @@ def run_layer(
             return tokens(x, sl) if x is not None else rms_norm(tokens(h, sl), weight, eps)
 
         def keep_normed(sl: slice, weight: np.ndarray) -> np.ndarray | None:
-            x = tokens(live["x"], sl)
-            x[...] = rms_norm(tokens(h, sl), weight, eps)
+            x = rms_norm(tokens(h, sl), weight, eps, out=tokens(live["x"], sl))
             return gram(x)
 
         # 1. attn_in
@@ -138,8 +137,7 @@ def run_layer(
         def attn_out(sl: slice) -> np.ndarray | None:
             qkv = engine.linear(normed(sl, norm_attn), live["qkv"])  # (t, q + 2 kv)
             a = rope_attention(qkv[:, :q_out], qkv[:, q_out : q_out + kv_out], qkv[:, q_out + kv_out :],
-                               config, rope, sl.stop - sl.start, threads=1)  # (t, q_out)
-            tokens(live["attn"], sl)[...] = a
+                               config, rope, sl.stop - sl.start, threads=1, out=tokens(live["attn"], sl))  # (t, q_out)
             return gram(a)
 
         live["o"] = engine.pack(quantize_group("attn_out", each(attn_out))["self_attn.o_proj"])
@@ -163,8 +161,7 @@ def run_layer(
 
         def mlp_out(sl: slice) -> np.ndarray | None:
             gu = engine.linear(normed(sl, norm_mlp), live["gate_up"])  # (t, 2 inter)
-            m = silu_mul(gu[:, :inter], gu[:, inter:])  # (t, inter)
-            tokens(act, sl)[...] = m
+            m = silu_mul(gu[:, :inter], gu[:, inter:], out=tokens(act, sl))  # (t, inter)
             return gram(m)
 
         w_down = engine.pack(quantize_group("mlp_out", each(mlp_out))["mlp.down_proj"])

@@ -164,3 +164,17 @@ def test_rejects_shapes_that_do_not_fit():
         attention.causal_attention_c(q, k[:, :, :4], v[:, :, :4])  # t < s
     with pytest.raises(ValueError, match="do not fit"):
         attention.causal_attention_c(q[..., :3, :], k, v)  # 3 heads over 2 kv heads
+
+
+@pytest.mark.parametrize("env", ["numpy", "scalar", ""])
+def test_result_written_into_out(monkeypatch, env):
+    """out= (a slice of a bigger array, as calibration passes) receives exactly the result without it."""
+    q, k, v = _inputs(2, 9, 9, 4, 2, 64)
+    monkeypatch.setenv("QKILN_KERNEL", env)
+    big = np.full((22, 4 * 64), np.nan, np.float32)
+    got = attention.causal_attention(q, k, v, threads=1, out=big[2:20])
+    assert np.shares_memory(got, big)
+    np.testing.assert_array_equal(big[2:20], attention.causal_attention(q, k, v, threads=1))
+    assert np.isnan(big[:2]).all() and np.isnan(big[20:]).all()
+    odd = np.empty((18, 4 * 64), np.float64)  # not a float32 array: filled through a copy
+    assert attention.causal_attention(q, k, v, threads=1, out=odd) is odd

@@ -262,3 +262,27 @@ def test_unknown_kernel_path_is_an_error(monkeypatch):
     monkeypatch.setenv("QKILN_KERNEL", "bogus")
     with pytest.raises(KernelError, match="QKILN_KERNEL"):
         ew.rms_norm(np.ones((1, 4), np.float32), np.ones(4, np.float32), 1e-5)
+
+
+@pytest.mark.parametrize("where", ["c", "numpy"])
+def test_results_written_into_out(monkeypatch, where):
+    """With out=, the result lands in the caller's array (a slice of a bigger one, as calibration passes),
+    is the same as without it, and the array itself is returned; an `out` the C function cannot take
+    directly (wrong dtype) is still filled, through a copy."""
+    if where == "numpy":
+        monkeypatch.setenv("QKILN_KERNEL", "numpy")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 40)).astype(np.float32)
+    w = rng.standard_normal(40).astype(np.float32)
+    gu = rng.standard_normal((6, 80)).astype(np.float32)
+    big = np.full((10, 40), np.nan, np.float32)
+    got = ew.rms_norm(x, w, 1e-5, out=big[2:8])
+    assert np.shares_memory(got, big)
+    np.testing.assert_array_equal(big[2:8], ew.rms_norm(x, w, 1e-5))
+    assert np.isnan(big[:2]).all() and np.isnan(big[8:]).all()
+    act = np.empty((6, 40), np.float32)
+    assert ew.silu_mul(gu[:, :40], gu[:, 40:], out=act) is act
+    np.testing.assert_array_equal(act, ew.silu_mul(gu[:, :40], gu[:, 40:]))
+    f64 = np.empty((6, 40), np.float64)
+    assert ew.rms_norm(x, w, 1e-5, out=f64) is f64
+    np.testing.assert_array_equal(f64, ew.rms_norm(x, w, 1e-5).astype(np.float64))
