@@ -32,8 +32,8 @@ class Matmul(Protocol):
     def pack(self, w: np.ndarray) -> Any:
         """A linear's weight (out, in) float32, in the engine's layout."""
 
-    def linear(self, x: np.ndarray, packed: Any) -> np.ndarray:
-        """x (tokens, in) float32 -> (tokens, out) float32."""
+    def linear(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """x (tokens, in) float32 -> (tokens, out) float32, written into `out` (C-contiguous) when given."""
 
     def gram(self, x: np.ndarray) -> np.ndarray:
         """xᵀx (in, in) float32 of a (tokens, in) float32 chunk."""
@@ -51,8 +51,8 @@ class F32Matmul:
     def pack(self, w: np.ndarray) -> np.ndarray:
         return np.asarray(w, dtype=np.float32)
 
-    def linear(self, x: np.ndarray, packed: np.ndarray) -> np.ndarray:
-        return np.matmul(x, packed.T)
+    def linear(self, x: np.ndarray, packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return np.matmul(x, packed.T, out=out)
 
     def gram(self, x: np.ndarray) -> np.ndarray:
         return gram_f32(x)
@@ -79,8 +79,8 @@ class BF16Matmul:
     def pack(self, w: np.ndarray) -> Any:
         return self._k.pack_weight(np.asarray(w, dtype=np.float32))
 
-    def linear(self, x: np.ndarray, packed: Any) -> np.ndarray:
-        return self._k.linear(np.ascontiguousarray(x, dtype=np.float32), packed, nthreads=self._threads)
+    def linear(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
+        return self._k.linear(np.ascontiguousarray(x, dtype=np.float32), packed, out=out, nthreads=self._threads)
 
     def gram(self, x: np.ndarray) -> np.ndarray:
         return self._k.gram(np.ascontiguousarray(x, dtype=np.float32), nthreads=self._threads)

@@ -25,8 +25,10 @@ layer: fresh arrays of that size cost every layer ~0.2 s of page faults.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -41,18 +43,44 @@ from qkiln.runtime.llama import rope_attention
 from qkiln.runtime.rope import RopeTable
 
 
+def _aligned(floats: int) -> np.ndarray:
+    """A flat float32 array starting on a 64-byte boundary (the AMX linear streams aligned output rows)."""
+    raw = np.empty(floats + 16, np.float32)
+    skip = (-raw.ctypes.data % 64) // 4
+    return raw[skip : skip + floats]
+
+
 class LayerBuffers:
-    """The per-layer activation arrays, reused by every layer of one calibration run (same shapes)."""
+    """The activation arrays, reused by every layer of one calibration run (same shapes), and per-batch
+    scratch (the products' outputs), lent to one worker at a time: fresh arrays of these sizes are
+    page-faulted and zeroed by the kernel on every use."""
 
     def __init__(self) -> None:
         self._arrays: dict[str, np.ndarray] = {}
+        self._free: dict[str, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
 
     def get(self, name: str, floats: int) -> np.ndarray:
         """A float32 buffer of at least `floats` elements, flat; its contents are whatever was left."""
         a = self._arrays.get(name)
         if a is None or a.size < floats:
-            self._arrays[name] = a = np.empty(floats, np.float32)
+            self._arrays[name] = a = _aligned(floats)
         return a[:floats]
+
+    @contextlib.contextmanager
+    def borrow(self, name: str, shape: tuple[int, int]) -> Iterator[np.ndarray]:
+        """A (rows, cols) float32 scratch array for the duration of the block (contents undefined)."""
+        floats = shape[0] * shape[1]
+        with self._lock:
+            free = self._free.setdefault(name, [])
+            a = free.pop() if free else None
+        if a is None or a.size < floats:
+            a = _aligned(floats)
+        try:
+            yield a[:floats].reshape(shape)
+        finally:
+            with self._lock:
+                self._free[name].append(a)
 
 
 # (group name, its Hessian (in, in) float64 or None when not asked) -> the group's linears, dequantized
@@ -135,10 +163,12 @@ def run_layer(
         live["attn"] = wide[: n * seq * q_out].reshape(n, seq, q_out)  # o_proj's input, all samples
 
         def attn_out(sl: slice) -> np.ndarray | None:
-            qkv = engine.linear(normed(sl, norm_attn), live["qkv"])  # (t, q + 2 kv)
-            a = rope_attention(qkv[:, :q_out], qkv[:, q_out : q_out + kv_out], qkv[:, q_out + kv_out :],
-                               config, rope, sl.stop - sl.start, threads=1, out=tokens(live["attn"], sl))  # (t, q_out)
-            return gram(a)
+            x = normed(sl, norm_attn)
+            with buffers.borrow("qkv", (x.shape[0], q_out + 2 * kv_out)) as qkv:  # (t, q + 2 kv)
+                engine.linear(x, live["qkv"], out=qkv)
+                a = rope_attention(qkv[:, :q_out], qkv[:, q_out : q_out + kv_out], qkv[:, q_out + kv_out :],
+                                   config, rope, sl.stop - sl.start, threads=1, out=tokens(live["attn"], sl))
+            return gram(a)  # a: (t, q_out)
 
         live["o"] = engine.pack(quantize_group("attn_out", each(attn_out))["self_attn.o_proj"])
         del live["qkv"]
@@ -147,7 +177,8 @@ def run_layer(
         # 3. residual, then mlp_in
         def mlp_in(sl: slice) -> np.ndarray | None:
             hb = tokens(h, sl)  # (t, hidden) view into h
-            hb += engine.linear(tokens(live["attn"], sl), live["o"])
+            with buffers.borrow("proj", hb.shape) as y:
+                hb += engine.linear(tokens(live["attn"], sl), live["o"], out=y)
             return keep_normed(sl, norm_mlp) if need_hessian else None
 
         if need_hessian:
@@ -160,8 +191,10 @@ def run_layer(
         act = wide[: n * seq * inter].reshape(n, seq, inter)  # down_proj's input, all samples (attn is dead)
 
         def mlp_out(sl: slice) -> np.ndarray | None:
-            gu = engine.linear(normed(sl, norm_mlp), live["gate_up"])  # (t, 2 inter)
-            m = silu_mul(gu[:, :inter], gu[:, inter:], out=tokens(act, sl))  # (t, inter)
+            x = normed(sl, norm_mlp)
+            with buffers.borrow("gate_up", (x.shape[0], 2 * inter)) as gu:  # (t, 2 inter)
+                engine.linear(x, live["gate_up"], out=gu)
+                m = silu_mul(gu[:, :inter], gu[:, inter:], out=tokens(act, sl))  # (t, inter)
             return gram(m)
 
         w_down = engine.pack(quantize_group("mlp_out", each(mlp_out))["mlp.down_proj"])
@@ -170,7 +203,9 @@ def run_layer(
 
         # 5. the layer's output
         def output(sl: slice) -> None:
-            tokens(h, sl)[...] += engine.linear(tokens(act, sl), w_down)
+            hb = tokens(h, sl)
+            with buffers.borrow("proj", hb.shape) as y:
+                hb += engine.linear(tokens(act, sl), w_down, out=y)
 
         each(output)
     return h
