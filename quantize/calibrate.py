@@ -21,8 +21,7 @@ Memory model (what is resident at the peak, demo model numbers for 128 samples x
   MLP activation N·L·inter·4 B (403 MB) — see `quantize.sequential`; measured peak RSS for GPTQ INT4 g64
   at 128 x 512 (bench/quantize_bench.py): 1.3 GB
 - one layer's weights: original, folded, dequantized float32 (~3 x 14 MB) — the runtime runs with
-  cache_weights=False and reads each layer's tensors from the (memory-mapped) checkpoint when it runs;
-  `_Overlay` holds only the current layer's replaced tensors and drops them when the layer is done
+  cache_weights=False and reads each layer's tensors from the (memory-mapped) checkpoint when it runs
 - statistics: per input group (in, in) float64 Hessian (+ a temporary): 3·576² + 1536² doubles ≈ 27 MB
 - one batch's temporaries inside the layer: batch·L·(3·inter + 6·hidden)·4 B     (8 samples: ~130 MB)
 - the embedding matrix while it is quantized (vocab·hidden·4 B, 113 MB) and whatever the consumer
@@ -128,22 +127,6 @@ class QuantizeReport:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-class _Overlay:
-    """A TensorSource that serves replaced tensors for the current layer and the base source otherwise."""
-
-    def __init__(self, base: TensorSource):
-        self.base = base
-        self.config: LlamaConfig = base.config
-        self.replaced: dict[str, np.ndarray] = {}
-
-    def names(self) -> list[str]:
-        return self.base.names()
-
-    def tensor(self, name: str) -> np.ndarray:
-        got = self.replaced.get(name)
-        return got if got is not None else self.base.tensor(name)
 
 
 class _Stats:
@@ -274,17 +257,12 @@ def quantize_model(
         assert ids.ndim == 2, ids.shape
         report.n_samples, report.seq_len = ids.shape
 
-    overlay = _Overlay(source)
-    model = LlamaModel(overlay, cache_weights=False)
+    model = LlamaModel(source, cache_weights=False)  # AWQ's statistics pass runs the original layers
     n_layers = cfg.num_hidden_layers
 
     embed_q = _rtn_or_keep(source, "model.embed_tokens.weight", schemes["model.embed_tokens.weight"])
     yield "model.embed_tokens.weight", embed_q
-    h: np.ndarray | None = None
-    if ids is not None:
-        overlay.replaced["model.embed_tokens.weight"] = _dense(embed_q)
-        h = model.embed(ids)  # (n, L, hidden) — through the QUANTIZED embeddings, as the result will run
-        overlay.replaced.clear()
+    h = _embed(embed_q, ids, cfg.vocab_size) if ids is not None else None  # (n, L, hidden)
     del embed_q
 
     batches = [(b0, min(b0 + batch_samples, len(ids))) for b0 in range(0, len(ids), batch_samples)] if ids is not None else []
@@ -333,6 +311,17 @@ def quantize_model(
         progress("done", n_layers, n_layers)
     report.wall_seconds = time.perf_counter() - t_start
     report.peak_rss_bytes = peak_rss_bytes()
+
+
+def _embed(table: QuantizedTensor | np.ndarray, ids: np.ndarray, vocab: int) -> np.ndarray:
+    """The calibration tokens' embeddings (n, L, hidden) through the QUANTIZED table, as the result will
+    run; only the rows the tokens use are decoded (a few thousand of the vocabulary's tens of thousands)."""
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise QuantizeError(f"calibration token ids {int(ids.min())}..{int(ids.max())} fall outside the "
+                            f"vocabulary of {vocab}; the tokenizer does not match the checkpoint")
+    used, where = np.unique(ids, return_inverse=True)
+    rows = table.take_rows(used).dequantize() if isinstance(table, QuantizedTensor) else table[used]
+    return np.asarray(rows, dtype=np.float32)[where.reshape(ids.shape)]
 
 
 def _dense(v: QuantizedTensor | np.ndarray) -> np.ndarray:

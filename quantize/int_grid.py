@@ -115,11 +115,12 @@ class IntGrid(UniformGrid):
         return scale, -params["zero"].astype(np.float32) * scale
 
     def decode(self, codes: np.ndarray, params: Params) -> np.ndarray:
-        # The layouts' arithmetic: (q - zero) * scale, one rounding.
-        g = self.group_index(codes.shape[1])
-        scale = params["scale"].astype(np.float32)[:, g]
-        zero = params["zero"][:, g].astype(np.int16) if not self.symmetric else np.int16(self.shift)
-        return (codes.astype(np.int16) - zero).astype(np.float32) * scale
+        # The layouts' arithmetic: (q - zero) * scale, one rounding; per group as a block (no gathers).
+        q = self._groups(codes).astype(np.int16)  # (rows, n_groups, g)
+        q -= params["zero"][:, :, None] if not self.symmetric else np.int16(self.shift)
+        v = q.astype(np.float32)
+        v *= params["scale"].astype(np.float32)[:, :, None]
+        return v.reshape(codes.shape)
 
 
 def int_schemes() -> list[IntGrid]:

@@ -36,6 +36,11 @@ class QuantizedTensor:
         """Exact float32 weights (rows, cols)."""
         return self.scheme.decode(self.codes, self.params)
 
+    def take_rows(self, rows: np.ndarray) -> QuantizedTensor:
+        """The tensor of rows `rows` (k,) int: rows are independent on every grid (params are per row)."""
+        return QuantizedTensor(scheme=self.scheme, codes=self.codes[rows],
+                               params={k: v[rows] for k, v in self.params.items()}, name=self.name)
+
     @property
     def nbytes(self) -> int:
         """Bytes this tensor takes in its format: ggml block bytes for llama.cpp grids, else packed codes
