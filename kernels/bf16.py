@@ -6,7 +6,10 @@ paths compute the same thing, so results do not depend on the machine beyond flo
 
 * inputs are rounded to bf16 by `round_bf16` (the rule below), products of two bf16 values are exact in
   float32 (8 + 8 significant bits), and the products are summed in float32;
-* "amx": the C kernels in kernels/src/x86/amx.c (tdpbf16ps, float32 accumulation, two threads);
+* "amx": the C kernels in kernels/src/x86/amx.c (tdpbf16ps, float32 accumulation, every core unless
+  nthreads says otherwise). Their bytes depend on the inputs only, never on the thread count or blocking:
+  `linear` sums each output over k in k order in one accumulator; `gram` sums each group of 8192 tokens in
+  token order (one tdpbf16ps per 32 tokens) and adds the groups' sums in group order;
 * "numpy": `round_bf16` the inputs, then float32 `np.matmul`.
 
 Rounding rule (`round_bf16`): float32 denormals (exponent field 0) become a zero of the same sign, then
@@ -227,7 +230,7 @@ def gram(x: np.ndarray, *, path: str | None = None, nthreads: int | None = None)
         g = np.matmul(xr.T, xr).astype(np.float32, copy=False)  # (k, k)
         upper = np.triu(g)
         return upper + np.triu(g, 1).T
-    out = np.empty((k, k), np.float32)
+    out = _empty64((k, k))  # (k, k); aligned rows let the kernel stream a large result past the caches
     rc = _library().qk_bf16_gram(_ptr(x), m, k, _ptr(out), _threads(nthreads))
     if rc != 0:
         raise MemoryError(f"qk_bf16_gram failed (code {rc})")

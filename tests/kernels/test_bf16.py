@@ -175,3 +175,64 @@ def test_path_choice_and_errors(monkeypatch):
         bf16.linear(np.ones((2, 4), np.float32), bf16.pack_weight(np.ones((2, 3), np.float32)))
     with pytest.raises(ValueError, match="2-D"):
         bf16.gram(np.ones(3, np.float32))
+
+
+def _need_amx() -> None:
+    if not bf16.amx_available():
+        pytest.skip(f"AMX-BF16 cannot run here ({bf16.amx_unavailable_reason()})")
+
+
+def test_linear_bytes_do_not_depend_on_blocking_threads_or_the_other_tokens():
+    """Each output is one float32 sum over k in k order: the strip blocks, the thread split and which
+    other tokens share the call do not change a bit."""
+    _need_amx()
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((1000, 576), dtype=np.float32)
+    pw = bf16.pack_weight(rng.standard_normal((1536, 576), dtype=np.float32) * np.float32(0.05), path="amx")
+    y = bf16.linear(x, pw, nthreads=1)
+    for t in (2, 3, 5):
+        np.testing.assert_array_equal(bf16.linear(x, pw, nthreads=t), y)
+    np.testing.assert_array_equal(bf16.linear(x[517:518], pw), y[517:518])
+    np.testing.assert_array_equal(bf16.linear(x[300:700], pw), y[300:700])
+
+
+def test_gram_bytes_do_not_depend_on_the_macro_blocks():
+    """1000 features are cut into several accumulator blocks (448 features make one): a feature range's
+    sums are the same bits either way, and for any thread count."""
+    _need_amx()
+    x = np.random.default_rng(13).standard_normal((300, 1000), dtype=np.float32)
+    g = bf16.gram(x, path="amx", nthreads=1)
+    np.testing.assert_array_equal(g[64:512, 64:512], bf16.gram(x[:, 64:512], path="amx"))
+    for t in (2, 3):
+        np.testing.assert_array_equal(bf16.gram(x, path="amx", nthreads=t), g)
+
+
+def test_gram_sums_groups_of_8192_tokens_in_order():
+    """The summation rule: each group of 8192 tokens is summed alone, the groups added in order."""
+    _need_amx()
+    x = np.random.default_rng(14).standard_normal((20000, 40), dtype=np.float32)
+    parts = [bf16.gram(x[a : a + 8192], path="amx") for a in range(0, 20000, 8192)]
+    want = (parts[0] + parts[1]) + parts[2]
+    for t in (1, 2, 3):
+        np.testing.assert_array_equal(bf16.gram(x, path="amx", nthreads=t), want)
+
+
+def test_concurrent_callers_get_the_same_bytes():
+    """Calibration calls the products from several threads at once (cached scratch arenas for two of
+    them, private allocations beyond): every caller gets what a lone call gives."""
+    _need_amx()
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(15)
+    xs = [rng.standard_normal((700, 96 * (i + 1)), dtype=np.float32) for i in range(4)]
+    pws = [bf16.pack_weight(rng.standard_normal((200, x.shape[1]), dtype=np.float32), path="amx") for x in xs]
+    want = [(bf16.gram(x, path="amx", nthreads=1), bf16.linear(x, pw, nthreads=1)) for x, pw in zip(xs, pws, strict=True)]
+
+    def run(i: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(bf16.gram(xs[i], path="amx", nthreads=1), bf16.linear(xs[i], pws[i], nthreads=1)) for _ in range(3)]
+
+    with ThreadPoolExecutor(4) as pool:
+        for i, got in enumerate(pool.map(run, range(4))):
+            for g, y in got:
+                np.testing.assert_array_equal(g, want[i][0])
+                np.testing.assert_array_equal(y, want[i][1])

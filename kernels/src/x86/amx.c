@@ -14,13 +14,20 @@
  * Layouts (all tiles 16 rows x 64 bytes, stored as contiguous 1 KB blocks):
  *   A tile  : 16 rows (tokens for the linear, features for the gram) x 32 bf16 along the reduced axis;
  *   B tile  : 16 rows of 16 bf16 pairs, B[r][2c+j] = M[2r+j][c] (the "VNNI" pairing of the reduced axis).
- * The packed weight holds B tiles, tile (nb, kb) at ((nb * KB) + kb) * 1 KB, with the n-block count rounded
- * up to an even number and k up to a multiple of 32, zero padded.
+ * The packed weight holds B tiles, tile (nb, kb) at ((nb / 2 * KB + kb) * 2 + nb % 2) * 1 KB (an output
+ * pair's two tiles of a k step side by side), with the n-block count rounded up to an even number and k up
+ * to a multiple of 32, zero padded.
+ *
+ * Speed: both products use the 2x2 tile kernel (4 accumulators, 2 A and 2 B tiles per step) and are blocked
+ * for L2. On the machines this was tuned on (Sapphire Rapids guests, two vCPUs sharing one core's L1, L2
+ * and AMX unit) memory beyond L2 streams at ~6-14 GB/s per core, so the blocking minimizes what leaves L2;
+ * bench/bf16_bench.py --calib measures the calibration scenario (two callers, one thread each).
  */
 #define _GNU_SOURCE
 #include <cpuid.h>
 #include <immintrin.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -170,6 +177,8 @@ size_t qk_bf16_packed_bytes(int64_t n, int64_t k) {
     return (size_t)(cdiv(n, 32) * 2) * (size_t)cdiv(k, 32) * TILE_BYTES;
 }
 
+/* Tile (nb, kb) of W, nb = 2p + q, is stored at ((p * KB + kb) * 2 + q) KB: the two B tiles one k step of an
+ * output pair needs are adjacent, and a pair's whole panel is one contiguous 2 * KB KB stream. */
 void qk_bf16_pack_weight(const float *w, int64_t n, int64_t k, uint16_t *out) {
     const int64_t NB = cdiv(n, 32) * 2, KB = cdiv(k, 32);
     for (int64_t nb = 0; nb < NB; nb++) {
@@ -181,77 +190,158 @@ void qk_bf16_pack_weight(const float *w, int64_t n, int64_t k, uint16_t *out) {
             }
             /* r[c] dword q = pair (W[row c][2q], W[row c][2q+1]); B dword [q][c] is that pair. */
             transpose16_epi32(r);
-            uint16_t *tile = out + (nb * KB + kb) * (TILE_BYTES / 2);
+            uint16_t *tile = out + (((nb / 2) * KB + kb) * 2 + nb % 2) * (TILE_BYTES / 2);
             for (int q = 0; q < 16; q++) _mm512_storeu_si512(tile + q * 32, r[q]);
         }
     }
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
+/* scratch arenas                                                                                          */
+
+/* Converted operands and the Gram's accumulators live in arenas kept between calls: calibration calls the
+ * products per batch, with the same shapes, from two threads at once, and a fresh allocation of tens of MB
+ * would be page-faulted (and zeroed by the kernel) on every call. A caller takes a free cached arena (the
+ * smallest big enough, else the largest, grown) and gives it back; when all are busy, or the request is
+ * larger than ARENA_CACHE_MAX, it gets a private allocation freed after the call. */
+#define ARENA_SLOTS 2
+#define ARENA_CACHE_MAX ((size_t)96 << 20)
+typedef struct {
+    char *p;
+    size_t bytes;
+    int busy;
+} arena_slot_t;
+static pthread_mutex_t g_arena_lock = PTHREAD_MUTEX_INITIALIZER;
+static arena_slot_t g_arenas[ARENA_SLOTS];
+
+static char *arena_get(size_t bytes, int *slot) {
+    bytes = (bytes + 4095) / 4096 * 4096;
+    *slot = -1;
+    if (bytes <= ARENA_CACHE_MAX) {
+        pthread_mutex_lock(&g_arena_lock);
+        for (int i = 0; i < ARENA_SLOTS; i++) {
+            if (g_arenas[i].busy) continue;
+            if (*slot < 0) {
+                *slot = i;
+                continue;
+            }
+            const arena_slot_t *b = &g_arenas[*slot], *c = &g_arenas[i];
+            const int bfit = b->bytes >= bytes, cfit = c->bytes >= bytes;
+            if (cfit ? (!bfit || c->bytes < b->bytes) : (!bfit && c->bytes > b->bytes)) *slot = i;
+        }
+        if (*slot >= 0) g_arenas[*slot].busy = 1;
+        pthread_mutex_unlock(&g_arena_lock);
+    }
+    if (*slot < 0) return aligned_alloc(4096, bytes);
+    arena_slot_t *a = &g_arenas[*slot]; /* ours until arena_put: grown outside the lock */
+    if (a->bytes < bytes) {
+        free(a->p);
+        a->p = aligned_alloc(4096, bytes);
+        a->bytes = a->p ? bytes : 0;
+    }
+    if (!a->p) {
+        pthread_mutex_lock(&g_arena_lock);
+        a->busy = 0;
+        pthread_mutex_unlock(&g_arena_lock);
+        return NULL;
+    }
+    return a->p;
+}
+
+static void arena_put(char *p, int slot) {
+    if (slot < 0) {
+        free(p);
+        return;
+    }
+    pthread_mutex_lock(&g_arena_lock);
+    g_arenas[slot].busy = 0;
+    pthread_mutex_unlock(&g_arena_lock);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
 /* linear: y (m, n) = bf16(x) (m, k) · bf16(W)ᵀ                                                            */
+/*
+ * Blocking: a block of QK_LIN_MS strips (32 tokens each) is converted to A tiles once (QK_LIN_MS * 2 * KB KB,
+ * L2-resident), then every output pair's weight panel (2 * KB KB, read once per block from L3) is applied
+ * to all strips of the block while it sits in L1/L2. Each output's sum over k runs in one tile accumulator in
+ * k order whatever the blocking or thread count, so y does not depend on either.
+ */
+#ifndef QK_LIN_MS
+#define QK_LIN_MS 8
+#endif
 
 typedef struct {
     const float *x;
     const uint16_t *w;
     float *y;
     int64_t m, k, n;
-    int64_t strips, nsplit; /* work unit u: strip u / nsplit, n-pair range part u % nsplit */
+    int64_t blocks, nsplit; /* work unit u: strip block u / nsplit, n-pair range part u % nsplit */
     int stream;             /* y is large and 64-byte aligned rows: write it around the caches */
     int64_t *next_unit;     /* shared work counter: units are taken dynamically (results do not depend on it) */
-    uint16_t *abuf; /* 2 * KB tiles: the strip's 32 rows as A tiles, [half][kb] */
+    uint16_t *abuf;         /* QK_LIN_MS strips of A tiles, strip s k step kb half h at ((s*KB + kb)*2 + h) KB */
 } linear_job_t;
+
+/* tokens [t0, t0 + 32 ns) (zeros past m) -> A tiles: row r of half h of strip s is token t0 + 32s + 16h + r */
+static void linear_convert(const linear_job_t *j, int64_t t0, int64_t ns, uint16_t *abuf) {
+    const int64_t KB = cdiv(j->k, 32);
+    for (int64_t s = 0; s < ns; s++) {
+        for (int r = 0; r < 32; r++) {
+            const int64_t t = t0 + 32 * s + r;
+            uint16_t *dst = abuf + ((s * KB * 2 + r / 16) * 16 + r % 16) * 32;
+            if (t < j->m) {
+                const float *src = j->x + t * j->k;
+                for (int64_t kb = 0; kb < KB; kb++)
+                    _mm512_store_si512(dst + kb * 1024, cvt32(src + kb * 32, j->k - kb * 32));
+            } else {
+                for (int64_t kb = 0; kb < KB; kb++) _mm512_store_si512(dst + kb * 1024, _mm512_setzero_si512());
+            }
+        }
+    }
+}
 
 static void *linear_worker(void *arg) {
     linear_job_t *j = (linear_job_t *)arg;
-    const int64_t KB = cdiv(j->k, 32), NP = cdiv(j->n, 32);
-    const int64_t units = j->strips * j->nsplit;
+    const int64_t KB = cdiv(j->k, 32), NP = cdiv(j->n, 32), strips = cdiv(j->m, 32);
+    const int64_t units = j->blocks * j->nsplit;
     float ctmp[16 * 16] __attribute__((aligned(64)));
     int configured = 0;
     for (;;) {
         const int64_t u = __atomic_fetch_add(j->next_unit, 1, __ATOMIC_RELAXED);
         if (u >= units) break;
-        const int64_t s = u / j->nsplit, part = u % j->nsplit;
+        const int64_t blk = u / j->nsplit, part = u % j->nsplit;
         const int64_t p0 = NP * part / j->nsplit, p1 = NP * (part + 1) / j->nsplit;
         if (p0 >= p1) continue;
         if (!configured) {
             tile_config();
             configured = 1;
         }
-        const int64_t t0 = s * 32;
-        /* strip -> A tiles: row r of half h is token t0 + 16h + r */
-        for (int h = 0; h < 2; h++) {
-            for (int r = 0; r < 16; r++) {
-                const int64_t t = t0 + 16 * h + r;
-                for (int64_t kb = 0; kb < KB; kb++) {
-                    const __m512i v = t < j->m ? cvt32(j->x + t * j->k + kb * 32, j->k - kb * 32)
-                                               : _mm512_setzero_si512();
-                    _mm512_store_si512(j->abuf + ((h * KB + kb) * 16 + r) * 32, v);
-                }
-            }
-        }
-        const uint16_t *a0 = j->abuf, *a1 = j->abuf + KB * 512;
+        const int64_t s0 = blk * QK_LIN_MS, ns = strips - s0 < QK_LIN_MS ? strips - s0 : QK_LIN_MS;
+        linear_convert(j, s0 * 32, ns, j->abuf);
+        float *y = j->y;
+        const int64_t ys = j->n * 4;
         for (int64_t p = p0; p < p1; p++) {
-            const uint16_t *b0 = j->w + (2 * p) * KB * 512, *b1 = j->w + (2 * p + 1) * KB * 512;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int64_t kb = 0; kb < KB; kb++) {
-                _tile_loadd(4, a0 + kb * 512, 64);
-                _tile_loadd(5, a1 + kb * 512, 64);
-                _tile_loadd(6, b0 + kb * 512, 64);
-                _tile_loadd(7, b1 + kb * 512, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
-            }
-            /* C tile (h, q): tokens t0 + 16h.., outputs 32p + 16q.. */
+            const uint16_t *b = j->w + p * KB * 1024;
             const int64_t n0 = 32 * p;
-            const int full_rows0 = t0 + 16 <= j->m, full_rows1 = t0 + 32 <= j->m;
             const int full_c0 = n0 + 16 <= j->n, full_c1 = n0 + 32 <= j->n;
-            float *y = j->y;
-            const int64_t ys = j->n * 4;
+            for (int64_t s = 0; s < ns; s++) {
+                const uint16_t *a = j->abuf + s * KB * 1024;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t kb = 0; kb < KB; kb++) {
+                    _tile_loadd(4, a + kb * 1024, 64);
+                    _tile_loadd(5, a + kb * 1024 + 512, 64);
+                    _tile_loadd(6, b + kb * 1024, 64);
+                    _tile_loadd(7, b + kb * 1024 + 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                /* C tile (h, q): tokens t0 + 16h.., outputs 32p + 16q.. */
+                const int64_t t0 = (s0 + s) * 32;
+                const int full_rows0 = t0 + 16 <= j->m, full_rows1 = t0 + 32 <= j->m;
 #define STORE_C(TILE, H, Q, FULL)                                                                  \
     do {                                                                                           \
         const int64_t tr = t0 + 16 * (H), nc = n0 + 16 * (Q);                                     \
@@ -268,11 +358,12 @@ static void *linear_worker(void *arg) {
                 memcpy(y + (tr + rr) * j->n + nc, ctmp + rr * 16, (size_t)ncol * 4);               \
         }                                                                                          \
     } while (0)
-            STORE_C(0, 0, 0, full_rows0 && full_c0);
-            STORE_C(1, 0, 1, full_rows0 && full_c1);
-            STORE_C(2, 1, 0, full_rows1 && full_c0);
-            STORE_C(3, 1, 1, full_rows1 && full_c1);
+                STORE_C(0, 0, 0, full_rows0 && full_c0);
+                STORE_C(1, 0, 1, full_rows0 && full_c1);
+                STORE_C(2, 1, 0, full_rows1 && full_c0);
+                STORE_C(3, 1, 1, full_rows1 && full_c1);
 #undef STORE_C
+            }
         }
     }
     if (configured) {
@@ -292,173 +383,249 @@ int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked
     if (!qk_bf16_amx_available()) return -1;
     const int nt = resolve_threads(nthreads);
     const int64_t KB = cdiv(k, 32), strips = cdiv(m, 32), NP = cdiv(n, 32);
-    /* few strips: split the output columns too so every thread has work */
-    int64_t nsplit = strips >= nt ? 1 : (nt + strips - 1) / strips;
+    const int64_t blocks = cdiv(strips, QK_LIN_MS);
+    /* few blocks: split the output columns too so every thread has work */
+    int64_t nsplit = blocks >= nt ? 1 : (nt + blocks - 1) / blocks;
     if (nsplit > NP) nsplit = NP;
-    const int use = (int)(strips * nsplit < nt ? strips * nsplit : nt);
-    /* Streaming (non-temporal) stores keep a large y from evicting the packed weight from L2 and skip the
+    const int use = (int)(blocks * nsplit < nt ? blocks * nsplit : nt);
+    /* Streaming (non-temporal) stores keep a large y from evicting the operands from L2 and skip the
      * read-for-ownership of every output line; they need 64-byte aligned output rows. */
     const int stream = (uintptr_t)y % 64 == 0 && n % 16 == 0 && (size_t)(m * n) * 4 >= ((size_t)8 << 20);
+    const int64_t ms = strips < QK_LIN_MS ? strips : QK_LIN_MS;
+    const size_t abytes = (size_t)(ms * 2 * KB) * TILE_BYTES;
+    int slot;
+    char *arena = arena_get((size_t)use * abytes, &slot);
+    if (!arena) return -2;
     int64_t next_unit = 0;
     linear_job_t jobs[MAX_THREADS];
-    uint16_t *bufs = aligned_alloc(64, (size_t)use * (size_t)(2 * KB) * TILE_BYTES);
-    if (!bufs) return -2;
-    for (int i = 0; i < use; i++) {
-        jobs[i] = (linear_job_t){x, wpacked, y, m, k, n, strips, nsplit, stream, &next_unit,
-                                 bufs + (size_t)i * (size_t)(2 * KB) * 512};
-    }
+    for (int i = 0; i < use; i++)
+        jobs[i] = (linear_job_t){x, wpacked, y, m, k, n, blocks, nsplit, stream, &next_unit,
+                                 (uint16_t *)(arena + (size_t)i * abytes)};
     run_threads(use, linear_worker, jobs, sizeof jobs[0]);
-    free(bufs);
+    arena_put(arena, slot);
     return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* gram: out (k, k) = bf16(x)ᵀ · bf16(x), upper block triangle computed, mirrored                           */
 /*
- * The tokens are cut into G groups of whole chunks; a group is summed in its own float32 accumulator, the
- * chunks of a group in token order, and the accumulators are then added in group order. G and the chunk
- * size depend only on (m, k), so the result is the same bytes for any thread count or scheduling, while
- * threads take groups dynamically (a thread slowed by another process does not hold the other back).
+ * Summation order (fixed by m alone): the tokens are cut into groups of QK_GRAM_GROUP tokens; each group is
+ * summed in its own float32 accumulator, one tdpbf16ps per 32 tokens in token order, and the groups' sums
+ * are added in group order (((g0 + g1) + g2) + ...). Calibration's 4096-token calls are one group. Threads
+ * split the output, never the tokens, so the bytes do not depend on the thread count or the blocking.
+ *
+ * Blocking. What leaves L2 decides the speed (on the shared machines this runs on, L3/DRAM streams at
+ * ~6-14 GB/s per core, a few percent of what the tiles consume), so the accumulators never leave L2 during
+ * the token reduction: the upper triangle of 32x32-feature super-blocks (pairs (I, J), I <= J) is cut into
+ * macro-blocks of at most QK_GRAM_ACC_PAIRS pairs (4 KB of float32 tiles each): bands of super-blocks give
+ * diagonal triangles (band x itself) and off-diagonal rectangles (band x later band); up to 704 features
+ * the whole triangle is one block. A thread takes a block, and for each chunk of QK_GRAM_KC token tiles
+ * converts the block's features of those tokens from x straight into A tiles (xᵀ, rows' band) and B tiles
+ * (token pairs, columns' band), as one contiguous panel of KC steps per super-block; each column's B panel
+ * then stays in L1 while the rows' A panels stream from L2, and a pair's four accumulator tiles take 4 * KC
+ * tdpbf16ps between a load and a store. The finished block is mirrored into out. x is read once per block
+ * a band belongs to: once in all up to 704 features, about three times at 1536.
  */
+#ifndef QK_GRAM_KC
+#define QK_GRAM_KC 8
+#endif
+#ifndef QK_GRAM_ACC_PAIRS
+#define QK_GRAM_ACC_PAIRS 256 /* 1 MB of accumulators per macro-block */
+#endif
+#define QK_GRAM_GROUP 8192 /* tokens per summation group (a multiple of 32 * QK_GRAM_KC) */
+
+typedef struct {
+    int64_t i0, i1, j0, j1; /* super-row and super-column ranges (pairs I <= J of them) */
+    int64_t pairs;
+} gram_block_t;
 
 typedef struct {
     const float *x;
-    int64_t m, k, kp, T;     /* kp: k rounded up to 32; T: tokens per chunk (multiple of 32) */
-    int64_t G, group_chunks; /* groups and chunks per group */
-    float *accs;             /* G accumulators of kp x kp; only upper super-blocks are written */
-    int64_t *next_group;     /* shared work counter */
-    uint16_t *abuf, *bbuf;   /* this thread's chunk: tiles [fb][tb], fb < kp/16, tb < T/32 */
+    float *out;
+    int64_t m, k;
+    const gram_block_t *blocks;
+    int64_t nblocks;
+    int64_t *next_block; /* shared work counter */
+    int stream;          /* out is large with 64-byte aligned rows: write it around the caches */
+    uint16_t *abuf, *bbuf; /* this thread's chunk panels: super-block s of a band at s * 2 * KC KB */
+    float *acc, *tot;      /* this thread's block accumulators (pair after pair, J-major); tot: groups' sum */
 } gram_job_t;
 
-/* Convert tokens [c0, c0+T) (zeros past m) to B tiles (token pairs) and A tiles (xᵀ) of every feature. */
-static void gram_convert(const gram_job_t *j, int64_t c0, uint16_t *abuf, uint16_t *bbuf) {
-    const int64_t TB = j->T / 32, FB = j->kp / 16;
+/* 32 tokens from t0 (zeros past m) x 16 features from f0 (zeros past k) -> their B tile (token pairs) */
+static inline void gram_load(const gram_job_t *j, int64_t t0, int64_t f0, __m512i r[16]) {
     const __m512i perm = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    for (int64_t tb = 0; tb < TB; tb++) {
-        const int64_t t0 = c0 + tb * 32;
-        for (int64_t fb = 0; fb < FB; fb++) {
-            const int64_t f0 = fb * 16;
-            const __mmask16 fm = mask_upto(j->k - f0);
-            __m512i r[16];
-            for (int q = 0; q < 16; q++) {
-                const int64_t ta = t0 + 2 * q, tn = ta + 1;
-                const __m512 lo = ta < j->m ? _mm512_maskz_loadu_ps(fm, j->x + ta * j->k + f0) : _mm512_setzero_ps();
-                const __m512 hi = tn < j->m ? _mm512_maskz_loadu_ps(fm, j->x + tn * j->k + f0) : _mm512_setzero_ps();
-                /* words 0..15 token ta, 16..31 token ta+1 -> interleave to pairs per feature */
-                r[q] = _mm512_permutexvar_epi16(perm, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-            }
-            uint16_t *bt = bbuf + (fb * TB + tb) * 512;
-            for (int q = 0; q < 16; q++) _mm512_store_si512(bt + q * 32, r[q]);
+    const __mmask16 fm = mask_upto(j->k - f0);
+    if (f0 < j->k) /* the next token tile's line of each row: 32 row streams are more than the hardware
+                    * prefetchers follow */
+        for (int q = 0; q < 32 && t0 + 32 + q < j->m; q++)
+            _mm_prefetch((const char *)(j->x + (t0 + 32 + q) * j->k + f0), _MM_HINT_T0);
+    for (int q = 0; q < 16; q++) {
+        const int64_t ta = t0 + 2 * q, tn = ta + 1;
+        const __m512 lo = ta < j->m ? _mm512_maskz_loadu_ps(fm, j->x + ta * j->k + f0) : _mm512_setzero_ps();
+        const __m512 hi = tn < j->m ? _mm512_maskz_loadu_ps(fm, j->x + tn * j->k + f0) : _mm512_setzero_ps();
+        /* words 0..15 token ta, 16..31 token ta+1 -> interleave to pairs per feature */
+        r[q] = _mm512_permutexvar_epi16(perm, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+
+/* Tokens [c0, c0 + 32 nst) -> the block's panels: A tiles of the rows' band (and their B tiles when the
+ * block is diagonal, the columns being the same features), B tiles of the columns' band otherwise. */
+static void gram_convert(const gram_job_t *j, const gram_block_t *b, int64_t c0, int64_t nst) {
+    const int diag = b->i0 == b->j0;
+    __m512i r[16];
+    for (int64_t t = 0; t < nst; t++) {
+        const int64_t t0 = c0 + 32 * t;
+        for (int64_t fb = 2 * b->i0; fb < 2 * b->i1; fb++) {
+            const int64_t off = ((fb / 2 - b->i0) * QK_GRAM_KC + t) * 1024 + (fb % 2) * 512;
+            gram_load(j, t0, fb * 16, r);
+            if (diag)
+                for (int q = 0; q < 16; q++) _mm512_store_si512(j->bbuf + off + q * 32, r[q]);
             transpose16_epi32(r);
-            uint16_t *at = abuf + (fb * TB + tb) * 512;
-            for (int q = 0; q < 16; q++) _mm512_store_si512(at + q * 32, r[q]);
+            for (int q = 0; q < 16; q++) _mm512_store_si512(j->abuf + off + q * 32, r[q]);
+        }
+        if (diag) continue;
+        for (int64_t fb = 2 * b->j0; fb < 2 * b->j1; fb++) {
+            const int64_t off = ((fb / 2 - b->j0) * QK_GRAM_KC + t) * 1024 + (fb % 2) * 512;
+            gram_load(j, t0, fb * 16, r);
+            for (int q = 0; q < 16; q++) _mm512_store_si512(j->bbuf + off + q * 32, r[q]);
         }
     }
 }
 
-/* Accumulate super-block (I, J) (features 32I.., 32J..) of one chunk into acc (zero it first if `first`).
- * The accumulator is tiled: the 16x16 tile of feature blocks (fi, fj) is 1 KB contiguous at (fi * FB + fj),
- * so a pair's four tiles are read as whole contiguous kilobytes the prefetchers follow. */
-static inline void gram_pair(const gram_job_t *j, float *acc, int64_t I, int64_t J, int first) {
-    const int64_t TB = j->T / 32, FB = j->kp / 16;
-    float *c00 = acc + ((2 * I) * FB + 2 * J) * 256, *c01 = c00 + 256;
-    float *c10 = c00 + FB * 256, *c11 = c10 + 256;
-    if (first) {
+/* acc (4 tiles: c00 c01 c10 c11) += A panel · B panel over nst tile steps (from zero if `zero`). */
+static inline void gram_pair(float *acc, const uint16_t *a, const uint16_t *b, int64_t nst, int zero) {
+    if (zero) {
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
     } else {
-        _tile_loadd(0, c00, 64);
-        _tile_loadd(1, c01, 64);
-        _tile_loadd(2, c10, 64);
-        _tile_loadd(3, c11, 64);
+        _tile_loadd(0, acc, 64);
+        _tile_loadd(1, acc + 256, 64);
+        _tile_loadd(2, acc + 512, 64);
+        _tile_loadd(3, acc + 768, 64);
     }
-    const uint16_t *a0 = j->abuf + (2 * I) * TB * 512, *a1 = a0 + TB * 512;
-    const uint16_t *b0 = j->bbuf + (2 * J) * TB * 512, *b1 = b0 + TB * 512;
-    for (int64_t tb = 0; tb < TB; tb++) {
-        _tile_loadd(4, a0 + tb * 512, 64);
-        _tile_loadd(5, a1 + tb * 512, 64);
-        _tile_loadd(6, b0 + tb * 512, 64);
-        _tile_loadd(7, b1 + tb * 512, 64);
+    for (int64_t t = 0; t < nst; t++) {
+        _tile_loadd(4, a + t * 1024, 64);
+        _tile_loadd(5, a + t * 1024 + 512, 64);
+        _tile_loadd(6, b + t * 1024, 64);
+        _tile_loadd(7, b + t * 1024 + 512, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_stored(0, c00, 64);
-    _tile_stored(1, c01, 64);
-    _tile_stored(2, c10, 64);
-    _tile_stored(3, c11, 64);
+    _tile_stored(0, acc, 64);
+    _tile_stored(1, acc + 256, 64);
+    _tile_stored(2, acc + 512, 64);
+    _tile_stored(3, acc + 768, 64);
 }
 
-static void *gram_worker(void *arg) {
-    gram_job_t *j = (gram_job_t *)arg;
-    const int64_t SB = j->kp / 32;
-    int configured = 0;
-    for (;;) {
-        const int64_t g = __atomic_fetch_add(j->next_group, 1, __ATOMIC_RELAXED);
-        if (g >= j->G) break;
-        if (!configured) {
-            tile_config();
-            configured = 1;
-        }
-        float *acc = j->accs + (size_t)g * (size_t)(j->kp * j->kp);
-        for (int64_t c = 0; c < j->group_chunks; c++) {
-            const int64_t c0 = (g * j->group_chunks + c) * j->T;
-            if (c0 >= j->m) break;
-            gram_convert(j, c0, j->abuf, j->bbuf);
-            /* two super-rows at a time: each B panel is used by both while it is in L1 */
-            for (int64_t I0 = 0; I0 < SB; I0 += 2) {
-                for (int64_t J = I0; J < SB; J++) {
-                    for (int64_t I = I0; I < I0 + 2 && I <= J; I++)
-                        gram_pair(j, acc, I, J, c == 0);
+/* One chunk of the block: every pair, column by column (the column's B panel stays in L1). */
+static void gram_chunk(const gram_job_t *j, const gram_block_t *b, float *acc, int64_t nst, int zero) {
+    for (int64_t J = b->j0; J < b->j1; J++) {
+        const uint16_t *bp = j->bbuf + (J - b->j0) * QK_GRAM_KC * 1024;
+        const int64_t iend = J + 1 < b->i1 ? J + 1 : b->i1;
+        for (int64_t I = b->i0; I < iend; I++, acc += 1024)
+            gram_pair(acc, j->abuf + (I - b->i0) * QK_GRAM_KC * 1024, bp, nst, zero);
+    }
+}
+
+static inline void gram_store_row(const gram_job_t *j, float *dst, __mmask16 mask, __m512i v) {
+    if (j->stream && mask == 0xffff) _mm512_stream_si512((__m512i *)dst, v);
+    else _mm512_mask_storeu_epi32(dst, mask, v);
+}
+
+/* The block's sums -> out: the element-wise upper triangle (i <= j) and its mirror, so out is exactly
+ * symmetric. */
+static void gram_write(const gram_job_t *j, const gram_block_t *b, const float *acc) {
+    const int64_t k = j->k;
+    for (int64_t J = b->j0; J < b->j1; J++) {
+        const int64_t iend = J + 1 < b->i1 ? J + 1 : b->i1;
+        for (int64_t I = b->i0; I < iend; I++, acc += 1024) {
+            for (int h = 0; h < 4; h++) {
+                const int64_t ti = 2 * I + h / 2, tj = 2 * J + h % 2, i0 = ti * 16, j0 = tj * 16;
+                if (ti > tj || i0 >= k || j0 >= k) continue;
+                const int64_t nr = k - i0 < 16 ? k - i0 : 16, nc = k - j0 < 16 ? k - j0 : 16;
+                const __mmask16 mr = mask_upto(nr), mc = mask_upto(nc);
+                __m512i r[16], t[16];
+                for (int q = 0; q < 16; q++) r[q] = t[q] = _mm512_load_si512(acc + h * 256 + q * 16);
+                transpose16_epi32(t); /* t[q][c] = tile (c, q) */
+                if (ti < tj) {
+                    for (int q = 0; q < nr; q++) gram_store_row(j, j->out + (i0 + q) * k + j0, mc, r[q]);
+                    for (int q = 0; q < nc; q++) gram_store_row(j, j->out + (j0 + q) * k + i0, mr, t[q]);
+                } else { /* diagonal tile: row q keeps its columns >= q and mirrors the rest */
+                    for (int q = 0; q < nr; q++) {
+                        const __m512i v = _mm512_mask_blend_epi32((__mmask16)(0xffffu << q), t[q], r[q]);
+                        gram_store_row(j, j->out + (i0 + q) * k + i0, mc, v);
+                    }
                 }
             }
         }
     }
-    if (configured) _tile_release();
+}
+
+static void *gram_worker(void *arg) {
+    const gram_job_t *j = (const gram_job_t *)arg;
+    const int64_t chunk = 32 * QK_GRAM_KC, G = cdiv(j->m, QK_GRAM_GROUP);
+    int configured = 0;
+    for (;;) {
+        const int64_t bi = __atomic_fetch_add(j->next_block, 1, __ATOMIC_RELAXED);
+        if (bi >= j->nblocks) break;
+        if (!configured) {
+            tile_config();
+            configured = 1;
+        }
+        const gram_block_t *b = &j->blocks[bi];
+        float *acc = j->acc, *tot = j->tot;
+        for (int64_t c0 = 0; c0 < j->m; c0 += chunk) {
+            const int64_t nst = cdiv(j->m - c0, 32) < QK_GRAM_KC ? cdiv(j->m - c0, 32) : QK_GRAM_KC;
+            gram_convert(j, b, c0, nst);
+            gram_chunk(j, b, acc, nst, c0 % QK_GRAM_GROUP == 0);
+            if (G > 1 && (c0 + chunk >= j->m || (c0 + chunk) % QK_GRAM_GROUP == 0)) { /* a group ends */
+                if (c0 < QK_GRAM_GROUP) { /* the first group's sums are the running total */
+                    float *s = tot;
+                    tot = acc;
+                    acc = s;
+                } else {
+                    for (int64_t e = 0; e < b->pairs * 1024; e += 16)
+                        _mm512_store_ps(tot + e, _mm512_add_ps(_mm512_load_ps(tot + e), _mm512_load_ps(acc + e)));
+                }
+            }
+        }
+        gram_write(j, b, G > 1 ? tot : acc);
+    }
+    if (configured) {
+        if (j->stream) _mm_sfence();
+        _tile_release();
+    }
     return NULL;
 }
 
-/* A scratch arena kept between Gram calls: calibration calls it per layer with the same shapes, and a fresh
- * allocation of tens of MB would be page-faulted (and zeroed by the kernel) on every call. One caller at a
- * time uses it; a concurrent caller gets a private allocation. */
-static pthread_mutex_t g_arena_lock = PTHREAD_MUTEX_INITIALIZER;
-static char *g_arena = NULL;
-static size_t g_arena_bytes = 0;
-
-static char *arena_get(size_t bytes, int *cached) {
-    bytes = (bytes + 63) / 64 * 64;
-    if (pthread_mutex_trylock(&g_arena_lock) == 0) {
-        if (g_arena_bytes < bytes) {
-            free(g_arena);
-            g_arena = aligned_alloc(64, bytes);
-            g_arena_bytes = g_arena ? bytes : 0;
+/* The macro-blocks of SB super-blocks, largest first (dynamic scheduling ends with the small ones); returns
+ * their number, writing them to `blocks` when not NULL. */
+static int64_t gram_blocks(int64_t SB, int nt, gram_block_t *blocks) {
+    int64_t tri = 1, side = 1;
+    while ((tri + 1) * (tri + 2) / 2 <= QK_GRAM_ACC_PAIRS) tri++;
+    while ((side + 1) * (side + 1) <= QK_GRAM_ACC_PAIRS) side++;
+    int64_t nb = SB <= tri ? 1 : cdiv(SB, side);
+    if (nt > 1 && nb < 2 && SB >= 2) nb = 2; /* something for a second thread */
+    int64_t n = 0;
+    for (int diag = 0; diag < 2; diag++) {
+        for (int64_t bj = 0; bj < nb; bj++) {
+            for (int64_t bi = 0; bi <= bj; bi++) {
+                if ((bi == bj) != diag) continue;
+                const int64_t i0 = SB * bi / nb, i1 = SB * (bi + 1) / nb, j0 = SB * bj / nb, j1 = SB * (bj + 1) / nb;
+                if (blocks)
+                    blocks[n] = (gram_block_t){i0, i1, j0, j1,
+                                               diag ? (i1 - i0) * (i1 - i0 + 1) / 2 : (i1 - i0) * (j1 - j0)};
+                n++;
+            }
         }
-        if (g_arena) {
-            *cached = 1;
-            return g_arena;
-        }
-        pthread_mutex_unlock(&g_arena_lock);
     }
-    *cached = 0;
-    return aligned_alloc(64, bytes);
+    return n;
 }
-
-static void arena_put(char *p, int cached) {
-    if (cached) pthread_mutex_unlock(&g_arena_lock);
-    else free(p);
-}
-
-#ifndef QK_GRAM_CHUNK_BYTES
-#define QK_GRAM_CHUNK_BYTES (1 << 20)
-#endif
-#ifndef QK_GRAM_MAX_GROUPS
-#define QK_GRAM_MAX_GROUPS 8
-#endif
-#define QK_GRAM_ACC_BYTES ((size_t)64 << 20)
 
 int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads) {
     if (k <= 0) return 0;
@@ -467,59 +634,42 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
         return 0;
     }
     if (!qk_bf16_amx_available()) return -1;
-    const int64_t kp = cdiv(k, 32) * 32;
-    /* tokens per chunk: both bf16 layouts of a chunk in about QK_GRAM_CHUNK_BYTES */
-    int64_t T = (int64_t)QK_GRAM_CHUNK_BYTES / (kp * 4) / 32 * 32;
-    if (T < 64) T = 64;
-    if (T > 2048) T = 2048;
-    if (T > cdiv(m, 32) * 32) T = cdiv(m, 32) * 32;
-    const int64_t nchunks = cdiv(m, T);
-    const size_t acc_elems = (size_t)(kp * kp);
-    int64_t gmax = (int64_t)(QK_GRAM_ACC_BYTES / (acc_elems * sizeof(float)));
-    if (gmax > QK_GRAM_MAX_GROUPS) gmax = QK_GRAM_MAX_GROUPS;
-    if (gmax < 1) gmax = 1;
-    const int64_t group_chunks = cdiv(nchunks, gmax < nchunks ? gmax : nchunks);
-    const int64_t G = cdiv(nchunks, group_chunks);
+    const int64_t SB = cdiv(k, 32);
     int nt = resolve_threads(nthreads);
-    if (nt > G) nt = (int)G;
-    const size_t chunk_elems = (size_t)(kp * T); /* bf16 elements of one layout of one chunk */
-    const size_t buf_bytes = (size_t)nt * 2 * chunk_elems * sizeof(uint16_t);
-    const size_t acc_bytes = (size_t)G * acc_elems * sizeof(float);
-    int cached = 0;
-    char *arena = arena_get(buf_bytes + acc_bytes, &cached);
-    if (!arena) return -2;
-    uint16_t *bufs = (uint16_t *)arena;
-    float *accs = (float *)(arena + buf_bytes);
-    int64_t next_group = 0;
+    const int64_t nblocks = gram_blocks(SB, nt, NULL);
+    gram_block_t *blocks = malloc((size_t)nblocks * sizeof *blocks);
+    if (!blocks) return -2;
+    gram_blocks(SB, nt, blocks);
+    if (nt > nblocks) nt = (int)nblocks;
+    int64_t pairs = 0, band = 0;
+    for (int64_t i = 0; i < nblocks; i++) {
+        if (blocks[i].pairs > pairs) pairs = blocks[i].pairs;
+        if (blocks[i].i1 - blocks[i].i0 > band) band = blocks[i].i1 - blocks[i].i0;
+        if (blocks[i].j1 - blocks[i].j0 > band) band = blocks[i].j1 - blocks[i].j0;
+    }
+    const size_t panel_bytes = (size_t)(band * 2 * QK_GRAM_KC) * TILE_BYTES;
+    const size_t acc_bytes = (size_t)pairs * 4 * TILE_BYTES;
+    const int groups = m > QK_GRAM_GROUP;
+    const size_t per_thread = 2 * panel_bytes + (groups ? 2 : 1) * acc_bytes;
+    int slot;
+    char *arena = arena_get((size_t)nt * per_thread, &slot);
+    if (!arena) {
+        free(blocks);
+        return -2;
+    }
+    /* Streaming stores keep a large out from evicting the accumulators and operands from L2 and skip the
+     * read-for-ownership of every line; they need 64-byte aligned rows. */
+    const int stream = (uintptr_t)out % 64 == 0 && k % 16 == 0 && (size_t)(k * k) * 4 >= ((size_t)4 << 20);
+    int64_t next_block = 0;
     gram_job_t jobs[MAX_THREADS];
     for (int i = 0; i < nt; i++) {
-        uint16_t *mine = bufs + (size_t)i * 2 * chunk_elems;
-        jobs[i] = (gram_job_t){x, m, k, kp, T, G, group_chunks, accs, &next_group, mine, mine + chunk_elems};
+        char *p = arena + (size_t)i * per_thread;
+        jobs[i] = (gram_job_t){x, out, m, k, blocks, nblocks, &next_block, stream,
+                               (uint16_t *)p, (uint16_t *)(p + panel_bytes), (float *)(p + 2 * panel_bytes),
+                               groups ? (float *)(p + 2 * panel_bytes + acc_bytes) : NULL};
     }
     run_threads(nt, gram_worker, jobs, sizeof jobs[0]);
-    /* add the groups in order into the first, and mirror the element-wise upper triangle (i <= j):
-     * the result is exactly symmetric */
-    const int64_t FB = kp / 16;
-    for (int64_t ti = 0; ti * 16 < k; ti++) {
-        for (int64_t tj = ti; tj * 16 < k; tj++) {
-            float *tile = accs + (ti * FB + tj) * 256;
-            for (int64_t g = 1; g < G; g++) {
-                const float *other = accs + (size_t)g * acc_elems + (ti * FB + tj) * 256;
-                for (int e = 0; e < 256; e++) tile[e] += other[e];
-            }
-            for (int r = 0; r < 16; r++) {
-                const int64_t i = ti * 16 + r;
-                if (i >= k) break;
-                for (int c = 0; c < 16; c++) {
-                    const int64_t jj = tj * 16 + c;
-                    if (jj >= k) break;
-                    if (jj < i) continue;
-                    out[i * k + jj] = tile[r * 16 + c];
-                    out[jj * k + i] = tile[r * 16 + c];
-                }
-            }
-        }
-    }
-    arena_put(arena, cached);
+    arena_put(arena, slot);
+    free(blocks);
     return 0;
 }
