@@ -425,6 +425,10 @@ int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked
  * then stays in L1 while the rows' A panels stream from L2, and a pair's four accumulator tiles take 4 * KC
  * tdpbf16ps between a load and a store. The finished block is mirrored into out. x is read once per block
  * a band belongs to: once in all up to 704 features, about three times at 1536.
+ *
+ * Threads take whole blocks; with several threads and several token groups they take (block, group) units
+ * instead (each group's sums in their own accumulators, added in group order at the end), so a small
+ * Gram need not be cut into more blocks, each reading x again, to give every thread work.
  */
 #ifndef QK_GRAM_KC
 #define QK_GRAM_KC 8
@@ -433,10 +437,11 @@ int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked
 #define QK_GRAM_ACC_PAIRS 256 /* 1 MB of accumulators per macro-block */
 #endif
 #define QK_GRAM_GROUP 8192 /* tokens per summation group (a multiple of 32 * QK_GRAM_KC) */
+#define QK_GRAM_SPLIT_BYTES ((size_t)48 << 20)
 
 typedef struct {
     int64_t i0, i1, j0, j1; /* super-row and super-column ranges (pairs I <= J of them) */
-    int64_t pairs;
+    int64_t pairs, off;     /* its pairs, and the pairs of the blocks before it */
 } gram_block_t;
 
 typedef struct {
@@ -449,6 +454,9 @@ typedef struct {
     int stream;          /* out is large with 64-byte aligned rows: write it around the caches */
     uint16_t *abuf, *bbuf; /* this thread's chunk panels: super-block s of a band at s * 2 * KC KB */
     float *acc, *tot;      /* this thread's block accumulators (pair after pair, J-major); tot: groups' sum */
+    float *gaccs;          /* split mode: one accumulator per (group, block), group g of block b at
+                            * (g * total_pairs + b.off) * 4 KB; NULL otherwise */
+    int64_t total_pairs;
 } gram_job_t;
 
 /* 32 tokens from t0 (zeros past m) x 16 features from f0 (zeros past k) -> their B tile (token pairs) */
@@ -566,18 +574,31 @@ static void gram_write(const gram_job_t *j, const gram_block_t *b, const float *
     }
 }
 
+/* Work units are blocks, or in split mode (block, group) pairs whose sums the caller adds in group order. */
 static void *gram_worker(void *arg) {
     const gram_job_t *j = (const gram_job_t *)arg;
     const int64_t chunk = 32 * QK_GRAM_KC, G = cdiv(j->m, QK_GRAM_GROUP);
+    const int64_t units = j->gaccs ? j->nblocks * G : j->nblocks;
     int configured = 0;
     for (;;) {
-        const int64_t bi = __atomic_fetch_add(j->next_block, 1, __ATOMIC_RELAXED);
-        if (bi >= j->nblocks) break;
+        const int64_t u = __atomic_fetch_add(j->next_block, 1, __ATOMIC_RELAXED);
+        if (u >= units) break;
         if (!configured) {
             tile_config();
             configured = 1;
         }
-        const gram_block_t *b = &j->blocks[bi];
+        if (j->gaccs) {
+            const gram_block_t *b = &j->blocks[u / G];
+            const int64_t g = u % G, g0 = g * QK_GRAM_GROUP, g1 = g0 + QK_GRAM_GROUP < j->m ? g0 + QK_GRAM_GROUP : j->m;
+            float *acc = j->gaccs + (g * j->total_pairs + b->off) * 1024;
+            for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
+                const int64_t nst = cdiv(g1 - c0, 32) < QK_GRAM_KC ? cdiv(g1 - c0, 32) : QK_GRAM_KC;
+                gram_convert(j, b, c0, nst);
+                gram_chunk(j, b, acc, nst, c0 == g0);
+            }
+            continue;
+        }
+        const gram_block_t *b = &j->blocks[u];
         float *acc = j->acc, *tot = j->tot;
         for (int64_t c0 = 0; c0 < j->m; c0 += chunk) {
             const int64_t nst = cdiv(j->m - c0, 32) < QK_GRAM_KC ? cdiv(j->m - c0, 32) : QK_GRAM_KC;
@@ -619,7 +640,8 @@ static int64_t gram_blocks(int64_t SB, int nt, gram_block_t *blocks) {
                 const int64_t i0 = SB * bi / nb, i1 = SB * (bi + 1) / nb, j0 = SB * bj / nb, j1 = SB * (bj + 1) / nb;
                 if (blocks)
                     blocks[n] = (gram_block_t){i0, i1, j0, j1,
-                                               diag ? (i1 - i0) * (i1 - i0 + 1) / 2 : (i1 - i0) * (j1 - j0)};
+                                               diag ? (i1 - i0) * (i1 - i0 + 1) / 2 : (i1 - i0) * (j1 - j0),
+                                               n ? blocks[n - 1].off + blocks[n - 1].pairs : 0};
                 n++;
             }
         }
@@ -634,13 +656,18 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
         return 0;
     }
     if (!qk_bf16_amx_available()) return -1;
-    const int64_t SB = cdiv(k, 32);
+    const int64_t SB = cdiv(k, 32), G = cdiv(m, QK_GRAM_GROUP);
     int nt = resolve_threads(nthreads);
-    const int64_t nblocks = gram_blocks(SB, nt, NULL);
+    /* Split mode (several threads, several groups): threads take (block, group) units, each group summed in
+     * its own accumulator, so the blocks need not be cut finer for the threads (which would read x more
+     * often); the caller adds the groups in order. Only while all those accumulators fit QK_GRAM_SPLIT_BYTES. */
+    const size_t tri_bytes = (size_t)(SB * (SB + 1) / 2) * 4 * TILE_BYTES;
+    const int split = nt > 1 && G > 1 && (size_t)G * tri_bytes <= QK_GRAM_SPLIT_BYTES;
+    const int64_t nblocks = gram_blocks(SB, split ? 1 : nt, NULL);
     gram_block_t *blocks = malloc((size_t)nblocks * sizeof *blocks);
     if (!blocks) return -2;
-    gram_blocks(SB, nt, blocks);
-    if (nt > nblocks) nt = (int)nblocks;
+    gram_blocks(SB, split ? 1 : nt, blocks);
+    if (nt > (split ? nblocks * G : nblocks)) nt = (int)(split ? nblocks * G : nblocks);
     int64_t pairs = 0, band = 0;
     for (int64_t i = 0; i < nblocks; i++) {
         if (blocks[i].pairs > pairs) pairs = blocks[i].pairs;
@@ -650,9 +677,10 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
     const size_t panel_bytes = (size_t)(band * 2 * QK_GRAM_KC) * TILE_BYTES;
     const size_t acc_bytes = (size_t)pairs * 4 * TILE_BYTES;
     const int groups = m > QK_GRAM_GROUP;
-    const size_t per_thread = 2 * panel_bytes + (groups ? 2 : 1) * acc_bytes;
+    const size_t per_thread = 2 * panel_bytes + (split ? 0 : (groups ? 2 : 1) * acc_bytes);
+    const size_t gacc_bytes = split ? (size_t)G * tri_bytes : 0;
     int slot;
-    char *arena = arena_get((size_t)nt * per_thread, &slot);
+    char *arena = arena_get((size_t)nt * per_thread + gacc_bytes, &slot);
     if (!arena) {
         free(blocks);
         return -2;
@@ -665,10 +693,26 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
     for (int i = 0; i < nt; i++) {
         char *p = arena + (size_t)i * per_thread;
         jobs[i] = (gram_job_t){x, out, m, k, blocks, nblocks, &next_block, stream,
-                               (uint16_t *)p, (uint16_t *)(p + panel_bytes), (float *)(p + 2 * panel_bytes),
-                               groups ? (float *)(p + 2 * panel_bytes + acc_bytes) : NULL};
+                               (uint16_t *)p, (uint16_t *)(p + panel_bytes),
+                               split ? NULL : (float *)(p + 2 * panel_bytes),
+                               split || !groups ? NULL : (float *)(p + 2 * panel_bytes + acc_bytes),
+                               split ? (float *)(arena + (size_t)nt * per_thread) : NULL,
+                               (int64_t)(tri_bytes / (4 * TILE_BYTES))};
     }
     run_threads(nt, gram_worker, jobs, sizeof jobs[0]);
+    if (split) { /* the groups' sums of each block added in group order, then mirrored into out */
+        const int64_t tp = jobs[0].total_pairs;
+        for (int64_t bi = 0; bi < nblocks; bi++) {
+            float *tot = jobs[0].gaccs + blocks[bi].off * 1024;
+            for (int64_t g = 1; g < G; g++) {
+                const float *acc = jobs[0].gaccs + (g * tp + blocks[bi].off) * 1024;
+                for (int64_t e = 0; e < blocks[bi].pairs * 1024; e += 16)
+                    _mm512_store_ps(tot + e, _mm512_add_ps(_mm512_load_ps(tot + e), _mm512_load_ps(acc + e)));
+            }
+            gram_write(&jobs[0], &blocks[bi], tot);
+        }
+        if (stream) _mm_sfence();
+    }
     arena_put(arena, slot);
     free(blocks);
     return 0;
