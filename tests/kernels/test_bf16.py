@@ -236,3 +236,14 @@ def test_concurrent_callers_get_the_same_bytes():
             for g, y in got:
                 np.testing.assert_array_equal(g, want[i][0])
                 np.testing.assert_array_equal(y, want[i][1])
+
+
+def test_gram_out_is_written_and_checked(path):
+    x = np.random.default_rng(16).standard_normal((100, 48), dtype=np.float32)
+    want = bf16.gram(x, path=path)
+    for out in (np.full((48, 48), np.nan, np.float32), bf16.aligned_empty((48, 48))):
+        assert bf16.gram(x, path=path, out=out) is out
+        np.testing.assert_array_equal(out, want)
+    assert bf16.aligned_empty((3, 16)).__array_interface__["data"][0] % 64 == 0
+    with pytest.raises(ValueError, match="out must be"):
+        bf16.gram(x, path=path, out=np.empty((48, 47), np.float32))
