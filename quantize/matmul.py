@@ -35,8 +35,8 @@ class Matmul(Protocol):
     def linear(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
         """x (tokens, in) float32 -> (tokens, out) float32, written into `out` (C-contiguous) when given."""
 
-    def gram(self, x: np.ndarray) -> np.ndarray:
-        """xᵀx (in, in) float32 of a (tokens, in) float32 chunk."""
+    def gram(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """xᵀx (in, in) float32 of a (tokens, in) float32 chunk, written into `out` (C-contiguous) when given."""
 
     def threads(self, n: int) -> contextlib.AbstractContextManager[object]:
         """Within the context, each product uses at most n threads (callers run several at once)."""
@@ -54,8 +54,8 @@ class F32Matmul:
     def linear(self, x: np.ndarray, packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return np.matmul(x, packed.T, out=out)
 
-    def gram(self, x: np.ndarray) -> np.ndarray:
-        return gram_f32(x)
+    def gram(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return gram_f32(x) if out is None else np.matmul(x.T, x, out=out)
 
 
 class BF16Matmul:
@@ -82,8 +82,8 @@ class BF16Matmul:
     def linear(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
         return self._k.linear(np.ascontiguousarray(x, dtype=np.float32), packed, out=out, nthreads=self._threads)
 
-    def gram(self, x: np.ndarray) -> np.ndarray:
-        return self._k.gram(np.ascontiguousarray(x, dtype=np.float32), nthreads=self._threads)
+    def gram(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self._k.gram(np.ascontiguousarray(x, dtype=np.float32), nthreads=self._threads, out=out)
 
 
 def matmul_engine(dtype: str) -> Matmul:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from qkiln.kernels.bf16 import aligned_empty
 from qkiln.kernels.elementwise import rms_norm, silu_mul
 from qkiln.quantize.gptq import one_blas_thread
 from qkiln.quantize.hessian import HessianSum
@@ -44,10 +45,8 @@ from qkiln.runtime.rope import RopeTable
 
 
 def _aligned(floats: int) -> np.ndarray:
-    """A flat float32 array starting on a 64-byte boundary (the AMX linear streams aligned output rows)."""
-    raw = np.empty(floats + 16, np.float32)
-    skip = (-raw.ctypes.data % 64) // 4
-    return raw[skip : skip + floats]
+    """A flat float32 array starting on a 64-byte boundary (the AMX kernels stream aligned output rows)."""
+    return aligned_empty((1, floats)).reshape(floats)
 
 
 class LayerBuffers:
@@ -58,6 +57,7 @@ class LayerBuffers:
     def __init__(self) -> None:
         self._arrays: dict[str, np.ndarray] = {}
         self._free: dict[str, list[np.ndarray]] = {}
+        self._lent: dict[int, np.ndarray] = {}  # data address -> the flat array lent out
         self._lock = threading.Lock()
 
     def get(self, name: str, floats: int) -> np.ndarray:
@@ -67,20 +67,32 @@ class LayerBuffers:
             self._arrays[name] = a = _aligned(floats)
         return a[:floats]
 
-    @contextlib.contextmanager
-    def borrow(self, name: str, shape: tuple[int, int]) -> Iterator[np.ndarray]:
-        """A (rows, cols) float32 scratch array for the duration of the block (contents undefined)."""
+    def take(self, name: str, shape: tuple[int, int]) -> np.ndarray:
+        """A (rows, cols) float32 scratch array (contents undefined), until `give` returns it."""
         floats = shape[0] * shape[1]
         with self._lock:
             free = self._free.setdefault(name, [])
             a = free.pop() if free else None
         if a is None or a.size < floats:
             a = _aligned(floats)
+        view = a[:floats].reshape(shape)
+        with self._lock:
+            self._lent[view.ctypes.data] = a
+        return view
+
+    def give(self, name: str, view: np.ndarray) -> None:
+        """Return an array `take` lent, for the next taker."""
+        with self._lock:
+            self._free.setdefault(name, []).append(self._lent.pop(view.ctypes.data))
+
+    @contextlib.contextmanager
+    def borrow(self, name: str, shape: tuple[int, int]) -> Iterator[np.ndarray]:
+        """`take` for the duration of the block."""
+        a = self.take(name, shape)
         try:
-            yield a[:floats].reshape(shape)
+            yield a
         finally:
-            with self._lock:
-                self._free[name].append(a)
+            self.give(name, a)
 
 
 # (group name, its Hessian (in, in) float64 or None when not asked) -> the group's linears, dequantized
@@ -123,7 +135,10 @@ def run_layer(
         return a[sl].reshape(-1, a.shape[-1])  # (b * L, features) view
 
     def gram(x: np.ndarray) -> np.ndarray | None:
-        return engine.gram(x) if need_hessian else None
+        """The batch's xᵀx in a buffer `each` gives back once it is summed (None without Hessians)."""
+        if not need_hessian:
+            return None
+        return engine.gram(x, out=buffers.take(f"gram{x.shape[1]}", (x.shape[1], x.shape[1])))
 
     # Batches run on `threads` workers, each product single-threaded: NumPy's element-wise work
     # (norms, RoPE, softmax, SiLU) is single-threaded, and a layer is as much of that as of products.
@@ -140,6 +155,7 @@ def run_layer(
                     continue
                 hs = hs if hs is not None else HessianSum(g.shape[0])
                 hs.add_gram(g, (sl.stop - sl.start) * seq)
+                buffers.give(f"gram{g.shape[0]}", g)
             return hs.mean() if hs is not None else None
 
         live: dict[str, Any] = {}  # packed weights and stored activations, dropped when no longer needed

@@ -104,3 +104,19 @@ def test_bfloat16_engine_tracks_float32(tiny_config, llama_weights):
     np.testing.assert_allclose(o16, o32, atol=2e-2 * np.abs(o32).max())
     for group in INPUT_GROUPS:
         np.testing.assert_allclose(h16[group], h32[group], atol=2e-2 * np.abs(h32[group]).max())
+
+
+def test_layer_buffers_lend_distinct_aligned_arrays_and_reuse_them():
+    from qkiln.quantize.sequential import LayerBuffers
+
+    bufs = LayerBuffers()
+    a = bufs.take("g", (4, 16))
+    b = bufs.take("g", (4, 16))
+    assert not np.shares_memory(a, b)  # two workers at once get two arrays
+    assert a.ctypes.data % 64 == 0 and b.ctypes.data % 64 == 0 and a.shape == (4, 16)
+    bufs.give("g", a)
+    c = bufs.take("g", (2, 16))  # a smaller request reuses the returned array
+    assert c.ctypes.data == a.ctypes.data
+    with bufs.borrow("g", (4, 16)) as d:
+        assert not np.shares_memory(d, b) and not np.shares_memory(d, c)
+    assert bufs.get("x", 10).size == 10 and bufs.get("x", 10).ctypes.data == bufs.get("x", 5).ctypes.data
