@@ -27,7 +27,6 @@
 #include <cpuid.h>
 #include <immintrin.h>
 #include <pthread.h>
-#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -624,7 +623,8 @@ static void *gram_worker(void *arg) {
     return NULL;
 }
 
-/* The macro-blocks of SB super-blocks, largest first (dynamic scheduling ends with the small ones); returns
+/* The macro-blocks of SB super-blocks, the off-diagonal rectangles (the larger) first so that dynamic
+ * scheduling ends with the small diagonal triangles; returns
  * their number, writing them to `blocks` when not NULL. */
 static int64_t gram_blocks(int64_t SB, int nt, gram_block_t *blocks) {
     int64_t tri = 1, side = 1;
