@@ -29,6 +29,30 @@ def random_blocks(wtype: WType, n: int, k: int, rng: np.random.Generator) -> np.
     return raw
 
 
+def check_gptq_loops(rng: np.random.Generator) -> bool:
+    """kernels.gptq's C loops (the portable variant on aarch64) give quantize/'s NumPy definitions' bits:
+    a whole GPTQ run (scan and weighted INT fit) with the library and with QKILN_KERNEL=numpy."""
+    import os
+
+    from qkiln.kernels import gptq as c_loops
+    from qkiln.quantize.gptq import gptq_quantize
+    from qkiln.quantize.int_grid import IntGrid
+
+    w = rng.standard_normal((21, 128)).astype(np.float32)
+    x = rng.standard_normal((512, 128)) * rng.uniform(0.1, 3.0, 128)
+    h = 2 * x.T @ x / len(x)
+    runs = []
+    for env in ("", "numpy"):
+        os.environ["QKILN_KERNEL"] = env
+        runs.append(gptq_quantize(w, h, IntGrid("int4_g32_asym", bits=4, group=32, symmetric=False),
+                                  act_order=True, block_size=64))
+    os.environ.pop("QKILN_KERNEL")
+    (c, ref) = runs
+    same = np.array_equal(c.codes, ref.codes) and all(np.array_equal(c.params[k], ref.params[k]) for k in ref.params)
+    print(f"gptq loops: {'ok' if same else 'FAIL'} (C library in use: {c_loops.available()})")
+    return same and c_loops.available()
+
+
 def main() -> int:
     rng = np.random.default_rng(0)
     print(f"{' '.join(sys.argv[1:])} machine={platform.machine()} numpy={np.__version__} "
@@ -63,6 +87,8 @@ def main() -> int:
             print(f"FAIL {path} int4 g128")
             return 1
         print(f"path {path}: ok (worst relative error {worst:.2e})")
+    if not check_gptq_loops(rng):
+        return 1
     print("python-check ok")
     return 0
 
