@@ -52,6 +52,8 @@ UNITS: dict[str, tuple[Unit, ...]] = {
         Unit("x86/amx.c", ("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl")),
         Unit("attention/attention.c"),
         Unit("attention/attention_avx512.c", ("-mavx512f", "-mfma")),
+        Unit("attention/attention_amx.c", ("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw",
+                                           "-mavx512vl", "-mfma")),
         Unit("elementwise/elementwise.c"),
         Unit("elementwise/elementwise_avx512.c", ("-mavx512f",)),
         Unit("gptq/gptq.c"),

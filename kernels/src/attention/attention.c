@@ -1,7 +1,8 @@
 /* attention.c — the entry point of the fused causal attention (argument checks, work split, threads, the
  * run-time choice of variant) and its portable unit: register tiles of 4-float vectors written with GCC/Clang
  * vector extensions (SSE2 on baseline x86-64, NEON on aarch64) and plain loops the compiler vectorizes.
- * The AVX-512 unit is in attention_avx512.c. Layout and algorithm: attention.h.
+ * The AVX-512 unit is in attention_avx512.c, the bf16 AMX unit (variant 3, only on request: it rounds the
+ * inputs to bf16) in attention_amx.c. Layout and algorithm: attention.h.
  *
  *   int qk_causal_attention(q, k, v, out, b, s, t, n_heads, kv_heads, d, q_strides, k_strides, v_strides,
  *                           nthreads)              best variant; qk_causal_attention_ex(variant, ...) picks one
@@ -185,6 +186,7 @@ typedef void (*unit_fn)(const qk_attn_args *, int, float *);
 typedef struct {
     const qk_attn_args *a;
     unit_fn fn;
+    long scratch_floats; /* per thread */
     int nunits;
     atomic_int next;
     atomic_int failed;
@@ -205,7 +207,7 @@ static float *caller_scratch(size_t bytes) {
 }
 
 static void work(job_t *job, int caller) {
-    const long n = qk_attn_scratch_floats(job->a);
+    const long n = job->scratch_floats;
     const size_t bytes = (size_t)((n * sizeof(float) + 63) / 64 * 64);
     float *scratch = caller ? caller_scratch(bytes) : aligned_alloc(64, bytes);
     if (!scratch) {
@@ -225,8 +227,18 @@ static void *run_units(void *arg) {
     return NULL;
 }
 
-/* Variant: 0 = best this CPU runs, 1 = portable, 2 = AVX-512. Which one `0` means here: */
+/* Variant: 0 = best float32 variant this CPU runs, 1 = portable, 2 = AVX-512, 3 = bf16 AMX (never chosen
+ * by 0: its inputs are rounded to bf16). Which one `0` means here: */
 int qk_attention_variant(void) { return qk_have_avx512() ? 2 : 1; }
+
+/* 1 when variant 3 can run here (AVX-512, AMX-BF16, and the OS granted the tile state), else 0. */
+int qk_attention_amx_available(void) {
+#if defined(__x86_64__)
+    return qk_have_avx512() && qk_bf16_amx_available();
+#else
+    return 0;
+#endif
+}
 
 /* y = 2^x with the variant's softmax exp2 (for the error test). Returns 0, or -2 if the variant cannot run. */
 int qk_attention_exp2(int variant, const float *x, float *y, long n) {
@@ -236,8 +248,8 @@ int qk_attention_exp2(int variant, const float *x, float *y, long n) {
         return 0;
     }
 #if defined(__x86_64__)
-    if (variant == 2 && qk_have_avx512()) {
-        qk_attn_exp2_avx512(x, y, n);
+    if ((variant == 2 && qk_have_avx512()) || (variant == 3 && qk_attention_amx_available())) {
+        qk_attn_exp2_avx512(x, y, n); /* the AMX unit's softmax uses the same vector 2^x */
         return 0;
     }
 #endif
@@ -255,6 +267,7 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
     if (variant == 1) fn = qk_attn_unit_portable;
 #if defined(__x86_64__)
     if (variant == 2 && qk_have_avx512()) fn = qk_attn_unit_avx512;
+    if (variant == 3 && qk_attention_amx_available()) fn = qk_attn_unit_amx;
 #endif
     if (!fn) return -2;
     if (b == 0 || s == 0) return 0;
@@ -291,7 +304,8 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
     a.nqb = (s + qblock - 1) / qblock;
     a.dp = (d + 15) / 16 * 16;
     a.tpad = (t + QK_ATTN_NB - 1) / QK_ATTN_NB * QK_ATTN_NB;
-    job_t job = {.a = &a, .fn = fn, .nunits = pairs * a.nqb};
+    job_t job = {.a = &a, .fn = fn, .nunits = pairs * a.nqb,
+                 .scratch_floats = variant == 3 ? qk_attn_scratch_floats_amx(&a) : qk_attn_scratch_floats(&a)};
     atomic_init(&job.next, 0);
     atomic_init(&job.failed, 0);
     if (nthreads > job.nunits) nthreads = job.nunits;

@@ -44,6 +44,15 @@ static inline long qk_attn_scratch_floats(const qk_attn_args *a) {
            (long)QK_ATTN_RMAX * (QK_ATTN_NB + a->dp + 16 + 2) + 16 * 8;
 }
 
+/* Floats of per-thread scratch the bf16 AMX unit needs (attention_amx.c): bf16 key tiles (tpad, d rounded
+ * up to 32), value tiles (tpad, dp), scaled queries (qrows rounded up to 16, d rounded up to 32), then per
+ * row group of 16 scores (16, NB), probabilities (16, NB) bf16, output (16, dp) and sums (16, 16). Every piece starts 64-byte aligned (tpad is a multiple of 64). */
+static inline long qk_attn_scratch_floats_amx(const qk_attn_args *a) {
+    const long d32 = (a->d + 31) / 32 * 32, r16 = (a->qrows + 15) / 16 * 16;
+    return (long)a->tpad * d32 / 2 + (long)a->tpad * a->dp / 2 + r16 * d32 / 2 +
+           16L * (QK_ATTN_NB + QK_ATTN_NB / 2 + a->dp + 16);
+}
+
 /* Unit u in [0, b * kv_heads * nqb): the last query blocks (most keys) come first so a thread that
  * picks a unit late gets a small one. */
 static inline void qk_attn_unit_coords(const qk_attn_args *a, int u, int *bi, int *g, int *qb) {
@@ -116,6 +125,10 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch);
 #if defined(__x86_64__)
 void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch);
 void qk_attn_exp2_avx512(const float *x, float *y, long n);
+/* bf16 AMX unit (attention_amx.c); scratch: qk_attn_scratch_floats_amx. Needs qk_bf16_amx_available()
+ * (x86/amx.c: cpuid, XCR0 and the Linux tile-data permission) and AVX-512. */
+void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch);
+int qk_bf16_amx_available(void);
 #endif
 
 #endif

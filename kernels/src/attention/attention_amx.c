@@ -1,0 +1,278 @@
+/* attention_amx.c — the bfloat16 AMX unit of the fused causal attention (variant 3, "amx_bf16"; layout and
+ * unit split: attention.h). Calibration asks for it (precision "bfloat16"): the float32 AVX-512 unit is
+ * FMA-bound, while one tdpbf16ps does 16 x 16 x 32 products.
+ *
+ * Per group of 16 query rows (one A tile's rows) and block of 64 keys:
+ *   S = bf16(q · log2e / sqrt(d)) · bf16(K)ᵀ   4 C tiles (16 keys each), A = queries (32 elements of d per
+ *                                              tile), B = keys in VNNI pairs along d
+ *   online softmax on S in AVX-512 float32      exactly as the AVX-512 unit: keys after a row's position get
+ *                                              the finite MASKED score, running max and sum, base-2 exp
+ *   O = alpha · O + bf16(P) · bf16(V)           P (16 x 64) as 2 A tiles, V in VNNI pairs of keys; rows
+ *                                              whose max moved are rescaled (AVX-512), then O is loaded
+ *                                              as C tiles, accumulated into and stored back
+ * Numerics: inputs rounded to bf16 (nearest even), products exact, sums in float32 (tdpbf16ps), so the
+ * result is within about 4e-3 · max|v| of the float32 variants (kernels/attention.py states the measured
+ * tolerance). A row's arithmetic does not depend on which rows share its tile or on the thread count:
+ * tile rows are independent, key blocks start at multiples of 64, and blocks past a row's position give
+ * p = 0 and alpha = 1 exactly. d is padded with zeros to a multiple of 32 (keys/queries) and 16 (values).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "attention/attention.h"
+#include "attention/attention_avx512.h"
+
+#define AR 16 /* query rows per row group: one A tile */
+#define NB QK_ATTN_NB
+#if NB != 64
+#error "the unit computes 64-key blocks as 4 score tiles and 2 probability tiles"
+#endif
+#define TILE 512 /* bf16 elements per 1 KB tile */
+
+typedef struct {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((aligned(64))) tilecfg_t;
+
+static void tile_config(void) {
+    tilecfg_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+static inline __mmask16 upto(int n) {
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+/* 32 floats p[0 .. valid) (zeros after) times `scale`, as 32 bf16 in order. */
+static inline __m512i bf16x32(const float *p, int valid, __m512 scale) {
+    const __m512 lo = _mm512_mul_ps(_mm512_maskz_loadu_ps(upto(valid), p), scale);
+    const __m512 hi = _mm512_mul_ps(_mm512_maskz_loadu_ps(upto(valid - 16), p + 16), scale);
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* Keys [0, npad) as B tiles, tile (key block of 16 kb, element chunk of 32 dc) at (kb * DC + dc) * TILE:
+ * row r holds pairs (k[key c][32 dc + 2r], k[key c][32 dc + 2r + 1]) for c = 0..15 — convert 16 keys' 32
+ * elements (16 pairs each) and transpose the 16 x 16 pairs. Keys past nkeys are zero. */
+static void pack_k(const qk_attn_args *a, int bi, int g, int nkeys, int npad, uint16_t *kt) {
+    const float *k = a->k + (long)bi * a->ks_b + (long)g * a->ks_h;
+    const int d = a->d, DC = (d + 31) / 32;
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int j0 = 0; j0 < npad; j0 += 16)
+        for (int dc = 0; dc < DC; dc++) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = j0 + i < nkeys ? (__m512)bf16x32(k + (long)(j0 + i) * a->ks_t + 32 * dc, d - 32 * dc, one)
+                                      : _mm512_setzero_ps();
+            transpose16(r);
+            uint16_t *tile = kt + ((long)(j0 / 16) * DC + dc) * TILE;
+            for (int i = 0; i < 16; i++) _mm512_storeu_ps(tile + 32 * i, r[i]);
+        }
+}
+
+/* Values [0, npad) as B tiles, tile (key block of 32 kp, column chunk of 16 cc) at (kp * CC + cc) * TILE:
+ * row r holds pairs (v[32 kp + 2r][16 cc + c], v[32 kp + 2r + 1][16 cc + c]) for c = 0..15. Keys past
+ * nkeys and columns past d are zero (a zero probability times garbage could be NaN). */
+static void pack_v(const qk_attn_args *a, int bi, int g, int nkeys, int npad, uint16_t *vt) {
+    const float *v = a->v + (long)bi * a->vs_b + (long)g * a->vs_h;
+    const int d = a->d, CC = a->dp / 16;
+    const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                           22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int j = 0; j < npad; j += 2) {
+        const float *v0 = v + (long)j * a->vs_t, *v1 = v0 + a->vs_t;
+        uint16_t *row = vt + (long)(j / 32) * CC * TILE + (j % 32) / 2 * 32;
+        for (int cc = 0; cc < CC; cc++) {
+            const __mmask16 m = upto(d - 16 * cc);
+            const __m512 x0 = j < nkeys ? _mm512_maskz_loadu_ps(m, v0 + 16 * cc) : _mm512_setzero_ps();
+            const __m512 x1 = j + 1 < nkeys ? _mm512_maskz_loadu_ps(m, v1 + 16 * cc) : _mm512_setzero_ps();
+            const __m512i pr = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+            _mm512_storeu_si512(row + (long)cc * TILE, pr);
+        }
+    }
+}
+
+/* The unit's queries times log2(e)/sqrt(d), rows (qrows rounded up to 16, d rounded up to 32) bf16, row =
+ * (i - q0) * n_rep + r as in attention.h; rows past the block zero. Rows 16 ahead are prefetched (positions
+ * are a page or so apart, where the hardware prefetcher stops). */
+static void pack_q(const qk_attn_args *a, int bi, int g, int q0, int q1, uint16_t *qt) {
+    const int d = a->d, d32 = (d + 31) / 32 * 32, n_rep = a->n_heads / a->kv_heads, nrows = (q1 - q0) * n_rep;
+    const int r16 = (a->qrows + 15) / 16 * 16;
+    const __m512 scale = _mm512_set1_ps((float)(QK_LOG2E / sqrt((double)d)));
+    const float *base = a->q + (long)bi * a->qs_b + (long)q0 * a->qs_s + (long)g * n_rep * a->qs_h;
+    for (int row = 0; row < r16; row++) {
+        const float *src = base + (long)(row / n_rep) * a->qs_s + (long)(row % n_rep) * a->qs_h;
+        if (row + 16 < nrows) {
+            const char *ahead = (const char *)(base + (long)((row + 16) / n_rep) * a->qs_s +
+                                               (long)((row + 16) % n_rep) * a->qs_h);
+            for (int c = 0; c < d * 4; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+        }
+        for (int c = 0; c < d32; c += 32)
+            _mm512_storeu_si512(qt + (long)row * d32 + c,
+                                row < nrows ? bf16x32(src + c, d - c, scale) : _mm512_setzero_si512());
+    }
+}
+
+/* Scores of the row group: sc (16, NB) columns [0, 16 nt) = A (16, d32) · keys [j0, j0 + 16 nt). */
+static inline void scores(const uint16_t *qa, int d32, const uint16_t *kb, int DC, int nt, float *sc) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const long kstep = (long)DC * TILE; /* next 16 keys, same element chunk */
+    for (int dc = 0; dc < DC; dc++) {
+        const uint16_t *k = kb + (long)dc * TILE;
+        _tile_loadd(4, qa + 32 * dc, 2 * d32);
+        _tile_loadd(5, k, 64);
+        if (nt > 1) _tile_loadd(6, k + kstep, 64);
+        if (nt > 2) _tile_loadd(7, k + 2 * kstep, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (nt > 1) _tile_dpbf16ps(1, 4, 6);
+        if (nt > 2) _tile_dpbf16ps(2, 4, 7);
+        if (nt > 3) {
+            _tile_loadd(5, k + 3 * kstep, 64);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+    }
+    _tile_stored(0, sc, 4 * NB);
+    if (nt > 1) _tile_stored(1, sc + 16, 4 * NB);
+    if (nt > 2) _tile_stored(2, sc + 32, 4 * NB);
+    if (nt > 3) _tile_stored(3, sc + 48, 4 * NB);
+}
+
+/* o (16, dp) = alpha · o + P · V for this key block: P (16, 64) bf16 in pb (keys 32.. only when np > 1),
+ * vb the block's first value tile. The rows whose max moved are rescaled in place (alpha is 1 for the
+ * others, and multiplying by 1 changes nothing), then o itself is the accumulator: 64 output columns
+ * (4 C tiles) loaded, P · V added, stored back. */
+static inline void pv(const uint16_t *pb, int np, const uint16_t *vb, int CC, float *o, int dp, const float *alpha) {
+    const __mmask16 moved = _mm512_cmp_ps_mask(_mm512_load_ps(alpha), _mm512_set1_ps(1.0f), _CMP_NEQ_UQ);
+    if (moved)
+        for (int rr = 0; rr < AR; rr++)
+            if (moved >> rr & 1) {
+                const __m512 al = _mm512_set1_ps(alpha[rr]);
+                for (int c = 0; c < dp; c += 16)
+                    _mm512_storeu_ps(o + (long)rr * dp + c, _mm512_mul_ps(al, _mm512_loadu_ps(o + (long)rr * dp + c)));
+            }
+    _tile_loadd(4, pb, 2 * NB);
+    if (np > 1) _tile_loadd(5, pb + 32, 2 * NB);
+    const long kstep = (long)CC * TILE; /* next 32 keys, same column chunk */
+    for (int c0 = 0; c0 < CC; c0 += 4) {
+        const int nc = CC - c0 < 4 ? CC - c0 : 4;
+        const uint16_t *v = vb + (long)c0 * TILE;
+        float *oc = o + 16 * c0;
+#define PV_TILE(T)                                                                                           \
+    do {                                                                                                     \
+        _tile_loadd(T, oc + 16 * (T), 4 * dp);                                                               \
+        _tile_loadd(6, v + (T) * TILE, 64);                                                                  \
+        _tile_dpbf16ps(T, 4, 6);                                                                             \
+        if (np > 1) {                                                                                        \
+            _tile_loadd(7, v + (T) * TILE + kstep, 64);                                                      \
+            _tile_dpbf16ps(T, 5, 7);                                                                         \
+        }                                                                                                    \
+        _tile_stored(T, oc + 16 * (T), 4 * dp);                                                              \
+    } while (0)
+        PV_TILE(0);
+        if (nc > 1) PV_TILE(1);
+        if (nc > 2) PV_TILE(2);
+        if (nc > 3) PV_TILE(3);
+#undef PV_TILE
+    }
+}
+
+void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch) {
+    int bi, g, qb;
+    qk_attn_unit_coords(a, u, &bi, &g, &qb);
+    const int d = a->d, dp = a->dp, tp = a->tpad, n_rep = a->n_heads / a->kv_heads, offset = a->t - a->s;
+    const int DC = (d + 31) / 32, d32 = 32 * DC, CC = dp / 16, r16 = (a->qrows + 15) / 16 * 16;
+    const int q0 = qb * a->qblock, q1 = q0 + a->qblock < a->s ? q0 + a->qblock : a->s;
+    const int nkeys = offset + q1, npad = (nkeys + NB - 1) / NB * NB;
+    uint16_t *kt = (uint16_t *)scratch;         /* (tpad / 16, DC) key tiles */
+    uint16_t *vt = kt + (long)tp * d32;         /* (tpad / 32, CC) value tiles */
+    uint16_t *qt = vt + (long)tp * dp;          /* (r16, d32) scaled queries */
+    float *sc = (float *)(qt + (long)r16 * d32); /* (AR, NB) scores, then probabilities */
+    uint16_t *pb = (uint16_t *)(sc + AR * NB);  /* (AR, NB) bf16 probabilities */
+    float *o = (float *)(pb + AR * NB);         /* (AR, dp) unnormalized output */
+    float *lv = o + AR * dp;                    /* (AR, 16) running sums, per lane */
+    float m[AR] __attribute__((aligned(64))), mn[AR] __attribute__((aligned(64)));
+    float alpha[AR] __attribute__((aligned(64)));
+    tile_config();
+    pack_k(a, bi, g, nkeys, npad, kt);
+    pack_v(a, bi, g, nkeys, npad, vt);
+    pack_q(a, bi, g, q0, q1, qt);
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 masked = _mm512_set1_ps(MASKED);
+    const int nrows = (q1 - q0) * n_rep;
+    for (int row0 = 0; row0 < nrows; row0 += AR) {
+        const int rows = nrows - row0 < AR ? nrows - row0 : AR;
+        int pos[AR]; /* key position of each row's query (padding rows: the last one's) */
+        for (int rr = 0; rr < AR; rr++) {
+            pos[rr] = offset + q0 + (row0 + (rr < rows ? rr : rows - 1)) / n_rep;
+            m[rr] = MASKED;
+        }
+        memset(lv, 0, sizeof(float) * AR * 16);
+        memset(o, 0, sizeof(float) * AR * dp);
+        const int first = pos[0], last = pos[rows - 1];
+        for (int rr = 0; rr < rows; rr++) { /* the output rows are scattered: fetch them while we compute */
+            const int i = q0 + (row0 + rr) / n_rep, h = g * n_rep + (row0 + rr) % n_rep;
+            const char *dst = (const char *)(a->out + ((long)bi * a->s + i) * ((long)a->n_heads * d) + (long)h * d);
+            for (int c = 0; c < d * 4; c += 64) _mm_prefetch(dst + c, _MM_HINT_T0);
+        }
+        for (int j0 = 0; j0 <= last; j0 += NB) {
+            const int nk = last + 1 - j0 < NB ? last + 1 - j0 : NB; /* keys any row of the group sees */
+            const int nv = (nk + 15) / 16;                          /* score tiles / vectors per row */
+            scores(qt + (long)row0 * d32, d32, kt + (long)(j0 / 16) * DC * TILE, DC, nv, sc);
+            const int diag = j0 + 16 * nv - 1 > first; /* some key is after some row's position */
+            for (int rr = 0; rr < AR; rr++) {
+                float *sr = sc + rr * NB;
+                __m512 mx = _mm512_set1_ps(m[rr]);
+                if (diag) {
+                    const __m512 lim = _mm512_set1_ps((float)(pos[rr] - j0)); /* last visible key */
+                    for (int v = 0; v < nv; v++) {
+                        const __mmask16 hide =
+                            _mm512_cmp_ps_mask(_mm512_add_ps(iota, _mm512_set1_ps(16.0f * v)), lim, _CMP_GT_OQ);
+                        const __m512 sv = _mm512_mask_mov_ps(_mm512_loadu_ps(sr + 16 * v), hide, masked);
+                        _mm512_storeu_ps(sr + 16 * v, sv);
+                        mx = _mm512_max_ps(mx, sv);
+                    }
+                } else {
+                    for (int v = 0; v < nv; v++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + 16 * v));
+                }
+                mn[rr] = _mm512_reduce_max_ps(mx);
+            }
+            const __m512 mnew = _mm512_load_ps(mn);
+            _mm512_store_ps(alpha, exp2_512(_mm512_sub_ps(_mm512_load_ps(m), mnew))); /* first block: 0 */
+            _mm512_store_ps(m, mnew);
+            for (int rr = 0; rr < AR; rr++) {
+                const float *sr = sc + rr * NB;
+                const __m512 mv = _mm512_set1_ps(mn[rr]);
+                __m512 p[4];
+                __m512 lsum = _mm512_mul_ps(_mm512_loadu_ps(lv + rr * 16), _mm512_set1_ps(alpha[rr]));
+                for (int v = 0; v < 4; v++) {
+                    p[v] = v < nv ? exp2_512(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * v), mv)) : _mm512_setzero_ps();
+                    lsum = _mm512_add_ps(lsum, p[v]);
+                }
+                _mm512_storeu_ps(lv + rr * 16, lsum);
+                _mm512_storeu_si512(pb + rr * NB, (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0]));
+                if (nv > 2) _mm512_storeu_si512(pb + rr * NB + 32, (__m512i)_mm512_cvtne2ps_pbh(p[3], p[2]));
+            }
+            pv(pb, (nv + 1) / 2, vt + (long)(j0 / 32) * CC * TILE, CC, o, dp, alpha);
+        }
+        for (int rr = 0; rr < rows; rr++) {
+            const int i = q0 + (row0 + rr) / n_rep, h = g * n_rep + (row0 + rr) % n_rep;
+            float *dst = a->out + ((long)bi * a->s + i) * ((long)a->n_heads * d) + (long)h * d;
+            const __m512 l = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_loadu_ps(lv + rr * 16)));
+            for (int c = 0; c < d; c += 16)
+                _mm512_mask_storeu_ps(dst + c, upto(d - c), _mm512_div_ps(_mm512_loadu_ps(o + rr * dp + c), l));
+        }
+    }
+    _tile_release();
+}

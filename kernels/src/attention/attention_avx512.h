@@ -1,0 +1,54 @@
+/* attention_avx512.h — AVX-512 pieces shared by the float32 AVX-512 unit and the bf16 AMX unit (both compiled
+ * with -mavx512f): the softmax's vector 2^x, the masked-score value and a 16 x 16 transpose of 32-bit lanes. */
+#ifndef QKILN_ATTENTION_AVX512_H
+#define QKILN_ATTENTION_AVX512_H
+
+#include <immintrin.h>
+
+#include "attention/attention.h"
+
+#define MASKED (-1e30f) /* score of a key after the query: finite, so (masked - max) stays finite */
+
+/* The 2^x of attention.h (same n, r, polynomial) with FMAs, and vscalefps for p * 2^n, which rounds once
+ * into subnormals and gives 0 below them. No clamp: the kernel masks with a finite -1e30 (2^(-1e30 - m):
+ * n = x, r = 0, scalef gives 0), and -inf is only for the test function, which clamps. */
+static inline __m512 exp2_512(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(QK_EXP2_C7);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP2_C6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP2_C5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP2_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP2_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP2_C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EXP2_C1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        const __m512d a0 = _mm512_castps_pd(t[i]), a1 = _mm512_castps_pd(t[i + 1]);
+        const __m512d a2 = _mm512_castps_pd(t[i + 2]), a3 = _mm512_castps_pd(t[i + 3]);
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0x88);
+            t[h + 4 + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+        r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+    }
+}
+
+#endif
