@@ -183,7 +183,8 @@ def run_layer(
             with buffers.borrow("qkv", (x.shape[0], q_out + 2 * kv_out)) as qkv:  # (t, q + 2 kv)
                 engine.linear(x, live["qkv"], out=qkv)
                 a = rope_attention(qkv[:, :q_out], qkv[:, q_out : q_out + kv_out], qkv[:, q_out + kv_out :],
-                                   config, rope, sl.stop - sl.start, threads=1, out=tokens(live["attn"], sl))
+                                   config, rope, sl.stop - sl.start, threads=1, out=tokens(live["attn"], sl),
+                                   precision=engine.name)
             return gram(a)  # a: (t, q_out)
 
         live["o"] = engine.pack(quantize_group("attn_out", each(attn_out))["self_attn.o_proj"])

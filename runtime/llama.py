@@ -138,6 +138,7 @@ def rope_attention(
     layer: int = 0,
     threads: int = 0,
     out: np.ndarray | None = None,
+    precision: str = "float32",
 ) -> np.ndarray:
     """The attention step of a decoder layer, from projections to the o_proj input.
 
@@ -145,7 +146,8 @@ def rope_attention(
     strides); RoPE at positions start_pos.., the KV cache (layer `layer`) when given, then causal
     grouped-query attention -> (b * s, heads * d). Calibration runs this same step on quantized weights.
     The attention itself is the fused C kernel (`kernels.attention`; NumPy `causal_attention` without
-    the library), on `threads` threads (0: every core), written into `out` (b * s, heads * d) when given.
+    the library), on `threads` threads (0: every core), written into `out` (b * s, heads * d) when given;
+    precision "bfloat16" lets it use the bf16 AMX variant (calibration's bf16 engine; see kernels.attention).
     """
 
     n_heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -156,7 +158,7 @@ def rope_attention(
     v4 = v.reshape(b, s, kv_heads, d).transpose(0, 2, 1, 3)  # (b, kvh, s, d)
     if cache is not None:
         k4, v4 = cache.store(layer, start_pos, k4, v4)  # (b, kvh, start_pos + s, d) views
-    return fused_attention(q4, k4, v4, threads=threads, out=out)
+    return fused_attention(q4, k4, v4, threads=threads, out=out, precision=precision)
 
 
 _MASKS: dict[int, np.ndarray] = {}
