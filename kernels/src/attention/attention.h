@@ -46,11 +46,11 @@ static inline long qk_attn_scratch_floats(const qk_attn_args *a) {
 
 /* Floats of per-thread scratch the bf16 AMX unit needs (attention_amx.c): bf16 key tiles (tpad, d rounded
  * up to 32), value tiles (tpad, dp), scaled queries (qrows rounded up to 16, d rounded up to 32), then per
- * row group of 16 scores (16, NB), probabilities (16, NB) bf16, output (16, dp) and sums (16, 16). Every piece starts 64-byte aligned (tpad is a multiple of 64). */
+ * row group of 16 scores (16, NB), two blocks' probabilities 2 x (16, NB) bf16, output (16, dp) and sums (16, 16). Every piece starts 64-byte aligned (tpad is a multiple of 64). */
 static inline long qk_attn_scratch_floats_amx(const qk_attn_args *a) {
     const long d32 = (a->d + 31) / 32 * 32, r16 = (a->qrows + 15) / 16 * 16;
     return (long)a->tpad * d32 / 2 + (long)a->tpad * a->dp / 2 + r16 * d32 / 2 +
-           16L * (QK_ATTN_NB + QK_ATTN_NB / 2 + a->dp + 16);
+           16L * (QK_ATTN_NB + QK_ATTN_NB + a->dp + 16);
 }
 
 /* Unit u in [0, b * kv_heads * nqb): the last query blocks (most keys) come first so a thread that

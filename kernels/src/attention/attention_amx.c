@@ -30,6 +30,7 @@
 #error "the unit computes 64-key blocks as 4 score tiles and 2 probability tiles"
 #endif
 #define TILE 512 /* bf16 elements per 1 KB tile */
+#define SLACK 8.0f /* base-2 score units a block max may exceed a row's reference max before it moves */
 
 typedef struct {
     uint8_t palette_id;
@@ -199,11 +200,11 @@ void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch) {
     uint16_t *vt = kt + (long)tp * d32;         /* (tpad / 32, CC) value tiles */
     uint16_t *qt = vt + (long)tp * dp;          /* (r16, d32) scaled queries */
     float *sc = (float *)(qt + (long)r16 * d32); /* (AR, NB) scores, then probabilities */
-    uint16_t *pb = (uint16_t *)(sc + AR * NB);  /* (AR, NB) bf16 probabilities */
-    float *o = (float *)(pb + AR * NB);         /* (AR, dp) unnormalized output */
+    uint16_t *pbuf = (uint16_t *)(sc + AR * NB); /* 2 x (AR, NB) bf16 probabilities: this block, previous */
+    float *o = (float *)(pbuf + 2 * AR * NB);    /* (AR, dp) unnormalized output */
     float *lv = o + AR * dp;                    /* (AR, 16) running sums, per lane */
     float m[AR] __attribute__((aligned(64))), mn[AR] __attribute__((aligned(64)));
-    float alpha[AR] __attribute__((aligned(64)));
+    float alphas[2][AR] __attribute__((aligned(64)));
     tile_config();
     pack_k(a, bi, g, nkeys, npad, kt);
     pack_v(a, bi, g, nkeys, npad, vt);
@@ -221,15 +222,23 @@ void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch) {
         memset(lv, 0, sizeof(float) * AR * 16);
         memset(o, 0, sizeof(float) * AR * dp);
         const int first = pos[0], last = pos[rows - 1];
-        for (int rr = 0; rr < rows; rr++) { /* the output rows are scattered: fetch them while we compute */
-            const int i = q0 + (row0 + rr) / n_rep, h = g * n_rep + (row0 + rr) % n_rep;
-            const char *dst = (const char *)(a->out + ((long)bi * a->s + i) * ((long)a->n_heads * d) + (long)h * d);
-            for (int c = 0; c < d * 4; c += 64) _mm_prefetch(dst + c, _MM_HINT_T0);
-        }
-        for (int j0 = 0; j0 <= last; j0 += NB) {
+        /* The output rows are scattered: the next group's lines are fetched while this one computes, two
+         * per softmax row (a burst of prefetches would wait for free fill buffers). */
+        const int lines = (d * 4 + 63) / 64, next_rows = nrows - row0 - AR < AR ? nrows - row0 - AR : AR;
+        int pf = 0;
+        const int npf = next_rows > 0 ? next_rows * lines : 0;
+        /* Software pipeline: block j's P . V runs after block j + 1's scores, so the tile loads of P (just
+         * written by vector stores) and the vector loads of the scores (just written by tile stores) do not
+         * wait on each other; each row's sequence of operations is unchanged. */
+        int prev_np = 0;
+        for (int j0 = 0, jb = 0; j0 <= last; j0 += NB, jb ^= 1) {
             const int nk = last + 1 - j0 < NB ? last + 1 - j0 : NB; /* keys any row of the group sees */
             const int nv = (nk + 15) / 16;                          /* score tiles / vectors per row */
+            uint16_t *pb = pbuf + jb * AR * NB;
+            float *alpha = alphas[jb];
             scores(qt + (long)row0 * d32, d32, kt + (long)(j0 / 16) * DC * TILE, DC, nv, sc);
+            if (j0 > 0)
+                pv(pbuf + (jb ^ 1) * AR * NB, prev_np, vt + (long)((j0 - NB) / 32) * CC * TILE, CC, o, dp, alphas[jb ^ 1]);
             const int diag = j0 + 16 * nv - 1 > first; /* some key is after some row's position */
             for (int rr = 0; rr < AR; rr++) {
                 float *sr = sc + rr * NB;
@@ -247,25 +256,41 @@ void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch) {
                     for (int v = 0; v < nv; v++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + 16 * v));
                 }
                 mn[rr] = _mm512_reduce_max_ps(mx);
+                for (int x = 0; x < 2 && pf < npf; x++, pf++) {
+                    const int row = row0 + AR + pf / lines;
+                    const int i = q0 + row / n_rep, h = g * n_rep + row % n_rep;
+                    _mm_prefetch((const char *)(a->out + ((long)bi * a->s + i) * ((long)a->n_heads * d) +
+                                                (long)h * d) + 64 * (pf % lines), _MM_HINT_T0);
+                }
             }
-            const __m512 mnew = _mm512_load_ps(mn);
-            _mm512_store_ps(alpha, exp2_512(_mm512_sub_ps(_mm512_load_ps(m), mnew))); /* first block: 0 */
+            /* Lazy rescale: a row keeps its reference m unless the block max exceeds it by more than SLACK
+             * (then p <= 2^SLACK, harmless in float32 and bf16), so alpha is exactly 1 for most blocks and
+             * o needs no rescaling; the result is the same softmax. Per row, so grouping does not matter. */
+            const __m512 mold = _mm512_load_ps(m);
+            const __mmask16 up = _mm512_cmp_ps_mask(_mm512_load_ps(mn), _mm512_add_ps(mold, _mm512_set1_ps(SLACK)),
+                                                    _CMP_GT_OQ);
+            const __m512 mnew = _mm512_mask_mov_ps(mold, up, _mm512_load_ps(mn));
+            _mm512_store_ps(alpha, exp2_512(_mm512_sub_ps(mold, mnew))); /* first block: 0; unchanged: 1 */
             _mm512_store_ps(m, mnew);
+            _mm512_store_ps(mn, mnew);
             for (int rr = 0; rr < AR; rr++) {
                 const float *sr = sc + rr * NB;
                 const __m512 mv = _mm512_set1_ps(mn[rr]);
                 __m512 p[4];
                 __m512 lsum = _mm512_mul_ps(_mm512_loadu_ps(lv + rr * 16), _mm512_set1_ps(alpha[rr]));
                 for (int v = 0; v < 4; v++) {
-                    p[v] = v < nv ? exp2_512(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * v), mv)) : _mm512_setzero_ps();
+                    p[v] = v < nv ? exp2_512_degree(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * v), mv), 4)
+                                  : _mm512_setzero_ps();
                     lsum = _mm512_add_ps(lsum, p[v]);
                 }
                 _mm512_storeu_ps(lv + rr * 16, lsum);
                 _mm512_storeu_si512(pb + rr * NB, (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0]));
                 if (nv > 2) _mm512_storeu_si512(pb + rr * NB + 32, (__m512i)_mm512_cvtne2ps_pbh(p[3], p[2]));
             }
-            pv(pb, (nv + 1) / 2, vt + (long)(j0 / 32) * CC * TILE, CC, o, dp, alpha);
+            prev_np = (nv + 1) / 2;
         }
+        const int jl = last / NB * NB; /* the last block's P . V */
+        pv(pbuf + (jl / NB & 1) * AR * NB, prev_np, vt + (long)(jl / 32) * CC * TILE, CC, o, dp, alphas[jl / NB & 1]);
         for (int rr = 0; rr < rows; rr++) {
             const int i = q0 + (row0 + rr) / n_rep, h = g * n_rep + (row0 + rr) % n_rep;
             float *dst = a->out + ((long)bi * a->s + i) * ((long)a->n_heads * d) + (long)h * d;
