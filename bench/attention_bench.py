@@ -1,6 +1,6 @@
 """Prefill causal attention: runtime.llama's NumPy function vs the fused C kernel, 1 and 2 threads.
 
-    python bench/attention_bench.py [--repeats 7]
+    python bench/attention_bench.py [--repeats 7] [--bf16-only]
 
 Shapes: calibration's batch of the demo model (b=8, s=t=512, 9 heads over 3 kv heads, head_dim 64) and a
 long single sequence of a 7B-class GQA model (b=1, s=t=2048, 32 heads over 8, head_dim 128), and a decode
@@ -9,6 +9,10 @@ threads are set with threadpoolctl to the same count as the kernel's. Times are 
 milliseconds, NumPy and C alternating in one run; GFLOPS count the causal work, 4·b·heads·d·Σ_i(keys seen by query i).
 The agreement column is max|C - NumPy| / max|v|. Not a test: the machine is shared, so the load average is
 printed before and after; compare ratios within one run.
+
+Where AMX runs, a second table compares the bf16 AMX variant (precision="bfloat16", calibration's) with the
+float32 AVX-512 one, single-threaded as calibration calls it, alternating in one run; its agreement column
+is max|amx - float32| / max|v| (kernels.attention.BF16_ATOL_REL).
 """
 
 from __future__ import annotations
@@ -48,25 +52,58 @@ def _load() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--bf16-only", action="store_true", help="only the amx_bf16 vs float32 AVX-512 table")
     args = ap.parse_args()
     print(f"load average before: {_load()}   C variant: {attention.variant_name()}")
+    if not args.bf16_only:
+        _float32_table(args.repeats)
+    if attention.amx_bf16_available():
+        _bf16_table(args.repeats)
+    else:
+        print("amx_bf16: unavailable here")
+    print(f"load average after: {_load()}")
+
+
+def _inputs(rng: np.random.Generator, b: int, s: int, t: int, heads: int, kvh: int, d: int):
+    q = rng.standard_normal((b, s, heads, d), dtype=np.float32)  # (b, s, heads, d)
+    k = rng.standard_normal((b, kvh, t, d), dtype=np.float32)  # (b, kvh, t, d)
+    v = rng.standard_normal((b, kvh, t, d), dtype=np.float32)  # (b, kvh, t, d)
+    return q, k, v
+
+
+def _bf16_table(repeats: int) -> None:
+    print(f"\n{'shape (b, s, t, heads, kv, d)':32} {'thr':>3} {'f32 ms':>8} {'amx ms':>8} {'ratio':>6} "
+          f"{'f32 GF':>7} {'amx GF':>7} {'max|Δ|/max|v|':>13}")
+    rng = np.random.default_rng(0)
+    for b, s, t, heads, kvh, d in SHAPES[:2]:
+        q, k, v = _inputs(rng, b, s, t, heads, kvh, d)
+        out = np.empty((b * s, heads * d), np.float32)  # (b * s, heads * d), reused as calibration does
+        flops = 4.0 * b * heads * d * (s * (t - s) + s * (s + 1) / 2)
+        ref = attention.causal_attention_c(q, k, v, threads=1, variant="avx512")
+        err = float(np.abs(attention.causal_attention_c(q, k, v, threads=1, variant="amx_bf16") - ref).max())
+        t_f, t_a = _best_pair(lambda: attention.causal_attention_c(q, k, v, threads=1, variant="avx512", out=out),  # noqa: B023
+                              lambda: attention.causal_attention(q, k, v, threads=1, out=out,  # noqa: B023
+                                                                 precision="bfloat16"),
+                              repeats)
+        print(f"{(b, s, t, heads, kvh, d)!s:32} {1:>3} {t_f:8.2f} {t_a:8.2f} {t_f / t_a:6.2f} "
+              f"{flops / t_f / 1e6:7.1f} {flops / t_a / 1e6:7.1f} {err / float(np.abs(v).max()):13.2e}", flush=True)
+
+
+def _float32_table(repeats: int) -> None:
     print(f"{'shape (b, s, t, heads, kv, d)':32} {'thr':>3} {'numpy ms':>9} {'C ms':>8} {'ratio':>6} "
           f"{'C GFLOPS':>8} {'max|Δ|/max|v|':>13}")
     rng = np.random.default_rng(0)
     for b, s, t, heads, kvh, d in SHAPES:
-        q = rng.standard_normal((b, s, heads, d), dtype=np.float32)  # (b, s, heads, d)
-        k = rng.standard_normal((b, kvh, t, d), dtype=np.float32)  # (b, kvh, t, d)
-        v = rng.standard_normal((b, kvh, t, d), dtype=np.float32)  # (b, kvh, t, d)
+        q, k, v = _inputs(rng, b, s, t, heads, kvh, d)
         flops = 4.0 * b * heads * d * (s * (t - s) + s * (s + 1) / 2)
         err = float(np.abs(attention.causal_attention_c(q, k, v, threads=1) - numpy_attention(q, k, v)).max())
         for threads in (1, 2):
             with threadpool_limits(limits=threads, user_api="blas"):
                 t_np, t_c = _best_pair(lambda: numpy_attention(q, k, v),  # noqa: B023
                                        lambda: attention.causal_attention_c(q, k, v, threads=threads),  # noqa: B023
-                                       args.repeats)
+                                       repeats)
             print(f"{(b, s, t, heads, kvh, d)!s:32} {threads:>3} {t_np:9.2f} {t_c:8.2f} {t_np / t_c:6.2f} "
                   f"{flops / t_c / 1e6:8.1f} {err / float(np.abs(v).max()):13.2e}", flush=True)
-    print(f"load average after: {_load()}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ precision="bfloat16" (GPTQ calibration with the bf16 engine, whose linears alrea
 AMX variant "amx_bf16" (kernels/src/attention/attention_amx.c) when QKILN_KERNEL is unset or avx512 and
 the CPU and OS allow AMX tiles: the scaled queries, keys, probabilities and values are rounded to bf16
 (nearest even), products are exact and sums float32 (tdpbf16ps), the softmax itself float32 as in the
-AVX-512 unit. About 2x faster than the float32 AVX-512 variant on one thread; agreement with the float32
-result: BF16_ATOL_REL. Anywhere else bfloat16 falls back to the float32 path, which is more precise and
+AVX-512 unit (exp2 polynomial cut to degree 4, 4e-5 relative). Measured 2.1-2.6x the float32 AVX-512
+variant on one thread at calibration's shape (5x at t = 2048, d = 128); agreement with the float32 result:
+BF16_ATOL_REL. Anywhere else bfloat16 falls back to the float32 path, which is more precise and
 slower. Runtime eval/generate keep float32.
 """
 
