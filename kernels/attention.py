@@ -41,13 +41,14 @@ from qkiln.kernels.clib import LazyLibrary, env_variant, fits_out, into
 ATOL_REL = 1e-5
 
 # Tolerance of the amx_bf16 variant against the float32 result, relative to max|v|: bf16 keeps 8
-# significant bits, so each score carries a relative error ~2^-9 of Σ|q_i k_i| / sqrt(d) (random data:
-# ~0.5 base-e units · 2^-9 per score), each probability and value one more rounding; the output is a
-# probability-weighted mean of values, so errors average over the visible keys. Measured on random normal
-# data (scores ~N(0, 1)), shapes up to t = 512, d 8..200: max|Δ| ≤ 2.6e-3 · max|v|; 6e-3 leaves a margin
-# of ~2x. Larger scores scale the score error (as for ATOL_REL), so callers comparing on peaked data should
-# widen it accordingly.
-BF16_ATOL_REL = 6e-3
+# significant bits, so each score carries a relative error ~2^-9 of Σ|q_i k_i| / sqrt(d), each probability
+# and value one more rounding; the output is a probability-weighted mean of values, so errors average over
+# the visible keys (a row seeing one key gets bf16(v) exactly, 2^-9 relative). Measured max|Δ| / max|v|:
+# ≤ 2.8e-3 on random normal data (scores ~N(0, 1)), shapes up to t = 2048, d 8..200; 3.6e-3, 4.2e-3 and
+# 5.6e-3 (rms of Δ 1.2e-3 .. 2.2e-3 of the output's) with the demo model's layers 0, 5 and 15 q/k/v
+# projections of calibration text (8 x 512 tokens), whose scores are larger. Peakier scores scale the
+# score error, as for ATOL_REL.
+BF16_ATOL_REL = 1e-2
 
 VARIANTS = {"auto": 0, "portable": 1, "avx512": 2, "amx_bf16": 3}
 _VARIANT_NAMES = {1: "portable", 2: "avx512", 3: "amx_bf16"}
