@@ -248,8 +248,8 @@ int qk_attention_exp2(int variant, const float *x, float *y, long n) {
         return 0;
     }
 #if defined(__x86_64__)
-    if ((variant == 2 && qk_have_avx512()) || (variant == 3 && qk_attention_amx_available())) {
-        qk_attn_exp2_avx512(x, y, n); /* the AMX unit's softmax uses the same vector 2^x */
+    if (variant == 2 && qk_have_avx512()) { /* (the AMX unit's degree-4 2^x is not offered here) */
+        qk_attn_exp2_avx512(x, y, n);
         return 0;
     }
 #endif
