@@ -160,6 +160,8 @@ def exp2_approx(x: np.ndarray, variant: str = "auto") -> np.ndarray:
     """The kernel's softmax 2^x applied to x (float32), for its error test. (Scores are kept in base 2:
     log2 e is folded into the query scale, so e^(s - m) is computed as 2^(s·log2 e - m·log2 e).) Float32
     variants only: amx_bf16's degree-4 polynomial is not exposed (KernelError)."""
+    if variant == "amx_bf16":
+        raise KernelError("exp2_approx covers the float32 variants; amx_bf16's degree-4 polynomial is not exposed")
     lib = _load()
     if lib is None:
         raise KernelError(f"the C attention kernel is unavailable: {_LIB.error}")
