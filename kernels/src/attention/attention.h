@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "pow2.h"
+
 #define QK_ATTN_NB 64 /* keys per block (both variants) */
 #define QK_ATTN_RMAX 12 /* most query rows per row group (AVX-512: 12, portable: 8) */
 
@@ -93,13 +95,7 @@ static inline float qk_attn_exp2f(float x) {
     p = p * r + QK_EXP2_C2;
     p = p * r + QK_EXP2_C1;
     p = p * r + 1.0f;
-    const int32_t ni = (int32_t)n;
-    const int32_t n1 = ni >> 1, n2 = ni - n1;
-    const int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
-    float s1, s2;
-    memcpy(&s1, &b1, 4);
-    memcpy(&s2, &b2, 4);
-    return (p * s1) * s2;
+    return qk_times_pow2(p, n);
 }
 
 /* Rows of a unit are (query, head) pairs, query-major: row = (i - q0) * n_rep + r, so a row group holds

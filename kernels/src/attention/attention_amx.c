@@ -30,6 +30,7 @@
 
 #include "attention/attention.h"
 #include "attention/attention_avx512.h"
+#include "x86/amx_tiles.h"
 
 #define AR 16 /* query rows per row group: one A tile */
 #define NB QK_ATTN_NB
@@ -39,33 +40,10 @@
 #define TILE 512 /* bf16 elements per 1 KB tile */
 #define SLACK 8.0f /* base-2 score units a block max may exceed a row's reference max before it moves */
 
-typedef struct {
-    uint8_t palette_id;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} __attribute__((aligned(64))) tilecfg_t;
-
-static void tile_config(void) {
-    tilecfg_t cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int i = 0; i < 8; i++) {
-        cfg.rows[i] = 16;
-        cfg.colsb[i] = 64;
-    }
-    _tile_loadconfig(&cfg);
-}
-
-static inline __mmask16 upto(int n) {
-    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
-}
-
 /* 32 floats p[0 .. valid) (zeros after) times `scale`, as 32 bf16 in order. */
 static inline __m512i bf16x32(const float *p, int valid, __m512 scale) {
-    const __m512 lo = _mm512_mul_ps(_mm512_maskz_loadu_ps(upto(valid), p), scale);
-    const __m512 hi = _mm512_mul_ps(_mm512_maskz_loadu_ps(upto(valid - 16), p + 16), scale);
+    const __m512 lo = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask_upto(valid), p), scale);
+    const __m512 hi = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask_upto(valid - 16), p + 16), scale);
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
@@ -100,7 +78,7 @@ static void pack_v(const qk_attn_args *a, int bi, int g, int nkeys, int npad, ui
         const float *v0 = v + (long)j * a->vs_t, *v1 = v0 + a->vs_t;
         uint16_t *row = vt + (long)(j / 32) * CC * TILE + (j % 32) / 2 * 32;
         for (int cc = 0; cc < CC; cc++) {
-            const __mmask16 m = upto(d - 16 * cc);
+            const __mmask16 m = mask_upto(d - 16 * cc);
             const __m512 x0 = j < nkeys ? _mm512_maskz_loadu_ps(m, v0 + 16 * cc) : _mm512_setzero_ps();
             const __m512 x1 = j + 1 < nkeys ? _mm512_maskz_loadu_ps(m, v1 + 16 * cc) : _mm512_setzero_ps();
             const __m512i pr = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
@@ -303,7 +281,7 @@ void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch) {
             float *dst = a->out + ((long)bi * a->s + i) * ((long)a->n_heads * d) + (long)h * d;
             const __m512 l = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_loadu_ps(lv + rr * 16)));
             for (int c = 0; c < d; c += 16)
-                _mm512_mask_storeu_ps(dst + c, upto(d - c), _mm512_div_ps(_mm512_loadu_ps(o + rr * dp + c), l));
+                _mm512_mask_storeu_ps(dst + c, mask_upto(d - c), _mm512_div_ps(_mm512_loadu_ps(o + rr * dp + c), l));
         }
     }
     _tile_release();

@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "pow2.h"
+
 /* Arguments in floats; rows are a stride apart, elements inside a row contiguous. */
 typedef struct {
     const float *x;    /* (t, n), row stride xs */
@@ -74,13 +76,7 @@ static inline float qk_ew_expf(float x) {
     p = p * r + QK_EW_P2;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    const int32_t ni = (int32_t)n;
-    const int32_t n1 = ni >> 1, n2 = ni - n1;
-    const int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
-    float s1, s2;
-    memcpy(&s1, &b1, 4);
-    memcpy(&s2, &b2, 4);
-    return (p * s1) * s2;
+    return qk_times_pow2(p, n);
 }
 
 /* Lanes of the float64 sum of squares: element j of a row goes to lane j % 32 (the AVX-512 file's four

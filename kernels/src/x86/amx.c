@@ -33,18 +33,12 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "x86/amx_tiles.h"
+
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define TILE_BYTES 1024
 #define MAX_THREADS 64
-
-typedef struct {
-    uint8_t palette_id;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} __attribute__((aligned(64))) tilecfg_t;
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* availability                                                                                           */
@@ -80,16 +74,6 @@ int qk_bf16_amx_available(void) {
     return g_amx_ok;
 }
 
-static void tile_config(void) {
-    tilecfg_t cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int i = 0; i < 8; i++) {
-        cfg.rows[i] = 16;
-        cfg.colsb[i] = 64;
-    }
-    _tile_loadconfig(&cfg);
-}
 
 static int resolve_threads(int nthreads) {
     if (nthreads <= 0) {
@@ -115,10 +99,6 @@ static void run_threads(int n, void *(*fn)(void *), void *args, size_t arg_size)
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* conversion helpers                                                                                      */
-
-static inline __mmask16 mask_upto(int64_t n) {
-    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
-}
 
 /* 32 floats (p[0..31], only the first `valid` read) -> 32 bf16 in order, as one 512-bit vector. */
 static inline __m512i cvt32(const float *p, int64_t valid) {

@@ -1,0 +1,36 @@
+/* amx_tiles.h — what the AMX units (x86/amx.c: linear and Gram; attention/attention_amx.c) share: the one
+ * tile configuration they use (8 tiles of 16 rows x 64 bytes) and the lane mask of a partial vector. The
+ * including file is compiled with -mamx-tile -mavx512f. */
+#ifndef QKILN_AMX_TILES_H
+#define QKILN_AMX_TILES_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((aligned(64))) tilecfg_t;
+
+/* Every tile 16 rows x 64 bytes (16 float32 or 32 bf16 per row). Once per thread before its first tile op. */
+static inline void tile_config(void) {
+    tilecfg_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* Lanes 0..n-1 of a 16-float vector (none for n <= 0, all for n >= 16). */
+static inline __mmask16 mask_upto(int64_t n) {
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+#endif
