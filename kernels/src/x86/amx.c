@@ -308,16 +308,7 @@ static void *linear_worker(void *arg) {
                 _tile_zero(1);
                 _tile_zero(2);
                 _tile_zero(3);
-                for (int64_t kb = 0; kb < KB; kb++) {
-                    _tile_loadd(4, a + kb * 1024, 64);
-                    _tile_loadd(5, a + kb * 1024 + 512, 64);
-                    _tile_loadd(6, b + kb * 1024, 64);
-                    _tile_loadd(7, b + kb * 1024 + 512, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(2, 5, 6);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
+                for (int64_t kb = 0; kb < KB; kb++) tile_step_2x2(a + kb * 1024, b + kb * 1024);
                 /* C tile (h, q): tokens t0 + 16h.., outputs 32p + 16q.. */
                 const int64_t t0 = (s0 + s) * 32;
                 const int full_rows0 = t0 + 16 <= j->m, full_rows1 = t0 + 32 <= j->m;
@@ -493,16 +484,7 @@ static inline void gram_pair(float *acc, const uint16_t *a, const uint16_t *b, i
         _tile_loadd(2, acc + 512, 64);
         _tile_loadd(3, acc + 768, 64);
     }
-    for (int64_t t = 0; t < nst; t++) {
-        _tile_loadd(4, a + t * 1024, 64);
-        _tile_loadd(5, a + t * 1024 + 512, 64);
-        _tile_loadd(6, b + t * 1024, 64);
-        _tile_loadd(7, b + t * 1024 + 512, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-    }
+    for (int64_t t = 0; t < nst; t++) tile_step_2x2(a + t * 1024, b + t * 1024);
     _tile_stored(0, acc, 64);
     _tile_stored(1, acc + 256, 64);
     _tile_stored(2, acc + 512, 64);
