@@ -194,8 +194,6 @@ void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch) {
     pack_k(a, bi, g, nkeys, npad, kt);
     pack_v(a, bi, g, nkeys, npad, vt);
     pack_q(a, bi, g, q0, q1, qt);
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 masked = _mm512_set1_ps(MASKED);
     const int nrows = (q1 - q0) * n_rep;
     for (int row0 = 0; row0 < nrows; row0 += AR) {
         const int rows = nrows - row0 < AR ? nrows - row0 : AR;
@@ -226,21 +224,7 @@ void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch) {
                 pv(pbuf + (jb ^ 1) * AR * NB, prev_np, vt + (long)((j0 - NB) / 32) * CC * TILE, CC, o, dp, alphas[jb ^ 1]);
             const int diag = j0 + 16 * nv - 1 > first; /* some key is after some row's position */
             for (int rr = 0; rr < AR; rr++) {
-                float *sr = sc + rr * NB;
-                __m512 mx = _mm512_set1_ps(m[rr]);
-                if (diag) {
-                    const __m512 lim = _mm512_set1_ps((float)(pos[rr] - j0)); /* last visible key */
-                    for (int v = 0; v < nv; v++) {
-                        const __mmask16 hide =
-                            _mm512_cmp_ps_mask(_mm512_add_ps(iota, _mm512_set1_ps(16.0f * v)), lim, _CMP_GT_OQ);
-                        const __m512 sv = _mm512_mask_mov_ps(_mm512_loadu_ps(sr + 16 * v), hide, masked);
-                        _mm512_storeu_ps(sr + 16 * v, sv);
-                        mx = _mm512_max_ps(mx, sv);
-                    }
-                } else {
-                    for (int v = 0; v < nv; v++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + 16 * v));
-                }
-                mn[rr] = _mm512_reduce_max_ps(mx);
+                mn[rr] = masked_row_max(sc + rr * NB, nv, diag, pos[rr] - j0, m[rr]);
                 for (int x = 0; x < 2 && pf < npf; x++, pf++) {
                     const int row = row0 + AR + pf / lines;
                     const int i = q0 + row / n_rep, h = g * n_rep + row % n_rep;

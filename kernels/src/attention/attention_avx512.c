@@ -162,8 +162,6 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
     /* values: the source rows when d is a multiple of 16, else the padded copy */
     const float *vsrc = d % 16 ? vp : a->v + (long)bi * a->vs_b + (long)g * a->vs_h;
     const long vs = d % 16 ? dp : a->vs_t;
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 ninf = _mm512_set1_ps(MASKED);
     const int nrows = (q1 - q0) * n_rep;
     for (int row0 = 0; row0 < nrows; row0 += AR) {
         const int rows = nrows - row0 < AR ? nrows - row0 : AR;
@@ -189,23 +187,7 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
             const int diag = j0 + 16 * nv - 1 > first; /* some key is after some row's position */
             /* Block maxima per row (masking keys after the row's position), then all rows' rescale
              * factors in one vector exp: no data-dependent branch. */
-            for (int rr = 0; rr < AR; rr++) {
-                float *sr = sc + rr * NB;
-                __m512 mx = _mm512_set1_ps(m[rr]);
-                if (diag) { /* full stores (a masked store would stall the loads that follow) */
-                    const __m512 lim = _mm512_set1_ps((float)(pos[rr] - j0)); /* last visible key */
-                    for (int v = 0; v < nv; v++) {
-                        const __mmask16 hide = _mm512_cmp_ps_mask(
-                            _mm512_add_ps(iota, _mm512_set1_ps(16.0f * v)), lim, _CMP_GT_OQ);
-                        const __m512 sv = _mm512_mask_mov_ps(_mm512_loadu_ps(sr + 16 * v), hide, ninf);
-                        _mm512_storeu_ps(sr + 16 * v, sv);
-                        mx = _mm512_max_ps(mx, sv);
-                    }
-                } else {
-                    for (int v = 0; v < nv; v++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + 16 * v));
-                }
-                mn[rr] = _mm512_reduce_max_ps(mx);
-            }
+            for (int rr = 0; rr < AR; rr++) mn[rr] = masked_row_max(sc + rr * NB, nv, diag, pos[rr] - j0, m[rr]);
             for (int rr = AR; rr < 16; rr++) mn[rr] = 0.0f;
             const __m512 mold = _mm512_loadu_ps(m), mnew = _mm512_loadu_ps(mn);
             _mm512_storeu_ps(alpha, exp2_512(_mm512_sub_ps(mold, mnew))); /* first block: 2^(-1e30 - m) = 0 */
