@@ -59,6 +59,9 @@ def _declare(lib: Any) -> None:
         "qk_bf16_pack_weight": (None, [vp, i64, i64, vp]),
         "qk_bf16_linear": (c_int, [vp, i64, i64, vp, i64, vp, c_int]),
         "qk_bf16_gram": (c_int, [vp, i64, i64, vp, c_int]),
+        "qk_bf16_gram_acc_floats": (ctypes.c_size_t, [i64]),
+        "qk_bf16_gram_acc": (c_int, [vp, i64, i64, vp, c_int, c_int]),
+        "qk_bf16_gram_acc_write": (c_int, [vp, i64, vp]),
     }
     for name, (res, args) in sig.items():
         fn = getattr(lib, name)
@@ -202,6 +205,21 @@ def _as_x(x: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
+def _check_out(out: np.ndarray | None, shape: tuple[int, int], what: str) -> None:
+    if out is not None and (out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous
+                            or not out.flags.writeable):
+        raise ValueError(f"{what}: out must be a writeable C-contiguous float32 array of shape {shape}")
+
+
+def _mirror_upper(g: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """g's upper triangle and its mirror (exactly symmetric), into `out` when given."""
+    sym = np.triu(g) + np.triu(g, 1).T  # (k, k)
+    if out is None:
+        return sym
+    out[...] = sym
+    return out
+
+
 def linear(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
            nthreads: int | None = None) -> np.ndarray:
     """y (m, n) float32 = bf16(x) (m, k) · bf16(W)ᵀ with float32 accumulation, on the weight's path.
@@ -213,9 +231,7 @@ def linear(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
     n, wk = w.shape
     if k != wk:
         raise ValueError(f"linear: x has width {k}, weight is {w.shape}")
-    if out is not None and (out.shape != (m, n) or out.dtype != np.float32 or not out.flags.c_contiguous
-                            or not out.flags.writeable):
-        raise ValueError(f"linear: out must be a writeable C-contiguous float32 array of shape {(m, n)}")
+    _check_out(out, (m, n), "linear")
     if w.rounded is not None:
         return np.matmul(round_bf16(x), w.rounded.T, out=out)
     lib = _library()
@@ -236,21 +252,66 @@ def gram(x: np.ndarray, *, path: str | None = None, nthreads: int | None = None,
     multiple of 16 and an aligned base, as `aligned_empty` gives) let the kernel stream a large result."""
     x = _as_x(x, "gram")
     m, k = x.shape
-    if out is not None and (out.shape != (k, k) or out.dtype != np.float32 or not out.flags.c_contiguous
-                            or not out.flags.writeable):
-        raise ValueError(f"gram: out must be a writeable C-contiguous float32 array of shape {(k, k)}")
+    _check_out(out, (k, k), "gram")
     if _resolve(path) == "numpy":
         xr = round_bf16(x)  # (m, k)
-        g = np.matmul(xr.T, xr).astype(np.float32, copy=False)  # (k, k)
-        upper = np.triu(g)
-        sym = upper + np.triu(g, 1).T  # (k, k)
-        if out is None:
-            return sym
-        out[...] = sym
-        return out
+        return _mirror_upper(np.matmul(xr.T, xr).astype(np.float32, copy=False), out)
     if out is None:
         out = _empty64((k, k))  # (k, k)
     rc = _library().qk_bf16_gram(_ptr(x), m, k, _ptr(out), _threads(nthreads))
     if rc != 0:
         raise MemoryError(f"qk_bf16_gram failed (code {rc})")
     return out
+
+
+class GramSum:
+    """Running bf16(x)ᵀ·bf16(x) over many (m, k) chunks, float32 accumulation; `result()` is exactly symmetric.
+
+    What calibration sums per input group: with `gram` each chunk's (k, k) result is written out, mirrored,
+    and re-added by the caller — at k = 1536 about as much memory traffic as the chunk's products. On the amx
+    path the float32 tile accumulators stay in this object's buffer between `add` calls (the kernel's own
+    layout) and are mirrored into a (k, k) array once, by `result`. Summation order: every token in `add`
+    order, 32 at a time, into one float32 accumulator per element (numpy path: each chunk's float32 product
+    added in order), so the bytes do not depend on `nthreads`. Not thread-safe: one summer per thread.
+    """
+
+    def __init__(self, k: int, *, path: str | None = None, nthreads: int | None = None):
+        self.k, self.path, self.nthreads = k, _resolve(path), nthreads
+        self.tokens = 0
+        if self.path == "amx":
+            floats = int(_library().qk_bf16_gram_acc_floats(k))
+            self._acc = _empty64((1, max(floats, 1)))  # the kernel's tile accumulators
+        else:
+            self._acc = np.zeros((k, k), np.float32)
+
+    def add(self, x: np.ndarray) -> None:
+        """Fold the tokens x (m, k) in."""
+        x = _as_x(x, "GramSum.add")
+        m, k = x.shape
+        if k != self.k:
+            raise ValueError(f"GramSum.add: x has width {k}, the sum is over {self.k} features")
+        if self.path == "numpy":
+            xr = round_bf16(x)  # (m, k)
+            self._acc += np.matmul(xr.T, xr).astype(np.float32, copy=False)
+        else:
+            rc = _library().qk_bf16_gram_acc(_ptr(x), m, k, _ptr(self._acc), int(self.tokens == 0),
+                                             _threads(self.nthreads))
+            if rc != 0:
+                raise MemoryError(f"qk_bf16_gram_acc failed (code {rc})")
+        self.tokens += m
+
+    def result(self, out: np.ndarray | None = None) -> np.ndarray:
+        """Σ bf16(x)ᵀ·bf16(x) (k, k) float32 over every chunk added (zeros before any)."""
+        k = self.k
+        _check_out(out, (k, k), "GramSum.result")
+        if self.path == "numpy":
+            return _mirror_upper(self._acc, out)
+        if out is None:
+            out = _empty64((k, k))
+        if self.tokens == 0:
+            out[...] = 0.0
+            return out
+        rc = _library().qk_bf16_gram_acc_write(_ptr(self._acc), k, _ptr(out))
+        if rc != 0:
+            raise MemoryError(f"qk_bf16_gram_acc_write failed (code {rc})")
+        return out

@@ -21,9 +21,21 @@ from typing import Any, Protocol
 import numpy as np
 
 from qkiln.errors import QuantizeError
-from qkiln.quantize.hessian import gram_f32
+from qkiln.quantize.hessian import HessianSum
 
 DTYPES = ("float32", "bfloat16")
+
+
+class GramSum(Protocol):
+    @property
+    def tokens(self) -> int:
+        """Tokens added so far."""
+
+    def add(self, x: np.ndarray) -> None:
+        """Fold a (tokens, k) float32 chunk in."""
+
+    def result(self) -> np.ndarray:
+        """Σ xᵀx (k, k) over every chunk added, exactly symmetric (float32 or float64)."""
 
 
 class Matmul(Protocol):
@@ -35,8 +47,8 @@ class Matmul(Protocol):
     def linear(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
         """x (tokens, in) float32 -> (tokens, out) float32, written into `out` (C-contiguous) when given."""
 
-    def gram(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """xᵀx (in, in) float32 of a (tokens, in) float32 chunk, written into `out` (C-contiguous) when given."""
+    def gram_sum(self, k: int) -> GramSum:
+        """A running Σ xᵀx over (tokens, k) float32 chunks (one summer per thread)."""
 
     def threads(self, n: int) -> contextlib.AbstractContextManager[object]:
         """Within the context, each product uses at most n threads (callers run several at once)."""
@@ -54,8 +66,25 @@ class F32Matmul:
     def linear(self, x: np.ndarray, packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return np.matmul(x, packed.T, out=out)
 
-    def gram(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return gram_f32(x) if out is None else np.matmul(x.T, x, out=out)
+    def gram_sum(self, k: int) -> GramSum:
+        return _F32GramSum(k)
+
+
+class _F32GramSum:
+    """Float32 BLAS products of CHUNK_TOKENS tokens, summed in float64 (`HessianSum`)."""
+
+    def __init__(self, k: int):
+        self._sum = HessianSum(k)
+
+    @property
+    def tokens(self) -> int:
+        return self._sum.n
+
+    def add(self, x: np.ndarray) -> None:
+        self._sum.add(x)
+
+    def result(self) -> np.ndarray:
+        return self._sum.sum
 
 
 class BF16Matmul:
@@ -82,8 +111,8 @@ class BF16Matmul:
     def linear(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
         return self._k.linear(np.ascontiguousarray(x, dtype=np.float32), packed, out=out, nthreads=self._threads)
 
-    def gram(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return self._k.gram(np.ascontiguousarray(x, dtype=np.float32), nthreads=self._threads, out=out)
+    def gram_sum(self, k: int) -> GramSum:
+        return self._k.GramSum(k, nthreads=self._threads)
 
 
 def matmul_engine(dtype: str) -> Matmul:

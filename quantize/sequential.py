@@ -38,10 +38,15 @@ from qkiln.kernels.bf16 import aligned_empty
 from qkiln.kernels.elementwise import rms_norm, silu_mul
 from qkiln.quantize.gptq import one_blas_thread
 from qkiln.quantize.hessian import HessianSum
-from qkiln.quantize.matmul import Matmul
+from qkiln.quantize.matmul import GramSum, Matmul
 from qkiln.runtime.config import LlamaConfig
 from qkiln.runtime.llama import rope_attention
 from qkiln.runtime.rope import RopeTable
+
+# Running Gram sums per input group (`each`): fixed, so the Hessian's bytes do not depend on the worker
+# count; each lane's sum is written out once per group (4 lanes: 4 (k, k) results where one per batch made
+# 16 at 128 samples), and the lanes bound the workers a layer can use.
+SUM_LANES = 4
 
 
 def _aligned(floats: int) -> np.ndarray:
@@ -135,27 +140,38 @@ def run_layer(
         return a[sl].reshape(-1, a.shape[-1])  # (b * L, features) view
 
     def gram(x: np.ndarray) -> np.ndarray | None:
-        """The batch's xᵀx in a buffer `each` gives back once it is summed (None without Hessians)."""
-        if not need_hessian:
-            return None
-        return engine.gram(x, out=buffers.take(f"gram{x.shape[1]}", (x.shape[1], x.shape[1])))
+        """What the batch's Hessian is summed over: x itself (a view that outlives the batch), or None."""
+        return x if need_hessian else None
 
     # Batches run on `threads` workers, each product single-threaded: NumPy's element-wise work
     # (norms, RoPE, softmax, SiLU) is single-threaded, and a layer is as much of that as of products.
-    workers = max(1, min(threads or os.cpu_count() or 1, len(batches)))
+    # The Grams are summed in SUM_LANES running sums, batch b in lane b % SUM_LANES, each lane's batches
+    # in order by one worker: the sums' bytes depend on neither the worker count nor which finished first.
+    workers = max(1, min(threads or os.cpu_count() or 1, len(batches), SUM_LANES))
+    lanes_of = [[lane for lane in range(SUM_LANES) if lane % workers == w] for w in range(workers)]
     with ThreadPoolExecutor(max_workers=workers) as pool, one_blas_thread(), engine.threads(1):
 
         def each(fn: Callable[[slice], np.ndarray | None]) -> np.ndarray | None:
-            """fn over every batch; the Hessian from the grams the batches returned (summed in batch
-            order as each arrives, while later batches run, so the result does not depend on which
-            worker finished first), or None."""
+            """fn over every batch; the Hessian of the arrays it returned (the lanes' sums added in lane
+            order), or None."""
+
+            def work(mine: list[int]) -> dict[int, GramSum]:
+                sums: dict[int, GramSum] = {}
+                for b, sl in enumerate(batches):
+                    if b % SUM_LANES in mine and (x := fn(sl)) is not None:
+                        if b % SUM_LANES not in sums:
+                            sums[b % SUM_LANES] = engine.gram_sum(x.shape[1])
+                        sums[b % SUM_LANES].add(x)
+                return sums
+
+            lanes: dict[int, GramSum] = {}
+            for got in pool.map(work, lanes_of):
+                lanes.update(got)
             hs: HessianSum | None = None
-            for sl, g in zip(batches, pool.map(fn, batches), strict=True):
-                if g is None:
-                    continue
+            for lane in sorted(lanes):
+                g = lanes[lane].result()
                 hs = hs if hs is not None else HessianSum(g.shape[0])
-                hs.add_gram(g, (sl.stop - sl.start) * seq)
-                buffers.give(f"gram{g.shape[0]}", g)
+                hs.add_gram(g, lanes[lane].tokens)
             return hs.mean() if hs is not None else None
 
         live: dict[str, Any] = {}  # packed weights and stored activations, dropped when no longer needed

@@ -145,6 +145,29 @@ def test_gram_is_exactly_symmetric_and_the_rounded_product(path, m, k):
     _check(g, xr.T, xr.T, m)
 
 
+@pytest.mark.parametrize("k", (1, 17, 200, 576, 1536))
+def test_gram_sum_is_the_rounded_product_of_all_chunks(path, k):
+    rng = np.random.default_rng(k)
+    chunks = [rng.standard_normal((m, k), dtype=np.float32) for m in (1000, 0, 33, 512)]
+    chunks[2][:, 0] *= np.float32(1e6)
+    s = bf16.GramSum(k, path=path)
+    assert np.all(s.result() == 0)  # nothing added yet
+    for x in chunks:
+        s.add(x)
+    g = s.result()
+    assert s.tokens == 1545 and np.array_equal(g, g.T)
+    xr = bf16.round_bf16(np.concatenate(chunks))
+    _check(g, xr.T, xr.T, len(xr))
+    if path == "amx":  # the bytes depend on the chunks, not on the threads
+        for t in (1, 3):
+            again = bf16.GramSum(k, path=path, nthreads=t)
+            for x in chunks:
+                again.add(x)
+            np.testing.assert_array_equal(again.result(out=bf16.aligned_empty((k, k))), g)
+    with pytest.raises(ValueError, match="width"):
+        s.add(np.ones((3, k + 1), np.float32))
+
+
 def test_gram_zeros_threads_and_agreement_between_paths():
     rng = np.random.default_rng(9)
     x = rng.standard_normal((3000, 200), dtype=np.float32)

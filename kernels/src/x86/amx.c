@@ -427,6 +427,8 @@ typedef struct {
     float *gaccs;          /* split mode: one accumulator per (group, block), group g of block b at
                             * (g * total_pairs + b.off) * 4 KB; NULL otherwise */
     int64_t total_pairs;
+    float *run;            /* running-sum mode: the accumulators of every block, kept between calls */
+    int first;             /* running-sum mode: start the sums from zero */
 } gram_job_t;
 
 /* 32 tokens from t0 (zeros past m) x 16 features from f0 (zeros past k) -> their B tile (token pairs) */
@@ -676,6 +678,104 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
         if (stream) _mm_sfence();
     }
     arena_put(arena, slot);
+    free(blocks);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* running gram: acc += bf16(x)ᵀ · bf16(x) over many calls, then out = acc once                             */
+/*
+ * Calibration sums a Gram over 16 batches per input group; one (k, k) result per batch, mirrored, streamed
+ * out and re-added by the caller costs about as much memory traffic as the products' operands. Here the
+ * float32 tile accumulators of every macro-block stay in `acc` (qk_bf16_gram_acc_floats(k) floats, the
+ * caller's) between calls: a call loads a block's accumulators, adds its tokens, stores them back, and
+ * qk_bf16_gram_acc_write mirrors the final sums into out once. Summation order: every token in call order,
+ * 32 at a time, into one float32 accumulator per element; the block layout is that of one thread
+ * (gram_blocks(SB, 1)), so the bytes do not depend on nthreads.
+ */
+static void *gram_run_worker(void *arg) {
+    const gram_job_t *j = (const gram_job_t *)arg;
+    const int64_t chunk = 32 * QK_GRAM_KC;
+    int configured = 0;
+    for (;;) {
+        const int64_t u = __atomic_fetch_add(j->next_block, 1, __ATOMIC_RELAXED);
+        if (u >= j->nblocks) break;
+        if (!configured) {
+            tile_config();
+            configured = 1;
+        }
+        const gram_block_t *b = &j->blocks[u];
+        float *acc = j->run + b->off * 1024;
+        for (int64_t c0 = 0; c0 < j->m; c0 += chunk) {
+            const int64_t nst = cdiv(j->m - c0, 32) < QK_GRAM_KC ? cdiv(j->m - c0, 32) : QK_GRAM_KC;
+            gram_convert(j, b, c0, nst);
+            gram_chunk(j, b, acc, nst, j->first && c0 == 0);
+        }
+    }
+    if (configured) _tile_release();
+    return NULL;
+}
+
+static gram_block_t *gram_run_blocks(int64_t k, int64_t *nblocks) {
+    const int64_t SB = cdiv(k, 32);
+    *nblocks = gram_blocks(SB, 1, NULL);
+    gram_block_t *blocks = malloc((size_t)*nblocks * sizeof *blocks);
+    if (blocks) gram_blocks(SB, 1, blocks);
+    return blocks;
+}
+
+size_t qk_bf16_gram_acc_floats(int64_t k) {
+    const int64_t SB = cdiv(k, 32);
+    return k <= 0 ? 0 : (size_t)(SB * (SB + 1) / 2) * 1024;
+}
+
+int qk_bf16_gram_acc(const float *x, int64_t m, int64_t k, float *acc, int first, int nthreads) {
+    if (k <= 0) return 0;
+    if (m <= 0) {
+        if (first) memset(acc, 0, qk_bf16_gram_acc_floats(k) * sizeof(float));
+        return 0;
+    }
+    if (!qk_bf16_amx_available()) return -1;
+    int64_t nblocks;
+    gram_block_t *blocks = gram_run_blocks(k, &nblocks);
+    if (!blocks) return -2;
+    int nt = resolve_threads(nthreads);
+    if (nt > nblocks) nt = (int)nblocks;
+    int64_t band = 0;
+    for (int64_t i = 0; i < nblocks; i++) {
+        if (blocks[i].i1 - blocks[i].i0 > band) band = blocks[i].i1 - blocks[i].i0;
+        if (blocks[i].j1 - blocks[i].j0 > band) band = blocks[i].j1 - blocks[i].j0;
+    }
+    const size_t panel_bytes = (size_t)(band * 2 * QK_GRAM_KC) * TILE_BYTES;
+    int slot;
+    char *arena = arena_get((size_t)nt * 2 * panel_bytes, &slot);
+    if (!arena) {
+        free(blocks);
+        return -2;
+    }
+    int64_t next_block = 0;
+    gram_job_t jobs[MAX_THREADS];
+    for (int i = 0; i < nt; i++) {
+        char *p = arena + (size_t)i * 2 * panel_bytes;
+        jobs[i] = (gram_job_t){.x = x, .m = m, .k = k, .blocks = blocks, .nblocks = nblocks,
+                               .next_block = &next_block, .abuf = (uint16_t *)p,
+                               .bbuf = (uint16_t *)(p + panel_bytes), .run = acc, .first = first};
+    }
+    run_threads(nt, gram_run_worker, jobs, sizeof jobs[0]);
+    arena_put(arena, slot);
+    free(blocks);
+    return 0;
+}
+
+int qk_bf16_gram_acc_write(const float *acc, int64_t k, float *out) {
+    if (k <= 0) return 0;
+    int64_t nblocks;
+    gram_block_t *blocks = gram_run_blocks(k, &nblocks);
+    if (!blocks) return -2;
+    const gram_job_t j = {.out = out, .k = k,
+                          .stream = (uintptr_t)out % 64 == 0 && k % 16 == 0 && (size_t)(k * k) * 4 >= ((size_t)4 << 20)};
+    for (int64_t i = 0; i < nblocks; i++) gram_write(&j, &blocks[i], acc + blocks[i].off * 1024);
+    if (j.stream) _mm_sfence();
     free(blocks);
     return 0;
 }
