@@ -58,6 +58,7 @@ def _declare(lib: Any) -> None:
         "qk_bf16_packed_bytes": (ctypes.c_size_t, [i64, i64]),
         "qk_bf16_pack_weight": (None, [vp, i64, i64, vp]),
         "qk_bf16_linear": (c_int, [vp, i64, i64, vp, i64, vp, c_int]),
+        "qk_bf16_linear_add": (c_int, [vp, i64, i64, vp, i64, vp, c_int]),
         "qk_bf16_gram": (c_int, [vp, i64, i64, vp, c_int]),
         "qk_bf16_gram_acc_floats": (ctypes.c_size_t, [i64]),
         "qk_bf16_gram_acc": (c_int, [vp, i64, i64, vp, c_int, c_int]),
@@ -226,21 +227,42 @@ def linear(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
 
     `out`: a C-contiguous float32 (m, n) array to write y into (returned). Reusing one across calls saves
     the kernel's page zeroing of a fresh output, which costs ~0.1 s per 400 MB."""
-    x = _as_x(x, "linear")
+    x, m, n = _linear_args(x, w, out, "linear")
+    if w.rounded is not None:
+        return np.matmul(round_bf16(x), w.rounded.T, out=out)
+    y = _empty64((m, n)) if out is None else out
+    _linear_c("qk_bf16_linear", x, w, y, nthreads)
+    return y
+
+
+def linear_add(x: np.ndarray, w: BF16Weight, y: np.ndarray, *, nthreads: int | None = None) -> np.ndarray:
+    """y (m, n) float32 += bf16(x) (m, k) · bf16(W)ᵀ, in place (returned): on the amx path each output's
+    float32 accumulator starts from y, so a residual connection needs no product written out and re-read."""
+    x, _, _ = _linear_args(x, w, y, "linear_add")
+    if w.rounded is not None:
+        y += np.matmul(round_bf16(x), w.rounded.T)
+    else:
+        _linear_c("qk_bf16_linear_add", x, w, y, nthreads)
+    return y
+
+
+def _linear_args(x: np.ndarray, w: BF16Weight, out: np.ndarray | None, what: str) -> tuple[np.ndarray, int, int]:
+    x = _as_x(x, what)
     m, k = x.shape
     n, wk = w.shape
     if k != wk:
-        raise ValueError(f"linear: x has width {k}, weight is {w.shape}")
-    _check_out(out, (m, n), "linear")
-    if w.rounded is not None:
-        return np.matmul(round_bf16(x), w.rounded.T, out=out)
+        raise ValueError(f"{what}: x has width {k}, weight is {w.shape}")
+    _check_out(out, (m, n), what)
+    return x, m, n
+
+
+def _linear_c(fn: str, x: np.ndarray, w: BF16Weight, y: np.ndarray, nthreads: int | None) -> None:
     lib = _library()
     assert lib is not None and w.packed is not None, "an amx-packed weight implies the library loaded"
-    y = _empty64((m, n)) if out is None else out
-    rc = lib.qk_bf16_linear(_ptr(x), m, k, _ptr(w.packed), n, _ptr(y), _threads(nthreads))
+    m, k = x.shape
+    rc = getattr(lib, fn)(_ptr(x), m, k, _ptr(w.packed), w.shape[0], _ptr(y), _threads(nthreads))
     if rc != 0:
-        raise MemoryError(f"qk_bf16_linear failed (code {rc})")
-    return y
+        raise MemoryError(f"{fn} failed (code {rc})")
 
 
 def gram(x: np.ndarray, *, path: str | None = None, nthreads: int | None = None,

@@ -47,6 +47,9 @@ class Matmul(Protocol):
     def linear(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
         """x (tokens, in) float32 -> (tokens, out) float32, written into `out` (C-contiguous) when given."""
 
+    def linear_add(self, x: np.ndarray, packed: Any, y: np.ndarray) -> np.ndarray:
+        """y (tokens, out) float32 C-contiguous += x · Wᵀ, in place (a residual connection); returns y."""
+
     def gram_sum(self, k: int) -> GramSum:
         """A running Σ xᵀx over (tokens, k) float32 chunks (one summer per thread)."""
 
@@ -65,6 +68,10 @@ class F32Matmul:
 
     def linear(self, x: np.ndarray, packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return np.matmul(x, packed.T, out=out)
+
+    def linear_add(self, x: np.ndarray, packed: np.ndarray, y: np.ndarray) -> np.ndarray:
+        y += np.matmul(x, packed.T)
+        return y
 
     def gram_sum(self, k: int) -> GramSum:
         return _F32GramSum(k)
@@ -110,6 +117,9 @@ class BF16Matmul:
 
     def linear(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
         return self._k.linear(np.ascontiguousarray(x, dtype=np.float32), packed, out=out, nthreads=self._threads)
+
+    def linear_add(self, x: np.ndarray, packed: Any, y: np.ndarray) -> np.ndarray:
+        return self._k.linear_add(np.ascontiguousarray(x, dtype=np.float32), packed, y, nthreads=self._threads)
 
     def gram_sum(self, k: int) -> GramSum:
         return self._k.GramSum(k, nthreads=self._threads)

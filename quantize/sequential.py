@@ -209,9 +209,7 @@ def run_layer(
 
         # 3. residual, then mlp_in
         def mlp_in(sl: slice) -> np.ndarray | None:
-            hb = tokens(h, sl)  # (t, hidden) view into h
-            with buffers.borrow("proj", hb.shape) as y:
-                hb += engine.linear(tokens(live["attn"], sl), live["o"], out=y)
+            engine.linear_add(tokens(live["attn"], sl), live["o"], tokens(h, sl))  # h += o(a), in place
             return keep_normed(sl, norm_mlp) if need_hessian else None
 
         if need_hessian:
@@ -236,9 +234,7 @@ def run_layer(
 
         # 5. the layer's output
         def output(sl: slice) -> None:
-            hb = tokens(h, sl)
-            with buffers.borrow("proj", hb.shape) as y:
-                hb += engine.linear(tokens(act, sl), w_down, out=y)
+            engine.linear_add(tokens(act, sl), w_down, tokens(h, sl))  # h += down(m), in place
 
         each(output)
     return h

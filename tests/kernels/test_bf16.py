@@ -112,6 +112,27 @@ def test_linear_is_the_product_of_rounded_inputs(path, m, k, n):
     _check(bf16.linear(x, pw), bf16.round_bf16(x), bf16.round_bf16(w), k)
 
 
+@pytest.mark.parametrize("m", (1, 33, 1000))
+@pytest.mark.parametrize(("k", "n"), ((95, 17), (576, 1536), (1536, 576)))
+def test_linear_add_accumulates_into_y(path, m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(0.05)
+    y0 = rng.standard_normal((m, n), dtype=np.float32) * np.float32(10)  # a residual stream
+    pw = bf16.pack_weight(w, path=path)
+    y = y0.copy()
+    assert bf16.linear_add(x, pw, y) is y
+    xr, wr = bf16.round_bf16(x).astype(np.float64), bf16.round_bf16(w).astype(np.float64)
+    exact = y0 + xr @ wr.T
+    bound = (k + 1) * U * (np.abs(y0) + np.abs(xr) @ np.abs(wr).T)  # float32 sums started from y0
+    assert np.all(np.abs(y - exact) <= bound)
+    for t in (1, 3):  # the thread split does not change any sum's order
+        again = y0.copy()
+        np.testing.assert_array_equal(bf16.linear_add(x, pw, again, nthreads=t), y)
+    with pytest.raises(ValueError, match="out must be"):
+        bf16.linear_add(x, pw, y0[:, :-1])
+
+
 def test_linear_zeros_large_magnitudes_and_thread_counts(path):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((70, 95), dtype=np.float32) * np.float32(1e17)  # products ~1e34, sums < float32 max

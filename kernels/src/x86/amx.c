@@ -258,6 +258,7 @@ typedef struct {
     int stream;             /* y is large and 64-byte aligned rows: write it around the caches */
     int64_t *next_unit;     /* shared work counter: units are taken dynamically (results do not depend on it) */
     uint16_t *abuf;         /* QK_LIN_MS strips of A tiles, strip s k step kb half h at ((s*KB + kb)*2 + h) KB */
+    int add;                /* y += x Wᵀ: the accumulators start from y instead of zero */
 } linear_job_t;
 
 /* tokens [t0, t0 + 32 ns) (zeros past m) -> A tiles: row r of half h of strip s is token t0 + 32s + 16h + r */
@@ -304,14 +305,37 @@ static void *linear_worker(void *arg) {
             const int full_c0 = n0 + 16 <= j->n, full_c1 = n0 + 32 <= j->n;
             for (int64_t s = 0; s < ns; s++) {
                 const uint16_t *a = j->abuf + s * KB * 1024;
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int64_t kb = 0; kb < KB; kb++) tile_step_2x2(a + kb * 1024, b + kb * 1024);
                 /* C tile (h, q): tokens t0 + 16h.., outputs 32p + 16q.. */
                 const int64_t t0 = (s0 + s) * 32;
                 const int full_rows0 = t0 + 16 <= j->m, full_rows1 = t0 + 32 <= j->m;
+                if (j->add) {
+#define LOAD_C(TILE, H, Q, FULL)                                                                   \
+    do {                                                                                           \
+        const int64_t tr = t0 + 16 * (H), nc = n0 + 16 * (Q);                                     \
+        if (FULL) {                                                                                \
+            _tile_loadd(TILE, y + tr * j->n + nc, ys);                                             \
+        } else {                                                                                   \
+            memset(ctmp, 0, sizeof ctmp);                                                          \
+            if (tr < j->m && nc < j->n) {                                                          \
+                const int64_t nr = j->m - tr < 16 ? j->m - tr : 16, ncol = j->n - nc < 16 ? j->n - nc : 16; \
+                for (int64_t rr = 0; rr < nr; rr++)                                                \
+                    memcpy(ctmp + rr * 16, y + (tr + rr) * j->n + nc, (size_t)ncol * 4);           \
+            }                                                                                      \
+            _tile_loadd(TILE, ctmp, 64);                                                           \
+        }                                                                                          \
+    } while (0)
+                    LOAD_C(0, 0, 0, full_rows0 && full_c0);
+                    LOAD_C(1, 0, 1, full_rows0 && full_c1);
+                    LOAD_C(2, 1, 0, full_rows1 && full_c0);
+                    LOAD_C(3, 1, 1, full_rows1 && full_c1);
+#undef LOAD_C
+                } else {
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                }
+                for (int64_t kb = 0; kb < KB; kb++) tile_step_2x2(a + kb * 1024, b + kb * 1024);
 #define STORE_C(TILE, H, Q, FULL)                                                                  \
     do {                                                                                           \
         const int64_t tr = t0 + 16 * (H), nc = n0 + 16 * (Q);                                     \
@@ -343,11 +367,11 @@ static void *linear_worker(void *arg) {
     return NULL;
 }
 
-int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
-                   int nthreads) {
+static int linear_run(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
+                      int nthreads, int add) {
     if (m <= 0 || n <= 0) return 0;
     if (k <= 0) {
-        memset(y, 0, (size_t)(m * n) * sizeof(float));
+        if (!add) memset(y, 0, (size_t)(m * n) * sizeof(float));
         return 0;
     }
     if (!qk_bf16_amx_available()) return -1;
@@ -370,10 +394,22 @@ int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked
     linear_job_t jobs[MAX_THREADS];
     for (int i = 0; i < use; i++)
         jobs[i] = (linear_job_t){x, wpacked, y, m, k, n, blocks, nsplit, stream, &next_unit,
-                                 (uint16_t *)(arena + (size_t)i * abytes)};
+                                 (uint16_t *)(arena + (size_t)i * abytes), add};
     run_threads(use, linear_worker, jobs, sizeof jobs[0]);
     arena_put(arena, slot);
     return 0;
+}
+
+int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
+                   int nthreads) {
+    return linear_run(x, m, k, wpacked, n, y, nthreads, 0);
+}
+
+/* y += bf16(x) · bf16(W)ᵀ: each output's float32 accumulator starts from y (a residual connection's add
+ * without a separate pass over a product written out). */
+int qk_bf16_linear_add(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
+                       int nthreads) {
+    return linear_run(x, m, k, wpacked, n, y, nthreads, 1);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
