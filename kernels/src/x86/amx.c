@@ -539,6 +539,15 @@ static void gram_chunk(const gram_job_t *j, const gram_block_t *b, float *acc, i
     }
 }
 
+/* The block's sums over tokens [t0, t1) added into acc, chunk by chunk (from zero if `zero`). */
+static void gram_tokens(const gram_job_t *j, const gram_block_t *b, float *acc, int64_t t0, int64_t t1, int zero) {
+    for (int64_t c0 = t0; c0 < t1; c0 += 32 * QK_GRAM_KC) {
+        const int64_t nst = cdiv(t1 - c0, 32) < QK_GRAM_KC ? cdiv(t1 - c0, 32) : QK_GRAM_KC;
+        gram_convert(j, b, c0, nst);
+        gram_chunk(j, b, acc, nst, zero && c0 == t0);
+    }
+}
+
 static inline void gram_store_row(const gram_job_t *j, float *dst, __mmask16 mask, __m512i v) {
     if (j->stream && mask == 0xffff) _mm512_stream_si512((__m512i *)dst, v);
     else _mm512_mask_storeu_epi32(dst, mask, v);
@@ -576,7 +585,7 @@ static void gram_write(const gram_job_t *j, const gram_block_t *b, const float *
 /* Work units are blocks, or in split mode (block, group) pairs whose sums the caller adds in group order. */
 static void *gram_worker(void *arg) {
     const gram_job_t *j = (const gram_job_t *)arg;
-    const int64_t chunk = 32 * QK_GRAM_KC, G = cdiv(j->m, QK_GRAM_GROUP);
+    const int64_t G = cdiv(j->m, QK_GRAM_GROUP);
     const int64_t units = j->gaccs ? j->nblocks * G : j->nblocks;
     int configured = 0;
     for (;;) {
@@ -589,29 +598,21 @@ static void *gram_worker(void *arg) {
         if (j->gaccs) {
             const gram_block_t *b = &j->blocks[u / G];
             const int64_t g = u % G, g0 = g * QK_GRAM_GROUP, g1 = g0 + QK_GRAM_GROUP < j->m ? g0 + QK_GRAM_GROUP : j->m;
-            float *acc = j->gaccs + (g * j->total_pairs + b->off) * 1024;
-            for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
-                const int64_t nst = cdiv(g1 - c0, 32) < QK_GRAM_KC ? cdiv(g1 - c0, 32) : QK_GRAM_KC;
-                gram_convert(j, b, c0, nst);
-                gram_chunk(j, b, acc, nst, c0 == g0);
-            }
+            gram_tokens(j, b, j->gaccs + (g * j->total_pairs + b->off) * 1024, g0, g1, 1);
             continue;
         }
         const gram_block_t *b = &j->blocks[u];
         float *acc = j->acc, *tot = j->tot;
-        for (int64_t c0 = 0; c0 < j->m; c0 += chunk) {
-            const int64_t nst = cdiv(j->m - c0, 32) < QK_GRAM_KC ? cdiv(j->m - c0, 32) : QK_GRAM_KC;
-            gram_convert(j, b, c0, nst);
-            gram_chunk(j, b, acc, nst, c0 % QK_GRAM_GROUP == 0);
-            if (G > 1 && (c0 + chunk >= j->m || (c0 + chunk) % QK_GRAM_GROUP == 0)) { /* a group ends */
-                if (c0 < QK_GRAM_GROUP) { /* the first group's sums are the running total */
-                    float *s = tot;
-                    tot = acc;
-                    acc = s;
-                } else {
-                    for (int64_t e = 0; e < b->pairs * 1024; e += 16)
-                        _mm512_store_ps(tot + e, _mm512_add_ps(_mm512_load_ps(tot + e), _mm512_load_ps(acc + e)));
-                }
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t g0 = g * QK_GRAM_GROUP, g1 = g0 + QK_GRAM_GROUP < j->m ? g0 + QK_GRAM_GROUP : j->m;
+            gram_tokens(j, b, acc, g0, g1, 1);
+            if (G > 1 && g == 0) { /* the first group's sums are the running total */
+                float *s = tot;
+                tot = acc;
+                acc = s;
+            } else if (G > 1) {
+                for (int64_t e = 0; e < b->pairs * 1024; e += 16)
+                    _mm512_store_ps(tot + e, _mm512_add_ps(_mm512_load_ps(tot + e), _mm512_load_ps(acc + e)));
             }
         }
         gram_write(j, b, G > 1 ? tot : acc);
@@ -731,7 +732,6 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
  */
 static void *gram_run_worker(void *arg) {
     const gram_job_t *j = (const gram_job_t *)arg;
-    const int64_t chunk = 32 * QK_GRAM_KC;
     int configured = 0;
     for (;;) {
         const int64_t u = __atomic_fetch_add(j->next_block, 1, __ATOMIC_RELAXED);
@@ -740,13 +740,7 @@ static void *gram_run_worker(void *arg) {
             tile_config();
             configured = 1;
         }
-        const gram_block_t *b = &j->blocks[u];
-        float *acc = j->run + b->off * 1024;
-        for (int64_t c0 = 0; c0 < j->m; c0 += chunk) {
-            const int64_t nst = cdiv(j->m - c0, 32) < QK_GRAM_KC ? cdiv(j->m - c0, 32) : QK_GRAM_KC;
-            gram_convert(j, b, c0, nst);
-            gram_chunk(j, b, acc, nst, j->first && c0 == 0);
-        }
+        gram_tokens(j, &j->blocks[u], j->run + j->blocks[u].off * 1024, 0, j->m, j->first);
     }
     if (configured) _tile_release();
     return NULL;
