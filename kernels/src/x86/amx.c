@@ -698,7 +698,7 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
                                split ? NULL : (float *)(p + 2 * panel_bytes),
                                split || !groups ? NULL : (float *)(p + 2 * panel_bytes + acc_bytes),
                                split ? (float *)(arena + (size_t)nt * per_thread) : NULL,
-                               (int64_t)(tri_bytes / (4 * TILE_BYTES))};
+                               (int64_t)(tri_bytes / (4 * TILE_BYTES)), NULL, 0};
     }
     run_threads(nt, gram_worker, jobs, sizeof jobs[0]);
     if (split) { /* the groups' sums of each block added in group order, then mirrored into out */
