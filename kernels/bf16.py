@@ -59,6 +59,7 @@ def _declare(lib: Any) -> None:
         "qk_bf16_pack_weight": (None, [vp, i64, i64, vp]),
         "qk_bf16_linear": (c_int, [vp, i64, i64, vp, i64, vp, c_int]),
         "qk_bf16_linear_add": (c_int, [vp, i64, i64, vp, i64, vp, c_int]),
+        "qk_bf16_linear_glu": (c_int, [vp, i64, i64, vp, i64, vp, c_int]),
         "qk_bf16_gram": (c_int, [vp, i64, i64, vp, c_int]),
         "qk_bf16_gram_acc_floats": (ctypes.c_size_t, [i64]),
         "qk_bf16_gram_acc": (c_int, [vp, i64, i64, vp, c_int, c_int]),
@@ -243,6 +244,45 @@ def linear_add(x: np.ndarray, w: BF16Weight, y: np.ndarray, *, nthreads: int | N
         y += np.matmul(round_bf16(x), w.rounded.T)
     else:
         _linear_c("qk_bf16_linear_add", x, w, y, nthreads)
+    return y
+
+
+GLU_ROWS = 16  # pack_glu interleaves the gate's and up's rows in runs of this many
+
+
+def pack_glu(gate: np.ndarray, up: np.ndarray, *, path: str | None = None) -> BF16Weight:
+    """A gated MLP's gate and up (inter, k) as one BF16Weight for `linear_glu`: their rows interleaved in
+    runs of 16 (gate rows 16i.. then up rows 16i..), so that each 32-output pair of the AMX linear holds the
+    gate and up of the same 16 columns. inter must be a multiple of 16."""
+    gate = np.asarray(gate, dtype=np.float32)
+    up = np.asarray(up, dtype=np.float32)
+    inter, k = gate.shape
+    if up.shape != gate.shape or inter % GLU_ROWS:
+        raise ValueError(f"pack_glu: gate {gate.shape} and up {up.shape} must match, rows a multiple of {GLU_ROWS}")
+    runs = (inter // GLU_ROWS, 1, GLU_ROWS, k)
+    return pack_weight(np.concatenate([gate.reshape(runs), up.reshape(runs)], axis=1).reshape(2 * inter, k), path=path)
+
+
+def linear_glu(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
+               nthreads: int | None = None) -> np.ndarray:
+    """silu(g)·u (m, inter) float32 for g, u = bf16(x)·bf16(gate)ᵀ, bf16(x)·bf16(up)ᵀ and w = pack_glu(gate, up).
+
+    On the amx path the activation is formed from the accumulator tiles, so the (m, 2·inter) product is
+    never written; both paths compute silu·up with `kernels.elementwise.silu_mul`'s arithmetic."""
+    x = _as_x(x, "linear_glu")
+    m, k = x.shape
+    n, wk = w.shape
+    if k != wk:
+        raise ValueError(f"linear_glu: x has width {k}, weight is {w.shape}")
+    _check_out(out, (m, n // 2), "linear_glu")
+    if w.rounded is not None:
+        from qkiln.kernels.elementwise import silu_mul
+
+        gu = np.matmul(round_bf16(x), w.rounded.T).reshape(m, n // (2 * GLU_ROWS), 2, GLU_ROWS)
+        g, u = (np.ascontiguousarray(gu[:, :, h]).reshape(m, n // 2) for h in (0, 1))  # (m, inter) each
+        return silu_mul(g, u, out=out)
+    y = _empty64((m, n // 2)) if out is None else out
+    _linear_c("qk_bf16_linear_glu", x, w, y, nthreads)
     return y
 
 

@@ -24,7 +24,8 @@ Memory model (what is resident at the peak, demo model numbers for 128 samples x
   cache_weights=False and reads each layer's tensors from the (memory-mapped) checkpoint when it runs
 - statistics: per input group (in, in) float64 Hessian (+ a temporary): 3·576² + 1536² doubles ≈ 27 MB
   (+ while a group is summed, `sequential.SUM_LANES` float32 running sums of (in, in): ≤ 4·1536² floats, 38 MB)
-- one batch's temporaries inside the layer: batch·L·(3·inter + 6·hidden)·4 B     (8 samples: ~130 MB)
+- per worker, one batch's fused q/k/v product batch·L·(heads + 2·kv_heads)·d·4 B (8 samples: 16 MB) and
+  attention's scratch; the gate/up product is never written (the activation is formed in its tiles)
 - the embedding matrix while it is quantized (vocab·hidden·4 B, 113 MB) and whatever the consumer
   keeps of the yielded tensors (the CLI's writer keeps them all: the output checkpoint's size).
 It never holds more than one layer's activations, nor the model's weights in float32 (except through

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from qkiln.errors import QuantizeError
+from qkiln.kernels.elementwise import silu_mul
 from qkiln.quantize.hessian import HessianSum
 
 DTYPES = ("float32", "bfloat16")
@@ -47,6 +48,12 @@ class Matmul(Protocol):
     def linear(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
         """x (tokens, in) float32 -> (tokens, out) float32, written into `out` (C-contiguous) when given."""
 
+    def pack_glu(self, gate: np.ndarray, up: np.ndarray) -> Any:
+        """A gated MLP's gate and up (inter, in) float32, in the engine's layout for `glu`."""
+
+    def glu(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """silu(x · gateᵀ) · (x · upᵀ) (tokens, inter) float32, written into `out` (C-contiguous) when given."""
+
     def linear_add(self, x: np.ndarray, packed: Any, y: np.ndarray) -> np.ndarray:
         """y (tokens, out) float32 C-contiguous += x · Wᵀ, in place (a residual connection); returns y."""
 
@@ -68,6 +75,12 @@ class F32Matmul:
 
     def linear(self, x: np.ndarray, packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return np.matmul(x, packed.T, out=out)
+
+    def pack_glu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return np.concatenate([gate, up]).astype(np.float32, copy=False)  # (2 inter, in)
+
+    def glu(self, x: np.ndarray, packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return _silu_of_halves(self.linear(x, packed), out)
 
     def linear_add(self, x: np.ndarray, packed: np.ndarray, y: np.ndarray) -> np.ndarray:
         y += np.matmul(x, packed.T)
@@ -118,11 +131,35 @@ class BF16Matmul:
     def linear(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
         return self._k.linear(np.ascontiguousarray(x, dtype=np.float32), packed, out=out, nthreads=self._threads)
 
+    def pack_glu(self, gate: np.ndarray, up: np.ndarray) -> Any:
+        if gate.shape[0] % self._k.GLU_ROWS == 0:  # the activation formed in the product's tiles
+            return self._k.pack_glu(gate, up)
+        return _Concatenated(self.pack(np.concatenate([gate, up])))
+
+    def glu(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
+        if isinstance(packed, _Concatenated):
+            return _silu_of_halves(self.linear(x, packed.weight), out)
+        return self._k.linear_glu(np.ascontiguousarray(x, dtype=np.float32), packed, out=out, nthreads=self._threads)
+
     def linear_add(self, x: np.ndarray, packed: Any, y: np.ndarray) -> np.ndarray:
         return self._k.linear_add(np.ascontiguousarray(x, dtype=np.float32), packed, y, nthreads=self._threads)
 
     def gram_sum(self, k: int) -> GramSum:
         return self._k.GramSum(k, nthreads=self._threads)
+
+
+class _Concatenated:
+    """gate and up packed one after the other (rows not a multiple of bf16.GLU_ROWS): `glu` runs the
+    product, then silu·up."""
+
+    def __init__(self, weight: Any):
+        self.weight = weight
+
+
+def _silu_of_halves(gu: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """silu(gate)·up of a (tokens, 2 inter) product whose first half is the gate."""
+    inter = gu.shape[1] // 2
+    return silu_mul(gu[:, :inter], gu[:, inter:], out=out)
 
 
 def matmul_engine(dtype: str) -> Matmul:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from qkiln.kernels.bf16 import aligned_empty
-from qkiln.kernels.elementwise import rms_norm, silu_mul
+from qkiln.kernels.elementwise import rms_norm
 from qkiln.quantize.gptq import one_blas_thread
 from qkiln.quantize.hessian import HessianSum
 from qkiln.quantize.matmul import GramSum, Matmul
@@ -216,16 +216,13 @@ def run_layer(
             live["x"] = normed_buf  # norm(h), reused by step 4
         w = quantize_group("mlp_in", each(mlp_in))
         del live["attn"], live["o"]
-        live["gate_up"] = engine.pack(np.concatenate([w["mlp.gate_proj"], w["mlp.up_proj"]]))
+        live["gate_up"] = engine.pack_glu(w["mlp.gate_proj"], w["mlp.up_proj"])
 
         # 4. mlp_out: the activation of the quantized gate/up
         act = wide[: n * seq * inter].reshape(n, seq, inter)  # down_proj's input, all samples (attn is dead)
 
         def mlp_out(sl: slice) -> np.ndarray | None:
-            x = normed(sl, norm_mlp)
-            with buffers.borrow("gate_up", (x.shape[0], 2 * inter)) as gu:  # (t, 2 inter)
-                engine.linear(x, live["gate_up"], out=gu)
-                m = silu_mul(gu[:, :inter], gu[:, inter:], out=tokens(act, sl))  # (t, inter)
+            m = engine.glu(normed(sl, norm_mlp), live["gate_up"], out=tokens(act, sl))  # (t, inter)
             return gram(m)
 
         w_down = engine.pack(quantize_group("mlp_out", each(mlp_out))["mlp.down_proj"])

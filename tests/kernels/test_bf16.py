@@ -133,6 +133,23 @@ def test_linear_add_accumulates_into_y(path, m, k, n):
         bf16.linear_add(x, pw, y0[:, :-1])
 
 
+@pytest.mark.parametrize(("m", "k", "inter"), ((1, 64, 16), (33, 95, 48), (1000, 576, 1536)))
+def test_linear_glu_is_silu_mul_of_the_two_products(path, m, k, inter):
+    from qkiln.kernels.elementwise import silu_mul
+
+    rng = np.random.default_rng(m + k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    gate, up = (rng.standard_normal((inter, k), dtype=np.float32) * np.float32(0.1) for _ in range(2))
+    w = bf16.pack_glu(gate, up, path=path)
+    want = silu_mul(bf16.linear(x, bf16.pack_weight(gate, path=path)), bf16.linear(x, bf16.pack_weight(up, path=path)))
+    np.testing.assert_array_equal(bf16.linear_glu(x, w), want)  # same sums, same silu arithmetic
+    out = bf16.aligned_empty((m, inter))
+    assert bf16.linear_glu(x, w, out=out, nthreads=3) is out
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        bf16.pack_glu(gate[:8], up[:8], path=path)
+
+
 def test_linear_zeros_large_magnitudes_and_thread_counts(path):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((70, 95), dtype=np.float32) * np.float32(1e17)  # products ~1e34, sums < float32 max

@@ -14,8 +14,8 @@ from qkiln.runtime.llama import LlamaModel
 from qkiln.runtime.source import DictSource
 
 
-def _setup(tiny_config, llama_weights, n=5, seq=24):
-    cfg = tiny_config(num_attention_heads=4, num_key_value_heads=2)
+def _setup(tiny_config, llama_weights, n=5, seq=24, **overrides):
+    cfg = tiny_config(num_attention_heads=4, num_key_value_heads=2, **overrides)
     w = llama_weights(cfg, seed=3)
     model = LlamaModel(DictSource(cfg, w))
     rng = np.random.default_rng(0)
@@ -89,11 +89,12 @@ def test_no_hessian_when_not_needed(tiny_config, llama_weights):
     np.testing.assert_allclose(got, model.layer(0, h), rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_engine_tracks_float32(tiny_config, llama_weights):
+@pytest.mark.parametrize("inter", [96, 72])  # gate/up fused in the product's tiles, and not (72 % 16 != 0)
+def test_bfloat16_engine_tracks_float32(tiny_config, llama_weights, inter):
     """bfloat16 products (AMX or its NumPy definition) stay within bfloat16's rounding of float32's."""
     from qkiln.quantize.matmul import matmul_engine
 
-    cfg, model, h, layer = _setup(tiny_config, llama_weights)
+    cfg, model, h, layer = _setup(tiny_config, llama_weights, intermediate_size=inter)
     runs = {}
     for dtype in ("float32", "bfloat16"):
         keep = _Keep(layer)

@@ -6,33 +6,11 @@
 #include <string.h>
 
 #include "elementwise/elementwise.h"
+#include "elementwise/silu_avx512.h"
 
 /* Lanes [0, left) of 16 (none when left <= 0). */
 static inline __mmask16 tail_mask(long left) {
     return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
-}
-
-/* qk_ew_expf's algorithm on 16 lanes with FMAs (SiLU is compute-bound in cache: FMAs halve its time), so
- * not the same bits as the portable variant: the reduction r = x - n ln2 and the polynomial round once
- * per step instead of twice, and vscalefps forms p * 2^n (one rounding into subnormals, +inf for n = 128).
- * max_ps(x, LO) returns LO for NaN x, as the portable clamp does; the clamp also keeps x = -inf from
- * giving r = -inf + inf. */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(QK_EW_EXP_LO));
-    x = _mm512_min_ps(x, _mm512_set1_ps(QK_EW_EXP_HI));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(QK_EW_LOG2E)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(QK_EW_LN2_HI), x); /* exact, as in the portable variant */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(QK_EW_LN2_LO), r);
-    __m512 p = _mm512_set1_ps(QK_EW_P7);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EW_P6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EW_P5));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EW_P4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EW_P3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(QK_EW_P2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
 }
 
 void qk_ew_exp_avx512(const float *x, float *y, long n) {
@@ -73,16 +51,12 @@ void qk_ew_rms_rows_avx512(const qk_ew_rms_args *a, long r0, long r1) {
 /* Hot: g / (1 + e^-g) * u, one pass over both inputs. */
 void qk_ew_silu_rows_avx512(const qk_ew_silu_args *a, long r0, long r1) {
     const long n = a->n;
-    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
-    const __m512 one = _mm512_set1_ps(1.0f);
     for (long i = r0; i < r1; i++) {
         const float *g = a->g + i * a->gs, *u = a->u + i * a->us;
         float *o = a->out + i * n;
         for (long j = 0; j < n; j += 16) {
             const __mmask16 m = tail_mask(n - j);
-            const __m512 gv = _mm512_maskz_loadu_ps(m, g + j), uv = _mm512_maskz_loadu_ps(m, u + j);
-            const __m512 e = exp512(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gv), sign)));
-            _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), uv));
+            _mm512_mask_storeu_ps(o + j, m, silu_mul512(_mm512_maskz_loadu_ps(m, g + j), _mm512_maskz_loadu_ps(m, u + j)));
         }
     }
 }

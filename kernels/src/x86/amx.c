@@ -33,6 +33,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "elementwise/silu_avx512.h"
 #include "x86/amx_tiles.h"
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -259,6 +260,7 @@ typedef struct {
     int64_t *next_unit;     /* shared work counter: units are taken dynamically (results do not depend on it) */
     uint16_t *abuf;         /* QK_LIN_MS strips of A tiles, strip s k step kb half h at ((s*KB + kb)*2 + h) KB */
     int add;                /* y += x Wᵀ: the accumulators start from y instead of zero */
+    int glu;                /* y (m, n/2) = silu(gate)·up: output pair p is gate and up columns 16p.. */
 } linear_job_t;
 
 /* tokens [t0, t0 + 32 ns) (zeros past m) -> A tiles: row r of half h of strip s is token t0 + 32s + 16h + r */
@@ -283,7 +285,7 @@ static void *linear_worker(void *arg) {
     linear_job_t *j = (linear_job_t *)arg;
     const int64_t KB = cdiv(j->k, 32), NP = cdiv(j->n, 32), strips = cdiv(j->m, 32);
     const int64_t units = j->blocks * j->nsplit;
-    float ctmp[16 * 16] __attribute__((aligned(64)));
+    float ctmp[16 * 16] __attribute__((aligned(64))), utmp[16 * 16] __attribute__((aligned(64)));
     int configured = 0;
     for (;;) {
         const int64_t u = __atomic_fetch_add(j->next_unit, 1, __ATOMIC_RELAXED);
@@ -336,6 +338,26 @@ static void *linear_worker(void *arg) {
                     _tile_zero(3);
                 }
                 for (int64_t kb = 0; kb < KB; kb++) tile_step_2x2(a + kb * 1024, b + kb * 1024);
+                if (j->glu) { /* C tiles 2h (gate) and 2h + 1 (up): tokens t0 + 16h.., columns 16p.. of y */
+                    const int64_t yn = j->n / 2;
+                    for (int h = 0; h < 2 && t0 + 16 * h < j->m; h++) {
+                        const int64_t tr = t0 + 16 * h, nr = j->m - tr < 16 ? j->m - tr : 16;
+                        if (h == 0) {
+                            _tile_stored(0, ctmp, 64);
+                            _tile_stored(1, utmp, 64);
+                        } else {
+                            _tile_stored(2, ctmp, 64);
+                            _tile_stored(3, utmp, 64);
+                        }
+                        float *dst = y + tr * yn + 16 * p;
+                        for (int64_t rr = 0; rr < nr; rr++) {
+                            const __m512 v = silu_mul512(_mm512_load_ps(ctmp + rr * 16), _mm512_load_ps(utmp + rr * 16));
+                            if (j->stream) _mm512_stream_ps(dst + rr * yn, v);
+                            else _mm512_storeu_ps(dst + rr * yn, v);
+                        }
+                    }
+                    continue;
+                }
 #define STORE_C(TILE, H, Q, FULL)                                                                  \
     do {                                                                                           \
         const int64_t tr = t0 + 16 * (H), nc = n0 + 16 * (Q);                                     \
@@ -368,10 +390,11 @@ static void *linear_worker(void *arg) {
 }
 
 static int linear_run(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
-                      int nthreads, int add) {
+                      int nthreads, int add, int glu) {
     if (m <= 0 || n <= 0) return 0;
+    const int64_t yn = glu ? n / 2 : n; /* y's columns */
     if (k <= 0) {
-        if (!add) memset(y, 0, (size_t)(m * n) * sizeof(float));
+        if (!add) memset(y, 0, (size_t)(m * yn) * sizeof(float)); /* silu(0) * 0 = 0 */
         return 0;
     }
     if (!qk_bf16_amx_available()) return -1;
@@ -384,7 +407,7 @@ static int linear_run(const float *x, int64_t m, int64_t k, const uint16_t *wpac
     const int use = (int)(blocks * nsplit < nt ? blocks * nsplit : nt);
     /* Streaming (non-temporal) stores keep a large y from evicting the operands from L2 and skip the
      * read-for-ownership of every output line; they need 64-byte aligned output rows. */
-    const int stream = (uintptr_t)y % 64 == 0 && n % 16 == 0 && (size_t)(m * n) * 4 >= ((size_t)8 << 20);
+    const int stream = (uintptr_t)y % 64 == 0 && yn % 16 == 0 && (size_t)(m * yn) * 4 >= ((size_t)8 << 20);
     const int64_t ms = strips < QK_LIN_MS ? strips : QK_LIN_MS;
     const size_t abytes = (size_t)(ms * 2 * KB) * TILE_BYTES;
     int slot;
@@ -394,7 +417,7 @@ static int linear_run(const float *x, int64_t m, int64_t k, const uint16_t *wpac
     linear_job_t jobs[MAX_THREADS];
     for (int i = 0; i < use; i++)
         jobs[i] = (linear_job_t){x, wpacked, y, m, k, n, blocks, nsplit, stream, &next_unit,
-                                 (uint16_t *)(arena + (size_t)i * abytes), add};
+                                 (uint16_t *)(arena + (size_t)i * abytes), add, glu};
     run_threads(use, linear_worker, jobs, sizeof jobs[0]);
     arena_put(arena, slot);
     return 0;
@@ -402,14 +425,25 @@ static int linear_run(const float *x, int64_t m, int64_t k, const uint16_t *wpac
 
 int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
                    int nthreads) {
-    return linear_run(x, m, k, wpacked, n, y, nthreads, 0);
+    return linear_run(x, m, k, wpacked, n, y, nthreads, 0, 0);
 }
 
 /* y += bf16(x) · bf16(W)ᵀ: each output's float32 accumulator starts from y (a residual connection's add
  * without a separate pass over a product written out). */
 int qk_bf16_linear_add(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
                        int nthreads) {
-    return linear_run(x, m, k, wpacked, n, y, nthreads, 1);
+    return linear_run(x, m, k, wpacked, n, y, nthreads, 1, 0);
+}
+
+/* y (m, n/2) = silu(g)·u with g, u the gate and up columns of bf16(x)·bf16(W)ᵀ, W (n, k) packed with the
+ * gate's and up's rows interleaved 16 by 16 (rows 32p.. are gate rows 16p.., rows 32p + 16.. up rows 16p..):
+ * each output pair's two accumulator tiles are then the gate and up of the same 16 columns, and the MLP's
+ * activation is formed from the tiles (silu_avx512.h, the element-wise kernel's arithmetic) without the
+ * (m, n) product ever being written. n must be a multiple of 32. */
+int qk_bf16_linear_glu(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
+                       int nthreads) {
+    if (n % 32) return -3;
+    return linear_run(x, m, k, wpacked, n, y, nthreads, 0, 1);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
