@@ -121,3 +121,35 @@ def test_layer_buffers_lend_distinct_aligned_arrays_and_reuse_them():
     with bufs.borrow("g", (4, 16)) as d:
         assert not np.shares_memory(d, b) and not np.shares_memory(d, c)
     assert bufs.get("x", 10).size == 10 and bufs.get("x", 10).ctypes.data == bufs.get("x", 5).ctypes.data
+
+
+def test_a_failing_batch_is_raised_not_waited_for(tiny_config, llama_weights, monkeypatch):
+    """A batch that raises must not leave the next batch of its Gram lane waiting for its turn forever."""
+    import threading
+
+    import qkiln.quantize.sequential as sequential
+
+    cfg, model, h, layer = _setup(tiny_config, llama_weights, n=12)
+    calls = []
+    real = sequential.rms_norm
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("batch failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sequential, "rms_norm", flaky)
+    raised = []
+
+    def go():
+        try:
+            run_layer(h.copy(), {n: layer[n] for n in NORMS}, cfg, model.rope, _Keep(layer), F32Matmul(),
+                      batch_samples=1, threads=2)
+        except RuntimeError as e:
+            raised.append(e)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive() and raised and "batch failed" in str(raised[0])
