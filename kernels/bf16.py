@@ -362,6 +362,19 @@ class GramSum:
                 raise MemoryError(f"qk_bf16_gram_acc failed (code {rc})")
         self.tokens += m
 
+    def merge(self, other: GramSum) -> None:
+        """Add another sum's accumulators into this one (float32, element by element; same k and path):
+        several running sums become one before the single (k, k) write of `result`."""
+        if (other.k, other.path) != (self.k, self.path):
+            raise ValueError(f"GramSum.merge: a {other.path} sum over {other.k} features into a {self.path} one over {self.k}")
+        if other.tokens == 0:
+            return
+        if self.tokens == 0:
+            self._acc[...] = other._acc
+        else:
+            self._acc += other._acc
+        self.tokens += other.tokens
+
     def result(self, out: np.ndarray | None = None) -> np.ndarray:
         """Σ bf16(x)ᵀ·bf16(x) (k, k) float32 over every chunk added (zeros before any)."""
         k = self.k

@@ -35,6 +35,9 @@ class GramSum(Protocol):
     def add(self, x: np.ndarray) -> None:
         """Fold a (tokens, k) float32 chunk in."""
 
+    def merge(self, other: Any) -> None:
+        """Add another sum of the same engine and k into this one."""
+
     def result(self) -> np.ndarray:
         """Σ xᵀx (k, k) over every chunk added, exactly symmetric (float32 or float64)."""
 
@@ -102,6 +105,9 @@ class _F32GramSum:
 
     def add(self, x: np.ndarray) -> None:
         self._sum.add(x)
+
+    def merge(self, other: _F32GramSum) -> None:
+        self._sum.add_gram(other._sum.sum, other._sum.n)
 
     def result(self) -> np.ndarray:
         return self._sum.sum

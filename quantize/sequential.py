@@ -153,7 +153,7 @@ def run_layer(
     with ThreadPoolExecutor(max_workers=workers) as pool, one_blas_thread(), engine.threads(1):
 
         def each(fn: Callable[[slice], np.ndarray | None]) -> np.ndarray | None:
-            """fn over every batch; the Hessian of the arrays it returned (the lanes' sums added in lane
+            """fn over every batch; the Hessian of the arrays it returned (the lanes' sums merged in lane
             order), or None."""
             sums: list[GramSum | None] = [None] * SUM_LANES
             turn = [0] * SUM_LANES  # per lane, how many of its batches have been added
@@ -181,13 +181,15 @@ def run_layer(
 
             for _ in pool.map(run, range(len(batches))):
                 pass
-            hs: HessianSum | None = None
-            for lane_sum in sums:
-                if lane_sum is not None:
-                    g = lane_sum.result()
-                    hs = hs if hs is not None else HessianSum(g.shape[0])
-                    hs.add_gram(g, lane_sum.tokens)
-            return hs.mean() if hs is not None else None
+            lanes = [lane_sum for lane_sum in sums if lane_sum is not None]
+            if not lanes:
+                return None
+            for lane_sum in lanes[1:]:  # in lane order, in the sums' own layout: one (k, k) result
+                lanes[0].merge(lane_sum)
+            g = lanes[0].result()
+            hs = HessianSum(g.shape[0])
+            hs.add_gram(g, lanes[0].tokens)
+            return hs.mean()
 
         live: dict[str, Any] = {}  # packed weights and stored activations, dropped when no longer needed
 

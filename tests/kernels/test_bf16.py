@@ -204,6 +204,15 @@ def test_gram_sum_is_the_rounded_product_of_all_chunks(path, k):
             np.testing.assert_array_equal(again.result(out=bf16.aligned_empty((k, k))), g)
     with pytest.raises(ValueError, match="width"):
         s.add(np.ones((3, k + 1), np.float32))
+    halves = [bf16.GramSum(k, path=path) for _ in range(3)]  # the third stays empty
+    for i, x in enumerate(chunks):
+        halves[i % 2].add(x)
+    for other in halves[1:]:
+        halves[0].merge(other)
+    assert halves[0].tokens == 1545
+    np.testing.assert_allclose(halves[0].result(), g, rtol=1e-5, atol=1e-5 * np.abs(g).max())
+    with pytest.raises(ValueError, match="merge"):
+        halves[0].merge(bf16.GramSum(k + 1, path=path))
 
 
 def test_gram_zeros_threads_and_agreement_between_paths():
