@@ -5,8 +5,10 @@
 Calibration text: GPL-3 + LGPL-2.1 + GFDL-1.3 from /usr/share/common-licenses. Those three hold about
 18.7k tokens of the demo tokenizer — 36 windows of 512 — so the text is repeated end to end until it
 holds 128 windows: the work (and the memory) is that of 128 x 512 distinct tokens, the statistics those
-of 36 distinct windows. The goals: under 60 s and under 2 GB peak RSS. Prints both, the per-phase split
-of one layer, and the machine's load average (the box is shared; compare runs side by side).
+of 36 distinct windows. The goals: under 60 s and under 2 GB peak RSS. Prints both, the process's CPU
+seconds, and what the machine did meanwhile: its load average and, from /proc/stat, the CPU seconds the
+hypervisor gave to other guests ("steal": on a shared host they stretch the wall time) and the CPU seconds
+left idle (the serial parts: GPTQ of an input group waits for all of its Hessian).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main() -> None:
     reps = -(-need // len(tokens))
     ids = calibration_ids(np.tile(tokens, reps), args.samples, args.seq_len)
     rss_before = peak_rss_bytes()
+    host0 = _host_cpu_seconds()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     report = QuantizeReport(algo=args.algo)
     t0 = time.perf_counter()
@@ -60,6 +63,7 @@ def main() -> None:
             break
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    host1 = _host_cpu_seconds()
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)  # seconds, all threads
     report.peak_rss_bytes = peak_rss_bytes()
     done = len(report.layer_seconds)
@@ -77,6 +81,8 @@ def main() -> None:
         "rss_before_mb": round(rss_before / 2**20), "tensors": n_quantized,
         "layer_seconds_mean": round(float(np.mean(report.layer_seconds)), 2),
         "load_average": os.getloadavg(), "cpus": os.cpu_count(),
+        "host_steal_cpu_seconds": round(host1["steal"] - host0["steal"], 1) if host0 and host1 else None,
+        "idle_cpu_seconds": round(host1["idle"] - host0["idle"], 1) if host0 and host1 else None,
         "goals": {"wall_seconds": 60, "peak_rss_mb": 2000},
     }
     print(json.dumps(doc, indent=2))
@@ -84,6 +90,18 @@ def main() -> None:
     note = f" (extrapolated from {done} layers)" if extrapolated else ""
     print(f"wall time {total:.1f} s{note}, "
           f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB")
+
+
+def _host_cpu_seconds() -> dict[str, float] | None:
+    """The machine's idle and steal CPU seconds so far, summed over CPUs (Linux /proc/stat), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] != "cpu" or len(fields) < 9:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return {"idle": int(fields[4]) / tick, "steal": int(fields[8]) / tick}
 
 
 if __name__ == "__main__":
