@@ -58,11 +58,10 @@ def _declare(lib: Any) -> None:
         "qk_bf16_packed_bytes": (ctypes.c_size_t, [i64, i64]),
         "qk_bf16_pack_weight": (None, [vp, i64, i64, vp]),
         "qk_bf16_linear": (c_int, [vp, i64, i64, vp, i64, vp, c_int]),
-        "qk_bf16_linear_add": (c_int, [vp, i64, i64, vp, i64, vp, c_int]),
-        "qk_bf16_linear_glu": (c_int, [vp, i64, i64, vp, i64, vp, c_int]),
+        "qk_bf16_linear_ex": (c_int, [vp, c_int, i64, i64, vp, i64, vp, c_int, c_int, c_int]),
         "qk_bf16_gram": (c_int, [vp, i64, i64, vp, c_int]),
         "qk_bf16_gram_acc_floats": (ctypes.c_size_t, [i64]),
-        "qk_bf16_gram_acc": (c_int, [vp, i64, i64, vp, c_int, c_int]),
+        "qk_bf16_gram_acc": (c_int, [vp, c_int, i64, i64, vp, c_int, c_int]),
         "qk_bf16_gram_acc_write": (c_int, [vp, i64, vp]),
     }
     for name, (res, args) in sig.items():
@@ -200,17 +199,33 @@ def pack_weight(w: np.ndarray, *, path: str | None = None) -> BF16Weight:
     return BF16Weight((n, k), packed=packed)
 
 
+BF16 = np.dtype(ml_dtypes.bfloat16)  # activations stored already rounded (the products' inputs as they are)
+
+
 def _as_x(x: np.ndarray, what: str) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    """x as a C-contiguous 2-D float32 array, or bfloat16 as given (its values are what the products use)."""
+    x = np.asarray(x)
+    x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype == BF16 else np.float32)
     if x.ndim != 2:
         raise ValueError(f"{what} input must be 2-D (m, k), got shape {x.shape}")
     return x
 
 
-def _check_out(out: np.ndarray | None, shape: tuple[int, int], what: str) -> None:
-    if out is not None and (out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous
+def _f32(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) if x.dtype == BF16 else x  # bfloat16 -> float32 is exact
+
+
+def store_rounded(values: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """float32 values into a bfloat16 `out`, rounded by the kernels' rule (`round_bf16`); returns out."""
+    out[...] = round_bf16(values).astype(BF16)  # already representable: the cast is exact
+    return out
+
+
+def _check_out(out: np.ndarray | None, shape: tuple[int, int], what: str, dtypes: tuple[Any, ...] = (np.float32,)) -> None:
+    if out is not None and (out.shape != shape or out.dtype not in dtypes or not out.flags.c_contiguous
                             or not out.flags.writeable):
-        raise ValueError(f"{what}: out must be a writeable C-contiguous float32 array of shape {shape}")
+        names = " or ".join(np.dtype(d).name for d in dtypes)
+        raise ValueError(f"{what}: out must be a writeable C-contiguous {names} array of shape {shape}")
 
 
 def _mirror_upper(g: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -226,13 +241,14 @@ def linear(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
            nthreads: int | None = None) -> np.ndarray:
     """y (m, n) float32 = bf16(x) (m, k) · bf16(W)ᵀ with float32 accumulation, on the weight's path.
 
-    `out`: a C-contiguous float32 (m, n) array to write y into (returned). Reusing one across calls saves
-    the kernel's page zeroing of a fresh output, which costs ~0.1 s per 400 MB."""
+    x float32, or bfloat16 (taken as it is). `out`: a C-contiguous float32 (m, n) array to write y into
+    (returned). Reusing one across calls saves the kernel's page zeroing of a fresh output, which costs
+    ~0.1 s per 400 MB."""
     x, m, n = _linear_args(x, w, out, "linear")
     if w.rounded is not None:
-        return np.matmul(round_bf16(x), w.rounded.T, out=out)
+        return np.matmul(round_bf16(_f32(x)), w.rounded.T, out=out)
     y = _empty64((m, n)) if out is None else out
-    _linear_c("qk_bf16_linear", x, w, y, nthreads)
+    _linear_c(x, w, y, 0, nthreads)
     return y
 
 
@@ -241,9 +257,9 @@ def linear_add(x: np.ndarray, w: BF16Weight, y: np.ndarray, *, nthreads: int | N
     float32 accumulator starts from y, so a residual connection needs no product written out and re-read."""
     x, _, _ = _linear_args(x, w, y, "linear_add")
     if w.rounded is not None:
-        y += np.matmul(round_bf16(x), w.rounded.T)
+        y += np.matmul(round_bf16(_f32(x)), w.rounded.T)
     else:
-        _linear_c("qk_bf16_linear_add", x, w, y, nthreads)
+        _linear_c(x, w, y, 1, nthreads)
     return y
 
 
@@ -265,24 +281,21 @@ def pack_glu(gate: np.ndarray, up: np.ndarray, *, path: str | None = None) -> BF
 
 def linear_glu(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
                nthreads: int | None = None) -> np.ndarray:
-    """silu(g)·u (m, inter) float32 for g, u = bf16(x)·bf16(gate)ᵀ, bf16(x)·bf16(up)ᵀ and w = pack_glu(gate, up).
+    """silu(g)·u (m, inter) for g, u = bf16(x)·bf16(gate)ᵀ, bf16(x)·bf16(up)ᵀ and w = pack_glu(gate, up).
 
     On the amx path the activation is formed from the accumulator tiles, so the (m, 2·inter) product is
-    never written; both paths compute silu·up with `kernels.elementwise.silu_mul`'s arithmetic."""
-    x = _as_x(x, "linear_glu")
-    m, k = x.shape
-    n, wk = w.shape
-    if k != wk:
-        raise ValueError(f"linear_glu: x has width {k}, weight is {w.shape}")
-    _check_out(out, (m, n // 2), "linear_glu")
+    never written; both paths compute silu·up with `kernels.elementwise.silu_mul`'s arithmetic. `out`
+    float32, or bfloat16: the activation rounded as the next product would round it (half the memory)."""
+    x, m, n = _linear_args(x, w, None, "linear_glu")
+    _check_out(out, (m, n // 2), "linear_glu", (np.float32, BF16))
     if w.rounded is not None:
         from qkiln.kernels.elementwise import silu_mul
 
-        gu = np.matmul(round_bf16(x), w.rounded.T).reshape(m, n // (2 * GLU_ROWS), 2, GLU_ROWS)
+        gu = np.matmul(round_bf16(_f32(x)), w.rounded.T).reshape(m, n // (2 * GLU_ROWS), 2, GLU_ROWS)
         g, u = (np.ascontiguousarray(gu[:, :, h]).reshape(m, n // 2) for h in (0, 1))  # (m, inter) each
-        return silu_mul(g, u, out=out)
+        return silu_mul(g, u, out=out) if out is None or out.dtype == np.float32 else store_rounded(silu_mul(g, u), out)
     y = _empty64((m, n // 2)) if out is None else out
-    _linear_c("qk_bf16_linear_glu", x, w, y, nthreads)
+    _linear_c(x, w, y, 2, nthreads)
     return y
 
 
@@ -296,13 +309,15 @@ def _linear_args(x: np.ndarray, w: BF16Weight, out: np.ndarray | None, what: str
     return x, m, n
 
 
-def _linear_c(fn: str, x: np.ndarray, w: BF16Weight, y: np.ndarray, nthreads: int | None) -> None:
+def _linear_c(x: np.ndarray, w: BF16Weight, y: np.ndarray, mode: int, nthreads: int | None) -> None:
+    """qk_bf16_linear_ex: mode 0 y = x Wᵀ, 1 y += x Wᵀ, 2 y = silu(gate)·up (see amx.c)."""
     lib = _library()
     assert lib is not None and w.packed is not None, "an amx-packed weight implies the library loaded"
     m, k = x.shape
-    rc = getattr(lib, fn)(_ptr(x), m, k, _ptr(w.packed), w.shape[0], _ptr(y), _threads(nthreads))
+    rc = lib.qk_bf16_linear_ex(_ptr(x), int(x.dtype == BF16), m, k, _ptr(w.packed), w.shape[0], _ptr(y), mode,
+                               int(y.dtype == BF16), _threads(nthreads))
     if rc != 0:
-        raise MemoryError(f"{fn} failed (code {rc})")
+        raise MemoryError(f"qk_bf16_linear_ex (mode {mode}) failed (code {rc})")
 
 
 def gram(x: np.ndarray, *, path: str | None = None, nthreads: int | None = None,
@@ -312,7 +327,7 @@ def gram(x: np.ndarray, *, path: str | None = None, nthreads: int | None = None,
     `out`: a C-contiguous float32 (k, k) array to write the result into (returned); reusing one across
     calls saves the page zeroing of a fresh result (~2 ms per call at k=1536). 64-byte aligned rows (k a
     multiple of 16 and an aligned base, as `aligned_empty` gives) let the kernel stream a large result."""
-    x = _as_x(x, "gram")
+    x = _f32(_as_x(x, "gram"))
     m, k = x.shape
     _check_out(out, (k, k), "gram")
     if _resolve(path) == "numpy":
@@ -353,11 +368,11 @@ class GramSum:
         if k != self.k:
             raise ValueError(f"GramSum.add: x has width {k}, the sum is over {self.k} features")
         if self.path == "numpy":
-            xr = round_bf16(x)  # (m, k)
+            xr = round_bf16(_f32(x))  # (m, k)
             self._acc += np.matmul(xr.T, xr).astype(np.float32, copy=False)
         else:
-            rc = _library().qk_bf16_gram_acc(_ptr(x), m, k, _ptr(self._acc), int(self.tokens == 0),
-                                             _threads(self.nthreads))
+            rc = _library().qk_bf16_gram_acc(_ptr(x), int(x.dtype == BF16), m, k, _ptr(self._acc),
+                                             int(self.tokens == 0), _threads(self.nthreads))
             if rc != 0:
                 raise MemoryError(f"qk_bf16_gram_acc failed (code {rc})")
         self.tokens += m

@@ -44,6 +44,9 @@ class GramSum(Protocol):
 
 class Matmul(Protocol):
     name: str
+    # the dtype an activation that only feeds this engine's products (and its Gram) is stored in: bfloat16
+    # for the bfloat16 engine, whose products round their inputs to it anyway (same bits, half the memory)
+    activation_dtype: np.dtype
 
     def pack(self, w: np.ndarray) -> Any:
         """A linear's weight (out, in) float32, in the engine's layout."""
@@ -69,6 +72,7 @@ class Matmul(Protocol):
 
 class F32Matmul:
     name = "float32"
+    activation_dtype = np.dtype(np.float32)
 
     def threads(self, n: int) -> contextlib.AbstractContextManager[object]:
         return contextlib.nullcontext()  # BLAS threads are the caller's (threadpoolctl) business
@@ -120,6 +124,7 @@ class BF16Matmul:
         from qkiln.kernels import bf16
 
         self._k = bf16
+        self.activation_dtype = bf16.BF16
         self._threads: int | None = None  # None: the kernel's default (every core)
 
     @contextlib.contextmanager
@@ -135,7 +140,7 @@ class BF16Matmul:
         return self._k.pack_weight(np.asarray(w, dtype=np.float32))
 
     def linear(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
-        return self._k.linear(np.ascontiguousarray(x, dtype=np.float32), packed, out=out, nthreads=self._threads)
+        return self._k.linear(x, packed, out=out, nthreads=self._threads)
 
     def pack_glu(self, gate: np.ndarray, up: np.ndarray) -> Any:
         if gate.shape[0] % self._k.GLU_ROWS == 0:  # the activation formed in the product's tiles
@@ -144,11 +149,14 @@ class BF16Matmul:
 
     def glu(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
         if isinstance(packed, _Concatenated):
-            return _silu_of_halves(self.linear(x, packed.weight), out)
-        return self._k.linear_glu(np.ascontiguousarray(x, dtype=np.float32), packed, out=out, nthreads=self._threads)
+            gu = self.linear(x, packed.weight)
+            if out is not None and out.dtype == self._k.BF16:
+                return self._k.store_rounded(_silu_of_halves(gu, None), out)
+            return _silu_of_halves(gu, out)
+        return self._k.linear_glu(x, packed, out=out, nthreads=self._threads)
 
     def linear_add(self, x: np.ndarray, packed: Any, y: np.ndarray) -> np.ndarray:
-        return self._k.linear_add(np.ascontiguousarray(x, dtype=np.float32), packed, y, nthreads=self._threads)
+        return self._k.linear_add(x, packed, y, nthreads=self._threads)
 
     def gram_sum(self, k: int) -> GramSum:
         return self._k.GramSum(k, nthreads=self._threads)

@@ -17,9 +17,10 @@ quantized ones" costs two — the linears' products are most of calibration's ti
 
 Memory (besides one layer's weights): h updated in place (N·L·hidden·4 B), the normalized h of steps 1
 and 3 kept for steps 2 and 4 (same size), the attention output between steps 2 and 3 (N·L·heads·d·4 B)
-and the MLP activation between steps 4 and 5 (N·L·inter·4 B) — the last two never live at once, so
-they share one buffer; for the demo model at 128 x 512 that is h + norm(h) + activation = 151 + 151 +
-403 MB (plus two batches' temporaries). The buffers live in a `LayerBuffers` the caller keeps from layer to
+and the MLP activation between steps 4 and 5 (N·L·inter·2 B: stored in the engine's activation dtype,
+bfloat16 for the bfloat16 engine, whose products would round it to that anyway) — the last two never
+live at once, so they share one buffer; for the demo model at 128 x 512 that is h + norm(h) + the larger
+of the two = 151 + 151 + 201 MB (plus two batches' temporaries). The buffers live in a `LayerBuffers` the caller keeps from layer to
 layer: fresh arrays of that size cost every layer ~0.2 s of page faults.
 """
 
@@ -236,7 +237,8 @@ def run_layer(
         live["gate_up"] = engine.pack_glu(w["mlp.gate_proj"], w["mlp.up_proj"])
 
         # 4. mlp_out: the activation of the quantized gate/up
-        act = wide[: n * seq * inter].reshape(n, seq, inter)  # down_proj's input, all samples (attn is dead)
+        # down_proj's input, all samples (attn is dead), in the engine's activation dtype (bfloat16: half the bytes)
+        act = wide.view(engine.activation_dtype)[: n * seq * inter].reshape(n, seq, inter)
 
         def mlp_out(sl: slice) -> np.ndarray | None:
             m = engine.glu(normed(sl, norm_mlp), live["gate_up"], out=tokens(act, sl))  # (t, inter)

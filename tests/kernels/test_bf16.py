@@ -317,3 +317,24 @@ def test_gram_out_is_written_and_checked(path):
     assert bf16.aligned_empty((3, 16)).__array_interface__["data"][0] % 64 == 0
     with pytest.raises(ValueError, match="out must be"):
         bf16.gram(x, path=path, out=np.empty((48, 47), np.float32))
+
+
+@pytest.mark.parametrize(("m", "k", "n"), ((33, 95, 64), (1000, 1536, 576)))
+def test_bfloat16_inputs_and_outputs_are_the_float32_ones_rounded(path, m, k, n):
+    """An activation stored in bfloat16 gives the products exactly what they would have rounded it to."""
+    rng = np.random.default_rng(m + k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    xb = bf16.round_bf16(x).astype(bf16.BF16)
+    w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(0.1)
+    pw = bf16.pack_weight(w, path=path)
+    np.testing.assert_array_equal(bf16.linear(xb, pw), bf16.linear(x, pw))
+    y0 = rng.standard_normal((m, n), dtype=np.float32)
+    np.testing.assert_array_equal(bf16.linear_add(xb, pw, y0.copy()), bf16.linear_add(x, pw, y0.copy()))
+    sums = [bf16.GramSum(k, path=path) for _ in range(2)]
+    sums[0].add(x)
+    sums[1].add(xb)
+    np.testing.assert_array_equal(sums[1].result(), sums[0].result())
+    glu = bf16.pack_glu(w[: n // 2], w[n // 2 :], path=path)
+    want = bf16.round_bf16(bf16.linear_glu(x, glu))
+    got = bf16.linear_glu(xb, glu, out=np.empty((m, n // 2), bf16.BF16))
+    np.testing.assert_array_equal(got.astype(np.float32), want)

@@ -101,6 +101,11 @@ static void run_threads(int n, void *(*fn)(void *), void *args, size_t arg_size)
 /* ---------------------------------------------------------------------------------------------------- */
 /* conversion helpers                                                                                      */
 
+/* Lanes 0..n-1 of a 32-lane vector of 16-bit elements (none for n <= 0, all for n >= 32). */
+static inline __mmask32 mask32_upto(int64_t n) {
+    return n >= 32 ? (__mmask32)0xffffffffu : n <= 0 ? (__mmask32)0 : (__mmask32)((1ull << n) - 1ull);
+}
+
 /* 32 floats (p[0..31], only the first `valid` read) -> 32 bf16 in order, as one 512-bit vector. */
 static inline __m512i cvt32(const float *p, int64_t valid) {
     const __m512 lo = _mm512_maskz_loadu_ps(mask_upto(valid), p);
@@ -141,9 +146,7 @@ void qk_bf16_round(const float *x, int64_t n, uint16_t *out) {
     int64_t i = 0;
     for (; i < n; i += 32) {
         const __m512i v = cvt32(x + i, n - i);
-        const int64_t left = n - i;
-        const __mmask32 m = left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << left) - 1ull);
-        _mm512_mask_storeu_epi16(out + i, m, v);
+        _mm512_mask_storeu_epi16(out + i, mask32_upto(n - i), v);
     }
 }
 
@@ -251,7 +254,7 @@ static void arena_put(char *p, int slot) {
 #endif
 
 typedef struct {
-    const float *x;
+    const void *x;          /* (m, k) float32, or bf16 bits when xbf16 */
     const uint16_t *w;
     float *y;
     int64_t m, k, n;
@@ -261,6 +264,7 @@ typedef struct {
     uint16_t *abuf;         /* QK_LIN_MS strips of A tiles, strip s k step kb half h at ((s*KB + kb)*2 + h) KB */
     int add;                /* y += x Wᵀ: the accumulators start from y instead of zero */
     int glu;                /* y (m, n/2) = silu(gate)·up: output pair p is gate and up columns 16p.. */
+    int xbf16, ybf16;       /* x holds bf16 bits (already rounded: copied as they are); glu's y is bf16 */
 } linear_job_t;
 
 /* tokens [t0, t0 + 32 ns) (zeros past m) -> A tiles: row r of half h of strip s is token t0 + 32s + 16h + r */
@@ -270,8 +274,12 @@ static void linear_convert(const linear_job_t *j, int64_t t0, int64_t ns, uint16
         for (int r = 0; r < 32; r++) {
             const int64_t t = t0 + 32 * s + r;
             uint16_t *dst = abuf + ((s * KB * 2 + r / 16) * 16 + r % 16) * 32;
-            if (t < j->m) {
-                const float *src = j->x + t * j->k;
+            if (t < j->m && j->xbf16) {
+                const uint16_t *src = (const uint16_t *)j->x + t * j->k;
+                for (int64_t kb = 0; kb < KB; kb++)
+                    _mm512_store_si512(dst + kb * 1024, _mm512_maskz_loadu_epi16(mask32_upto(j->k - kb * 32), src + kb * 32));
+            } else if (t < j->m) {
+                const float *src = (const float *)j->x + t * j->k;
                 for (int64_t kb = 0; kb < KB; kb++)
                     _mm512_store_si512(dst + kb * 1024, cvt32(src + kb * 32, j->k - kb * 32));
             } else {
@@ -350,10 +358,18 @@ static void *linear_worker(void *arg) {
                             _tile_stored(3, utmp, 64);
                         }
                         float *dst = y + tr * yn + 16 * p;
+                        uint16_t *dst16 = (uint16_t *)y + tr * yn + 16 * p;
                         for (int64_t rr = 0; rr < nr; rr++) {
                             const __m512 v = silu_mul512(_mm512_load_ps(ctmp + rr * 16), _mm512_load_ps(utmp + rr * 16));
-                            if (j->stream) _mm512_stream_ps(dst + rr * yn, v);
-                            else _mm512_storeu_ps(dst + rr * yn, v);
+                            if (j->ybf16) { /* rounded as every later product would round it */
+                                const __m256i b16 = (__m256i)_mm512_cvtneps_pbh(v);
+                                if (j->stream) _mm256_stream_si256((__m256i *)(dst16 + rr * yn), b16);
+                                else _mm256_storeu_si256((__m256i *)(dst16 + rr * yn), b16);
+                            } else if (j->stream) {
+                                _mm512_stream_ps(dst + rr * yn, v);
+                            } else {
+                                _mm512_storeu_ps(dst + rr * yn, v);
+                            }
                         }
                     }
                     continue;
@@ -389,12 +405,12 @@ static void *linear_worker(void *arg) {
     return NULL;
 }
 
-static int linear_run(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
-                      int nthreads, int add, int glu) {
+static int linear_run(const void *x, int xbf16, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n,
+                      void *y, int ybf16, int nthreads, int add, int glu) {
     if (m <= 0 || n <= 0) return 0;
     const int64_t yn = glu ? n / 2 : n; /* y's columns */
     if (k <= 0) {
-        if (!add) memset(y, 0, (size_t)(m * yn) * sizeof(float)); /* silu(0) * 0 = 0 */
+        if (!add) memset(y, 0, (size_t)(m * yn) * (ybf16 ? 2 : 4)); /* silu(0) * 0 = 0 */
         return 0;
     }
     if (!qk_bf16_amx_available()) return -1;
@@ -407,7 +423,7 @@ static int linear_run(const float *x, int64_t m, int64_t k, const uint16_t *wpac
     const int use = (int)(blocks * nsplit < nt ? blocks * nsplit : nt);
     /* Streaming (non-temporal) stores keep a large y from evicting the operands from L2 and skip the
      * read-for-ownership of every output line; they need 64-byte aligned output rows. */
-    const int stream = (uintptr_t)y % 64 == 0 && yn % 16 == 0 && (size_t)(m * yn) * 4 >= ((size_t)8 << 20);
+    const int stream = (uintptr_t)y % 64 == 0 && yn % 32 == 0 && (size_t)(m * yn) * (ybf16 ? 2 : 4) >= ((size_t)8 << 20);
     const int64_t ms = strips < QK_LIN_MS ? strips : QK_LIN_MS;
     const size_t abytes = (size_t)(ms * 2 * KB) * TILE_BYTES;
     int slot;
@@ -417,7 +433,7 @@ static int linear_run(const float *x, int64_t m, int64_t k, const uint16_t *wpac
     linear_job_t jobs[MAX_THREADS];
     for (int i = 0; i < use; i++)
         jobs[i] = (linear_job_t){x, wpacked, y, m, k, n, blocks, nsplit, stream, &next_unit,
-                                 (uint16_t *)(arena + (size_t)i * abytes), add, glu};
+                                 (uint16_t *)(arena + (size_t)i * abytes), add, glu, xbf16, ybf16};
     run_threads(use, linear_worker, jobs, sizeof jobs[0]);
     arena_put(arena, slot);
     return 0;
@@ -425,25 +441,24 @@ static int linear_run(const float *x, int64_t m, int64_t k, const uint16_t *wpac
 
 int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
                    int nthreads) {
-    return linear_run(x, m, k, wpacked, n, y, nthreads, 0, 0);
+    return linear_run(x, 0, m, k, wpacked, n, y, 0, nthreads, 0, 0);
 }
 
-/* y += bf16(x) · bf16(W)ᵀ: each output's float32 accumulator starts from y (a residual connection's add
- * without a separate pass over a product written out). */
-int qk_bf16_linear_add(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
-                       int nthreads) {
-    return linear_run(x, m, k, wpacked, n, y, nthreads, 1, 0);
-}
-
-/* y (m, n/2) = silu(g)·u with g, u the gate and up columns of bf16(x)·bf16(W)ᵀ, W (n, k) packed with the
- * gate's and up's rows interleaved 16 by 16 (rows 32p.. are gate rows 16p.., rows 32p + 16.. up rows 16p..):
- * each output pair's two accumulator tiles are then the gate and up of the same 16 columns, and the MLP's
- * activation is formed from the tiles (silu_avx512.h, the element-wise kernel's arithmetic) without the
- * (m, n) product ever being written. n must be a multiple of 32. */
-int qk_bf16_linear_glu(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
-                       int nthreads) {
-    if (n % 32) return -3;
-    return linear_run(x, m, k, wpacked, n, y, nthreads, 0, 1);
+/* The linear's variants, x (m, k) float32 or bf16 bits (xbf16):
+ *   mode 0: y (m, n) float32 = bf16(x) · bf16(W)ᵀ;
+ *   mode 1: y (m, n) float32 += bf16(x) · bf16(W)ᵀ — each output's float32 accumulator starts from y (a
+ *           residual connection's add without a separate pass over a product written out);
+ *   mode 2: y (m, n/2) = silu(g)·u with g, u the gate and up columns of bf16(x) · bf16(W)ᵀ, W packed with the
+ *           gate's and up's rows interleaved 16 by 16 (rows 32p.. are gate rows 16p.., rows 32p + 16.. up rows
+ *           16p..): each output pair's two accumulator tiles are the gate and up of the same 16 columns, and
+ *           the MLP's activation is formed from the tiles (silu_avx512.h, the element-wise kernel's
+ *           arithmetic) without the (m, n) product being written; n a multiple of 32; y float32, or bf16 bits
+ *           (ybf16: rounded as the next product would round it).
+ * Returns -3 for a bad mode or n. */
+int qk_bf16_linear_ex(const void *x, int xbf16, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, void *y,
+                      int mode, int ybf16, int nthreads) {
+    if (mode < 0 || mode > 2 || (mode == 2 && n % 32) || (ybf16 && mode != 2)) return -3;
+    return linear_run(x, xbf16, m, k, wpacked, n, y, ybf16, nthreads, mode == 1, mode == 2);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -488,6 +503,7 @@ typedef struct {
     const float *x;
     float *out;
     int64_t m, k;
+    int xbf16;           /* x holds bf16 bits (running-sum mode) */
     const gram_block_t *blocks;
     int64_t nblocks;
     int64_t *next_block; /* shared work counter */
@@ -506,10 +522,21 @@ static inline void gram_load(const gram_job_t *j, int64_t t0, int64_t f0, __m512
     const __m512i perm = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __mmask16 fm = mask_upto(j->k - f0);
+    const int64_t esize = j->xbf16 ? 2 : 4;
     if (f0 < j->k) /* the next token tile's line of each row: 32 row streams are more than the hardware
                     * prefetchers follow */
         for (int q = 0; q < 32 && t0 + 32 + q < j->m; q++)
-            _mm_prefetch((const char *)(j->x + (t0 + 32 + q) * j->k + f0), _MM_HINT_T0);
+            _mm_prefetch((const char *)j->x + ((t0 + 32 + q) * j->k + f0) * esize, _MM_HINT_T0);
+    if (j->xbf16) {
+        const uint16_t *x16 = (const uint16_t *)j->x;
+        for (int q = 0; q < 16; q++) {
+            const int64_t ta = t0 + 2 * q, tn = ta + 1;
+            const __m256i lo = ta < j->m ? _mm256_maskz_loadu_epi16(fm, x16 + ta * j->k + f0) : _mm256_setzero_si256();
+            const __m256i hi = tn < j->m ? _mm256_maskz_loadu_epi16(fm, x16 + tn * j->k + f0) : _mm256_setzero_si256();
+            r[q] = _mm512_permutexvar_epi16(perm, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+        }
+        return;
+    }
     for (int q = 0; q < 16; q++) {
         const int64_t ta = t0 + 2 * q, tn = ta + 1;
         const __m512 lo = ta < j->m ? _mm512_maskz_loadu_ps(fm, j->x + ta * j->k + f0) : _mm512_setzero_ps();
@@ -727,7 +754,7 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
     gram_job_t jobs[MAX_THREADS];
     for (int i = 0; i < nt; i++) {
         char *p = arena + (size_t)i * per_thread;
-        jobs[i] = (gram_job_t){x, out, m, k, blocks, nblocks, &next_block, stream,
+        jobs[i] = (gram_job_t){x, out, m, k, 0, blocks, nblocks, &next_block, stream,
                                (uint16_t *)p, (uint16_t *)(p + panel_bytes),
                                split ? NULL : (float *)(p + 2 * panel_bytes),
                                split || !groups ? NULL : (float *)(p + 2 * panel_bytes + acc_bytes),
@@ -793,7 +820,7 @@ size_t qk_bf16_gram_acc_floats(int64_t k) {
     return k <= 0 ? 0 : (size_t)(SB * (SB + 1) / 2) * 1024;
 }
 
-int qk_bf16_gram_acc(const float *x, int64_t m, int64_t k, float *acc, int first, int nthreads) {
+int qk_bf16_gram_acc(const void *x, int xbf16, int64_t m, int64_t k, float *acc, int first, int nthreads) {
     if (k <= 0) return 0;
     if (m <= 0) {
         if (first) memset(acc, 0, qk_bf16_gram_acc_floats(k) * sizeof(float));
@@ -821,7 +848,7 @@ int qk_bf16_gram_acc(const float *x, int64_t m, int64_t k, float *acc, int first
     gram_job_t jobs[MAX_THREADS];
     for (int i = 0; i < nt; i++) {
         char *p = arena + (size_t)i * 2 * panel_bytes;
-        jobs[i] = (gram_job_t){.x = x, .m = m, .k = k, .blocks = blocks, .nblocks = nblocks,
+        jobs[i] = (gram_job_t){.x = x, .m = m, .k = k, .xbf16 = xbf16, .blocks = blocks, .nblocks = nblocks,
                                .next_block = &next_block, .abuf = (uint16_t *)p,
                                .bbuf = (uint16_t *)(p + panel_bytes), .run = acc, .first = first};
     }
