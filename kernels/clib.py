@@ -57,9 +57,9 @@ def env_variant() -> str | None:
     return "portable"
 
 
-def fits_out(out: np.ndarray, shape: tuple[int, ...]) -> bool:
-    """`out` can take a C function's result directly: that shape, float32, C-contiguous, writable."""
-    return out.shape == shape and out.dtype == np.float32 and out.flags.c_contiguous and out.flags.writeable
+def fits_out(out: np.ndarray, shape: tuple[int, ...], dtypes: tuple[Any, ...] = (np.float32,)) -> bool:
+    """`out` can take a C function's result directly: that shape, one of `dtypes`, C-contiguous, writable."""
+    return out.shape == shape and out.dtype in dtypes and out.flags.c_contiguous and out.flags.writeable
 
 
 def into(got: np.ndarray, out: np.ndarray | None) -> np.ndarray:

@@ -46,7 +46,7 @@ _longs3 = ctypes.c_long * 3
 
 _c_int, _c_long, _c_float = ctypes.c_int, ctypes.c_long, ctypes.c_float
 _LIB = LazyLibrary({
-    "qk_rms_norm": [_c_int, _vp, _c_long, _vp, _vp, _c_long, _c_long, _c_float, _c_int],
+    "qk_rms_norm": [_c_int, _vp, _c_long, _vp, _vp, _c_long, _c_long, _c_float, _c_int, _c_int],
     "qk_silu_mul": [_c_int, _vp, _c_long, _vp, _c_long, _vp, _c_long, _c_long, _c_int],
     "qk_apply_rope": [_c_int, _vp, _vp, _vp, _c_long, _vp, _c_long, _vp, _c_long, _c_long, _c_long, _c_long, _c_int],
     "qk_elementwise_exp": [_c_int, _vp, _vp, _c_long],
@@ -113,16 +113,23 @@ def _reference(module: str, name: str) -> Any:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, threads: int = 1,
              out: np.ndarray | None = None) -> np.ndarray:
-    """x (t, hidden) -> x * rsqrt(mean(x^2) + eps) * weight, float32: a new (t, hidden) array, or `out`."""
+    """x (t, hidden) -> x * rsqrt(mean(x^2) + eps) * weight, float32: a new (t, hidden) array, or `out`.
+
+    `out` may be bfloat16: the float32 result rounded by `kernels.bf16.round_bf16`'s rule (an activation
+    that only feeds bfloat16 products, stored as they would round it)."""
+    from qkiln.kernels.bf16 import BF16, store_rounded
+
     lib, variant = _want()
+    obf16 = out is not None and out.dtype == BF16
     if (lib is None or not _rows_ok(x, 2) or x.shape[1] == 0 or weight.dtype != np.float32
-            or weight.shape != (x.shape[1],) or (out is not None and not fits_out(out, x.shape))):
-        return into(_reference("llama", "rms_norm")(x, weight, eps), out)
+            or weight.shape != (x.shape[1],) or (out is not None and not fits_out(out, x.shape, (np.float32, BF16)))):
+        got = _reference("llama", "rms_norm")(x, weight, eps)
+        return store_rounded(got, out) if obf16 else into(got, out)
     t, n = x.shape
     w = np.ascontiguousarray(weight)  # (n,)
     out = np.empty((t, n), np.float32) if out is None else out  # (t, n)
     _check(lib.qk_rms_norm(VARIANTS[variant], _ptr(x), _row_stride(x), _ptr(w), _ptr(out), t, n,
-                           eps, int(threads)), variant, "rms_norm")  # c_float rounds eps as np.float32 does
+                           eps, int(threads), int(obf16)), variant, "rms_norm")  # c_float rounds eps as np.float32 does
     return out
 
 

@@ -17,7 +17,7 @@ With tied embeddings only `model.embed_tokens.weight` is produced (the head read
 
 Memory model (what is resident at the peak, demo model numbers for 128 samples x 512 tokens):
 - hidden states of the current layer, updated in place: N·L·hidden·4 B             (151 MB)
-- between groups, norm(h) (151 MB) with the attention output N·L·heads·d·4 B (151 MB), later with the
+- between groups, norm(h) (bfloat16 engine: N·L·hidden·2 B, 75 MB) with the attention output N·L·heads·d·4 B (151 MB), later with the
   MLP activation N·L·inter·2 B (bfloat16 engine; 201 MB) — see `quantize.sequential`; measured peak RSS
   for GPTQ INT4 g64 at 128 x 512 (bench/quantize_bench.py): 0.9 GB
 - one layer's weights: original, folded, dequantized float32 (~3 x 14 MB) — the runtime runs with

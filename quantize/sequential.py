@@ -16,11 +16,12 @@ calibration tokens in all, where "statistics pass with the original weights, the
 quantized ones" costs two — the linears' products are most of calibration's time.
 
 Memory (besides one layer's weights): h updated in place (N·L·hidden·4 B), the normalized h of steps 1
-and 3 kept for steps 2 and 4 (same size), the attention output between steps 2 and 3 (N·L·heads·d·4 B)
-and the MLP activation between steps 4 and 5 (N·L·inter·2 B: stored in the engine's activation dtype,
-bfloat16 for the bfloat16 engine, whose products would round it to that anyway) — the last two never
-live at once, so they share one buffer; for the demo model at 128 x 512 that is h + norm(h) + the larger
-of the two = 151 + 151 + 201 MB (plus two batches' temporaries). The buffers live in a `LayerBuffers` the caller keeps from layer to
+and 3 kept for steps 2 and 4 (N·L·hidden·2 B), the attention output between steps 2 and 3
+(N·L·heads·d·4 B) and the MLP activation between steps 4 and 5 (N·L·inter·2 B) — the normalized h and the
+activation in the engine's activation dtype, bfloat16 for the bfloat16 engine, whose products would round
+them to that anyway (same bits, half the bytes). The last two never live at once, so they share one
+buffer; for the demo model at 128 x 512 that is h + norm(h) + the larger of the two = 151 + 75 + 201 MB
+(plus two batches' temporaries). The buffers live in a `LayerBuffers` the caller keeps from layer to
 layer: fresh arrays of that size cost every layer ~0.2 s of page faults.
 """
 
@@ -134,8 +135,15 @@ def run_layer(
     batches = [slice(b0, min(n, b0 + batch_samples)) for b0 in range(0, n, batch_samples)]
     norm_attn, norm_mlp = norms["input_layernorm"], norms["post_attention_layernorm"]
     buffers = buffers if buffers is not None else LayerBuffers()
-    normed_buf = buffers.get("normed", h.size).reshape(h.shape) if need_hessian else None  # norm(h), steps 1, 3
-    wide = buffers.get("wide", n * seq * max(q_out, inter))  # attention output (2-3), then activation (4-5)
+    adt = engine.activation_dtype  # norm(h) of steps 1, 3 and the MLP activation only feed products
+
+    def floats(count: int, dtype: np.dtype) -> int:
+        return -(-count * dtype.itemsize // 4)  # float32 elements holding `count` of dtype
+
+    normed_buf = (buffers.get("normed", floats(h.size, adt)).view(adt)[: h.size].reshape(h.shape)
+                  if need_hessian else None)
+    # the attention output (2-3, float32), then the activation (4-5, adt)
+    wide = buffers.get("wide", max(n * seq * q_out, floats(n * seq * inter, adt)))
 
     def tokens(a: np.ndarray, sl: slice) -> np.ndarray:
         return a[sl].reshape(-1, a.shape[-1])  # (b * L, features) view
@@ -238,7 +246,7 @@ def run_layer(
 
         # 4. mlp_out: the activation of the quantized gate/up
         # down_proj's input, all samples (attn is dead), in the engine's activation dtype (bfloat16: half the bytes)
-        act = wide.view(engine.activation_dtype)[: n * seq * inter].reshape(n, seq, inter)
+        act = wide.view(adt)[: n * seq * inter].reshape(n, seq, inter)
 
         def mlp_out(sl: slice) -> np.ndarray | None:
             m = engine.glu(normed(sl, norm_mlp), live["gate_up"], out=tokens(act, sl))  # (t, inter)

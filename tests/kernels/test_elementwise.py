@@ -76,6 +76,26 @@ def test_rms_norm_strided_rows_zeros_and_nonfinite(variant):
     assert (err <= ew.RMS_RTOL * np.abs(ref[rows])).all()
 
 
+def test_rms_norm_bfloat16_out_is_the_float32_result_rounded(variant):
+    """A bfloat16 `out` holds exactly round_bf16 of the float32 result: denormals flushed, ties to even,
+    overflow to inf, NaN quiet (the rule of the AMX products that read it)."""
+    from qkiln.kernels.bf16 import BF16, round_bf16
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 576)).astype(np.float32)
+    x[0, :5] = [1e-39, -1e-39, 3e38, -3e38, 0.0]
+    x[1] *= np.float32(1e-20)
+    x[2, 3] = np.nan
+    w = rng.standard_normal(576).astype(np.float32)
+    w[7], w[8], w[9] = np.inf, np.float32(1e-30), np.float32(3e38)
+    w[10:20] = (np.arange(10, dtype=np.float32) + 0.5) * np.float32(2**-8)  # exact-tie candidates
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = round_bf16(ew.rms_norm(x, w, 1e-5))
+    out = np.empty(x.shape, BF16)
+    assert ew.rms_norm(x, w, 1e-5, out=out) is out
+    np.testing.assert_array_equal(out.astype(np.float32).view(np.uint32), want.view(np.uint32))
+
+
 def _check_silu(gate, up):
     got = ew.silu_mul(gate, up)
     with np.errstate(invalid="ignore"):  # -inf / inf, inf * 0

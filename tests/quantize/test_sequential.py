@@ -153,3 +153,24 @@ def test_a_failing_batch_is_raised_not_waited_for(tiny_config, llama_weights, mo
     t.start()
     t.join(timeout=60)
     assert not t.is_alive() and raised and "batch failed" in str(raised[0])
+
+
+def test_bfloat16_activation_storage_changes_no_bit(tiny_config, llama_weights):
+    """norm(h) and the MLP activation are stored in bfloat16 for the bfloat16 engine: exactly what its
+    products would have rounded float32 copies to, so outputs and Hessians keep every bit."""
+    from qkiln.quantize.matmul import matmul_engine
+
+    cfg, model, h, layer = _setup(tiny_config, llama_weights, intermediate_size=96)
+    runs = []
+    for dtype in (np.float32, None):
+        engine = matmul_engine("bfloat16")
+        assert engine.activation_dtype.itemsize == 2
+        if dtype is not None:
+            engine.activation_dtype = np.dtype(dtype)
+        keep = _Keep(layer)
+        out = run_layer(h.copy(), {n: layer[n] for n in NORMS}, cfg, model.rope, keep, engine, batch_samples=2)
+        runs.append((out, keep.seen))
+    (o32, h32), (o16, h16) = runs
+    np.testing.assert_array_equal(o16, o32)
+    for group in INPUT_GROUPS:
+        np.testing.assert_array_equal(h16[group], h32[group])

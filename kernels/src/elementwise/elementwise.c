@@ -18,7 +18,6 @@ void qk_ew_rms_rows_portable(const qk_ew_rms_args *a, long r0, long r1) {
     const long n = a->n, nfull = n / QK_EW_LANES * QK_EW_LANES;
     for (long i = r0; i < r1; i++) {
         const float *x = a->x + i * a->xs;
-        float *o = a->out + i * n;
         double acc[QK_EW_LANES] = {0};
         for (long j = 0; j < nfull; j += QK_EW_LANES)
             for (int l = 0; l < QK_EW_LANES; l++) acc[l] += (double)x[j + l] * (double)x[j + l];
@@ -27,7 +26,13 @@ void qk_ew_rms_rows_portable(const qk_ew_rms_args *a, long r0, long r1) {
         for (int l = 0; l < 8; l++) s8[l] = (acc[l] + acc[l + 8]) + (acc[l + 16] + acc[l + 24]);
         const float r = qk_ew_rms_scale(qk_ew_fold(s8), n, a->eps);
         const float *w = a->w;
-        for (long j = 0; j < n; j++) o[j] = (x[j] * r) * w[j];
+        if (a->obf16) {
+            uint16_t *o = (uint16_t *)a->out + i * n;
+            for (long j = 0; j < n; j++) o[j] = qk_ew_bf16_bits((x[j] * r) * w[j]);
+        } else {
+            float *o = (float *)a->out + i * n;
+            for (long j = 0; j < n; j++) o[j] = (x[j] * r) * w[j];
+        }
     }
 }
 
@@ -151,12 +156,12 @@ static void run_rows(rows_fn fn, const void *args, long rows, long row_floats, i
 
 /* ---- entry points: 0 ok, -1 bad sizes, -2 variant unavailable. Strides in floats. ---- */
 
-int qk_rms_norm(int variant, const float *x, long xs, const float *w, float *out, long t, long n, float eps,
-                int threads) {
+int qk_rms_norm(int variant, const float *x, long xs, const float *w, void *out, long t, long n, float eps,
+                int threads, int obf16) {
     if (t < 0 || n < 1 || xs < n) return -1;
     rows_fn fn = pick(0, variant);
     if (!fn) return -2;
-    const qk_ew_rms_args a = {x, w, out, t, n, xs, eps};
+    const qk_ew_rms_args a = {x, w, out, t, n, xs, eps, obf16};
     run_rows(fn, &a, t, n, threads);
     return 0;
 }

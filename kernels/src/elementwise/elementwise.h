@@ -26,9 +26,10 @@
 typedef struct {
     const float *x;    /* (t, n), row stride xs */
     const float *w;    /* (n,) */
-    float *out;        /* (t, n) contiguous */
+    void *out;         /* (t, n) contiguous: float32, or bfloat16 bits when obf16 */
     long t, n, xs;
     float eps;
+    int obf16;
 } qk_ew_rms_args;
 
 typedef struct {
@@ -91,6 +92,16 @@ static inline double qk_ew_fold(const double s[8]) {
 static inline float qk_ew_rms_scale(double ss, long n, float eps) {
     const float ms = (float)ss / (float)n;
     return 1.0f / __builtin_sqrtf(ms + eps);
+}
+
+/* float32 -> bfloat16 bits by the rule of the AMX products' inputs (x86/amx.c, kernels/bf16.py round_bf16):
+ * denormals flushed to a zero of the same sign, round to nearest even (overflow to inf), NaN kept quiet. */
+static inline uint16_t qk_ew_bf16_bits(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    if ((b & 0x7f800000u) == 0) b &= 0x80000000u;
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b | 0x00400000u) >> 16);
+    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 
 void qk_ew_rms_rows_portable(const qk_ew_rms_args *a, long r0, long r1);

@@ -20,13 +20,25 @@ void qk_ew_exp_avx512(const float *x, float *y, long n) {
     }
 }
 
+/* qk_ew_bf16_bits on 16 lanes, in 32-bit lanes (AVX-512F integer operations: no AVX512_BF16 needed). */
+static inline __m512i bf16_bits512(__m512 f) {
+    __m512i b = _mm512_castps_si512(f);
+    const __mmask16 denormal = _mm512_testn_epi32_mask(b, _mm512_set1_epi32(0x7f800000));
+    b = _mm512_mask_and_epi32(b, denormal, b, _mm512_set1_epi32((int)0x80000000u));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_epi32(b, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    const __m512i odd = _mm512_and_epi32(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __m512i quiet = _mm512_srli_epi32(_mm512_or_epi32(b, _mm512_set1_epi32(0x00400000)), 16);
+    return _mm512_mask_blend_epi32(nan, rounded, quiet);
+}
+
 /* Hot: one read of the row for the float64 sum of squares (lanes j % 32 in four accumulators, so four
  * FMA chains overlap; elementwise.h), one to scale. */
 void qk_ew_rms_rows_avx512(const qk_ew_rms_args *a, long r0, long r1) {
     const long n = a->n;
     for (long i = r0; i < r1; i++) {
         const float *x = a->x + i * a->xs;
-        float *o = a->out + i * n;
         __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
         for (long j = 0; j < n; j += 32) { /* acc[k] lane l: elements j + 8k + l */
             for (int h = 0; h < 2; h++) {
@@ -43,7 +55,9 @@ void qk_ew_rms_rows_avx512(const qk_ew_rms_args *a, long r0, long r1) {
         for (long j = 0; j < n; j += 16) {
             const __mmask16 m = tail_mask(n - j);
             const __m512 v = _mm512_maskz_loadu_ps(m, x + j), w = _mm512_maskz_loadu_ps(m, a->w + j);
-            _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_mul_ps(v, r), w));
+            const __m512 y = _mm512_mul_ps(_mm512_mul_ps(v, r), w);
+            if (a->obf16) _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)a->out + i * n + j, m, bf16_bits512(y));
+            else _mm512_mask_storeu_ps((float *)a->out + i * n + j, m, y);
         }
     }
 }

@@ -362,9 +362,7 @@ static void *linear_worker(void *arg) {
                         for (int64_t rr = 0; rr < nr; rr++) {
                             const __m512 v = silu_mul512(_mm512_load_ps(ctmp + rr * 16), _mm512_load_ps(utmp + rr * 16));
                             if (j->ybf16) { /* rounded as every later product would round it */
-                                const __m256i b16 = (__m256i)_mm512_cvtneps_pbh(v);
-                                if (j->stream) _mm256_stream_si256((__m256i *)(dst16 + rr * yn), b16);
-                                else _mm256_storeu_si256((__m256i *)(dst16 + rr * yn), b16);
+                                _mm256_storeu_si256((__m256i *)(dst16 + rr * yn), (__m256i)_mm512_cvtneps_pbh(v));
                             } else if (j->stream) {
                                 _mm512_stream_ps(dst + rr * yn, v);
                             } else {
@@ -423,7 +421,8 @@ static int linear_run(const void *x, int xbf16, int64_t m, int64_t k, const uint
     const int use = (int)(blocks * nsplit < nt ? blocks * nsplit : nt);
     /* Streaming (non-temporal) stores keep a large y from evicting the operands from L2 and skip the
      * read-for-ownership of every output line; they need 64-byte aligned output rows. */
-    const int stream = (uintptr_t)y % 64 == 0 && yn % 32 == 0 && (size_t)(m * yn) * (ybf16 ? 2 : 4) >= ((size_t)8 << 20);
+    /* (Not for bf16 y: a tile's 16 bf16 columns are half a cache line, and streaming half lines is slow.) */
+    const int stream = !ybf16 && (uintptr_t)y % 64 == 0 && yn % 16 == 0 && (size_t)(m * yn) * 4 >= ((size_t)8 << 20);
     const int64_t ms = strips < QK_LIN_MS ? strips : QK_LIN_MS;
     const size_t abytes = (size_t)(ms * 2 * KB) * TILE_BYTES;
     int slot;
