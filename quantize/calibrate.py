@@ -17,9 +17,9 @@ With tied embeddings only `model.embed_tokens.weight` is produced (the head read
 
 Memory model (what is resident at the peak, demo model numbers for 128 samples x 512 tokens):
 - hidden states of the current layer, updated in place: N·L·hidden·4 B             (151 MB)
-- between groups, norm(h) (bfloat16 engine: N·L·hidden·2 B, 75 MB) with the attention output N·L·heads·d·4 B (151 MB), later with the
-  MLP activation N·L·inter·2 B (bfloat16 engine; 201 MB) — see `quantize.sequential`; measured peak RSS
-  for GPTQ INT4 g64 at 128 x 512 (bench/quantize_bench.py): 0.9 GB
+- between groups, norm(h) (N·L·hidden·2 B in bfloat16, 75 MB) with the attention output N·L·heads·d·4 B
+  (151 MB), later with the MLP activation N·L·inter·2 B (bfloat16, 201 MB) — see `quantize.sequential`;
+  measured peak RSS for GPTQ INT4 g64 at 128 x 512 (bench/quantize_bench.py): 0.66 GB
 - one layer's weights: original, folded, dequantized float32 (~3 x 14 MB) — the runtime runs with
   cache_weights=False and reads each layer's tensors from the (memory-mapped) checkpoint when it runs
 - statistics: per input group (in, in) float64 Hessian (+ a temporary): 3·576² + 1536² doubles ≈ 27 MB

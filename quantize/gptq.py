@@ -267,7 +267,7 @@ def gptq_quantize(
     group_of_pos = (perm // group_cols).astype(np.int32)  # (in,) group of each scan position
     use_c = coder.fast and c_loops.available()
 
-    wt = w.T.take(perm, axis=0)  # (in, out) error-updated weights, scan order (a row gather of wᵀ: 2.4x faster than w[:, perm].T copied)
+    wt = w.T.take(perm, axis=0)  # (in, out) error-updated weights, scan order (wᵀ's rows: 2.4x w[:, perm].T)
     codes_t = np.zeros((cols, rows), dtype=np.uint8)  # (in, out) scan order
     ev = 0
     for i1 in range(0, cols, block_size):

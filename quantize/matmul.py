@@ -33,7 +33,7 @@ class GramSum(Protocol):
         """Tokens added so far."""
 
     def add(self, x: np.ndarray) -> None:
-        """Fold a (tokens, k) float32 chunk in."""
+        """Fold a (tokens, k) chunk in."""
 
     def merge(self, other: Any) -> None:
         """Add another sum of the same engine and k into this one."""
@@ -52,19 +52,21 @@ class Matmul(Protocol):
         """A linear's weight (out, in) float32, in the engine's layout."""
 
     def linear(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
-        """x (tokens, in) float32 -> (tokens, out) float32, written into `out` (C-contiguous) when given."""
+        """x (tokens, in) float32 or activation_dtype -> (tokens, out) float32, written into `out`
+        (C-contiguous) when given."""
 
     def pack_glu(self, gate: np.ndarray, up: np.ndarray) -> Any:
         """A gated MLP's gate and up (inter, in) float32, in the engine's layout for `glu`."""
 
     def glu(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
-        """silu(x · gateᵀ) · (x · upᵀ) (tokens, inter) float32, written into `out` (C-contiguous) when given."""
+        """silu(x · gateᵀ) · (x · upᵀ) (tokens, inter), written into `out` (C-contiguous; float32 or
+        activation_dtype) when given, else float32."""
 
     def linear_add(self, x: np.ndarray, packed: Any, y: np.ndarray) -> np.ndarray:
         """y (tokens, out) float32 C-contiguous += x · Wᵀ, in place (a residual connection); returns y."""
 
     def gram_sum(self, k: int) -> GramSum:
-        """A running Σ xᵀx over (tokens, k) float32 chunks (one summer per thread)."""
+        """A running Σ xᵀx over (tokens, k) chunks, float32 or activation_dtype (one summer per thread)."""
 
     def threads(self, n: int) -> contextlib.AbstractContextManager[object]:
         """Within the context, each product uses at most n threads (callers run several at once)."""
