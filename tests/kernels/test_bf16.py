@@ -134,9 +134,11 @@ def test_linear_add_accumulates_into_y(path, m, k, n):
 
 
 @pytest.mark.parametrize(("m", "k", "inter"), ((1, 64, 16), (33, 95, 48), (1000, 576, 1536)))
-def test_linear_glu_is_silu_mul_of_the_two_products(path, m, k, inter):
+def test_linear_glu_is_silu_mul_of_the_two_products(path, m, k, inter, monkeypatch):
     from qkiln.kernels.elementwise import silu_mul
 
+    if path == "amx":  # the tiles' SiLU is the element-wise kernel's AVX-512 variant (AMX implies AVX-512)
+        monkeypatch.setenv("QKILN_KERNEL", "avx512")
     rng = np.random.default_rng(m + k)
     x = rng.standard_normal((m, k), dtype=np.float32)
     gate, up = (rng.standard_normal((inter, k), dtype=np.float32) * np.float32(0.1) for _ in range(2))
@@ -320,8 +322,10 @@ def test_gram_out_is_written_and_checked(path):
 
 
 @pytest.mark.parametrize(("m", "k", "n"), ((33, 95, 64), (1000, 1536, 576)))
-def test_bfloat16_inputs_and_outputs_are_the_float32_ones_rounded(path, m, k, n):
+def test_bfloat16_inputs_and_outputs_are_the_float32_ones_rounded(path, m, k, n, monkeypatch):
     """An activation stored in bfloat16 gives the products exactly what they would have rounded it to."""
+    if path == "amx":
+        monkeypatch.setenv("QKILN_KERNEL", "avx512")
     rng = np.random.default_rng(m + k)
     x = rng.standard_normal((m, k), dtype=np.float32)
     xb = bf16.round_bf16(x).astype(bf16.BF16)
