@@ -289,6 +289,15 @@ static void linear_convert(const linear_job_t *j, int64_t t0, int64_t ns, uint16
     }
 }
 
+/* The part of the 16 x 16 accumulator tile at token tr, output nc that lies inside y (m, n), copied between
+ * a tile image and y (row strides in floats): partial tiles at y's edges. */
+static inline void edge_copy(const linear_job_t *j, int64_t tr, int64_t nc, float *dst, int64_t ds, const float *src,
+                             int64_t ss) {
+    if (tr >= j->m || nc >= j->n) return;
+    const int64_t nr = j->m - tr < 16 ? j->m - tr : 16, ncol = j->n - nc < 16 ? j->n - nc : 16;
+    for (int64_t rr = 0; rr < nr; rr++) memcpy(dst + rr * ds, src + rr * ss, (size_t)ncol * 4);
+}
+
 static void *linear_worker(void *arg) {
     linear_job_t *j = (linear_job_t *)arg;
     const int64_t KB = cdiv(j->k, 32), NP = cdiv(j->n, 32), strips = cdiv(j->m, 32);
@@ -326,11 +335,7 @@ static void *linear_worker(void *arg) {
             _tile_loadd(TILE, y + tr * j->n + nc, ys);                                             \
         } else {                                                                                   \
             memset(ctmp, 0, sizeof ctmp);                                                          \
-            if (tr < j->m && nc < j->n) {                                                          \
-                const int64_t nr = j->m - tr < 16 ? j->m - tr : 16, ncol = j->n - nc < 16 ? j->n - nc : 16; \
-                for (int64_t rr = 0; rr < nr; rr++)                                                \
-                    memcpy(ctmp + rr * 16, y + (tr + rr) * j->n + nc, (size_t)ncol * 4);           \
-            }                                                                                      \
+            edge_copy(j, tr, nc, ctmp, 16, y + tr * j->n + nc, j->n);                              \
             _tile_loadd(TILE, ctmp, 64);                                                           \
         }                                                                                          \
     } while (0)
@@ -383,9 +388,7 @@ static void *linear_worker(void *arg) {
             _tile_stored(TILE, y + tr * j->n + nc, ys);                                            \
         } else if (tr < j->m && nc < j->n) {                                                       \
             _tile_stored(TILE, ctmp, 64);                                                          \
-            const int64_t nr = j->m - tr < 16 ? j->m - tr : 16, ncol = j->n - nc < 16 ? j->n - nc : 16; \
-            for (int64_t rr = 0; rr < nr; rr++)                                                    \
-                memcpy(y + (tr + rr) * j->n + nc, ctmp + rr * 16, (size_t)ncol * 4);               \
+            edge_copy(j, tr, nc, y + tr * j->n + nc, j->n, ctmp, 16);                              \
         }                                                                                          \
     } while (0)
                 STORE_C(0, 0, 0, full_rows0 && full_c0);
