@@ -8,7 +8,12 @@ holds 128 windows: the work (and the memory) is that of 128 x 512 distinct token
 of 36 distinct windows. The goals: under 60 s and under 2 GB peak RSS. Prints both, the process's CPU
 seconds, and what the machine did meanwhile: its load average and, from /proc/stat, the CPU seconds the
 hypervisor gave to other guests ("steal": on a shared host they stretch the wall time) and the CPU seconds
-left idle (the serial parts: GPTQ of an input group waits for all of its Hessian).
+left idle (the serial parts: GPTQ of an input group waits for all of its Hessian). Steal does not show
+everything: the vCPUs share their physical cores with other guests, so the speed of the same instructions
+moves by 2-4x within minutes with no steal at all (measured on AMX tiles). So the benchmark also measures, just before and just
+after the run, two fixed single-threaded probes — the AMX bf16 product and float32 SGEMM, each on operands
+that stay in L2 — and prints their GFLOP/s: a run's wall time is only comparable to another's taken at
+similar probe speeds.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +55,7 @@ def main() -> None:
     need = args.samples * args.seq_len
     reps = -(-need // len(tokens))
     ids = calibration_ids(np.tile(tokens, reps), args.samples, args.seq_len)
+    probe_before = _speed_probes()
     rss_before = peak_rss_bytes()
     host0 = _host_cpu_seconds()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -64,6 +71,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     host1 = _host_cpu_seconds()
+    probe_after = _speed_probes()
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)  # seconds, all threads
     report.peak_rss_bytes = peak_rss_bytes()
     done = len(report.layer_seconds)
@@ -83,13 +91,47 @@ def main() -> None:
         "load_average": os.getloadavg(), "cpus": os.cpu_count(),
         "host_steal_cpu_seconds": round(host1["steal"] - host0["steal"], 1) if host0 and host1 else None,
         "idle_cpu_seconds": round(host1["idle"] - host0["idle"], 1) if host0 and host1 else None,
+        "probe_gflops_before": probe_before, "probe_gflops_after": probe_after,
         "goals": {"wall_seconds": 60, "peak_rss_mb": 2000},
     }
     print(json.dumps(doc, indent=2))
     total = extrapolated or wall
     note = f" (extrapolated from {done} layers)" if extrapolated else ""
     print(f"wall time {total:.1f} s{note}, "
-          f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB")
+          f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB; probes before/after: AMX bf16 "
+          f"{probe_before['amx_bf16']}/{probe_after['amx_bf16']} GFLOP/s, SGEMM "
+          f"{probe_before['sgemm_f32']}/{probe_after['sgemm_f32']} GFLOP/s")
+
+
+def _speed_probes(repeats: int = 100) -> dict[str, float | None]:
+    """GFLOP/s of two fixed single-threaded products, the median of `repeats` calls: the AMX bf16 linear
+    (512 bf16 tokens by a 576 x 576 weight, the shape of calibration's products) and NumPy's float32 SGEMM
+    (what GPTQ's updates and factorization run on), operands ~1 MB (L2): what a core delivers at the moment."""
+    from qkiln.kernels import bf16
+    from qkiln.quantize.gptq import one_blas_thread
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 576), dtype=np.float32)  # (tokens, in)
+    w = rng.standard_normal((576, 576), dtype=np.float32)  # (out, in)
+    flop = 2.0 * 512 * 576 * 576
+
+    def rate(fn: Callable[[], object]) -> float:
+        fn()
+        return round(flop / float(np.median([_timed(fn) for _ in range(repeats)])) / 1e9, 1)
+
+    out: dict[str, float | None] = {"amx_bf16": None, "sgemm_f32": None}
+    if bf16.amx_available():
+        xb, packed, y = x.astype(bf16.BF16), bf16.pack_weight(w, path="amx"), bf16.aligned_empty((512, 576))
+        out["amx_bf16"] = rate(lambda: bf16.linear(xb, packed, out=y, nthreads=1))
+    with one_blas_thread():
+        out["sgemm_f32"] = rate(lambda: x @ w.T)
+    return out
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _host_cpu_seconds() -> dict[str, float] | None:
