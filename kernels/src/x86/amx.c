@@ -330,9 +330,17 @@ static void *linear_worker(void *arg) {
             const int full_c0 = n0 + 16 <= j->n, full_c1 = n0 + 32 <= j->n;
             for (int64_t s = 0; s < ns; s++) {
                 const uint16_t *a = j->abuf + s * KB * 1024;
-                /* C tile (h, q): tokens t0 + 16h.., outputs 32p + 16q.. */
                 const int64_t t0 = (s0 + s) * 32;
                 const int full_rows0 = t0 + 16 <= j->m, full_rows1 = t0 + 32 <= j->m;
+/* OP(tile, h, q, whole tile inside y) for the block's four accumulators: tile 2h + q holds tokens t0 + 16h..
+ * and outputs n0 + 16q.. */
+#define EACH_C_TILE(OP)                         \
+    do {                                        \
+        OP(0, 0, 0, full_rows0 && full_c0);     \
+        OP(1, 0, 1, full_rows0 && full_c1);     \
+        OP(2, 1, 0, full_rows1 && full_c0);     \
+        OP(3, 1, 1, full_rows1 && full_c1);     \
+    } while (0)
                 if (j->add) {
 #define LOAD_C(TILE, H, Q, FULL)                                                                   \
     do {                                                                                           \
@@ -345,10 +353,7 @@ static void *linear_worker(void *arg) {
             _tile_loadd(TILE, ctmp, 64);                                                           \
         }                                                                                          \
     } while (0)
-                    LOAD_C(0, 0, 0, full_rows0 && full_c0);
-                    LOAD_C(1, 0, 1, full_rows0 && full_c1);
-                    LOAD_C(2, 1, 0, full_rows1 && full_c0);
-                    LOAD_C(3, 1, 1, full_rows1 && full_c1);
+                    EACH_C_TILE(LOAD_C);
 #undef LOAD_C
                 } else {
                     _tile_zero(0);
@@ -397,11 +402,9 @@ static void *linear_worker(void *arg) {
             edge_copy(j, tr, nc, y + tr * j->n + nc, j->n, ctmp, 16);                              \
         }                                                                                          \
     } while (0)
-                STORE_C(0, 0, 0, full_rows0 && full_c0);
-                STORE_C(1, 0, 1, full_rows0 && full_c1);
-                STORE_C(2, 1, 0, full_rows1 && full_c0);
-                STORE_C(3, 1, 1, full_rows1 && full_c1);
+                EACH_C_TILE(STORE_C);
 #undef STORE_C
+#undef EACH_C_TILE
             }
         }
     }
