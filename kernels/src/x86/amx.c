@@ -20,7 +20,7 @@
  *
  * Speed: both products use the 2x2 tile kernel (4 accumulators, 2 A and 2 B tiles per step) and are blocked
  * for L2. On the machines this was tuned on (Sapphire Rapids guests: two vCPUs on two cores, each with its
- * own L2 and tile unit, whose sibling hyperthreads run other guests) memory beyond L2 streams at ~6-14 GB/s
+ * own L2 and tile unit, shared with the host's other guests) memory beyond L2 streams at ~6-14 GB/s
  * per core, so the blocking minimizes what leaves L2; bench/bf16_bench.py --calib measures the calibration
  * scenario (two callers, one thread each). There the tile unit's rate seen by one thread moves 2-4x within
  * minutes (450-2,150 GFLOP/s for 2x2 steps on cache-resident tiles). Measured at one moment: the linear at
