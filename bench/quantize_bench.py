@@ -9,7 +9,7 @@ of 36 distinct windows. The goals: under 60 s and under 2 GB peak RSS. Prints bo
 seconds, and what the machine did meanwhile: its load average and, from /proc/stat, the CPU seconds the
 hypervisor gave to other guests ("steal": on a shared host they stretch the wall time) and the CPU seconds
 left idle (the serial parts: GPTQ of an input group waits for all of its Hessian). Steal does not show
-everything: with no steal at all, the speed of the same instructions moves 2-4x within minutes (the cores'
+everything: with no steal at all, the speed of the same instructions moves up to 6x within minutes (the cores'
 other hyperthreads and clocks belong to the host), most of all on the AMX tiles. So the benchmark also
 measures, just before and just after the run, two fixed single-threaded probes — the AMX bf16 product and
 float32 SGEMM, each on operands that stay in L2 — and prints their GFLOP/s: a run's wall time is only

@@ -22,8 +22,8 @@
  * for L2. On the machines this was tuned on (Sapphire Rapids guests: two vCPUs on two cores, each with its
  * own L2 and tile unit, shared with the host's other guests) memory beyond L2 streams at ~6-14 GB/s
  * per core, so the blocking minimizes what leaves L2; bench/bf16_bench.py --calib measures the calibration
- * scenario (two callers, one thread each). There the tile unit's rate seen by one thread moves 2-4x within
- * minutes (450-2,150 GFLOP/s for 2x2 steps on cache-resident tiles). Measured at one moment: the linear at
+ * scenario (two callers, one thread each). There the tile unit's rate seen by one thread moves up to 6x within
+ * minutes (350-2,150 GFLOP/s for 2x2 steps on cache-resident tiles). Measured at one moment: the linear at
  * calibration's shapes runs at 85-90 % of its own loop on cache-resident operands, that loop at ~80-85 % of
  * the bare tile rate; prefetching the next accumulator block or the next block's x, splitting k so a weight
  * chunk stays in L1, and adding linear_add's y at the store instead of loading it into the tiles were all
