@@ -293,7 +293,7 @@ def linear_glu(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
 
         gu = np.matmul(round_bf16(_f32(x)), w.rounded.T).reshape(m, n // (2 * GLU_ROWS), 2, GLU_ROWS)
         g, u = (np.ascontiguousarray(gu[:, :, h]).reshape(m, n // 2) for h in (0, 1))  # (m, inter) each
-        return silu_mul(g, u, out=out) if out is None or out.dtype == np.float32 else store_rounded(silu_mul(g, u), out)
+        return silu_mul(g, u, out=out)
     y = _empty64((m, n // 2)) if out is None else out
     _linear_c(x, w, y, 2, nthreads)
     return y

@@ -137,7 +137,12 @@ def silu_mul(gate: np.ndarray, up: np.ndarray, *, threads: int = 1, out: np.ndar
     """silu(gate) * up = gate / (1 + exp(-gate)) * up, (t, inter) float32 (a new array, or `out`); exp
     overflow gives 0.
 
-    gate and up may be column slices of one (t, 2 * inter) array (any row stride)."""
+    gate and up may be column slices of one (t, 2 * inter) array (any row stride). `out` may be bfloat16:
+    the float32 result rounded by `kernels.bf16.round_bf16`'s rule (as for `rms_norm`)."""
+    from qkiln.kernels.bf16 import BF16, store_rounded
+
+    if out is not None and out.dtype == BF16:
+        return store_rounded(silu_mul(gate, up, threads=threads), out)
     lib, variant = _want()
     if lib is None or gate.shape != up.shape or gate.ndim not in (1, 2) or not (
             _rows_ok(gate, gate.ndim) and _rows_ok(up, up.ndim)) or (

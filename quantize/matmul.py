@@ -151,10 +151,7 @@ class BF16Matmul:
 
     def glu(self, x: np.ndarray, packed: Any, out: np.ndarray | None = None) -> np.ndarray:
         if isinstance(packed, _Concatenated):
-            gu = self.linear(x, packed.weight)
-            if out is not None and out.dtype == self._k.BF16:
-                return self._k.store_rounded(_silu_of_halves(gu, None), out)
-            return _silu_of_halves(gu, out)
+            return _silu_of_halves(self.linear(x, packed.weight), out)
         return self._k.linear_glu(x, packed, out=out, nthreads=self._threads)
 
     def linear_add(self, x: np.ndarray, packed: Any, y: np.ndarray) -> np.ndarray:
@@ -173,7 +170,8 @@ class _Concatenated:
 
 
 def _silu_of_halves(gu: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-    """silu(gate)·up of a (tokens, 2 inter) product whose first half is the gate."""
+    """silu(gate)·up of a (tokens, 2 inter) product whose first half is the gate (into a float32 or
+    bfloat16 `out`)."""
     inter = gu.shape[1] // 2
     return silu_mul(gu[:, :inter], gu[:, inter:], out=out)
 

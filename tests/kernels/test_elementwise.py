@@ -96,6 +96,21 @@ def test_rms_norm_bfloat16_out_is_the_float32_result_rounded(variant):
     np.testing.assert_array_equal(out.astype(np.float32).view(np.uint32), want.view(np.uint32))
 
 
+def test_silu_mul_bfloat16_out_is_the_float32_result_rounded(variant):
+    """As rms_norm's: a bfloat16 `out` holds round_bf16 of the float32 result (gate/up as column slices)."""
+    from qkiln.kernels.bf16 import BF16, round_bf16
+
+    rng = np.random.default_rng(5)
+    gu = (rng.standard_normal((40, 2 * 96)) * 4).astype(np.float32)  # (t, 2 inter)
+    gu[0, :3] = [1e-39, 3e38, -100.0]
+    gate, up = gu[:, :96], gu[:, 96:]
+    with np.errstate(over="ignore"):
+        want = round_bf16(ew.silu_mul(gate, up))
+    out = np.empty((40, 96), BF16)
+    assert ew.silu_mul(gate, up, out=out) is out
+    np.testing.assert_array_equal(out.astype(np.float32).view(np.uint32), want.view(np.uint32))
+
+
 def _check_silu(gate, up):
     got = ew.silu_mul(gate, up)
     with np.errstate(invalid="ignore"):  # -inf / inf, inf * 0
