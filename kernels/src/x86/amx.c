@@ -24,10 +24,12 @@
  * per core, so the blocking minimizes what leaves L2; bench/bf16_bench.py --calib measures the calibration
  * scenario (two callers, one thread each). There the tile unit's rate seen by one thread moves up to 6x within
  * minutes (350-2,150 GFLOP/s for 2x2 steps on cache-resident tiles). Measured at one moment: the linear at
- * calibration's shapes runs at 85-90 % of its own loop on cache-resident operands, that loop at ~80-85 % of
- * the bare tile rate; prefetching the next accumulator block or the next block's x, splitting k so a weight
- * chunk stays in L1, and adding linear_add's y at the store instead of loading it into the tiles were all
- * within the noise of paired runs.
+ * calibration's shapes runs at 85-90 % of its own loop on cache-resident operands, that loop at 63-85 % of
+ * the bare tile rate (multiplies on tiles already loaded): its four tile loads per four multiplies do not
+ * overlap with them, each costing ~0.6 of a multiply, from L2 as from L1 — and with 8 tile registers no
+ * step needs fewer loads per multiply than the 2x2 one. Prefetching the next accumulator block or the next
+ * block's x, splitting k so a weight chunk stays in L1, and adding linear_add's y at the store instead of
+ * loading it into the tiles were all within the noise of paired runs.
  */
 #define _GNU_SOURCE
 #include <cpuid.h>
