@@ -18,8 +18,8 @@ with nthreads=1 on its own 4096-token x (as quantize/sequential.py's two batch w
 a reused per-thread array, as run_layer lends them), for the layer's
 shapes (q/k/v 576->960, o 576->576, gate/up 576->3072, down 1536->576; Gram 576 and 1536). GFLOPS count
 both threads' work over the wall time of a round (--calls calls per thread), best of --repeats rounds.
---ref-lib loads another build of the amx.c symbols (e.g. `git show HEAD:kernels/src/x86/amx.c` compiled
-with kernels/build.py's flags and -shared) and times it in alternating rounds with the current library, so
+--ref-lib loads another build of the amx.c symbols (e.g. `git show HEAD:qkiln/kernels/src/x86/amx.c` compiled
+with qkiln/kernels/build.py's flags and -shared) and times it in alternating rounds with the current library, so
 both see the same load. The speed-ups printed are ref/new of the best rounds and the median of the ratios of
 adjacent rounds ("paired": robust when other work on the machine comes and goes).
 """

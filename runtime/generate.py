@@ -115,7 +115,7 @@ def generate_greedy(
 def fast_decode_step(model: LlamaModel, cache: KVCache):
     """The C decode step (qkiln.kernels.decode) when the model's linears are all packed, else None: single
     tokens then run in one C call each instead of `model.hidden` + `model.head` (the same float32 math in
-    another summation order: logits agree up to int8 activation rounding flips, see kernels/README.md)."""
+    another summation order: logits agree up to int8 activation rounding flips, see qkiln/kernels/README.md)."""
     if not getattr(model, "_ops", None):  # dense model: nothing packed, keep the NumPy runtime
         return None
     from qkiln.kernels.decode import DecodeStep

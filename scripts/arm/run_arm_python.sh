@@ -9,11 +9,11 @@ root=$(scripts/arm/fetch_arm_python.sh)/root
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$PY" -m qkiln.kernels.build --arch aarch64 --cc aarch64-linux-gnu-gcc --shared-out "$work/libqkiln_kernels.so" >/dev/null
-# qkiln's import layout (package-dir mapping) rebuilt with symlinks: qkiln/, kernels/ and quantize/ (the
-# GPTQ loops' NumPy definitions) are needed
+# qkiln's import layout (package-dir mapping) rebuilt with symlinks: qkiln/ (with qkiln/kernels/) and
+# quantize/ (the GPTQ loops' NumPy definitions) are needed
 mkdir -p "$work/pkg/qkiln"
 for f in qkiln/*.py; do ln -s "$PWD/$f" "$work/pkg/qkiln/"; done
-ln -s "$PWD/kernels" "$work/pkg/qkiln/kernels"
+ln -s "$PWD/qkiln/kernels" "$work/pkg/qkiln/kernels"
 ln -s "$PWD/quantize" "$work/pkg/qkiln/quantize"
 lib="$root/usr/lib/aarch64-linux-gnu"
 status=0

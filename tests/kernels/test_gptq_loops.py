@@ -1,4 +1,4 @@
-"""The C GPTQ loops (kernels/gptq.py) give the same bits as the NumPy definitions they replace."""
+"""The C GPTQ loops (qkiln/kernels/gptq.py) give the same bits as the NumPy definitions they replace."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 /* Scalar reference kernels: the definition every SIMD path must reproduce (integer block sums exactly,
- * fp32 combination within the tolerance stated in kernels/numpy_ref.py). Plain loops, no intrinsics. */
+ * fp32 combination within the tolerance stated in qkiln/kernels/numpy_ref.py). Plain loops, no intrinsics. */
 #include "../common.h"
 
 static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {

@@ -1,4 +1,4 @@
-"""Weight layouts the kernels read, as data: type ids shared with kernels/include/qkiln_kernels.h."""
+"""Weight layouts the kernels read, as data: type ids shared with qkiln/kernels/include/qkiln_kernels.h."""
 
 from __future__ import annotations
 

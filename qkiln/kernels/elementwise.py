@@ -1,7 +1,7 @@
 """RMSNorm, SiLU·up and RoPE in C: one pass per row where NumPy makes three to five over whole arrays.
 
 With the matrix products on AMX and attention fused in C, these element-wise steps were ~40 % of a
-calibration batch (kernels/src/elementwise/). Same signatures, semantics and return types as
+calibration batch (qkiln/kernels/src/elementwise/). Same signatures, semantics and return types as
 runtime.llama.rms_norm, runtime.llama.silu_mul and runtime.rope.apply_rope, which stay the reference and
 the fallback: used when the C library cannot be built or loaded, with QKILN_KERNEL=numpy, and for inputs
 the C functions do not take (not float32, not 2-D / 4-D, a non-contiguous last axis, negative strides).

@@ -18,7 +18,7 @@
  * Speed (calibration's batch, one thread, Sapphire Rapids guest): ~2.1-2.6x the float32 AVX-512 unit,
  * 5x at t = 2048, d = 128 (bench/attention_bench.py).
  * Numerics: inputs rounded to bf16 (nearest even), products exact, sums in float32 (tdpbf16ps), so the
- * result is within about 4e-3 · max|v| of the float32 variants (kernels/attention.py states the measured
+ * result is within about 4e-3 · max|v| of the float32 variants (qkiln/kernels/attention.py states the measured
  * tolerance). A row's arithmetic does not depend on which rows share its tile or on the thread count:
  * tile rows are independent, key blocks start at multiples of 64, and blocks past a row's position give
  * p = 0 and alpha = 1 exactly. d is padded with zeros to a multiple of 32 (keys/queries) and 16 (values).

@@ -6,7 +6,7 @@ paths compute the same thing, so results do not depend on the machine beyond flo
 
 * inputs are rounded to bf16 by `round_bf16` (the rule below), products of two bf16 values are exact in
   float32 (8 + 8 significant bits), and the products are summed in float32;
-* "amx": the C kernels in kernels/src/x86/amx.c (tdpbf16ps, float32 accumulation, every core unless
+* "amx": the C kernels in qkiln/kernels/src/x86/amx.c (tdpbf16ps, float32 accumulation, every core unless
   nthreads says otherwise). Their bytes depend on the inputs only, never on the thread count or blocking:
   `linear` sums each output over k in k order in one accumulator; `gram` sums each group of 8192 tokens in
   token order (one tdpbf16ps per 32 tokens) and adds the groups' sums in group order;

@@ -222,7 +222,7 @@ def combine(codes: np.ndarray, scale: np.ndarray, mins: np.ndarray, act: Q8Activ
 
 
 def gemm(wtype: WType, w: np.ndarray, n: int, k: int, act: Q8Activations, *, with_abs: bool = False):
-    """y (M, N) = W x on ggml-layout bytes `w` (see kernels/include/qkiln_kernels.h)."""
+    """y (M, N) = W x on ggml-layout bytes `w` (see qkiln/kernels/include/qkiln_kernels.h)."""
     assert w.size == block_bytes(wtype, n, k), "weight byte count does not match the shape"
     return combine(*decode(wtype, w, n, k), act, with_abs=with_abs)
 

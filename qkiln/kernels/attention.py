@@ -2,7 +2,7 @@
 
 `runtime.llama.causal_attention` (NumPy) materializes score blocks and makes several passes over them
 (batched QKᵀ with inner dimension 64, mask, max, exp, sum, PV); calibration and `qkiln eval` spend a
-large share of their time there. The C kernel (kernels/src/attention/) streams key blocks with an online
+large share of their time there. The C kernel (qkiln/kernels/src/attention/) streams key blocks with an online
 softmax instead and never builds the score matrix. Same signature, semantics and return as the NumPy
 function, which stays the reference and the fallback: used when the C library cannot be built or loaded,
 or with QKILN_KERNEL=numpy. Unset, it takes the AVX-512 variant where the CPU has it and NumPy elsewhere
@@ -13,7 +13,7 @@ variant, QKILN_KERNEL=avx512 the AVX-512 one.
 Agreement with NumPy: max|Δ| ≤ ATOL_REL · max|v| · (1 + max|score| / 16) (see ATOL_REL).
 
 precision="bfloat16" (GPTQ calibration with the bf16 engine, whose linears already round to bf16) runs the
-AMX variant "amx_bf16" (kernels/src/attention/attention_amx.c) when QKILN_KERNEL is unset or avx512 and
+AMX variant "amx_bf16" (qkiln/kernels/src/attention/attention_amx.c) when QKILN_KERNEL is unset or avx512 and
 the CPU and OS allow AMX tiles: the scaled queries, keys, probabilities and values are rounded to bf16
 (nearest even), products are exact and sums float32 (tdpbf16ps), the softmax itself float32 as in the
 AVX-512 unit (exp2 polynomial cut to degree 4, 4e-5 relative). Measured 2.1-2.6x the float32 AVX-512

@@ -1,4 +1,4 @@
-"""GPTQ's two hot loops in C (kernels/src/gptq/gptq.c): the column scan inside a lazy block and IntGrid's
+"""GPTQ's two hot loops in C (qkiln/kernels/src/gptq/gptq.c): the column scan inside a lazy block and IntGrid's
 importance-weighted range search.
 
 Both are per-column / per-trial Python loops over small NumPy operations in quantize/ — about 2.5 s of a

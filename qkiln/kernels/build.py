@@ -188,7 +188,7 @@ def main() -> None:
     if args.test_binary:
         cc = args.cc or find_cc()
         assert cc, "no compiler"
-        src = args.test_source or (HERE.parent / "tests" / "kernels" / "kernel_selftest.c")
+        src = args.test_source or (HERE.parents[1] / "tests" / "kernels" / "kernel_selftest.c")
         print(build_test_binary(args.test_binary, cc, arch, src))
         return
     if args.shared_out:
