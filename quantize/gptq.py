@@ -297,7 +297,8 @@ def gptq_quantize(
             k_end = min(events[ev] - i1, i2 - i1)
             gidx = group_of_pos[i1:i2]
             if not (use_c and c_loops.scan_block(w1, err1, codes_t[i1:i2], h1, k, k_end, gidx, scale_t, safe_t,
-                                                  offset_t, coder.shift, coder.qmin, coder.qmax)):
+                                                  offset_t, float(coder.shift), float(coder.qmin),
+                                                  float(coder.qmax))):
                 _scan_numpy(coder, w1, err1, codes_t[i1:i2], h1, k, k_end, gidx, scale_t, safe_t, offset_t)
             k = k_end
         if i2 < cols:

@@ -356,7 +356,8 @@ class Int4GLinear:
     def __call__(self, x: np.ndarray | Q8Activations) -> np.ndarray:
         if self.wtype == WType.INT4GX8:
             return gemm_int4gx8(self.arrays[0], self.group, self.n, self.k, x, self.nthreads)
-        return gemm_int4g(*self.arrays, self.group, self.n, self.k, x, self.nthreads)
+        codes, scales, zeros = self.arrays
+        return gemm_int4g(codes, scales, zeros, self.group, self.n, self.k, x, self.nthreads)
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, nthreads: int | None = None, repeats: int = 5) -> dict[str, float]:

@@ -94,11 +94,11 @@ def _check(rc: int, variant: str, what: str) -> None:
         raise ValueError(f"{what}: bad sizes (code {rc})")
 
 
-def _want() -> tuple[Any, str | None]:
-    """(library, variant) for the C path, or (None, None) for NumPy."""
+def _want() -> tuple[Any, str]:
+    """(library, variant) for the C path, or (None, "") for NumPy."""
     want = _env_variant()
     lib = _load() if want is not None else None
-    return (lib, want) if lib is not None else (None, None)
+    return (lib, want) if lib is not None and want is not None else (None, "")
 
 
 def _reference(module: str, name: str) -> Any:
@@ -124,7 +124,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, threads: int = 1,
     if (lib is None or not _rows_ok(x, 2) or x.shape[1] == 0 or weight.dtype != np.float32
             or weight.shape != (x.shape[1],) or (out is not None and not fits_out(out, x.shape, (np.float32, BF16)))):
         got = _reference("llama", "rms_norm")(x, weight, eps)
-        return store_rounded(got, out) if obf16 else into(got, out)
+        return store_rounded(got, out) if obf16 and out is not None else into(got, out)
     t, n = x.shape
     w = np.ascontiguousarray(weight)  # (n,)
     out = np.empty((t, n), np.float32) if out is None else out  # (t, n)

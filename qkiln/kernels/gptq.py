@@ -15,6 +15,7 @@ variant (both give the same bits).
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ _LIB = LazyLibrary({
 VARIANTS = {"auto": 0, "portable": 1, "avx512": 2}
 
 
-def _lib() -> object | None:
+def _lib() -> Any:
     return _LIB.load() if env_variant() is not None else None
 
 

@@ -69,6 +69,12 @@ def decode(wtype: WType, w: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.
     nb = k // QK8
     raw = np.frombuffer(np.ascontiguousarray(w).data, dtype=np.uint8)
     zeros = np.zeros((n, nb), np.float32)
+    codes: np.ndarray  # (N, K) int16 in every branch; the branches' intermediates differ in dtype
+    v: np.ndarray
+    q: np.ndarray
+    ql: np.ndarray
+    qh: np.ndarray
+    sc: np.ndarray
     if wtype == WType.Q4_0:
         blk = raw.reshape(n, nb, 18)
         codes = _nibbles32(blk[..., 2:]).astype(np.int16) - 8
@@ -218,7 +224,9 @@ def combine(codes: np.ndarray, scale: np.ndarray, mins: np.ndarray, act: Q8Activ
         y[:, r0:r1] = terms.sum(axis=0, dtype=np.float32).T
         if yabs is not None:
             yabs[:, r0:r1] = np.abs(terms).sum(axis=0, dtype=np.float32).T
-    return (y, yabs) if with_abs else y
+    if yabs is not None:
+        return y, yabs
+    return y
 
 
 def gemm(wtype: WType, w: np.ndarray, n: int, k: int, act: Q8Activations, *, with_abs: bool = False):
