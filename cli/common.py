@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -45,6 +46,31 @@ def handles_errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class ConsoleLogHandler(logging.Handler):
+    """qkiln's library warnings (e.g. a calibration text shorter than asked) as one `note:` line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(f"[yellow]note:[/] {escape(record.getMessage())}", soft_wrap=True)
+
+
+def route_library_logs() -> None:
+    """Send the `qkiln` loggers' warnings through the console, once per process."""
+    root = logging.getLogger("qkiln")
+    if not any(isinstance(h, ConsoleLogHandler) for h in root.handlers):
+        handler = ConsoleLogHandler(logging.WARNING)
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+
+
+def print_fallbacks(reasons: dict[str, str], *, verbose: bool) -> None:
+    """The per-tensor fallbacks (tensor -> why), one line per rule with a count; every tensor with verbose."""
+    from qkiln.quantize.rules import summarize_fallbacks
+
+    lines = [f"{name}: {why}" for name, why in reasons.items()] if verbose else summarize_fallbacks(reasons.values())
+    for line in lines:
+        console.print(f"[yellow]fallback[/] {escape(line)}", soft_wrap=True)
 
 
 def print_json(doc: Any) -> None:

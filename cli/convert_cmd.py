@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from qkiln.cli.common import Algo, console, handles_errors, print_json
+from qkiln.cli.common import Algo, console, handles_errors, print_fallbacks, print_json
 from qkiln.errors import UserError
+from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
 
 class Target(enum.StrEnum):
@@ -34,13 +35,14 @@ def convert(
     calib: Annotated[
         list[Path] | None, typer.Option("--calib", help="Calibration text file(s) for gptq/awq (repeatable).")
     ] = None,
-    samples: Annotated[int, typer.Option("--samples", help="Calibration windows (gptq/awq).")] = 64,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")] = 512,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration windows (gptq/awq).")] = CALIBRATION_SAMPLES,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Tokens per calibration window.")] = CALIBRATION_SEQ_LEN,
     name: Annotated[str | None, typer.Option("--name", help="general.name in the file (default: the folder name).")] = None,
     uniform: Annotated[
         bool, typer.Option("--uniform", help="One scheme for every tensor instead of llama.cpp's mix for that name.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every tensor's fallback, not one line per rule.")] = False,
 ) -> None:
     """Quantize a checkpoint into a GGUF that llama.cpp runs as it is."""
     from qkiln.formats.gguf_convert import convert_to_gguf
@@ -64,8 +66,7 @@ def convert(
             progress=lambda tensor: status.update(f"quantizing {tensor}"),
         )
     summary = result.summary()
-    for line in result.fallbacks:
-        console.print(f"[yellow]fallback[/] {line}")
+    print_fallbacks(dict(line.split(": ", 1) for line in result.fallbacks), verbose=verbose)
     if as_json:
         print_json(summary)
     else:

@@ -6,6 +6,8 @@ import importlib
 
 import typer
 
+from qkiln.cli.common import route_library_logs
+
 app = typer.Typer(
     name="qkiln",
     help="Quantize a Hugging Face Llama checkpoint into validated artifacts per hardware target.",
@@ -15,10 +17,10 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """Quantize a Hugging Face Llama checkpoint into validated artifacts per hardware target."""
+    route_library_logs()
 
 
 # One module per command; each defines `register(app)`.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,8 +18,9 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from qkiln.cli.common import Algo, console, handles_errors, print_json
+from qkiln.cli.common import Algo, console, handles_errors, print_fallbacks, print_json
 from qkiln.errors import QuantizeError, UserError
+from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
 
 class Grid(enum.StrEnum):
@@ -55,8 +55,8 @@ def quantize_command(
         Path | None,
         typer.Option("--calib", exists=True, dir_okay=False, readable=True, help="UTF-8 calibration text (needed by gptq/awq)."),
     ] = None,
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration samples (consecutive windows).")] = 128,
-    seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Tokens per calibration sample.")] = 512,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration samples (consecutive windows).")] = CALIBRATION_SAMPLES,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Tokens per calibration sample.")] = CALIBRATION_SEQ_LEN,
     act_order: Annotated[
         bool, typer.Option("--act-order/--no-act-order", help="GPTQ: quantize columns by descending Hessian diagonal.")
     ] = True,
@@ -69,6 +69,7 @@ def quantize_command(
     ] = CalibDtype.bfloat16,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (the quantization record) on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every tensor's fallback, not one line per rule.")] = False,
 ) -> None:
     """Quantize a checkpoint layer by layer and write the simulated result with quantization.json."""
     from qkiln.formats.hf import Checkpoint
@@ -113,7 +114,6 @@ def quantize_command(
     report = QuantizeReport(algo=algo.value)
     n_layers = cfg.num_hidden_layers
     tensors: dict[str, Any] = {}
-    logging.getLogger("qkiln.quantize").setLevel(logging.WARNING)
     with Progress(
         TextColumn(f"[bold]quantize {algo.value}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
         TimeElapsedColumn(), console=console, disable=json_out and not console.is_terminal,
@@ -149,6 +149,7 @@ def quantize_command(
     if json_out:
         print_json(record)
         return
+    print_fallbacks(report.fallbacks, verbose=verbose)
     n_fb = len(report.fallbacks)
     console.print(f"wrote        {out} ({algo.value}, {scheme or preset}{f', {n_fb} fallbacks' if n_fb else ''})")
     console.print(f"time         {report.wall_seconds:.1f} s quantizing, {record['wall_seconds_with_write']:.1f} s total")

@@ -18,6 +18,7 @@ from qkiln.errors import QuantizeError
 from qkiln.formats.gguf_meta import Provenance, sha256_of
 from qkiln.formats.gguf_write import FLOAT_TYPES, TensorPlan, Weight, WeightSpec, write_llama_gguf
 from qkiln.formats.tokenizer_to_gguf import tokenizer_from_folder
+from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
 ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
 
@@ -165,8 +166,8 @@ def weight_stream(
     calib: Sequence[Path],
     *,
     float_type: str = "f16",
-    samples: int = 64,
-    seq_len: int = 512,
+    samples: int = CALIBRATION_SAMPLES,
+    seq_len: int = CALIBRATION_SEQ_LEN,
     progress: Callable[[str], None] | None = None,
 ) -> CheckpointStream | CalibratedStream:
     """The model's weights, quantized by `algorithm` on `schemes`, handed to the writer one at a time."""
@@ -192,8 +193,8 @@ def convert_to_gguf(
     calib: Sequence[Path] = (),
     name: str | None = None,
     uniform: bool = False,
-    samples: int = 64,
-    seq_len: int = 512,
+    samples: int = CALIBRATION_SAMPLES,
+    seq_len: int = CALIBRATION_SEQ_LEN,
     progress: Callable[[str], None] | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint folder `model` into a llama.cpp GGUF at `dest` (atomic, deterministic)."""

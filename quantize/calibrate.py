@@ -99,7 +99,9 @@ def calibration_ids(token_ids: np.ndarray, n_samples: int, seq_len: int) -> np.n
         )
     n = min(n_samples, have)
     if n < n_samples:
-        log.warning("calibration text holds %d samples of %d tokens, not %d; using %d", have, seq_len, n_samples, n)
+        log.warning(
+            "calibration text holds %d windows of %d tokens, not the %d asked for; using %d "
+            "(pass --samples %d to say so, or a longer --calib text for more)", have, seq_len, n_samples, n, n)
     return ids[: n * seq_len].reshape(n, seq_len)
 
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 
 from qkiln.errors import QuantizeError
 from qkiln.quantize.registry import get_scheme
@@ -250,3 +251,13 @@ def preset(name: str, n_layers: int, *, tied_embeddings: bool = True, n_gqa: int
 def single(scheme: str) -> RuleSet:
     """Every quantizable tensor on one scheme, with the fallback table for misfits."""
     return RuleSet((), scheme)
+
+
+def summarize_fallbacks(reasons: Iterable[str]) -> list[str]:
+    """One line per distinct fallback reason with how many tensors took it, most frequent first.
+
+    A model's fallbacks repeat one rule per layer (the demo model: 181 tensors whose 576-wide rows do not
+    fit a 256 block); the per-tensor list is for --verbose and --json, this is what a person reads.
+    """
+    counts = Counter(reasons)
+    return [f"{n} tensor{'s' if n != 1 else ''}: {why}" for why, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]

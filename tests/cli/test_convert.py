@@ -71,6 +71,31 @@ def test_fallback_is_reported_and_recorded(make_checkpoint, tmp_path):
     assert meta == summary["fallbacks"]
 
 
+def test_fallbacks_are_one_line_per_rule_unless_verbose(make_checkpoint, tmp_path):
+    """Q4_K on rows of 64 and 128: 16 tensors fall back by two rules -> two counted lines; --verbose lists 16."""
+    ckpt = make_checkpoint()
+    r = convert("--model", str(ckpt), "--scheme", "q4_k", "-o", str(tmp_path / "a.gguf"), "--uniform")
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.stderr.splitlines() if line.startswith("fallback")]
+    assert lines == [
+        "fallback 14 tensors: row length 64 is not a multiple of q4_k's block of 256; using q5_0",
+        "fallback 2 tensors: row length 128 is not a multiple of q4_k's block of 256; using q5_0",
+    ]
+    r = convert("--model", str(ckpt), "--scheme", "q4_k", "-o", str(tmp_path / "b.gguf"), "--uniform", "--verbose")
+    lines = [line for line in r.stderr.splitlines() if line.startswith("fallback")]
+    assert len(lines) == 16 and lines[0] == "fallback lm_head.weight: row length 64 is not a multiple of q4_k's block of 256; using q5_0"
+
+
+def test_short_calibration_text_is_said_once_with_what_to_pass(make_checkpoint, tmp_path):
+    calib = tmp_path / "short.txt"
+    calib.write_text(Path("/usr/share/common-licenses/LGPL-2.1").read_text()[:6000])
+    r = convert("--model", str(make_checkpoint()), "--scheme", "q4_0", "--algo", "gptq", "--calib", str(calib),
+                "--seq-len", "64", "-o", str(tmp_path / "m.gguf"))
+    assert r.exit_code == 0, r.output
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "not the 128 asked for" in notes[0] and "pass --samples" in notes[0]
+
+
 def test_calibrated_conversion_records_provenance(make_checkpoint, tmp_path):
     import hashlib
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qkiln.errors import QuantizeError
-from qkiln.quantize.rules import KEEP, RuleSet, parse_rule, preset, single, use_more_bits
+from qkiln.quantize.rules import KEEP, RuleSet, parse_rule, preset, single, summarize_fallbacks, use_more_bits
 
 GOLDEN = Path(__file__).parent / "data" / "llamacpp_presets_smollm2.json"
 GOLDEN_TYPES: dict[str, dict[str, str]] = json.loads(GOLDEN.read_text())["types"]
@@ -67,6 +67,17 @@ def test_fallback_reason_is_reported() -> None:
     assert reason is not None and "576" in reason and "q4_k" in reason and "q5_0" in reason
     scheme, reason = preset("q4_k_m", LAYERS).resolve("model.layers.4.mlp.down_proj.weight", (H, INTER))
     assert scheme is not None and scheme.name == "q4_k" and reason is None
+
+
+def test_fallbacks_summarized_per_reason_on_demo_shapes() -> None:
+    """The demo model's q4_k_m: 181 per-tensor fallbacks read as one line per rule, most frequent first."""
+    shapes, _ = demo_shapes()
+    plan = preset("q4_k_m", 30, tied_embeddings=True).plan(shapes)
+    reasons = [why for _, why in plan.values() if why]
+    lines = summarize_fallbacks(reasons)
+    assert sum(int(line.split()[0]) for line in lines) == len(reasons) == 181
+    assert lines[0] == "166 tensors: row length 576 is not a multiple of q4_k's block of 256; using q5_0"
+    assert summarize_fallbacks(["x"]) == ["1 tensor: x"]
 
 
 def test_int4_g128_falls_back_to_smaller_groups() -> None:
