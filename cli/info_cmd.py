@@ -75,14 +75,13 @@ def info(
         else f"unreadable: {tok['error']}" if "error" in tok
         else "missing (tokenizer.json)"
     )
-    rope = f"theta {s['rope_theta']:g}" + (", llama3 scaling" if s["rope_scaling"] else "")
     lines = [
         f"checkpoint   {s['path']}",
         f"architecture {s['architecture']}",
         f"layers       {s['num_hidden_layers']}, hidden {s['hidden_size']}, intermediate {s['intermediate_size']}",
         f"attention    {s['num_attention_heads']} heads, {s['num_key_value_heads']} KV heads, head_dim {s['head_dim']}",
         f"vocab        {s['vocab_size']}, tied embeddings: {'yes' if s['tie_word_embeddings'] else 'no'}",
-        f"positions    {s['max_position_embeddings']}, rope {rope}",
+        f"positions    {s['max_position_embeddings']}, {s['rope']}",
         f"parameters   {_human_count(s['parameters'])} ({s['parameters']:,}) in {s['tensors']} tensors, "
         f"{_human_bytes(s['bytes'])} on disk in {len(s['files'])} file(s)",
         "dtypes       " + ", ".join(f"{k} {_human_count(v)}" for k, v in sorted(s["dtype_parameters"].items())),

@@ -34,6 +34,7 @@ _U32_KEYS = {
     f"{ARCH}.attention.key_length",
     f"{ARCH}.attention.value_length",
     f"{ARCH}.rope.dimension_count",
+    f"{ARCH}.rope.scaling.original_context_length",
     f"{ARCH}.vocab_size",
     "tokenizer.ggml.bos_token_id",
     "tokenizer.ggml.eos_token_id",
@@ -120,6 +121,10 @@ def llama_hparams(config: LlamaConfig) -> list[tuple[str, Any]]:
     if config.head_dim * config.num_attention_heads != config.hidden_size:
         # llama.cpp assumes hidden/heads unless told otherwise.
         kv += [(f"{ARCH}.attention.key_length", config.head_dim), (f"{ARCH}.attention.value_length", config.head_dim)]
+    if config.rope_scaling is not None:
+        # llama.cpp's llama graph reads llama3 scaling from rope_freqs.weight alone (this key only matters for
+        # YaRN); it is here so `import-gguf` recovers the exact llama3 parameters instead of assuming 8192.
+        kv.append((f"{ARCH}.rope.scaling.original_context_length", config.rope_scaling.original_max_position_embeddings))
     return kv
 
 

@@ -11,6 +11,7 @@ whatever code its author put in it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from qkiln.errors import CheckpointError
 from qkiln.formats.safetensors_check import SafetensorsHeader, TensorEntry, read_header
-from qkiln.runtime.config import LlamaConfig
+from qkiln.runtime.config import LlamaConfig, Rope
 
 if TYPE_CHECKING:
     import tokenizers
@@ -360,7 +361,8 @@ class Checkpoint:
             "vocab_size": c.vocab_size,
             "max_position_embeddings": c.max_position_embeddings,
             "rope_theta": c.rope_theta,
-            "rope_scaling": "llama3" if c.rope_scaling is not None else None,
+            "rope_scaling": None if c.rope_scaling is None else {"rope_type": "llama3", **dataclasses.asdict(c.rope_scaling)},
+            "rope": Rope(c.rope_theta, c.rope_scaling).describe(),
             "tie_word_embeddings": c.tie_word_embeddings,
             "parameters": n_params,
             "tensors": len(self._entries),

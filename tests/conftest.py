@@ -149,6 +149,12 @@ def write_sharded(dest: Path, config: LlamaConfig, arrays: Mapping[str, np.ndarr
     return dest
 
 
+@pytest.fixture(scope="session")
+def tokenizer_files() -> Callable[[int], dict[str, str]]:
+    """`tokenizer_files(vocab_size)`: file name -> text of the tiny tokenizer, for folders a test saves itself."""
+    return lambda vocab_size: _tokenizer_files(tiny_llama_config(vocab_size=vocab_size))
+
+
 @pytest.fixture
 def tiny_config() -> Callable[..., LlamaConfig]:
     """`tiny_config(**overrides) -> LlamaConfig` (see `tiny_llama_config` for the defaults)."""
