@@ -45,6 +45,7 @@ if [ "$want" = test ]; then
     CMAKE_ARGS="-DGGML_NATIVE=OFF" "${pip[@]}" wheel --no-deps -w "$wheels" "$llama_cpp"
   fi
   "${pip[@]}" install --no-deps --no-index --find-links "$wheels" "$llama_cpp"
+  scripts/fetch_test_data.sh
 fi
 
 # qkiln itself, editable, built by the locked setuptools (no isolated build environment that would float).
