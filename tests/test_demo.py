@@ -24,6 +24,9 @@ def test_cache_dir_follows_qkiln_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("QKILN_CACHE", str(tmp_path / "c"))
     assert demo.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("QKILN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert demo.cache_dir() == tmp_path / "xdg" / "qkiln"
+    monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert demo.cache_dir() == tmp_path / ".cache" / "qkiln"
 
