@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 
-from qkiln.runtime.config import LlamaConfig
+from qkiln.model.config import LlamaConfig
+from qkiln.model.source import DictSource
 from qkiln.runtime.generate import generate_greedy
 from qkiln.runtime.llama import LlamaModel, expected_shapes
-from qkiln.runtime.source import DictSource
 
 SMOLLM2_135M = LlamaConfig(
     vocab_size=49152,

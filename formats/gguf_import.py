@@ -22,9 +22,9 @@ from gguf.quants import dequantize
 from qkiln.errors import CheckpointError, GGUFError, UserError
 from qkiln.formats.gguf_read import GGUFFile, GGUFTensor, read_gguf
 from qkiln.formats.hf_write import write_checkpoint
-from qkiln.formats.llama_names import GGUF_DERIVED, gguf_to_hf_name, is_k_proj, is_q_proj, unpermute_qk
 from qkiln.formats.tokenizer_gguf import tokenizer_files
-from qkiln.runtime.config import LlamaConfig, RopeScaling
+from qkiln.model.config import LlamaConfig, RopeScaling
+from qkiln.model.names import GGUF_DERIVED, gguf_to_hf_name, is_k_proj, is_q_proj, unpermute_qk
 
 # Bumped when the imported folder's content changes, so cached imports (the demo model) are redone.
 IMPORT_FORMAT_VERSION = 1

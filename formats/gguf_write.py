@@ -30,8 +30,8 @@ from qkiln.errors import GGUFError
 from qkiln.formats import gguf_meta
 from qkiln.formats.gguf_meta import KV, Provenance
 from qkiln.formats.tokenizer_to_gguf import GGUFTokenizer
+from qkiln.model.config import LlamaConfig
 from qkiln.quantize.tensor import QuantizedTensor
-from qkiln.runtime.config import LlamaConfig
 
 FLOAT_TYPES = {
     "f32": GGMLQuantizationType.F32,
@@ -219,7 +219,7 @@ def plan_llama_tensors(
     (written in its own order, one tensor in memory at a time). Tied embeddings write no
     `output.weight` (llama.cpp reuses `token_embd`). `rope_freqs.weight` is added for `llama3` rope scaling.
     """
-    from qkiln.formats import llama_names
+    from qkiln.model import names as llama_names
 
     stream: WeightStream = _DictStream(config, weights, float_type) if isinstance(weights, Mapping) else weights
     _ordered(config, {s.hf_name: None for s in stream.specs})  # complete, and nothing foreign
@@ -256,7 +256,7 @@ def _after_embeddings(plans: list[TensorPlan]) -> int:
 
 def _ordered(config: LlamaConfig, weights: Mapping[str, Any]) -> list[str]:
     """HF names in llama.cpp's converter order (globals, then layer by layer); refuses gaps and strays."""
-    from qkiln.formats import llama_names
+    from qkiln.model import names as llama_names
 
     modules = [f"{m}.weight" for m in llama_names.hf_modules(config.num_hidden_layers)]
     if config.tie_word_embeddings:
@@ -272,7 +272,7 @@ def _ordered(config: LlamaConfig, weights: Mapping[str, Any]) -> list[str]:
 
 def _permutation(config: LlamaConfig, hf_name: str) -> np.ndarray | None:
     """Row order llama.cpp expects for q_proj/k_proj (its rotary pairs), None for other tensors."""
-    from qkiln.formats import llama_names
+    from qkiln.model import names as llama_names
 
     if llama_names.is_q_proj(hf_name):
         return llama_names.permute_qk(np.arange(config.num_attention_heads * config.head_dim), config.num_attention_heads)

@@ -20,7 +20,7 @@ import numpy as np
 
 from qkiln.errors import CheckpointError
 from qkiln.formats.safetensors_check import SafetensorsHeader, TensorEntry, read_header
-from qkiln.runtime.config import LlamaConfig
+from qkiln.model.config import LlamaConfig
 
 if TYPE_CHECKING:
     import tokenizers

@@ -32,8 +32,8 @@ import logging
 
 import numpy as np
 
+from qkiln.model.config import LlamaConfig
 from qkiln.quantize.scheme import Scheme
-from qkiln.runtime.config import LlamaConfig
 
 log = logging.getLogger(__name__)
 

@@ -46,6 +46,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from qkiln.errors import QuantizeError
+from qkiln.model.config import LlamaConfig
+from qkiln.model.source import TensorSource
 from qkiln.quantize.awq import GROUP_OF, INPUT_GROUPS, LINEARS, NORMS, GroupStats, awq_layer
 from qkiln.quantize.gptq import GridMode, gptq_quantize_shared, prepare_hessian
 from qkiln.quantize.hessian import abs_mean_sum, accumulate_hessian, empty_hessian
@@ -54,8 +56,6 @@ from qkiln.quantize.rtn import quantize_rtn
 from qkiln.quantize.scheme import Scheme
 from qkiln.quantize.sequential import LayerBuffers, run_layer
 from qkiln.quantize.tensor import QuantizedTensor
-from qkiln.runtime.config import LlamaConfig
-from qkiln.runtime.source import TensorSource
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qkiln.errors import UserError
-from qkiln.runtime.config import LlamaConfig
+from qkiln.model.config import LlamaConfig
 
 if TYPE_CHECKING:
     from qkiln.runtime.llama import LlamaModel

@@ -21,10 +21,10 @@ import numpy as np
 from qkiln.errors import CheckpointError, UserError
 from qkiln.kernels import elementwise as ew
 from qkiln.kernels.attention import causal_attention as fused_attention
-from qkiln.runtime.config import LlamaConfig
+from qkiln.model.config import LlamaConfig
+from qkiln.model.source import TensorSource
 from qkiln.runtime.generate import KVCache
 from qkiln.runtime.rope import RopeTable
-from qkiln.runtime.source import TensorSource
 
 ATTN_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

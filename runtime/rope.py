@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from qkiln.runtime.config import LlamaConfig, RopeScaling
+from qkiln.model.config import LlamaConfig, RopeScaling
 
 
 def inv_frequencies(

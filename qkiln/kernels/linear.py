@@ -192,7 +192,7 @@ class GGUFSource:
 
     def __init__(self, f, config):
         from qkiln.formats.gguf_import import load_llama_tensors  # noqa: F401  (validates the import path)
-        from qkiln.formats.llama_names import GGUF_DERIVED, gguf_to_hf_name
+        from qkiln.model.names import GGUF_DERIVED, gguf_to_hf_name
 
         self.config = config
         self._f = f
@@ -206,7 +206,7 @@ class GGUFSource:
 
     def tensor(self, name: str) -> np.ndarray:
         from qkiln.formats.gguf_import import _dequantize
-        from qkiln.formats.llama_names import is_k_proj, is_q_proj, unpermute_qk
+        from qkiln.model.names import is_k_proj, is_q_proj, unpermute_qk
 
         w = _dequantize(self._f, self.gguf_tensor(name))
         if is_q_proj(name):
@@ -218,7 +218,7 @@ class GGUFSource:
 
 def packed_linears_from_gguf(source: GGUFSource, nthreads: int | None = None) -> dict[str, PackedLinear]:
     """A PackedLinear per linear (and the head, tied or not) whose ggml type has a kernel."""
-    from qkiln.formats.llama_names import is_k_proj, is_q_proj, unpermute_qk
+    from qkiln.model.names import is_k_proj, is_q_proj, unpermute_qk
 
     cfg = source.config
     out: dict[str, PackedLinear] = {}

@@ -177,7 +177,7 @@ ROPE_CASES = {  # (b, s, heads, kv_heads, d)
 
 @pytest.mark.parametrize("case", list(ROPE_CASES))
 def test_apply_rope_bitwise_on_qkv_slices(variant, case):
-    from qkiln.runtime.config import LlamaConfig
+    from qkiln.model.config import LlamaConfig
 
     b, s, heads, kvh, d = ROPE_CASES[case]
     q_out, kv_out = heads * d, kvh * d

@@ -106,7 +106,7 @@ def test_demo_q4_0_on_packed_weights_agrees_with_llama_cpp():
     """The demo model's Q4_0 GGUF (llama.cpp's quantizer) through qkiln's runtime on its packed blocks gives
     llama.cpp's next-token distribution: both quantize activations to int8 per 32, so they nearly coincide."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference runtime")
-    from qkiln.kernels.decode_compare import PROMPT, demo_q4_0_gguf
+    from qkiln.validate.decode_compare import PROMPT, demo_q4_0_gguf
 
     path = demo_q4_0_gguf()
     lm = load_gguf_model(path)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from qkiln.errors import CheckpointError, UserError
+from qkiln.model.config import LlamaConfig
+from qkiln.model.source import DictSource
 from qkiln.runtime import llama as llama_mod
-from qkiln.runtime.config import LlamaConfig
 from qkiln.runtime.generate import KVCache, generate_greedy
 from qkiln.runtime.llama import LINEARS, LlamaModel, expected_shapes
-from qkiln.runtime.source import DictSource
 
 CFG = LlamaConfig(
     vocab_size=200,

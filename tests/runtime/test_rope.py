@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from qkiln.runtime.config import LlamaConfig, RopeScaling
+from qkiln.model.config import LlamaConfig, RopeScaling
 from qkiln.runtime.rope import RopeTable, apply_rope, inv_frequencies
 
 CFG = LlamaConfig(
