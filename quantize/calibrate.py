@@ -47,8 +47,9 @@ import numpy as np
 
 from qkiln.errors import QuantizeError
 from qkiln.model.config import LlamaConfig
+from qkiln.model.names import GROUP_OF, INPUT_GROUPS, LINEARS, NORMS, expected_shapes
 from qkiln.model.source import TensorSource
-from qkiln.quantize.awq import GROUP_OF, INPUT_GROUPS, LINEARS, NORMS, GroupStats, awq_layer
+from qkiln.quantize.awq import GroupStats, awq_layer
 from qkiln.quantize.gptq import GridMode, gptq_quantize_shared, prepare_hessian
 from qkiln.quantize.hessian import abs_mean_sum, accumulate_hessian, empty_hessian
 from qkiln.quantize.matmul import matmul_engine
@@ -339,6 +340,4 @@ def _rtn_or_keep(w: np.ndarray | TensorSource, name: str, scheme: Scheme | None)
 
 
 def _shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    from qkiln.runtime.llama import expected_shapes
-
-    return expected_shapes(cfg)
+    return expected_shapes(cfg, with_head=True)

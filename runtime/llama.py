@@ -22,14 +22,10 @@ from qkiln.errors import CheckpointError, UserError
 from qkiln.kernels import elementwise as ew
 from qkiln.kernels.attention import causal_attention as fused_attention
 from qkiln.model.config import LlamaConfig
+from qkiln.model.names import ATTN_LINEARS, LINEARS, MLP_LINEARS, expected_shapes
 from qkiln.model.source import TensorSource
 from qkiln.runtime.generate import KVCache
 from qkiln.runtime.rope import RopeTable
-
-ATTN_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-LINEARS = ATTN_LINEARS + MLP_LINEARS
-NORMS = ("input_layernorm", "post_attention_layernorm")
 
 Observer = Callable[[str, np.ndarray], None]
 LinearOp = Callable[[np.ndarray], np.ndarray]
@@ -41,31 +37,6 @@ LinearOp = Callable[[np.ndarray], np.ndarray]
 _SCORE_BUDGET = 8 * 1024 * 1024
 _QUERY_BLOCKS = 4
 _MIN_QUERY_BLOCK = 64
-
-
-def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the forward pass reads, by Hugging Face name, with its shape."""
-    h, d = config.hidden_size, config.head_dim
-    q_out, kv_out = config.num_attention_heads * d, config.num_key_value_heads * d
-    per_layer = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q_out, h),
-        "self_attn.k_proj.weight": (kv_out, h),
-        "self_attn.v_proj.weight": (kv_out, h),
-        "self_attn.o_proj.weight": (h, q_out),
-        "mlp.gate_proj.weight": (config.intermediate_size, h),
-        "mlp.up_proj.weight": (config.intermediate_size, h),
-        "mlp.down_proj.weight": (h, config.intermediate_size),
-    }
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (config.vocab_size, h),
-        "model.norm.weight": (h,),
-        "lm_head.weight": (config.vocab_size, h),
-    }
-    for i in range(config.num_hidden_layers):
-        shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
-    return shapes
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -196,7 +167,7 @@ class LlamaModel:
         self.source = source
         self.config: LlamaConfig = source.config
         self.cache_weights = cache_weights
-        self._shapes = expected_shapes(self.config)
+        self._shapes = expected_shapes(self.config, with_head=True)
         self._overrides: dict[str, np.ndarray] = {}
         self._ops: dict[str, LinearOp] = {}  # module name (no ".weight") -> operator
         self._layers: dict[int, _Layer] = {}

@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qkiln.model.names import INPUT_GROUPS, LINEARS, NORMS
 from qkiln.model.source import DictSource
 from qkiln.quantize.awq import (
-    INPUT_GROUPS,
-    LINEARS,
-    NORMS,
     GroupStats,
     awq_layer,
     fold_scales,

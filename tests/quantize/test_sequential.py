@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qkiln.model.names import INPUT_GROUPS, LINEARS, NORMS
 from qkiln.model.source import DictSource
-from qkiln.quantize.awq import INPUT_GROUPS, LINEARS, NORMS
 from qkiln.quantize.hessian import accumulate_hessian, empty_hessian
 from qkiln.quantize.matmul import F32Matmul
 from qkiln.quantize.sequential import run_layer

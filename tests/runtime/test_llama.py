@@ -11,10 +11,11 @@ import pytest
 
 from qkiln.errors import CheckpointError, UserError
 from qkiln.model.config import LlamaConfig
+from qkiln.model.names import LINEARS, expected_shapes
 from qkiln.model.source import DictSource
 from qkiln.runtime import llama as llama_mod
 from qkiln.runtime.generate import KVCache, generate_greedy
-from qkiln.runtime.llama import LINEARS, LlamaModel, expected_shapes
+from qkiln.runtime.llama import LlamaModel
 
 CFG = LlamaConfig(
     vocab_size=200,
@@ -34,7 +35,7 @@ def weights(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded weights with activations O(1): projections ~ N(0, 1/fan_in), gains ~ 1, embeddings ~ N(0, 1)."""
     rng = np.random.default_rng(seed)
     out = {}
-    for name, shape in expected_shapes(cfg).items():
+    for name, shape in expected_shapes(cfg, with_head=True).items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         if len(shape) == 1:
