@@ -18,8 +18,7 @@ from qkiln.errors import QuantizeError
 from qkiln.formats.gguf_meta import Provenance, sha256_of
 from qkiln.formats.gguf_write import FLOAT_TYPES, TensorPlan, Weight, WeightSpec, write_llama_gguf
 from qkiln.formats.tokenizer_to_gguf import tokenizer_from_folder
-
-ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
+from qkiln.quantize.algorithms import ALGORITHMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +106,7 @@ class CalibratedStream:
 
     def __init__(self, ckpt: Any, schemes: dict[str, str], algorithm: str, calib_ids: np.ndarray,
                  progress: Callable[[str], None] | None = None):
-        from qkiln.quantize.awq import LINEARS, NORMS
+        from qkiln.model.names import LINEARS, NORMS
         from qkiln.quantize.calibrate import quantize_model
         from qkiln.quantize.registry import get_scheme
 

@@ -49,6 +49,7 @@ from qkiln.errors import QuantizeError
 from qkiln.model.config import LlamaConfig
 from qkiln.model.names import GROUP_OF, INPUT_GROUPS, LINEARS, NORMS, expected_shapes
 from qkiln.model.source import TensorSource
+from qkiln.quantize.algorithms import ALGORITHMS
 from qkiln.quantize.awq import GroupStats, awq_layer
 from qkiln.quantize.gptq import GridMode, gptq_quantize_shared, prepare_hessian
 from qkiln.quantize.hessian import abs_mean_sum, accumulate_hessian, empty_hessian
@@ -60,7 +61,7 @@ from qkiln.quantize.tensor import QuantizedTensor
 
 log = logging.getLogger(__name__)
 
-ALGOS = ("rtn", "gptq", "awq", "awq+gptq")
+ALGOS = ALGORITHMS
 SchemeFor = Callable[[str, tuple[int, ...]], Scheme]
 Resolver = Callable[[str, tuple[int, ...]], tuple[Scheme | None, str | None]]
 Progress = Callable[[str, int, int], None]  # (stage, done, total)

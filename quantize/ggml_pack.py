@@ -24,6 +24,7 @@ Layouts (ggml-common.h):
 from __future__ import annotations
 
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qkiln.errors import QuantizeError
 from qkiln.quantize.registry import get_scheme
@@ -31,18 +32,11 @@ from qkiln.quantize.tensor import QuantizedTensor
 
 QK_K = 256
 
-# scheme name -> (ggml type name, block size, bytes per block)
+# The grids a GGUF can store: scheme name -> (ggml type name, block size, bytes per block); the sizes are
+# gguf-py's GGML_QUANT_SIZES, the table llama.cpp's own Python tools use.
 GGML_TYPES: dict[str, tuple[str, int, int]] = {
-    "q8_0": ("Q8_0", 32, 34),
-    "q4_0": ("Q4_0", 32, 18),
-    "q4_1": ("Q4_1", 32, 20),
-    "q5_0": ("Q5_0", 32, 22),
-    "q5_1": ("Q5_1", 32, 24),
-    "q2_k": ("Q2_K", 256, 84),
-    "q3_k": ("Q3_K", 256, 110),
-    "q4_k": ("Q4_K", 256, 144),
-    "q5_k": ("Q5_K", 256, 176),
-    "q6_k": ("Q6_K", 256, 210),
+    name: (name.upper(), *GGML_QUANT_SIZES[GGMLQuantizationType[name.upper()]])
+    for name in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 }
 
 
