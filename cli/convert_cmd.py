@@ -43,6 +43,7 @@ def convert(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a checkpoint into a GGUF that llama.cpp runs as it is."""
+    # Imported here, not at the top: `qkiln --help` then loads no NumPy model code (not a cycle).
     from qkiln.pipeline.convert import convert_to_gguf
     from qkiln.runtime.load import resolve_model_path
 

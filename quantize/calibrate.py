@@ -193,7 +193,17 @@ class _GroupQuantizer:
         return {n: _dense(out[n]) for n in names}
 
 
-def quantize_model(
+def quantize_model(source: TensorSource, *args: Any, **kwargs: Any) -> Iterator[tuple[str, QuantizedTensor | np.ndarray]]:
+    """`_quantize_model`'s tensors, checked against `output_order` as they come (what a writer planned for)."""
+    order = iter(output_order(source.config))
+    for name, value in _quantize_model(source, *args, **kwargs):
+        want = next(order, None)
+        if name != want:
+            raise AssertionError(f"quantize_model yielded {name} where output_order has {want}")
+        yield name, value
+
+
+def _quantize_model(
     source: TensorSource,
     rules_or_scheme: Scheme | SchemeFor | _Rules,
     algo: str,
@@ -315,6 +325,19 @@ def quantize_model(
         progress("done", n_layers, n_layers)
     report.wall_seconds = time.perf_counter() - t_start
     report.peak_rss_bytes = peak_rss_bytes()
+
+
+def output_order(cfg: LlamaConfig) -> list[str]:
+    """The HF names `quantize_model` yields, in its order: the embeddings, each layer's linears then norms,
+    the final norm, and the head when it is not tied. A consumer that must know the order before the work
+    (a file header) reads it here; `quantize_model` checks that it keeps to it."""
+    order = ["model.embed_tokens.weight"]
+    for i in range(cfg.num_hidden_layers):
+        order += [f"model.layers.{i}.{n}.weight" for n in (*LINEARS, *NORMS)]
+    order.append("model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        order.append("lm_head.weight")
+    return order
 
 
 def _embed(table: QuantizedTensor | np.ndarray, ids: np.ndarray, vocab: int) -> np.ndarray:

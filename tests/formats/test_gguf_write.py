@@ -295,7 +295,7 @@ def test_vocabulary_larger_than_embeddings_is_refused(tiny):
 def test_calibrated_codes_are_packed_exactly(make_checkpoint, tmp_path, algo):
     """GPTQ/AWQ results land in the file as they are: gguf-py reads back exactly their dequantize()."""
     from qkiln.formats.hf import Checkpoint
-    from qkiln.pipeline.convert import quantize_weights, tensor_schemes
+    from qkiln.pipeline.stream import quantize_weights, tensor_schemes
     from qkiln.quantize.tensor import QuantizedTensor
 
     ckpt = Checkpoint.open(make_checkpoint())
@@ -326,7 +326,7 @@ def test_import_gguf_gives_back_the_checkpoint_on_the_grid(tiny, tmp_path):
     pytest.importorskip("qkiln.quantize.kquants", reason="K-quant grids not available")
     from qkiln.formats.gguf_import import import_gguf
     from qkiln.formats.hf import Checkpoint
-    from qkiln.pipeline.convert import quantize_weights, tensor_schemes
+    from qkiln.pipeline.stream import quantize_weights, tensor_schemes
     from qkiln.quantize.tensor import QuantizedTensor
 
     src = Checkpoint.open(tiny)
