@@ -45,7 +45,7 @@ def convert(
     """Quantize a checkpoint into a GGUF that llama.cpp runs as it is."""
     # Imported here, not at the top: `qkiln --help` then loads no NumPy model code (not a cycle).
     from qkiln.pipeline.convert import convert_to_gguf
-    from qkiln.runtime.load import resolve_model_path
+    from qkiln.pipeline.load import resolve_model_path
 
     for path in calib or []:
         if not path.is_file():

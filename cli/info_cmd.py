@@ -14,7 +14,7 @@ import typer
 from qkiln.cli.common import handles_errors, print_json
 from qkiln.errors import CheckpointError
 from qkiln.formats.hf import Checkpoint
-from qkiln.runtime.load import resolve_model_path
+from qkiln.pipeline.load import resolve_model_path
 
 # How `info` lays out the shapes summary: embeddings, attention, MLP (layer 0; all layers match).
 SHAPE_GROUPS = (

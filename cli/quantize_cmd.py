@@ -74,13 +74,13 @@ def quantize_command(
     # Imported here, not at the top: `qkiln --help` then loads no NumPy model code (not a cycle).
     from qkiln.formats.hf import Checkpoint
     from qkiln.formats.hf_write import write_checkpoint
+    from qkiln.pipeline.load import resolve_model_path
     from qkiln.pipeline.stream import LayerStream, calibration_tokens, read_calibration
     from qkiln.quantize.calibrate import QuantizeReport, calibration_ids, text_sha256
     from qkiln.quantize.registry import get_scheme
     from qkiln.quantize.rules import preset as make_preset
     from qkiln.quantize.rules import single
     from qkiln.quantize.tensor import QuantizedTensor
-    from qkiln.runtime.load import resolve_model_path
 
     t0 = time.perf_counter()
     if (scheme is None) == (preset is None):

@@ -121,7 +121,7 @@ def config_from_gguf(f: GGUFFile) -> LlamaConfig:
     rope_scaling = None
     if "rope_freqs.weight" in f.tensors:
         t = f.tensors["rope_freqs.weight"]
-        rope_scaling = _llama3_from_rope_freqs(f, _dequantize(f, t), head_dim, theta)
+        rope_scaling = _llama3_from_rope_freqs(f, dequantize_tensor(f, t), head_dim, theta)
     tokens = f.get("tokenizer.ggml.tokens")
     embd = f.tensors.get("token_embd.weight")
     vocab = _int(f, f"{ARCH}.vocab_size", len(tokens) if isinstance(tokens, list) and tokens else
@@ -156,7 +156,7 @@ def config_from_gguf(f: GGUFFile) -> LlamaConfig:
         raise GGUFError(f"{f.path}: {e}") from None
 
 
-def _dequantize(f: GGUFFile, t: GGUFTensor) -> np.ndarray:
+def dequantize_tensor(f: GGUFFile, t: GGUFTensor) -> np.ndarray:
     try:
         out = dequantize(t.data, t.ggml_type)
     except NotImplementedError:
@@ -186,7 +186,7 @@ def load_llama_tensors(f: GGUFFile, cfg: LlamaConfig, progress: Progress | None 
     out: dict[str, np.ndarray] = {}
     for k, name in enumerate(names):
         hf = mapped[name]
-        w = _dequantize(f, f.tensors[name])
+        w = dequantize_tensor(f, f.tensors[name])
         if is_q_proj(hf):
             w = unpermute_qk(w, cfg.num_attention_heads)
         elif is_k_proj(hf):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from qkiln.errors import UserError
+from qkiln.formats.gguf_model import load_gguf_model
 from qkiln.kernels import api
 from qkiln.kernels.decode import DecodeStep
-from qkiln.kernels.linear import load_gguf_model
 from qkiln.runtime.generate import KVCache, fast_decode_step, generate_greedy
 
 ALL_Q4_0 = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output": "Q4_0", "ffn_gate": "Q4_0",

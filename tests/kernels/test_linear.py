@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from qkiln.formats.gguf_model import GGUFSource, load_gguf_model
 from qkiln.kernels import api
-from qkiln.kernels.linear import GGUFSource, PackedLinear, load_gguf_model
+from qkiln.kernels.linear import PackedLinear
 from qkiln.kernels.types import WType
 from qkiln.validate.metrics import TokenScores
 
@@ -80,7 +81,7 @@ def test_bench_cli_json_and_errors(make_gguf, tmp_path):
                                     "int4_g64_asym", "int4_pc", "int8"])
 def test_quantized_tensor_plugs_as_packed_linear(scheme):
     """A QuantizedTensor from qkiln's quantizers runs on its ggml blocks and equals its dequantized product."""
-    from qkiln.kernels.linear import packed_linear_from_quantized
+    from qkiln.quantize.packed import packed_linear_from_quantized
     from qkiln.quantize.registry import get_scheme
     from qkiln.quantize.rtn import quantize_rtn
 
