@@ -58,6 +58,7 @@ from qkiln.quantize.rtn import quantize_rtn
 from qkiln.quantize.scheme import Scheme
 from qkiln.quantize.sequential import LayerBuffers, run_layer
 from qkiln.quantize.tensor import QuantizedTensor
+from qkiln.runtime.llama import LlamaModel
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +229,6 @@ def _quantize_model(
     'awq' and False for 'awq+gptq' (GPTQ's error feedback already handles outliers; clipped weights would
     make it chase the clipped matrix). Shapes that no scheme fits raise QuantizeError before any work.
     """
-    from qkiln.runtime.llama import LlamaModel
-
     if algo not in ALGOS:
         raise QuantizeError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
     t_start = time.perf_counter()

@@ -29,6 +29,7 @@ import numpy as np
 from qkiln.kernels import reference
 from qkiln.kernels.api import KernelError
 from qkiln.kernels.clib import LazyLibrary, env_variant, fits_out, into
+from qkiln.kernels.reference import BF16, store_rounded
 
 # Measured on random rows (scales 0.01..100): rms_norm ≤ 5.5e-7 relative for n ≤ 1536 (1.0e-6 at n = 16384,
 # NumPy's float32 sum losing more as n grows); silu_mul ≤ 4.2e-7 relative on normal results (gates -100..30)
@@ -108,7 +109,6 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, threads: int = 1,
 
     `out` may be bfloat16: the float32 result rounded by `kernels.bf16.round_bf16`'s rule (an activation
     that only feeds bfloat16 products, stored as they would round it)."""
-    from qkiln.kernels.bf16 import BF16, store_rounded
 
     lib, variant = _want()
     obf16 = out is not None and out.dtype == BF16
@@ -130,7 +130,6 @@ def silu_mul(gate: np.ndarray, up: np.ndarray, *, threads: int = 1, out: np.ndar
 
     gate and up may be column slices of one (t, 2 * inter) array (any row stride). `out` may be bfloat16:
     the float32 result rounded by `kernels.bf16.round_bf16`'s rule (as for `rms_norm`)."""
-    from qkiln.kernels.bf16 import BF16, store_rounded
 
     if out is not None and out.dtype == BF16:
         return store_rounded(silu_mul(gate, up, threads=threads), out)

@@ -7,6 +7,7 @@ GGUF's blocks, `quantize.packed` from QuantizedTensors; this module knows neithe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +34,7 @@ class PackedLinear:
     nthreads: int | None = None
     _run_type: WType = field(init=False)
     _run_data: np.ndarray = field(init=False, repr=False)
-    _fn: object = field(init=False, repr=False)
+    _fn: Callable[[np.ndarray], np.ndarray] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.wtype = WType(self.wtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 
 # Attention scores are computed for blocks of queries so their buffer stays under this many floats
@@ -106,4 +107,31 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     o1 -= x2 * s
     np.multiply(x2, c, out=o2)
     o2 += x1 * s
+    return out
+
+
+# bfloat16: the rule every kernel rounds by (AMX products' inputs, activations stored in bfloat16)
+BF16 = np.dtype(ml_dtypes.bfloat16)  # activations stored already rounded (the products' inputs as they are)
+
+
+def round_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 -> nearest bf16 value (as float32) by the kernels' rule; same shape.
+
+    ml_dtypes' cast is the round-to-nearest-even (one C pass); float32 denormals and NaNs are then set by
+    the rule (flushed before rounding, so a denormal that would round up to the smallest normal is zero)."""
+    x = np.ascontiguousarray(a, dtype=np.float32)
+    with np.errstate(invalid="ignore"):  # NaN casts are fixed below
+        b = x.astype(ml_dtypes.bfloat16).view(np.uint16)  # (...) bf16 bits
+    tiny = np.abs(x) < np.float32(1.1754944e-38)  # zero or denormal (NaN compares False)
+    b[tiny] = (x[tiny].view(np.uint32) >> np.uint32(16)).astype(np.uint16) & np.uint16(0x8000)
+    nan = np.isnan(x)
+    b[nan] = ((x[nan].view(np.uint32) >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
+    out = np.empty(x.shape, np.uint32)
+    np.left_shift(b, np.uint32(16), out=out, dtype=np.uint32)
+    return out.view(np.float32)
+
+
+def store_rounded(values: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """float32 values into a bfloat16 `out`, rounded by the kernels' rule (`round_bf16`); returns out."""
+    out[...] = round_bf16(values).astype(BF16)  # already representable: the cast is exact
     return out
