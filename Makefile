@@ -17,7 +17,7 @@ demo:
 test:
 	scripts/setup.sh test $(SETUP_FLAGS)
 	.venv/bin/ruff check .
-	.venv/bin/mypy quantize formats
+	.venv/bin/mypy quantize formats model pipeline
 	.venv/bin/python -P -m pytest -p no:cacheprovider
 
 # Re-resolve requirements/test.lock and run.lock (after changing dependencies in pyproject.toml, or to take

@@ -1,4 +1,4 @@
-"""Prefill causal attention: runtime.llama's NumPy function vs the fused C kernel, 1 and 2 threads.
+"""Prefill causal attention: kernels.reference's NumPy function vs the fused C kernel, 1 and 2 threads.
 
     python bench/attention_bench.py [--repeats 7] [--bf16-only]
 
@@ -26,7 +26,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from qkiln.kernels import attention
-from qkiln.runtime.llama import causal_attention as numpy_attention
+from qkiln.kernels.reference import causal_attention as numpy_attention
 
 # (b, s, t, heads, kv_heads, d); the last is a decode step of the demo model with 511 cached positions
 SHAPES = ((8, 512, 512, 9, 3, 64), (1, 2048, 2048, 32, 8, 128), (1, 1, 512, 9, 3, 64))

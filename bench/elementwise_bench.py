@@ -1,4 +1,4 @@
-"""RMSNorm, SiLU·up, RoPE: the NumPy functions (runtime.llama, runtime.rope) vs the C kernels, one thread.
+"""RMSNorm, SiLU·up, RoPE: the NumPy functions (kernels.reference) vs the C kernels, one thread.
 
     python bench/elementwise_bench.py [--repeats 9]
 
@@ -23,9 +23,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from qkiln.kernels import elementwise as ew
-from qkiln.runtime.llama import rms_norm as np_rms_norm
-from qkiln.runtime.llama import silu_mul as np_silu_mul
-from qkiln.runtime.rope import apply_rope as np_apply_rope
+from qkiln.kernels.reference import apply_rope as np_apply_rope
+from qkiln.kernels.reference import rms_norm as np_rms_norm
+from qkiln.kernels.reference import silu_mul as np_silu_mul
 
 B, S, HIDDEN, INTER, HEADS, KV_HEADS, D = 8, 512, 576, 1536, 9, 3, 64
 ENV_OF = {"portable": "scalar", "avx512": "avx512"}

@@ -24,7 +24,7 @@ def main() -> None:
     import transformers
 
     from qkiln.demo import demo_model_dir
-    from qkiln.runtime.load import load_model
+    from qkiln.pipeline.load import load_model
     from qkiln.validate.windows import make_windows
 
     demo = demo_model_dir()

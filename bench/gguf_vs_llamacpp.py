@@ -85,8 +85,8 @@ def qkiln_logits(path: Path) -> LogitsFn:
     """ids (1, n) -> logits from qkiln's NumPy runtime on the weights dequantized from the GGUF file."""
     from qkiln.formats.gguf_import import config_from_gguf, load_llama_tensors
     from qkiln.formats.gguf_read import read_gguf
+    from qkiln.model.source import DictSource
     from qkiln.runtime.llama import LlamaModel
-    from qkiln.runtime.source import DictSource
 
     f = read_gguf(path)
     cfg = config_from_gguf(f)
@@ -129,7 +129,7 @@ def llamacpp_quantize(src: Path, dest: Path, ftype: int, threads: int = 2) -> Pa
 
 def cmd_ppl(args: argparse.Namespace) -> list[dict]:
     from qkiln.demo import demo_model_dir
-    from qkiln.formats.gguf_convert import convert_to_gguf
+    from qkiln.pipeline.convert import convert_to_gguf
 
     model = Path(args.model) if args.model else demo_model_dir()
     windows = windows_for(model / "tokenizer.json", max_windows=args.max_windows)
@@ -195,7 +195,7 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
     from gguf import LlamaFileType
 
     from qkiln.demo import demo_model_dir
-    from qkiln.formats.gguf_convert import convert_to_gguf
+    from qkiln.pipeline.convert import convert_to_gguf
 
     model = Path(args.model) if args.model else demo_model_dir()
     work = Path(args.workdir)

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         out["gemv_q4_0"] = gemv_bandwidth(threads=args.threads, seconds=args.seconds)
         out["gemv_int4_g128"] = gemv_bandwidth(threads=args.threads, seconds=args.seconds, wtype="int4g")
     if args.what in ("decode", "all"):
-        from qkiln.kernels.decode_compare import compare_decode, demo_q4_0_gguf
+        from qkiln.validate.decode_compare import compare_decode, demo_q4_0_gguf
 
         out["decode"] = compare_decode(args.gguf or demo_q4_0_gguf(), tokens=args.tokens, threads=args.threads,
                                        rounds=args.rounds)

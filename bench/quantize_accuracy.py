@@ -75,12 +75,12 @@ def _append(row: dict) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from qkiln.model.source import DictSource
     from qkiln.quantize.calibrate import QuantizeReport, calibration_ids, quantize_model
     from qkiln.quantize.registry import get_scheme
     from qkiln.quantize.rules import Rule, RuleSet, single
     from qkiln.quantize.tensor import QuantizedTensor
     from qkiln.runtime.llama import LlamaModel
-    from qkiln.runtime.source import DictSource
     from qkiln.validate.metrics import TokenScores
 
     ck = _ckpt()

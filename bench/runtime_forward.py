@@ -16,10 +16,11 @@ import time
 
 import numpy as np
 
-from qkiln.runtime.config import LlamaConfig
+from qkiln.model.config import LlamaConfig
+from qkiln.model.names import expected_shapes
+from qkiln.model.source import DictSource
 from qkiln.runtime.generate import generate_greedy
-from qkiln.runtime.llama import LlamaModel, expected_shapes
-from qkiln.runtime.source import DictSource
+from qkiln.runtime.llama import LlamaModel
 
 SMOLLM2_135M = LlamaConfig(
     vocab_size=49152,
@@ -38,7 +39,7 @@ SMOLLM2_135M = LlamaConfig(
 def random_model(cfg: LlamaConfig, seed: int = 0) -> LlamaModel:
     rng = np.random.default_rng(seed)
     tensors = {}
-    for name, shape in expected_shapes(cfg).items():
+    for name, shape in expected_shapes(cfg, with_head=True).items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         if len(shape) == 1:

@@ -42,7 +42,7 @@ def bench(
                                                       prompt_tokens=prompt_tokens, seconds=seconds,
                                                       price_per_hour=price_per_hour)}
     if e2e:
-        from qkiln.kernels.decode_compare import qkiln_decode
+        from qkiln.validate.decode_compare import qkiln_decode
 
         run = qkiln_decode(artifact, tokens=32, threads=threads)
         doc["e2e_decode_tokens_per_s"] = round(run["decode_tps"], 2)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from qkiln.errors import QkilnError
+from qkiln.quantize.algorithms import ALGORITHMS
 
 # Progress and logs go to stderr; stdout is kept for `--json` documents.
 console = Console(stderr=True, highlight=False)
@@ -22,13 +23,9 @@ console = Console(stderr=True, highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Algo(enum.StrEnum):
-    """How codes are chosen on a grid (quantize.calibrate.ALGOS), for every command that quantizes."""
-
-    rtn = "rtn"
-    gptq = "gptq"
-    awq = "awq"
-    awq_gptq = "awq+gptq"
+# How codes are chosen on a grid, for every command that quantizes: the members come from the one list,
+# quantize.algorithms.ALGORITHMS (`awq+gptq` is the member `awq_gptq`).
+Algo = enum.StrEnum("Algo", {a.replace("+", "_"): a for a in ALGORITHMS})  # type: ignore[misc]
 
 
 def handles_errors(fn: F) -> F:

@@ -45,8 +45,9 @@ def convert(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every tensor's fallback, not one line per rule.")] = False,
 ) -> None:
     """Quantize a checkpoint into a GGUF that llama.cpp runs as it is."""
-    from qkiln.formats.gguf_convert import convert_to_gguf
-    from qkiln.runtime.load import resolve_model_path
+    # Imported here, not at the top: `qkiln --help` then loads no NumPy model code (not a cycle).
+    from qkiln.pipeline.convert import convert_to_gguf
+    from qkiln.pipeline.load import resolve_model_path
 
     for path in calib or []:
         if not path.is_file():

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qkiln.cli.common import console, handles_errors, print_json
-from qkiln.runtime.load import load_model
+from qkiln.pipeline.load import load_model
 from qkiln.validate.evaluate import evaluate
 from qkiln.validate.windows import make_windows, read_text
 

@@ -37,7 +37,7 @@ def import_gguf_cmd(
     seconds = time.perf_counter() - start
     console.print(f"imported {src} -> {dest} in {seconds:.1f} s", soft_wrap=True)
     if as_json:
-        from qkiln.runtime.config import LlamaConfig
+        from qkiln.model.config import LlamaConfig
 
         cfg = LlamaConfig.from_file(dest / "config.json")
         print_json({"source": str(src), "output": str(dest), "seconds": round(seconds, 2),

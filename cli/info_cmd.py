@@ -15,7 +15,7 @@ from qkiln.cli.common import handles_errors, print_json
 from qkiln.errors import CheckpointError, GGUFError
 from qkiln.formats.hf import Checkpoint
 from qkiln.formats.tokenizer_to_gguf import tokenizer_from_folder
-from qkiln.runtime.load import resolve_model_path
+from qkiln.pipeline.load import resolve_model_path
 
 # How `info` lays out the shapes summary: embeddings, attention, MLP (layer 0; all layers match).
 SHAPE_GROUPS = (

@@ -72,14 +72,16 @@ def quantize_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every tensor's fallback, not one line per rule.")] = False,
 ) -> None:
     """Quantize a checkpoint layer by layer and write the simulated result with quantization.json."""
+    # Imported here, not at the top: `qkiln --help` then loads no NumPy model code (not a cycle).
     from qkiln.formats.hf import Checkpoint
     from qkiln.formats.hf_write import write_checkpoint
-    from qkiln.quantize.calibrate import QuantizeReport, calibration_ids, quantize_model, text_sha256
+    from qkiln.pipeline.load import resolve_model_path
+    from qkiln.pipeline.stream import LayerStream, calibration_tokens, read_calibration
+    from qkiln.quantize.calibrate import QuantizeReport, calibration_ids, text_sha256
     from qkiln.quantize.registry import get_scheme
     from qkiln.quantize.rules import preset as make_preset
     from qkiln.quantize.rules import single
     from qkiln.quantize.tensor import QuantizedTensor
-    from qkiln.runtime.load import resolve_model_path
 
     t0 = time.perf_counter()
     if (scheme is None) == (preset is None):
@@ -100,11 +102,8 @@ def quantize_command(
     if algo is not Algo.rtn:
         if calib is None:
             raise UserError(f"--algo {algo.value} needs calibration text: pass --calib FILE")
-        try:
-            text = calib.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"--calib {calib} is not UTF-8 text") from None
-        tokens = np.asarray(ckpt.tokenizer().encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        text = read_calibration([calib])
+        tokens = calibration_tokens(ckpt, text)
         ids = calibration_ids(tokens, samples, seq_len)
         calib_doc = {"file": str(calib), "sha256": text_sha256(text), "tokens": len(tokens),
                      "samples": int(ids.shape[0]), "seq_len": seq_len, "samples_requested": samples}
@@ -123,7 +122,7 @@ def quantize_command(
         def progress(stage: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        for name, value in quantize_model(
+        for name, value in LayerStream(
             ckpt, rules, algo.value, ids, damp=damp, act_order=act_order, grid=grid.value, calib_dtype=calib_dtype.value,
             progress=progress, report=report,
         ):

@@ -22,9 +22,16 @@ from gguf.quants import dequantize
 from qkiln.errors import CheckpointError, GGUFError, UserError
 from qkiln.formats.gguf_read import GGUFFile, GGUFTensor, read_gguf
 from qkiln.formats.hf_write import write_checkpoint
-from qkiln.formats.llama_names import GGUF_DERIVED, gguf_to_hf_name, is_k_proj, is_q_proj, unpermute_qk
 from qkiln.formats.tokenizer_gguf import tokenizer_files
-from qkiln.runtime.config import LlamaConfig, RopeScaling
+from qkiln.model.config import LlamaConfig, RopeScaling
+from qkiln.model.names import (
+    GGUF_DERIVED,
+    expected_shapes,
+    gguf_to_hf_name,
+    is_k_proj,
+    is_q_proj,
+    unpermute_qk,
+)
 
 # Bumped when the imported folder's content changes, so cached imports (the demo model) are redone.
 IMPORT_FORMAT_VERSION = 1
@@ -114,7 +121,7 @@ def config_from_gguf(f: GGUFFile) -> LlamaConfig:
     rope_scaling = None
     if "rope_freqs.weight" in f.tensors:
         t = f.tensors["rope_freqs.weight"]
-        rope_scaling = _llama3_from_rope_freqs(f, _dequantize(f, t), head_dim, theta)
+        rope_scaling = _llama3_from_rope_freqs(f, dequantize_tensor(f, t), head_dim, theta)
     tokens = f.get("tokenizer.ggml.tokens")
     embd = f.tensors.get("token_embd.weight")
     vocab = _int(f, f"{ARCH}.vocab_size", len(tokens) if isinstance(tokens, list) and tokens else
@@ -149,23 +156,7 @@ def config_from_gguf(f: GGUFFile) -> LlamaConfig:
         raise GGUFError(f"{f.path}: {e}") from None
 
 
-def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape for a Llama of this config (lm_head included even when tied)."""
-    h, i, v, d = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
-                                          "lm_head.weight": (v, h)}
-    for b in range(cfg.num_hidden_layers):
-        p = f"model.layers.{b}."
-        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                   p + "mlp.down_proj.weight": (h, i)}
-    return shapes
-
-
-def _dequantize(f: GGUFFile, t: GGUFTensor) -> np.ndarray:
+def dequantize_tensor(f: GGUFFile, t: GGUFTensor) -> np.ndarray:
     try:
         out = dequantize(t.data, t.ggml_type)
     except NotImplementedError:
@@ -178,7 +169,7 @@ def _dequantize(f: GGUFFile, t: GGUFTensor) -> np.ndarray:
 
 def load_llama_tensors(f: GGUFFile, cfg: LlamaConfig, progress: Progress | None = None) -> dict[str, np.ndarray]:
     """Every weight as float32 under its HF name, q/k rows back in HF's rotate_half order."""
-    shapes = expected_shapes(cfg)
+    shapes = expected_shapes(cfg, with_head=True)
     names = [n for n in f.tensors if n not in GGUF_DERIVED]
     mapped: dict[str, str] = {}
     for name in names:
@@ -195,7 +186,7 @@ def load_llama_tensors(f: GGUFFile, cfg: LlamaConfig, progress: Progress | None 
     out: dict[str, np.ndarray] = {}
     for k, name in enumerate(names):
         hf = mapped[name]
-        w = _dequantize(f, f.tensors[name])
+        w = dequantize_tensor(f, f.tensors[name])
         if is_q_proj(hf):
             w = unpermute_qk(w, cfg.num_attention_heads)
         elif is_k_proj(hf):

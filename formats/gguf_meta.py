@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 import qkiln
-from qkiln.runtime.config import LlamaConfig
+from qkiln.model.config import LlamaConfig
 
 ARCH = "llama"
 

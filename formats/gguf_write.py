@@ -26,12 +26,14 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 from qkiln.atomic import atomic_file
-from qkiln.errors import GGUFError
+from qkiln.errors import GGUFError, QuantizeError
 from qkiln.formats import gguf_meta
 from qkiln.formats.gguf_meta import KV, Provenance
 from qkiln.formats.tokenizer_to_gguf import GGUFTokenizer
+from qkiln.model import names as llama_names
+from qkiln.model.config import LlamaConfig
+from qkiln.quantize.ggml_pack import GGML_TYPES, ggml_type_name, pack_blocks
 from qkiln.quantize.tensor import QuantizedTensor
-from qkiln.runtime.config import LlamaConfig
 
 FLOAT_TYPES = {
     "f32": GGMLQuantizationType.F32,
@@ -110,8 +112,6 @@ def _write(dest: Path, arch: str, kv: Iterable[KV], tensors: list[TensorPlan]) -
 
 def ggml_type_of(qt: QuantizedTensor) -> GGMLQuantizationType:
     """The ggml block type that stores this scheme's codes and params exactly."""
-    from qkiln.quantize.ggml_pack import ggml_type_name
-
     return GGMLQuantizationType[ggml_type_name(qt.scheme.name)]
 
 
@@ -138,8 +138,6 @@ def permute_qt(qt: QuantizedTensor, order: np.ndarray) -> QuantizedTensor:
 
 
 def _pack(qt: QuantizedTensor) -> np.ndarray:
-    from qkiln.quantize.ggml_pack import pack_blocks
-
     packed = pack_blocks(qt)
     return packed if isinstance(packed, np.ndarray) else np.frombuffer(packed, dtype=np.uint8)
 
@@ -188,6 +186,42 @@ class _DictStream:
         return self._weights[hf_name]
 
 
+# The grids a GGUF stores as they are: ggml's block types (and F32/F16/BF16 for what stays in float).
+GRIDS: tuple[str, ...] = tuple(GGML_TYPES)
+
+
+def check_grids(label: str, schemes: Mapping[str, str]) -> None:
+    """Refuse, before any quantization work, a scheme that has no ggml block type (e.g. int4_g128, fp8)."""
+    for name, scheme in sorted(schemes.items()):
+        if scheme not in GRIDS:
+            raise QuantizeError(
+                f"scheme {label!r} puts {name} on {scheme}, which GGUF has no block type for; "
+                f"use f32, f16, bf16, {', '.join(GRIDS)} or a llama.cpp mix such as q4_k_m"
+            )
+
+
+def weight_spec(name: str, shape: tuple[int, ...], scheme: str | None, float_type: str) -> WeightSpec:
+    """The spec of a tensor on `scheme` (its ggml block type), or kept in float: 1-D F32, 2-D `float_type`."""
+    if scheme is not None:
+        return WeightSpec(name, shape, GGMLQuantizationType[ggml_type_name(scheme)])
+    return WeightSpec(name, shape, GGMLQuantizationType.F32 if len(shape) == 1 else FLOAT_TYPES[float_type])
+
+
+class StreamWeights:
+    """A pipeline stream (names, shape, get, `ordered`; see qkiln.pipeline.stream) as this writer's
+    WeightStream: in llama.cpp's converter order when the stream hands tensors out in any order, in the
+    stream's own order when it is `ordered` (calibrated: one layer in memory)."""
+
+    def __init__(self, config: LlamaConfig, stream: Any, schemes: Mapping[str, str], float_type: str):
+        self._stream = stream
+        shapes = {n: stream.shape(n) for n in stream.names}
+        order = stream.names if stream.ordered else _ordered(config, shapes)
+        self.specs = [weight_spec(n, shapes[n], schemes.get(n), float_type) for n in order]
+
+    def get(self, hf_name: str) -> Weight:
+        return self._stream.get(hf_name)
+
+
 def _tensor_bytes(config: LlamaConfig, spec: WeightSpec, w: Weight) -> np.ndarray:
     """Pack one weight as its spec says, q/k rows permuted for llama.cpp's rotary layout."""
     order = _permutation(config, spec.hf_name)
@@ -219,8 +253,6 @@ def plan_llama_tensors(
     (written in its own order, one tensor in memory at a time). Tied embeddings write no
     `output.weight` (llama.cpp reuses `token_embd`). `rope_freqs.weight` is added for `llama3` rope scaling.
     """
-    from qkiln.formats import llama_names
-
     stream: WeightStream = _DictStream(config, weights, float_type) if isinstance(weights, Mapping) else weights
     _ordered(config, {s.hf_name: None for s in stream.specs})  # complete, and nothing foreign
     notes = notes or {}
@@ -256,8 +288,6 @@ def _after_embeddings(plans: list[TensorPlan]) -> int:
 
 def _ordered(config: LlamaConfig, weights: Mapping[str, Any]) -> list[str]:
     """HF names in llama.cpp's converter order (globals, then layer by layer); refuses gaps and strays."""
-    from qkiln.formats import llama_names
-
     modules = [f"{m}.weight" for m in llama_names.hf_modules(config.num_hidden_layers)]
     if config.tie_word_embeddings:
         modules.remove("lm_head.weight")
@@ -272,8 +302,6 @@ def _ordered(config: LlamaConfig, weights: Mapping[str, Any]) -> list[str]:
 
 def _permutation(config: LlamaConfig, hf_name: str) -> np.ndarray | None:
     """Row order llama.cpp expects for q_proj/k_proj (its rotary pairs), None for other tensors."""
-    from qkiln.formats import llama_names
-
     if llama_names.is_q_proj(hf_name):
         return llama_names.permute_qk(np.arange(config.num_attention_heads * config.head_dim), config.num_attention_heads)
     if llama_names.is_k_proj(hf_name):

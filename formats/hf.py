@@ -21,7 +21,8 @@ import numpy as np
 
 from qkiln.errors import CheckpointError
 from qkiln.formats.safetensors_check import SafetensorsHeader, TensorEntry, read_header
-from qkiln.runtime.config import LlamaConfig, Rope
+from qkiln.model.config import LlamaConfig, Rope
+from qkiln.model.names import expected_shapes
 
 if TYPE_CHECKING:
     import tokenizers
@@ -32,37 +33,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # Stored dtype -> little-endian NumPy dtype it is memory-mapped as (BF16 as raw uint16 bits).
 READABLE_DTYPES: dict[str, str] = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
-
-
-def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Llama checkpoint with this config must hold, with its shape (HF names, out x in).
-
-    `lm_head.weight` is listed only when embeddings are not tied: a tied checkpoint reuses
-    `model.embed_tokens.weight` and usually does not store it.
-    """
-    h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    q_out = config.num_attention_heads * config.head_dim
-    kv_out = config.num_key_value_heads * config.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (q_out, h),
-                p + "self_attn.k_proj.weight": (kv_out, h),
-                p + "self_attn.v_proj.weight": (kv_out, h),
-                p + "self_attn.o_proj.weight": (h, q_out),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "mlp.gate_proj.weight": (inter, h),
-                p + "mlp.up_proj.weight": (inter, h),
-                p + "mlp.down_proj.weight": (h, inter),
-            }
-        )
-    shapes["model.norm.weight"] = (h,)
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (vocab, h)
-    return shapes
 
 
 def _containment_root(folder: Path) -> Path:

@@ -11,7 +11,7 @@ import numpy as np
 
 from qkiln.atomic import atomic_dir
 from qkiln.formats.safetensors_write import write_safetensors
-from qkiln.runtime.config import LlamaConfig
+from qkiln.model.config import LlamaConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 

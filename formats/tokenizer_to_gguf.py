@@ -30,6 +30,7 @@ from qkiln.formats.tokenizer_spm import (
     merge_pairs,
     scores_from_merges,
 )
+from qkiln.formats.tokenizer_gguf import BPE_PRE_TOKENIZERS
 
 # The split regex of Llama 3's tokenizer.json (llama.cpp's "llama-bpe" pre-tokenizer).
 _LLAMA3_SPLIT = (
@@ -110,8 +111,6 @@ def _llama_cpp_regex_chain(steps: list[dict[str, Any]]) -> str | None:
     qkiln's GGUF importer (formats/tokenizer_gguf.py) expresses each llama.cpp pre-tokenizer as
     Split(regex, isolated)... + ByteLevel(no regex); this maps such a graph back to the name.
     """
-    from qkiln.formats.tokenizer_gguf import BPE_PRE_TOKENIZERS
-
     if len(steps) < 2 or steps[-1].get("type") != "ByteLevel" or steps[-1].get("use_regex", True):
         return None
     splits = steps[:-1]

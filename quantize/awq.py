@@ -32,21 +32,12 @@ import logging
 
 import numpy as np
 
+from qkiln.model.config import LlamaConfig
+from qkiln.model.names import GROUP_OF, INPUT_GROUPS, LINEARS
 from qkiln.quantize.scheme import Scheme
-from qkiln.runtime.config import LlamaConfig
 
 log = logging.getLogger(__name__)
 
-# Input groups of a decoder layer: the linears sharing one input, and the op their scale folds into.
-INPUT_GROUPS: dict[str, tuple[str, ...]] = {
-    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "attn_out": ("self_attn.o_proj",),
-    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp_out": ("mlp.down_proj",),
-}
-LINEARS: tuple[str, ...] = tuple(n for g in INPUT_GROUPS.values() for n in g)
-GROUP_OF: dict[str, str] = {n: g for g, names in INPUT_GROUPS.items() for n in names}
-NORMS = ("input_layernorm", "post_attention_layernorm")
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
 
 

@@ -46,7 +46,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from qkiln.errors import QuantizeError
-from qkiln.quantize.awq import GROUP_OF, INPUT_GROUPS, LINEARS, NORMS, GroupStats, awq_layer
+from qkiln.model.config import LlamaConfig
+from qkiln.model.names import GROUP_OF, INPUT_GROUPS, LINEARS, NORMS, expected_shapes
+from qkiln.model.source import TensorSource
+from qkiln.quantize.algorithms import ALGORITHMS
+from qkiln.quantize.awq import GroupStats, awq_layer
 from qkiln.quantize.gptq import GridMode, gptq_quantize_shared, prepare_hessian
 from qkiln.quantize.hessian import abs_mean_sum, accumulate_hessian, empty_hessian
 from qkiln.quantize.matmul import matmul_engine
@@ -54,12 +58,11 @@ from qkiln.quantize.rtn import quantize_rtn
 from qkiln.quantize.scheme import Scheme
 from qkiln.quantize.sequential import LayerBuffers, run_layer
 from qkiln.quantize.tensor import QuantizedTensor
-from qkiln.runtime.config import LlamaConfig
-from qkiln.runtime.source import TensorSource
+from qkiln.runtime.llama import LlamaModel
 
 log = logging.getLogger(__name__)
 
-ALGOS = ("rtn", "gptq", "awq", "awq+gptq")
+ALGOS = ALGORITHMS
 SchemeFor = Callable[[str, tuple[int, ...]], Scheme]
 Resolver = Callable[[str, tuple[int, ...]], tuple[Scheme | None, str | None]]
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -193,7 +196,17 @@ class _GroupQuantizer:
         return {n: _dense(out[n]) for n in names}
 
 
-def quantize_model(
+def quantize_model(source: TensorSource, *args: Any, **kwargs: Any) -> Iterator[tuple[str, QuantizedTensor | np.ndarray]]:
+    """`_quantize_model`'s tensors, checked against `output_order` as they come (what a writer planned for)."""
+    order = iter(output_order(source.config))
+    for name, value in _quantize_model(source, *args, **kwargs):
+        want = next(order, None)
+        if name != want:
+            raise AssertionError(f"quantize_model yielded {name} where output_order has {want}")
+        yield name, value
+
+
+def _quantize_model(
     source: TensorSource,
     rules_or_scheme: Scheme | SchemeFor | _Rules,
     algo: str,
@@ -218,8 +231,6 @@ def quantize_model(
     'awq' and False for 'awq+gptq' (GPTQ's error feedback already handles outliers; clipped weights would
     make it chase the clipped matrix). Shapes that no scheme fits raise QuantizeError before any work.
     """
-    from qkiln.runtime.llama import LlamaModel
-
     if algo not in ALGOS:
         raise QuantizeError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
     t_start = time.perf_counter()
@@ -317,6 +328,19 @@ def quantize_model(
     report.peak_rss_bytes = peak_rss_bytes()
 
 
+def output_order(cfg: LlamaConfig) -> list[str]:
+    """The HF names `quantize_model` yields, in its order: the embeddings, each layer's linears then norms,
+    the final norm, and the head when it is not tied. A consumer that must know the order before the work
+    (a file header) reads it here; `quantize_model` checks that it keeps to it."""
+    order = ["model.embed_tokens.weight"]
+    for i in range(cfg.num_hidden_layers):
+        order += [f"model.layers.{i}.{n}.weight" for n in (*LINEARS, *NORMS)]
+    order.append("model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        order.append("lm_head.weight")
+    return order
+
+
 def _embed(table: QuantizedTensor | np.ndarray, ids: np.ndarray, vocab: int) -> np.ndarray:
     """The calibration tokens' embeddings (n, L, hidden) through the QUANTIZED table, as the result will
     run; only the rows the tokens use are decoded (a few thousand of the vocabulary's tens of thousands)."""
@@ -341,6 +365,4 @@ def _rtn_or_keep(w: np.ndarray | TensorSource, name: str, scheme: Scheme | None)
 
 
 def _shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    from qkiln.runtime.llama import expected_shapes
-
-    return expected_shapes(cfg)
+    return expected_shapes(cfg, with_head=True)

@@ -27,6 +27,7 @@ from typing import ClassVar
 import numpy as np
 
 from qkiln.errors import QuantizeError
+from qkiln.quantize.kquants import _make_qkx2, _make_qx, _seq_sum
 from qkiln.quantize.scheme import Params, UniformGrid, to_fp16
 
 BLOCK = 32
@@ -35,8 +36,6 @@ BLOCK = 32
 def _imatrix_weights(w: np.ndarray, importance: np.ndarray) -> np.ndarray:
     """ggml's error weights for the imatrix path: qw · sqrt(σ² + x²), σ² = mean x² of the row.
     (rows, cols) -> (rows, cols / 32, 32) float32, σ² summed in ggml's order."""
-    from qkiln.quantize.kquants import _seq_sum
-
     x = w.astype(np.float32, copy=False)
     rows, cols = x.shape
     if importance.shape != (cols,):
@@ -114,8 +113,6 @@ class SymBlock(_Legacy):
 
     def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, Params]:
         if importance is not None:
-            from qkiln.quantize.kquants import _make_qx
-
             qw = _imatrix_weights(w, importance).reshape(-1, BLOCK)
             scale, L = _make_qx(_blocks(w).reshape(-1, BLOCK), self.shift, qw)
             return L.reshape(w.shape), {"d": to_fp16(scale.reshape(w.shape[0], -1), self.name)}
@@ -142,8 +139,6 @@ class MinBlock(_Legacy):
 
     def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, Params]:
         if importance is not None:
-            from qkiln.quantize.kquants import _make_qkx2
-
             qw = _imatrix_weights(w, importance).reshape(-1, BLOCK)
             nmax = (1 << self.bits) - 1
             scale, the_min, L = _make_qkx2(

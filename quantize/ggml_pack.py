@@ -26,34 +26,9 @@ from __future__ import annotations
 import numpy as np
 
 from qkiln.errors import QuantizeError
+from qkiln.quantize.ggml_types import GGML_TYPES, QK_K, ggml_type_name
 from qkiln.quantize.registry import get_scheme
 from qkiln.quantize.tensor import QuantizedTensor
-
-QK_K = 256
-
-# scheme name -> (ggml type name, block size, bytes per block)
-GGML_TYPES: dict[str, tuple[str, int, int]] = {
-    "q8_0": ("Q8_0", 32, 34),
-    "q4_0": ("Q4_0", 32, 18),
-    "q4_1": ("Q4_1", 32, 20),
-    "q5_0": ("Q5_0", 32, 22),
-    "q5_1": ("Q5_1", 32, 24),
-    "q2_k": ("Q2_K", 256, 84),
-    "q3_k": ("Q3_K", 256, 110),
-    "q4_k": ("Q4_K", 256, 144),
-    "q5_k": ("Q5_K", 256, 176),
-    "q6_k": ("Q6_K", 256, 210),
-}
-
-
-def ggml_type_name(scheme_name: str) -> str:
-    """The ggml type ("Q4_0", ...) for a scheme, or QuantizeError if the scheme has no GGUF block."""
-    try:
-        return GGML_TYPES[scheme_name][0]
-    except KeyError:
-        raise QuantizeError(
-            f"scheme {scheme_name!r} has no ggml block type; GGUF takes {', '.join(GGML_TYPES)}"
-        ) from None
 
 
 def _fp16_bytes(x: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from qkiln.errors import QuantizeError
+from qkiln.kernels import bf16
 from qkiln.kernels.elementwise import silu_mul
 from qkiln.quantize.hessian import HessianSum
 
@@ -123,8 +124,6 @@ class BF16Matmul:
     name = "bfloat16"
 
     def __init__(self) -> None:
-        from qkiln.kernels import bf16
-
         self._k = bf16
         self.activation_dtype = bf16.BF16
         self._threads: int | None = None  # None: the kernel's default (every core)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from qkiln.errors import QuantizeError
+from qkiln.quantize.fp8 import fp8_schemes
+from qkiln.quantize.ggml_legacy import legacy_schemes
+from qkiln.quantize.ggml_types import GGML_TYPES
+from qkiln.quantize.int_grid import int_schemes
+from qkiln.quantize.kquants import kquant_schemes
+from qkiln.quantize.rtn import quantize_rtn
 from qkiln.quantize.scheme import Scheme
 
 # Short names that mean a canonical scheme.
@@ -17,17 +25,8 @@ ALIASES = {
 
 @functools.cache
 def _table() -> dict[str, Scheme]:
-    from qkiln.quantize.fp8 import fp8_schemes
-    from qkiln.quantize.ggml_legacy import legacy_schemes
-    from qkiln.quantize.int_grid import int_schemes
-
     schemes: list[Scheme] = [*int_schemes(), *legacy_schemes(), *fp8_schemes()]
-    try:
-        from qkiln.quantize.kquants import kquant_schemes
-    except ImportError:  # pragma: no cover - only while the module is being written
-        pass
-    else:
-        schemes += kquant_schemes()
+    schemes += kquant_schemes()
     table = {s.name: s for s in schemes}
     assert len(table) == len(schemes), "duplicate scheme name"
     return table
@@ -53,12 +52,7 @@ def describe(name: str, row_length: int = 4096) -> dict[str, object]:
     """What a scheme is, for listings: grid family, code bits, columns per scale, stored bits per weight
     on rows of `row_length` (per-channel scales cost less on longer rows; None when such a row does
     not fit the scheme's blocks), its ggml type if any."""
-    from qkiln.quantize.ggml_pack import GGML_TYPES
-    from qkiln.quantize.rtn import quantize_rtn
-
     scheme = get_scheme(name)
-    import numpy as np
-
     unit = scheme.fit_cols or 1
     cols = row_length if row_length % unit == 0 else unit * max(1, row_length // unit)
     qt = quantize_rtn(np.zeros((1, cols), np.float32), scheme)

@@ -38,10 +38,10 @@ import numpy as np
 
 from qkiln.kernels.bf16 import aligned_empty
 from qkiln.kernels.elementwise import rms_norm
+from qkiln.model.config import LlamaConfig
 from qkiln.quantize.gptq import one_blas_thread
 from qkiln.quantize.hessian import HessianSum
 from qkiln.quantize.matmul import GramSum, Matmul
-from qkiln.runtime.config import LlamaConfig
 from qkiln.runtime.llama import rope_attention
 from qkiln.runtime.rope import RopeTable
 

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 
+from qkiln.quantize.ggml_types import GGML_TYPES
 from qkiln.quantize.scheme import Params, Scheme
 
 
@@ -45,8 +46,6 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         """Bytes this tensor takes in its format: ggml block bytes for llama.cpp grids, else packed codes
         (bits per weight, rounded up per tensor) plus the params as stored."""
-        from qkiln.quantize.ggml_pack import GGML_TYPES
-
         rows, cols = self.shape
         if self.scheme.name in GGML_TYPES:
             _, block, size = GGML_TYPES[self.scheme.name]

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qkiln.errors import UserError
-from qkiln.runtime.config import LlamaConfig
+from qkiln.kernels.decode import DecodeStep
+from qkiln.model.config import LlamaConfig
 
 if TYPE_CHECKING:
     from qkiln.runtime.llama import LlamaModel
@@ -118,6 +119,4 @@ def fast_decode_step(model: LlamaModel, cache: KVCache):
     another summation order: logits agree up to int8 activation rounding flips, see qkiln/kernels/README.md)."""
     if not getattr(model, "_ops", None):  # dense model: nothing packed, keep the NumPy runtime
         return None
-    from qkiln.kernels.decode import DecodeStep
-
     return DecodeStep.for_model(model, cache)

@@ -13,7 +13,6 @@ grouped-query heads share their key/value matrix without a repeat() copy.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -21,109 +20,14 @@ import numpy as np
 from qkiln.errors import CheckpointError, UserError
 from qkiln.kernels import elementwise as ew
 from qkiln.kernels.attention import causal_attention as fused_attention
-from qkiln.runtime.config import LlamaConfig
+from qkiln.model.config import LlamaConfig
+from qkiln.model.names import ATTN_LINEARS, LINEARS, MLP_LINEARS, expected_shapes
+from qkiln.model.source import TensorSource
 from qkiln.runtime.generate import KVCache
 from qkiln.runtime.rope import RopeTable
-from qkiln.runtime.source import TensorSource
-
-ATTN_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-LINEARS = ATTN_LINEARS + MLP_LINEARS
-NORMS = ("input_layernorm", "post_attention_layernorm")
 
 Observer = Callable[[str, np.ndarray], None]
 LinearOp = Callable[[np.ndarray], np.ndarray]
-
-# Attention scores are computed for blocks of queries so their buffer stays under this many floats
-# (and keys beyond a block's last query are skipped, saving part of the causal triangle). About
-# _QUERY_BLOCKS blocks per call (not smaller than _MIN_QUERY_BLOCK): 4 blocks skip 3/8 of the scores
-# (8 would skip 7/16) with half the BLAS calls, which matters when OpenBLAS's threads share busy cores.
-_SCORE_BUDGET = 8 * 1024 * 1024
-_QUERY_BLOCKS = 4
-_MIN_QUERY_BLOCK = 64
-
-
-def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the forward pass reads, by Hugging Face name, with its shape."""
-    h, d = config.hidden_size, config.head_dim
-    q_out, kv_out = config.num_attention_heads * d, config.num_key_value_heads * d
-    per_layer = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q_out, h),
-        "self_attn.k_proj.weight": (kv_out, h),
-        "self_attn.v_proj.weight": (kv_out, h),
-        "self_attn.o_proj.weight": (h, q_out),
-        "mlp.gate_proj.weight": (config.intermediate_size, h),
-        "mlp.up_proj.weight": (config.intermediate_size, h),
-        "mlp.down_proj.weight": (h, config.intermediate_size),
-    }
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (config.vocab_size, h),
-        "model.norm.weight": (h,),
-        "lm_head.weight": (config.vocab_size, h),
-    }
-    for i in range(config.num_hidden_layers):
-        shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
-    return shapes
-
-
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x (t, hidden) -> x * rsqrt(mean(x^2) + eps) * weight, float32, a new array.
-
-    The NumPy definition: the forward calls `kernels.elementwise.rms_norm` (C, same answers within its
-    stated tolerance), which falls back to this; so do `silu_mul` and `rope.apply_rope`."""
-    ms = np.einsum("ti,ti->t", x, x) / np.float32(x.shape[-1])  # (t,)
-    r = (np.float32(1.0) / np.sqrt(ms + np.float32(eps))).astype(np.float32)  # (t,)
-    out = x * r[:, None]  # (t, hidden)
-    out *= weight
-    return out
-
-
-def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """silu(gate) * up = gate / (1 + exp(-gate)) * up, (t, inter) float32; exp overflow gives 0 as it should."""
-    out = np.negative(gate)
-    with np.errstate(over="ignore"):
-        np.exp(out, out=out)
-    out += np.float32(1.0)
-    np.divide(gate, out, out=out)
-    out *= up
-    return out
-
-
-def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Grouped-query causal attention; returns (b * s, heads * head_dim) float32.
-
-    q: (b, s, heads, d) rotated queries; keys, values: (b, kv_heads, t, d) with t >= s, the queries
-    being the last s of the t positions (t - s earlier positions come from a KV cache).
-    Query head h reads kv head h // n_rep (transformers' repeat_kv order).
-    """
-    b, s, n_heads, d = q.shape
-    kv_heads, t = keys.shape[1], keys.shape[2]
-    assert t >= s, (t, s)
-    offset = t - s  # index of the first query among the keys
-    n_rep = n_heads // kv_heads
-    qg = q.reshape(b, s, kv_heads, n_rep, d).transpose(0, 2, 3, 1, 4)  # (b, kvh, n_rep, s, d) view
-    out = np.empty((b, s, kv_heads, n_rep, d), np.float32)
-    block = max(_MIN_QUERY_BLOCK, -(-s // _QUERY_BLOCKS))
-    block = max(1, min(block, _SCORE_BUDGET // max(1, b * n_heads * t)))
-    scale = np.float32(1.0 / math.sqrt(d))
-    for a in range(0, s, block):  # blocks of queries, not tokens one by one
-        c = min(s, a + block)
-        n, tc = c - a, offset + c  # queries in block; keys they can see
-        qc = (qg[:, :, :, a:c] * scale).reshape(b, kv_heads, n_rep * n, d)  # (b, kvh, n_rep*n, d)
-        scores = np.matmul(qc, keys[:, :, :tc].swapaxes(-1, -2))  # (b, kvh, n_rep*n, tc)
-        if n > 1:  # query i of the block sees keys up to offset + a + i
-            sv = scores.reshape(b, kv_heads, n_rep, n, tc)
-            sv[..., offset + a :] += _upper_mask(n)
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        denom = scores.sum(axis=-1, keepdims=True)  # (b, kvh, n_rep*n, 1)
-        oc = np.matmul(scores, values[:, :, :tc])  # (b, kvh, n_rep*n, d)
-        oc /= denom
-        out[:, a:c] = oc.reshape(b, kv_heads, n_rep, n, d).transpose(0, 3, 1, 2, 4)
-    return out.reshape(b * s, n_heads * d)
-
 
 def rope_attention(
     q: np.ndarray,
@@ -161,18 +65,6 @@ def rope_attention(
     return fused_attention(q4, k4, v4, threads=threads, out=out, precision=precision)
 
 
-_MASKS: dict[int, np.ndarray] = {}
-
-
-def _upper_mask(n: int) -> np.ndarray:
-    """(n, n) float32: -inf strictly above the diagonal, 0 elsewhere (cached per size)."""
-    m = _MASKS.get(n)
-    if m is None:
-        m = np.triu(np.full((n, n), -np.inf, np.float32), k=1)
-        _MASKS[n] = m
-    return m
-
-
 @dataclasses.dataclass
 class _Layer:
     """One decoder layer's weights: norms (hidden,), linears (out, in) by short name, fused groups."""
@@ -196,7 +88,7 @@ class LlamaModel:
         self.source = source
         self.config: LlamaConfig = source.config
         self.cache_weights = cache_weights
-        self._shapes = expected_shapes(self.config)
+        self._shapes = expected_shapes(self.config, with_head=True)
         self._overrides: dict[str, np.ndarray] = {}
         self._ops: dict[str, LinearOp] = {}  # module name (no ".weight") -> operator
         self._layers: dict[int, _Layer] = {}

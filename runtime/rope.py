@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from qkiln.runtime.config import LlamaConfig, RopeScaling
+from qkiln.model.config import LlamaConfig, RopeScaling
 
 
 def inv_frequencies(
@@ -62,22 +62,3 @@ class RopeTable:
         if end > self.cos.shape[0]:
             self._grow(max(end, 2 * self.cos.shape[0]))
         return self.cos[start:end], self.sin[start:end]
-
-
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate (b, s, heads, head_dim) by position: `x * cos + rotate_half(x) * sin`, a new array.
-
-    cos/sin are (s, head_dim // 2); transformers duplicates them to head_dim, so the first half of each
-    head pairs with the second half: out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin.
-    """
-    half = x.shape[-1] // 2
-    c = cos[None, :, None, :]  # (1, s, 1, half)
-    s = sin[None, :, None, :]  # (1, s, 1, half)
-    x1, x2 = x[..., :half], x[..., half:]
-    out = np.empty_like(x)
-    o1, o2 = out[..., :half], out[..., half:]
-    np.multiply(x1, c, out=o1)
-    o1 -= x2 * s
-    np.multiply(x2, c, out=o2)
-    o2 += x1 * s
-    return out

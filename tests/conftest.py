@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from qkiln.runtime.config import LlamaConfig
+from qkiln.model.config import LlamaConfig
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 STORAGE_DTYPES: dict[str, Any] = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}

@@ -16,6 +16,7 @@ import numpy as np
 
 from qkiln.errors import UserError
 from qkiln.kernels import numpy_ref
+from qkiln.kernels.build import BuildError, build_library
 from qkiln.kernels.numpy_ref import Q8Activations
 from qkiln.kernels.types import QK8, WType, block_bytes, int4gx8_bytes
 
@@ -86,8 +87,6 @@ def _load() -> None:
         if want and want not in ALL_PATHS:
             raise KernelError(f"{ENV}={want!r} is not a kernel path; use one of {', '.join(ALL_PATHS)}")
         if want != "numpy" and _lib is None:
-            from qkiln.kernels.build import BuildError, build_library
-
             try:
                 # QKILN_KERNELS_LIB: a prebuilt library (cross-compiled for qemu, or packaged); else build/cache
                 lib = ctypes.CDLL(os.environ.get("QKILN_KERNELS_LIB") or str(build_library()))

@@ -1,6 +1,6 @@
 """Prefill causal attention in C: one fused pass per (batch, kv head, query block), flash-attention style.
 
-`runtime.llama.causal_attention` (NumPy) materializes score blocks and makes several passes over them
+`kernels.reference.causal_attention` (NumPy) materializes score blocks and makes several passes over them
 (batched QKᵀ with inner dimension 64, mask, max, exp, sum, PV); calibration and `qkiln eval` spend a
 large share of their time there. The C kernel (qkiln/kernels/src/attention/) streams key blocks with an online
 softmax instead and never builds the score matrix. Same signature, semantics and return as the NumPy
@@ -29,10 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from qkiln.kernels import reference
 from qkiln.kernels.api import KernelError
 from qkiln.kernels.clib import LazyLibrary, env_variant, fits_out, into
 
-# Tolerance against runtime.llama.causal_attention, relative to max|v|: the polynomial 2^x is within
+# Tolerance against kernels.reference.causal_attention, relative to max|v|: the polynomial 2^x is within
 # ~1 ulp of 2^x, the query scale log2(e)/sqrt(d) adds one rounding to each score, each score's fp32 dot
 # product of d terms may differ from BLAS's by a few ulp of Σ|q_i k_i| (so the bound grows with the score
 # magnitude), and the softmax sums and PV products are fp32 sums of up to t terms in another order (online
@@ -149,9 +150,7 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, thr
     if precision == "bfloat16" and want in ("auto", "avx512") and amx_bf16_available():
         return causal_attention_c(q, keys, values, threads=threads, variant="amx_bf16", out=out)
     if want is None or _load() is None or (want == "auto" and variant_name() != "avx512"):
-        from qkiln.runtime.llama import causal_attention as numpy_attention  # lazy: runtime imports us
-
-        got = numpy_attention(q, keys, values)
+        got = reference.causal_attention(q, keys, values)
         return into(got, out)
     return causal_attention_c(q, keys, values, threads=threads, variant=want, out=out)
 

@@ -37,10 +37,12 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from qkiln.kernels.api import ENV, KernelError
+from qkiln.kernels.build import BuildError, build_library
+from qkiln.kernels.elementwise import silu_mul
+from qkiln.kernels.reference import BF16, round_bf16
 
 PATHS = ("amx", "numpy")
 
@@ -76,7 +78,6 @@ def _library() -> Any:
     with _lock:
         if not _loaded:
             _loaded = True
-            from qkiln.kernels.build import BuildError, build_library
 
             try:
                 lib = ctypes.CDLL(os.environ.get("QKILN_KERNELS_LIB") or str(build_library()))
@@ -115,23 +116,6 @@ def _resolve(path: str | None) -> str:
     if path == "amx" and not amx_available():
         raise KernelError(f"the amx bf16 path cannot run here: {_lib_error}")
     return path
-
-
-def round_bf16(a: np.ndarray) -> np.ndarray:
-    """float32 -> nearest bf16 value (as float32) by the module's rule; same shape.
-
-    ml_dtypes' cast is the round-to-nearest-even (one C pass); float32 denormals and NaNs are then set by
-    the rule (flushed before rounding, so a denormal that would round up to the smallest normal is zero)."""
-    x = np.ascontiguousarray(a, dtype=np.float32)
-    with np.errstate(invalid="ignore"):  # NaN casts are fixed below
-        b = x.astype(ml_dtypes.bfloat16).view(np.uint16)  # (...) bf16 bits
-    tiny = np.abs(x) < np.float32(1.1754944e-38)  # zero or denormal (NaN compares False)
-    b[tiny] = (x[tiny].view(np.uint32) >> np.uint32(16)).astype(np.uint16) & np.uint16(0x8000)
-    nan = np.isnan(x)
-    b[nan] = ((x[nan].view(np.uint32) >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
-    out = np.empty(x.shape, np.uint32)
-    np.left_shift(b, np.uint32(16), out=out, dtype=np.uint32)
-    return out.view(np.float32)
 
 
 def round_bf16_c(a: np.ndarray) -> np.ndarray:
@@ -199,7 +183,6 @@ def pack_weight(w: np.ndarray, *, path: str | None = None) -> BF16Weight:
     return BF16Weight((n, k), packed=packed)
 
 
-BF16 = np.dtype(ml_dtypes.bfloat16)  # activations stored already rounded (the products' inputs as they are)
 
 
 def _as_x(x: np.ndarray, what: str) -> np.ndarray:
@@ -213,12 +196,6 @@ def _as_x(x: np.ndarray, what: str) -> np.ndarray:
 
 def _f32(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) if x.dtype == BF16 else x  # bfloat16 -> float32 is exact
-
-
-def store_rounded(values: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """float32 values into a bfloat16 `out`, rounded by the kernels' rule (`round_bf16`); returns out."""
-    out[...] = round_bf16(values).astype(BF16)  # already representable: the cast is exact
-    return out
 
 
 def _check_out(out: np.ndarray | None, shape: tuple[int, int], what: str, dtypes: tuple[Any, ...] = (np.float32,)) -> None:
@@ -289,8 +266,6 @@ def linear_glu(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
     x, m, n = _linear_args(x, w, None, "linear_glu")
     _check_out(out, (m, n // 2), "linear_glu", (np.float32, BF16))
     if w.rounded is not None:
-        from qkiln.kernels.elementwise import silu_mul
-
         gu = np.matmul(round_bf16(_f32(x)), w.rounded.T).reshape(m, n // (2 * GLU_ROWS), 2, GLU_ROWS)
         g, u = (np.ascontiguousarray(gu[:, :, h]).reshape(m, n // 2) for h in (0, 1))  # (m, inter) each
         return silu_mul(g, u, out=out)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from qkiln.kernels.api import ALL_PATHS, ENV, KernelError
+from qkiln.kernels.build import BuildError, build_library
 
 
 class LazyLibrary:
@@ -30,8 +31,6 @@ class LazyLibrary:
             return self._lib
         with self._lock:
             if not self._loaded:
-                from qkiln.kernels.build import BuildError, build_library
-
                 try:
                     lib = ctypes.CDLL(os.environ.get("QKILN_KERNELS_LIB") or str(build_library()))
                     for name, args in self.signatures.items():

@@ -2,7 +2,7 @@
 
 With the matrix products on AMX and attention fused in C, these element-wise steps were ~40 % of a
 calibration batch (qkiln/kernels/src/elementwise/). Same signatures, semantics and return types as
-runtime.llama.rms_norm, runtime.llama.silu_mul and runtime.rope.apply_rope, which stay the reference and
+kernels.reference.rms_norm, silu_mul and apply_rope, which stay the reference and
 the fallback: used when the C library cannot be built or loaded, with QKILN_KERNEL=numpy, and for inputs
 the C functions do not take (not float32, not 2-D / 4-D, a non-contiguous last axis, negative strides).
 Unset, QKILN_KERNEL takes the best C variant (AVX-512 where the CPU has it, else the portable one, which
@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from qkiln.kernels import reference
 from qkiln.kernels.api import KernelError
 from qkiln.kernels.clib import LazyLibrary, env_variant, fits_out, into
+from qkiln.kernels.reference import BF16, store_rounded
 
 # Measured on random rows (scales 0.01..100): rms_norm ≤ 5.5e-7 relative for n ≤ 1536 (1.0e-6 at n = 16384,
 # NumPy's float32 sum losing more as n grows); silu_mul ≤ 4.2e-7 relative on normal results (gates -100..30)
@@ -101,29 +103,18 @@ def _want() -> tuple[Any, str]:
     return (lib, want) if lib is not None and want is not None else (None, "")
 
 
-def _reference(module: str, name: str) -> Any:
-    """The NumPy function runtime.<module>.<name>, imported lazily (runtime imports kernels). It must stay
-    the NumPy one: if runtime rebinds that name to this module's function, the fallback would recurse."""
-    import importlib
-
-    fn = getattr(importlib.import_module(f"qkiln.runtime.{module}"), name)
-    assert fn is not globals()[name], f"runtime.{module}.{name} must stay the NumPy reference"
-    return fn
-
-
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, threads: int = 1,
              out: np.ndarray | None = None) -> np.ndarray:
     """x (t, hidden) -> x * rsqrt(mean(x^2) + eps) * weight, float32: a new (t, hidden) array, or `out`.
 
     `out` may be bfloat16: the float32 result rounded by `kernels.bf16.round_bf16`'s rule (an activation
     that only feeds bfloat16 products, stored as they would round it)."""
-    from qkiln.kernels.bf16 import BF16, store_rounded
 
     lib, variant = _want()
     obf16 = out is not None and out.dtype == BF16
     if (lib is None or not _rows_ok(x, 2) or x.shape[1] == 0 or weight.dtype != np.float32
             or weight.shape != (x.shape[1],) or (out is not None and not fits_out(out, x.shape, (np.float32, BF16)))):
-        got = _reference("llama", "rms_norm")(x, weight, eps)
+        got = reference.rms_norm(x, weight, eps)
         return store_rounded(got, out) if obf16 and out is not None else into(got, out)
     t, n = x.shape
     w = np.ascontiguousarray(weight)  # (n,)
@@ -139,7 +130,6 @@ def silu_mul(gate: np.ndarray, up: np.ndarray, *, threads: int = 1, out: np.ndar
 
     gate and up may be column slices of one (t, 2 * inter) array (any row stride). `out` may be bfloat16:
     the float32 result rounded by `kernels.bf16.round_bf16`'s rule (as for `rms_norm`)."""
-    from qkiln.kernels.bf16 import BF16, store_rounded
 
     if out is not None and out.dtype == BF16:
         return store_rounded(silu_mul(gate, up, threads=threads), out)
@@ -147,7 +137,7 @@ def silu_mul(gate: np.ndarray, up: np.ndarray, *, threads: int = 1, out: np.ndar
     if lib is None or gate.shape != up.shape or gate.ndim not in (1, 2) or not (
             _rows_ok(gate, gate.ndim) and _rows_ok(up, up.ndim)) or (
             out is not None and not fits_out(out, gate.shape)):
-        return into(_reference("llama", "silu_mul")(gate, up), out)
+        return into(reference.silu_mul(gate, up), out)
     g2 = gate.reshape(1, -1) if gate.ndim == 1 else gate  # (t, n) view
     u2 = up.reshape(1, -1) if up.ndim == 1 else up  # (t, n) view
     t, n = g2.shape
@@ -169,7 +159,7 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, *, threads: int 
         b, s, h, d = x.shape
         ok = all(_rows_ok(c, 2) and c.shape == (s, d // 2) for c in (cos, sin))
     if not ok:
-        return _reference("rope", "apply_rope")(x, cos, sin)
+        return reference.apply_rope(x, cos, sin)
     out = np.empty((b, s, h, d), np.float32)  # (b, s, heads, d)
     xs = _longs3(*(st // 4 for st in x.strides[:3]))
     _check(lib.qk_apply_rope(VARIANTS[variant], _ptr(x), ctypes.addressof(xs), _ptr(cos), _row_stride(cos),

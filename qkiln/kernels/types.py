@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
 QK8 = 32  # activation block (and Q4_0/Q8_0 block) length
 QK_K = 256  # K-quant super-block length
 
@@ -23,11 +25,10 @@ class WType(IntEnum):
 
 
 # (elements per block, bytes per block); Q4_0X2 counts one row's share of a pair block.
+# ggml's own types: their sizes are gguf-py's GGML_QUANT_SIZES (one table for Python; C's common.h is
+# checked against it by tests/kernels/test_kernels_native.py).
 BLOCK: dict[WType, tuple[int, int]] = {
-    WType.Q4_0: (32, 18),
-    WType.Q8_0: (32, 34),
-    WType.Q4_K: (256, 144),
-    WType.Q6_K: (256, 210),
+    w: GGML_QUANT_SIZES[GGMLQuantizationType(int(w))] for w in (WType.Q4_0, WType.Q8_0, WType.Q4_K, WType.Q6_K)
 }
 
 

@@ -202,7 +202,7 @@ def test_killed_mid_write_leaves_no_file_at_destination(make_checkpoint, tmp_pat
             time.sleep(0.2)
             return real(w, t)
         gguf_write.float_bytes = slow
-        from qkiln.formats.gguf_convert import convert_to_gguf
+        from qkiln.pipeline.convert import convert_to_gguf
         convert_to_gguf({str(ckpt)!r}, {str(out)!r}, "f32")
         """
     )

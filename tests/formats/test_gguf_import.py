@@ -15,8 +15,8 @@ from tokenizers import Tokenizer
 
 from qkiln.errors import GGUFError, UserError
 from qkiln.formats.gguf_import import import_gguf
-from qkiln.formats.llama_names import gguf_to_hf_name, hf_modules, hf_to_gguf_name, permute_qk, unpermute_qk
-from qkiln.runtime.config import LlamaConfig
+from qkiln.model.config import LlamaConfig
+from qkiln.model.names import gguf_to_hf_name, hf_modules, hf_to_gguf_name, permute_qk, unpermute_qk
 
 
 def _unpermute_by_index(w: np.ndarray, heads: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 
 from qkiln.formats.gguf_import import import_gguf
-from qkiln.formats.llama_names import gguf_to_hf_name
+from qkiln.model.names import gguf_to_hf_name
 
 pytestmark = pytest.mark.slow
 

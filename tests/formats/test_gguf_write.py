@@ -16,12 +16,12 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from qkiln.errors import GGUFError
-from qkiln.formats import llama_names
 from qkiln.formats.gguf_meta import Provenance, rope_freq_factors
 from qkiln.formats.gguf_write import float_roundtrip, write_llama_gguf
 from qkiln.formats.hf_write import write_checkpoint
 from qkiln.formats.tokenizer_to_gguf import pre_tokenizer_name, tokenizer_from_folder
-from qkiln.runtime.config import LlamaConfig
+from qkiln.model import names as llama_names
+from qkiln.model.config import LlamaConfig
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -293,8 +293,8 @@ def test_vocabulary_larger_than_embeddings_is_refused(tiny):
 @pytest.mark.parametrize("algo", ["gptq", "awq+gptq"])
 def test_calibrated_codes_are_packed_exactly(make_checkpoint, tmp_path, algo):
     """GPTQ/AWQ results land in the file as they are: gguf-py reads back exactly their dequantize()."""
-    from qkiln.formats.gguf_convert import quantize_weights, tensor_schemes
     from qkiln.formats.hf import Checkpoint
+    from qkiln.pipeline.stream import quantize_weights, tensor_schemes
     from qkiln.quantize.tensor import QuantizedTensor
 
     ckpt = Checkpoint.open(make_checkpoint())
@@ -323,9 +323,9 @@ def test_import_gguf_gives_back_the_checkpoint_on_the_grid(tiny, tmp_path):
     """K-quant artifact of a llama3-rope model -> import-gguf: same config (rope scaling recovered from
     rope_freqs), every weight equal to the QuantizedTensor's dequantize()."""
     pytest.importorskip("qkiln.quantize.kquants", reason="K-quant grids not available")
-    from qkiln.formats.gguf_convert import quantize_weights, tensor_schemes
     from qkiln.formats.gguf_import import import_gguf
     from qkiln.formats.hf import Checkpoint
+    from qkiln.pipeline.stream import quantize_weights, tensor_schemes
     from qkiln.quantize.tensor import QuantizedTensor
 
     src = Checkpoint.open(tiny)

@@ -56,8 +56,8 @@ def test_tiny_model_every_type(tiny, tmp_path, scheme):
     """Each type, really used (no fallback): llama.cpp loads it, greedy-generates, and agrees on perplexity."""
     from llama_cpp import Llama
 
-    from qkiln.formats.gguf_convert import convert_to_gguf
     from qkiln.formats.gguf_read import read_gguf
+    from qkiln.pipeline.convert import convert_to_gguf
 
     if scheme.endswith("_k"):
         pytest.importorskip("qkiln.quantize.kquants", reason="K-quant grids not available")
@@ -99,7 +99,7 @@ def demo_ids(demo) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def demo_q4_0(demo, tmp_path_factory) -> Path:
-    from qkiln.formats.gguf_convert import convert_to_gguf
+    from qkiln.pipeline.convert import convert_to_gguf
 
     out = tmp_path_factory.mktemp("demo") / "q4_0.gguf"
     convert_to_gguf(demo, out, "q4_0")
@@ -110,7 +110,7 @@ def demo_q4_0(demo, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("scheme", ["f16", "q8_0"])
 def test_demo_perplexity_matches_qkiln_runtime(demo, demo_ids, tmp_path, scheme):
     """llama.cpp's perplexity (its logits) within 1% of qkiln's runtime on the same file, one 512 window."""
-    from qkiln.formats.gguf_convert import convert_to_gguf
+    from qkiln.pipeline.convert import convert_to_gguf
 
     out = tmp_path / f"{scheme}.gguf"
     convert_to_gguf(demo, out, scheme)
@@ -173,9 +173,9 @@ def test_sentencepiece_vocabulary_round_trips_through_llama_cpp(make_checkpoint,
     import tokenizers
     from llama_cpp import Llama
 
-    from qkiln.formats.gguf_convert import convert_to_gguf
     from qkiln.formats.gguf_read import read_gguf
     from qkiln.formats.tokenizer_gguf import tokenizer_files
+    from qkiln.pipeline.convert import convert_to_gguf
 
     imp = _load("_gguf_import_llamacpp_tests", HERE / "test_gguf_import_llamacpp.py")
     spm = imp._toy_sentencepiece_gguf(tmp_path / "spm.gguf")
@@ -210,9 +210,9 @@ def test_byte_level_styles_tokenize_like_hf_in_llama_cpp(make_checkpoint, tiny_c
     from llama_cpp import Llama
     from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
-    from qkiln.formats.gguf_convert import convert_to_gguf
     from qkiln.formats.gguf_read import read_gguf
     from qkiln.formats.tokenizer_to_gguf import _LLAMA3_SPLIT
+    from qkiln.pipeline.convert import convert_to_gguf
 
     tok = tokenizers.Tokenizer(models.BPE(ignore_merges=style == "llama3"))
     if style == "llama3":
@@ -258,8 +258,8 @@ def test_rtn_artifact_equals_llama_cpp_quantizer_byte_for_byte(tiny, tmp_path, p
     identical block bytes (so calibrated codes are compared with llama.cpp's at the very same grid and size)."""
     from gguf import LlamaFileType
 
-    from qkiln.formats.gguf_convert import convert_to_gguf
     from qkiln.formats.gguf_read import read_gguf
+    from qkiln.pipeline.convert import convert_to_gguf
 
     if "_k" in preset:
         pytest.importorskip("qkiln.quantize.kquants", reason="K-quant grids not available")

@@ -10,7 +10,7 @@ import pytest
 
 from qkiln.errors import CheckpointError
 from qkiln.formats.hf import Checkpoint, expected_shapes
-from qkiln.runtime.source import TensorSource
+from qkiln.model.source import TensorSource
 
 
 def test_expected_shapes_cover_gqa_and_tied(tiny_config):

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from qkiln.formats.hf import Checkpoint
-from qkiln.runtime.config import Rope, RopeScaling
+from qkiln.model.config import Rope, RopeScaling
 from qkiln.runtime.llama import LlamaModel
 from qkiln.runtime.source import DictSource
 
@@ -160,7 +160,7 @@ def test_qkiln_runtime_equals_transformers(saved, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_llamacpp_on_f16_gguf_equals_transformers(saved, case, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    from qkiln.formats.gguf_convert import convert_to_gguf
+    from qkiln.pipeline.convert import convert_to_gguf
 
     bench = _bench()
     s = saved[case]

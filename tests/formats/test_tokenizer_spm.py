@@ -223,7 +223,7 @@ def test_info_says_where_scores_come_from(make_checkpoint, tiny_config, trained)
 
 
 def _convert(make_checkpoint, tiny_config, tokenizer_dir: Path, vocab_size: int, tmp_path: Path, files) -> Path:
-    from qkiln.formats.gguf_convert import convert_to_gguf
+    from qkiln.pipeline.convert import convert_to_gguf
 
     ckpt = make_checkpoint(tiny_config(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2), tokenizer=False)
     for f in files:

@@ -1,4 +1,4 @@
-"""The fused C causal attention against runtime.llama's NumPy function (the reference), on the shapes the
+"""The fused C causal attention against kernels.reference's NumPy function, on the shapes the
 runtime produces: MHA and GQA, a KV-cache offset (t > s), decode (s = 1), odd lengths around the 12/8-row
 groups and 64-key blocks, head_dim 24/64/96/128, saturating softmax, strided views; and its exp polynomial.
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from qkiln.kernels import attention
-from qkiln.runtime.llama import causal_attention as numpy_attention
+from qkiln.kernels.reference import causal_attention as numpy_attention
 
 if attention.variant_name() == "numpy":
     pytest.skip("the C kernel library cannot be built here", allow_module_level=True)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from qkiln.errors import UserError
+from qkiln.formats.gguf_model import load_gguf_model
 from qkiln.kernels import api
 from qkiln.kernels.decode import DecodeStep
-from qkiln.kernels.linear import load_gguf_model
 from qkiln.runtime.generate import KVCache, fast_decode_step, generate_greedy
 
 ALL_Q4_0 = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output": "Q4_0", "ffn_gate": "Q4_0",
@@ -147,7 +147,7 @@ def test_demo_q4_0_greedy_through_the_c_step():
     distribution is closer to the NumPy runtime's than llama.cpp's is (measured mean KL 0.0038, vs 0.0057 for
     llama.cpp, bounded at 0.02 in test_linear), and it picks the same token except at near ties (NumPy top-1
     margin below 0.5, the median logit deviation int8 rounding flips cause being ~0.64)."""
-    from qkiln.kernels.decode_compare import PROMPT, demo_q4_0_gguf
+    from qkiln.validate.decode_compare import PROMPT, demo_q4_0_gguf
 
     lm = load_gguf_model(demo_q4_0_gguf())
     model = lm.model

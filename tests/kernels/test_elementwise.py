@@ -1,5 +1,5 @@
-"""The C element-wise kernels against the NumPy functions they replace (runtime.llama.rms_norm, silu_mul,
-runtime.rope.apply_rope), on the inputs the runtime and calibration give them: odd sizes, the strided
+"""The C element-wise kernels against the NumPy functions they replace (kernels.reference.rms_norm, silu_mul,
+apply_rope), on the inputs the runtime and calibration give them: odd sizes, the strided
 column slices of the fused qkv / gate_up products, saturating gates, zeros, inf and NaN; the tolerances
 are the ones kernels.elementwise states (RoPE: bit for bit); both C variants give the same bits; the
 NumPy fallback is taken when asked or when the library is missing.
@@ -12,10 +12,10 @@ import pytest
 
 from qkiln.kernels import elementwise as ew
 from qkiln.kernels.api import KernelError
-from qkiln.runtime.llama import rms_norm as np_rms_norm
-from qkiln.runtime.llama import silu_mul as np_silu_mul
+from qkiln.kernels.reference import apply_rope as np_apply_rope
+from qkiln.kernels.reference import rms_norm as np_rms_norm
+from qkiln.kernels.reference import silu_mul as np_silu_mul
 from qkiln.runtime.rope import RopeTable
-from qkiln.runtime.rope import apply_rope as np_apply_rope
 
 if ew.variant_name() == "numpy":
     pytest.skip("the C kernel library cannot be built here", allow_module_level=True)
@@ -177,7 +177,7 @@ ROPE_CASES = {  # (b, s, heads, kv_heads, d)
 
 @pytest.mark.parametrize("case", list(ROPE_CASES))
 def test_apply_rope_bitwise_on_qkv_slices(variant, case):
-    from qkiln.runtime.config import LlamaConfig
+    from qkiln.model.config import LlamaConfig
 
     b, s, heads, kvh, d = ROPE_CASES[case]
     q_out, kv_out = heads * d, kvh * d

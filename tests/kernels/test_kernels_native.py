@@ -375,3 +375,20 @@ def test_int4_linear_runs_the_path_layout():
         lin = api.Int4GLinear(codes, scales, zeros, group, n, k)
         assert lin.wtype == (WType.INT4GX8 if p == "avx512" else WType.INT4G)
         assert (np.abs(lin(x) - ref) <= numpy_ref.TOLERANCE * yabs + 1e-30).all(), p
+
+
+def test_c_block_sizes_are_gguf_constants():
+    """common.h restates ggml's block sizes for C; they must equal gguf-py's GGML_QUANT_SIZES (the one table)."""
+    import re
+    from pathlib import Path
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    import qkiln.kernels
+
+    text = (Path(qkiln.kernels.__file__).parent / "src" / "common.h").read_text()
+    defines = {m[1]: int(m[2]) for m in re.finditer(r"^#define (\w+) (\d+)", text, re.M)}
+    assert (defines["QK8"], defines["Q4_0_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0]
+    assert (defines["QK8"], defines["Q8_0_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
+    assert (defines["QKK"], defines["Q4_K_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
+    assert (defines["QKK"], defines["Q6_K_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from qkiln.formats.gguf_model import GGUFSource, load_gguf_model
 from qkiln.kernels import api
-from qkiln.kernels.linear import GGUFSource, PackedLinear, load_gguf_model
+from qkiln.kernels.linear import PackedLinear
 from qkiln.kernels.types import WType
 from qkiln.validate.metrics import TokenScores
 
@@ -80,7 +81,7 @@ def test_bench_cli_json_and_errors(make_gguf, tmp_path):
                                     "int4_g64_asym", "int4_pc", "int8"])
 def test_quantized_tensor_plugs_as_packed_linear(scheme):
     """A QuantizedTensor from qkiln's quantizers runs on its ggml blocks and equals its dequantized product."""
-    from qkiln.kernels.linear import packed_linear_from_quantized
+    from qkiln.quantize.packed import packed_linear_from_quantized
     from qkiln.quantize.registry import get_scheme
     from qkiln.quantize.rtn import quantize_rtn
 
@@ -106,7 +107,7 @@ def test_demo_q4_0_on_packed_weights_agrees_with_llama_cpp():
     """The demo model's Q4_0 GGUF (llama.cpp's quantizer) through qkiln's runtime on its packed blocks gives
     llama.cpp's next-token distribution: both quantize activations to int8 per 32, so they nearly coincide."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference runtime")
-    from qkiln.kernels.decode_compare import PROMPT, demo_q4_0_gguf
+    from qkiln.validate.decode_compare import PROMPT, demo_q4_0_gguf
 
     path = demo_q4_0_gguf()
     lm = load_gguf_model(path)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qkiln.model.names import INPUT_GROUPS, LINEARS, NORMS
+from qkiln.model.source import DictSource
 from qkiln.quantize.awq import (
-    INPUT_GROUPS,
-    LINEARS,
-    NORMS,
     GroupStats,
     awq_layer,
     fold_scales,
@@ -21,7 +20,6 @@ from qkiln.quantize.awq import (
 from qkiln.quantize.hessian import abs_mean_sum, accumulate_hessian, empty_hessian
 from qkiln.quantize.registry import get_scheme
 from qkiln.runtime.llama import LlamaModel
-from qkiln.runtime.source import DictSource
 
 
 def _layer_tensors(weights: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:

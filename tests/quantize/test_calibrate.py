@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from qkiln.errors import QuantizeError
+from qkiln.model.source import DictSource
 from qkiln.quantize.calibrate import QuantizeReport, calibration_ids, quantize_model
 from qkiln.quantize.registry import get_scheme
 from qkiln.quantize.tensor import QuantizedTensor
 from qkiln.runtime.llama import LlamaModel
-from qkiln.runtime.source import DictSource
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:

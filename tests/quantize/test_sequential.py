@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qkiln.quantize.awq import INPUT_GROUPS, LINEARS, NORMS
+from qkiln.model.names import INPUT_GROUPS, LINEARS, NORMS
+from qkiln.model.source import DictSource
 from qkiln.quantize.hessian import accumulate_hessian, empty_hessian
 from qkiln.quantize.matmul import F32Matmul
 from qkiln.quantize.sequential import run_layer
 from qkiln.runtime.llama import LlamaModel
-from qkiln.runtime.source import DictSource
 
 
 def _setup(tiny_config, llama_weights, n=5, seq=24, **overrides):

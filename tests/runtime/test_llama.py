@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from qkiln.errors import CheckpointError, UserError
-from qkiln.runtime import llama as llama_mod
-from qkiln.runtime.config import LlamaConfig
+from qkiln.kernels import reference
+from qkiln.model.config import LlamaConfig
+from qkiln.model.names import LINEARS, expected_shapes
+from qkiln.model.source import DictSource
 from qkiln.runtime.generate import KVCache, generate_greedy
-from qkiln.runtime.llama import LINEARS, LlamaModel, expected_shapes
-from qkiln.runtime.source import DictSource
+from qkiln.runtime.llama import LlamaModel
 
 CFG = LlamaConfig(
     vocab_size=200,
@@ -34,7 +35,7 @@ def weights(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded weights with activations O(1): projections ~ N(0, 1/fan_in), gains ~ 1, embeddings ~ N(0, 1)."""
     rng = np.random.default_rng(seed)
     out = {}
-    for name, shape in expected_shapes(cfg).items():
+    for name, shape in expected_shapes(cfg, with_head=True).items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         if len(shape) == 1:
@@ -129,14 +130,14 @@ def test_query_blocks_match_one_block(model, monkeypatch):
     cache_one = KVCache(CFG, 70, batch=2)
     model.forward(ids[:, :20], cache=cache_one)
     tail_one = model.forward(ids[:, 20:], start_pos=20, cache=cache_one)
-    monkeypatch.setattr(llama_mod, "_MIN_QUERY_BLOCK", 1)
-    monkeypatch.setattr(llama_mod, "_QUERY_BLOCKS", 9)  # blocks of 7 queries, and of 5 after the cached 20
+    monkeypatch.setattr(reference, "_MIN_QUERY_BLOCK", 1)
+    monkeypatch.setattr(reference, "_QUERY_BLOCKS", 9)  # blocks of 7 queries, and of 5 after the cached 20
     assert rel(model.forward(ids), one) <= 1e-6
     cache = KVCache(CFG, 70, batch=2)
     model.forward(ids[:, :20], cache=cache)
     assert rel(model.forward(ids[:, 20:], start_pos=20, cache=cache), tail_one) <= 1e-6
     assert rel(tail_one, one[:, 20:]) <= 1e-5
-    monkeypatch.setattr(llama_mod, "_SCORE_BUDGET", 1)  # memory budget forces one query per block
+    monkeypatch.setattr(reference, "_SCORE_BUDGET", 1)  # memory budget forces one query per block
     assert rel(model.forward(ids), one) <= 1e-6
 
 

@@ -13,9 +13,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from qkiln.runtime.config import LlamaConfig, RopeScaling
+from qkiln.model.config import LlamaConfig, RopeScaling
+from qkiln.model.source import DictSource
 from qkiln.runtime.llama import LlamaModel
-from qkiln.runtime.source import DictSource
 
 torch = pytest.importorskip("torch", reason="the reference model needs torch")
 transformers = pytest.importorskip(

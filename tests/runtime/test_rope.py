@@ -7,8 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from qkiln.runtime.config import LlamaConfig, RopeScaling
-from qkiln.runtime.rope import RopeTable, apply_rope, inv_frequencies
+from qkiln.kernels.reference import apply_rope
+from qkiln.model.config import LlamaConfig, RopeScaling
+from qkiln.runtime.rope import RopeTable, inv_frequencies
 
 CFG = LlamaConfig(
     vocab_size=10,

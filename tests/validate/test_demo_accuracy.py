@@ -37,7 +37,7 @@ def test_perplexity_equals_transformers_on_the_demo_model(demo_dir, eval_text_fi
     transformers = pytest.importorskip("transformers")
     from typer.testing import CliRunner
 
-    from qkiln.runtime.load import load_model
+    from qkiln.pipeline.load import load_model
     from qkiln.validate.evaluate import evaluate
     from qkiln.validate.windows import make_windows
 
@@ -70,8 +70,8 @@ def test_perplexity_equals_transformers_on_the_demo_model(demo_dir, eval_text_fi
 
 
 def test_greedy_continuation_names_paris(demo_dir):
+    from qkiln.pipeline.load import load_model
     from qkiln.runtime.generate import generate_greedy
-    from qkiln.runtime.load import load_model
 
     lm = load_model(demo_dir)
     prompt = lm.encode("The capital of France is").tolist()

@@ -1,4 +1,7 @@
-"""Llama tensor names in Hugging Face and GGUF spelling, and llama.cpp's q/k rotary permutation.
+"""Llama tensor names in Hugging Face and GGUF spelling, their shapes, and llama.cpp's q/k rotary permutation.
+
+The one table of a Llama's tensors: the runtime, the quantizers (AWQ's input groups, the calibrated
+output order), the readers and the writers all take their names from here.
 
 The GGUF names come from gguf-py's `TensorNameMap` (the table llama.cpp's converter uses), so a rename
 upstream follows automatically; only the Hugging Face side is spelled out here, because that is
@@ -19,6 +22,8 @@ import numpy as np
 from gguf.constants import MODEL_ARCH, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 from gguf.tensor_mapping import TensorNameMap
 
+from qkiln.model.config import LlamaConfig
+
 # transformers' LlamaForCausalLM module names (without ".weight"); {bid} is the layer index.
 HF_GLOBAL = ("model.embed_tokens", "model.norm", "lm_head")
 HF_PER_LAYER = (
@@ -32,6 +37,51 @@ HF_PER_LAYER = (
     "model.layers.{bid}.mlp.up_proj",
     "model.layers.{bid}.mlp.down_proj",
 )
+
+# A decoder layer's linears grouped by the input they share (AWQ folds a scale into the op before each group;
+# calibration stops at each group), in the order the layer runs them.
+INPUT_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn_out": ("self_attn.o_proj",),
+    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp_out": ("mlp.down_proj",),
+}
+ATTN_LINEARS = (*INPUT_GROUPS["attn_in"], *INPUT_GROUPS["attn_out"])
+MLP_LINEARS = (*INPUT_GROUPS["mlp_in"], *INPUT_GROUPS["mlp_out"])
+LINEARS: tuple[str, ...] = ATTN_LINEARS + MLP_LINEARS
+GROUP_OF: dict[str, str] = {n: g for g, names in INPUT_GROUPS.items() for n in names}
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def expected_shapes(config: LlamaConfig, *, with_head: bool | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Llama with this config, HF name -> shape (out x in), in checkpoint order.
+
+    `lm_head.weight` is listed when embeddings are not tied (a tied checkpoint reuses
+    `model.embed_tokens.weight` and usually does not store it), or always with `with_head=True` (what the
+    forward pass reads)."""
+    h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    q_out = config.num_attention_heads * config.head_dim
+    kv_out = config.num_key_value_heads * config.head_dim
+    per_layer = {
+        "input_layernorm": (h,),
+        "self_attn.q_proj": (q_out, h),
+        "self_attn.k_proj": (kv_out, h),
+        "self_attn.v_proj": (kv_out, h),
+        "self_attn.o_proj": (h, q_out),
+        "post_attention_layernorm": (h,),
+        "mlp.gate_proj": (inter, h),
+        "mlp.up_proj": (inter, h),
+        "mlp.down_proj": (h, inter),
+    }
+    assert [f"model.layers.{{bid}}.{n}" for n in per_layer] == list(HF_PER_LAYER)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
+    for i in range(config.num_hidden_layers):
+        shapes.update({f"model.layers.{i}.{n}.weight": shape for n, shape in per_layer.items()})
+    shapes["model.norm.weight"] = (h,)
+    if with_head or (with_head is None and not config.tie_word_embeddings):
+        shapes["lm_head.weight"] = (vocab, h)
+    return shapes
+
 
 # GGUF tensors that carry no weights of their own in HF (derived from config.json there).
 # rope_freqs holds llama3 rope-scaling factors that HF recomputes from config.json's rope_scaling.

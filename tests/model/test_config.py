@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from qkiln.errors import CheckpointError
-from qkiln.runtime.config import LlamaConfig, Rope, RopeScaling, parse_rope
+from qkiln.model.config import LlamaConfig, Rope, RopeScaling, parse_rope
 
 BASE: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 320, "hidden_size": 64,

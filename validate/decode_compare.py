@@ -13,6 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qkiln.demo import cache_dir, demo_gguf_path
+from qkiln.formats.gguf_model import load_gguf_model
+from qkiln.kernels import api
+from qkiln.runtime.generate import KVCache, fast_decode_step
+
 PROMPT = "The GNU General Public License is a free, copyleft license for software and other kinds of works."
 
 
@@ -22,8 +27,6 @@ def demo_q4_0_gguf() -> Path:
     import ctypes
 
     import llama_cpp
-
-    from qkiln.demo import cache_dir, demo_gguf_path
 
     dest = cache_dir() / "bench" / "demo-q4_0.gguf"
     if dest.exists():
@@ -44,10 +47,6 @@ def qkiln_decode(path: str | Path, tokens: int = 64, threads: int | None = None,
                  fast: bool = True) -> dict:
     """Greedy decode through qkiln's runtime; `fast=False` runs every token through the NumPy layer code
     (runtime/llama.py) instead of the C decode step, for comparison."""
-    from qkiln.kernels import api
-    from qkiln.kernels.linear import load_gguf_model
-    from qkiln.runtime.generate import KVCache, fast_decode_step
-
     lm = load_gguf_model(path, nthreads=threads)
     model = lm.model
     ids = lm.encode(prompt)  # (s,)

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from qkiln.runtime.config import LlamaConfig
+from qkiln.model.config import LlamaConfig
 
 
 class TensorSource(Protocol):

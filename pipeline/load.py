@@ -1,0 +1,35 @@
+"""Open a model for evaluation or generation from a path: a Hugging Face checkpoint folder or a GGUF file.
+
+One place that knows which artifact kinds qkiln's runtime can run; commands call `load_model`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qkiln.demo import demo_model_dir
+from qkiln.errors import UserError
+from qkiln.formats.gguf_model import load_gguf_model
+from qkiln.formats.hf import Checkpoint
+from qkiln.runtime.llama import LlamaModel
+from qkiln.runtime.load import LoadedModel
+
+
+def resolve_model_path(model: Path | None) -> Path:
+    """The given model, or the demo model (imported on first use) when none is given."""
+    if model is not None:
+        return model
+    return demo_model_dir()
+
+
+def load_model(model: Path | None) -> LoadedModel:
+    path = resolve_model_path(model)
+    if path.is_dir():
+        ckpt = Checkpoint.open(path)
+        return LoadedModel(path=path, model=LlamaModel(ckpt), tokenizer=ckpt.tokenizer())
+    if not path.exists():
+        raise UserError(f"model {path} not found; pass a Hugging Face checkpoint folder or a .gguf file")
+    if path.suffix.lower() == ".gguf":
+        # A GGUF runs on its own packed blocks through the C kernels (NumPy fallback), never re-quantized.
+        return load_gguf_model(path)
+    raise UserError(f"model {path} is neither a checkpoint folder nor a .gguf file")
