@@ -39,6 +39,8 @@ if [ "$want" = test ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
   fi
+  # Debian's arm64 python3.11 + numpy, unpacked into ~/.cache for the qemu tests (they never download).
+  scripts/arm/fetch_arm_python.sh >/dev/null
   # llama.cpp's Python binding builds from source (about 10 minutes on 2 cores): build it once, keep the
   # wheel, and install from it afterwards. Portable flags (AVX2, no -march=native) so the cached wheel runs on
   # any x86-64-v3 machine: a wheel for correctness tests, not a speed reference (bench/ builds its own).

@@ -27,8 +27,27 @@ _LIB = LazyLibrary({
     "qk_gptq_scan": [_int, _vp, _vp, _vp, _long, _long, _vp, _long, _long, _long, _vp, _vp, _vp, _vp,
                      _float, _float, _float, _int],
     "qk_int_fit_t": [_int, _vp, _long, _long, _long, _int, _int, _vp, _vp, _int, _vp, _vp, _int],
+    "qk_gptq_variant": [_int],
 })
 VARIANTS = {"auto": 0, "portable": 1, "avx512": 2}
+_NAMES = {code: name for name, code in VARIANTS.items()}
+_ran: str | None = None  # the variant the last scan_block / int_fit ran
+
+
+def last_path() -> str | None:
+    """The C variant ('portable' or 'avx512') the last `scan_block` or `int_fit` call ran, as the library
+    resolved it; None when no C loop has run since `reset_path()` (the NumPy loops ran, or nothing)."""
+    return _ran
+
+
+def reset_path() -> None:
+    global _ran
+    _ran = None
+
+
+def _record(lib: Any) -> None:
+    global _ran
+    _ran = _NAMES[int(lib.qk_gptq_variant(_variant()))]
 
 
 def _lib() -> Any:
@@ -85,6 +104,7 @@ def scan_block(w1: np.ndarray, err1: np.ndarray, codes: np.ndarray, h1: np.ndarr
                           k0, k1, _ptr(gidx), _ptr(scale_t), _ptr(safe_t), _ptr(offset_t),
                           shift, qmin, qmax, threads)
     _check(rc, "qk_gptq_scan")
+    _record(lib)
     return True
 
 
@@ -109,4 +129,5 @@ def int_fit(wt: np.ndarray, group: int, bits: int, symmetric: bool, importance: 
     rc = lib.qk_int_fit_t(_variant(), _ptr(wt), cols, rows, group, bits, int(symmetric), _ptr(imp), _ptr(shr), shr.size,
                           _ptr(scale), 0 if zero is None else _ptr(zero), threads)
     _check(rc, "qk_int_fit_t")
+    _record(lib)
     return scale, zero, rc == 1

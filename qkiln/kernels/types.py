@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
 QK8 = 32  # activation block (and Q4_0/Q8_0 block) length
 QK_K = 256  # K-quant super-block length
 
@@ -25,10 +23,14 @@ class WType(IntEnum):
 
 
 # (elements per block, bytes per block); Q4_0X2 counts one row's share of a pair block.
-# ggml's own types: their sizes are gguf-py's GGML_QUANT_SIZES (one table for Python; C's common.h is
-# checked against it by tests/kernels/test_kernels_native.py).
+# ggml's own types, as gguf-py's GGML_QUANT_SIZES gives them. Restated because the kernels run on a bare
+# Python + NumPy (the aarch64 check under qemu has no gguf); tests/kernels/test_kernels_native.py checks this
+# table and common.h's C constants against GGML_QUANT_SIZES.
 BLOCK: dict[WType, tuple[int, int]] = {
-    w: GGML_QUANT_SIZES[GGMLQuantizationType(int(w))] for w in (WType.Q4_0, WType.Q8_0, WType.Q4_K, WType.Q6_K)
+    WType.Q4_0: (32, 18),
+    WType.Q8_0: (32, 34),
+    WType.Q4_K: (256, 144),
+    WType.Q6_K: (256, 210),
 }
 
 

@@ -15,6 +15,10 @@ mkdir -p "$work/pkg/qkiln"
 for f in qkiln/*.py; do ln -s "$PWD/$f" "$work/pkg/qkiln/"; done
 ln -s "$PWD/qkiln/kernels" "$work/pkg/qkiln/kernels"
 ln -s "$PWD/quantize" "$work/pkg/qkiln/quantize"
+# gguf-py's constants (GGML_QUANT_SIZES, the one block-size table), pure Python, without the package's
+# other modules (they need more than NumPy)
+mkdir -p "$work/pkg/gguf" && : > "$work/pkg/gguf/__init__.py"
+ln -s "$("$PY" -c 'import gguf.constants as c; print(c.__file__)')" "$work/pkg/gguf/constants.py"
 lib="$root/usr/lib/aarch64-linux-gnu"
 status=0
 for cpu in "$@"; do

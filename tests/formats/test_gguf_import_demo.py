@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import gguf
 import numpy as np
@@ -29,11 +28,11 @@ def demo_gguf():
 
 @pytest.fixture(scope="session")
 def demo_import(demo_gguf, tmp_path_factory):
-    """(folder, seconds): the demo GGUF imported fresh, once per session."""
+    """The folder the demo GGUF was imported into, fresh, once per session (its speed is bench/'s subject,
+    not a test's: a busy host would fail a timed assertion)."""
     dest = tmp_path_factory.mktemp("demo_import") / "SmolLM2-135M-Instruct"
-    start = time.perf_counter()
     import_gguf(demo_gguf, dest)
-    return dest, time.perf_counter() - start
+    return dest
 
 
 def _unpermute_by_index(w: np.ndarray, heads: int) -> np.ndarray:
@@ -43,26 +42,21 @@ def _unpermute_by_index(w: np.ndarray, heads: int) -> np.ndarray:
     return w[(np.arange(heads)[:, None] * head_dim + 2 * (j % half) + j // half).reshape(-1)]
 
 
-def test_import_is_fast(demo_import):
-    _, seconds = demo_import
-    assert seconds < 60, f"demo import took {seconds:.1f} s"
-
-
 def test_config(demo_import):
-    cfg = json.loads((demo_import[0] / "config.json").read_text())
+    cfg = json.loads((demo_import / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
             cfg["num_key_value_heads"], cfg["vocab_size"], cfg["head_dim"]) == (576, 1536, 30, 9, 3, 49152, 64)
     assert cfg["tie_word_embeddings"] is True
     assert cfg["rope_theta"] == 100000.0 and cfg["rms_norm_eps"] == 1e-5 and cfg["max_position_embeddings"] == 8192
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 2)
-    tc = json.loads((demo_import[0] / "tokenizer_config.json").read_text())
+    tc = json.loads((demo_import / "tokenizer_config.json").read_text())
     assert tc["bos_token"] == "<|im_start|>" and tc["eos_token"] == "<|im_end|>" and tc["add_bos_token"] is False
     assert "<|im_start|>assistant" in tc["chat_template"]
 
 
 def test_every_tensor_equals_dequantized_source(demo_gguf, demo_import):
     reader = gguf.GGUFReader(str(demo_gguf))
-    with safe_open(str(demo_import[0] / "model.safetensors"), "np") as st:
+    with safe_open(str(demo_import / "model.safetensors"), "np") as st:
         names = set(st.keys())
         assert "lm_head.weight" not in names  # tied
         assert len(names) == len(reader.tensors) == 272

@@ -116,17 +116,19 @@ def test_scan_block_rejects_bad_ranges():
         c_loops.scan_block(*args)
 
 
-def test_variant_in_use():
-    """Where the CPU has AVX-512 the AVX-512 variant is what runs (forcing it must not raise)."""
+def test_variant_in_use(monkeypatch):
+    """The loops report the variant that ran: AVX-512 where the CPU has it, else the portable one; a forced
+    QKILN_KERNEL runs that variant (or refuses), and QKILN_KERNEL=numpy runs no C loop at all."""
     from qkiln.kernels.elementwise import variant_name
 
-    if variant_name() != "avx512":
-        pytest.skip("this CPU has no AVX-512")
+    if not c_loops.available():
+        pytest.skip("the C library is not built here")
     w, h = _problem(16, 64, seed=1)
-    import os
-
-    os.environ["QKILN_KERNEL"] = "avx512"
-    try:
+    best = "avx512" if variant_name() == "avx512" else "portable"
+    for forced, ran in (("", best), ("scalar", "portable"), ("avx512", "avx512"), ("numpy", None)):
+        if forced == "avx512" and best != "avx512":
+            continue  # cannot run here; refusing is test_forced_unavailable_variant's subject
+        monkeypatch.setenv("QKILN_KERNEL", forced)
+        c_loops.reset_path()
         gptq_quantize(w, h, get_scheme("int4_g32"))
-    finally:
-        del os.environ["QKILN_KERNEL"]
+        assert c_loops.last_path() == ran, (forced, c_loops.last_path())

@@ -392,3 +392,21 @@ def test_c_block_sizes_are_gguf_constants():
     assert (defines["QK8"], defines["Q8_0_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
     assert (defines["QKK"], defines["Q4_K_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
     assert (defines["QKK"], defines["Q6_K_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]
+    from qkiln.kernels.types import BLOCK
+
+    assert {int(w): size for w, size in BLOCK.items()} == {int(w): GGML_QUANT_SIZES[GGMLQuantizationType(int(w))] for w in BLOCK}
+
+
+def test_every_exported_function_is_in_the_public_header():
+    """qkiln_kernels.h is the one C ABI: every function Python's ctypes tables call is declared there (and
+    common.h includes it in every source, so the compiler checks it against the definitions)."""
+    import re
+    from pathlib import Path
+
+    import qkiln.kernels
+
+    root = Path(qkiln.kernels.__file__).parent
+    header = set(re.findall(r"\b(qk_\w+)\s*\(", (root / "include" / "qkiln_kernels.h").read_text()))
+    called = {name for path in root.glob("*.py") for name in re.findall(r'"(qk_\w+)"', path.read_text())}
+    called |= {name for path in root.glob("*.py") for name in re.findall(r"lib\.(qk_\w+)\(", path.read_text())}
+    assert called - header == set()

@@ -128,6 +128,51 @@ int qk_decode_token(const qk_decoder_desc *m, float *h, int pos, const float *co
 /* Worker threads of the pool (excluding the caller); created on first multithreaded call. */
 int qk_default_threads(void);
 
+/* ---- Everything else the library exports (Python declares the same signatures in its ctypes tables). --
+ * `variant` selects an implementation: 0 = the best this CPU runs, then per module (elementwise/attention:
+ * 1 portable, 2 AVX-512; gptq: 1 portable, 2 AVX-512). Return 0 on success, -1 bad arguments, -2 variant
+ * unavailable here, -3 out of memory, unless said otherwise. */
+
+/* Element-wise (src/elementwise/): RMSNorm (out float32, or bfloat16 when obf16), silu(g)*u, rotate-half RoPE. */
+int qk_rms_norm(int variant, const float *x, long xs, const float *w, void *out, long t, long n, float eps,
+                int threads, int obf16);
+int qk_silu_mul(int variant, const float *g, long gs, const float *u, long us, float *out, long t, long n,
+                int threads);
+int qk_apply_rope(int variant, const float *x, const long *xstr, const float *cos, long cs, const float *sin,
+                  long ss, float *out, long b, long s, long h, long d, int threads);
+int qk_elementwise_exp(int variant, const float *x, float *y, long n);  /* the kernels' e^x, for its test */
+int qk_elementwise_variant(void);                                        /* what variant 0 runs here */
+
+/* Causal grouped-query attention (src/attention/); strides in floats. */
+int qk_causal_attention_ex(int variant, const float *q, const float *k, const float *v, float *out, int b, int s,
+                           int t, int n_heads, int kv_heads, int d, const long *q_strides, const long *k_strides,
+                           const long *v_strides, int nthreads);
+int qk_attention_exp2(int variant, const float *x, float *y, long n);    /* the softmax's 2^x, for its test */
+int qk_attention_variant(void);
+int qk_attention_amx_available(void);
+
+/* bfloat16 products on AMX tiles (src/x86/amx.c; x86-64 builds only). */
+int qk_bf16_amx_available(void);
+size_t qk_bf16_packed_bytes(int64_t n, int64_t k);
+void qk_bf16_pack_weight(const float *w, int64_t n, int64_t k, uint16_t *out);
+void qk_bf16_round(const float *x, int64_t n, uint16_t *out);
+int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y, int nthreads);
+int qk_bf16_linear_ex(const void *x, int xbf16, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, void *y,
+                      int mode, int ybf16, int nthreads);
+int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads);
+size_t qk_bf16_gram_acc_floats(int64_t k);
+int qk_bf16_gram_acc(const void *x, int xbf16, int64_t m, int64_t k, float *acc, int first, int nthreads);
+int qk_bf16_gram_acc_write(const float *acc, int64_t k, float *out);
+
+/* GPTQ's column scan and the INT grids' weighted range fit (src/gptq/); qk_int_fit_t also returns 1 when a
+ * scale overflows float16. qk_gptq_variant: the variant a request runs (1 or 2), or -2. */
+int qk_gptq_scan(int variant, float *w1, float *err1, uint8_t *codes, long count, long out, const float *h1, long ldh,
+                 long k0, long k1, const int32_t *gidx, const float *scale_t, const float *safe_t,
+                 const float *offset_t, float shift, float qmin, float qmax, int nthreads);
+int qk_int_fit_t(int variant, const float *wt, long cols, long rows, long group, int bits, int symmetric,
+                 const float *imp, const float *shrink, int nshrink, uint16_t *scale, uint8_t *zero, int nthreads);
+int qk_gptq_variant(int variant);
+
 #ifdef __cplusplus
 }
 #endif

@@ -29,14 +29,27 @@
 #include "cpu_x86.h"
 #include "run_rows.h"
 
-/* Variant: 0 = best this CPU runs, 1 = portable, 2 = AVX-512; NULL when it cannot run here. */
-static qk_rows_fn pick(int variant, int fit) {
+/* Variant: 0 = best this CPU runs, 1 = portable, 2 = AVX-512. The variant a request runs (1 or 2), -2 when
+ * it cannot run here; `pick` and the exported `qk_gptq_variant` both answer from this one function. */
+static int resolve(int variant) {
     if (variant == 0) variant = qk_have_avx512() ? 2 : 1;
-    if (variant == 1) return fit ? qk_gptq_fit_rows_portable : qk_gptq_scan_rows_portable;
+    if (variant == 1) return 1;
 #if defined(__x86_64__)
-    if (variant == 2 && qk_have_avx512()) return fit ? qk_gptq_fit_rows_avx512 : qk_gptq_scan_rows_avx512;
+    if (variant == 2 && qk_have_avx512()) return 2;
 #endif
-    return NULL;
+    return -2;
+}
+
+int qk_gptq_variant(int variant) { return resolve(variant); }
+
+static qk_rows_fn pick(int variant, int fit) {
+    switch (resolve(variant)) {
+    case 1: return fit ? qk_gptq_fit_rows_portable : qk_gptq_scan_rows_portable;
+#if defined(__x86_64__)
+    case 2: return fit ? qk_gptq_fit_rows_avx512 : qk_gptq_scan_rows_avx512;
+#endif
+    default: return NULL;
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
