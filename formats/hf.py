@@ -184,7 +184,7 @@ def _check_against_config(
 
 
 class Checkpoint:
-    """A validated Hugging Face Llama checkpoint on disk; a `runtime.source.TensorSource`.
+    """A validated Hugging Face Llama checkpoint on disk; a `model.source.TensorSource`.
 
     Only the Llama tensors of `expected_shapes(config)` are exposed; extras such as
     `model.layers.N.self_attn.rotary_emb.inv_freq` (old exports) are ignored, listed in `ignored`.

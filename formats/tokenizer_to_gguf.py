@@ -23,6 +23,7 @@ from gguf import TokenType
 
 from qkiln.errors import GGUFError
 from qkiln.formats.sentencepiece_model import SentencePieceModel, read_model
+from qkiln.formats.tokenizer_gguf import BPE_PRE_TOKENIZERS
 from qkiln.formats.tokenizer_spm import (
     SCORES_FROM_MERGES,
     SCORES_FROM_MODEL,
@@ -30,7 +31,6 @@ from qkiln.formats.tokenizer_spm import (
     merge_pairs,
     scores_from_merges,
 )
-from qkiln.formats.tokenizer_gguf import BPE_PRE_TOKENIZERS
 
 # The split regex of Llama 3's tokenizer.json (llama.cpp's "llama-bpe" pre-tokenizer).
 _LLAMA3_SPLIT = (

@@ -27,8 +27,8 @@ import pytest
 
 from qkiln.formats.hf import Checkpoint
 from qkiln.model.config import Rope, RopeScaling
+from qkiln.model.source import DictSource
 from qkiln.runtime.llama import LlamaModel
-from qkiln.runtime.source import DictSource
 
 torch = pytest.importorskip("torch", reason="the reference is transformers' LlamaForCausalLM")
 transformers = pytest.importorskip("transformers", reason="the reference is transformers' LlamaForCausalLM")
