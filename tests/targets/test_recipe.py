@@ -13,7 +13,7 @@ from qkiln.cli.main import app
 from qkiln.targets.recipe import RecipeError, load_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
-from recipe_helpers import tiny_recipe  # noqa: E402
+from recipe_helpers import tiny_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SHIPPED = sorted(p.stem for p in RECIPES.glob("*.toml"))
@@ -90,7 +90,7 @@ def test_bad_recipe_exits_2_through_the_cli(tmp_path):
 
 
 def test_missing_recipe_and_toml_syntax(tmp_path):
-    with pytest.raises(RecipeError, match="recipe .*nope.toml not found"):
+    with pytest.raises(RecipeError, match=r"recipe .*nope\.toml not found"):
         load_recipe(tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("schema = 1\n[target\n")
