@@ -49,6 +49,7 @@ def build_command(
     model_path = resolve_model_path(model)
     if not model_path.is_dir():
         raise UserError(f"--model {model_path} is not a checkpoint folder; pass a Hugging Face checkpoint folder")
+    out.parent.mkdir(parents=True, exist_ok=True)  # e.g. dist/ for the default dist/<target>
     console.print(f"build [bold]{rec.target.name}[/] from {rec.path}: {len(rec.artifacts)} artifacts of {model_path.name} -> {out}")
     with stage_progress(quiet=as_json) as report:
         manifest, checks = build(rec, model_path, out, progress=report, speed_seconds=speed_seconds)
@@ -57,7 +58,7 @@ def build_command(
     for a in manifest["artifacts"]:
         acc = a["accuracy"]
         console.print(f"  {a['name']:24s} {a['size_bytes'] / 2**20:7.1f} MiB  KL {acc['mean_kl']:.4f}  "
-                      f"ppl +{acc['ppl_increase_pct']:.2f}%  top-1 {acc['top1_agreement']:.3f}  {a['verdict'].upper()}")
+                      f"ppl {acc['ppl_increase_pct']:+.2f}%  top-1 {acc['top1_agreement']:.3f}  {a['verdict'].upper()}")
     console.print(f"wrote {out}/ (report.html, report.md, manifest.json) in {manifest['timings']['total_s']:.0f} s")
     raise_on_failures(checks)
 

@@ -112,7 +112,7 @@ def validate_command(
     else:
         acc = result["accuracy"]
         console.print(f"{artifact.name}: mean KL {acc['mean_kl']:.5f}, perplexity {acc['perplexity']:.3f} "
-                      f"(+{acc['ppl_increase_pct']:.2f}%), top-1 {acc['top1_agreement']:.3f} over {len(windows)} x {windows.shape[1]} tokens")
+                      f"({acc['ppl_increase_pct']:+.2f}%), top-1 {acc['top1_agreement']:.3f} over {len(windows)} x {windows.shape[1]} tokens")
         lc = result.get("llama_cpp", {})
         if lc.get("ran"):
             console.print(f"  llama.cpp: mean KL {lc['mean_kl']:.5f}, top-1 {lc['top1_agreement']:.3f}")

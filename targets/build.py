@@ -134,7 +134,8 @@ def build(recipe: Recipe, model: Path, out: Path, *, progress: Progress | None =
                 result, art_checks = validate_gguf(
                     tmp / entry["file"], ref, recipe.thresholds_for(a), target=facts,
                     isa_windows=recipe.evaluation.isa_windows, isa_ctx=recipe.evaluation.isa_ctx,
-                    speed_seconds=speed_seconds, real_runtime=real_runtime, progress=say, workdir=work)
+                    speed_seconds=speed_seconds, real_runtime=real_runtime and recipe.evaluation.real_runtime_windows > 0,
+                    real_runtime_windows=recipe.evaluation.real_runtime_windows, progress=say, workdir=work)
                 entry.update(result)
                 entry["name"] = a.name
                 checks += art_checks
@@ -157,7 +158,8 @@ def build(recipe: Recipe, model: Path, out: Path, *, progress: Progress | None =
             "evaluation": {"text": [p.name for p in recipe.evaluation.text], "sha256": _texts_sha(recipe.evaluation.text),
                            "ctx": recipe.evaluation.ctx, "windows": len(windows),
                            "reference_perplexity": round(ref.scores.perplexity, 6),
-                           "isa_windows": recipe.evaluation.isa_windows, "isa_ctx": recipe.evaluation.isa_ctx},
+                           "isa_windows": recipe.evaluation.isa_windows, "isa_ctx": recipe.evaluation.isa_ctx,
+                           "real_runtime_windows": recipe.evaluation.real_runtime_windows},
             "artifacts": entries,
             "verdict": "pass" if all(c.passed for c in checks) else "fail",
         }

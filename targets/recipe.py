@@ -85,6 +85,7 @@ class Evaluation:
     max_windows: int
     isa_windows: int  # windows run under qemu for the target-ISA check
     isa_ctx: int  # their length in tokens (qemu runs the kernels ~20-50x slower than the host)
+    real_runtime_windows: int  # windows also scored through the artifact's real runtime (llama.cpp), a cross-check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +351,8 @@ def load_recipe(path: str | Path) -> Recipe:
         max_windows=eval_r.get("max_windows", int, check=_between(1, 100_000)),
         isa_windows=eval_r.get("isa_windows", int, required=False, default=1, check=_between(0, 1000)),
         isa_ctx=eval_r.get("isa_ctx", int, required=False, default=32, check=_between(2, 100_000)),
+        real_runtime_windows=eval_r.get("real_runtime_windows", int, required=False, default=1,
+                                        check=_between(0, 100_000)),
     )
     eval_r.finish()
     overlap = {t.resolve() for t in calibration.text} & {t.resolve() for t in evaluation.text}

@@ -45,21 +45,29 @@ class ReferenceLogits:
         return np.load(self._dir / f"ref{i}.npy", mmap_mode="r")
 
 
-def score(model: LogitsFn, ref: ReferenceLogits, *, label: str = "eval", progress: Progress | None = None
-          ) -> tuple[dict[str, Any], float]:
-    """Accuracy metrics of `model` against the reference on its windows, and the model's seconds."""
+def score(model: LogitsFn, ref: ReferenceLogits, *, label: str = "eval", progress: Progress | None = None,
+          windows: int | None = None) -> tuple[dict[str, Any], float]:
+    """Accuracy metrics of `model` against the reference on its first `windows` windows (all by default), and
+    the model's seconds. The reference perplexity is over the same windows."""
     scores = TokenScores()
+    ref_scores = ref.scores
+    n = len(ref.windows) if windows is None else min(windows, len(ref.windows))
+    if n < len(ref.windows):
+        ref_scores = TokenScores()
+        for i in range(n):
+            ref_scores.add_window(ref.windows[i], ref[i])
     seconds = 0.0
-    for i, w in enumerate(ref.windows):
+    for i, w in enumerate(ref.windows[:n]):
         t0 = time.perf_counter()
         logits = model(w[None, :])[0]
         seconds += time.perf_counter() - t0
         scores.add_window(w, logits, ref[i])
         if progress:
-            progress(label, i + 1, len(ref.windows))
+            progress(label, i + 1, n)
     d = scores.as_dict()
-    d["reference_perplexity"] = ref.scores.perplexity
-    d["ppl_increase_pct"] = ppl_increase_pct(scores.perplexity, ref.scores.perplexity)
+    d["windows"] = n
+    d["reference_perplexity"] = ref_scores.perplexity
+    d["ppl_increase_pct"] = ppl_increase_pct(scores.perplexity, ref_scores.perplexity)
     return d, seconds
 
 
@@ -101,10 +109,11 @@ def _round(d: dict[str, Any], digits: int = 6) -> dict[str, Any]:
 
 def validate_gguf(path: Path, ref: ReferenceLogits, thresholds: Thresholds, *, target: TargetFacts | None = None,
                   isa_windows: int = 1, isa_ctx: int = 32, speed_seconds: float = 0.5,
-                  real_runtime: bool = True, progress: Progress | None = None,
+                  real_runtime: bool = True, real_runtime_windows: int | None = None, progress: Progress | None = None,
                   workdir: Path | None = None) -> tuple[dict[str, Any], list[Check]]:
     """Every measurement of one GGUF artifact and its checks. The result's "timings" and "speed" entries are
-    the only ones that change between identical runs."""
+    the only ones that change between identical runs. The real runtime (llama.cpp) is a cross-check of qkiln's
+    runtime on the first `real_runtime_windows` windows (all by default): it is the slowest step of a build."""
     from qkiln.kernels.linear import load_gguf_model
 
     if not path.is_file() or path.suffix.lower() != ".gguf":
@@ -112,7 +121,9 @@ def validate_gguf(path: Path, ref: ReferenceLogits, thresholds: Thresholds, *, t
     name = path.name
     result: dict[str, Any] = {"runtime": "qkiln kernels (this machine)"}
     timings: dict[str, float] = {}
+    t0 = time.perf_counter()
     lm = load_gguf_model(path)
+    timings["load_s"] = time.perf_counter() - t0
     if lm.model.config.vocab_size != ref[0].shape[-1]:
         raise UserError(f"{path} has vocabulary {lm.model.config.vocab_size}, the reference {ref[0].shape[-1]}; "
                         "compare models that share a tokenizer")
@@ -124,7 +135,8 @@ def validate_gguf(path: Path, ref: ReferenceLogits, thresholds: Thresholds, *, t
         if fn is None:
             result["llama_cpp"] = {"ran": False, "reason": "llama-cpp-python is not installed"}
         else:
-            lc_metrics, timings["llama_cpp_eval_s"] = score(fn, ref, label=f"{name}: llama.cpp", progress=progress)
+            lc_metrics, timings["llama_cpp_eval_s"] = score(fn, ref, label=f"{name}: llama.cpp", progress=progress,
+                                                            windows=real_runtime_windows)
             result["llama_cpp"] = {"ran": True, **_round(lc_metrics)}
     checked: dict[str, float | None] = dict(metrics)
     t = target
@@ -149,7 +161,9 @@ def validate_gguf(path: Path, ref: ReferenceLogits, thresholds: Thresholds, *, t
         progress(f"{name}: speed", 0, 1)
     from qkiln.validate.speed import host_cost, measure_speed, target_estimate
 
+    t0 = time.perf_counter()
     speed = measure_speed(path, seconds=speed_seconds)
+    timings["speed_s"] = time.perf_counter() - t0
     if t is not None and t.price_per_hour is not None:
         speed["usd_per_million_tokens_here_at_target_price"] = host_cost(speed, t.price_per_hour)
     result["speed"] = speed

@@ -35,13 +35,14 @@ def size_kl_plot(manifest: dict[str, Any]) -> bytes:
     limit = manifest["recipe"]["thresholds"].get("max_mean_kl")
     if limit is not None:
         ax.axhline(limit, color="#888", linestyle="--", linewidth=1, label=f"max mean KL {limit:g}")
-        ax.legend(loc="upper right", fontsize=9, frameon=False)
+        ax.legend(loc="center right", fontsize=9, frameon=False)
     ax.set_xlabel("artifact size (MiB)")
     ax.set_ylabel("mean KL vs unquantized (nats)")
     ax.set_title(f"{manifest['recipe']['target']['name']}: size against accuracy", fontsize=11)
     ax.grid(True, alpha=0.3)
     if arts:
         ax.set_ylim(bottom=0)
+        ax.margins(x=0.25)  # room for the labels of the outermost points
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
@@ -49,27 +50,38 @@ def size_kl_plot(manifest: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _rows(manifest: dict[str, Any]) -> list[list[str]]:
+def _accuracy_rows(manifest: dict[str, Any]) -> list[list[str]]:
     rows = []
     for a in manifest["artifacts"]:
-        acc = a.get("accuracy", {})
-        isa = a.get("isa_check", {})
-        est = a.get("target_estimate", {})
-        sp = a.get("speed", {})
+        acc, isa, lc = a.get("accuracy", {}), a.get("isa_check", {}), a.get("llama_cpp", {})
         rows.append([
             a["name"], a["format"], f"{a['scheme']} / {a['algo']}", _mib(a["size_bytes"]), f"{a['bits_per_weight']:.3f}",
-            _f(acc.get("mean_kl")), _f(acc.get("ppl_increase_pct"), ".2f") + " %", _f(acc.get("top1_agreement"), ".3f"),
-            (_f(isa.get("mean_kl"), ".2e") + f" ({isa.get('kernel_path')})") if isa.get("ran") else "not run",
-            f"{_f(sp.get('decode_tokens_per_s'), '.0f')} / {_f(sp.get('prompt_tokens_per_s'), '.0f')}",
-            _f(est.get("decode_tokens_per_s"), ".0f"), _f(est.get("usd_per_million_tokens"), ".4f"),
+            _f(acc.get("mean_kl")), _f(acc.get("ppl_increase_pct"), "+.2f") + " %", _f(acc.get("top1_agreement"), ".3f"),
+            (f"{_f(lc.get('mean_kl'))} ({lc.get('windows')} w)" if lc.get("ran") else "not run"),
+            (_f(isa.get("mean_kl"), ".1e") + f" ({isa.get('kernel_path')})") if isa.get("ran") else "not run",
             a["verdict"].upper(),
         ])
     return rows
 
 
-HEAD = ["artifact", "format", "scheme / algo", "size", "bits/weight", "mean KL", "ppl increase", "top-1",
-        "target-ISA KL (path)", "decode / prompt tok/s here", "target decode tok/s (estimate)",
-        "$ / M tokens (estimate)", "verdict"]
+ACCURACY_HEAD = ["artifact", "format", "scheme / algo", "size", "bits / weight", "mean KL", "ppl increase", "top-1",
+                 "llama.cpp KL", "target-ISA KL (path)", "verdict"]
+
+
+def _speed_rows(manifest: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for a in manifest["artifacts"]:
+        sp, est = a.get("speed", {}), a.get("target_estimate", {})
+        rows.append([
+            a["name"], str(sp.get("kernel_path", "—")), _f(sp.get("decode_tokens_per_s"), ".0f"),
+            _f(sp.get("prompt_tokens_per_s"), ".0f"), _f(sp.get("bandwidth_share"), ".0%"),
+            _f(est.get("decode_tokens_per_s"), ".0f"), _f(est.get("usd_per_million_tokens"), ".4f"),
+        ])
+    return rows
+
+
+SPEED_HEAD = ["artifact", "kernel path here", "decode tok/s here", "prompt tok/s here", "share of read bandwidth",
+              "target decode tok/s (ESTIMATE)", "$ per M tokens (ESTIMATE)"]
 
 
 def _notes(manifest: dict[str, Any]) -> list[str]:
@@ -78,7 +90,9 @@ def _notes(manifest: dict[str, Any]) -> list[str]:
     notes = [
         f"Evaluation: {manifest['evaluation']['windows']} windows of {manifest['evaluation']['ctx']} tokens of "
         f"{', '.join(manifest['evaluation']['text'])} (reference perplexity {_f(manifest['evaluation'].get('reference_perplexity'))}); "
-        "KL is mean KL(P_unquantized || P_artifact) per scored token, in nats.",
+        "KL is mean KL(P_unquantized || P_artifact) per scored token, in nats, through qkiln's runtime on the "
+        "artifact's own blocks; thresholds apply to these. llama.cpp KL: the same file through llama.cpp on the first "
+        "windows (w), a cross-check of the runtime the artifact ships to.",
         "Speed here: qkiln's kernels on this machine's weight products (attention, norms and sampling excluded). "
         f"Target figures are ESTIMATES: the bandwidth share measured here x {t['memory_bandwidth_gbs']:g} GB/s "
         f"({t['instance']}, ${t['price_per_hour']:g}/h).",
@@ -98,8 +112,10 @@ def report_md(manifest: dict[str, Any]) -> str:
              f"{t['description']} — {t['cpu']} ({', '.join(t['isa'])}).", "",
              f"Verdict: **{manifest['verdict'].upper()}** · recipe `{r['file']}` (sha256 {r['sha256'][:12]}) · "
              f"model `{manifest['model']['name']}` · qkiln {manifest['qkiln_version']}", "",
-             "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(manifest)]
+             "## Accuracy", "", "| " + " | ".join(ACCURACY_HEAD) + " |", "|" + "---|" * len(ACCURACY_HEAD)]
+    lines += ["| " + " | ".join(row) + " |" for row in _accuracy_rows(manifest)]
+    lines += ["", "## Speed and cost", "", "| " + " | ".join(SPEED_HEAD) + " |", "|" + "---|" * len(SPEED_HEAD)]
+    lines += ["| " + " | ".join(row) + " |" for row in _speed_rows(manifest)]
     lines += ["", "## Checks", ""]
     for a in manifest["artifacts"]:
         for c in a.get("checks", []):
@@ -115,7 +131,8 @@ h1{font-size:1.6rem;margin:.2rem 0}h2{font-size:1.15rem;margin-top:1.8rem;border
 .pass{background:#2a7d2e}.fail{background:#c0392b}
 table{border-collapse:collapse;width:100%;font-size:13px;margin-top:.6rem}
 th,td{border-bottom:1px solid #e3e3e3;padding:.35rem .45rem;text-align:right;white-space:nowrap}
-th{background:#f5f6f7;font-weight:600}td:first-child,th:first-child,td:nth-child(2),td:nth-child(3){text-align:left}
+th{background:#f5f6f7;font-weight:600;white-space:normal;vertical-align:bottom}
+table.acc td:nth-child(-n+3),table.acc th:nth-child(-n+3),table.speed td:nth-child(-n+2),table.speed th:nth-child(-n+2){text-align:left}
 .plot{margin-top:1rem}.plot img{max-width:100%;border:1px solid #eee}
 ul.checks li{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;list-style:none;margin:.15rem 0}
 .ok{color:#2a7d2e;font-weight:600}.bad{color:#c0392b;font-weight:600}
@@ -130,7 +147,11 @@ def report_html(manifest: dict[str, Any]) -> str:
     esc = html.escape
     png = base64.b64encode(size_kl_plot(manifest)).decode("ascii")
     verdict = manifest["verdict"]
-    rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in _rows(manifest))
+
+    def table(head: list[str], rows: list[list[str]], cls: str) -> str:
+        body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table class='{cls}'><thead><tr>{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr></thead><tbody>{body}</tbody></table>"
+
     checks = "".join(
         f"<li><span class='{'ok' if c['passed'] else 'bad'}'>{'PASS' if c['passed'] else 'FAIL'}</span> {esc(c['message'])}</li>"
         for a in manifest["artifacts"] for c in a.get("checks", []))
@@ -145,9 +166,11 @@ def report_html(manifest: dict[str, Any]) -> str:
 <h1>qkiln build: {esc(t['name'])} <span class="badge {verdict}">{verdict.upper()}</span></h1>
 <p class="meta">{esc(t['description'])}<br>recipe <code>{esc(r['file'])}</code> (sha256 {esc(r['sha256'][:12])}) ·
 model <code>{esc(manifest['model']['name'])}</code> · qkiln {esc(manifest['qkiln_version'])}</p>
-<h2>Artifacts</h2>
-<table><thead><tr>{''.join(f'<th>{esc(h)}</th>' for h in HEAD)}</tr></thead><tbody>{rows}</tbody></table>
+<h2>Accuracy</h2>
+{table(ACCURACY_HEAD, _accuracy_rows(manifest), "acc")}
 <div class="plot"><img alt="artifact size against mean KL" src="data:image/png;base64,{png}"></div>
+<h2>Speed and cost</h2>
+{table(SPEED_HEAD, _speed_rows(manifest), "speed")}
 <h2>Checks</h2><ul class="checks">{checks}</ul>
 <h2>Target</h2><table class="facts">{facts_html}</table>
 <h2>Notes</h2><ul>{notes}</ul>
@@ -165,7 +188,7 @@ def model_card(manifest: dict[str, Any], artifact: dict[str, Any]) -> str:
         f"({t['cpu']}): {artifact['format']} `{artifact['scheme']}`, codes chosen by `{artifact['algo']}`.", "",
         f"- size {_mib(artifact['size_bytes'])}, {artifact['bits_per_weight']:.3f} bits per weight, sha256 `{artifact['sha256']}`",
         f"- mean KL {_f(acc.get('mean_kl'))} nats, perplexity {_f(acc.get('perplexity'))} "
-        f"(+{_f(acc.get('ppl_increase_pct'), '.2f')} % over the unquantized model), top-1 agreement {_f(acc.get('top1_agreement'), '.3f')}",
+        f"({_f(acc.get('ppl_increase_pct'), '+.2f')} % against the unquantized model), top-1 agreement {_f(acc.get('top1_agreement'), '.3f')}",
         f"- verdict against the recipe's thresholds: **{artifact['verdict']}**",
         f"- calibration: {manifest['calibration']['description']}",
         "",
