@@ -113,8 +113,11 @@ def build(recipe: Recipe, model: Path, out: Path, *, progress: Progress | None =
                 summary = {**made[key][1], "reused_from": made[key][0].name}
             else:
                 say(f"quantize {a.name} ({a.scheme}, {a.algo})", i, len(recipe.artifacts))
-                summary = make_artifact(model, a, dest, recipe,
-                                        progress=lambda what, a=a: say(f"quantize {a.name}: {what}", 0, 0))
+
+                def step(what: str, label: str = f"quantize {a.name}") -> None:
+                    say(f"{label}: {what}", 0, 0)
+
+                summary = make_artifact(model, a, dest, recipe, progress=step)
                 made[key] = (dest, summary)
             timings[f"quantize_{a.name}_s"] = round(time.perf_counter() - t0, 3)
             entries.append({"name": a.name, "file": dest.name, "format": a.format, "scheme": a.scheme, "algo": a.algo,

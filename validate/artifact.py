@@ -57,15 +57,19 @@ def score(model: LogitsFn, ref: ReferenceLogits, *, label: str = "eval", progres
         for i in range(n):
             ref_scores.add_window(ref.windows[i], ref[i])
     seconds = 0.0
+    window_kl = []
     for i, w in enumerate(ref.windows[:n]):
         t0 = time.perf_counter()
         logits = model(w[None, :])[0]
         seconds += time.perf_counter() - t0
+        before = scores.kl_sum
         scores.add_window(w, logits, ref[i])
+        window_kl.append(round((scores.kl_sum - before) / (len(w) - 1), 6))
         if progress:
             progress(label, i + 1, n)
     d = scores.as_dict()
     d["windows"] = n
+    d["window_mean_kl"] = window_kl  # per window: every window scores ctx - 1 tokens
     d["reference_perplexity"] = ref_scores.perplexity
     d["ppl_increase_pct"] = ppl_increase_pct(scores.perplexity, ref_scores.perplexity)
     return d, seconds
@@ -137,7 +141,9 @@ def validate_gguf(path: Path, ref: ReferenceLogits, thresholds: Thresholds, *, t
         else:
             lc_metrics, timings["llama_cpp_eval_s"] = score(fn, ref, label=f"{name}: llama.cpp", progress=progress,
                                                             windows=real_runtime_windows)
-            result["llama_cpp"] = {"ran": True, **_round(lc_metrics)}
+            same = metrics["window_mean_kl"][: lc_metrics["windows"]]
+            result["llama_cpp"] = {"ran": True, **_round(lc_metrics),
+                                   "qkiln_mean_kl_same_windows": round(sum(same) / len(same), 6)}
     checked: dict[str, float | None] = dict(metrics)
     t = target
     if t is not None and t.qemu_cpu and isa_windows > 0:

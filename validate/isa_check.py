@@ -101,9 +101,11 @@ def _package_tree(dest: Path) -> Path:
 
     pkg = dest / "pkg" / "qkiln"
     pkg.mkdir(parents=True)
+    assert qkiln.__file__ is not None
     for f in Path(qkiln.__file__).parent.glob("*.py"):
         (pkg / f.name).symlink_to(f)
     for sub in (qkiln.kernels, qkiln.runtime, qkiln.validate):
+        assert sub.__file__ is not None
         (pkg / sub.__name__.rsplit(".", 1)[1]).symlink_to(Path(sub.__file__).parent)
     (dest / "pkg" / "ml_dtypes.py").write_text(ML_DTYPES_STUB)
     return dest / "pkg"

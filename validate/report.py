@@ -57,7 +57,8 @@ def _accuracy_rows(manifest: dict[str, Any]) -> list[list[str]]:
         rows.append([
             a["name"], a["format"], f"{a['scheme']} / {a['algo']}", _mib(a["size_bytes"]), f"{a['bits_per_weight']:.3f}",
             _f(acc.get("mean_kl")), _f(acc.get("ppl_increase_pct"), "+.2f") + " %", _f(acc.get("top1_agreement"), ".3f"),
-            (f"{_f(lc.get('mean_kl'))} ({lc.get('windows')} w)" if lc.get("ran") else "not run"),
+            (f"{_f(lc.get('mean_kl'))} vs {_f(lc.get('qkiln_mean_kl_same_windows'))} ({lc.get('windows')} w)"
+             if lc.get("ran") else "not run"),
             (_f(isa.get("mean_kl"), ".1e") + f" ({isa.get('kernel_path')})") if isa.get("ran") else "not run",
             a["verdict"].upper(),
         ])
@@ -65,7 +66,7 @@ def _accuracy_rows(manifest: dict[str, Any]) -> list[list[str]]:
 
 
 ACCURACY_HEAD = ["artifact", "format", "scheme / algo", "size", "bits / weight", "mean KL", "ppl increase", "top-1",
-                 "llama.cpp KL", "target-ISA KL (path)", "verdict"]
+                 "llama.cpp KL vs qkiln's (windows)", "target-ISA KL (path)", "verdict"]
 
 
 def _speed_rows(manifest: dict[str, Any]) -> list[list[str]]:
@@ -92,7 +93,7 @@ def _notes(manifest: dict[str, Any]) -> list[str]:
         f"{', '.join(manifest['evaluation']['text'])} (reference perplexity {_f(manifest['evaluation'].get('reference_perplexity'))}); "
         "KL is mean KL(P_unquantized || P_artifact) per scored token, in nats, through qkiln's runtime on the "
         "artifact's own blocks; thresholds apply to these. llama.cpp KL: the same file through llama.cpp on the first "
-        "windows (w), a cross-check of the runtime the artifact ships to.",
+        "windows (w), next to qkiln's on the same windows — a cross-check of the runtime the artifact ships to.",
         "Speed here: qkiln's kernels on this machine's weight products (attention, norms and sampling excluded). "
         f"Target figures are ESTIMATES: the bandwidth share measured here x {t['memory_bandwidth_gbs']:g} GB/s "
         f"({t['instance']}, ${t['price_per_hour']:g}/h).",
@@ -136,7 +137,7 @@ table.acc td:nth-child(-n+3),table.acc th:nth-child(-n+3),table.speed td:nth-chi
 .plot{margin-top:1rem}.plot img{max-width:100%;border:1px solid #eee}
 ul.checks li{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;list-style:none;margin:.15rem 0}
 .ok{color:#2a7d2e;font-weight:600}.bad{color:#c0392b;font-weight:600}
-.facts td{text-align:left}
+.facts td,.facts th{text-align:left}.facts th{width:12rem}
 """
 
 
