@@ -31,10 +31,15 @@ def size_kl_plot(manifest: dict[str, Any]) -> bytes:
         x, y = a["size_bytes"] / 2**20, a["accuracy"]["mean_kl"]
         ax.scatter([x], [y], s=60, color="#2a7d2e" if ok else "#c0392b", zorder=3)
         ax.annotate(f"{a['name']} ({a['bits_per_weight']:.2f} bpw)", (x, y), textcoords="offset points",
-                    xytext=(6, 6), fontsize=9)
+                    xytext=(8, 9), fontsize=9)
+        own = a.get("thresholds", {}).get("max_mean_kl")
+        if own is not None:  # the artifact's own gate, a tick above (or at) its point
+            ax.plot([x], [own], marker="_", markersize=22, markeredgewidth=2, color="#555", linestyle="none",
+                    label="the artifact's max mean KL" if a is arts[0] else None)
     limit = manifest["recipe"]["thresholds"].get("max_mean_kl")
     if limit is not None:
-        ax.axhline(limit, color="#888", linestyle="--", linewidth=1, label=f"max mean KL {limit:g}")
+        ax.axhline(limit, color="#888", linestyle="--", linewidth=1, label=f"recipe's floor: max mean KL {limit:g}")
+    if arts:
         ax.legend(loc="center right", fontsize=9, frameon=False)
     ax.set_xlabel("artifact size (MiB)")
     ax.set_ylabel("mean KL vs unquantized (nats)")
