@@ -1,16 +1,13 @@
 # The two commands of the README, and the lock refresh.
 .PHONY: demo test lock
 
-DEMO = $$(.venv/bin/python -c 'from qkiln.demo import demo_model_dir; print(demo_model_dir())')
-
-# Set up, import the bundled demo model (SmolLM2-135M-Instruct), package it as llama.cpp's Q4_K_M mix and
-# score the artifact, run on its own packed blocks, against the unquantized model.
+# Set up, import the bundled demo model (SmolLM2-135M-Instruct) and build the Graviton4 target's artifacts
+# (recipes/graviton4.toml: GGUF Q4_0 with GPTQ codes and Q8_0), each scored against the unquantized model,
+# run on Graviton4's instruction set under qemu when the Arm tools are installed, timed, and reported in
+# dist/graviton4/ (report.html, report.md, manifest.json, a model card per artifact).
 demo:
 	scripts/setup.sh
-	.venv/bin/qkiln info
-	mkdir -p dist
-	.venv/bin/qkiln convert --to gguf --scheme q4_k_m --algo rtn -o dist/demo-q4_k_m.gguf
-	.venv/bin/qkiln eval --model dist/demo-q4_k_m.gguf --ref "$(DEMO)" --text /usr/share/common-licenses/GPL-2 --ctx 512
+	.venv/bin/qkiln build recipes/graviton4.toml
 
 # Install everything the tests need from requirements/test.lock, then run the whole suite. `python -P` keeps
 # the repository root off sys.path, so tests import the installed qkiln, as users do.

@@ -34,6 +34,8 @@ COMMAND_MODULES = [
     "qkiln.cli.convert_cmd",
     "qkiln.cli.inspect_cmd",
     "qkiln.cli.schemes_cmd",
+    "qkiln.cli.build_cmd",
+    "qkiln.cli.validate_cmd",
 ]
 
 for _name in COMMAND_MODULES:

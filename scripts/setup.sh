@@ -54,6 +54,9 @@ if [ "$want" = test ]; then
   # Test inputs that come from a registry (Llama 2's vocabulary in an npm package) are fetched here, never
   # mid-test.
   scripts/fetch_test_data.sh
+  # Debian's arm64 python3 + numpy, unpacked once into ~/.cache, for the target-ISA check under qemu
+  # (qkiln validate / build on Arm targets, tests marked qemu)
+  scripts/arm/fetch_arm_python.sh >/dev/null
 fi
 
 # qkiln itself, editable, built by the locked setuptools (no isolated build environment that would float).

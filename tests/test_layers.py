@@ -10,6 +10,7 @@ only reason left for one would be dodging a cycle. cli/ may import lazily inside
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +26,13 @@ LAYERS: dict[str, int] = {
     "qkiln.pipeline": 6,  # checkpoint -> rules -> stream of tensors -> a writer
     "qkiln.demo": 6,  # the demo model (imported from its GGUF)
     "qkiln.validate": 7,  # accuracy and speed
-    "qkiln.cli": 8,  # the commands
+    "qkiln.targets": 8,  # recipes and the build of a target's artifacts
+    "qkiln.cli": 9,  # the commands
 }
-# folder -> the import package it is installed as (pyproject.toml's package-dir)
-FOLDERS = {"qkiln": "qkiln", "model": "qkiln.model", "cli": "qkiln.cli", "formats": "qkiln.formats",
-           "quantize": "qkiln.quantize", "runtime": "qkiln.runtime", "validate": "qkiln.validate",
-           "pipeline": "qkiln.pipeline"}
+# folder -> the import package it is installed as: pyproject.toml's package-dir, so a new folder is checked
+# (and must be given a layer) as soon as it is packaged.
+FOLDERS = {folder: package for package, folder in
+           tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].items()}
 LAZY_OK = ("qkiln.cli",)
 
 

@@ -1,0 +1,1 @@
+"""Hardware targets: recipes (recipes/*.toml) and the build that makes and validates their artifacts."""

@@ -1,0 +1,145 @@
+"""`qkiln build` on a tiny random model: artifacts, manifest, reports, model cards; gates, determinism and
+an interrupted build that leaves the previous output as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qkiln.cli.main import app
+from qkiln.validate.manifest import stable_view
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "targets"))
+from recipe_helpers import tiny_recipe
+
+FAST = ["--speed-seconds", "0.01"]
+
+
+def run_build(recipe: Path, model: Path, out: Path, *extra: str):
+    return CliRunner().invoke(app, ["build", str(recipe), "--model", str(model), "-o", str(out), *FAST, *extra])
+
+
+@pytest.fixture
+def tiny_model(make_checkpoint):
+    return make_checkpoint()
+
+
+def test_build_writes_every_artifact_validated_with_manifest_reports_and_cards(tiny_model, tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    out = tmp_path / "dist"
+    r = run_build(recipe, tiny_model, out, "--json")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert json.loads(r.stdout) == manifest
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", "report.md", "report.html", "q8_0.gguf", "q8_0.md", "q4_0.gguf", "q4_0.md"])
+    assert manifest["verdict"] == "pass"
+    assert manifest["recipe"]["file"] == "tiny.toml" and len(manifest["recipe"]["sha256"]) == 64
+    assert set(manifest["model"]["files"]) >= {"config.json", "model.safetensors"}
+    assert manifest["calibration"]["used"] is False and len(manifest["calibration"]["sha256"]) == 64
+    for a in manifest["artifacts"]:
+        assert a["verdict"] == "pass"
+        assert len(a["sha256"]) == 64 and a["size_bytes"] == (out / a["file"]).stat().st_size
+        assert 0 < a["bits_per_weight"] < 32
+        assert {"mean_kl", "perplexity", "ppl_increase_pct", "top1_agreement"} <= set(a["accuracy"])
+        assert {c["threshold"] for c in a["checks"]} == {"max_mean_kl", "max_ppl_increase_pct", "min_top1"}
+        assert a["speed"]["decode_tokens_per_s"] > 0
+        assert a["target_estimate"]["estimate"] is True and "usd_per_million_tokens" in a["target_estimate"]
+        assert a["isa_check"]["ran"] is False  # an x86 target: no qemu step
+    q8, q4 = manifest["artifacts"]
+    assert q8["accuracy"]["mean_kl"] < q4["accuracy"]["mean_kl"]
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<script" not in html and "http" not in html.split("<body>")[1]
+    assert "q4_0" in (out / "report.md").read_text()
+    assert "sha256" in (out / "q4_0.md").read_text()
+
+
+def test_same_codes_are_quantized_once(tiny_model, tmp_path):
+    recipe = tiny_recipe(tmp_path, artifacts='''
+[[artifacts]]
+name = "a"
+format = "gguf"
+scheme = "q8_0"
+
+[[artifacts]]
+name = "b"
+format = "gguf"
+scheme = "q8_0"
+''')
+    out = tmp_path / "dist"
+    r = run_build(recipe, tiny_model, out)
+    assert r.exit_code == 0, r.output
+    a, b = json.loads((out / "manifest.json").read_text())["artifacts"]
+    assert b["reused_from"] == "a.gguf" and a["sha256"] == b["sha256"]
+
+
+def test_impossible_threshold_exits_1_naming_the_metric_and_still_writes_the_report(tiny_model, tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    text = recipe.read_text().replace("min_top1 = 0.0", "min_top1 = 1.0").replace("max_mean_kl = 5.0", "max_mean_kl = 0.0")
+    recipe.write_text(text)
+    out = tmp_path / "dist"
+    r = run_build(recipe, tiny_model, out)
+    assert r.exit_code == 1, r.output
+    assert "mean_kl" in r.output and "fails max_mean_kl" in r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verdict"] == "fail"
+    assert "FAIL" in (out / "report.md").read_text()
+
+
+def test_two_builds_give_the_same_bytes_and_manifest(tiny_model, tmp_path):
+    recipe = tiny_recipe(tmp_path, artifacts='''
+[[artifacts]]
+name = "q4_0-gptq"
+format = "gguf"
+scheme = "q4_0"
+algo = "gptq"
+uniform = true
+''')
+    docs = []
+    for name in ("one", "two"):
+        r = run_build(recipe, tiny_model, tmp_path / name)
+        assert r.exit_code == 0, r.output
+        docs.append(json.loads((tmp_path / name / "manifest.json").read_text()))
+    assert (tmp_path / "one" / "q4_0-gptq.gguf").read_bytes() == (tmp_path / "two" / "q4_0-gptq.gguf").read_bytes()
+    assert docs[0]["calibration"]["used"] is True
+    assert stable_view(docs[0]) == stable_view(docs[1])
+    assert docs[0]["timings"] != {} and "speed" in docs[0]["artifacts"][0]  # the parts that may differ exist
+
+
+def test_build_refuses_to_replace_a_folder_that_is_not_a_build(tiny_model, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    r = run_build(tiny_recipe(tmp_path), tiny_model, out)
+    assert r.exit_code == 2 and "not a qkiln build" in r.output
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_kill_9_during_a_build_leaves_the_previous_output_intact(tiny_model, tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    out = tmp_path / "dist"
+    assert run_build(recipe, tiny_model, out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    qkiln = Path(sys.executable).with_name("qkiln")
+    proc = subprocess.Popen([str(qkiln), "build", str(recipe), "--model", str(tiny_model), "-o", str(out), *FAST],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill once the new build is writing its artifacts
+        partial = [p for p in tmp_path.glob(".dist.partial-*") if any(p.glob("*.gguf"))]
+        if partial:
+            break
+        time.sleep(0.02)
+    else:
+        proc.kill()
+        pytest.fail("the build never started writing")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
