@@ -22,6 +22,7 @@ layer's packed weights, never the model.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, TypeAlias
 
@@ -159,12 +160,17 @@ class LlamaGraph:
         self.sin = self._init("sin_cache", np.sin(angles).astype(np.float32))
         self.context_length = n_pos
 
-    def embeddings(self, table: Weight, *, tied_head: bool) -> None:
+    def embeddings(self, table: Weight, *, tied_head: bool, gather_rows: np.ndarray | None = None) -> None:
         """The token table (a Gather on float rows; a quantized table is stored dequantized, exactly) and,
-        with tied embeddings, the head on the same codes."""
+        with tied embeddings, the head on the same codes. `gather_rows` (vocab, hidden) replaces the
+        Gather's rows (the unquantized table, as the builder keeps it, when only the tied head is quantized)."""
         name = "model.embed_tokens.weight"
-        dense = table.dequantize() if isinstance(table, QuantizedTensor) else np.asarray(table, np.float32)
-        self.kinds[name] = f"Gather {self.opt.float_dtype}" + (" (dequantized)" if _is_quantized(table) else "")
+        if gather_rows is not None:
+            dense = np.asarray(gather_rows, np.float32)
+            self.kinds[name] = f"Gather {self.opt.float_dtype}"
+        else:
+            dense = table.dequantize() if isinstance(table, QuantizedTensor) else np.asarray(table, np.float32)
+            self.kinds[name] = f"Gather {self.opt.float_dtype}" + (" (dequantized)" if _is_quantized(table) else "")
         rows = self._float("model.embed_tokens.weight", dense)
         del dense
         self._residual = self._node("Gather", [rows, "input_ids"], name="/model/embed_tokens/Gather", axis=0)
@@ -300,13 +306,14 @@ class LlamaGraph:
 
 
 def write_model(dest: Path, config: LlamaConfig, tensors: object, options: GraphOptions,
-                metadata: dict[str, str], *, data_name: str = "model.onnx.data") -> LlamaGraph:
+                metadata: dict[str, str], *, data_name: str = "model.onnx.data",
+                gather_rows: Callable[[], np.ndarray] | None = None) -> LlamaGraph:
     """Write `dest/model.onnx` and `dest/<data_name>` from the quantizer's stream of (hf_name, weight),
     in its order: embeddings, then layer by layer (linears and norms), model.norm, lm_head when untied.
 
-    Holds one layer's tensors at a time (plus the tied head's packed codes, written at once)."""
-    from collections.abc import Iterable
-
+    Holds one layer's tensors at a time (plus the tied head's packed codes, written at once).
+    `gather_rows()`, for a tied model, gives the float table the embedding Gather uses instead of the
+    (quantized) tied tensor, which then only feeds the head."""
     assert isinstance(tensors, Iterable)
     it = iter(tensors)
     n_layers = config.num_hidden_layers
@@ -319,7 +326,8 @@ def write_model(dest: Path, config: LlamaConfig, tensors: object, options: Graph
         have_embed = False
         for name, w in it:
             if name == "model.embed_tokens.weight":
-                graph.embeddings(w, tied_head=config.tie_word_embeddings)
+                graph.embeddings(w, tied_head=config.tie_word_embeddings,
+                                 gather_rows=gather_rows() if gather_rows is not None else None)
                 have_embed = True
             elif name.startswith("model.layers."):
                 i_str, short = name[len("model.layers."):].split(".", 1)
