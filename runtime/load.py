@@ -43,6 +43,13 @@ def resolve_model_path(model: Path | None) -> Path:
 
 def load_model(model: Path | None) -> LoadedModel:
     path = resolve_model_path(model)
+    if path.is_dir() and (path / "genai_config.json").is_file():
+        # An ONNX folder (qkiln's or onnxruntime-genai's) runs through onnxruntime on its own weights.
+        from qkiln.formats.onnx_run import OnnxLlama
+
+        onnx_model = OnnxLlama(path)
+        tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        return LoadedModel(path=path, model=onnx_model, tokenizer=tok)  # type: ignore[arg-type]
     if path.is_dir():
         from qkiln.formats.hf import Checkpoint
         from qkiln.runtime.llama import LlamaModel
@@ -50,7 +57,7 @@ def load_model(model: Path | None) -> LoadedModel:
         ckpt = Checkpoint.open(path)
         return LoadedModel(path=path, model=LlamaModel(ckpt), tokenizer=ckpt.tokenizer())
     if not path.exists():
-        raise UserError(f"model {path} not found; pass a Hugging Face checkpoint folder or a .gguf file")
+        raise UserError(f"model {path} not found; pass a Hugging Face checkpoint folder, an ONNX folder or a .gguf file")
     if path.suffix.lower() == ".gguf":
         # A GGUF runs on its own packed blocks through the C kernels (NumPy fallback), never re-quantized.
         from qkiln.kernels.linear import load_gguf_model
