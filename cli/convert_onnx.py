@@ -11,8 +11,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from qkiln.errors import QuantizeError
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
@@ -117,10 +115,6 @@ def convert_to_onnx(
     schemes, fallbacks = onnx_schemes(ckpt, scheme, strict=strict)
     if algorithm != "rtn" and not calib:
         raise QuantizeError(f"--algo {algorithm} needs calibration text: pass --calib FILE")
-    gather = None
-    if config.tie_word_embeddings and EMBED in schemes:  # the head is quantized; the Gather keeps float rows
-        def gather() -> np.ndarray:
-            return np.asarray(ckpt.tensor(EMBED), dtype=np.float32)
     provenance = {
         "source": ckpt.path.resolve().name,
         "scheme": scheme,
@@ -133,5 +127,5 @@ def convert_to_onnx(
     stream = _tensor_stream(ckpt, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress)
     result = write_onnx_folder(dest, config, stream, ckpt.path,
                                options=GraphOptions(float_dtype=float_dtype, accuracy_level=accuracy_level),
-                               provenance=provenance, max_length=max_length, gather_rows=gather, overwrite=overwrite)
+                               provenance=provenance, max_length=max_length, overwrite=overwrite)
     return result, fallbacks

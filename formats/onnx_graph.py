@@ -22,7 +22,7 @@ layer's packed weights, never the model.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, TypeAlias
 
@@ -160,21 +160,37 @@ class LlamaGraph:
         self.sin = self._init("sin_cache", np.sin(angles).astype(np.float32))
         self.context_length = n_pos
 
-    def embeddings(self, table: Weight, *, tied_head: bool, gather_rows: np.ndarray | None = None) -> None:
-        """The token table (a Gather on float rows; a quantized table is stored dequantized, exactly) and,
-        with tied embeddings, the head on the same codes. `gather_rows` (vocab, hidden) replaces the
-        Gather's rows (the unquantized table, as the builder keeps it, when only the tied head is quantized)."""
+    def embeddings(self, table: Weight, *, tied_head: bool) -> None:
+        """The token table. Tied and quantized (what the builder does by default for a tied model): the head's
+        MatMulNBits codes are written once and the embedding gathers rows of them with
+        `GatherBlockQuantized` — the same weights for both, no float table. Otherwise a float Gather (a
+        quantized untied table is stored dequantized, exactly)."""
         name = "model.embed_tokens.weight"
-        if gather_rows is not None:
-            dense = np.asarray(gather_rows, np.float32)
-            self.kinds[name] = f"Gather {self.opt.float_dtype}"
-        else:
-            dense = table.dequantize() if isinstance(table, QuantizedTensor) else np.asarray(table, np.float32)
-            self.kinds[name] = f"Gather {self.opt.float_dtype}" + (" (dequantized)" if _is_quantized(table) else "")
+        if tied_head and isinstance(table, QuantizedTensor):
+            packed = pack_nbits(table)
+            self._linear("/lm_head/MatMul", "lm_head.weight", packed, "logits")
+            b, scales, *zeros = self._deferred["/lm_head/MatMul"][1][1:]
+            flat = packed.b.shape[1] * packed.b.shape[2]
+            shape = self._const(f"INT64/[{packed.n}, {flat}]", np.array([packed.n, flat], np.int64))
+            rows = self._node("Reshape", [b, shape], name="/model/embed_tokens/Reshape")
+            out = self._node("GatherBlockQuantized", [rows, "input_ids", scales, *zeros],
+                             name="/model/embed_tokens/GatherBlockQuantized", domain="com.microsoft",
+                             bits=packed.bits, block_size=packed.block, gather_axis=0, quantize_axis=1)
+            if packed.b.shape[1] * packed.block != packed.k:  # a padded last block: slice it off
+                starts = self._const("INT64/[0]", np.array([0], np.int64))
+                ends = self._const(f"INT64/[{packed.k}]", np.array([packed.k], np.int64))
+                axes = self._const("INT64/[-1]", np.array([-1], np.int64))
+                out = self._node("Slice", [out, starts, ends, axes], name="/model/embed_tokens/Slice")
+            self._residual = out
+            self.kinds[name] = f"GatherBlockQuantized (tied: the lm_head's {packed.bits}-bit codes)"
+            self._head = "/lm_head/MatMul"
+            return
+        dense = table.dequantize() if isinstance(table, QuantizedTensor) else np.asarray(table, np.float32)
+        self.kinds[name] = f"Gather {self.opt.float_dtype}" + (" (dequantized)" if _is_quantized(table) else "")
         rows = self._float("model.embed_tokens.weight", dense)
         del dense
         self._residual = self._node("Gather", [rows, "input_ids"], name="/model/embed_tokens/Gather", axis=0)
-        if tied_head:
+        if tied_head:  # a float tied head: its own (K, N) copy for the MatMul
             self._head = self._linear("/lm_head/MatMul", "lm_head.weight", table, "logits")
 
     def _linear(self, base: str, hf_name: str, w: Weight | NBitsWeight, out: str | None = None,
@@ -306,14 +322,12 @@ class LlamaGraph:
 
 
 def write_model(dest: Path, config: LlamaConfig, tensors: object, options: GraphOptions,
-                metadata: dict[str, str], *, data_name: str = "model.onnx.data",
-                gather_rows: Callable[[], np.ndarray] | None = None) -> LlamaGraph:
+                metadata: dict[str, str], *, data_name: str = "model.onnx.data") -> LlamaGraph:
     """Write `dest/model.onnx` and `dest/<data_name>` from the quantizer's stream of (hf_name, weight),
     in its order: embeddings, then layer by layer (linears and norms), model.norm, lm_head when untied.
 
-    Holds one layer's tensors at a time (plus the tied head's packed codes, written at once).
-    `gather_rows()`, for a tied model, gives the float table the embedding Gather uses instead of the
-    (quantized) tied tensor, which then only feeds the head."""
+    Holds one layer's tensors at a time (the tied head's packed codes are written at once, with the
+    embeddings)."""
     assert isinstance(tensors, Iterable)
     it = iter(tensors)
     n_layers = config.num_hidden_layers
@@ -326,8 +340,7 @@ def write_model(dest: Path, config: LlamaConfig, tensors: object, options: Graph
         have_embed = False
         for name, w in it:
             if name == "model.embed_tokens.weight":
-                graph.embeddings(w, tied_head=config.tie_word_embeddings,
-                                 gather_rows=gather_rows() if gather_rows is not None else None)
+                graph.embeddings(w, tied_head=config.tie_word_embeddings)
                 have_embed = True
             elif name.startswith("model.layers."):
                 i_str, short = name[len("model.layers."):].split(".", 1)

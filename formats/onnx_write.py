@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from qkiln.atomic import atomic_dir
 from qkiln.formats.genai_config import copy_tokenizer, genai_config
@@ -52,7 +50,6 @@ def write_onnx_folder(
     options: GraphOptions | None = None,
     provenance: dict[str, Any] | None = None,
     max_length: int | None = None,
-    gather_rows: Callable[[], np.ndarray] | None = None,
     overwrite: bool = False,
 ) -> OnnxResult:
     """Write the folder `dest` from the quantizer's stream (see `onnx_graph.write_model` for its order)."""
@@ -61,7 +58,7 @@ def write_onnx_folder(
     prov = dict(provenance or {})
     with atomic_dir(dest, overwrite=overwrite) as tmp:
         metadata = {f"qkiln.{k}": json.dumps(v, sort_keys=True) if not isinstance(v, str) else v for k, v in prov.items()}
-        graph = write_model(tmp, config, tensors, options, metadata, data_name=DATA_FILE, gather_rows=gather_rows)
+        graph = write_model(tmp, config, tensors, options, metadata, data_name=DATA_FILE)
         copy_tokenizer(tokenizer_dir, tmp, context_length=graph.context_length)
         doc = genai_config(config, tokenizer_dir, context_length=graph.context_length, filename=MODEL_FILE,
                            max_length=max_length)

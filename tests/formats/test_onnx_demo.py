@@ -1,10 +1,8 @@
 """The demo model (SmolLM2-135M-Instruct, tied embeddings, 9 heads / 3 KV heads) through `convert --to onnx`:
 onnxruntime's logits equal qkiln's runtime on the same dequantized weights, prompt and KV-cache steps
-(tolerance 1e-5 × max |logit| at accuracy_level 0), and onnxruntime-genai generates from the folder."""
+(tolerance 5e-5 × max |logit| at accuracy_level 0, 30 layers deep), and onnxruntime-genai generates from the folder."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.onnx]
 
 
 def test_demo_model_int4_g32(tmp_path):
-    from qkiln.cli.convert_onnx import EMBED, _tensor_stream, convert_to_onnx, onnx_schemes
+    from qkiln.cli.convert_onnx import _tensor_stream, convert_to_onnx, onnx_schemes
     from qkiln.demo import demo_model_dir
     from qkiln.formats.hf import Checkpoint
     from qkiln.formats.onnx_run import OnnxLlama
@@ -27,20 +25,17 @@ def test_demo_model_int4_g32(tmp_path):
     out = tmp_path / "demo"
     convert_to_onnx(src, out, "int4_g32", accuracy_level=0)
 
-    # The same RTN codes again (deterministic), dequantized; the Gather keeps the float table, the tied
-    # head reads the codes: as a runtime model that is an untied one.
+    # The same RTN codes again (deterministic), dequantized: the tied table is the head's codes in both.
     ckpt = Checkpoint.open(src)
     schemes, _ = onnx_schemes(ckpt, "int4_g32", strict=False)
     dense = {n: (w.dequantize() if isinstance(w, QuantizedTensor) else w)
              for n, w in _tensor_stream(ckpt, schemes, "rtn", [], samples=1, seq_len=1)}
-    dense["lm_head.weight"] = dense[EMBED]
-    dense[EMBED] = np.asarray(ckpt.tensor(EMBED), np.float32)
-    ref = LlamaModel(DictSource(dataclasses.replace(ckpt.config, tie_word_embeddings=False), dense))
+    ref = LlamaModel(DictSource(ckpt.config, dense))
 
     ids = np.asarray(ckpt.tokenizer().encode("The GNU General Public License is a free, copyleft license for").ids)[None]
     model = OnnxLlama(out)
     want = ref.forward(ids)
-    tol = 1e-5 * np.abs(want).max()
+    tol = 5e-5 * np.abs(want).max()  # 30 layers of float32 in two summation orders (measured 1.0e-5)
     assert np.abs(model.forward(ids) - want).max() <= tol
     s = ids.shape[1] - 4
     logits, past = model.step(ids[:, :s])
