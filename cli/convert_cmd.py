@@ -15,11 +15,12 @@ from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
 class Target(enum.StrEnum):
     gguf = "gguf"
+    onnx = "onnx"
 
 
 @handles_errors
 def convert(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Destination file (written atomically).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Destination file (gguf) or folder (onnx), written atomically.")],
     model: Annotated[
         Path | None, typer.Option("--model", "-m", help="Hugging Face checkpoint folder (default: the demo model).")
     ] = None,
@@ -28,7 +29,8 @@ def convert(
         str,
         typer.Option(
             "--scheme",
-            help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, or a llama.cpp mix: q4_k_m, q4_k_s, q5_k_m.",
+            help="gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, or a llama.cpp mix: q4_k_m, "
+            "q4_k_s, q5_k_m; onnx: int4_g32, int4_g64, int4_g128 (…_asym: zero points), int8.",
         ),
     ] = "q4_k_m",
     algo: Annotated[Algo, typer.Option("--algo", help="How codes are chosen on the grid.")] = Algo.rtn,
@@ -43,6 +45,12 @@ def convert(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every tensor's fallback, not one line per rule.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="onnx: refuse a row the block does not divide instead of falling back.")] = False,
+    accuracy_level: Annotated[
+        int, typer.Option("--accuracy-level", help="onnx: MatMulNBits activations, 4 = int8 (KleidiAI / x86 fast path), 0 = float32.")
+    ] = 4,
+    float_dtype: Annotated[str, typer.Option("--float-dtype", help="onnx: embeddings and norms as fp32 or fp16.")] = "fp32",
+    force: Annotated[bool, typer.Option("--force", help="onnx: replace an existing output folder.")] = False,
 ) -> None:
     """Quantize a checkpoint into a GGUF that llama.cpp runs as it is."""
     # Imported here, not at the top: `qkiln --help` then loads no NumPy model code (not a cycle).
@@ -53,6 +61,10 @@ def convert(
         if not path.is_file():
             raise UserError(f"calibration file {path} not found; pass an existing text file to --calib")
     model_path = resolve_model_path(model)
+    if to is Target.onnx:
+        _convert_onnx(model_path, output, scheme, algo.value, calib or [], samples, seq_len, strict=strict,
+                      accuracy_level=accuracy_level, float_dtype=float_dtype, force=force, as_json=as_json, verbose=verbose)
+        return
     with console.status(f"converting {model_path} to {scheme} ({algo.value})") as status:
         result = convert_to_gguf(
             model_path,
@@ -75,6 +87,25 @@ def convert(
         console.print(
             f"wrote {output} ({summary['file_bytes'] / 2**20:.1f} MiB, {summary['bits_per_weight']:.3f} bits/weight; {types})"
         )
+
+
+def _convert_onnx(model: Path, output: Path, scheme: str, algo: str, calib: list[Path], samples: int, seq_len: int,
+                  *, strict: bool, accuracy_level: int, float_dtype: str, force: bool, as_json: bool, verbose: bool) -> None:
+    from qkiln.pipeline.onnx import convert_to_onnx
+
+    with console.status(f"converting {model} to ONNX {scheme} ({algo})") as status:
+        result, fallbacks = convert_to_onnx(
+            model, output, scheme, algorithm=algo, calib=calib, samples=samples, seq_len=seq_len, strict=strict,
+            accuracy_level=accuracy_level, float_dtype=float_dtype, overwrite=force,
+            progress=lambda stage: status.update(f"quantizing {stage}"),
+        )
+    summary = result.summary()
+    print_fallbacks(dict(line.split(": ", 1) for line in fallbacks), verbose=verbose)
+    if as_json:
+        print_json(summary)
+    else:
+        console.print(f"wrote {output} ({summary['folder_bytes'] / 2**20:.1f} MiB: model.onnx + model.onnx.data, "
+                      "genai_config.json, tokenizer)")
 
 
 def register(app: typer.Typer) -> None:

@@ -63,11 +63,14 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
 
 @handles_errors
 def inspect(
-    file: Annotated[Path, typer.Argument(help="A .gguf file.")],
+    file: Annotated[Path, typer.Argument(help="A .gguf file or an ONNX folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor (always included with --json).")] = False,
 ) -> None:
-    """Show a GGUF file's tensor types, sizes, bits per weight and metadata."""
+    """Show a GGUF file's (or ONNX folder's) tensor types, sizes, bits per weight and metadata."""
+    if file.is_dir():
+        _inspect_onnx(file, as_json)
+        return
     doc = inspect_gguf(file)
     if as_json:
         print_json(doc)
@@ -90,6 +93,33 @@ def inspect(
         for t in doc["tensors"]:
             tt.add_row(t["name"], t["type"], "x".join(map(str, t["shape"])), str(t["bytes"]), f"{t['bits_per_weight']:.3f}")
         console.print(tt)
+
+
+def _inspect_onnx(folder: Path, as_json: bool) -> None:
+    from qkiln.errors import UserError
+    from qkiln.formats.onnx_run import describe_folder
+
+    if not (folder / "genai_config.json").is_file():
+        raise UserError(f"{folder} is a folder without genai_config.json; inspect takes a .gguf file or an ONNX folder")
+    doc = describe_folder(folder)
+    if as_json:
+        print_json(doc)
+        return
+    console.print(f"[bold]{folder}[/]: ONNX (IR {doc['ir_version']}, opsets {doc['opsets']}), "
+                  f"{doc['folder_bytes'] / 2**20:.1f} MiB in {len(doc['files'])} files")
+    table = Table("MatMulNBits", "tensors", "weights", "MiB", "bits/weight", "accuracy_level")
+    for kind, v in doc["matmulnbits"].items():
+        table.add_row(kind, str(v["tensors"]), f"{v['weights']:,}", f"{v['bytes'] / 2**20:.2f}",
+                      f"{v['bits_per_weight']:.3f}", str(v["accuracy_level"]))
+    console.print(table)
+    ops = Table("op", "nodes")
+    for op, n in doc["ops"].items():
+        ops.add_row(op, str(n))
+    console.print(ops)
+    meta = Table("key", "value")
+    for k, v in {**doc["genai_config"], **doc.get("qkiln", {})}.items():
+        meta.add_row(k, f"{v!r:.100}")
+    console.print(meta)
 
 
 def register(app: typer.Typer) -> None:

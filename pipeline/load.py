@@ -1,4 +1,5 @@
-"""Open a model for evaluation or generation from a path: a Hugging Face checkpoint folder or a GGUF file.
+"""Open a model for evaluation or generation from a path: a Hugging Face checkpoint folder, an ONNX folder
+or a GGUF file.
 
 One place that knows which artifact kinds qkiln's runtime can run; commands call `load_model`.
 """
@@ -7,10 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import tokenizers
+
 from qkiln.demo import demo_model_dir
 from qkiln.errors import UserError
 from qkiln.formats.gguf_model import load_gguf_model
 from qkiln.formats.hf import Checkpoint
+from qkiln.formats.onnx_run import OnnxLlama
 from qkiln.runtime.llama import LlamaModel
 from qkiln.runtime.load import LoadedModel
 
@@ -24,11 +28,15 @@ def resolve_model_path(model: Path | None) -> Path:
 
 def load_model(model: Path | None) -> LoadedModel:
     path = resolve_model_path(model)
+    if path.is_dir() and (path / "genai_config.json").is_file():
+        # An ONNX folder (qkiln's or onnxruntime-genai's) runs through onnxruntime on its own weights.
+        tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        return LoadedModel(path=path, model=OnnxLlama(path), tokenizer=tok)  # type: ignore[arg-type]
     if path.is_dir():
         ckpt = Checkpoint.open(path)
         return LoadedModel(path=path, model=LlamaModel(ckpt), tokenizer=ckpt.tokenizer())
     if not path.exists():
-        raise UserError(f"model {path} not found; pass a Hugging Face checkpoint folder or a .gguf file")
+        raise UserError(f"model {path} not found; pass a Hugging Face checkpoint folder, an ONNX folder or a .gguf file")
     if path.suffix.lower() == ".gguf":
         # A GGUF runs on its own packed blocks through the C kernels (NumPy fallback), never re-quantized.
         return load_gguf_model(path)
