@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from qkiln.errors import QuantizeError
+from qkiln.formats.gptq_write import marlin_blockers
 from qkiln.formats.gpu_convert import convert_to_gpu, plan_schemes, quantized_stream
 from qkiln.formats.gpu_safetensors_read import QuantizedFolder
-from qkiln.formats.gptq_write import marlin_blockers
 from qkiln.formats.hf import Checkpoint
 from qkiln.quantize.registry import get_scheme
 from qkiln.quantize.tensor import QuantizedTensor
