@@ -63,11 +63,14 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
 
 @handles_errors
 def inspect(
-    file: Annotated[Path, typer.Argument(help="A .gguf file.")],
+    file: Annotated[Path, typer.Argument(help="A .gguf file, or a compressed-tensors / GPTQ safetensors folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor (always included with --json).")] = False,
 ) -> None:
-    """Show a GGUF file's tensor types, sizes, bits per weight and metadata."""
+    """Show a GGUF file's (or a GPU safetensors folder's) tensor types, sizes, bits per weight and metadata."""
+    if file.is_dir():
+        _inspect_folder(file, as_json, tensors)
+        return
     doc = inspect_gguf(file)
     if as_json:
         print_json(doc)
@@ -89,6 +92,42 @@ def inspect(
         tt = Table("name", "type", "shape", "bytes", "bits/weight")
         for t in doc["tensors"]:
             tt.add_row(t["name"], t["type"], "x".join(map(str, t["shape"])), str(t["bytes"]), f"{t['bits_per_weight']:.3f}")
+        console.print(tt)
+
+
+def _inspect_folder(folder: Path, as_json: bool, tensors: bool) -> None:
+    from qkiln.errors import UserError
+    from qkiln.formats.gpu_safetensors_read import QuantizedFolder, quant_method
+
+    if not quant_method(folder):
+        raise UserError(f"{folder} is not a compressed-tensors or GPTQ folder (config.json has no such "
+                        "quantization_config); use `qkiln info --model` for a float checkpoint")
+    doc = QuantizedFolder(folder).summary()
+    if as_json:
+        print_json(doc)
+        return
+    qc = doc["quantization_config"]
+    console.print(
+        f"[bold]{folder}[/]: {doc['format']}, {len(doc['files'])} shard(s), {doc['n_weights']:,} weights, "
+        f"{doc['file_bytes'] / 2**20:.1f} MiB, {doc['bits_per_weight']:.3f} bits/weight"
+    )
+    table = Table("stored as", "tensors")
+    for form, n in sorted(doc["tensor_forms"].items()):
+        table.add_row(form, str(n))
+    console.print(table)
+    if doc["format"] == "gptq":
+        keys = ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "pack_dtype")
+        console.print(", ".join(f"{k}={qc.get(k)!r}" for k in keys))
+    else:
+        for gname, g in sorted(qc.get("config_groups", {}).items()):
+            w = g.get("weights") or {}
+            console.print(f"{gname}: {g.get('format')} {w.get('type')}{w.get('num_bits')} {w.get('strategy')} "
+                          f"group {w.get('group_size')} sym={w.get('symmetric')} targets={g.get('targets')!r:.80}")
+        console.print(f"ignore: {qc.get('ignore')}")
+    if tensors:
+        tt = Table("name", "dtype", "shape")
+        for name, t in doc["tensors"].items():
+            tt.add_row(name, t["dtype"], "x".join(map(str, t["shape"])))
         console.print(tt)
 
 

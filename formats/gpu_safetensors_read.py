@@ -140,6 +140,18 @@ class QuantizedFolder:
         g_idx = self.raw(f"{m}.g_idx").astype(np.int64) if f"{m}.g_idx" in self._entries else np.arange(cols) // (cols // n_groups)
         return _dequant(q, zero, scales.T, g_idx)
 
+    # -- tokenizer (the checkpoint reader's rules: tokenizer.json, inside the folder) -------------------
+
+    def tokenizer_path(self) -> Path:
+        from qkiln.formats.hf import Checkpoint
+
+        return Checkpoint.tokenizer_path(self)  # type: ignore[arg-type]
+
+    def tokenizer(self) -> Any:
+        from qkiln.formats.hf import Checkpoint
+
+        return Checkpoint.tokenizer(self)  # type: ignore[arg-type]
+
     # -- inspect --------------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:

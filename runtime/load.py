@@ -44,9 +44,13 @@ def resolve_model_path(model: Path | None) -> Path:
 def load_model(model: Path | None) -> LoadedModel:
     path = resolve_model_path(model)
     if path.is_dir():
+        from qkiln.formats.gpu_safetensors_read import QuantizedFolder, quant_method
         from qkiln.formats.hf import Checkpoint
         from qkiln.runtime.llama import LlamaModel
 
+        if quant_method(path):  # compressed-tensors / GPTQ folder: packed weights, dequantized exactly
+            qf = QuantizedFolder(path)
+            return LoadedModel(path=path, model=LlamaModel(qf), tokenizer=qf.tokenizer())  # type: ignore[arg-type]
         ckpt = Checkpoint.open(path)
         return LoadedModel(path=path, model=LlamaModel(ckpt), tokenizer=ckpt.tokenizer())
     if not path.exists():
