@@ -1,0 +1,55 @@
+"""The demo model as compressed-tensors: transformers (+ compressed-tensors, loaded as a user loads it) and
+qkiln's runtime score the same folder to the same perplexity on the three licenses at ctx 512 (within 0.5 %)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+LICENSES = "/usr/share/common-licenses"
+EVAL_TEXT = ("GPL-2", "Apache-2.0", "MPL-2.0")
+PPL_RTOL = 0.005
+
+pytestmark = [pytest.mark.slow, pytest.mark.torch]
+
+
+@pytest.fixture(scope="module")
+def eval_text() -> str:
+    return b"".join(open(f"{LICENSES}/{n}", "rb").read() for n in EVAL_TEXT).decode()
+
+
+@pytest.mark.parametrize("scheme", ["int4_g64", "fp8_e4m3fn"])
+def test_demo_perplexity_transformers_equals_qkiln(tmp_path: Path, eval_text: str, scheme: str) -> None:
+    import torch
+    import transformers
+
+    from qkiln.demo import demo_model_dir
+    from qkiln.formats.gpu_convert import convert_to_gpu
+    from qkiln.runtime.load import load_model
+    from qkiln.validate.evaluate import evaluate
+    from qkiln.validate.windows import make_windows
+
+    out = tmp_path / scheme
+    convert_to_gpu(demo_model_dir(), out, "compressed-tensors", scheme)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+
+    lm = load_model(out)  # qkiln reads the packed folder (eval --model DIR)
+    windows = make_windows(lm.encode(eval_text), 512)
+    assert len(windows) == 9923 // 512
+    ours = evaluate(lm.logits, windows).scores.perplexity
+
+    torch.set_num_threads(2)
+    # as a user loads it: FP8 runs W8A8 here (weights FP8, activations FP8 per token at run time)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+
+    def hf_logits(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return hf(torch.from_numpy(ids)).logits.float().numpy()
+
+    theirs = evaluate(hf_logits, windows).scores.perplexity
+    print(f"{scheme}: qkiln {ours:.4f}, transformers {theirs:.4f}, rel {abs(ours - theirs) / theirs:.2e}")
+    assert abs(ours - theirs) / theirs < PPL_RTOL, (ours, theirs)
