@@ -101,14 +101,16 @@ def check_scheme(scheme: Scheme) -> None:
 
 
 def scheme_args(scheme: Scheme) -> dict[str, Any]:
-    """The config group (format, weights, input_activations) compressed-tensors' pydantic models accept."""
+    """The config group (format, weights, input_activations) compressed-tensors' pydantic models accept:
+    its presets (FP8_DYNAMIC; W4A16/W4A16_ASYM/W8A16 with our group size) field for field. `observer` is
+    null: qkiln's grids are fitted by its own rules, not by a compressed-tensors observer."""
     check_scheme(scheme)
     if isinstance(scheme, FP8Grid):
         return {
             "format": "float-quantized",
             "weights": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
                         "strategy": "tensor" if scheme.tensor_scale else "channel", "group_size": None,
-                        "actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {}},
+                        "actorder": None, "block_structure": None, "observer": None, "observer_kwargs": {}},
             "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
                                   "strategy": "token", "group_size": None, "actorder": None, "block_structure": None,
                                   "observer": None, "observer_kwargs": {}},
@@ -120,7 +122,7 @@ def scheme_args(scheme: Scheme) -> dict[str, Any]:
         "weights": {"num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric, "dynamic": False,
                     "strategy": "group" if scheme.group else "channel", "group_size": scheme.group or None,
                     # qkiln's act-order changes only GPTQ's scan; groups stay contiguous, so no g_idx
-                    "actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {}},
+                    "actorder": None, "block_structure": None, "observer": None, "observer_kwargs": {}},
         "input_activations": None,
         "output_activations": None,
     }

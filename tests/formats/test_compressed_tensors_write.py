@@ -81,6 +81,26 @@ def _read_all(folder: Path) -> dict:
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize(("scheme", "preset"), [("fp8_e4m3fn_pc", "FP8_DYNAMIC"), ("int4_g32", "W4A16"),
+                                                ("int4_g64_asym", "W4A16_ASYM"), ("int8", "W8A16")])
+def test_config_group_is_the_preset(scheme: str, preset: str) -> None:
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+
+    from qkiln.formats.compressed_tensors_write import scheme_args
+    from qkiln.quantize.registry import get_scheme
+
+    ours = QuantizationScheme.model_validate({"targets": ["Linear"], **scheme_args(get_scheme(scheme))})
+    theirs = preset_name_to_scheme(preset, ["Linear"])
+    weights = theirs.weights
+    if weights.strategy == "group":  # the presets say group 128; ours is the scheme's (per channel for int8)
+        group = get_scheme(scheme).group
+        weights = weights.model_copy(update={"group_size": group or None, "strategy": "group" if group else "channel"})
+    assert ours.weights == weights
+    assert ours.input_activations == theirs.input_activations and ours.output_activations is None
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("scheme", INT_SCHEMES + FP8_SCHEMES)
 def test_package_decompression_equals_dequantize(make_checkpoint, tiny_config, tmp_path: Path, scheme: str) -> None:
     """compressed-tensors' own compressor, given the stored tensors, gives back dequantize() bit for bit
