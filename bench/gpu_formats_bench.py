@@ -5,7 +5,7 @@ artifact scored by transformers (+ compressed-tensors) against the float model.
     python bench/gpu_formats_bench.py [--samples 128] [--seq-len 512] [--eval-windows 19] [--skip-llmc]
 
 llm-compressor is never installed into the locked test environment: this script makes its own virtual
-environment under ~/.cache/qkiln/llmcompressor-<version>/ (torch 2.13.0+cpu from /opt/wheels, as in the
+environment under qkiln's cache folder (qkiln.demo.cache_dir(): ~/.cache/qkiln)/llmcompressor-<version>/ (torch 2.13.0+cpu from /opt/wheels, as in the
 lock, plus llmcompressor from PyPI) the first time, and runs it there as a child process.
 
 Each quantization runs in its own child process, which reports its wall time, CPU seconds and peak RSS
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,12 +32,13 @@ LLMC_VERSION = "0.14.0.1"
 LICENSES = Path("/usr/share/common-licenses")
 CALIB = ("GPL-3", "LGPL-2.1", "GFDL-1.3")
 EVAL = ("GPL-2", "Apache-2.0", "MPL-2.0")
-CACHE = Path(os.environ.get("QKILN_CACHE", Path.home() / ".cache" / "qkiln"))
 
 
 def llmc_python() -> Path:
     """The llm-compressor environment's python, created on first use."""
-    venv = CACHE / f"llmcompressor-{LLMC_VERSION}"
+    from qkiln.demo import cache_dir
+
+    venv = cache_dir() / f"llmcompressor-{LLMC_VERSION}"
     py = venv / "bin" / "python"
     if not (venv / ".complete").exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
