@@ -16,11 +16,13 @@ from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 class Target(enum.StrEnum):
     gguf = "gguf"
     onnx = "onnx"
+    compressed_tensors = "compressed-tensors"  # safetensors folder for vLLM/SGLang/transformers (formats.gpu_convert)
+    gptq = "gptq"  # the GPTQ safetensors layout, a folder (formats.gpu_convert)
 
 
 @handles_errors
 def convert(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Destination file (gguf) or folder (onnx), written atomically.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Destination file (gguf) or folder (onnx, compressed-tensors, gptq), written atomically.")],
     model: Annotated[
         Path | None, typer.Option("--model", "-m", help="Hugging Face checkpoint folder (default: the demo model).")
     ] = None,
@@ -30,7 +32,8 @@ def convert(
         typer.Option(
             "--scheme",
             help="gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, or a llama.cpp mix: q4_k_m, "
-            "q4_k_s, q5_k_m; onnx: int4_g32, int4_g64, int4_g128 (…_asym: zero points), int8.",
+            "q4_k_s, q5_k_m; onnx: int4_g32, int4_g64, int4_g128 (…_asym: zero points), int8; compressed-tensors: "
+            "int4_g32/g64/g128[_asym], int4_pc[_asym], int8, fp8_e4m3fn; gptq: the int4/int8 ones.",
         ),
     ] = "q4_k_m",
     algo: Annotated[Algo, typer.Option("--algo", help="How codes are chosen on the grid.")] = Algo.rtn,
@@ -64,6 +67,9 @@ def convert(
     if to is Target.onnx:
         _convert_onnx(model_path, output, scheme, algo.value, calib or [], samples, seq_len, strict=strict,
                       accuracy_level=accuracy_level, float_dtype=float_dtype, force=force, as_json=as_json, verbose=verbose)
+        return
+    if to is not Target.gguf:
+        _convert_gpu(model_path, output, to.value, scheme, algo.value, calib or [], samples, seq_len, as_json, verbose)
         return
     with console.status(f"converting {model_path} to {scheme} ({algo.value})") as status:
         result = convert_to_gguf(
@@ -106,6 +112,23 @@ def _convert_onnx(model: Path, output: Path, scheme: str, algo: str, calib: list
     else:
         console.print(f"wrote {output} ({summary['folder_bytes'] / 2**20:.1f} MiB: model.onnx + model.onnx.data, "
                       "genai_config.json, tokenizer)")
+
+
+def _convert_gpu(model: Path, output: Path, target: str, scheme: str, algo: str, calib: list[Path], samples: int,
+                 seq_len: int, as_json: bool, verbose: bool) -> None:
+    from qkiln.pipeline.gpu import convert_to_gpu
+
+    with console.status(f"converting {model} to {target} {scheme} ({algo})") as status:
+        result = convert_to_gpu(model, output, target, scheme, algorithm=algo, calib=calib, samples=samples,
+                                seq_len=seq_len, progress=lambda what: status.update(f"quantizing: {what}"))
+    summary = result.summary()
+    print_fallbacks(dict(line.split(": ", 1) for line in result.fallbacks), verbose=verbose)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    if as_json:
+        print_json(summary)
+    else:
+        console.print(f"wrote {output}/ ({target}, {len(summary['shards'])} shard(s), {summary['bytes'] / 2**20:.1f} MiB)")
 
 
 def register(app: typer.Typer) -> None:

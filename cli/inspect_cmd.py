@@ -63,13 +63,16 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
 
 @handles_errors
 def inspect(
-    file: Annotated[Path, typer.Argument(help="A .gguf file or an ONNX folder.")],
+    file: Annotated[Path, typer.Argument(help="A .gguf file, an ONNX folder, or a compressed-tensors / GPTQ safetensors folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor (always included with --json).")] = False,
 ) -> None:
-    """Show a GGUF file's (or ONNX folder's) tensor types, sizes, bits per weight and metadata."""
-    if file.is_dir():
+    """Show a GGUF file's (or an ONNX or GPU safetensors folder's) tensor types, sizes, bits per weight and metadata."""
+    if file.is_dir() and (file / "genai_config.json").is_file():
         _inspect_onnx(file, as_json)
+        return
+    if file.is_dir():
+        _inspect_folder(file, as_json, tensors)
         return
     doc = inspect_gguf(file)
     if as_json:
@@ -96,11 +99,8 @@ def inspect(
 
 
 def _inspect_onnx(folder: Path, as_json: bool) -> None:
-    from qkiln.errors import UserError
     from qkiln.formats.onnx_run import describe_folder
 
-    if not (folder / "genai_config.json").is_file():
-        raise UserError(f"{folder} is a folder without genai_config.json; inspect takes a .gguf file or an ONNX folder")
     doc = describe_folder(folder)
     if as_json:
         print_json(doc)
@@ -120,6 +120,42 @@ def _inspect_onnx(folder: Path, as_json: bool) -> None:
     for k, v in {**doc["genai_config"], **doc.get("qkiln", {})}.items():
         meta.add_row(k, f"{v!r:.100}")
     console.print(meta)
+
+
+def _inspect_folder(folder: Path, as_json: bool, tensors: bool) -> None:
+    from qkiln.errors import UserError
+    from qkiln.formats.gpu_safetensors_read import QuantizedFolder, quant_method
+
+    if not quant_method(folder):
+        raise UserError(f"{folder} is neither an ONNX folder (genai_config.json) nor a compressed-tensors or "
+                        "GPTQ folder (config.json's quantization_config); use `qkiln info --model` for a float checkpoint")
+    doc = QuantizedFolder(folder).summary()
+    if as_json:
+        print_json(doc)
+        return
+    qc = doc["quantization_config"]
+    console.print(
+        f"[bold]{folder}[/]: {doc['format']}, {len(doc['files'])} shard(s), {doc['n_weights']:,} weights, "
+        f"{doc['file_bytes'] / 2**20:.1f} MiB, {doc['bits_per_weight']:.3f} bits/weight"
+    )
+    table = Table("stored as", "tensors")
+    for form, n in sorted(doc["tensor_forms"].items()):
+        table.add_row(form, str(n))
+    console.print(table)
+    if doc["format"] == "gptq":
+        keys = ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "pack_dtype")
+        console.print(", ".join(f"{k}={qc.get(k)!r}" for k in keys))
+    else:
+        for gname, g in sorted(qc.get("config_groups", {}).items()):
+            w = g.get("weights") or {}
+            console.print(f"{gname}: {g.get('format')} {w.get('type')}{w.get('num_bits')} {w.get('strategy')} "
+                          f"group {w.get('group_size')} sym={w.get('symmetric')} targets={g.get('targets')!r:.80}")
+        console.print(f"ignore: {qc.get('ignore')}")
+    if tensors:
+        tt = Table("name", "dtype", "shape")
+        for name, t in doc["tensors"].items():
+            tt.add_row(name, t["dtype"], "x".join(map(str, t["shape"])))
+        console.print(tt)
 
 
 def register(app: typer.Typer) -> None:

@@ -13,6 +13,7 @@ import tokenizers
 from qkiln.demo import demo_model_dir
 from qkiln.errors import UserError
 from qkiln.formats.gguf_model import load_gguf_model
+from qkiln.formats.gpu_safetensors_read import QuantizedFolder, quant_method
 from qkiln.formats.hf import Checkpoint
 from qkiln.formats.onnx_run import OnnxLlama
 from qkiln.runtime.llama import LlamaModel
@@ -32,11 +33,15 @@ def load_model(model: Path | None) -> LoadedModel:
         # An ONNX folder (qkiln's or onnxruntime-genai's) runs through onnxruntime on its own weights.
         tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         return LoadedModel(path=path, model=OnnxLlama(path), tokenizer=tok)  # type: ignore[arg-type]
+    if path.is_dir() and quant_method(path):
+        # A compressed-tensors / GPTQ folder: its packed weights, dequantized exactly.
+        qf = QuantizedFolder(path)
+        return LoadedModel(path=path, model=LlamaModel(qf), tokenizer=qf.tokenizer())  # type: ignore[arg-type]
     if path.is_dir():
         ckpt = Checkpoint.open(path)
         return LoadedModel(path=path, model=LlamaModel(ckpt), tokenizer=ckpt.tokenizer())
     if not path.exists():
-        raise UserError(f"model {path} not found; pass a Hugging Face checkpoint folder, an ONNX folder or a .gguf file")
+        raise UserError(f"model {path} not found; pass a Hugging Face checkpoint folder, an ONNX, compressed-tensors or GPTQ folder, or a .gguf file")
     if path.suffix.lower() == ".gguf":
         # A GGUF runs on its own packed blocks through the C kernels (NumPy fallback), never re-quantized.
         return load_gguf_model(path)
