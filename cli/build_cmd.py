@@ -37,7 +37,7 @@ def build_command(
     target ISA under qemu, speed), and write the artifacts, manifest.json, report.md, report.html and model cards.
     Exit 1 when a threshold fails (the output is still written), 2 on a bad recipe or input."""
     from qkiln.cli.progress import stage_progress
-    from qkiln.runtime.load import resolve_model_path
+    from qkiln.pipeline.load import resolve_model_path
     from qkiln.targets.build import build, check_buildable
     from qkiln.targets.recipe import load_recipe
     from qkiln.validate.gates import raise_on_failures

@@ -52,7 +52,7 @@ def validate_command(
     the target's instruction set under qemu (Arm targets), measure speed here and estimate it for the target.
     Exit 0 when every threshold holds, 1 when one fails (naming the metric), 2 on bad input."""
     from qkiln.cli.progress import stage_progress
-    from qkiln.runtime.load import load_model
+    from qkiln.pipeline.load import load_model
     from qkiln.validate.artifact import TargetFacts, reference_logits, validate_gguf
     from qkiln.validate.gates import Thresholds, raise_on_failures
     from qkiln.validate.junit import write_junit

@@ -23,8 +23,13 @@ import qkiln
 from qkiln.atomic import atomic_dir
 from qkiln.errors import UserError
 from qkiln.pipeline.convert import convert_to_gguf
+from qkiln.pipeline.load import load_model
 from qkiln.targets.recipe import Artifact, Recipe
+from qkiln.validate.artifact import TargetFacts, reference_logits, validate_gguf
 from qkiln.validate.gates import Check
+from qkiln.validate.manifest import folder_hashes, sha256_file
+from qkiln.validate.report import model_card, report_html, report_md
+from qkiln.validate.windows import make_windows, read_text
 
 WRITERS = {"gguf": ".gguf"}  # formats this qkiln can write (onnx, compressed-tensors, gptq: not yet)
 Progress = Callable[[str, int, int], None]  # (stage, done, total); total 0 = indeterminate
@@ -59,8 +64,6 @@ def make_artifact(model: Path, artifact: Artifact, dest: Path, recipe: Recipe,
 
 
 def eval_windows(reference_tokenize: Callable[[str], np.ndarray], recipe: Recipe) -> np.ndarray:
-    from qkiln.validate.windows import make_windows, read_text
-
     text = "".join(read_text(p) for p in recipe.evaluation.text)
     return make_windows(reference_tokenize(text), recipe.evaluation.ctx, max_windows=recipe.evaluation.max_windows)
 
@@ -84,11 +87,6 @@ def build(recipe: Recipe, model: Path, out: Path, *, progress: Progress | None =
 
     Returns the manifest and every check; the caller turns failed checks into exit 1 (the output is written
     either way, so CI can upload the report of a failing build)."""
-    from qkiln.runtime.load import load_model
-    from qkiln.validate.artifact import TargetFacts, reference_logits, validate_gguf
-    from qkiln.validate.manifest import folder_hashes, sha256_file
-    from qkiln.validate.report import model_card, report_html, report_md
-
     check_buildable(recipe)
     say = progress or (lambda stage, done, total: None)
     t_start = time.perf_counter()

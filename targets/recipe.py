@@ -17,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qkiln.errors import UserError
+from qkiln.errors import QuantizeError, UserError
+from qkiln.quantize.registry import get_scheme
+from qkiln.quantize.rules import parse_rule, preset_names
 from qkiln.validate.gates import THRESHOLDS, Thresholds
 
 SCHEMA_VERSION = 1
@@ -268,11 +270,7 @@ def _target(r: _Reader) -> Target:
 
 
 def _scheme_ok(v: str) -> str | None:
-    from qkiln.errors import QuantizeError
-    from qkiln.quantize import rules
-    from qkiln.quantize.registry import get_scheme
-
-    if v.lower() in rules.preset_names():
+    if v.lower() in preset_names():
         return None
     try:
         get_scheme(v)
@@ -282,9 +280,6 @@ def _scheme_ok(v: str) -> str | None:
 
 
 def _rules_ok(v: list[Any]) -> str | None:
-    from qkiln.errors import QuantizeError
-    from qkiln.quantize.rules import parse_rule
-
     bad = _strings(v)
     if bad:
         return bad

@@ -18,9 +18,12 @@ from typing import Any
 import numpy as np
 
 from qkiln.errors import UserError
+from qkiln.formats.gguf_model import load_gguf_model
 from qkiln.validate.evaluate import LogitsFn
 from qkiln.validate.gates import Check, Thresholds, check_metrics, ppl_increase_pct
+from qkiln.validate.isa_check import isa_check
 from qkiln.validate.metrics import TokenScores
+from qkiln.validate.speed import host_cost, measure_speed, target_estimate
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -118,8 +121,6 @@ def validate_gguf(path: Path, ref: ReferenceLogits, thresholds: Thresholds, *, t
     """Every measurement of one GGUF artifact and its checks. The result's "timings" and "speed" entries are
     the only ones that change between identical runs. The real runtime (llama.cpp) is a cross-check of qkiln's
     runtime on the first `real_runtime_windows` windows (all by default): it is the slowest step of a build."""
-    from qkiln.kernels.linear import load_gguf_model
-
     if not path.is_file() or path.suffix.lower() != ".gguf":
         raise UserError(f"artifact {path}: qkiln validates .gguf files in this version; pass a .gguf artifact")
     name = path.name
@@ -147,8 +148,6 @@ def validate_gguf(path: Path, ref: ReferenceLogits, thresholds: Thresholds, *, t
     checked: dict[str, float | None] = dict(metrics)
     t = target
     if t is not None and t.qemu_cpu and isa_windows > 0:
-        from qkiln.validate.isa_check import isa_check
-
         if progress:
             progress(f"{name}: target ISA under qemu -cpu {t.qemu_cpu}", 0, 1)
         t0 = time.perf_counter()
@@ -165,8 +164,6 @@ def validate_gguf(path: Path, ref: ReferenceLogits, thresholds: Thresholds, *, t
                                if t is not None else "no --target given"}
     if progress:
         progress(f"{name}: speed", 0, 1)
-    from qkiln.validate.speed import host_cost, measure_speed, target_estimate
-
     t0 = time.perf_counter()
     speed = measure_speed(path, seconds=speed_seconds)
     timings["speed_s"] = time.perf_counter() - t0

@@ -2,14 +2,15 @@
 equal the host's within a stated tolerance — evidence that the code a Graviton or a phone runs gives the
 numbers the accuracy report shows.
 
-Both sides run the same program (validate/isa_runner.py) on the same bundle: the GGUF's packed rows as
-stored, its float tensors and a few token windows. The kernels' integer parts are exact on every path and
-their float sums differ only in order. That order still moves some activations across an int8 rounding
-boundary, and 30 layers carry it on: on the demo model's Q4_0, the host's own AVX-512 and scalar paths
-differ by a mean KL of about 0.005 nats (max |diff| about 6% of the largest logit), and every Arm path by
-the same amount. So the check is stated as the metrics are: mean KL(P_host || P_target) over the windows'
-positions, gated by the recipe's `max_isa_kl` (0.02 by default, 4x that spread); a kernel that is wrong
-on one ISA moves it by orders of magnitude (tests/validate/test_isa_check.py breaks one on purpose).
+Both sides run the same program (validate/isa_runner.py, as `python -P -m qkiln.validate.isa_runner`) on the
+same bundle: the GGUF's packed rows as stored, its float tensors and a few token windows. The kernels'
+integer parts are exact on every path and their float sums differ only in order. That order still moves some
+activations across an int8 rounding boundary, and 30 layers carry it on: on the demo model's Q4_0, the
+host's own AVX-512 and scalar paths differ by a mean KL of about 0.005 nats (max |diff| about 6% of the
+largest logit), and every Arm path by the same amount. So the check is stated as the metrics are: mean
+KL(P_host || P_target) over the windows' positions, gated by the recipe's `max_isa_kl` (0.02 by default, 4x
+that spread); a kernel that is wrong on one ISA moves it by orders of magnitude
+(tests/validate/test_isa_check.py breaks one on purpose).
 
 Needs Debian's gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user, and an aarch64 Python with NumPy
 unpacked by scripts/arm/fetch_arm_python.sh (scripts/setup.sh test runs it). Missing pieces make the check
@@ -19,6 +20,7 @@ unpacked by scripts/arm/fetch_arm_python.sh (scripts/setup.sh test runs it). Mis
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -28,11 +30,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+
+import qkiln
+from qkiln.formats.gguf_import import config_from_gguf
+from qkiln.formats.gguf_model import GGUFSource, packed_linears_from_gguf
+from qkiln.formats.gguf_read import read_gguf
+from qkiln.kernels.build import build_library
+from qkiln.validate import isa_runner
+from qkiln.validate.metrics import log_softmax
 
 CC = "aarch64-linux-gnu-gcc"
 SYSROOT = Path("/usr/aarch64-linux-gnu")
 DEFAULT_TOLERANCE = 0.02  # nats of mean KL(host || target); see the module docstring
+RUNNER = isa_runner.__name__  # run as `python -P -m` on both sides: the package's folder is not put on sys.path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +81,6 @@ def missing_tools() -> str | None:
 
 def export_bundle(gguf: Path, windows: np.ndarray, dest: Path) -> None:
     """The GGUF as the runner reads it: packed rows (.npy uint8) per linear, float tensors, windows."""
-    from qkiln.formats.gguf_import import config_from_gguf
-    from qkiln.formats.gguf_read import read_gguf
-    from qkiln.kernels.linear import GGUFSource, packed_linears_from_gguf
-
     dest.mkdir(parents=True, exist_ok=True)
     f = read_gguf(gguf)
     cfg = config_from_gguf(f)
@@ -93,22 +101,26 @@ def export_bundle(gguf: Path, windows: np.ndarray, dest: Path) -> None:
 
 
 def _package_tree(dest: Path) -> Path:
-    """qkiln's import layout (qkiln, qkiln.kernels, qkiln.runtime, qkiln.validate) rebuilt with symlinks."""
-    import qkiln
-    import qkiln.kernels
-    import qkiln.runtime
-    import qkiln.validate
-
-    pkg = dest / "pkg" / "qkiln"
+    """What the runner imports, and only that, rebuilt with symlinks for the aarch64 Python (which has NumPy):
+    qkiln's top-level modules and the packages in isa_runner.QKILN_PACKAGES (package-dir puts them in separate
+    folders), gguf-py's isa_runner.GGUF_MODULES under an empty gguf/__init__.py, and the ml_dtypes stand-in."""
+    root = dest / "pkg"
+    pkg = root / "qkiln"
     pkg.mkdir(parents=True)
     assert qkiln.__file__ is not None
     for f in Path(qkiln.__file__).parent.glob("*.py"):
         (pkg / f.name).symlink_to(f)
-    for sub in (qkiln.kernels, qkiln.runtime, qkiln.validate):
+    for name in isa_runner.QKILN_PACKAGES:
+        sub = importlib.import_module(name)
         assert sub.__file__ is not None
-        (pkg / sub.__name__.rsplit(".", 1)[1]).symlink_to(Path(sub.__file__).parent)
-    (dest / "pkg" / "ml_dtypes.py").write_text(ML_DTYPES_STUB)
-    return dest / "pkg"
+        (pkg / name.removeprefix("qkiln.")).symlink_to(Path(sub.__file__).parent)
+    (root / "gguf").mkdir()
+    (root / "gguf" / "__init__.py").write_text("")
+    assert gguf.__file__ is not None
+    for mod in isa_runner.GGUF_MODULES:
+        (root / "gguf" / f"{mod}.py").symlink_to(Path(gguf.__file__).with_name(f"{mod}.py"))
+    (root / "ml_dtypes.py").write_text(ML_DTYPES_STUB)
+    return root
 
 
 # Debian 12 has no arm64 ml_dtypes. The evaluation forward never stores bfloat16 (only calibration does); the
@@ -123,8 +135,6 @@ bfloat16 = np.dtype([("bfloat16_unavailable_under_qemu", "<u2")])
 
 def cross_library(dest: Path) -> Path:
     """The kernels cross-compiled for aarch64 (the same sources and flags as the host's library)."""
-    from qkiln.kernels.build import build_library
-
     return build_library(CC, "aarch64")
 
 
@@ -137,7 +147,7 @@ def run_on_qemu(bundle: Path, cpu: str, out: Path, *, library: Path, timeout: fl
            "-E", f"LD_LIBRARY_PATH={lib}:{lib}/blas:{lib}/lapack:{root}/lib/aarch64-linux-gnu",
            "-E", f"PYTHONHOME={root}/usr", "-E", f"PYTHONPATH={pkg}:{root}/usr/lib/python3/dist-packages",
            "-E", f"QKILN_KERNELS_LIB={library}", "-E", "PYTHONDONTWRITEBYTECODE=1", "-E", "QKILN_KERNEL=",
-           str(root / "usr/bin/python3.11"), str(Path(__file__).with_name("isa_runner.py")), str(bundle), str(out)]
+           str(root / "usr/bin/python3.11"), "-P", "-m", RUNNER, str(bundle), str(out)]
     env = {k: v for k, v in os.environ.items() if k != "QKILN_KERNEL"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if r.returncode != 0:
@@ -148,7 +158,7 @@ def run_on_qemu(bundle: Path, cpu: str, out: Path, *, library: Path, timeout: fl
 def run_on_host(bundle: Path, out: Path) -> str:
     """The same runner on this machine (a subprocess, so the kernel path is chosen as a fresh process does)."""
     env = {k: v for k, v in os.environ.items() if k != "QKILN_KERNEL"}
-    r = subprocess.run([sys.executable, "-P", str(Path(__file__).with_name("isa_runner.py")), str(bundle), str(out)],
+    r = subprocess.run([sys.executable, "-P", "-m", RUNNER, str(bundle), str(out)],
                        capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"host run failed: {(r.stderr or r.stdout).strip()[-500:]}")
@@ -157,8 +167,6 @@ def run_on_host(bundle: Path, out: Path) -> str:
 
 def compare(host: np.ndarray, target: np.ndarray) -> tuple[float, float, float]:
     """(mean KL(host || target), top-1 agreement, max |diff| / max |host|); host/target (n, ctx, vocab)."""
-    from qkiln.validate.metrics import log_softmax
-
     scale = float(np.max(np.abs(host))) or 1.0
     rel = float(np.max(np.abs(target.astype(np.float64) - host))) / scale
     kls = []

@@ -15,11 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qkiln.kernels.speed import bench_linears, gguf_linears
+
 
 def measure_speed(gguf: Path, *, seconds: float = 0.5, prompt_tokens: int = 64, threads: int | None = None) -> dict[str, Any]:
     """This machine's figures for `gguf` (kernel path, tokens/s, GB/s, share of read bandwidth)."""
-    from qkiln.kernels.speed import bench_linears, gguf_linears
-
     doc = bench_linears(gguf_linears(gguf), threads=threads, prompt_tokens=prompt_tokens, seconds=seconds)
     doc["bandwidth_share"] = round(doc["weight_gbs"] / doc["machine_read_gbs"], 3) if doc["machine_read_gbs"] else None
     doc.pop("note", None)

@@ -28,7 +28,7 @@ def _tools():
 @pytest.fixture
 def tiny_gguf(make_checkpoint, tmp_path) -> Path:
     """A Q4_0 GGUF of the tiny random model (two layers, hidden 64): every linear on the Q4_0 kernels."""
-    from qkiln.formats.gguf_convert import convert_to_gguf
+    from qkiln.pipeline.convert import convert_to_gguf
 
     out = tmp_path / "q4_0.gguf"
     convert_to_gguf(make_checkpoint(), out, "q4_0", uniform=True)
