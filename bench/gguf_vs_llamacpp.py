@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qkiln.validate.artifact import llamacpp_window_logits
+
 LICENSES = Path("/usr/share/common-licenses")
 EVAL_FILES = [LICENSES / n for n in ("GPL-2", "Apache-2.0", "MPL-2.0")]
 CALIB_FILES = [LICENSES / n for n in ("GPL-3", "LGPL-2.1", "GFDL-1.3")]
@@ -69,16 +71,6 @@ def llamacpp_model(path: Path, ctx: int = CTX, threads: int | None = None, *, re
         lc.llama_model_default_params = default_params
 
 
-def llamacpp_logits(llm) -> LogitsFn:
-    """ids (1, n) -> logits (1, n, vocab) from llama.cpp, the KV cache cleared before each window."""
-
-    def run(ids: np.ndarray) -> np.ndarray:
-        seq = [int(t) for t in ids[0]]
-        llm.reset()
-        llm.eval(seq)
-        return np.array(llm.scores[: len(seq)], dtype=np.float32)[None]
-
-    return run
 
 
 def qkiln_logits(path: Path) -> LogitsFn:
@@ -139,11 +131,11 @@ def cmd_ppl(args: argparse.Namespace) -> list[dict]:
         convert_to_gguf(model, out, t, uniform=True)
         t0 = time.perf_counter()
         llm = llamacpp_model(out)
-        ll = score(llamacpp_logits(llm), windows)
+        ll = score(llamacpp_window_logits(llm), windows)
         del llm
         t1 = time.perf_counter()
         llm = llamacpp_model(out, repack=False)
-        plain = score(llamacpp_logits(llm), windows)
+        plain = score(llamacpp_window_logits(llm), windows)
         del llm
         t2 = time.perf_counter()
         qk = score(qkiln_logits(out), windows)
@@ -176,8 +168,8 @@ def score_against_reference(
     """Window by window: the reference's logits once, then every candidate's, all through llama.cpp."""
     from qkiln.validate.metrics import TokenScores
 
-    ref_fn = llamacpp_logits(llamacpp_model(ref))
-    fns = [llamacpp_logits(llamacpp_model(path, repack=repack)) for _, path in candidates]
+    ref_fn = llamacpp_window_logits(llamacpp_model(ref))
+    fns = [llamacpp_window_logits(llamacpp_model(path, repack=repack)) for _, path in candidates]
     ref_scores = TokenScores()
     scores = [TokenScores() for _ in candidates]
     for i, window in enumerate(windows):

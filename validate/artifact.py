@@ -88,6 +88,11 @@ def llamacpp_logits(path: Path, ctx: int) -> LogitsFn | None:
 
     llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, verbose=False,
                 n_threads=os.cpu_count() or 1, seed=0)
+    return llamacpp_window_logits(llm)
+
+
+def llamacpp_window_logits(llm: Any) -> LogitsFn:
+    """ids (1, n) -> logits (1, n, vocab) from a loaded llama_cpp.Llama, the KV cache cleared before each window."""
 
     def run(ids: np.ndarray) -> np.ndarray:
         seq = [int(t) for t in ids[0]]

@@ -39,7 +39,7 @@ TEXT = "".join(p.read_text() for p in bench.EVAL_FILES)
 
 def ppl_pair(path: Path, ids: np.ndarray, *, repack: bool = True) -> tuple[float, float]:
     llm = bench.llamacpp_model(path, ctx=ids.shape[1], threads=2, repack=repack)
-    ll = bench.score(bench.llamacpp_logits(llm), ids)["perplexity"]
+    ll = bench.score(bench.llamacpp_window_logits(llm), ids)["perplexity"]
     del llm
     qk = bench.score(bench.qkiln_logits(path), ids)["perplexity"]
     return ll, qk
@@ -125,7 +125,7 @@ def test_demo_q4_0_perplexity(demo_q4_0, demo_ids):
     qk = bench.score(bench.qkiln_logits(demo_q4_0), demo_ids)["perplexity"]
     for repack, tol in ((False, 0.01), (True, 0.03)):
         llm = bench.llamacpp_model(demo_q4_0, ctx=demo_ids.shape[1], threads=2, repack=repack)
-        ll = bench.score(bench.llamacpp_logits(llm), demo_ids)["perplexity"]
+        ll = bench.score(bench.llamacpp_window_logits(llm), demo_ids)["perplexity"]
         del llm
         assert abs(ll / qk - 1) < tol, (repack, ll, qk)
 

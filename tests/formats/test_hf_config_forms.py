@@ -168,7 +168,7 @@ def test_llamacpp_on_f16_gguf_equals_transformers(saved, case, tmp_path):
     convert_to_gguf(s.path, out, "f16")
     llm = bench.llamacpp_model(out, ctx=128, threads=2)
     try:
-        theirs = bench.llamacpp_logits(llm)(s.ids)
+        theirs = bench.llamacpp_window_logits(llm)(s.ids)
     finally:
         del llm
     err = rel_err(theirs, s.ref)
