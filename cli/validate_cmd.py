@@ -53,7 +53,7 @@ def validate_command(
     Exit 0 when every threshold holds, 1 when one fails (naming the metric), 2 on bad input."""
     from qkiln.cli.progress import stage_progress
     from qkiln.pipeline.load import load_model
-    from qkiln.validate.artifact import TargetFacts, reference_logits, validate_gguf
+    from qkiln.validate.artifact import TargetFacts, reference_logits, validate_artifact
     from qkiln.validate.gates import Thresholds, raise_on_failures
     from qkiln.validate.junit import write_junit
     from qkiln.validate.manifest import baseline_artifact, baseline_checks, read_manifest
@@ -91,7 +91,7 @@ def validate_command(
         ref, ref_tmp = reference_logits(ref_model.logits, windows, progress=report)
         del ref_model
         try:
-            result, checks = validate_gguf(artifact, ref, thresholds, target=facts, isa_windows=isa_windows,
+            result, checks = validate_artifact(artifact, ref, thresholds, target=facts, isa_windows=isa_windows,
                                            isa_ctx=isa_ctx, real_runtime=not no_real_runtime, progress=report)
         finally:
             ref_tmp.cleanup()

@@ -1,9 +1,10 @@
 """`qkiln build RECIPE`: every artifact of a target, validated, with manifest.json, report.md/.html and a model
 card per artifact, written into a temporary folder and moved into place only when complete.
 
-Quantization goes through ONE function, `make_artifact`, which calls the pipeline's GGUF converter
-(`pipeline.convert.convert_to_gguf`); artifacts with the same (format, scheme, algorithm, rules) are made once
-and copied.
+Quantization goes through ONE function, `make_artifact`, which calls the pipeline's converter for the
+artifact's format (`convert_to_gguf`, `convert_to_onnx`, `convert_to_gpu` for compressed-tensors and GPTQ);
+artifacts with the same (format, scheme, algorithm, rules) are made once and copied. A GGUF artifact is a
+file; the others are folders (sha256 over the folder's files, size the sum of their sizes).
 """
 
 from __future__ import annotations
@@ -22,16 +23,20 @@ import numpy as np
 import qkiln
 from qkiln.atomic import atomic_dir
 from qkiln.errors import UserError
+from qkiln.formats.hf import Checkpoint
 from qkiln.pipeline.convert import convert_to_gguf
+from qkiln.pipeline.gpu import convert_to_gpu
 from qkiln.pipeline.load import load_model
+from qkiln.pipeline.onnx import convert_to_onnx
 from qkiln.targets.recipe import Artifact, Recipe
-from qkiln.validate.artifact import TargetFacts, reference_logits, validate_gguf
+from qkiln.validate.artifact import TargetFacts, reference_logits, validate_artifact
 from qkiln.validate.gates import Check
-from qkiln.validate.manifest import folder_hashes, sha256_file
+from qkiln.validate.manifest import artifact_size, folder_hashes, folder_sha256
 from qkiln.validate.report import model_card, report_html, report_md
 from qkiln.validate.windows import make_windows, read_text
 
-WRITERS = {"gguf": ".gguf"}  # formats this qkiln can write (onnx, compressed-tensors, gptq: not yet)
+# formats this qkiln can write -> the suffix of the artifact's name (GGUF: a file; the others: a folder NAME/)
+WRITERS = {"gguf": ".gguf", "onnx": "", "compressed-tensors": "", "gptq": ""}
 Progress = Callable[[str, int, int], None]  # (stage, done, total); total 0 = indeterminate
 
 
@@ -48,19 +53,36 @@ def check_buildable(recipe: Recipe) -> None:
 
 def quantization_key(a: Artifact) -> tuple[Any, ...]:
     """Artifacts with equal keys have equal codes (same grid per tensor, same algorithm)."""
-    return (a.scheme, a.algo, a.uniform, a.rules)
+    return (a.format, a.scheme, a.algo, a.uniform, a.rules)
 
 
 def make_artifact(model: Path, artifact: Artifact, dest: Path, recipe: Recipe,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Quantize `model` as `artifact` says and write it at `dest`; returns the converter's summary.
+    """Quantize `model` as `artifact` says and write it at `dest`; returns the converter's summary with, for
+    every format, "bits_per_weight", "tensor_types" and "fallbacks".
 
-    The single call site of the format writers (today GGUF's converter)."""
+    The single call site of the format writers."""
     cal = recipe.calibration
-    result = convert_to_gguf(model, dest, artifact.scheme, algorithm=artifact.algo,
-                             calib=list(cal.text) if artifact.algo != "rtn" else [], uniform=artifact.uniform,
-                             samples=cal.samples, seq_len=cal.seq_len, name=model.resolve().name, progress=progress)
-    return result.summary()
+    fmt = artifact.format
+    common: dict[str, Any] = dict(algorithm=artifact.algo, calib=list(cal.text) if artifact.algo != "rtn" else [],
+                                  samples=cal.samples, seq_len=cal.seq_len, progress=progress)
+    if fmt == "gguf":
+        return convert_to_gguf(model, dest, artifact.scheme, uniform=artifact.uniform, name=model.resolve().name,
+                               **common).summary()
+    if fmt == "onnx":
+        onnx, fallbacks = convert_to_onnx(model, dest, artifact.scheme, **common)  # accuracy_level 4 (its default)
+        summary = onnx.summary()
+        weight_bytes, types = summary["quantized_bytes"] + summary["float_bytes"], summary["tensor_kinds"]
+    else:
+        gpu = convert_to_gpu(model, dest, fmt, artifact.scheme, **common)
+        summary = gpu.summary()
+        weight_bytes, types, fallbacks = summary["bytes"], summary["schemes"], gpu.fallbacks
+    # neither folder writer counts bits per weight: its weight bytes over the source's parameters (as GGUF's
+    # figure, every tensor counts, float ones included)
+    ckpt = Checkpoint.open(model)
+    params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names())
+    return {**summary, "bits_per_weight": round(8 * weight_bytes / max(1, params), 4), "tensor_types": types,
+            "fallbacks": fallbacks}
 
 
 def eval_windows(reference_tokenize: Callable[[str], np.ndarray], recipe: Recipe) -> np.ndarray:
@@ -105,7 +127,10 @@ def build(recipe: Recipe, model: Path, out: Path, *, progress: Progress | None =
             key = quantization_key(a)
             t0 = time.perf_counter()
             if key in made:  # same codes: quantize once, reuse
-                shutil.copyfile(made[key][0], dest)
+                if made[key][0].is_dir():
+                    shutil.copytree(made[key][0], dest)
+                else:
+                    shutil.copyfile(made[key][0], dest)
                 summary = {**made[key][1], "reused_from": made[key][0].name}
             else:
                 say(f"quantize {a.name} ({a.scheme}, {a.algo})", i, len(recipe.artifacts))
@@ -117,9 +142,11 @@ def build(recipe: Recipe, model: Path, out: Path, *, progress: Progress | None =
                 made[key] = (dest, summary)
             timings[f"quantize_{a.name}_s"] = round(time.perf_counter() - t0, 3)
             entries.append({"name": a.name, "file": dest.name, "format": a.format, "scheme": a.scheme, "algo": a.algo,
-                            "uniform": a.uniform, "sha256": sha256_file(dest), "size_bytes": dest.stat().st_size,
+                            "uniform": a.uniform, "sha256": folder_sha256(dest), "size_bytes": artifact_size(dest),
                             "bits_per_weight": summary["bits_per_weight"], "tensor_types": summary["tensor_types"],
                             "fallbacks": len(summary["fallbacks"]),
+                            **({"files": folder_hashes(dest)} if dest.is_dir() else {}),
+                            **({"warnings": summary["warnings"]} if summary.get("warnings") else {}),
                             **({"reused_from": summary["reused_from"]} if "reused_from" in summary else {}),
                             "thresholds": recipe.thresholds_for(a).as_dict()})
         t0 = time.perf_counter()
@@ -130,8 +157,8 @@ def build(recipe: Recipe, model: Path, out: Path, *, progress: Progress | None =
         try:
             for a, entry in zip(recipe.artifacts, entries, strict=True):
                 t0 = time.perf_counter()
-                result, art_checks = validate_gguf(
-                    tmp / entry["file"], ref, recipe.thresholds_for(a), target=facts,
+                result, art_checks = validate_artifact(
+                    tmp / entry["file"], ref, recipe.thresholds_for(a), fmt=a.format, target=facts,
                     isa_windows=recipe.evaluation.isa_windows, isa_ctx=recipe.evaluation.isa_ctx,
                     speed_seconds=speed_seconds, real_runtime=real_runtime and recipe.evaluation.real_runtime_windows > 0,
                     real_runtime_windows=recipe.evaluation.real_runtime_windows, progress=say, workdir=work)

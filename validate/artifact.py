@@ -19,6 +19,7 @@ import numpy as np
 
 from qkiln.errors import UserError
 from qkiln.formats.gguf_model import load_gguf_model
+from qkiln.pipeline.load import load_model
 from qkiln.validate.evaluate import LogitsFn
 from qkiln.validate.gates import Check, Thresholds, check_metrics, ppl_increase_pct
 from qkiln.validate.isa_check import isa_check
@@ -119,28 +120,56 @@ def _round(d: dict[str, Any], digits: int = 6) -> dict[str, Any]:
     return {k: (round(v, digits) if isinstance(v, float) else v) for k, v in d.items()}
 
 
-def validate_gguf(path: Path, ref: ReferenceLogits, thresholds: Thresholds, *, target: TargetFacts | None = None,
-                  isa_windows: int = 1, isa_ctx: int = 32, speed_seconds: float = 0.5,
-                  real_runtime: bool = True, real_runtime_windows: int | None = None, progress: Progress | None = None,
-                  workdir: Path | None = None) -> tuple[dict[str, Any], list[Check]]:
-    """Every measurement of one GGUF artifact and its checks. The result's "timings" and "speed" entries are
-    the only ones that change between identical runs. The real runtime (llama.cpp) is a cross-check of qkiln's
-    runtime on the first `real_runtime_windows` windows (all by default): it is the slowest step of a build."""
-    if not path.is_file() or path.suffix.lower() != ".gguf":
-        raise UserError(f"artifact {path}: qkiln validates .gguf files in this version; pass a .gguf artifact")
+GGUF = "gguf"
+# Why a check does not apply to a folder artifact (ONNX, compressed-tensors, GPTQ).
+NOT_GGUF_ISA = ("the target-ISA check runs qkiln's GGUF kernels under qemu; a {fmt} artifact runs on other "
+                "kernels (not applicable)")
+NOT_GGUF_LLAMACPP = "llama.cpp reads GGUF only; a {fmt} artifact is scored through qkiln's runtime alone (not applicable)"
+NOT_MEASURED = {
+    "onnx": "not measured here: qkiln's speed bench times its GGUF kernels; an ONNX folder runs on onnxruntime's "
+            "MatMulNBits kernels, which this build does not time",
+    "compressed-tensors": "not measured here: a GPU format (vLLM on the target GPU); the CPU speed of this machine "
+                          "says nothing of it",
+    "gptq": "not measured here: a GPU format (vLLM on the target GPU); the CPU speed of this machine says nothing of it",
+}
+
+
+def validate_artifact(path: Path, ref: ReferenceLogits, thresholds: Thresholds, *, fmt: str = GGUF,
+                      target: TargetFacts | None = None, isa_windows: int = 1, isa_ctx: int = 32,
+                      speed_seconds: float = 0.5, real_runtime: bool = True, real_runtime_windows: int | None = None,
+                      progress: Progress | None = None, workdir: Path | None = None) -> tuple[dict[str, Any], list[Check]]:
+    """Every measurement of one artifact (`fmt`: gguf, onnx, compressed-tensors or gptq) and its checks.
+
+    Accuracy is scored through qkiln's runtime for every format (`pipeline.load.load_model` opens ONNX folders
+    through onnxruntime and compressed-tensors/GPTQ folders dequantized exactly). The real-runtime cross-check
+    (llama.cpp), the target-ISA check under qemu and the speed bench run qkiln's GGUF kernels, so they apply to
+    GGUF only; for other formats the result says "not applicable"/"not measured" with the reason, and their
+    thresholds are not gated. The result's "timings" and "speed" entries are the only ones that change between
+    identical runs. llama.cpp runs on the first `real_runtime_windows` windows (all by default): it is the
+    slowest step of a build."""
+    gguf = fmt == GGUF
+    if gguf and (not path.is_file() or path.suffix.lower() != ".gguf"):
+        raise UserError(f"artifact {path}: a gguf artifact is a .gguf file")
+    if not gguf and not path.is_dir():
+        raise UserError(f"artifact {path}: a {fmt} artifact is a folder")
     name = path.name
-    result: dict[str, Any] = {"runtime": "qkiln kernels (this machine)"}
+    result: dict[str, Any] = {"runtime": "qkiln kernels (this machine)" if gguf else
+                              ("onnxruntime (this machine)" if fmt == "onnx" else
+                               "qkiln runtime on the dequantized weights (this machine)")}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    lm = load_gguf_model(path)
+    lm = load_gguf_model(path) if gguf else load_model(path)
     timings["load_s"] = time.perf_counter() - t0
-    if lm.model.config.vocab_size != ref[0].shape[-1]:
-        raise UserError(f"{path} has vocabulary {lm.model.config.vocab_size}, the reference {ref[0].shape[-1]}; "
+    vocab = lm.model.config.vocab_size
+    if vocab != ref[0].shape[-1]:
+        raise UserError(f"{path} has vocabulary {vocab}, the reference {ref[0].shape[-1]}; "
                         "compare models that share a tokenizer")
     metrics, timings["qkiln_eval_s"] = score(lm.logits, ref, label=f"{name}: qkiln runtime", progress=progress)
     result["accuracy"] = _round(metrics)
     del lm
-    if real_runtime:
+    if not gguf:
+        result["llama_cpp"] = {"ran": False, "reason": NOT_GGUF_LLAMACPP.format(fmt=fmt)}
+    elif real_runtime:
         fn = llamacpp_logits(path, ref.windows.shape[1])
         if fn is None:
             result["llama_cpp"] = {"ran": False, "reason": "llama-cpp-python is not installed"}
@@ -152,7 +181,10 @@ def validate_gguf(path: Path, ref: ReferenceLogits, thresholds: Thresholds, *, t
                                    "qkiln_mean_kl_same_windows": round(sum(same) / len(same), 6)}
     checked: dict[str, float | None] = dict(metrics)
     t = target
-    if t is not None and t.qemu_cpu and isa_windows > 0:
+    if not gguf:
+        thresholds = dataclasses.replace(thresholds, max_isa_kl=None)
+        result["isa_check"] = {"ran": False, "reason": NOT_GGUF_ISA.format(fmt=fmt)}
+    elif t is not None and t.qemu_cpu and isa_windows > 0:
         if progress:
             progress(f"{name}: target ISA under qemu -cpu {t.qemu_cpu}", 0, 1)
         t0 = time.perf_counter()
@@ -167,17 +199,22 @@ def validate_gguf(path: Path, ref: ReferenceLogits, thresholds: Thresholds, *, t
         thresholds = dataclasses.replace(thresholds, max_isa_kl=None)
         result["isa_check"] = {"ran": False, "reason": "the target names no qemu CPU (not an Arm CPU target)"
                                if t is not None else "no --target given"}
-    if progress:
-        progress(f"{name}: speed", 0, 1)
-    t0 = time.perf_counter()
-    speed = measure_speed(path, seconds=speed_seconds)
-    timings["speed_s"] = time.perf_counter() - t0
-    if t is not None and t.price_per_hour is not None:
-        speed["usd_per_million_tokens_here_at_target_price"] = host_cost(speed, t.price_per_hour)
-    result["speed"] = speed
-    checked["decode_tokens_per_s"] = speed["decode_tokens_per_s"]
-    if t is not None and t.memory_bandwidth_gbs:
-        result["target_estimate"] = target_estimate(speed, bandwidth_gbs=t.memory_bandwidth_gbs,
+    if not gguf:
+        # no honest speed figure: reported as not measured, and a speed floor is not gated
+        thresholds = dataclasses.replace(thresholds, min_decode_tokens_per_s=None)
+        result["speed"] = {"measured": False, "reason": NOT_MEASURED.get(fmt, "not measured here")}
+    else:
+        if progress:
+            progress(f"{name}: speed", 0, 1)
+        t0 = time.perf_counter()
+        speed = measure_speed(path, seconds=speed_seconds)
+        timings["speed_s"] = time.perf_counter() - t0
+        if t is not None and t.price_per_hour is not None:
+            speed["usd_per_million_tokens_here_at_target_price"] = host_cost(speed, t.price_per_hour)
+        result["speed"] = speed
+        checked["decode_tokens_per_s"] = speed["decode_tokens_per_s"]
+    if gguf and t is not None and t.memory_bandwidth_gbs:
+        result["target_estimate"] = target_estimate(result["speed"], bandwidth_gbs=t.memory_bandwidth_gbs,
                                                     price_per_hour=t.price_per_hour, instance=t.instance)
     checks = check_metrics(name, checked, thresholds)
     result["checks"] = [c.as_dict() for c in checks]

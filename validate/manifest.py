@@ -35,6 +35,21 @@ def folder_hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def folder_sha256(path: Path) -> str:
+    """One sha256 for an artifact: a file's own; a folder's is the sha256 of `sha256sum`-style lines
+    ("<sha256>  <relative path>\n", sorted by path) of every file in it, so
+    `(cd F && find . -type f -printf '%P\\n' | LC_ALL=C sort | xargs sha256sum) | sha256sum` reproduces it."""
+    if path.is_file():
+        return sha256_file(path)
+    lines = "".join(f"{h}  {name}\n" for name, h in sorted(folder_hashes(path).items()))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def artifact_size(path: Path) -> int:
+    """Bytes of a file, or the sum of the file sizes of a folder."""
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def stable_view(doc: Any) -> Any:
     """The manifest without the entries that are times or measured speeds (recursively)."""
     if isinstance(doc, dict):

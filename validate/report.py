@@ -55,6 +55,10 @@ def size_kl_plot(manifest: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def _not_run(artifact: dict[str, Any]) -> str:
+    return "n/a (GGUF only)" if artifact["format"] != "gguf" else "not run"
+
+
 def _accuracy_rows(manifest: dict[str, Any]) -> list[list[str]]:
     rows = []
     for a in manifest["artifacts"]:
@@ -63,8 +67,8 @@ def _accuracy_rows(manifest: dict[str, Any]) -> list[list[str]]:
             a["name"], a["format"], f"{a['scheme']} / {a['algo']}", _mib(a["size_bytes"]), f"{a['bits_per_weight']:.3f}",
             _f(acc.get("mean_kl")), _f(acc.get("ppl_increase_pct"), "+.2f") + " %", _f(acc.get("top1_agreement"), ".3f"),
             (f"{_f(lc.get('mean_kl'))} vs {_f(lc.get('qkiln_mean_kl_same_windows'))} ({lc.get('windows')} w)"
-             if lc.get("ran") else "not run"),
-            (_f(isa.get("mean_kl"), ".1e") + f" ({isa.get('kernel_path')})") if isa.get("ran") else "not run",
+             if lc.get("ran") else _not_run(a)),
+            (_f(isa.get("mean_kl"), ".1e") + f" ({isa.get('kernel_path')})") if isa.get("ran") else _not_run(a),
             a["verdict"].upper(),
         ])
     return rows
@@ -78,6 +82,9 @@ def _speed_rows(manifest: dict[str, Any]) -> list[list[str]]:
     rows = []
     for a in manifest["artifacts"]:
         sp, est = a.get("speed", {}), a.get("target_estimate", {})
+        if sp.get("measured") is False:
+            rows.append([a["name"], str(sp.get("reason", "not measured here"))] + ["—"] * (len(SPEED_HEAD) - 2))
+            continue
         rows.append([
             a["name"], str(sp.get("kernel_path", "—")), _f(sp.get("decode_tokens_per_s"), ".0f"),
             _f(sp.get("prompt_tokens_per_s"), ".0f"), _f(sp.get("bandwidth_share"), ".0%"),
@@ -104,7 +111,13 @@ def _notes(manifest: dict[str, Any]) -> list[str]:
         f"({t['instance']}, ${t['price_per_hour']:g}/h).",
     ]
     if t["kind"] == "gpu":
-        notes.append("GPU target: validated through the CPU runtimes of its formats on this machine, not on the GPU.")
+        notes.append("GPU target: validated through the CPU runtimes of its formats on this machine, not on the GPU "
+                     "(compressed-tensors / GPTQ folders dequantized exactly by qkiln's reader); no GPU speed is "
+                     "measured or estimated here — this machine's CPU speed says nothing of an H100 or MI300X.")
+    formats = {a["format"] for a in manifest["artifacts"]}
+    if "onnx" in formats:
+        notes.append("ONNX artifacts: scored through onnxruntime (CPU) on this machine; the llama.cpp cross-check, "
+                     "the target-ISA check and the speed bench run qkiln's GGUF kernels and do not apply to them.")
     if t.get("qemu_cpu"):
         notes.append(f"Target ISA: qkiln's aarch64 kernels ran the artifact under qemu-aarch64 -cpu {t['qemu_cpu']} "
                      "and their logits were compared with this machine's (mean KL host || target).")
@@ -184,6 +197,17 @@ model <code>{esc(manifest['model']['name'])}</code> · qkiln {esc(manifest['qkil
 """
 
 
+def _run_it(artifact: dict[str, Any]) -> list[str]:
+    f, fmt = artifact["file"], artifact["format"]
+    if fmt == "gguf":
+        return ["Run it with llama.cpp as it is (no conversion):", "", "```sh", f"llama-cli -m {f} -p 'Hello'", "```", ""]
+    if fmt == "onnx":
+        return ["A folder for onnxruntime-genai (MatMulNBits weights, genai_config.json):", "", "```python",
+                "import onnxruntime_genai as og", f"model = og.Model({f!r})", "```", ""]
+    return [f"A {fmt} folder (safetensors + config.json quantization_config) for vLLM:", "", "```sh",
+            f"vllm serve ./{f}", "```", ""]
+
+
 def model_card(manifest: dict[str, Any], artifact: dict[str, Any]) -> str:
     """A short README for one artifact: what it is, how it was made, how well it scored, how to run it."""
     t = manifest["recipe"]["target"]
@@ -198,8 +222,7 @@ def model_card(manifest: dict[str, Any], artifact: dict[str, Any]) -> str:
         f"- verdict against the recipe's thresholds: **{artifact['verdict']}**",
         f"- calibration: {manifest['calibration']['description']}",
         "",
-        "Run it with llama.cpp as it is (no conversion):", "", "```sh",
-        f"llama-cli -m {artifact['file']} -p 'Hello'", "```", "",
+        *_run_it(artifact),
         "Provenance, every metric and the target's speed estimate are in manifest.json beside this file.", "",
     ]
     return "\n".join(lines)

@@ -143,3 +143,63 @@ def test_kill_9_during_a_build_leaves_the_previous_output_intact(tiny_model, tmp
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+FOLDER_ARTIFACTS = '''
+[[artifacts]]
+name = "q8_0"
+format = "gguf"
+scheme = "q8_0"
+
+[[artifacts]]
+name = "int4-onnx"
+format = "onnx"
+scheme = "int4_g32"
+algo = "gptq"
+
+[[artifacts]]
+name = "fp8-ct"
+format = "compressed-tensors"
+scheme = "fp8_e4m3fn"
+
+[[artifacts]]
+name = "w4-gptq"
+format = "gptq"
+scheme = "int4_g32"
+'''
+
+
+def test_onnx_and_gpu_folders_build_validate_and_are_byte_deterministic(tiny_model, tmp_path):
+    recipe = tiny_recipe(tmp_path, artifacts=FOLDER_ARTIFACTS)
+    docs = []
+    for name in ("one", "two"):
+        r = run_build(recipe, tiny_model, tmp_path / name)
+        assert r.exit_code == 0, r.output
+        docs.append(json.loads((tmp_path / name / "manifest.json").read_text()))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert stable_view(docs[0]) == stable_view(docs[1])
+    by = {a["name"]: a for a in docs[0]["artifacts"]}
+    assert (one / "genai_config.json").exists() is False and (one / "int4-onnx" / "genai_config.json").is_file()
+    for name in ("int4-onnx", "fp8-ct", "w4-gptq"):
+        a = by[name]
+        folder = one / a["file"]
+        assert a["file"] == name and folder.is_dir()
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        assert sorted(a["files"]) == files and files
+        for f in files:  # byte-identical across the two builds
+            assert (folder / f).read_bytes() == (two / name / f).read_bytes(), f
+        assert a["size_bytes"] == sum((folder / f).stat().st_size for f in files)
+        assert len(a["sha256"]) == 64 and 0 < a["bits_per_weight"] < 32
+        assert a["verdict"] == "pass"
+        assert {c["threshold"] for c in a["checks"]} == {"max_mean_kl", "max_ppl_increase_pct", "min_top1"}
+        assert a["llama_cpp"]["ran"] is False and "not applicable" in a["llama_cpp"]["reason"]
+        assert a["isa_check"]["ran"] is False and "not applicable" in a["isa_check"]["reason"]
+        assert a["speed"]["measured"] is False and "not measured here" in a["speed"]["reason"]
+        assert "target_estimate" not in a
+        assert (one / f"{name}.md").is_file()
+    assert by["fp8-ct"]["tensor_types"] and by["int4-onnx"]["tensor_types"]
+    # a float8 grid is closer than 4 bits; the q8_0 GGUF beside them is untouched by the folder formats
+    assert by["fp8-ct"]["accuracy"]["mean_kl"] < by["w4-gptq"]["accuracy"]["mean_kl"]
+    assert by["q8_0"]["speed"]["decode_tokens_per_s"] > 0 and by["q8_0"]["file"] == "q8_0.gguf"
+    report = (one / "report.md").read_text()
+    assert "n/a (GGUF only)" in report and "not measured here" in report
