@@ -231,5 +231,5 @@ def write_compressed_tensors(
 
     files = {"README.md": (lambda: card(holder["q"]) if card else "")}
     write_folder(dest, tensors(), make_config, tokenizer_from=tokenizer_from, files=files, overwrite=overwrite,
-                 **({"shard_bytes": shard_bytes} if shard_bytes else {}))
+                 shard_bytes=shard_bytes)
     return schemes

@@ -156,5 +156,5 @@ def write_gptq(
 
     files = {"quantize_config.json": lambda: dump_json(qconfig()), "README.md": lambda: card(qconfig()) if card else ""}
     write_folder(dest, tensors(), lambda: config_dict(config, qconfig(), "float16"), tokenizer_from=tokenizer_from,
-                 files=files, overwrite=overwrite, **({"shard_bytes": shard_bytes} if shard_bytes else {}))
+                 files=files, overwrite=overwrite, shard_bytes=shard_bytes)
     return state["scheme"], state["shapes"]

@@ -95,7 +95,7 @@ def write_folder(
     *,
     tokenizer_from: Path | None = None,
     files: Mapping[str, str | Callable[[], str]] | None = None,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    shard_bytes: int | None = None,  # None: DEFAULT_SHARD_BYTES
     overwrite: bool = False,
 ) -> Path:
     """Write the folder `dest` from `tensors` (consumed once, in order, shard by shard), atomically.
@@ -106,7 +106,7 @@ def write_folder(
     """
     dest = Path(dest)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
-        shards = ShardWriter(tmp, shard_bytes)
+        shards = ShardWriter(tmp, shard_bytes or DEFAULT_SHARD_BYTES)
         for name, array in tensors:
             shards.add(name, array)
         shards.close()

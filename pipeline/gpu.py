@@ -1,8 +1,7 @@
 """Checkpoint → GPU-serving safetensors (`qkiln convert --to compressed-tensors|gptq`).
 
 The writers (`compressed_tensors_write`, `gptq_write`) take the quantizer's stream of (hf_name,
-QuantizedTensor | float32 array); `quantized_stream` is the one place that builds that stream from a
-checkpoint, so that when routing moves to a format-neutral pipeline only that function changes.
+QuantizedTensor | float32 array) in layer order, from `pipeline.stream.layer_ordered`.
 Every refusal (a grid the format cannot hold, mixed grids in the GPTQ layout, missing calibration)
 happens before any quantization work.
 """
@@ -11,11 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias
-
-import numpy as np
+from typing import Any
 
 from qkiln.errors import QuantizeError
 from qkiln.formats import compressed_tensors_write as ct
@@ -24,16 +21,13 @@ from qkiln.formats.compressed_tensors_write import is_decoder_linear, write_comp
 from qkiln.formats.gguf_meta import sha256_of
 from qkiln.formats.gptq_write import marlin_warning, write_gptq
 from qkiln.formats.hf import Checkpoint
-from qkiln.pipeline.stream import tensor_schemes, weight_stream
+from qkiln.pipeline.stream import layer_ordered, tensor_schemes
 from qkiln.quantize.algorithms import ALGORITHMS
-from qkiln.quantize.calibrate import output_order
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 from qkiln.quantize.registry import get_scheme
 from qkiln.quantize.scheme import Scheme
-from qkiln.quantize.tensor import QuantizedTensor
 
 TARGETS = ("compressed-tensors", "gptq")
-Weight: TypeAlias = QuantizedTensor | np.ndarray
 
 
 @dataclasses.dataclass
@@ -82,18 +76,6 @@ def plan_schemes(ckpt: Any, scheme: str, target: str) -> tuple[dict[str, Scheme]
             f"(this one would need {', '.join(used)}): choose a group size that divides every input dimension"
         )
     return chosen, fallbacks
-
-
-def quantized_stream(
-    ckpt: Any, schemes: dict[str, Scheme], algorithm: str, calib: Sequence[Path], *,
-    samples: int = CALIBRATION_SAMPLES, seq_len: int = CALIBRATION_SEQ_LEN,
-    progress: Callable[[str], None] | None = None,
-) -> Iterator[tuple[str, Weight]]:
-    """(hf_name, QuantizedTensor | float32 array) in the quantizer's order (embeddings, layer by layer,
-    model.norm, lm_head) — the pipeline's stream, in the order the writers append shards."""
-    stream = weight_stream(ckpt, {n: s.name for n, s in schemes.items()}, algorithm, calib, samples=samples,
-                           seq_len=seq_len, progress=progress)
-    return ((name, stream.get(name)) for name in output_order(ckpt.config))
 
 
 def model_card(target: str, scheme: str, algorithm: str, calib: Sequence[Path], source: str,
@@ -147,7 +129,8 @@ def convert_to_gpu(
         w = marlin_warning(grid, [tuple(ckpt.shape(n)) for n in schemes])  # type: ignore[misc]
         if w:
             warnings.append(w)
-    stream = quantized_stream(ckpt, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress)
+    stream = layer_ordered(ckpt, {n: s.name for n, s in schemes.items()}, algorithm, calib, samples=samples,
+                           seq_len=seq_len, progress=progress)
     source = ckpt.path.resolve().name
     extra = "".join(f"\nWarning: {w}\n" for w in warnings)
 

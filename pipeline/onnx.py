@@ -1,12 +1,12 @@
 """`qkiln convert --to onnx`: the pipeline's quantized-tensor stream handed to the ONNX folder writer.
 
-The writer only consumes (hf_name, QuantizedTensor | float32 array) in the quantizer's layer order, which
-`_tensor_stream` takes from the format-neutral stream (`pipeline.stream.weight_stream`).
+The writer only consumes (hf_name, QuantizedTensor | float32 array) in the quantizer's layer order, as
+`pipeline.stream.layer_ordered` hands it out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,9 @@ from qkiln.formats.hf import Checkpoint
 from qkiln.formats.onnx_graph import ACCURACY_LEVELS, FLOAT_DTYPES, GraphOptions
 from qkiln.formats.onnx_pack import check_onnx_scheme
 from qkiln.formats.onnx_write import write_onnx_folder
-from qkiln.pipeline.stream import tensor_schemes, weight_stream
+from qkiln.pipeline.stream import layer_ordered, tensor_schemes
 from qkiln.quantize import rules
 from qkiln.quantize.algorithms import ALGORITHMS
-from qkiln.quantize.calibrate import output_order
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 from qkiln.quantize.registry import get_scheme
 
@@ -51,22 +50,6 @@ def onnx_schemes(ckpt: Any, scheme: str, *, strict: bool) -> tuple[dict[str, str
     for name, s in schemes.items():
         check_onnx_scheme(get_scheme(s), name)
     return schemes, fallbacks
-
-
-def _tensor_stream(
-    ckpt: Any,
-    schemes: dict[str, str],
-    algorithm: str,
-    calib: Sequence[Path],
-    *,
-    samples: int,
-    seq_len: int,
-    progress: Callable[[str], None] | None = None,
-) -> Iterator[tuple[str, Any]]:
-    """(hf_name, QuantizedTensor | float32 array) in the quantizer's layer order: embeddings, layer by layer,
-    model.norm, lm_head when untied. The one adapter between the pipeline and the ONNX writer."""
-    stream = weight_stream(ckpt, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress)
-    return ((name, stream.get(name)) for name in output_order(ckpt.config))
 
 
 def convert_to_onnx(
@@ -107,7 +90,7 @@ def convert_to_onnx(
         "schemes": dict(sorted(schemes.items())),
         "fallbacks": fallbacks,
     }
-    stream = _tensor_stream(ckpt, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress)
+    stream = layer_ordered(ckpt, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress)
     result = write_onnx_folder(dest, config, stream, ckpt.path,
                                options=GraphOptions(float_dtype=float_dtype, accuracy_level=accuracy_level),
                                provenance=provenance, max_length=max_length, overwrite=overwrite)

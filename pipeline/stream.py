@@ -159,6 +159,23 @@ def weight_stream(
     return LayerStream(source, _Planned(schemes), algorithm, ids, progress=report)
 
 
+def layer_ordered(
+    source: Any,
+    schemes: Mapping[str, str],
+    algorithm: str,
+    calib: Sequence[Path],
+    *,
+    samples: int = CALIBRATION_SAMPLES,
+    seq_len: int = CALIBRATION_SEQ_LEN,
+    progress: Callable[[str], None] | None = None,
+) -> Iterator[tuple[str, Weight]]:
+    """(name, QuantizedTensor | float32 array) in the quantizer's layer order (embeddings, layer by layer,
+    model.norm, lm_head when untied): what the writers that append as they go (ONNX external data,
+    safetensors shards) consume, with only the layer being quantized in memory."""
+    stream = weight_stream(source, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress)
+    return ((name, stream.get(name)) for name in output_order(source.config))
+
+
 def quantize_weights(source: Any, schemes: dict[str, str], algorithm: str, calib: Sequence[Path], **kw: Any) -> dict[str, Weight]:
     """All weights at once (HF name -> QuantizedTensor or float32 array); for tests and small models."""
     stream = weight_stream(source, schemes, algorithm, calib, **kw)

@@ -18,7 +18,8 @@ from qkiln.formats.compressed_tensors_write import pack_codes, unpack_codes
 from qkiln.formats.gpu_safetensors_read import QuantizedFolder
 from qkiln.formats.hf import Checkpoint
 from qkiln.model.source import DictSource
-from qkiln.pipeline.gpu import convert_to_gpu, plan_schemes, quantized_stream
+from qkiln.pipeline.gpu import convert_to_gpu, plan_schemes
+from qkiln.pipeline.stream import layer_ordered
 from qkiln.quantize.tensor import QuantizedTensor
 
 # Logits of transformers (float32, decompressed weights) against qkiln's NumPy runtime on the same
@@ -62,7 +63,7 @@ def _artifact(make_checkpoint, tiny_config, tmp_path: Path, scheme: str, algo: s
     convert_to_gpu(src, out, "compressed-tensors", scheme, algorithm=algo, calib=calib, samples=4, seq_len=32)
     ckpt = Checkpoint.open(src)
     schemes, _ = plan_schemes(ckpt, scheme, "compressed-tensors")
-    weights = dict(quantized_stream(ckpt, schemes, algo, calib, samples=4, seq_len=32))
+    weights = dict(layer_ordered(ckpt, {n: s.name for n, s in schemes.items()}, algo, calib, samples=4, seq_len=32))
     return out, weights
 
 
