@@ -9,7 +9,6 @@ appears at the destination.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from qkiln.errors import CheckpointError, GGUFError, UserError
 from qkiln.formats.gguf_read import GGUFFile, GGUFTensor, read_gguf
 from qkiln.formats.hf_write import write_checkpoint
 from qkiln.formats.tokenizer_gguf import tokenizer_files
+from qkiln.hashing import sha256_file
 from qkiln.model.config import LlamaConfig, RopeScaling
 from qkiln.model.names import (
     GGUF_DERIVED,
@@ -197,14 +197,6 @@ def load_llama_tensors(f: GGUFFile, cfg: LlamaConfig, progress: Progress | None 
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def import_gguf(src: Path, dest: Path, *, overwrite: bool = False, progress: Progress | None = None) -> Path:
     """Write `dest/` as an F32 Hugging Face checkpoint of the llama GGUF `src`; returns dest.
 
@@ -219,7 +211,7 @@ def import_gguf(src: Path, dest: Path, *, overwrite: bool = False, progress: Pro
         raise UserError(f"output {dest} already exists; remove it or pass --force")
     tensors = load_llama_tensors(f, cfg, progress)
     source: dict[str, Any] = {"importer_version": IMPORT_FORMAT_VERSION, "source_file": src.name,
-                              "source_bytes": f.file_size, "source_sha256": _sha256(src),
+                              "source_bytes": f.file_size, "source_sha256": sha256_file(src),
                               "gguf_name": f.get("general.name")}
     extra[SOURCE_FILE] = json.dumps(source, indent=2, sort_keys=True) + "\n"
     # No extra safetensors metadata: safetensors stores it in a hash map, so two keys or more would

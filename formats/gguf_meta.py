@@ -7,10 +7,8 @@ Every entry is (key, value, GGUF value type); the order is fixed so files are by
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,14 +95,6 @@ class Provenance:
         if self.tokenizer_scores:
             kv.append(("qkiln.tokenizer.scores", self.tokenizer_scores))
         return kv
-
-
-def sha256_of(paths: Iterable[Path]) -> str:
-    """SHA-256 of the calibration text exactly as it was fed (files concatenated in the given order)."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).read_bytes())
-    return h.hexdigest()
 
 
 def llama_hparams(config: LlamaConfig) -> list[tuple[str, Any]]:

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from qkiln.errors import QuantizeError
-from qkiln.formats.gguf_meta import Provenance, sha256_of
+from qkiln.formats.gguf_meta import Provenance
 from qkiln.formats.gguf_write import FLOAT_TYPES, StreamWeights, TensorPlan, check_grids, write_llama_gguf
 from qkiln.formats.hf import Checkpoint
 from qkiln.formats.tokenizer_to_gguf import tokenizer_from_folder
+from qkiln.hashing import sha256_of
 from qkiln.pipeline.stream import RTNStream, tensor_schemes, weight_stream
 from qkiln.quantize.algorithms import ALGORITHMS
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN

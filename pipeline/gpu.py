@@ -18,9 +18,9 @@ from qkiln.errors import QuantizeError
 from qkiln.formats import compressed_tensors_write as ct
 from qkiln.formats import gptq_write
 from qkiln.formats.compressed_tensors_write import is_decoder_linear, write_compressed_tensors
-from qkiln.formats.gguf_meta import sha256_of
 from qkiln.formats.gptq_write import marlin_warning, write_gptq
 from qkiln.formats.hf import Checkpoint
+from qkiln.hashing import sha256_of
 from qkiln.pipeline.stream import layer_ordered, tensor_schemes
 from qkiln.quantize.algorithms import ALGORITHMS
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from qkiln.errors import QuantizeError
-from qkiln.formats.gguf_meta import sha256_of
 from qkiln.formats.hf import Checkpoint
 from qkiln.formats.onnx_graph import ACCURACY_LEVELS, FLOAT_DTYPES, GraphOptions
 from qkiln.formats.onnx_pack import check_onnx_scheme
 from qkiln.formats.onnx_write import write_onnx_folder
+from qkiln.hashing import sha256_of
 from qkiln.pipeline.stream import layer_ordered, tensor_schemes
 from qkiln.quantize import rules
 from qkiln.quantize.algorithms import ALGORITHMS

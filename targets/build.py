@@ -10,7 +10,6 @@ file; the others are folders (sha256 over the folder's files, size the sum of th
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -24,6 +23,7 @@ import qkiln
 from qkiln.atomic import atomic_dir
 from qkiln.errors import UserError
 from qkiln.formats.hf import Checkpoint
+from qkiln.hashing import sha256_of
 from qkiln.pipeline.convert import convert_to_gguf
 from qkiln.pipeline.gpu import convert_to_gpu
 from qkiln.pipeline.load import load_model
@@ -88,13 +88,6 @@ def make_artifact(model: Path, artifact: Artifact, dest: Path, recipe: Recipe,
 def eval_windows(reference_tokenize: Callable[[str], np.ndarray], recipe: Recipe) -> np.ndarray:
     text = "".join(read_text(p) for p in recipe.evaluation.text)
     return make_windows(reference_tokenize(text), recipe.evaluation.ctx, max_windows=recipe.evaluation.max_windows)
-
-
-def _texts_sha(paths: tuple[Path, ...]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def recipe_doc(recipe: Recipe) -> dict[str, Any]:
@@ -176,12 +169,12 @@ def build(recipe: Recipe, model: Path, out: Path, *, progress: Progress | None =
             "model": {"name": model.resolve().name, "files": folder_hashes(model)},
             "seed": recipe.seed,
             "calibration": {
-                "text": [p.name for p in cal.text], "sha256": _texts_sha(cal.text), "samples": cal.samples,
+                "text": [p.name for p in cal.text], "sha256": sha256_of(cal.text), "samples": cal.samples,
                 "seq_len": cal.seq_len, "used": calibrated,
                 "description": (f"{cal.samples} x {cal.seq_len} tokens of {', '.join(p.name for p in cal.text)}"
                                 if calibrated else "none (round-to-nearest needs no calibration)"),
             },
-            "evaluation": {"text": [p.name for p in recipe.evaluation.text], "sha256": _texts_sha(recipe.evaluation.text),
+            "evaluation": {"text": [p.name for p in recipe.evaluation.text], "sha256": sha256_of(recipe.evaluation.text),
                            "ctx": recipe.evaluation.ctx, "windows": len(windows),
                            "reference_perplexity": round(ref.scores.perplexity, 6),
                            "isa_windows": recipe.evaluation.isa_windows, "isa_ctx": recipe.evaluation.isa_ctx,

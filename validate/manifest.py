@@ -15,17 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from qkiln.errors import UserError
+from qkiln.hashing import sha256_file
 from qkiln.validate.gates import Check
 
 TIME_KEYS = ("timings", "speed", "target_estimate")  # measured on this machine at this moment
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:
