@@ -143,6 +143,10 @@ def test_kill_9_during_a_build_leaves_the_previous_output_intact(tiny_model, tmp
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert list(tmp_path.glob(".dist.partial-*")), "SIGKILL leaves the killed build's temporary folder"
+    # the next build of the same output removes the killed one's temporary folder
+    assert run_build(recipe, tiny_model, out).exit_code == 0
+    assert list(tmp_path.glob(".dist.*")) == []
 
 
 FOLDER_ARTIFACTS = '''

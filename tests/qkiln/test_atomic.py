@@ -61,3 +61,25 @@ def test_missing_or_readonly_parent_is_a_user_error(tmp_path):
             pass
     finally:
         ro.chmod(0o700)
+
+
+def test_a_killed_writers_temporaries_are_removed_by_the_next_write(tmp_path):
+    """SIGKILL leaves `.NAME.partial-PID-*` behind (nothing can run on SIGKILL); the next write of the same
+    destination removes the ones whose PID is gone and leaves a live writer's alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    for dest_name, maker in (("out", atomic_dir), ("a.bin", atomic_file)):
+        stale = tmp_path / f".{dest_name}.partial-{dead_pid}-abc"
+        stale.mkdir() if dest_name == "out" else stale.write_bytes(b"half")
+        old = tmp_path / f".{dest_name}.old-{dead_pid}-def"
+        old.mkdir()
+        live = tmp_path / f".{dest_name}.partial-1-xyz"  # pid 1 always exists
+        live.mkdir()
+        with maker(tmp_path / dest_name) as tmp:
+            (tmp / "x").write_text("1") if dest_name == "out" else tmp.write_bytes(b"1")
+        assert not stale.exists() and not old.exists() and live.exists()
+        live.rmdir()
+    assert leftovers(tmp_path) == []
