@@ -28,7 +28,8 @@ def find_recipe(target: str) -> Path:
 
 @handles_errors
 def validate_command(
-    artifact: Annotated[Path, typer.Argument(help="The artifact to validate (a .gguf file).")],
+    artifact: Annotated[Path, typer.Argument(help="The artifact to validate: a .gguf file, or an ONNX, "
+                                             "compressed-tensors or GPTQ folder.")],
     reference: Annotated[
         Path | None, typer.Option("--reference", "--ref", help="The unquantized checkpoint (default: the demo model).")
     ] = None,
@@ -48,21 +49,25 @@ def validate_command(
     no_real_runtime: Annotated[bool, typer.Option("--no-real-runtime", help="Skip llama.cpp even when installed.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
-    """Score ARTIFACT against the reference (KL, perplexity, top-1) through qkiln's runtime and llama.cpp, run it on
-    the target's instruction set under qemu (Arm targets), measure speed here and estimate it for the target.
+    """Score ARTIFACT against the reference (KL, perplexity, top-1) through qkiln's runtime (onnxruntime for an ONNX
+    folder) and llama.cpp (GGUF), run a GGUF on the target's instruction set under qemu (Arm targets), measure
+    speed here (GGUF, ONNX) and estimate it for the target.
     Exit 0 when every threshold holds, 1 when one fails (naming the metric), 2 on bad input."""
     from qkiln.cli.progress import stage_progress
-    from qkiln.pipeline.load import load_model
+    from qkiln.pipeline.load import artifact_format, load_model
     from qkiln.validate.artifact import TargetFacts, reference_logits, validate_artifact
     from qkiln.validate.gates import Thresholds, raise_on_failures
     from qkiln.validate.junit import write_junit
     from qkiln.validate.manifest import baseline_artifact, baseline_checks, read_manifest
     from qkiln.validate.windows import make_windows, read_text
 
-    if not artifact.is_file():
-        raise UserError(f"artifact {artifact} not found; pass a .gguf file")
-    if artifact.suffix.lower() != ".gguf":
-        raise UserError(f"artifact {artifact}: qkiln validate checks .gguf files in this version")
+    if not artifact.exists():
+        raise UserError(f"artifact {artifact} not found; pass a .gguf file or an ONNX, compressed-tensors or GPTQ folder")
+    fmt = artifact_format(artifact)
+    if fmt is None:
+        raise UserError(f"artifact {artifact} is not a quantized artifact qkiln knows: pass a .gguf file, an ONNX "
+                        "folder (genai_config.json) or a compressed-tensors / GPTQ folder (config.json with "
+                        "quantization_config)")
     thresholds = Thresholds()
     facts = None
     isa_windows, isa_ctx = 1, 32
@@ -91,7 +96,7 @@ def validate_command(
         ref, ref_tmp = reference_logits(ref_model.logits, windows, progress=report)
         del ref_model
         try:
-            result, checks = validate_artifact(artifact, ref, thresholds, target=facts, isa_windows=isa_windows,
+            result, checks = validate_artifact(artifact, ref, thresholds, fmt=fmt, target=facts, isa_windows=isa_windows,
                                            isa_ctx=isa_ctx, real_runtime=not no_real_runtime, progress=report)
         finally:
             ref_tmp.cleanup()
@@ -105,7 +110,7 @@ def validate_command(
         result["verdict"] = "pass" if all(c.passed for c in checks) else "fail"
     if junit is not None:
         write_junit(junit, checks, suite=f"qkiln validate {artifact.name}")
-    doc = {"artifact": str(artifact), "reference": str(reference) if reference else "demo model",
+    doc = {"artifact": str(artifact), "format": fmt, "reference": str(reference) if reference else "demo model",
            "target": facts.name if facts else None, "windows": len(windows), "ctx": int(windows.shape[1]), **result}
     if as_json:
         print_json(doc)
@@ -118,8 +123,11 @@ def validate_command(
             console.print(f"  llama.cpp: mean KL {lc['mean_kl']:.5f}, top-1 {lc['top1_agreement']:.3f}")
         console.print(f"  target ISA: {result['isa_check'].get('reason')}")
         sp = result["speed"]
-        console.print(f"  speed here: decode {sp['decode_tokens_per_s']} tok/s, prompt {sp['prompt_tokens_per_s']} tok/s, "
-                      f"{sp['weight_gbs']} GB/s = {sp['bandwidth_share']} of read bandwidth ({sp['kernel_path']})")
+        if sp.get("measured") is False:
+            console.print(f"  speed here: {sp['reason']}")
+        else:
+            console.print(f"  speed here: decode {sp['decode_tokens_per_s']} tok/s, prompt {sp['prompt_tokens_per_s']} "
+                          f"tok/s, {sp['weight_gbs']} GB/s = {sp['bandwidth_share']} of read bandwidth ({sp['kernel_path']})")
         est = result.get("target_estimate")
         if est:
             console.print(f"  {facts.name if facts else ''} ESTIMATE: decode {est['decode_tokens_per_s']} tok/s "

@@ -81,9 +81,12 @@ def describe_folder(folder: Path) -> dict[str, Any]:
         sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data)
     ops: dict[str, int] = {}
     weights: dict[str, dict[str, Any]] = {}
+    streamed = 0  # bytes every token reads: the products' weights (codes, scales, zero points, float matrices)
     for node in model.graph.node:
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
         ops[key] = ops.get(key, 0) + 1
+        if node.op_type in ("MatMul", "MatMulNBits"):
+            streamed += sum(sizes.get(n, 0) for n in node.input[1:] if n)
         if node.op_type == "MatMulNBits":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             kind = f"int{attrs['bits']} block {attrs['block_size']}" + (" zero points" if len(node.input) > 3 and node.input[3] else "")
@@ -106,6 +109,7 @@ def describe_folder(folder: Path) -> dict[str, Any]:
         "ops": dict(sorted(ops.items())),
         "matmulnbits": dict(sorted(weights.items())),
         "initializer_bytes": sum(sizes.values()),
+        "matmul_weight_bytes": streamed,
         "genai_config": {k: genai["model"].get(k) for k in ("type", "context_length", "bos_token_id", "eos_token_id", "pad_token_id", "vocab_size")}
         | {"max_length": genai.get("search", {}).get("max_length")},
         "metadata": {p.key: p.value for p in model.metadata_props},

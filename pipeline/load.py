@@ -27,6 +27,17 @@ def resolve_model_path(model: Path | None) -> Path:
     return demo_model_dir()
 
 
+def artifact_format(path: Path) -> str | None:
+    """The format of a quantized artifact (gguf, onnx, compressed-tensors, gptq), None for anything else."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "genai_config.json").is_file():
+        return "onnx"
+    if path.is_dir():
+        return quant_method(path)  # compressed-tensors | gptq: the --to names are the quant_method names
+    return None
+
+
 def load_model(model: Path | None) -> LoadedModel:
     path = resolve_model_path(model)
     if path.is_dir() and (path / "genai_config.json").is_file():

@@ -24,7 +24,7 @@ from qkiln.validate.evaluate import LogitsFn
 from qkiln.validate.gates import Check, Thresholds, check_metrics, ppl_increase_pct
 from qkiln.validate.isa_check import isa_check
 from qkiln.validate.metrics import TokenScores
-from qkiln.validate.speed import host_cost, measure_speed, target_estimate
+from qkiln.validate.speed import host_cost, measure_onnx_speed, measure_speed, target_estimate
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -126,8 +126,6 @@ NOT_GGUF_ISA = ("the target-ISA check runs qkiln's GGUF kernels under qemu; a {f
                 "kernels (not applicable)")
 NOT_GGUF_LLAMACPP = "llama.cpp reads GGUF only; a {fmt} artifact is scored through qkiln's runtime alone (not applicable)"
 NOT_MEASURED = {
-    "onnx": "not measured here: qkiln's speed bench times its GGUF kernels; an ONNX folder runs on onnxruntime's "
-            "MatMulNBits kernels, which this build does not time",
     "compressed-tensors": "not measured here: a GPU format (vLLM on the target GPU); the CPU speed of this machine "
                           "says nothing of it",
     "gptq": "not measured here: a GPU format (vLLM on the target GPU); the CPU speed of this machine says nothing of it",
@@ -142,8 +140,8 @@ def validate_artifact(path: Path, ref: ReferenceLogits, thresholds: Thresholds, 
 
     Accuracy is scored through qkiln's runtime for every format (`pipeline.load.load_model` opens ONNX folders
     through onnxruntime and compressed-tensors/GPTQ folders dequantized exactly). The real-runtime cross-check
-    (llama.cpp), the target-ISA check under qemu and the speed bench run qkiln's GGUF kernels, so they apply to
-    GGUF only; for other formats the result says "not applicable"/"not measured" with the reason, and their
+    (llama.cpp), the target-ISA check under qemu run qkiln's GGUF kernels, so they apply to GGUF only; speed is
+    measured for the CPU formats (GGUF on qkiln's kernels, ONNX through onnxruntime); for other formats the result says "not applicable"/"not measured" with the reason, and their
     thresholds are not gated. The result's "timings" and "speed" entries are the only ones that change between
     identical runs. llama.cpp runs on the first `real_runtime_windows` windows (all by default): it is the
     slowest step of a build."""
@@ -199,7 +197,8 @@ def validate_artifact(path: Path, ref: ReferenceLogits, thresholds: Thresholds, 
         thresholds = dataclasses.replace(thresholds, max_isa_kl=None)
         result["isa_check"] = {"ran": False, "reason": "the target names no qemu CPU (not an Arm CPU target)"
                                if t is not None else "no --target given"}
-    if not gguf:
+    timed = gguf or fmt == "onnx"  # the CPU runtimes; a GPU format's speed here says nothing of the GPU
+    if not timed:
         # no honest speed figure: reported as not measured, and a speed floor is not gated
         thresholds = dataclasses.replace(thresholds, min_decode_tokens_per_s=None)
         result["speed"] = {"measured": False, "reason": NOT_MEASURED.get(fmt, "not measured here")}
@@ -207,13 +206,13 @@ def validate_artifact(path: Path, ref: ReferenceLogits, thresholds: Thresholds, 
         if progress:
             progress(f"{name}: speed", 0, 1)
         t0 = time.perf_counter()
-        speed = measure_speed(path, seconds=speed_seconds)
+        speed = measure_speed(path, seconds=speed_seconds) if gguf else measure_onnx_speed(path, seconds=speed_seconds)
         timings["speed_s"] = time.perf_counter() - t0
         if t is not None and t.price_per_hour is not None:
             speed["usd_per_million_tokens_here_at_target_price"] = host_cost(speed, t.price_per_hour)
         result["speed"] = speed
         checked["decode_tokens_per_s"] = speed["decode_tokens_per_s"]
-    if gguf and t is not None and t.memory_bandwidth_gbs:
+    if timed and t is not None and t.memory_bandwidth_gbs:
         result["target_estimate"] = target_estimate(result["speed"], bandwidth_gbs=t.memory_bandwidth_gbs,
                                                     price_per_hour=t.price_per_hour, instance=t.instance)
     checks = check_metrics(name, checked, thresholds)

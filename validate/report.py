@@ -116,8 +116,9 @@ def _notes(manifest: dict[str, Any]) -> list[str]:
                      "measured or estimated here — this machine's CPU speed says nothing of an H100 or MI300X.")
     formats = {a["format"] for a in manifest["artifacts"]}
     if "onnx" in formats:
-        notes.append("ONNX artifacts: scored through onnxruntime (CPU) on this machine; the llama.cpp cross-check, "
-                     "the target-ISA check and the speed bench run qkiln's GGUF kernels and do not apply to them.")
+        notes.append("ONNX artifacts: scored and timed through onnxruntime (CPU) on this machine; their speed is the "
+                     "whole graph (attention, norms and head included), a decode step after a 64-token prompt. The "
+                     "llama.cpp cross-check and the target-ISA check run qkiln's GGUF kernels and do not apply to them.")
     if t.get("qemu_cpu"):
         notes.append(f"Target ISA: qkiln's aarch64 kernels ran the artifact under qemu-aarch64 -cpu {t['qemu_cpu']} "
                      "and their logits were compared with this machine's (mean KL host || target).")

@@ -4,6 +4,10 @@ Measured here (qkiln.kernels.speed, the library behind `qkiln bench`): prompt an
 weight product on the artifact's own blocks, and the weight bytes streamed per decoded token over this
 machine's read bandwidth measured in the same run — the share of the memory bandwidth decode reaches.
 
+An ONNX folder is timed whole through onnxruntime (`measure_onnx_speed`): a prompt of `prompt_tokens` tokens,
+then one decode step after it through the KV cache — every operator of the graph, so attention, norms and
+the head are in its figures (the GGUF figures count the weight products alone).
+
 Estimated for the target: decode is bound by streaming the weights once per token, so
     target tokens/s ~= efficiency here x target bandwidth / bytes per token,
 an ESTIMATE (same efficiency assumed; attention, norms and sampling not counted), labelled so wherever it is
@@ -15,7 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qkiln.kernels.speed import bench_linears, gguf_linears
+import numpy as np
+
+from qkiln.formats.onnx_run import OnnxLlama, describe_folder
+from qkiln.kernels import api
+from qkiln.kernels.speed import bench_linears, best_time, gguf_linears
 
 
 def measure_speed(gguf: Path, *, seconds: float = 0.5, prompt_tokens: int = 64, threads: int | None = None) -> dict[str, Any]:
@@ -24,6 +32,24 @@ def measure_speed(gguf: Path, *, seconds: float = 0.5, prompt_tokens: int = 64, 
     doc["bandwidth_share"] = round(doc["weight_gbs"] / doc["machine_read_gbs"], 3) if doc["machine_read_gbs"] else None
     doc.pop("note", None)
     return doc
+
+
+def measure_onnx_speed(folder: Path, *, seconds: float = 0.5, prompt_tokens: int = 64, threads: int | None = None
+                       ) -> dict[str, Any]:
+    """This machine's figures for an ONNX folder through onnxruntime (same keys as `measure_speed`)."""
+    threads = threads or api.default_threads()
+    model = OnnxLlama(folder, threads=threads)
+    ids = ((np.arange(prompt_tokens, dtype=np.int64) * 7919 + 13) % model.config.vocab_size)[None]
+    _, past = model.step(ids)  # warm: page the weights in, let onnxruntime plan its buffers
+    t_prompt = best_time(lambda: model.step(ids), seconds, min_runs=1)
+    t_tok = best_time(lambda: model.step(ids[:, :1], past), seconds)  # one token after the prompt's cache
+    weight_bytes = describe_folder(folder)["matmul_weight_bytes"]
+    read_gbs = api.copy_bandwidth(nthreads=threads)["read_gbs"]
+    gbs = weight_bytes / t_tok / 1e9
+    return {"kernel_path": "onnxruntime CPU (whole graph)", "threads": threads, "weight_bytes": weight_bytes,
+            "decode_tokens_per_s": round(1.0 / t_tok, 2), "prompt_tokens": prompt_tokens,
+            "prompt_tokens_per_s": round(prompt_tokens / t_prompt, 2), "weight_gbs": round(gbs, 2),
+            "machine_read_gbs": round(read_gbs, 2), "bandwidth_share": round(gbs / read_gbs, 3) if read_gbs else None}
 
 
 def target_estimate(measured: dict[str, Any], *, bandwidth_gbs: float, price_per_hour: float | None,

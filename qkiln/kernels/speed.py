@@ -67,7 +67,7 @@ def gguf_linears(path: str | Path) -> list[Linear]:
     return out
 
 
-def _time(fn, min_seconds: float, min_runs: int = 2) -> float:
+def best_time(fn, min_seconds: float, min_runs: int = 2) -> float:
     """Best wall time of fn() over repeated runs lasting at least min_seconds in total."""
     best = float("inf")
     runs = 0
@@ -103,8 +103,8 @@ def bench_linears(linears: list[Linear], *, threads: int | None = None, prompt_t
 
     decode_pass()  # warm: page the file in, start the thread pool
     bw = api.copy_bandwidth(nthreads=threads)
-    t_tok = _time(decode_pass, seconds)
-    t_prompt = _time(prompt_pass, seconds, min_runs=1)
+    t_tok = best_time(decode_pass, seconds)
+    t_prompt = best_time(prompt_pass, seconds, min_runs=1)
     weight_bytes = sum(int(p[2].size) for p in prepared)
     decode_tps = 1.0 / t_tok
     prompt_tps = prompt_tokens / t_prompt

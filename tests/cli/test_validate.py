@@ -98,3 +98,31 @@ def test_bad_input_exits_2(built, tmp_path, problem):
     r = validate(model, artifact, *extra)
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("to,scheme", [("onnx", "int4_g32"), ("compressed-tensors", "int4_g32"), ("gptq", "int4_g32")])
+def test_validate_takes_the_folder_formats(built, tmp_path, to, scheme):
+    """ONNX, compressed-tensors and GPTQ folders validate like a GGUF: accuracy, thresholds, exit codes. ONNX is
+    timed through onnxruntime (a CPU runtime); the GPU formats' speed is reported as not measured here."""
+    model, _, recipe = built
+    folder = tmp_path / "dist" / f"art-{to}"
+    r = CliRunner().invoke(app, ["convert", "--model", str(model), "--to", to, "--scheme", scheme, "-o", str(folder)])
+    assert r.exit_code == 0, r.output
+    r = validate(model, folder, "--target", str(recipe), "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["format"] == to and doc["verdict"] == "pass" and doc["accuracy"]["mean_kl"] > 0
+    assert doc["llama_cpp"]["ran"] is False and doc["isa_check"]["ran"] is False
+    if to == "onnx":
+        assert doc["speed"]["decode_tokens_per_s"] > 0 and doc["speed"]["kernel_path"].startswith("onnxruntime")
+        assert doc["target_estimate"]["usd_per_million_tokens"] > 0
+    else:
+        assert doc["speed"]["measured"] is False and "target_estimate" not in doc
+    r = validate(model, folder, "--max-kl", "0")
+    assert r.exit_code == 1 and "max_mean_kl" in r.output
+
+
+def test_a_plain_checkpoint_folder_is_not_an_artifact(built):
+    model, _, _ = built
+    r = validate(model, model)
+    assert r.exit_code == 2 and "not a quantized artifact" in r.output and "Traceback" not in r.output
