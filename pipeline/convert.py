@@ -20,7 +20,7 @@ from qkiln.formats.gguf_write import FLOAT_TYPES, StreamWeights, TensorPlan, che
 from qkiln.formats.hf import Checkpoint
 from qkiln.formats.tokenizer_to_gguf import tokenizer_from_folder
 from qkiln.hashing import sha256_of
-from qkiln.pipeline.stream import RTNStream, tensor_schemes, weight_stream
+from qkiln.pipeline.stream import CodeStore, RTNStream, tensor_schemes, weight_stream
 from qkiln.quantize.algorithms import ALGORITHMS
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
@@ -58,6 +58,7 @@ def convert_to_gguf(
     samples: int = CALIBRATION_SAMPLES,
     seq_len: int = CALIBRATION_SEQ_LEN,
     progress: Callable[[str], None] | None = None,
+    store: CodeStore | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint folder `model` into a llama.cpp GGUF at `dest` (atomic, deterministic)."""
     scheme = scheme.strip().lower()
@@ -78,7 +79,8 @@ def convert_to_gguf(
         schemes, fallbacks = tensor_schemes(config, shapes, scheme, uniform=uniform)
         check_grids(scheme, schemes)
         # a 2-D tensor no block fits stays F16, as llama.cpp keeps it
-        stream = weight_stream(ckpt, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress)
+        stream = weight_stream(ckpt, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress,
+                               store=store)
     weights = StreamWeights(config, stream, schemes, scheme if scheme in FLOAT_TYPES else "f16")
     notes = {line.split(":", 1)[0]: line for line in fallbacks}
     prov = Provenance(

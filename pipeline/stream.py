@@ -9,6 +9,9 @@ the stream into its own layout; it never re-quantizes.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -16,6 +19,7 @@ from typing import Any, TypeAlias
 import numpy as np
 
 from qkiln.errors import QuantizeError, UserError
+from qkiln.hashing import sha256_of
 from qkiln.model.source import TensorSource
 from qkiln.quantize import rules
 from qkiln.quantize.algorithms import ALGORITHMS
@@ -126,6 +130,100 @@ class LayerStream:
         return iter(self._gen)
 
 
+class CodeStore:
+    """The quantizer's output kept on disk under `folder`, so that a second writer of the same codes (another
+    format on the same per-tensor grids, same algorithm and calibration) reads them instead of quantizing
+    again — how `qkiln build` quantizes once per (grid, algorithm) and hands the codes to every format.
+
+    One sub-folder per key (sha256 of the scheme map, algorithm, calibration text hash and settings), one
+    `.npz` per tensor; `names.json` is written last and marks the recording complete. A stream that was not
+    read to the end (a failed writer) is never replayed."""
+
+    def __init__(self, folder: Path, label: str = ""):
+        self.folder, self.label = Path(folder), label  # label: who records (an artifact's name)
+        self.reused_from: str | None = None  # the label of the recording replayed, if one was
+
+    def key(self, schemes: Mapping[str, str], algorithm: str, calib: Sequence[Path], samples: int, seq_len: int) -> str:
+        doc: dict[str, Any] = {"schemes": dict(sorted(schemes.items())), "algorithm": algorithm}
+        if algorithm != "rtn":
+            doc |= {"calibration": sha256_of(calib), "samples": samples, "seq_len": seq_len}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+    def wrap(self, key: str, source: Any, make: Callable[[], RTNStream | LayerStream]) -> StoredStream | RecordingStream:
+        """The stored codes of `key` when complete, else `make()`'s stream, recorded as it is read."""
+        folder = self.folder / key
+        if (folder / "names.json").is_file():
+            self.reused_from = (folder / "label").read_text()
+            return StoredStream(folder, source)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "label").write_text(self.label)
+        return RecordingStream(make(), folder)
+
+
+def _save_weight(path: Path, w: Weight) -> None:
+    if isinstance(w, QuantizedTensor):
+        arrays = {"codes": w.codes, **{f"param.{k}": v for k, v in w.params.items()}}
+        np.savez(path, scheme=np.array(w.scheme.name), name=np.array(w.name), **arrays)
+    else:
+        np.savez(path, dense=np.asarray(w))
+
+
+def _load_weight(path: Path) -> Weight:
+    with np.load(path) as z:
+        if "dense" in z:
+            return z["dense"]
+        params = {k.removeprefix("param."): z[k] for k in z.files if k.startswith("param.")}
+        return QuantizedTensor(scheme=get_scheme(str(z["scheme"])), codes=z["codes"], params=params, name=str(z["name"]))
+
+
+class RecordingStream:
+    """A stream whose every tensor is also saved to `folder` as it is read (any order, any thread)."""
+
+    def __init__(self, inner: RTNStream | LayerStream, folder: Path):
+        self.inner, self.folder = inner, folder
+        self.names, self.ordered = inner.names, inner.ordered
+        self._left = set(self.names)
+        self._lock = threading.Lock()
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.inner.shape(name)
+
+    def get(self, name: str) -> Weight:
+        w = self.inner.get(name)
+        _save_weight(self.folder / f"{name}.npz", w)
+        with self._lock:
+            self._left.discard(name)
+            if not self._left:
+                (self.folder / "names.json").write_text(json.dumps(self.names))
+        return w
+
+    def __iter__(self) -> Iterator[tuple[str, Weight]]:
+        return ((n, self.get(n)) for n in self.names)
+
+
+class StoredStream:
+    """A complete recording replayed: the same tensors, in any order, without quantizing."""
+
+    ordered = False
+
+    def __init__(self, folder: Path, source: Any):
+        self.folder, self.source = folder, source
+        self.names = json.loads((folder / "names.json").read_text())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.source.shape(name))
+
+    def get(self, name: str) -> Weight:
+        return _load_weight(self.folder / f"{name}.npz")
+
+    def __iter__(self) -> Iterator[tuple[str, Weight]]:
+        return ((n, self.get(n)) for n in self.names)
+
+
+Stream: TypeAlias = "RTNStream | LayerStream | RecordingStream | StoredStream"
+
+
 class _Planned:
     """Per-tensor choices already made (name -> scheme name; absent = kept in float) as a quantize_model rule."""
 
@@ -145,18 +243,26 @@ def weight_stream(
     samples: int = CALIBRATION_SAMPLES,
     seq_len: int = CALIBRATION_SEQ_LEN,
     progress: Callable[[str], None] | None = None,
-) -> RTNStream | LayerStream:
+    store: CodeStore | None = None,
+) -> Stream:
     """The model's weights, quantized by `algorithm` on `schemes` (HF name -> scheme name, from
-    `tensor_schemes`), handed out one at a time."""
+    `tensor_schemes`), handed out one at a time; with a `store`, codes made before for the same key are
+    read back instead, and new ones are recorded."""
     if algorithm not in ALGORITHMS:
         raise QuantizeError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    if algorithm == "rtn":
-        return RTNStream(source, schemes, progress)
-    if not calib:
+    if algorithm != "rtn" and not calib:
         raise QuantizeError(f"--algo {algorithm} needs calibration text: pass --calib FILE")
-    report = (lambda stage, done, total: progress(f"{algorithm} {stage} ({done}/{total})")) if progress else None
-    ids = calibration_windows(source, calib, samples, seq_len)
-    return LayerStream(source, _Planned(schemes), algorithm, ids, progress=report)
+
+    def make() -> RTNStream | LayerStream:
+        if algorithm == "rtn":
+            return RTNStream(source, schemes, progress)
+        report = (lambda stage, done, total: progress(f"{algorithm} {stage} ({done}/{total})")) if progress else None
+        ids = calibration_windows(source, calib, samples, seq_len)
+        return LayerStream(source, _Planned(schemes), algorithm, ids, progress=report)
+
+    if store is None:
+        return make()
+    return store.wrap(store.key(schemes, algorithm, calib, samples, seq_len), source, make)
 
 
 def layer_ordered(
@@ -168,11 +274,13 @@ def layer_ordered(
     samples: int = CALIBRATION_SAMPLES,
     seq_len: int = CALIBRATION_SEQ_LEN,
     progress: Callable[[str], None] | None = None,
+    store: CodeStore | None = None,
 ) -> Iterator[tuple[str, Weight]]:
     """(name, QuantizedTensor | float32 array) in the quantizer's layer order (embeddings, layer by layer,
     model.norm, lm_head when untied): what the writers that append as they go (ONNX external data,
     safetensors shards) consume, with only the layer being quantized in memory."""
-    stream = weight_stream(source, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress)
+    stream = weight_stream(source, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress,
+                           store=store)
     return ((name, stream.get(name)) for name in output_order(source.config))
 
 

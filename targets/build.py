@@ -3,8 +3,11 @@ card per artifact, written into a temporary folder and moved into place only whe
 
 Quantization goes through ONE function, `make_artifact`, which calls the pipeline's converter for the
 artifact's format (`convert_to_gguf`, `convert_to_onnx`, `convert_to_gpu` for compressed-tensors and GPTQ);
-artifacts with the same (format, scheme, algorithm, rules) are made once and copied. A GGUF artifact is a
-file; the others are folders (sha256 over the folder's files, size the sum of their sizes).
+artifacts with the same (format, scheme, algorithm, rules) are made once and copied, and artifacts of different
+formats on the same scheme and algorithm share one quantization through a `pipeline.stream.CodeStore` (the
+first one's codes recorded in the build's work folder, the others written from them — when every tensor's
+grid agrees, which the store's key checks). A GGUF artifact is a file; the others are folders (sha256 over the
+folder's files, size the sum of their sizes).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from qkiln.pipeline.convert import convert_to_gguf
 from qkiln.pipeline.gpu import convert_to_gpu
 from qkiln.pipeline.load import load_model
 from qkiln.pipeline.onnx import convert_to_onnx
+from qkiln.pipeline.stream import CodeStore
 from qkiln.targets.recipe import Artifact, Recipe
 from qkiln.validate.artifact import TargetFacts, reference_logits, validate_artifact
 from qkiln.validate.gates import Check
@@ -56,33 +60,47 @@ def quantization_key(a: Artifact) -> tuple[Any, ...]:
     return (a.format, a.scheme, a.algo, a.uniform, a.rules)
 
 
+def shared_codes(artifacts: list[Artifact]) -> set[str]:
+    """Names of the artifacts whose codes another format may reuse: same scheme, algorithm and rules as an
+    artifact of another format (they record into the build's CodeStore; the rest need not)."""
+    by: dict[tuple[Any, ...], set[str]] = {}
+    for a in artifacts:
+        by.setdefault((a.scheme, a.algo, a.uniform, a.rules), set()).add(a.format)
+    return {a.name for a in artifacts if len(by[(a.scheme, a.algo, a.uniform, a.rules)]) > 1}
+
+
 def make_artifact(model: Path, artifact: Artifact, dest: Path, recipe: Recipe,
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  progress: Callable[[str], None] | None = None, store: CodeStore | None = None) -> dict[str, Any]:
     """Quantize `model` as `artifact` says and write it at `dest`; returns the converter's summary with, for
-    every format, "bits_per_weight", "tensor_types" and "fallbacks".
+    every format, "bits_per_weight", "tensor_types" and "fallbacks" (and "codes_from" when `store` held the
+    codes already: the artifact that made them).
 
     The single call site of the format writers."""
     cal = recipe.calibration
     fmt = artifact.format
     common: dict[str, Any] = dict(algorithm=artifact.algo, calib=list(cal.text) if artifact.algo != "rtn" else [],
-                                  samples=cal.samples, seq_len=cal.seq_len, progress=progress)
+                                  samples=cal.samples, seq_len=cal.seq_len, progress=progress, store=store)
     if fmt == "gguf":
-        return convert_to_gguf(model, dest, artifact.scheme, uniform=artifact.uniform, name=model.resolve().name,
-                               **common).summary()
-    if fmt == "onnx":
-        onnx, fallbacks = convert_to_onnx(model, dest, artifact.scheme, **common)  # accuracy_level 4 (its default)
-        summary = onnx.summary()
-        weight_bytes, types = summary["quantized_bytes"] + summary["float_bytes"], summary["tensor_kinds"]
+        summary = convert_to_gguf(model, dest, artifact.scheme, uniform=artifact.uniform, name=model.resolve().name,
+                                  **common).summary()
     else:
-        gpu = convert_to_gpu(model, dest, fmt, artifact.scheme, **common)
-        summary = gpu.summary()
-        weight_bytes, types, fallbacks = summary["bytes"], summary["schemes"], gpu.fallbacks
-    # neither folder writer counts bits per weight: its weight bytes over the source's parameters (as GGUF's
-    # figure, every tensor counts, float ones included)
-    ckpt = Checkpoint.open(model)
-    params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names())
-    return {**summary, "bits_per_weight": round(8 * weight_bytes / max(1, params), 4), "tensor_types": types,
-            "fallbacks": fallbacks}
+        if fmt == "onnx":
+            onnx, fallbacks = convert_to_onnx(model, dest, artifact.scheme, **common)  # accuracy_level 4 (its default)
+            summary = onnx.summary()
+            weight_bytes, types = summary["quantized_bytes"] + summary["float_bytes"], summary["tensor_kinds"]
+        else:
+            gpu = convert_to_gpu(model, dest, fmt, artifact.scheme, **common)
+            summary = gpu.summary()
+            weight_bytes, types, fallbacks = summary["bytes"], summary["schemes"], gpu.fallbacks
+        # neither folder writer counts bits per weight: its weight bytes over the source's parameters (as GGUF's
+        # figure, every tensor counts, float ones included)
+        ckpt = Checkpoint.open(model)
+        params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names())
+        summary = {**summary, "bits_per_weight": round(8 * weight_bytes / max(1, params), 4), "tensor_types": types,
+                   "fallbacks": fallbacks}
+    if store is not None and store.reused_from is not None:
+        summary["codes_from"] = store.reused_from
+    return summary
 
 
 def eval_windows(reference_tokenize: Callable[[str], np.ndarray], recipe: Recipe) -> np.ndarray:
@@ -114,6 +132,7 @@ def build(recipe: Recipe, model: Path, out: Path, *, progress: Progress | None =
         work = tmp / ".work"
         work.mkdir()
         made: dict[tuple[Any, ...], tuple[Path, dict[str, Any]]] = {}
+        shared = shared_codes(recipe.artifacts)
         entries: list[dict[str, Any]] = []
         for i, a in enumerate(recipe.artifacts):
             dest = tmp / f"{a.name}{WRITERS[a.format]}"
@@ -131,7 +150,8 @@ def build(recipe: Recipe, model: Path, out: Path, *, progress: Progress | None =
                 def step(what: str, label: str = f"quantize {a.name}") -> None:
                     say(f"{label}: {what}", 0, 0)
 
-                summary = make_artifact(model, a, dest, recipe, progress=step)
+                store = CodeStore(work / "codes", label=a.name) if a.name in shared else None
+                summary = make_artifact(model, a, dest, recipe, progress=step, store=store)
                 made[key] = (dest, summary)
             timings[f"quantize_{a.name}_s"] = round(time.perf_counter() - t0, 3)
             entries.append({"name": a.name, "file": dest.name, "format": a.format, "scheme": a.scheme, "algo": a.algo,
@@ -140,7 +160,7 @@ def build(recipe: Recipe, model: Path, out: Path, *, progress: Progress | None =
                             "fallbacks": len(summary["fallbacks"]),
                             **({"files": folder_hashes(dest)} if dest.is_dir() else {}),
                             **({"warnings": summary["warnings"]} if summary.get("warnings") else {}),
-                            **({"reused_from": summary["reused_from"]} if "reused_from" in summary else {}),
+                            **({k: summary[k] for k in ("reused_from", "codes_from") if k in summary}),
                             "thresholds": recipe.thresholds_for(a).as_dict()})
         t0 = time.perf_counter()
         ref, ref_tmp = reference_logits(ref_model.logits, windows, progress=lambda s, d, n: say(s, d, n))

@@ -213,3 +213,38 @@ def test_onnx_and_gpu_folders_build_validate_and_are_byte_deterministic(tiny_mod
     assert by["q8_0"]["speed"]["decode_tokens_per_s"] > 0 and by["q8_0"]["file"] == "q8_0.gguf"
     report = (one / "report.md").read_text()
     assert "n/a (GGUF only)" in report and "not measured here" in report
+
+
+SAME_GRID_TWO_FORMATS = '''
+[[artifacts]]
+name = "w4-ct"
+format = "compressed-tensors"
+scheme = "int4_g32"
+algo = "gptq"
+
+[[artifacts]]
+name = "w4-gptq"
+format = "gptq"
+scheme = "int4_g32"
+algo = "gptq"
+'''
+
+ONLY_GPTQ = SAME_GRID_TWO_FORMATS.split("[[artifacts]]")[2].join(["[[artifacts]]", ""])
+
+
+def test_two_formats_on_one_grid_quantize_once_and_match_a_build_of_either_alone(tiny_model, tmp_path):
+    """compressed-tensors and the GPTQ layout of the same grid and algorithm: the second is written from the
+    first's recorded codes (`codes_from`), and its bytes equal a build that made it alone."""
+    both = tmp_path / "both"
+    r = run_build(tiny_recipe(tmp_path / "r1", artifacts=SAME_GRID_TWO_FORMATS), tiny_model, both)
+    assert r.exit_code == 0, r.output
+    by = {a["name"]: a for a in json.loads((both / "manifest.json").read_text())["artifacts"]}
+    assert "codes_from" not in by["w4-ct"] and by["w4-gptq"]["codes_from"] == "w4-ct"
+    assert not (both / ".work").exists()
+    alone = tmp_path / "alone"
+    r = run_build(tiny_recipe(tmp_path / "r2", artifacts=ONLY_GPTQ), tiny_model, alone)
+    assert r.exit_code == 0, r.output
+    files = sorted(p.relative_to(alone / "w4-gptq") for p in (alone / "w4-gptq").rglob("*") if p.is_file())
+    assert files
+    for f in files:
+        assert (both / "w4-gptq" / f).read_bytes() == (alone / "w4-gptq" / f).read_bytes(), f
