@@ -160,24 +160,30 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-convert", action="store_true", help="reuse WORK/results.json's artifacts")
+    ap.add_argument("--skip-accuracy", action="store_true", help="reuse WORK/results.json's accuracy figures too")
+    ap.add_argument("--skip-speed", action="store_true", help="stop after accuracy (time on an idle machine later)")
     args = ap.parse_args()
     from qkiln.demo import demo_model_dir
 
     demo = demo_model_dir()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    models = json.loads((work / "results.json").read_text())["models"] if args.skip_convert else convert_all(args, demo, work)
-    accuracy(models, demo, args.max_windows)
+    reuse = args.skip_convert or args.skip_accuracy
+    models = json.loads((work / "results.json").read_text())["models"] if reuse else convert_all(args, demo, work)
+    if not args.skip_accuracy:
+        accuracy(models, demo, args.max_windows)
     builders = {n: m for n, m in models.items() if n.startswith("builder-")}
     best = min(builders, key=lambda n: builders[n]["mean_kl"])
     timed = {n: models[n] for n in (best, *[n for n in models if n.startswith("qkiln-") and n != "qkiln-rtn"], "llamacpp-q4_0")}
-    speed(timed, demo, args.prompt, args.decode, args.rounds)
+    if not args.skip_speed:
+        speed(timed, demo, args.prompt, args.decode, args.rounds)
     doc = {
         "models": models,
         "builder_best": best,
         "kl_ratio_vs_builder": {n: round(models[n]["mean_kl"] / models[best]["mean_kl"], 3) for n in models if n.startswith("qkiln-")},
         "speed_ratio_vs_builder": {n: {k: round(models[n][k] / models[best][k], 3) for k in ("prompt_tok_s", "decode_tok_s")}
-                                   for n in timed if n.startswith("qkiln-")},
+                                   for n in timed if n.startswith("qkiln-") and "decode_tok_s" in models[n]},
+        "load_average": os.getloadavg(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "cpu": os.cpu_count(),
     }

@@ -118,9 +118,13 @@ def validate_command(
         acc = result["accuracy"]
         console.print(f"{artifact.name}: mean KL {acc['mean_kl']:.5f}, perplexity {acc['perplexity']:.3f} "
                       f"({acc['ppl_increase_pct']:+.2f}%), top-1 {acc['top1_agreement']:.3f} over {len(windows)} x {windows.shape[1]} tokens")
-        lc = result.get("llama_cpp", {})
-        if lc.get("ran"):
-            console.print(f"  llama.cpp: mean KL {lc['mean_kl']:.5f}, top-1 {lc['top1_agreement']:.3f}")
+        for key, label in (("llama_cpp", "llama.cpp"), ("transformers", "transformers")):
+            rt = result.get(key, {})
+            if rt.get("ran"):
+                console.print(f"  {label}: mean KL {rt['mean_kl']:.5f} (qkiln {rt['qkiln_mean_kl_same_windows']:.5f} on the "
+                              f"same {rt['windows']} windows), top-1 {rt['top1_agreement']:.3f}")
+            elif key in result and fmt != "onnx":
+                console.print(f"  {label}: not run ({rt['reason']})")
         console.print(f"  target ISA: {result['isa_check'].get('reason')}")
         sp = result["speed"]
         if sp.get("measured") is False:

@@ -104,6 +104,46 @@ def llamacpp_window_logits(llm: Any) -> LogitsFn:
     return run
 
 
+def transformers_logits(path: Path, fmt: str) -> tuple[LogitsFn | None, str]:
+    """ids (1, n) -> logits from transformers (CPU, float32) on a compressed-tensors / GPTQ folder as vLLM's
+    loader reads it, or None and why it cannot run here. FP8 is decompressed to float32 at load
+    (`CompressedTensorsConfig(dequantize=True)`): transformers' CPU W8A8 path emulates per-token FP8 activations,
+    a GPU-only rounding qkiln's figures leave out, and takes minutes per window."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None, "transformers and torch are not installed (pip install transformers torch compressed-tensors)"
+    kw: dict[str, Any] = {}
+    if fmt == "compressed-tensors":
+        try:
+            import compressed_tensors  # noqa: F401
+        except ImportError:
+            return None, "the compressed-tensors package is not installed (pip install compressed-tensors)"
+        kw["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
+    else:
+        try:
+            import gptqmodel  # noqa: F401
+        except ImportError:
+            return None, ("transformers reads the GPTQ layout through GPTQModel, which is not installed (its CPU "
+                          "build needs torch >= 2.14.1; this environment pins torch 2.13)")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(np.asarray(ids, dtype=np.int64))).logits.float().numpy()
+
+    return run, ""
+
+
+def cross_check(fn: LogitsFn, ref: ReferenceLogits, metrics: dict[str, Any], *, label: str, windows: int | None,
+                progress: Progress | None) -> tuple[dict[str, Any], float]:
+    """The artifact through its real runtime on the first `windows` windows, beside qkiln's on the same ones."""
+    got, seconds = score(fn, ref, label=label, progress=progress, windows=windows)
+    same = metrics["window_mean_kl"][: got["windows"]]
+    return {"ran": True, **_round(got), "qkiln_mean_kl_same_windows": round(sum(same) / len(same), 6)}, seconds
+
+
 @dataclasses.dataclass(frozen=True)
 class TargetFacts:
     """What validation needs to know of a target (a recipe's [target] table, or `--target`)."""
@@ -121,10 +161,11 @@ def _round(d: dict[str, Any], digits: int = 6) -> dict[str, Any]:
 
 
 GGUF = "gguf"
+GPU_FORMATS = ("compressed-tensors", "gptq")  # folders vLLM / transformers load
 # Why a check does not apply to a folder artifact (ONNX, compressed-tensors, GPTQ).
 NOT_GGUF_ISA = ("the target-ISA check runs qkiln's GGUF kernels under qemu; a {fmt} artifact runs on other "
                 "kernels (not applicable)")
-NOT_GGUF_LLAMACPP = "llama.cpp reads GGUF only; a {fmt} artifact is scored through qkiln's runtime alone (not applicable)"
+NOT_GGUF_LLAMACPP = "llama.cpp reads GGUF only (not applicable)"
 NOT_MEASURED = {
     "compressed-tensors": "not measured here: a GPU format (vLLM on the target GPU); the CPU speed of this machine "
                           "says nothing of it",
@@ -172,11 +213,17 @@ def validate_artifact(path: Path, ref: ReferenceLogits, thresholds: Thresholds, 
         if fn is None:
             result["llama_cpp"] = {"ran": False, "reason": "llama-cpp-python is not installed"}
         else:
-            lc_metrics, timings["llama_cpp_eval_s"] = score(fn, ref, label=f"{name}: llama.cpp", progress=progress,
-                                                            windows=real_runtime_windows)
-            same = metrics["window_mean_kl"][: lc_metrics["windows"]]
-            result["llama_cpp"] = {"ran": True, **_round(lc_metrics),
-                                   "qkiln_mean_kl_same_windows": round(sum(same) / len(same), 6)}
+            result["llama_cpp"], timings["llama_cpp_eval_s"] = cross_check(
+                fn, ref, metrics, label=f"{name}: llama.cpp", windows=real_runtime_windows, progress=progress)
+    if fmt in GPU_FORMATS and real_runtime:
+        if progress:
+            progress(f"{name}: loading in transformers", 0, 1)
+        tf, why = transformers_logits(path, fmt)
+        if tf is None:
+            result["transformers"] = {"ran": False, "reason": why}
+        else:
+            result["transformers"], timings["transformers_eval_s"] = cross_check(
+                tf, ref, metrics, label=f"{name}: transformers", windows=real_runtime_windows, progress=progress)
     checked: dict[str, float | None] = dict(metrics)
     t = target
     if not gguf:

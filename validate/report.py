@@ -62,20 +62,24 @@ def _not_run(artifact: dict[str, Any]) -> str:
 def _accuracy_rows(manifest: dict[str, Any]) -> list[list[str]]:
     rows = []
     for a in manifest["artifacts"]:
-        acc, isa, lc = a.get("accuracy", {}), a.get("isa_check", {}), a.get("llama_cpp", {})
+        acc, isa = a.get("accuracy", {}), a.get("isa_check", {})
+        # the artifact through the runtime it ships to: llama.cpp for GGUF, transformers for the GPU folders
+        lc = next((a[k] | {"by": k} for k in ("llama_cpp", "transformers") if a.get(k, {}).get("ran")), {})
         rows.append([
             a["name"], a["format"], f"{a['scheme']} / {a['algo']}", _mib(a["size_bytes"]), f"{a['bits_per_weight']:.3f}",
             _f(acc.get("mean_kl")), _f(acc.get("ppl_increase_pct"), "+.2f") + " %", _f(acc.get("top1_agreement"), ".3f"),
-            (f"{_f(lc.get('mean_kl'))} vs {_f(lc.get('qkiln_mean_kl_same_windows'))} ({lc.get('windows')} w)"
-             if lc.get("ran") else _not_run(a)),
+            (f"{RUNTIME_NAMES[lc['by']]}: {_f(lc.get('mean_kl'))} vs {_f(lc.get('qkiln_mean_kl_same_windows'))} "
+             f"({lc.get('windows')} w)" if lc else
+             "onnxruntime (the scores)" if a["format"] == "onnx" else "not run"),
             (_f(isa.get("mean_kl"), ".1e") + f" ({isa.get('kernel_path')})") if isa.get("ran") else _not_run(a),
             a["verdict"].upper(),
         ])
     return rows
 
 
+RUNTIME_NAMES = {"llama_cpp": "llama.cpp", "transformers": "transformers"}
 ACCURACY_HEAD = ["artifact", "format", "scheme / algo", "size", "bits / weight", "mean KL", "ppl increase", "top-1",
-                 "llama.cpp KL vs qkiln's (windows)", "target-ISA KL (path)", "verdict"]
+                 "real runtime KL vs qkiln's (windows)", "target-ISA KL (path)", "verdict"]
 
 
 def _speed_rows(manifest: dict[str, Any]) -> list[list[str]]:
@@ -104,8 +108,9 @@ def _notes(manifest: dict[str, Any]) -> list[str]:
         f"Evaluation: {manifest['evaluation']['windows']} windows of {manifest['evaluation']['ctx']} tokens of "
         f"{', '.join(manifest['evaluation']['text'])} (reference perplexity {_f(manifest['evaluation'].get('reference_perplexity'))}); "
         "KL is mean KL(P_unquantized || P_artifact) per scored token, in nats, through qkiln's runtime on the "
-        "artifact's own blocks; thresholds apply to these. llama.cpp KL: the same file through llama.cpp on the first "
-        "windows (w), next to qkiln's on the same windows — a cross-check of the runtime the artifact ships to.",
+        "artifact's own blocks (an ONNX folder through onnxruntime); thresholds apply to these. Real runtime KL: the same "
+        "artifact through the runtime it ships to (llama.cpp for GGUF, transformers for compressed-tensors/GPTQ, when "
+        "installed) on the first windows (w), next to qkiln's on the same windows — a cross-check.",
         "Speed here: qkiln's kernels on this machine's weight products (attention, norms and sampling excluded). "
         f"Target figures are ESTIMATES: the bandwidth share measured here x {t['memory_bandwidth_gbs']:g} GB/s "
         f"({t['instance']}, ${t['price_per_hour']:g}/h).",

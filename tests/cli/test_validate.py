@@ -118,6 +118,14 @@ def test_validate_takes_the_folder_formats(built, tmp_path, to, scheme):
         assert doc["target_estimate"]["usd_per_million_tokens"] > 0
     else:
         assert doc["speed"]["measured"] is False and "target_estimate" not in doc
+    if to == "compressed-tensors":  # cross-checked through transformers + compressed-tensors (test environment)
+        tf = doc["transformers"]
+        assert tf["ran"] is True and tf["windows"] == 3
+        assert tf["mean_kl"] == pytest.approx(tf["qkiln_mean_kl_same_windows"], rel=1e-3, abs=1e-6)
+    elif to == "gptq":  # GPTQModel does not install beside torch 2.13: said, not hidden
+        assert doc["transformers"]["ran"] is False and "GPTQModel" in doc["transformers"]["reason"]
+    else:
+        assert "transformers" not in doc
     r = validate(model, folder, "--max-kl", "0")
     assert r.exit_code == 1 and "max_mean_kl" in r.output
 
