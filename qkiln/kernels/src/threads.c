@@ -1,8 +1,9 @@
 /* threads.c — a small persistent thread pool (see threads.h). Workers spin briefly between jobs (decode
  * issues hundreds of small products per token, so waking a sleeping thread each time would cost more than the
- * product) and then sleep on a condition variable. A job is published as one atomic word holding its
- * sequence number and how many threads take part, so a worker never mixes two jobs' descriptions; the
- * caller returns only after every participating worker has left the job. */
+ * product) and then sleep on a condition variable. A worker joins a job only while it is open (one atomic
+ * word: an open bit and the count of workers inside), so it reads a whole job description or none; the caller
+ * closes the job once every task is claimed and waits only for the workers inside, never for one that has not
+ * woken up yet (on a loaded machine that could take a scheduler quantum). */
 #define _GNU_SOURCE
 #include "threads.h"
 
@@ -15,6 +16,7 @@
 #include "qkiln_kernels.h"
 
 #define MAX_WORKERS (QK_MAX_THREADS - 1)
+#define JOB_OPEN 0x80000000u
 #define SPIN_ROUNDS 20000 /* ~0.5 ms of pause: covers the gap between a token's products */
 
 static struct {
@@ -28,7 +30,7 @@ static struct {
     void *ctx;
     long ntasks;
     atomic_long next;
-    atomic_int left; /* participating workers that finished the job */
+    atomic_uint state; /* JOB_OPEN | workers inside the job */
 } pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
 static pthread_mutex_t g_job = PTHREAD_MUTEX_INITIALIZER; /* one job at a time uses the pool */
@@ -72,10 +74,13 @@ static void *worker(void *arg) {
             pthread_mutex_unlock(&pool.mu);
         }
         seen = p;
-        if (index < (int)(p & 0xff) - 1) {
-            run_tasks();
-            atomic_fetch_add_explicit(&pool.left, 1, memory_order_release);
+        if (index >= (int)(p & 0xff) - 1) continue; /* not asked to take part */
+        unsigned st = atomic_load(&pool.state);
+        while ((st & JOB_OPEN) && !atomic_compare_exchange_weak(&pool.state, &st, st + 1)) {
         }
+        if (!(st & JOB_OPEN)) continue; /* the caller finished without us */
+        run_tasks();
+        atomic_fetch_sub_explicit(&pool.state, 1, memory_order_release);
     }
     return NULL;
 }
@@ -130,7 +135,7 @@ void qk_parallel(qk_task_fn fn, void *ctx, long ntasks, int nthreads) {
             pool.ctx = ctx;
             pool.ntasks = ntasks;
             atomic_store(&pool.next, 0);
-            atomic_store(&pool.left, 0);
+            atomic_store(&pool.state, JOB_OPEN);
             const unsigned long seq = (atomic_load(&pool.published) >> 8) + 1;
             atomic_store_explicit(&pool.published, seq << 8 | (unsigned long)n, memory_order_release);
             if (atomic_load(&pool.sleeping) > 0) {
@@ -141,7 +146,8 @@ void qk_parallel(qk_task_fn fn, void *ctx, long ntasks, int nthreads) {
             tls_in_pool = 1;
             run_tasks();
             tls_in_pool = 0;
-            for (int spins = 1; atomic_load_explicit(&pool.left, memory_order_acquire) < n - 1; spins++) {
+            atomic_fetch_and(&pool.state, ~JOB_OPEN);
+            for (int spins = 1; atomic_load_explicit(&pool.state, memory_order_acquire) != 0; spins++) {
                 if (spins % 1024 == 0) sched_yield(); /* a descheduled worker holds the last task */
                 cpu_relax();
             }
