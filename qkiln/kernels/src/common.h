@@ -48,7 +48,19 @@ void qk_fill_i8mm(qk_kernels *k);
 void qk_fill_sve(qk_kernels *k);
 int qk_sve_vector_bytes(void);
 
-/* IEEE half -> float, exact (no F16C needed; the SIMD files use their own conversions, same result). */
+/* IEEE half -> float, exact: the one definition every kernel calls. Files compiled for F16C (x86) or any
+ * aarch64 target convert in hardware (_cvtsh_ss, fcvt: the same value for every half but a signalling NaN,
+ * which they quiet); the scalar reference defines QK_PLAIN_C and keeps to plain integer operations. */
+#if defined(__F16C__) && !defined(QK_PLAIN_C)
+#include <immintrin.h>
+static inline float qk_h2f(uint16_t h) { return _cvtsh_ss(h); }
+#elif defined(__aarch64__) && !defined(QK_PLAIN_C)
+static inline float qk_h2f(uint16_t h) {
+    __fp16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+}
+#else
 static inline float qk_h2f(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     uint32_t exp = (h >> 10) & 0x1fu;
@@ -69,8 +81,12 @@ static inline float qk_h2f(uint16_t h) {
     memcpy(&out, &bits, 4);
     return out;
 }
+#endif
 
 static inline uint16_t qk_rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* The fp16 scale stored little-endian at p. */
+static inline float qk_h2f_at(const uint8_t *p) { return qk_h2f(qk_rd16(p)); }
 
 /* Q4_K: 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes. */
 static inline void qk_q4k_scale_min(int j, const uint8_t *q, int *sc, int *m) {

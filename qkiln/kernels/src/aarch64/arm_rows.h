@@ -5,12 +5,6 @@
 
 #include "../common.h"
 
-static inline float h2f_arm(const uint8_t *p) {
-    __fp16 h;
-    memcpy(&h, p, 2);
-    return (float)h;
-}
-
 static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
     float32x4_t acc = vdupq_n_f32(0.0f);
     const uint8x16_t m4 = vdupq_n_u8(0x0f);
@@ -20,7 +14,7 @@ static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, m4)), eight);
         const int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight);
         const int32x4_t p = DOT16(DOT16(vdupq_n_s32(0), lo, vld1q_s8(a)), hi, vld1q_s8(a + 16));
-        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f_arm(w) * ad[b]);
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), qk_h2f_at(w) * ad[b]);
     }
     return vaddvq_f32(acc);
 }
@@ -30,7 +24,7 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
     for (int b = 0; b < nb; b++, w += Q8_0_BYTES, a += QK8) {
         const int8_t *q = (const int8_t *)(w + 2);
         const int32x4_t p = DOT16(DOT16(vdupq_n_s32(0), vld1q_s8(q), vld1q_s8(a)), vld1q_s8(q + 16), vld1q_s8(a + 16));
-        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f_arm(w) * ad[b]);
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), qk_h2f_at(w) * ad[b]);
     }
     return vaddvq_f32(acc);
 }
@@ -57,7 +51,7 @@ static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const 
     float corr = 0.0f;
     const uint8x16_t m4 = vdupq_n_u8(0x0f);
     for (int s = 0; s < nsb; s++, w += Q4_K_BYTES) {
-        const float d = h2f_arm(w), dmin = h2f_arm(w + 2);
+        const float d = qk_h2f_at(w), dmin = qk_h2f_at(w + 2);
         const uint8_t *scales = w + 4, *qs = w + 16;
         for (int j2 = 0; j2 < 4; j2++) {
             const uint8x16_t r0 = vld1q_u8(qs + j2 * 32), r1 = vld1q_u8(qs + j2 * 32 + 16);
@@ -84,7 +78,7 @@ static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, int ns
     for (int s = 0; s < nsb; s++, w += Q6_K_BYTES) {
         const uint8_t *ql = w, *qh = w + 128;
         const int8_t *sc = (const int8_t *)(w + 192);
-        const float d = h2f_arm(w + 208);
+        const float d = qk_h2f_at(w + 208);
         for (int h = 0; h < 2; h++) {
             const uint8x16_t hb[2] = {vld1q_u8(qh + h * 32), vld1q_u8(qh + h * 32 + 16)};
             for (int cc = 0; cc < 4; cc++) {

@@ -8,12 +8,6 @@
 
 int qk_sve_vector_bytes(void) { return (int)svcntb(); }
 
-static inline float h2f_sve(const uint8_t *p) {
-    __fp16 h;
-    memcpy(&h, p, 2);
-    return (float)h;
-}
-
 /* Integer dot of one block of 32 signed codes given as low/high 16-code halves already offset. */
 static inline int32_t block_dot_nibbles(const uint8_t *q16, int8_t zero, const int8_t *a) {
     const svbool_t p16 = svwhilelt_b8_s32(0, 16);
@@ -34,7 +28,7 @@ static inline int32_t block_dot_nibbles(const uint8_t *q16, int8_t zero, const i
 static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
     float acc = 0.0f;
     for (int b = 0; b < nb; b++, w += Q4_0_BYTES, a += QK8)
-        acc += (h2f_sve(w) * ad[b]) * (float)block_dot_nibbles(w + 2, 8, a);
+        acc += (qk_h2f_at(w) * ad[b]) * (float)block_dot_nibbles(w + 2, 8, a);
     return acc;
 }
 
@@ -48,7 +42,7 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
             const svbool_t pg = svwhilelt_b8_s32(i, QK8);
             s = svdot_s32(s, svld1_s8(pg, q + i), svld1_s8(pg, a + i)); /* inactive lanes load as 0 */
         }
-        acc += (h2f_sve(w) * ad[b]) * (float)svaddv_s32(svptrue_b32(), s);
+        acc += (qk_h2f_at(w) * ad[b]) * (float)svaddv_s32(svptrue_b32(), s);
     }
     return acc;
 }

@@ -1,5 +1,6 @@
 /* Scalar reference kernels: the definition every SIMD path must reproduce (integer block sums exactly,
  * fp32 combination within the tolerance stated in qkiln/kernels/numpy_ref.py). Plain loops, no intrinsics. */
+#define QK_PLAIN_C 1 /* the reference: plain integer half -> float (common.h) */
 #include "../common.h"
 
 static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
@@ -9,7 +10,7 @@ static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, const 
         int s = 0;
         for (int j = 0; j < 16; j++) s += (q[j] & 0x0f) * a[j] + (q[j] >> 4) * a[j + 16];
         s -= 8 * as[b];
-        acc += (qk_h2f(qk_rd16(w)) * ad[b]) * (float)s;
+        acc += (qk_h2f_at((w)) * ad[b]) * (float)s;
     }
     return acc;
 }
@@ -20,7 +21,7 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         const int8_t *q = (const int8_t *)(w + 2);
         int s = 0;
         for (int j = 0; j < 32; j++) s += q[j] * a[j];
-        acc += (qk_h2f(qk_rd16(w)) * ad[b]) * (float)s;
+        acc += (qk_h2f_at((w)) * ad[b]) * (float)s;
     }
     return acc;
 }
@@ -42,7 +43,7 @@ static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp,
 static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
     float acc = 0.0f;
     for (int s = 0; s < nsb; s++, w += Q4_K_BYTES) {
-        const float d = qk_h2f(qk_rd16(w)), dmin = qk_h2f(qk_rd16(w + 2));
+        const float d = qk_h2f_at((w)), dmin = qk_h2f_at((w + 2));
         const uint8_t *scales = w + 4, *qs = w + 16;
         for (int j = 0; j < 8; j++) {
             int sc, m;
@@ -64,7 +65,7 @@ static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, int ns
     for (int s = 0; s < nsb; s++, w += Q6_K_BYTES) {
         const uint8_t *ql = w, *qh = w + 128;
         const int8_t *sc = (const int8_t *)(w + 192);
-        const float d = qk_h2f(qk_rd16(w + 208));
+        const float d = qk_h2f_at((w + 208));
         for (int c = 0; c < 8; c++) { /* 32-element chunk c = activation block s*8+c */
             const int h = c / 4, cc = c % 4;
             const uint8_t *l = ql + h * 64 + (cc & 1) * 32;
@@ -147,7 +148,7 @@ static void rows_q4_0x2(const qk_job *j, int n0, int n1) {
                     s += (byte & 0x0f) * ab[k] + (byte >> 4) * ab[k + 16];
                 }
                 s -= 8 * as[b];
-                acc += (qk_h2f(qk_rd16(w + 2 * i)) * ad[b]) * (float)s;
+                acc += (qk_h2f_at((w + 2 * i)) * ad[b]) * (float)s;
             }
             j->y[(size_t)m * j->N + n] = acc;
         }
@@ -208,7 +209,7 @@ static void rows_q4_0x8(const qk_job *j, int n0, int n1) {
                     s += ((w[pos] >> shift) & 0x0f) * ab[k];
                 }
                 s -= 8 * as[b];
-                acc += (qk_h2f(qk_rd16(w + 2 * r)) * ad[b]) * (float)s;
+                acc += (qk_h2f_at((w + 2 * r)) * ad[b]) * (float)s;
             }
             j->y[(size_t)m * j->N + n] = acc;
         }
@@ -228,7 +229,7 @@ static void rows_q8_0x8(const qk_job *j, int n0, int n1) {
                 const int8_t *ab = a + b * QK8;
                 int s = 0;
                 for (int k = 0; k < 32; k++) s += (int8_t)w[qk_x8q8_pos(r, k)] * ab[k];
-                acc += (qk_h2f(qk_rd16(w + 2 * r)) * ad[b]) * (float)s;
+                acc += (qk_h2f_at((w + 2 * r)) * ad[b]) * (float)s;
             }
             j->y[(size_t)m * j->N + n] = acc;
         }

@@ -25,8 +25,6 @@ static inline __m256i unpack_nibbles(const uint8_t *p) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
 }
 
-static inline float h2f(const uint8_t *p) { return _cvtsh_ss(qk_rd16(p)); }
-
 static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     const __m256i eight = _mm256_set1_epi8(8);
@@ -37,15 +35,15 @@ static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         const __m256i q1 = _mm256_sub_epi8(unpack_nibbles(w1 + 2), eight);
         const __m256i p0 = dot32(q0, _mm256_loadu_si256((const __m256i *)a));
         const __m256i p1 = dot32(q1, _mm256_loadu_si256((const __m256i *)(a + QK8)));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(w) * ad[b]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(h2f(w1) * ad[b + 1]), acc1);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qk_h2f_at(w) * ad[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(qk_h2f_at(w1) * ad[b + 1]), acc1);
         w += 2 * Q4_0_BYTES;
         a += 2 * QK8;
     }
     if (b < nb) {
         const __m256i q0 = _mm256_sub_epi8(unpack_nibbles(w + 2), eight);
         const __m256i p0 = dot32(q0, _mm256_loadu_si256((const __m256i *)a));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(w) * ad[b]), acc0);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qk_h2f_at(w) * ad[b]), acc0);
     }
     return hsum8(_mm256_add_ps(acc0, acc1));
 }
@@ -58,14 +56,14 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         const __m256i p0 = dot32(_mm256_loadu_si256((const __m256i *)(w + 2)), _mm256_loadu_si256((const __m256i *)a));
         const __m256i p1 =
             dot32(_mm256_loadu_si256((const __m256i *)(w1 + 2)), _mm256_loadu_si256((const __m256i *)(a + QK8)));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(w) * ad[b]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(h2f(w1) * ad[b + 1]), acc1);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qk_h2f_at(w) * ad[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(qk_h2f_at(w1) * ad[b + 1]), acc1);
         w += 2 * Q8_0_BYTES;
         a += 2 * QK8;
     }
     if (b < nb) {
         const __m256i p0 = dot32(_mm256_loadu_si256((const __m256i *)(w + 2)), _mm256_loadu_si256((const __m256i *)a));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(w) * ad[b]), acc0);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qk_h2f_at(w) * ad[b]), acc0);
     }
     return hsum8(_mm256_add_ps(acc0, acc1));
 }
@@ -95,7 +93,7 @@ static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const 
     float corr = 0.0f;
     const __m256i ones16 = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
     for (int s = 0; s < nsb; s++, w += Q4_K_BYTES) {
-        const float d = h2f(w), dmin = h2f(w + 2);
+        const float d = qk_h2f_at(w), dmin = qk_h2f_at(w + 2);
         const uint8_t *scales = w + 4, *qs = w + 16;
         for (int j2 = 0; j2 < 4; j2++) {
             const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + j2 * 32));
@@ -120,7 +118,7 @@ static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, int ns
     for (int s = 0; s < nsb; s++, w += Q6_K_BYTES) {
         const uint8_t *ql = w, *qh = w + 128;
         const int8_t *sc = (const int8_t *)(w + 192);
-        const float d = h2f(w + 208);
+        const float d = qk_h2f_at(w + 208);
         for (int h = 0; h < 2; h++) {
             const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + h * 64));
             const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + h * 64 + 32));

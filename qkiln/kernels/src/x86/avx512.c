@@ -12,8 +12,6 @@
 /* Software prefetch distance in bytes for the streamed X8 weights (decode reads them from L3 or DRAM). */
 #define QK_PREFETCH 1024
 
-static inline float h2f(const uint8_t *p) { return _cvtsh_ss(qk_rd16(p)); }
-
 /* [s0 x4, s1 x4, s0 x4, s1 x4] or [s0 x8, s1 x8] as 512-bit float vectors. */
 static inline __m512 scales_interleaved(float s0, float s1) {
     const __m256 t = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
@@ -41,7 +39,7 @@ static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         av = _mm512_shuffle_i64x2(av, av, _MM_SHUFFLE(3, 1, 2, 0));             /* a0lo a1lo a0hi a1hi */
         const __m512i s = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, av),
                                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, av));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales_interleaved(h2f(w0) * ad[b], h2f(w1) * ad[b + 1]), acc);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales_interleaved(qk_h2f_at(w0) * ad[b], qk_h2f_at(w1) * ad[b + 1]), acc);
     }
     float tail = 0.0f;
     if (b < nb) {
@@ -54,7 +52,7 @@ static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
         const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
         const int si = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, _MM_SHUFFLE(2, 3, 0, 1))));
-        tail = (h2f(w0) * ad[b]) * (float)si;
+        tail = (qk_h2f_at(w0) * ad[b]) * (float)si;
     }
     return _mm512_reduce_add_ps(acc) + tail;
 }
@@ -70,7 +68,7 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         const __m512i av = _mm512_loadu_si512((const void *)(a + (size_t)b * QK8));
         const __m512i s = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(q, bias), av),
                                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, av));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales_halves(h2f(w0) * ad[b], h2f(w1) * ad[b + 1]), acc);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales_halves(qk_h2f_at(w0) * ad[b], qk_h2f_at(w1) * ad[b + 1]), acc);
     }
     float tail = 0.0f;
     if (b < nb) {
@@ -78,7 +76,7 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         const int8_t *q = (const int8_t *)(w0 + 2), *ab = a + (size_t)b * QK8;
         int si = 0;
         for (int j = 0; j < QK8; j++) si += q[j] * ab[j];
-        tail = (h2f(w0) * ad[b]) * (float)si;
+        tail = (qk_h2f_at(w0) * ad[b]) * (float)si;
     }
     return _mm512_reduce_add_ps(acc) + tail;
 }
@@ -102,7 +100,7 @@ static void dot4_q4_0(const uint8_t *w, size_t stride, const int8_t *a, const fl
             const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
             const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
             const __m512i sres = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, av), corr);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sres), scales_interleaved(h2f(w0) * a0, h2f(w1) * a1), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sres), scales_interleaved(qk_h2f_at(w0) * a0, qk_h2f_at(w1) * a1), acc[r]);
         }
     }
     for (int r = 0; r < 4; r++) {
@@ -142,7 +140,7 @@ static void dot4_q8_0(const uint8_t *w, size_t stride, const int8_t *a, const fl
             const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w0 + 2))),
                                                  _mm256_loadu_si256((const __m256i *)(w1 + 2)), 1);
             const __m512i sres = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(q, bias), av), corr);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sres), scales_halves(h2f(w0) * a0, h2f(w1) * a1), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sres), scales_halves(qk_h2f_at(w0) * a0, qk_h2f_at(w1) * a1), acc[r]);
         }
     }
     for (int r = 0; r < 4; r++) {
