@@ -29,9 +29,10 @@ INCLUDE = HERE / "include"
 LIB_NAME = "libqkiln_kernels.so"
 
 # Shared by every file: optimized, no fast-math, no FMA contraction in plain C (the scalar reference's
-# rounding is part of its definition), position independent for the shared object.
+# rounding is part of its definition), position independent for the shared object, and hidden symbols: the
+# library exports only what include/qkiln_kernels.h declares with QK_API.
 COMMON_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wextra",
-                "-Wno-unused-parameter", "-pthread"]
+                "-Wno-unused-parameter", "-pthread", "-fvisibility=hidden"]
 
 
 @dataclass(frozen=True)

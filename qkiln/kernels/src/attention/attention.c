@@ -14,6 +14,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "qkiln_kernels.h"
 #include "attention/attention.h"
 #include "cpu.h"
 #include "threads.h"

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "qkiln_kernels.h"
 #include "cpu.h"
 #include "elementwise/elementwise.h"
 #include "threads.h"

@@ -24,6 +24,7 @@
 #define _GNU_SOURCE
 #define QK_GPTQ_LANES 4
 #define QK_GPTQ_SUFFIX portable
+#include "qkiln_kernels.h"
 #include "gptq/gptq_rows.h"
 
 #include "cpu.h"

@@ -39,6 +39,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "qkiln_kernels.h"
 #include "cpu.h"
 #include "elementwise/silu_avx512.h"
 #include "threads.h"
