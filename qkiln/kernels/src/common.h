@@ -34,11 +34,22 @@ typedef struct {
 
 typedef void (*qk_rows_fn)(const qk_job *job, int n0, int n1);
 
+/* The row functions of one path, by layout. */
+enum qk_layout { QK_L_Q4_0, QK_L_Q8_0, QK_L_Q4_K, QK_L_Q6_K, QK_L_Q4_0X2, QK_L_INT4G, QK_L_Q4_0X8, QK_L_Q8_0X8,
+                 QK_L_INT4GX8, QK_NLAYOUTS };
+
 typedef struct {
-    qk_rows_fn q4_0, q8_0, q4_k, q6_k, q4_0x2, int4g, q4_0x8, q8_0x8, int4gx8;
+    qk_rows_fn rows[QK_NLAYOUTS];
 } qk_kernels;
 
-/* Each ISA file fills the entries it implements; dispatch.c fills the rest from the scalar table. */
+/* Enter the row functions `o` has (non-NULL) into k, replacing k's. */
+static inline void qk_kernels_over(qk_kernels *k, const qk_kernels *o) {
+    for (int i = 0; i < QK_NLAYOUTS; i++)
+        if (o->rows[i]) k->rows[i] = o->rows[i];
+}
+
+/* Each ISA file enters the row functions it has; dispatch.c starts from the scalar table, so a path runs
+ * the scalar loop for a layout its files do not cover. */
 void qk_fill_scalar(qk_kernels *k);
 void qk_fill_avx2(qk_kernels *k);
 void qk_fill_avx512(qk_kernels *k);

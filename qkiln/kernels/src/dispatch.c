@@ -45,6 +45,7 @@ static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static void load_path(int path) {
     qk_kernels k;
     memset(&k, 0, sizeof k);
+    qk_fill_scalar(&k);
     switch (path) {
 #if defined(__x86_64__)
 #ifdef QK_WITH_AVX512
@@ -59,17 +60,6 @@ static void load_path(int path) {
 #endif
     default: break;
     }
-    qk_kernels s;
-    qk_fill_scalar(&s);
-    if (!k.q4_0) k.q4_0 = s.q4_0;
-    if (!k.q8_0) k.q8_0 = s.q8_0;
-    if (!k.q4_k) k.q4_k = s.q4_k;
-    if (!k.q6_k) k.q6_k = s.q6_k;
-    if (!k.q4_0x2) k.q4_0x2 = s.q4_0x2;
-    if (!k.int4g) k.int4g = s.int4g;
-    if (!k.q4_0x8) k.q4_0x8 = s.q4_0x8;
-    if (!k.q8_0x8) k.q8_0x8 = s.q8_0x8;
-    if (!k.int4gx8) k.int4gx8 = s.int4gx8;
     g_k = k;
     g_path = path;
 }
@@ -150,20 +140,20 @@ int qk_gemm(int wtype, const void *w, int N, int K, const int8_t *qs, const floa
             int M, float *y, int nthreads) {
     pthread_once(&g_once, init_once);
     qk_job job = {wtype, N, K, M, (const uint8_t *)w, NULL, NULL, 0, qs, d, sums, y};
-    qk_rows_fn fn;
+    int layout;
     switch (wtype) {
-    case QK_Q4_0: fn = g_k.q4_0; break;
-    case QK_Q8_0: fn = g_k.q8_0; break;
-    case QK_Q4_0X2: fn = g_k.q4_0x2; break;
-    case QK_Q4_0X8: fn = g_k.q4_0x8; break;
-    case QK_Q8_0X8: fn = g_k.q8_0x8; break;
-    case QK_Q4_K: fn = g_k.q4_k; break;
-    case QK_Q6_K: fn = g_k.q6_k; break;
+    case QK_Q4_0: layout = QK_L_Q4_0; break;
+    case QK_Q8_0: layout = QK_L_Q8_0; break;
+    case QK_Q4_0X2: layout = QK_L_Q4_0X2; break;
+    case QK_Q4_0X8: layout = QK_L_Q4_0X8; break;
+    case QK_Q8_0X8: layout = QK_L_Q8_0X8; break;
+    case QK_Q4_K: layout = QK_L_Q4_K; break;
+    case QK_Q6_K: layout = QK_L_Q6_K; break;
     default: return -1;
     }
     const int block = (wtype == QK_Q4_K || wtype == QK_Q6_K) ? QKK : QK8;
     if (!valid(N, K, M, block)) return -1;
-    run(fn, &job, nthreads);
+    run(g_k.rows[layout], &job, nthreads);
     return 0;
 }
 
@@ -172,7 +162,7 @@ int qk_gemm_int4g(const uint8_t *codes, const float *scales, const uint8_t *zero
     pthread_once(&g_once, init_once);
     if (group <= 0 || group % QK8 != 0 || K % group != 0 || !valid(N, K, M, QK8)) return -1;
     qk_job job = {QK_INT4G, N, K, M, codes, scales, zeros, group, qs, d, sums, y};
-    run(g_k.int4g, &job, nthreads);
+    run(g_k.rows[QK_L_INT4G], &job, nthreads);
     return 0;
 }
 
@@ -181,7 +171,7 @@ int qk_gemm_int4gx8(const void *w, int group, int N, int K, const int8_t *qs, co
     pthread_once(&g_once, init_once);
     if (group <= 0 || group % QK8 != 0 || K % group != 0 || !valid(N, K, M, QK8)) return -1;
     qk_job job = {QK_INT4GX8, N, K, M, (const uint8_t *)w, NULL, NULL, group, qs, d, sums, y};
-    run(g_k.int4gx8, &job, nthreads);
+    run(g_k.rows[QK_L_INT4GX8], &job, nthreads);
     return 0;
 }
 

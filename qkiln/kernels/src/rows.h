@@ -1,7 +1,7 @@
 /* rows.h — the row loops of every weight layout, written once. An ISA file (fallback/scalar.c, x86/avx2.c,
  * x86/avx512.c, aarch64/neon.c and dotprod.c through arm_rows.h, aarch64/sve.c) defines the inner products it
- * has, says which with QK_DOT_* macros, and includes this file, which then defines rows_<layout> for each and
- * qk_rows_fill() to enter them in a qk_kernels table. (The scheme of ggml-cpu's arch/<isa>/quants.c.)
+ * has, says which with QK_DOT_* macros, and includes this file, which then defines rows_<layout> for each
+ * (NULL for the others) and qk_rows_fill() to enter them in a qk_kernels table. (The scheme of ggml-cpu's arch/<isa>/quants.c.)
  *
  *   QK_DOT_Q4_0, QK_DOT_Q8_0, QK_DOT_Q4_K, QK_DOT_Q6_K: one weight row against one activation row,
  *       static float dot_<t>(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nw)
@@ -14,8 +14,9 @@
  *   QK_DOT8_Q4_0X8, QK_DOT8_Q8_0X8, QK_DOT8_INT4GX8: one 8-row group of the X8 repacks, all 8 rows,
  *       static void dot8_<t>(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad,
  *                            const int32_t *as, const void *prep, float out[8])
- *       with QK_PREP8_<T> optionally naming a static void prep(const int8_t *a, int nb, void *buf) that readies
- *       one activation row into QK_PREP8_BYTES(nb) bytes of 64-byte aligned scratch, passed back as `prep`.
+ *       A file that defines QK_PREP8_BYTES(nb) also names, as QK_PREP8_<T> for each X8 layout, a
+ *       static void prep(const int8_t *a, int nb, void *buf) that readies one activation row into that many
+ *       bytes of 64-byte aligned scratch, passed back to dot8 as `prep`.
  *
  * Every output element is one inner product, written once, so the split of rows over threads never changes
  * a result. */
@@ -83,21 +84,32 @@ static inline __attribute__((always_inline)) void qk_rows_x8(const qk_job *j, in
 #ifndef QK_DOT4_Q8_0
 #define dot4_q8_0 NULL
 #endif
-#ifndef QK_PREP8_BYTES
+#ifndef QK_PREP8_BYTES /* no activation prep for the X8 layouts */
 #define QK_PREP8_BYTES(nb) 0
+#define QK_PREP8_Q4_0X8 NULL
+#define QK_PREP8_Q8_0X8 NULL
+#define QK_PREP8_INT4GX8 NULL
 #endif
 
 #ifdef QK_DOT_Q4_0
 static void rows_q4_0(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QK8, Q4_0_BYTES, dot_q4_0, dot4_q4_0); }
+#else
+#define rows_q4_0 NULL
 #endif
 #ifdef QK_DOT_Q8_0
 static void rows_q8_0(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QK8, Q8_0_BYTES, dot_q8_0, dot4_q8_0); }
+#else
+#define rows_q8_0 NULL
 #endif
 #ifdef QK_DOT_Q4_K
 static void rows_q4_k(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QKK, Q4_K_BYTES, dot_q4_k, NULL); }
+#else
+#define rows_q4_k NULL
 #endif
 #ifdef QK_DOT_Q6_K
 static void rows_q6_k(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QKK, Q6_K_BYTES, dot_q6_k, NULL); }
+#else
+#define rows_q6_k NULL
 #endif
 
 #ifdef QK_DOT_INT4G
@@ -110,64 +122,38 @@ static void rows_int4g(const qk_job *j, int n0, int n1) {
                 dot_int4g(j->w + (size_t)n * (j->K / 2), j->scales + (size_t)n * ng, j->zeros + (size_t)n * ng,
                           j->group, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, j->sums + (size_t)m * nb, nb);
 }
+#else
+#define rows_int4g NULL
 #endif
 
-#ifndef QK_PREP8_Q4_0X8
-#define QK_PREP8_Q4_0X8 NULL
-#endif
-#ifndef QK_PREP8_Q8_0X8
-#define QK_PREP8_Q8_0X8 NULL
-#endif
-#ifndef QK_PREP8_INT4GX8
-#define QK_PREP8_INT4GX8 NULL
-#endif
+/* rows_<t> for an X8 layout whose 8-row groups are GROUP_BYTES apart. */
+#define QK_ROWS_X8(T, GROUP_BYTES, PREP)                                                                   \
+    static void rows_##T(const qk_job *j, int n0, int n1) {                                                 \
+        qk_rows_x8(j, n0, n1, GROUP_BYTES, PREP, QK_PREP8_BYTES(j->K / QK8), dot8_##T);                     \
+    }
 
 #ifdef QK_DOT8_Q4_0X8
-static void rows_q4_0x8(const qk_job *j, int n0, int n1) {
-    qk_rows_x8(j, n0, n1, (size_t)(j->K / QK8) * Q4_0X8_BYTES, QK_PREP8_Q4_0X8, QK_PREP8_BYTES(j->K / QK8),
-               dot8_q4_0x8);
-}
+QK_ROWS_X8(q4_0x8, (size_t)(j->K / QK8) * Q4_0X8_BYTES, QK_PREP8_Q4_0X8)
+#else
+#define rows_q4_0x8 NULL
 #endif
 #ifdef QK_DOT8_Q8_0X8
-static void rows_q8_0x8(const qk_job *j, int n0, int n1) {
-    qk_rows_x8(j, n0, n1, (size_t)(j->K / QK8) * Q8_0X8_BYTES, QK_PREP8_Q8_0X8, QK_PREP8_BYTES(j->K / QK8),
-               dot8_q8_0x8);
-}
+QK_ROWS_X8(q8_0x8, (size_t)(j->K / QK8) * Q8_0X8_BYTES, QK_PREP8_Q8_0X8)
+#else
+#define rows_q8_0x8 NULL
 #endif
 #ifdef QK_DOT8_INT4GX8
-static void rows_int4gx8(const qk_job *j, int n0, int n1) {
-    qk_rows_x8(j, n0, n1, (size_t)(j->K / j->group) * qk_int4gx8_group_bytes(j->group), QK_PREP8_INT4GX8,
-               QK_PREP8_BYTES(j->K / QK8), dot8_int4gx8);
-}
+QK_ROWS_X8(int4gx8, (size_t)(j->K / j->group) * qk_int4gx8_group_bytes(j->group), QK_PREP8_INT4GX8)
+#else
+#define rows_int4gx8 NULL
 #endif
 
 /* Enter the row loops this file defined. */
 static void qk_rows_fill(qk_kernels *k) {
-#ifdef QK_DOT_Q4_0
-    k->q4_0 = rows_q4_0;
-#endif
-#ifdef QK_DOT_Q8_0
-    k->q8_0 = rows_q8_0;
-#endif
-#ifdef QK_DOT_Q4_K
-    k->q4_k = rows_q4_k;
-#endif
-#ifdef QK_DOT_Q6_K
-    k->q6_k = rows_q6_k;
-#endif
-#ifdef QK_DOT_INT4G
-    k->int4g = rows_int4g;
-#endif
-#ifdef QK_DOT8_Q4_0X8
-    k->q4_0x8 = rows_q4_0x8;
-#endif
-#ifdef QK_DOT8_Q8_0X8
-    k->q8_0x8 = rows_q8_0x8;
-#endif
-#ifdef QK_DOT8_INT4GX8
-    k->int4gx8 = rows_int4gx8;
-#endif
-    (void)k;
+    const qk_kernels mine = {{[QK_L_Q4_0] = rows_q4_0, [QK_L_Q8_0] = rows_q8_0, [QK_L_Q4_K] = rows_q4_k,
+                              [QK_L_Q6_K] = rows_q6_k, [QK_L_INT4G] = rows_int4g, [QK_L_Q4_0X8] = rows_q4_0x8,
+                              [QK_L_Q8_0X8] = rows_q8_0x8, [QK_L_INT4GX8] = rows_int4gx8}};
+    qk_kernels_over(k, &mine);
 }
 
 #endif

@@ -49,4 +49,4 @@ static void rows_q4_0x2(const qk_job *j, int n0, int n1) {
     }
 }
 
-void qk_fill_i8mm(qk_kernels *k) { k->q4_0x2 = rows_q4_0x2; }
+void qk_fill_i8mm(qk_kernels *k) { k->rows[QK_L_Q4_0X2] = rows_q4_0x2; }

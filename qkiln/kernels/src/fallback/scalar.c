@@ -193,5 +193,5 @@ static void dot8_q8_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, cons
 
 void qk_fill_scalar(qk_kernels *k) {
     qk_rows_fill(k);
-    k->q4_0x2 = rows_q4_0x2;
+    k->rows[QK_L_Q4_0X2] = rows_q4_0x2;
 }
