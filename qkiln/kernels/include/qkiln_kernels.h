@@ -131,7 +131,7 @@ typedef struct {
  * positions 0..pos. With a head and `logits` (vocab) non-NULL, also the final norm and the head. 0 or -1. */
 QK_API int qk_decode_token(const qk_decoder_desc *m, float *h, int pos, const float *cos, const float *sin, float *logits);
 
-/* Worker threads of the pool (excluding the caller); created on first multithreaded call. */
+/* Threads a call with nthreads <= 0 uses: one per online CPU, at most 64 (the caller and the pool's workers). */
 QK_API int qk_default_threads(void);
 
 /* ---- The entry points of the attention, element-wise, bf16 and GPTQ kernels (Python's ctypes tables in
