@@ -29,9 +29,10 @@ INCLUDE = HERE / "include"
 LIB_NAME = "libqkiln_kernels.so"
 
 # Shared by every file: optimized, no fast-math, no FMA contraction in plain C (the scalar reference's
-# rounding is part of its definition), position independent for the shared object.
+# rounding is part of its definition), position independent for the shared object, and hidden symbols: the
+# library exports only what include/qkiln_kernels.h declares with QK_API.
 COMMON_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wextra",
-                "-Wno-unused-parameter", "-pthread"]
+                "-Wno-unused-parameter", "-pthread", "-fvisibility=hidden"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class Unit:
 UNITS: dict[str, tuple[Unit, ...]] = {
     "x86_64": (
         Unit("dispatch.c", ("-DQK_WITH_AVX512",)),
+        Unit("cpu.c"),
+        Unit("threads.c"),
+        Unit("quantize_act.c"),
+        Unit("repack.c"),
+        Unit("bandwidth.c"),
         Unit("fallback/scalar.c"),
         Unit("decode.c"),
         Unit("x86/avx2.c", ("-mavx2", "-mfma", "-mf16c")),
@@ -61,6 +67,11 @@ UNITS: dict[str, tuple[Unit, ...]] = {
     ),
     "aarch64": (
         Unit("dispatch.c", ("-march=armv8-a",)),
+        Unit("cpu.c", ("-march=armv8-a",)),
+        Unit("threads.c", ("-march=armv8-a",)),
+        Unit("quantize_act.c", ("-march=armv8-a",)),
+        Unit("repack.c", ("-march=armv8-a",)),
+        Unit("bandwidth.c", ("-march=armv8-a",)),
         Unit("fallback/scalar.c", ("-march=armv8-a",)),
         Unit("decode.c", ("-march=armv8-a",)),
         Unit("aarch64/neon.c", ("-march=armv8-a",)),

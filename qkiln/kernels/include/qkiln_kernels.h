@@ -27,6 +27,12 @@ extern "C" {
 
 #define QK_ABI_VERSION 1
 
+/* What the shared library exports: exactly the functions declared here (it is built with
+ * -fvisibility=hidden, so the kernels' internal helpers stay private; tests/kernels/test_exports.py checks). */
+#ifndef QK_API
+#define QK_API __attribute__((visibility("default")))
+#endif
+
 enum qk_wtype { QK_Q4_0 = 2, QK_Q8_0 = 8, QK_Q4_K = 12, QK_Q6_K = 14, QK_Q4_0X2 = 100, QK_INT4G = 101,
                 QK_Q4_0X8 = 102, QK_Q8_0X8 = 103, QK_INT4GX8 = 104 };
 
@@ -34,59 +40,59 @@ enum qk_wtype { QK_Q4_0 = 2, QK_Q8_0 = 8, QK_Q4_K = 12, QK_Q6_K = 14, QK_Q4_0X2 
 enum qk_path { QK_PATH_SCALAR = 0, QK_PATH_AVX2 = 1, QK_PATH_AVX512 = 2, QK_PATH_NEON = 3,
                QK_PATH_DOTPROD = 4, QK_PATH_I8MM = 5, QK_PATH_SVE = 6, QK_NPATHS = 7 };
 
-int qk_abi_version(void);
+QK_API int qk_abi_version(void);
 /* Name of the path in use ("scalar", "avx2", ...). Selects the default path on first call. */
-const char *qk_path_name(void);
+QK_API const char *qk_path_name(void);
 /* Bit mask (1 << qk_path) of the paths this CPU and build can run. */
-unsigned qk_available_paths(void);
-const char *qk_path_name_of(int path);
+QK_API unsigned qk_available_paths(void);
+QK_API const char *qk_path_name_of(int path);
 /* Force a path by name. Returns 0 on success, -1 for an unknown name, -2 if this CPU cannot run it. */
-int qk_set_path(const char *name);
+QK_API int qk_set_path(const char *name);
 /* Bytes of one SVE vector (0 where there is no SVE); for reports. */
-int qk_sve_bytes(void);
+QK_API int qk_sve_bytes(void);
 
 /* Quantize activations x (M, K), K % 32 == 0: qs (M, K) int8, d (M, K/32) fp32, sums (M, K/32) int32. */
-void qk_quantize_q8(const float *x, int M, int K, int8_t *qs, float *d, int32_t *sums);
+QK_API void qk_quantize_q8(const float *x, int M, int K, int8_t *qs, float *d, int32_t *sums);
 
 /* y (M, N) = W x. `w` points at the weight bytes in `wtype`'s layout; for QK_INT4G use qk_gemm_int4g.
  * nthreads <= 0 means one thread per core. Returns 0, or -1 for bad sizes/type. */
-int qk_gemm(int wtype, const void *w, int N, int K, const int8_t *qs, const float *d, const int32_t *sums,
+QK_API int qk_gemm(int wtype, const void *w, int N, int K, const int8_t *qs, const float *d, const int32_t *sums,
             int M, float *y, int nthreads);
-int qk_gemm_int4g(const uint8_t *codes, const float *scales, const uint8_t *zeros, int group, int N, int K,
+QK_API int qk_gemm_int4g(const uint8_t *codes, const float *scales, const uint8_t *zeros, int group, int N, int K,
                   const int8_t *qs, const float *d, const int32_t *sums, int M, float *y, int nthreads);
 
 /* Quantize x (M, K) and multiply in one call (scratch kept per thread); same return codes as qk_gemm. */
-int qk_linear_f32(int wtype, const void *w, int N, int K, const float *x, int M, float *y, int nthreads);
+QK_API int qk_linear_f32(int wtype, const void *w, int N, int K, const float *x, int M, float *y, int nthreads);
 
 /* Repack Q4_0 (N, K) into QK_Q4_0X2 (ceil(N/2) row pairs; per pair and block: fp16 d0, fp16 d1, then
  * 32 bytes = r0 bytes 0-7, r1 bytes 0-7, r0 bytes 8-15, r1 bytes 8-15). dst holds qk_q4_0x2_bytes(N, K). */
-size_t qk_q4_0x2_bytes(int N, int K);
-void qk_repack_q4_0x2(const void *src, int N, int K, void *dst);
+QK_API size_t qk_q4_0x2_bytes(int N, int K);
+QK_API void qk_repack_q4_0x2(const void *src, int N, int K, void *dst);
 
 /* Memory bandwidth probes for benchmarks, on the same thread pool: copy `bytes` from src to dst, or read
  * src (returns a checksum so the reads are not optimized away). */
-void qk_copy_mt(void *dst, const void *src, size_t bytes, int nthreads);
-uint64_t qk_read_mt(const void *src, size_t bytes, int nthreads);
+QK_API void qk_copy_mt(void *dst, const void *src, size_t bytes, int nthreads);
+QK_API uint64_t qk_read_mt(const void *src, size_t bytes, int nthreads);
 
 /* Repack Q4_0 (N, K) into QK_Q4_0X8 for the AVX-512 VNNI GEMV: groups of 8 rows (N padded with zero rows),
  * per group and block 144 bytes: 8 fp16 scales (row order), then 2 chunks of 64 bytes; in chunk c, byte
  * 4*L + j (lane L = 8*h + r) holds q[r][4*(2c+h) + j] in the low nibble and q[r][4*(2c+h+4) + j] in the high
  * nibble, so one vpdpbusd against a broadcast activation word yields one row's partial sum per int32 lane. */
-size_t qk_q4_0x8_bytes(int N, int K);
+QK_API size_t qk_q4_0x8_bytes(int N, int K);
 /* Q8_0 the same way (QK_Q8_0X8): per group and block 8 fp16 scales, then 4 chunks of 64 bytes; in chunk c,
  * byte 4*L + j (L = 8*h + r) holds q[r][4*(2c+h) + j]. */
-size_t qk_q8_0x8_bytes(int N, int K);
-void qk_repack_q8_0x8(const void *src, int N, int K, void *dst);
-void qk_repack_q4_0x8(const void *src, int N, int K, void *dst);
+QK_API size_t qk_q8_0x8_bytes(int N, int K);
+QK_API void qk_repack_q8_0x8(const void *src, int N, int K, void *dst);
+QK_API void qk_repack_q4_0x8(const void *src, int N, int K, void *dst);
 
 /* INT4 with zero points repacked for the AVX-512 VNNI GEMV (QK_INT4GX8): groups of 8 rows (N padded with
  * zero rows); per 8-row group, for each weight group of G columns: 8 fp32 scales and 8 uint8 zero points
  * (row order, 40 bytes), then G/32 blocks of 128 code bytes in Q4_0X8's chunk order (the Q4_0X8 block
  * without its 16 scale bytes). One 8-row group is K/G * (40 + G/32 * 128) bytes. */
-size_t qk_int4gx8_bytes(int N, int K, int group);
-void qk_repack_int4gx8(const uint8_t *codes, const float *scales, const uint8_t *zeros, int group, int N, int K,
+QK_API size_t qk_int4gx8_bytes(int N, int K, int group);
+QK_API void qk_repack_int4gx8(const uint8_t *codes, const float *scales, const uint8_t *zeros, int group, int N, int K,
                        void *dst);
-int qk_gemm_int4gx8(const void *w, int group, int N, int K, const int8_t *qs, const float *d, const int32_t *sums,
+QK_API int qk_gemm_int4gx8(const void *w, int group, int N, int K, const int8_t *qs, const float *d, const int32_t *sums,
                     int M, float *y, int nthreads);
 
 /* ---- one decode step (src/decode.c) ----
@@ -123,55 +129,59 @@ typedef struct {
 /* The token at position `pos` through every layer: h (hidden) is the embedding in, the last hidden state out;
  * cos/sin (head_dim/2) are RoPE's for `pos`; k/v are written at `pos` of each cache and attention reads
  * positions 0..pos. With a head and `logits` (vocab) non-NULL, also the final norm and the head. 0 or -1. */
-int qk_decode_token(const qk_decoder_desc *m, float *h, int pos, const float *cos, const float *sin, float *logits);
+QK_API int qk_decode_token(const qk_decoder_desc *m, float *h, int pos, const float *cos, const float *sin, float *logits);
 
-/* Worker threads of the pool (excluding the caller); created on first multithreaded call. */
-int qk_default_threads(void);
+/* Threads a call with nthreads <= 0 uses: one per online CPU, at most 64 (the caller and the pool's workers). */
+QK_API int qk_default_threads(void);
 
-/* ---- Everything else the library exports (Python declares the same signatures in its ctypes tables). --
+/* ---- The entry points of the attention, element-wise, bf16 and GPTQ kernels (Python's ctypes tables in
+ * qkiln/kernels/attention.py, elementwise.py, bf16.py and gptq.py bind these same signatures). --
  * `variant` selects an implementation: 0 = the best this CPU runs, then per module (elementwise/attention:
  * 1 portable, 2 AVX-512; gptq: 1 portable, 2 AVX-512). Return 0 on success, -1 bad arguments, -2 variant
  * unavailable here, -3 out of memory, unless said otherwise. */
 
 /* Element-wise (src/elementwise/): RMSNorm (out float32, or bfloat16 when obf16), silu(g)*u, rotate-half RoPE. */
-int qk_rms_norm(int variant, const float *x, long xs, const float *w, void *out, long t, long n, float eps,
+QK_API int qk_rms_norm(int variant, const float *x, long xs, const float *w, void *out, long t, long n, float eps,
                 int threads, int obf16);
-int qk_silu_mul(int variant, const float *g, long gs, const float *u, long us, float *out, long t, long n,
+QK_API int qk_silu_mul(int variant, const float *g, long gs, const float *u, long us, float *out, long t, long n,
                 int threads);
-int qk_apply_rope(int variant, const float *x, const long *xstr, const float *cos, long cs, const float *sin,
+QK_API int qk_apply_rope(int variant, const float *x, const long *xstr, const float *cos, long cs, const float *sin,
                   long ss, float *out, long b, long s, long h, long d, int threads);
-int qk_elementwise_exp(int variant, const float *x, float *y, long n);  /* the kernels' e^x, for its test */
-int qk_elementwise_variant(void);                                        /* what variant 0 runs here */
+QK_API int qk_elementwise_exp(int variant, const float *x, float *y, long n);  /* the kernels' e^x, for its test */
+QK_API int qk_elementwise_variant(void);                                        /* what variant 0 runs here */
 
-/* Causal grouped-query attention (src/attention/); strides in floats. */
-int qk_causal_attention_ex(int variant, const float *q, const float *k, const float *v, float *out, int b, int s,
+/* Causal grouped-query attention (src/attention/); strides in floats; qk_causal_attention is variant 0. */
+QK_API int qk_causal_attention(const float *q, const float *k, const float *v, float *out, int b, int s, int t,
+                               int n_heads, int kv_heads, int d, const long *q_strides, const long *k_strides,
+                               const long *v_strides, int nthreads);
+QK_API int qk_causal_attention_ex(int variant, const float *q, const float *k, const float *v, float *out, int b, int s,
                            int t, int n_heads, int kv_heads, int d, const long *q_strides, const long *k_strides,
                            const long *v_strides, int nthreads);
-int qk_attention_exp2(int variant, const float *x, float *y, long n);    /* the softmax's 2^x, for its test */
-int qk_attention_variant(void);
-int qk_attention_amx_available(void);
+QK_API int qk_attention_exp2(int variant, const float *x, float *y, long n);    /* the softmax's 2^x, for its test */
+QK_API int qk_attention_variant(void);
+QK_API int qk_attention_amx_available(void);
 
 /* bfloat16 products on AMX tiles (src/x86/amx.c; x86-64 builds only). */
-int qk_bf16_amx_available(void);
-size_t qk_bf16_packed_bytes(int64_t n, int64_t k);
-void qk_bf16_pack_weight(const float *w, int64_t n, int64_t k, uint16_t *out);
-void qk_bf16_round(const float *x, int64_t n, uint16_t *out);
-int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y, int nthreads);
-int qk_bf16_linear_ex(const void *x, int xbf16, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, void *y,
+QK_API int qk_bf16_amx_available(void);
+QK_API size_t qk_bf16_packed_bytes(int64_t n, int64_t k);
+QK_API void qk_bf16_pack_weight(const float *w, int64_t n, int64_t k, uint16_t *out);
+QK_API void qk_bf16_round(const float *x, int64_t n, uint16_t *out);
+QK_API int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y, int nthreads);
+QK_API int qk_bf16_linear_ex(const void *x, int xbf16, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, void *y,
                       int mode, int ybf16, int nthreads);
-int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads);
-size_t qk_bf16_gram_acc_floats(int64_t k);
-int qk_bf16_gram_acc(const void *x, int xbf16, int64_t m, int64_t k, float *acc, int first, int nthreads);
-int qk_bf16_gram_acc_write(const float *acc, int64_t k, float *out);
+QK_API int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads);
+QK_API size_t qk_bf16_gram_acc_floats(int64_t k);
+QK_API int qk_bf16_gram_acc(const void *x, int xbf16, int64_t m, int64_t k, float *acc, int first, int nthreads);
+QK_API int qk_bf16_gram_acc_write(const float *acc, int64_t k, float *out);
 
 /* GPTQ's column scan and the INT grids' weighted range fit (src/gptq/); qk_int_fit_t also returns 1 when a
  * scale overflows float16. qk_gptq_variant: the variant a request runs (1 or 2), or -2. */
-int qk_gptq_scan(int variant, float *w1, float *err1, uint8_t *codes, long count, long out, const float *h1, long ldh,
+QK_API int qk_gptq_scan(int variant, float *w1, float *err1, uint8_t *codes, long count, long out, const float *h1, long ldh,
                  long k0, long k1, const int32_t *gidx, const float *scale_t, const float *safe_t,
                  const float *offset_t, float shift, float qmin, float qmax, int nthreads);
-int qk_int_fit_t(int variant, const float *wt, long cols, long rows, long group, int bits, int symmetric,
+QK_API int qk_int_fit_t(int variant, const float *wt, long cols, long rows, long group, int bits, int symmetric,
                  const float *imp, const float *shrink, int nshrink, uint16_t *scale, uint8_t *zero, int nthreads);
-int qk_gptq_variant(int variant);
+QK_API int qk_gptq_variant(int variant);
 
 #ifdef __cplusplus
 }

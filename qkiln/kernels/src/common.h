@@ -34,11 +34,22 @@ typedef struct {
 
 typedef void (*qk_rows_fn)(const qk_job *job, int n0, int n1);
 
+/* The row functions of one path, by layout. */
+enum qk_layout { QK_L_Q4_0, QK_L_Q8_0, QK_L_Q4_K, QK_L_Q6_K, QK_L_Q4_0X2, QK_L_INT4G, QK_L_Q4_0X8, QK_L_Q8_0X8,
+                 QK_L_INT4GX8, QK_NLAYOUTS };
+
 typedef struct {
-    qk_rows_fn q4_0, q8_0, q4_k, q6_k, q4_0x2, int4g, q4_0x8, q8_0x8, int4gx8;
+    qk_rows_fn rows[QK_NLAYOUTS];
 } qk_kernels;
 
-/* Each ISA file fills the entries it implements; dispatch.c fills the rest from the scalar table. */
+/* Enter the row functions `o` has (non-NULL) into k, replacing k's. */
+static inline void qk_kernels_over(qk_kernels *k, const qk_kernels *o) {
+    for (int i = 0; i < QK_NLAYOUTS; i++)
+        if (o->rows[i]) k->rows[i] = o->rows[i];
+}
+
+/* Each ISA file enters the row functions it has; dispatch.c starts from the scalar table, so a path runs
+ * the scalar loop for a layout its files do not cover. */
 void qk_fill_scalar(qk_kernels *k);
 void qk_fill_avx2(qk_kernels *k);
 void qk_fill_avx512(qk_kernels *k);
@@ -48,7 +59,19 @@ void qk_fill_i8mm(qk_kernels *k);
 void qk_fill_sve(qk_kernels *k);
 int qk_sve_vector_bytes(void);
 
-/* IEEE half -> float, exact (no F16C needed; the SIMD files use their own conversions, same result). */
+/* IEEE half -> float, exact: the one definition every kernel calls. Files compiled for F16C (x86) or any
+ * aarch64 target convert in hardware (_cvtsh_ss, fcvt: the same value for every half but a signalling NaN,
+ * which they quiet); the scalar reference defines QK_PLAIN_C and keeps to plain integer operations. */
+#if defined(__F16C__) && !defined(QK_PLAIN_C)
+#include <immintrin.h>
+static inline float qk_h2f(uint16_t h) { return _cvtsh_ss(h); }
+#elif defined(__aarch64__) && !defined(QK_PLAIN_C)
+static inline float qk_h2f(uint16_t h) {
+    __fp16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+}
+#else
 static inline float qk_h2f(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     uint32_t exp = (h >> 10) & 0x1fu;
@@ -69,8 +92,12 @@ static inline float qk_h2f(uint16_t h) {
     memcpy(&out, &bits, 4);
     return out;
 }
+#endif
 
 static inline uint16_t qk_rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* The fp16 scale stored little-endian at p. */
+static inline float qk_h2f_at(const uint8_t *p) { return qk_h2f(qk_rd16(p)); }
 
 /* Q4_K: 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes. */
 static inline void qk_q4k_scale_min(int j, const uint8_t *q, int *sc, int *m) {

@@ -1,17 +1,12 @@
-/* Row drivers shared by the NEON and dotprod files: each includes this after defining
+/* Inner products shared by the NEON and dotprod files: each includes this after defining
  *   static inline int32x4_t DOT16(int32x4_t acc, int8x16_t w, int8x16_t a)   (16 products summed into acc)
- * and FILL_NAME (the qk_fill_* function to define). Only the 16-wide dot differs between the two ISAs. */
+ * and FILL_NAME (the qk_fill_* function to define). Only the 16-wide dot differs between the two ISAs; the
+ * row loops are rows.h's. */
 #include <arm_neon.h>
 
 #include "../common.h"
 
-static inline float h2f_arm(const uint8_t *p) {
-    __fp16 h;
-    memcpy(&h, p, 2);
-    return (float)h;
-}
-
-static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
     float32x4_t acc = vdupq_n_f32(0.0f);
     const uint8x16_t m4 = vdupq_n_u8(0x0f);
     const int8x16_t eight = vdupq_n_s8(8);
@@ -20,23 +15,23 @@ static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, m4)), eight);
         const int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight);
         const int32x4_t p = DOT16(DOT16(vdupq_n_s32(0), lo, vld1q_s8(a)), hi, vld1q_s8(a + 16));
-        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f_arm(w) * ad[b]);
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), qk_h2f_at(w) * ad[b]);
     }
     return vaddvq_f32(acc);
 }
 
-static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
     float32x4_t acc = vdupq_n_f32(0.0f);
     for (int b = 0; b < nb; b++, w += Q8_0_BYTES, a += QK8) {
         const int8_t *q = (const int8_t *)(w + 2);
         const int32x4_t p = DOT16(DOT16(vdupq_n_s32(0), vld1q_s8(q), vld1q_s8(a)), vld1q_s8(q + 16), vld1q_s8(a + 16));
-        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f_arm(w) * ad[b]);
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), qk_h2f_at(w) * ad[b]);
     }
     return vaddvq_f32(acc);
 }
 
 static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp, int group, const int8_t *a,
-                       const float *ad, int nb) {
+                       const float *ad, const int32_t *as, int nb) {
     float32x4_t acc = vdupq_n_f32(0.0f);
     const uint8x16_t m4 = vdupq_n_u8(0x0f);
     const int per_group = group / QK8;
@@ -57,7 +52,7 @@ static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const 
     float corr = 0.0f;
     const uint8x16_t m4 = vdupq_n_u8(0x0f);
     for (int s = 0; s < nsb; s++, w += Q4_K_BYTES) {
-        const float d = h2f_arm(w), dmin = h2f_arm(w + 2);
+        const float d = qk_h2f_at(w), dmin = qk_h2f_at(w + 2);
         const uint8_t *scales = w + 4, *qs = w + 16;
         for (int j2 = 0; j2 < 4; j2++) {
             const uint8x16_t r0 = vld1q_u8(qs + j2 * 32), r1 = vld1q_u8(qs + j2 * 32 + 16);
@@ -77,14 +72,14 @@ static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const 
     return vaddvq_f32(acc) - corr;
 }
 
-static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, int nsb) {
+static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
     float32x4_t acc = vdupq_n_f32(0.0f);
     const uint8x16_t m4 = vdupq_n_u8(0x0f), three = vdupq_n_u8(3);
     const int8x16_t off = vdupq_n_s8(32);
     for (int s = 0; s < nsb; s++, w += Q6_K_BYTES) {
         const uint8_t *ql = w, *qh = w + 128;
         const int8_t *sc = (const int8_t *)(w + 192);
-        const float d = h2f_arm(w + 208);
+        const float d = qk_h2f_at(w + 208);
         for (int h = 0; h < 2; h++) {
             const uint8x16_t hb[2] = {vld1q_u8(qh + h * 32), vld1q_u8(qh + h * 32 + 16)};
             for (int cc = 0; cc < 4; cc++) {
@@ -113,51 +108,11 @@ static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, int ns
     return vaddvq_f32(acc);
 }
 
-static void rows_q4_k(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8, nsb = j->K / QKK;
-    for (int n = n0; n < n1; n++)
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] = dot_q4_k(j->w + (size_t)n * nsb * Q4_K_BYTES, j->qs + (size_t)m * j->K,
-                                                  j->d + (size_t)m * nb, j->sums + (size_t)m * nb, nsb);
-}
+#define QK_DOT_Q4_0
+#define QK_DOT_Q8_0
+#define QK_DOT_Q4_K
+#define QK_DOT_Q6_K
+#define QK_DOT_INT4G
+#include "rows.h"
 
-static void rows_q6_k(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8, nsb = j->K / QKK;
-    for (int n = n0; n < n1; n++)
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] = dot_q6_k(j->w + (size_t)n * nsb * Q6_K_BYTES, j->qs + (size_t)m * j->K,
-                                                  j->d + (size_t)m * nb, nsb);
-}
-
-static void rows_q4_0(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8;
-    for (int n = n0; n < n1; n++)
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] =
-                dot_q4_0(j->w + (size_t)n * nb * Q4_0_BYTES, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
-}
-
-static void rows_q8_0(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8;
-    for (int n = n0; n < n1; n++)
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] =
-                dot_q8_0(j->w + (size_t)n * nb * Q8_0_BYTES, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
-}
-
-static void rows_int4g(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8, ng = j->K / j->group;
-    for (int n = n0; n < n1; n++)
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] =
-                dot_int4g(j->w + (size_t)n * (j->K / 2), j->scales + (size_t)n * ng, j->zeros + (size_t)n * ng,
-                          j->group, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
-}
-
-void FILL_NAME(qk_kernels *k) {
-    k->q4_0 = rows_q4_0;
-    k->q8_0 = rows_q8_0;
-    k->int4g = rows_int4g;
-    k->q4_k = rows_q4_k;
-    k->q6_k = rows_q6_k;
-}
+void FILL_NAME(qk_kernels *k) { qk_rows_fill(k); }

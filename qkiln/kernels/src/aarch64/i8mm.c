@@ -6,12 +6,6 @@
 
 #include "../common.h"
 
-static inline float h2f_arm(const uint8_t *p) {
-    __fp16 h;
-    memcpy(&h, p, 2);
-    return (float)h;
-}
-
 static void rows_q4_0x2(const qk_job *j, int n0, int n1) {
     const int nb = j->K / QK8;
     const uint8x16_t m4 = vdupq_n_u8(0x0f);
@@ -39,7 +33,7 @@ static void rows_q4_0x2(const qk_job *j, int n0, int n1) {
                 s = vmmlaq_s32(s, vreinterpretq_s8_s64(vzip2q_s64(x0, x1)), w1);
                 s = vmmlaq_s32(s, vreinterpretq_s8_s64(vzip1q_s64(x2, x3)), w2);
                 s = vmmlaq_s32(s, vreinterpretq_s8_s64(vzip2q_s64(x2, x3)), w3);
-                const float dw0 = h2f_arm(w), dw1 = h2f_arm(w + 2);
+                const float dw0 = qk_h2f_at(w), dw1 = qk_h2f_at(w + 2);
                 const float sc[4] = {dw0 * d0[b], dw1 * d0[b], dw0 * d1[b], dw1 * d1[b]};
                 acc = vfmaq_f32(acc, vcvtq_f32_s32(s), vld1q_f32(sc));
             }
@@ -55,4 +49,4 @@ static void rows_q4_0x2(const qk_job *j, int n0, int n1) {
     }
 }
 
-void qk_fill_i8mm(qk_kernels *k) { k->q4_0x2 = rows_q4_0x2; }
+void qk_fill_i8mm(qk_kernels *k) { k->rows[QK_L_Q4_0X2] = rows_q4_0x2; }

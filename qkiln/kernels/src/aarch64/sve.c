@@ -8,12 +8,6 @@
 
 int qk_sve_vector_bytes(void) { return (int)svcntb(); }
 
-static inline float h2f_sve(const uint8_t *p) {
-    __fp16 h;
-    memcpy(&h, p, 2);
-    return (float)h;
-}
-
 /* Integer dot of one block of 32 signed codes given as low/high 16-code halves already offset. */
 static inline int32_t block_dot_nibbles(const uint8_t *q16, int8_t zero, const int8_t *a) {
     const svbool_t p16 = svwhilelt_b8_s32(0, 16);
@@ -31,14 +25,14 @@ static inline int32_t block_dot_nibbles(const uint8_t *q16, int8_t zero, const i
     return (int32_t)svaddv_s32(svptrue_b32(), s);
 }
 
-static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
     float acc = 0.0f;
     for (int b = 0; b < nb; b++, w += Q4_0_BYTES, a += QK8)
-        acc += (h2f_sve(w) * ad[b]) * (float)block_dot_nibbles(w + 2, 8, a);
+        acc += (qk_h2f_at(w) * ad[b]) * (float)block_dot_nibbles(w + 2, 8, a);
     return acc;
 }
 
-static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
     float acc = 0.0f;
     const int vl = (int)svcntb();
     for (int b = 0; b < nb; b++, w += Q8_0_BYTES, a += QK8) {
@@ -48,13 +42,13 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
             const svbool_t pg = svwhilelt_b8_s32(i, QK8);
             s = svdot_s32(s, svld1_s8(pg, q + i), svld1_s8(pg, a + i)); /* inactive lanes load as 0 */
         }
-        acc += (h2f_sve(w) * ad[b]) * (float)svaddv_s32(svptrue_b32(), s);
+        acc += (qk_h2f_at(w) * ad[b]) * (float)svaddv_s32(svptrue_b32(), s);
     }
     return acc;
 }
 
 static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp, int group, const int8_t *a,
-                       const float *ad, int nb) {
+                       const float *ad, const int32_t *as, int nb) {
     float acc = 0.0f;
     const int per_group = group / QK8;
     for (int b = 0; b < nb; b++, codes += 16, a += QK8) {
@@ -64,33 +58,9 @@ static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp,
     return acc;
 }
 
-static void rows_q4_0(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8;
-    for (int n = n0; n < n1; n++)
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] =
-                dot_q4_0(j->w + (size_t)n * nb * Q4_0_BYTES, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
-}
+#define QK_DOT_Q4_0
+#define QK_DOT_Q8_0
+#define QK_DOT_INT4G
+#include "rows.h"
 
-static void rows_q8_0(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8;
-    for (int n = n0; n < n1; n++)
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] =
-                dot_q8_0(j->w + (size_t)n * nb * Q8_0_BYTES, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
-}
-
-static void rows_int4g(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8, ng = j->K / j->group;
-    for (int n = n0; n < n1; n++)
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] =
-                dot_int4g(j->w + (size_t)n * (j->K / 2), j->scales + (size_t)n * ng, j->zeros + (size_t)n * ng,
-                          j->group, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
-}
-
-void qk_fill_sve(qk_kernels *k) {
-    k->q4_0 = rows_q4_0;
-    k->q8_0 = rows_q8_0;
-    k->int4g = rows_int4g;
-}
+void qk_fill_sve(qk_kernels *k) { qk_rows_fill(k); }

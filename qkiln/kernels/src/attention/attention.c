@@ -9,14 +9,15 @@
  */
 #define _GNU_SOURCE
 #include <math.h>
-#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "qkiln_kernels.h"
 #include "attention/attention.h"
-#include "cpu_x86.h"
+#include "cpu.h"
+#include "threads.h"
 
 
 #define PR 8 /* query rows per row group in the portable unit */
@@ -192,12 +193,12 @@ typedef struct {
     atomic_int failed;
 } job_t;
 
-/* The calling thread keeps its scratch between calls (a decode step would otherwise pay an mmap and a
- * page fault per 4 KiB of packed keys every layer); threads started for one call free theirs. */
+/* Each thread keeps its scratch between calls (a decode step would otherwise pay an mmap and a page fault
+ * per 4 KiB of packed keys every layer): the caller's, and the pool workers' (threads.c), which persist. */
 static __thread float *tls_scratch;
 static __thread size_t tls_bytes;
 
-static float *caller_scratch(size_t bytes) {
+static float *thread_scratch(size_t bytes) {
     if (bytes > tls_bytes) {
         free(tls_scratch);
         tls_scratch = aligned_alloc(64, bytes);
@@ -206,10 +207,12 @@ static float *caller_scratch(size_t bytes) {
     return tls_scratch;
 }
 
-static void work(job_t *job, int caller) {
+/* One participant: units claimed in order until none are left. */
+static void work(void *ctx, long participant) {
+    job_t *job = ctx;
     const long n = job->scratch_floats;
     const size_t bytes = (size_t)((n * sizeof(float) + 63) / 64 * 64);
-    float *scratch = caller ? caller_scratch(bytes) : aligned_alloc(64, bytes);
+    float *scratch = thread_scratch(bytes);
     if (!scratch) {
         atomic_store(&job->failed, 1);
         return;
@@ -219,12 +222,6 @@ static void work(job_t *job, int caller) {
         if (u >= job->nunits) break;
         job->fn(job->a, u, scratch);
     }
-    if (!caller) free(scratch);
-}
-
-static void *run_units(void *arg) {
-    work(arg, 0);
-    return NULL;
 }
 
 /* Variant: 0 = best float32 variant this CPU runs, 1 = portable, 2 = AVX-512, 3 = bf16 AMX (never chosen
@@ -309,14 +306,7 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
     atomic_init(&job.next, 0);
     atomic_init(&job.failed, 0);
     if (nthreads > job.nunits) nthreads = job.nunits;
-    pthread_t tids[256];
-    int started = 0;
-    for (int i = 1; i < nthreads; i++) {
-        if (pthread_create(&tids[started], NULL, run_units, &job) != 0) break;
-        started++;
-    }
-    work(&job, 1);
-    for (int i = 0; i < started; i++) pthread_join(tids[i], NULL);
+    qk_parallel(work, &job, nthreads, nthreads);
     /* A thread without scratch left its units to the others; only all failing leaves work undone. */
     if (atomic_load(&job.failed) && atomic_load(&job.next) < job.nunits) return -3;
     return 0;

@@ -7,9 +7,10 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cpu_x86.h"
+#include "qkiln_kernels.h"
+#include "cpu.h"
 #include "elementwise/elementwise.h"
-#include "run_rows.h"
+#include "threads.h"
 
 
 /* ---- portable variant ---- */
@@ -125,7 +126,7 @@ void qk_ew_exp_portable(const float *x, float *y, long n) {
 /* Variant: 0 = best this CPU runs, 1 = portable, 2 = AVX-512. Which one `0` means here: */
 int qk_elementwise_variant(void) { return qk_have_avx512() ? 2 : 1; }
 
-typedef qk_rows_fn rows_fn;
+typedef qk_range_fn rows_fn;
 
 /* Row functions behind one signature (calling through a cast function pointer would be undefined). */
 static void rms_p(const void *a, long r0, long r1) { qk_ew_rms_rows_portable(a, r0, r1); }

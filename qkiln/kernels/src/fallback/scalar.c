@@ -1,5 +1,6 @@
 /* Scalar reference kernels: the definition every SIMD path must reproduce (integer block sums exactly,
  * fp32 combination within the tolerance stated in qkiln/kernels/numpy_ref.py). Plain loops, no intrinsics. */
+#define QK_PLAIN_C 1 /* the reference: plain integer half -> float (common.h) */
 #include "../common.h"
 
 static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
@@ -9,18 +10,18 @@ static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, const 
         int s = 0;
         for (int j = 0; j < 16; j++) s += (q[j] & 0x0f) * a[j] + (q[j] >> 4) * a[j + 16];
         s -= 8 * as[b];
-        acc += (qk_h2f(qk_rd16(w)) * ad[b]) * (float)s;
+        acc += (qk_h2f_at((w)) * ad[b]) * (float)s;
     }
     return acc;
 }
 
-static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
     float acc = 0.0f;
     for (int b = 0; b < nb; b++, w += Q8_0_BYTES, a += QK8) {
         const int8_t *q = (const int8_t *)(w + 2);
         int s = 0;
         for (int j = 0; j < 32; j++) s += q[j] * a[j];
-        acc += (qk_h2f(qk_rd16(w)) * ad[b]) * (float)s;
+        acc += (qk_h2f_at((w)) * ad[b]) * (float)s;
     }
     return acc;
 }
@@ -42,7 +43,7 @@ static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp,
 static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
     float acc = 0.0f;
     for (int s = 0; s < nsb; s++, w += Q4_K_BYTES) {
-        const float d = qk_h2f(qk_rd16(w)), dmin = qk_h2f(qk_rd16(w + 2));
+        const float d = qk_h2f_at((w)), dmin = qk_h2f_at((w + 2));
         const uint8_t *scales = w + 4, *qs = w + 16;
         for (int j = 0; j < 8; j++) {
             int sc, m;
@@ -59,12 +60,12 @@ static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const 
     return acc;
 }
 
-static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, int nsb) {
+static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
     float acc = 0.0f;
     for (int s = 0; s < nsb; s++, w += Q6_K_BYTES) {
         const uint8_t *ql = w, *qh = w + 128;
         const int8_t *sc = (const int8_t *)(w + 192);
-        const float d = qk_h2f(qk_rd16(w + 208));
+        const float d = qk_h2f_at((w + 208));
         for (int c = 0; c < 8; c++) { /* 32-element chunk c = activation block s*8+c */
             const int h = c / 4, cc = c % 4;
             const uint8_t *l = ql + h * 64 + (cc & 1) * 32;
@@ -87,47 +88,6 @@ static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, int ns
     return acc;
 }
 
-static void rows_q4_0(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8;
-    for (int m = 0; m < j->M; m++)
-        for (int n = n0; n < n1; n++)
-            j->y[(size_t)m * j->N + n] = dot_q4_0(j->w + (size_t)n * nb * Q4_0_BYTES, j->qs + (size_t)m * j->K,
-                                                  j->d + (size_t)m * nb, j->sums + (size_t)m * nb, nb);
-}
-
-static void rows_q8_0(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8;
-    for (int m = 0; m < j->M; m++)
-        for (int n = n0; n < n1; n++)
-            j->y[(size_t)m * j->N + n] = dot_q8_0(j->w + (size_t)n * nb * Q8_0_BYTES, j->qs + (size_t)m * j->K,
-                                                  j->d + (size_t)m * nb, nb);
-}
-
-static void rows_int4g(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8, ng = j->K / j->group;
-    for (int m = 0; m < j->M; m++)
-        for (int n = n0; n < n1; n++)
-            j->y[(size_t)m * j->N + n] =
-                dot_int4g(j->w + (size_t)n * (j->K / 2), j->scales + (size_t)n * ng, j->zeros + (size_t)n * ng,
-                          j->group, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, j->sums + (size_t)m * nb, nb);
-}
-
-static void rows_q4_k(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8, nsb = j->K / QKK;
-    for (int m = 0; m < j->M; m++)
-        for (int n = n0; n < n1; n++)
-            j->y[(size_t)m * j->N + n] = dot_q4_k(j->w + (size_t)n * nsb * Q4_K_BYTES, j->qs + (size_t)m * j->K,
-                                                  j->d + (size_t)m * nb, j->sums + (size_t)m * nb, nsb);
-}
-
-static void rows_q6_k(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8, nsb = j->K / QKK;
-    for (int m = 0; m < j->M; m++)
-        for (int n = n0; n < n1; n++)
-            j->y[(size_t)m * j->N + n] = dot_q6_k(j->w + (size_t)n * nsb * Q6_K_BYTES, j->qs + (size_t)m * j->K,
-                                                  j->d + (size_t)m * nb, nsb);
-}
-
 /* Q4_0X2: rows 2p and 2p+1 share 36-byte blocks; the padding row of an odd N is never written. */
 static void rows_q4_0x2(const qk_job *j, int n0, int n1) {
     const int nb = j->K / QK8;
@@ -147,102 +107,91 @@ static void rows_q4_0x2(const qk_job *j, int n0, int n1) {
                     s += (byte & 0x0f) * ab[k] + (byte >> 4) * ab[k + 16];
                 }
                 s -= 8 * as[b];
-                acc += (qk_h2f(qk_rd16(w + 2 * i)) * ad[b]) * (float)s;
+                acc += (qk_h2f_at((w + 2 * i)) * ad[b]) * (float)s;
             }
             j->y[(size_t)m * j->N + n] = acc;
         }
     }
 }
 
-/* INT4GX8: the INT4 g-group sums of rows_int4g read from the 8-row-group layout (qk_repack_int4gx8). */
-static void rows_int4gx8(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8, ng = j->K / j->group, per = j->group / QK8;
+/* The X8 repacks: each of the group's 8 rows on its own, as the plain layouts are summed. */
+static void dot8_int4gx8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
+                         const void *prep, float out[8]) {
+    const int ng = j->K / j->group, per = j->group / QK8;
     const size_t gbytes = qk_int4gx8_group_bytes(j->group);
-    for (int m = 0; m < j->M; m++) {
-        const int8_t *a = j->qs + (size_t)m * j->K;
-        const float *ad = j->d + (size_t)m * nb;
-        const int32_t *as = j->sums + (size_t)m * nb;
-        for (int n = n0; n < n1; n++) {
-            const int r = n % 8;
-            const uint8_t *w = j->w + (size_t)(n / 8) * ng * gbytes;
-            float acc = 0.0f;
-            for (int g = 0; g < ng; g++, w += gbytes) {
-                float sc;
-                memcpy(&sc, w + 4 * r, 4);
-                const int z = w[32 + r];
-                for (int i = 0; i < per; i++) {
-                    const int b = g * per + i;
-                    const uint8_t *q = w + INT4GX8_HEAD + i * INT4GX8_BLOCK - 16;
-                    const int8_t *ab = a + (size_t)b * QK8;
-                    int s = 0;
-                    for (int k = 0; k < 32; k++) {
-                        int shift;
-                        const int pos = qk_x8_pos(r, k, &shift);
-                        s += ((q[pos] >> shift) & 0x0f) * ab[k];
-                    }
-                    s -= z * as[b];
-                    acc += (sc * ad[b]) * (float)s;
-                }
-            }
-            j->y[(size_t)m * j->N + n] = acc;
-        }
-    }
-}
-
-static void rows_q4_0x8(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8;
-    for (int m = 0; m < j->M; m++) {
-        const int8_t *a = j->qs + (size_t)m * j->K;
-        const float *ad = j->d + (size_t)m * nb;
-        const int32_t *as = j->sums + (size_t)m * nb;
-        for (int n = n0; n < n1; n++) {
-            const int r = n % 8;
-            const uint8_t *w = j->w + (size_t)(n / 8) * nb * Q4_0X8_BYTES;
-            float acc = 0.0f;
-            for (int b = 0; b < nb; b++, w += Q4_0X8_BYTES) {
-                const int8_t *ab = a + b * QK8;
+    for (int r = 0; r < 8; r++) {
+        const uint8_t *wg = w;
+        float acc = 0.0f;
+        for (int g = 0; g < ng; g++, wg += gbytes) {
+            float sc;
+            memcpy(&sc, wg + 4 * r, 4);
+            const int z = wg[32 + r];
+            for (int i = 0; i < per; i++) {
+                const int b = g * per + i;
+                const uint8_t *q = wg + INT4GX8_HEAD + i * INT4GX8_BLOCK - 16;
+                const int8_t *ab = a + (size_t)b * QK8;
                 int s = 0;
                 for (int k = 0; k < 32; k++) {
                     int shift;
                     const int pos = qk_x8_pos(r, k, &shift);
-                    s += ((w[pos] >> shift) & 0x0f) * ab[k];
+                    s += ((q[pos] >> shift) & 0x0f) * ab[k];
                 }
-                s -= 8 * as[b];
-                acc += (qk_h2f(qk_rd16(w + 2 * r)) * ad[b]) * (float)s;
+                s -= z * as[b];
+                acc += (sc * ad[b]) * (float)s;
             }
-            j->y[(size_t)m * j->N + n] = acc;
         }
+        out[r] = acc;
     }
 }
 
-static void rows_q8_0x8(const qk_job *j, int n0, int n1) {
+static void dot8_q4_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
+                        const void *prep, float out[8]) {
     const int nb = j->K / QK8;
-    for (int m = 0; m < j->M; m++) {
-        const int8_t *a = j->qs + (size_t)m * j->K;
-        const float *ad = j->d + (size_t)m * nb;
-        for (int n = n0; n < n1; n++) {
-            const int r = n % 8;
-            const uint8_t *w = j->w + (size_t)(n / 8) * nb * Q8_0X8_BYTES;
-            float acc = 0.0f;
-            for (int b = 0; b < nb; b++, w += Q8_0X8_BYTES) {
-                const int8_t *ab = a + b * QK8;
-                int s = 0;
-                for (int k = 0; k < 32; k++) s += (int8_t)w[qk_x8q8_pos(r, k)] * ab[k];
-                acc += (qk_h2f(qk_rd16(w + 2 * r)) * ad[b]) * (float)s;
+    for (int r = 0; r < 8; r++) {
+        const uint8_t *wb = w;
+        float acc = 0.0f;
+        for (int b = 0; b < nb; b++, wb += Q4_0X8_BYTES) {
+            const int8_t *ab = a + b * QK8;
+            int s = 0;
+            for (int k = 0; k < 32; k++) {
+                int shift;
+                const int pos = qk_x8_pos(r, k, &shift);
+                s += ((wb[pos] >> shift) & 0x0f) * ab[k];
             }
-            j->y[(size_t)m * j->N + n] = acc;
+            s -= 8 * as[b];
+            acc += (qk_h2f_at(wb + 2 * r) * ad[b]) * (float)s;
         }
+        out[r] = acc;
     }
 }
+
+static void dot8_q8_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
+                        const void *prep, float out[8]) {
+    const int nb = j->K / QK8;
+    for (int r = 0; r < 8; r++) {
+        const uint8_t *wb = w;
+        float acc = 0.0f;
+        for (int b = 0; b < nb; b++, wb += Q8_0X8_BYTES) {
+            const int8_t *ab = a + b * QK8;
+            int s = 0;
+            for (int k = 0; k < 32; k++) s += (int8_t)wb[qk_x8q8_pos(r, k)] * ab[k];
+            acc += (qk_h2f_at(wb + 2 * r) * ad[b]) * (float)s;
+        }
+        out[r] = acc;
+    }
+}
+
+#define QK_DOT_Q4_0
+#define QK_DOT_Q8_0
+#define QK_DOT_Q4_K
+#define QK_DOT_Q6_K
+#define QK_DOT_INT4G
+#define QK_DOT8_Q4_0X8
+#define QK_DOT8_Q8_0X8
+#define QK_DOT8_INT4GX8
+#include "rows.h"
 
 void qk_fill_scalar(qk_kernels *k) {
-    k->q8_0x8 = rows_q8_0x8;
-    k->q4_0x8 = rows_q4_0x8;
-    k->q4_0 = rows_q4_0;
-    k->q8_0 = rows_q8_0;
-    k->q4_k = rows_q4_k;
-    k->q6_k = rows_q6_k;
-    k->q4_0x2 = rows_q4_0x2;
-    k->int4g = rows_int4g;
-    k->int4gx8 = rows_int4gx8;
+    qk_rows_fill(k);
+    k->rows[QK_L_Q4_0X2] = rows_q4_0x2;
 }

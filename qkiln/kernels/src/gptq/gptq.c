@@ -24,10 +24,11 @@
 #define _GNU_SOURCE
 #define QK_GPTQ_LANES 4
 #define QK_GPTQ_SUFFIX portable
+#include "qkiln_kernels.h"
 #include "gptq/gptq_rows.h"
 
-#include "cpu_x86.h"
-#include "run_rows.h"
+#include "cpu.h"
+#include "threads.h"
 
 /* Variant: 0 = best this CPU runs, 1 = portable, 2 = AVX-512. The variant a request runs (1 or 2), -2 when
  * it cannot run here; `pick` and the exported `qk_gptq_variant` both answer from this one function. */
@@ -42,7 +43,7 @@ static int resolve(int variant) {
 
 int qk_gptq_variant(int variant) { return resolve(variant); }
 
-static qk_rows_fn pick(int variant, int fit) {
+static qk_range_fn pick(int variant, int fit) {
     switch (resolve(variant)) {
     case 1: return fit ? qk_gptq_fit_rows_portable : qk_gptq_scan_rows_portable;
 #if defined(__x86_64__)
@@ -62,7 +63,7 @@ int qk_gptq_scan(int variant, float *w1, float *err1, uint8_t *codes, long count
     if (!(qmin >= 0.0f && qmax <= 255.0f && qmin <= qmax)) return -1;
     scan_args_t a = {w1, err1, codes, h1, gidx, scale_t, safe_t, offset_t, count, out, ldh, k0, k1,
                      shift, qmin, qmax, 0};
-    const qk_rows_fn fn = pick(variant, 0);
+    const qk_range_fn fn = pick(variant, 0);
     if (!fn) return -2;
     if (out > 0 && k1 > k0) qk_run_rows(fn, &a, out, 16, 64, nthreads);
     return a.oom ? -3 : 0;
@@ -74,7 +75,7 @@ int qk_int_fit_t(int variant, const float *wt, long cols, long rows, long group,
     if (cols <= 0 || rows < 0 || group <= 0 || cols % group || bits < 1 || bits > 8 || nshrink < 1) return -1;
     fit_args_t a = {wt, imp, shrink, scale, zero, cols, rows, group, cols / group, nshrink, symmetric != 0,
                     (float)((1 << bits) - 1), symmetric ? (float)(1 << (bits - 1)) : 0.0f, 0, 0};
-    const qk_rows_fn fn = pick(variant, 1);
+    const qk_range_fn fn = pick(variant, 1);
     if (!fn) return -2;
     if (rows > 0) qk_run_rows(fn, &a, rows, 16, 64, nthreads);
     return a.oom ? -3 : a.overflow ? 1 : 0;

@@ -3,7 +3,7 @@
  *
  * Why AMX and why here: calibration runs ~20 TFLOP of such products; float32 BLAS reaches ~180 GFLOPS on
  * this class of machine while one AMX tile multiply does 16x16x32 bf16 products per instruction. The file
- * is self-contained (own cpuid check, own threads) so the rest of the library is unaffected by it.
+ * takes its CPU check from cpu.c and its threads from the library's pool (threads.c).
  *
  * Rounding rule (reproduced exactly by qkiln.kernels.bf16.round_bf16): float32 -> bf16 flushes float32
  * denormals (exponent field 0) to a zero of the same sign, then rounds to nearest, ties to even; values
@@ -32,78 +32,43 @@
  * loading it into the tiles were all within the noise of paired runs.
  */
 #define _GNU_SOURCE
-#include <cpuid.h>
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
+#include "qkiln_kernels.h"
+#include "cpu.h"
 #include "elementwise/silu_avx512.h"
+#include "threads.h"
 #include "x86/amx_tiles.h"
 
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
 #define TILE_BYTES 1024
-#define MAX_THREADS 64
+#define MAX_THREADS QK_MAX_THREADS
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* availability                                                                                           */
+/* availability and threads                                                                               */
 
-static uint64_t amx_xgetbv0(void) {
-    uint32_t lo, hi;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    return ((uint64_t)hi << 32) | lo;
+int qk_bf16_amx_available(void) { return qk_cpu_amx_permitted(); }
+
+typedef struct {
+    void *(*fn)(void *);
+    char *args;
+    size_t arg_size;
+} per_job_t;
+
+static void per_job_task(void *ctx, long i) {
+    const per_job_t *p = ctx;
+    p->fn(p->args + (size_t)i * p->arg_size);
 }
 
-static int g_amx_ok = 0;
-static pthread_once_t g_amx_once = PTHREAD_ONCE_INIT;
-
-static void amx_detect(void) {
-    unsigned a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return;
-    if (!((c >> 27) & 1)) return; /* OSXSAVE: xgetbv usable */
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return;
-    const int avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
-    const int amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1;
-    if (!(avx512f && avx512bw && avx512vl && amx_bf16 && amx_tile)) return;
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return;
-    if (!((a >> 5) & 1)) return; /* AVX512_BF16 (vcvtne2ps2bf16) */
-    const uint64_t xcr0 = amx_xgetbv0();
-    if ((xcr0 & 0xe6) != 0xe6) return;                  /* SSE/AVX/AVX-512 state */
-    if ((xcr0 & (3ull << 17)) != (3ull << 17)) return;  /* XTILECFG + XTILEDATA */
-    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return; /* Linux >= 5.16 */
-    g_amx_ok = 1;
-}
-
-int qk_bf16_amx_available(void) {
-    pthread_once(&g_amx_once, amx_detect);
-    return g_amx_ok;
-}
-
-
-static int resolve_threads(int nthreads) {
-    if (nthreads <= 0) {
-        long n = sysconf(_SC_NPROCESSORS_ONLN);
-        nthreads = n > 0 ? (int)n : 1;
-    }
-    return nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
-}
-
-/* Run fn(arg_i) for i in [0, n) on n threads, the caller being thread 0. Threads are created per call:
- * a call here is milliseconds to seconds of work, so ~50 us of creation does not matter. */
+/* fn(args_i) for each of n jobs on the pool, each job on one thread (a job claims its work units itself and
+ * configures the tiles of the thread it runs on). */
 static void run_threads(int n, void *(*fn)(void *), void *args, size_t arg_size) {
-    pthread_t th[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int i = 1; i < n; i++)
-        started[i] = pthread_create(&th[i], NULL, fn, (char *)args + (size_t)i * arg_size) == 0;
-    fn(args);
-    for (int i = 1; i < n; i++) {
-        if (started[i]) pthread_join(th[i], NULL);
-        else fn((char *)args + (size_t)i * arg_size); /* could not start a thread: do its share here */
-    }
+    per_job_t p = {fn, (char *)args, arg_size};
+    qk_parallel(per_job_task, &p, n, n);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -426,7 +391,7 @@ static int linear_run(const void *x, int xbf16, int64_t m, int64_t k, const uint
         return 0;
     }
     if (!qk_bf16_amx_available()) return -1;
-    const int nt = resolve_threads(nthreads);
+    const int nt = qk_threads_resolve(nthreads);
     const int64_t KB = cdiv(k, 32), strips = cdiv(m, 32), NP = cdiv(n, 32);
     const int64_t blocks = cdiv(strips, QK_LIN_MS);
     /* few blocks: split the output columns too so every thread has work */
@@ -732,7 +697,7 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
     }
     if (!qk_bf16_amx_available()) return -1;
     const int64_t SB = cdiv(k, 32), G = cdiv(m, QK_GRAM_GROUP);
-    int nt = resolve_threads(nthreads);
+    int nt = qk_threads_resolve(nthreads);
     /* Split mode (several threads, several groups): threads take (block, group) units, each group summed in
      * its own accumulator, so the blocks need not be cut finer for the threads (which would read x more
      * often); the caller adds the groups in order. Only while all those accumulators fit QK_GRAM_SPLIT_BYTES. */
@@ -843,7 +808,7 @@ int qk_bf16_gram_acc(const void *x, int xbf16, int64_t m, int64_t k, float *acc,
     int64_t nblocks;
     gram_block_t *blocks = gram_run_blocks(k, &nblocks);
     if (!blocks) return -2;
-    int nt = resolve_threads(nthreads);
+    int nt = qk_threads_resolve(nthreads);
     if (nt > nblocks) nt = (int)nblocks;
     int64_t band = 0;
     for (int64_t i = 0; i < nblocks; i++) {

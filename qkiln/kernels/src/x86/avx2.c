@@ -25,9 +25,7 @@ static inline __m256i unpack_nibbles(const uint8_t *p) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
 }
 
-static inline float h2f(const uint8_t *p) { return _cvtsh_ss(qk_rd16(p)); }
-
-static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     const __m256i eight = _mm256_set1_epi8(8);
     int b = 0;
@@ -37,20 +35,20 @@ static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         const __m256i q1 = _mm256_sub_epi8(unpack_nibbles(w1 + 2), eight);
         const __m256i p0 = dot32(q0, _mm256_loadu_si256((const __m256i *)a));
         const __m256i p1 = dot32(q1, _mm256_loadu_si256((const __m256i *)(a + QK8)));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(w) * ad[b]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(h2f(w1) * ad[b + 1]), acc1);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qk_h2f_at(w) * ad[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(qk_h2f_at(w1) * ad[b + 1]), acc1);
         w += 2 * Q4_0_BYTES;
         a += 2 * QK8;
     }
     if (b < nb) {
         const __m256i q0 = _mm256_sub_epi8(unpack_nibbles(w + 2), eight);
         const __m256i p0 = dot32(q0, _mm256_loadu_si256((const __m256i *)a));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(w) * ad[b]), acc0);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qk_h2f_at(w) * ad[b]), acc0);
     }
     return hsum8(_mm256_add_ps(acc0, acc1));
 }
 
-static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int b = 0;
     for (; b + 1 < nb; b += 2) {
@@ -58,20 +56,20 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         const __m256i p0 = dot32(_mm256_loadu_si256((const __m256i *)(w + 2)), _mm256_loadu_si256((const __m256i *)a));
         const __m256i p1 =
             dot32(_mm256_loadu_si256((const __m256i *)(w1 + 2)), _mm256_loadu_si256((const __m256i *)(a + QK8)));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(w) * ad[b]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(h2f(w1) * ad[b + 1]), acc1);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qk_h2f_at(w) * ad[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(qk_h2f_at(w1) * ad[b + 1]), acc1);
         w += 2 * Q8_0_BYTES;
         a += 2 * QK8;
     }
     if (b < nb) {
         const __m256i p0 = dot32(_mm256_loadu_si256((const __m256i *)(w + 2)), _mm256_loadu_si256((const __m256i *)a));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(w) * ad[b]), acc0);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qk_h2f_at(w) * ad[b]), acc0);
     }
     return hsum8(_mm256_add_ps(acc0, acc1));
 }
 
 static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp, int group, const int8_t *a,
-                       const float *ad, int nb) {
+                       const float *ad, const int32_t *as, int nb) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     const int per_group = group / QK8;
     for (int g = 0; g < nb / per_group; g++) {
@@ -95,7 +93,7 @@ static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const 
     float corr = 0.0f;
     const __m256i ones16 = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
     for (int s = 0; s < nsb; s++, w += Q4_K_BYTES) {
-        const float d = h2f(w), dmin = h2f(w + 2);
+        const float d = qk_h2f_at(w), dmin = qk_h2f_at(w + 2);
         const uint8_t *scales = w + 4, *qs = w + 16;
         for (int j2 = 0; j2 < 4; j2++) {
             const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + j2 * 32));
@@ -114,13 +112,13 @@ static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const 
     return hsum8(acc) - corr;
 }
 
-static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, int nsb) {
+static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
     __m256 acc = _mm256_setzero_ps();
     const __m256i low = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
     for (int s = 0; s < nsb; s++, w += Q6_K_BYTES) {
         const uint8_t *ql = w, *qh = w + 128;
         const int8_t *sc = (const int8_t *)(w + 192);
-        const float d = h2f(w + 208);
+        const float d = qk_h2f_at(w + 208);
         for (int h = 0; h < 2; h++) {
             const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + h * 64));
             const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + h * 64 + 32));
@@ -143,53 +141,11 @@ static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, int ns
     return hsum8(acc);
 }
 
-static void rows_q4_0(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8;
-    for (int n = n0; n < n1; n++) {
-        const uint8_t *w = j->w + (size_t)n * nb * Q4_0_BYTES;
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] = dot_q4_0(w, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
-    }
-}
+#define QK_DOT_Q4_0
+#define QK_DOT_Q8_0
+#define QK_DOT_Q4_K
+#define QK_DOT_Q6_K
+#define QK_DOT_INT4G
+#include "rows.h"
 
-static void rows_q8_0(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8;
-    for (int n = n0; n < n1; n++) {
-        const uint8_t *w = j->w + (size_t)n * nb * Q8_0_BYTES;
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] = dot_q8_0(w, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
-    }
-}
-
-static void rows_int4g(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8, ng = j->K / j->group;
-    for (int n = n0; n < n1; n++)
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] =
-                dot_int4g(j->w + (size_t)n * (j->K / 2), j->scales + (size_t)n * ng, j->zeros + (size_t)n * ng,
-                          j->group, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
-}
-
-static void rows_q4_k(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8, nsb = j->K / QKK;
-    for (int n = n0; n < n1; n++)
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] = dot_q4_k(j->w + (size_t)n * nsb * Q4_K_BYTES, j->qs + (size_t)m * j->K,
-                                                  j->d + (size_t)m * nb, j->sums + (size_t)m * nb, nsb);
-}
-
-static void rows_q6_k(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8, nsb = j->K / QKK;
-    for (int n = n0; n < n1; n++)
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] = dot_q6_k(j->w + (size_t)n * nsb * Q6_K_BYTES, j->qs + (size_t)m * j->K,
-                                                  j->d + (size_t)m * nb, nsb);
-}
-
-void qk_fill_avx2(qk_kernels *k) {
-    k->q4_0 = rows_q4_0;
-    k->q8_0 = rows_q8_0;
-    k->int4g = rows_int4g;
-    k->q4_k = rows_q4_k;
-    k->q6_k = rows_q6_k;
-}
+void qk_fill_avx2(qk_kernels *k) { qk_rows_fill(k); }

@@ -5,14 +5,10 @@
  * Both corrections are a second vpdpbusd against a constant, so every integer block sum stays exact. */
 #include <immintrin.h>
 
-#include <stdlib.h>
-
 #include "../common.h"
 
 /* Software prefetch distance in bytes for the streamed X8 weights (decode reads them from L3 or DRAM). */
 #define QK_PREFETCH 1024
-
-static inline float h2f(const uint8_t *p) { return _cvtsh_ss(qk_rd16(p)); }
 
 /* [s0 x4, s1 x4, s0 x4, s1 x4] or [s0 x8, s1 x8] as 512-bit float vectors. */
 static inline __m512 scales_interleaved(float s0, float s1) {
@@ -26,7 +22,7 @@ static inline __m512 scales_halves(float s0, float s1) {
     return _mm512_castpd_ps(_mm512_insertf64x4(d, _mm256_castps_pd(_mm256_set1_ps(s1)), 1));
 }
 
-static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
     __m512 acc = _mm512_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     const __m512i eight = _mm512_set1_epi8(8);
@@ -41,7 +37,7 @@ static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         av = _mm512_shuffle_i64x2(av, av, _MM_SHUFFLE(3, 1, 2, 0));             /* a0lo a1lo a0hi a1hi */
         const __m512i s = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, av),
                                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, av));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales_interleaved(h2f(w0) * ad[b], h2f(w1) * ad[b + 1]), acc);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales_interleaved(qk_h2f_at(w0) * ad[b], qk_h2f_at(w1) * ad[b + 1]), acc);
     }
     float tail = 0.0f;
     if (b < nb) {
@@ -54,12 +50,12 @@ static float dot_q4_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
         const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
         const int si = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, _MM_SHUFFLE(2, 3, 0, 1))));
-        tail = (h2f(w0) * ad[b]) * (float)si;
+        tail = (qk_h2f_at(w0) * ad[b]) * (float)si;
     }
     return _mm512_reduce_add_ps(acc) + tail;
 }
 
-static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb) {
+static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
     __m512 acc = _mm512_setzero_ps();
     const __m512i bias = _mm512_set1_epi8((char)0x80);
     int b = 0;
@@ -70,7 +66,7 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         const __m512i av = _mm512_loadu_si512((const void *)(a + (size_t)b * QK8));
         const __m512i s = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(q, bias), av),
                                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, av));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales_halves(h2f(w0) * ad[b], h2f(w1) * ad[b + 1]), acc);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales_halves(qk_h2f_at(w0) * ad[b], qk_h2f_at(w1) * ad[b + 1]), acc);
     }
     float tail = 0.0f;
     if (b < nb) {
@@ -78,14 +74,15 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, int nb
         const int8_t *q = (const int8_t *)(w0 + 2), *ab = a + (size_t)b * QK8;
         int si = 0;
         for (int j = 0; j < QK8; j++) si += q[j] * ab[j];
-        tail = (h2f(w0) * ad[b]) * (float)si;
+        tail = (qk_h2f_at(w0) * ad[b]) * (float)si;
     }
     return _mm512_reduce_add_ps(acc) + tail;
 }
 
 /* Four rows against one activation row: the activation shuffle, its 8*sum correction and its scales are
  * computed once per block pair and shared by the four weight rows (decode GEMV is dominated by this loop). */
-static void dot4_q4_0(const uint8_t *w, size_t stride, const int8_t *a, const float *ad, int nb, float *out) {
+static void dot4_q4_0(const uint8_t *w, size_t stride, const int8_t *a, const float *ad, const int32_t *as, int nb,
+                      float out[4]) {
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     const __m512i eight = _mm512_set1_epi8(8);
@@ -102,34 +99,18 @@ static void dot4_q4_0(const uint8_t *w, size_t stride, const int8_t *a, const fl
             const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
             const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
             const __m512i sres = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, av), corr);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sres), scales_interleaved(h2f(w0) * a0, h2f(w1) * a1), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sres), scales_interleaved(qk_h2f_at(w0) * a0, qk_h2f_at(w1) * a1), acc[r]);
         }
     }
     for (int r = 0; r < 4; r++) {
         out[r] = _mm512_reduce_add_ps(acc[r]);
-        if (b < nb) out[r] += dot_q4_0(w + r * stride + (size_t)b * Q4_0_BYTES, a + (size_t)b * QK8, ad + b, 1);
-    }
-}
-
-static void rows_q4_0(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8;
-    const size_t stride = (size_t)nb * Q4_0_BYTES;
-    int n = n0;
-    for (; n + 4 <= n1; n += 4)
-        for (int m = 0; m < j->M; m++) {
-            float r[4];
-            dot4_q4_0(j->w + (size_t)n * stride, stride, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb, r);
-            for (int i = 0; i < 4; i++) j->y[(size_t)m * j->N + n + i] = r[i];
-        }
-    for (; n < n1; n++) {
-        const uint8_t *w = j->w + (size_t)n * nb * Q4_0_BYTES;
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] = dot_q4_0(w, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
+        if (b < nb) out[r] += dot_q4_0(w + r * stride + (size_t)b * Q4_0_BYTES, a + (size_t)b * QK8, ad + b, as + b, 1);
     }
 }
 
 /* Four Q8_0 rows against one activation row, sharing the activation load and its 128*sum correction. */
-static void dot4_q8_0(const uint8_t *w, size_t stride, const int8_t *a, const float *ad, int nb, float *out) {
+static void dot4_q8_0(const uint8_t *w, size_t stride, const int8_t *a, const float *ad, const int32_t *as, int nb,
+                      float out[4]) {
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     const __m512i bias = _mm512_set1_epi8((char)0x80);
     int b = 0;
@@ -142,182 +123,132 @@ static void dot4_q8_0(const uint8_t *w, size_t stride, const int8_t *a, const fl
             const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w0 + 2))),
                                                  _mm256_loadu_si256((const __m256i *)(w1 + 2)), 1);
             const __m512i sres = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(q, bias), av), corr);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sres), scales_halves(h2f(w0) * a0, h2f(w1) * a1), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sres), scales_halves(qk_h2f_at(w0) * a0, qk_h2f_at(w1) * a1), acc[r]);
         }
     }
     for (int r = 0; r < 4; r++) {
         out[r] = _mm512_reduce_add_ps(acc[r]);
-        if (b < nb) out[r] += dot_q8_0(w + r * stride + (size_t)b * Q8_0_BYTES, a + (size_t)b * QK8, ad + b, 1);
+        if (b < nb) out[r] += dot_q8_0(w + r * stride + (size_t)b * Q8_0_BYTES, a + (size_t)b * QK8, ad + b, as + b, 1);
     }
 }
 
-static void rows_q8_0(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8;
-    const size_t stride = (size_t)nb * Q8_0_BYTES;
-    int n = n0;
-    for (; n + 4 <= n1; n += 4)
-        for (int m = 0; m < j->M; m++) {
-            float r[4];
-            dot4_q8_0(j->w + (size_t)n * stride, stride, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb, r);
-            for (int i = 0; i < 4; i++) j->y[(size_t)m * j->N + n + i] = r[i];
-        }
-    for (; n < n1; n++) {
-        const uint8_t *w = j->w + (size_t)n * nb * Q8_0_BYTES;
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->N + n] = dot_q8_0(w, j->qs + (size_t)m * j->K, j->d + (size_t)m * nb, nb);
-    }
-}
+/* The X8 repacks: eight rows per vpdpbusd lane group. prep broadcasts one activation row's words once, four
+ * vectors per block: for Q4_0X8 and INT4GX8 [word 2c+h for lanes of half h] for the low nibbles and
+ * [word 2c+h+4] for the high ones, for Q8_0X8 [word 2c+h] for chunk c. */
+#define QK_PREP8_BYTES(nb) ((size_t)(nb) * 4 * sizeof(__m512i))
 
-/* Q4_0X8: eight rows per vpdpbusd lane group. Activation words are broadcast once per (row of x, block) into
- * four vectors, [word 2c+h for lanes of half h] for the low nibbles and [word 2c+h+4] for the high ones. */
-static void rows_q4_0x8(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8;
-    __m512i *ab = (__m512i *)aligned_alloc(64, (size_t)nb * 4 * sizeof(__m512i));
-    if (!ab) return;
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
+static void prep_nibbles(const int8_t *a, int nb, void *buf) {
+    __m512i *ab = buf;
     const __m512i idx_lo[2] = {_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
                                _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2)};
     const __m512i four = _mm512_set1_epi32(4);
-    for (int m = 0; m < j->M; m++) {
-        const int8_t *a = j->qs + (size_t)m * j->K;
-        const float *ad = j->d + (size_t)m * nb;
-        const int32_t *as = j->sums + (size_t)m * nb;
-        for (int b = 0; b < nb; b++) {
-            const __m512i words = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + (size_t)b * QK8)));
-            for (int c = 0; c < 2; c++) {
-                ab[b * 4 + 2 * c] = _mm512_permutexvar_epi32(idx_lo[c], words);
-                ab[b * 4 + 2 * c + 1] = _mm512_permutexvar_epi32(_mm512_add_epi32(idx_lo[c], four), words);
-            }
-        }
-        for (int n = n0 & ~7; n < n1; n += 8) {
-            const uint8_t *w = j->w + (size_t)(n / 8) * nb * Q4_0X8_BYTES;
-            __m256 acc = _mm256_setzero_ps();
-            for (int b = 0; b < nb; b++, w += Q4_0X8_BYTES) {
-                _mm_prefetch((const char *)(w + QK_PREFETCH), _MM_HINT_T0);
-                _mm_prefetch((const char *)(w + QK_PREFETCH + 64), _MM_HINT_T0);
-                _mm_prefetch((const char *)(w + QK_PREFETCH + 128), _MM_HINT_T0);
-                const __m512i v0 = _mm512_loadu_si512((const void *)(w + 16));
-                const __m512i v1 = _mm512_loadu_si512((const void *)(w + 80));
-                __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v0, m4), ab[b * 4 + 0]);
-                s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), ab[b * 4 + 1]);
-                s = _mm512_dpbusd_epi32(s, _mm512_and_si512(v1, m4), ab[b * 4 + 2]);
-                s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4), ab[b * 4 + 3]);
-                __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
-                s8 = _mm256_sub_epi32(s8, _mm256_set1_epi32(8 * as[b]));
-                const __m256 sc = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)), _mm256_set1_ps(ad[b]));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), sc, acc);
-            }
-            float out[8];
-            _mm256_storeu_ps(out, acc);
-            for (int r = 0; r < 8 && n + r < n1; r++)
-                if (n + r >= n0) j->y[(size_t)m * j->N + n + r] = out[r];
+    for (int b = 0; b < nb; b++) {
+        const __m512i words = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + (size_t)b * QK8)));
+        for (int c = 0; c < 2; c++) {
+            ab[b * 4 + 2 * c] = _mm512_permutexvar_epi32(idx_lo[c], words);
+            ab[b * 4 + 2 * c + 1] = _mm512_permutexvar_epi32(_mm512_add_epi32(idx_lo[c], four), words);
         }
     }
-    free(ab);
+}
+
+static void prep_bytes(const int8_t *a, int nb, void *buf) {
+    __m512i *ab = buf;
+    for (int b = 0; b < nb; b++) {
+        const __m512i words = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + (size_t)b * QK8)));
+        for (int c = 0; c < 4; c++) {
+            const __m512i idx = _mm512_set_epi32(2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1,
+                                                 2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c,
+                                                 2 * c, 2 * c);
+            ab[b * 4 + c] = _mm512_permutexvar_epi32(idx, words);
+        }
+    }
+}
+
+/* One block of 8 rows' nibble codes (128 bytes at q) against the prepared block: 8 int32 sums of q * a. */
+static inline __m256i nibble_block8(const uint8_t *q, const __m512i *ab) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const __m512i v0 = _mm512_loadu_si512((const void *)q);
+    const __m512i v1 = _mm512_loadu_si512((const void *)(q + 64));
+    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v0, m4), ab[0]);
+    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), ab[1]);
+    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(v1, m4), ab[2]);
+    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4), ab[3]);
+    return _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+}
+
+static void dot8_q4_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
+                        const void *prep, float out[8]) {
+    const int nb = j->K / QK8;
+    const __m512i *ab = prep;
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++, w += Q4_0X8_BYTES) {
+        _mm_prefetch((const char *)(w + QK_PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + QK_PREFETCH + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + QK_PREFETCH + 128), _MM_HINT_T0);
+        const __m256i s8 = _mm256_sub_epi32(nibble_block8(w + 16, ab + b * 4), _mm256_set1_epi32(8 * as[b]));
+        const __m256 sc = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)), _mm256_set1_ps(ad[b]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), sc, acc);
+    }
+    _mm256_storeu_ps(out, acc);
 }
 
 /* Q8_0X8: as Q4_0X8 with int8 codes offset to unsigned (w ^ 0x80) and 128 * sum(a) taken back per block. */
-static void rows_q8_0x8(const qk_job *j, int n0, int n1) {
+static void dot8_q8_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
+                        const void *prep, float out[8]) {
     const int nb = j->K / QK8;
-    __m512i *ab = (__m512i *)aligned_alloc(64, (size_t)nb * 4 * sizeof(__m512i));
-    if (!ab) return;
+    const __m512i *ab = prep;
     const __m512i bias = _mm512_set1_epi8((char)0x80);
-    for (int m = 0; m < j->M; m++) {
-        const int8_t *a = j->qs + (size_t)m * j->K;
-        const float *ad = j->d + (size_t)m * nb;
-        const int32_t *as = j->sums + (size_t)m * nb;
-        for (int b = 0; b < nb; b++) {
-            const __m512i words = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + (size_t)b * QK8)));
-            for (int c = 0; c < 4; c++) {
-                const __m512i idx = _mm512_set_epi32(2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1,
-                                                     2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c,
-                                                     2 * c, 2 * c);
-                ab[b * 4 + c] = _mm512_permutexvar_epi32(idx, words);
-            }
-        }
-        for (int n = n0 & ~7; n < n1; n += 8) {
-            const uint8_t *w = j->w + (size_t)(n / 8) * nb * Q8_0X8_BYTES;
-            __m256 acc = _mm256_setzero_ps();
-            for (int b = 0; b < nb; b++, w += Q8_0X8_BYTES) {
-                for (int c = 0; c < 5; c++) _mm_prefetch((const char *)(w + QK_PREFETCH + 64 * c), _MM_HINT_T0);
-                __m512i s = _mm512_setzero_si512();
-                for (int c = 0; c < 4; c++)
-                    s = _mm512_dpbusd_epi32(s, _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + 16 + 64 * c)), bias),
-                                            ab[b * 4 + c]);
-                __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
-                s8 = _mm256_sub_epi32(s8, _mm256_set1_epi32(128 * as[b]));
-                const __m256 sc = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)), _mm256_set1_ps(ad[b]));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), sc, acc);
-            }
-            float out[8];
-            _mm256_storeu_ps(out, acc);
-            for (int r = 0; r < 8 && n + r < n1; r++)
-                if (n + r >= n0) j->y[(size_t)m * j->N + n + r] = out[r];
-        }
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++, w += Q8_0X8_BYTES) {
+        for (int c = 0; c < 5; c++) _mm_prefetch((const char *)(w + QK_PREFETCH + 64 * c), _MM_HINT_T0);
+        __m512i s = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++)
+            s = _mm512_dpbusd_epi32(s, _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + 16 + 64 * c)), bias),
+                                    ab[b * 4 + c]);
+        __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+        s8 = _mm256_sub_epi32(s8, _mm256_set1_epi32(128 * as[b]));
+        const __m256 sc = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)), _mm256_set1_ps(ad[b]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), sc, acc);
     }
-    free(ab);
+    _mm256_storeu_ps(out, acc);
 }
 
-/* INT4GX8: Q4_0X8's inner loop on 8-row groups, with per-row fp32 scales and zero points per weight group.
- * The block's integer sum is exact: sum(q * a) - z * sum(a) per lane; the activation scale multiplies it per
- * block and the weight scale once per weight group. */
-static void rows_int4gx8(const qk_job *j, int n0, int n1) {
-    const int nb = j->K / QK8, ng = j->K / j->group, per = j->group / QK8;
+/* INT4GX8: Q4_0X8's inner loop with per-row fp32 scales and zero points per weight group. The block's
+ * integer sum is exact: sum(q * a) - z * sum(a) per lane; the activation scale multiplies it per block and
+ * the weight scale once per weight group. */
+static void dot8_int4gx8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
+                         const void *prep, float out[8]) {
+    const int ng = j->K / j->group, per = j->group / QK8;
     const size_t gbytes = qk_int4gx8_group_bytes(j->group);
-    __m512i *ab = (__m512i *)aligned_alloc(64, (size_t)nb * 4 * sizeof(__m512i));
-    if (!ab) return;
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
-    const __m512i idx_lo[2] = {_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-                               _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2)};
-    const __m512i four = _mm512_set1_epi32(4);
-    for (int m = 0; m < j->M; m++) {
-        const int8_t *a = j->qs + (size_t)m * j->K;
-        const float *ad = j->d + (size_t)m * nb;
-        const int32_t *as = j->sums + (size_t)m * nb;
-        for (int b = 0; b < nb; b++) {
-            const __m512i words = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + (size_t)b * QK8)));
-            for (int c = 0; c < 2; c++) {
-                ab[b * 4 + 2 * c] = _mm512_permutexvar_epi32(idx_lo[c], words);
-                ab[b * 4 + 2 * c + 1] = _mm512_permutexvar_epi32(_mm512_add_epi32(idx_lo[c], four), words);
-            }
+    const __m512i *ab = prep;
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++, w += gbytes) {
+        const __m256 sc = _mm256_loadu_ps((const float *)w);
+        const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 32)));
+        const uint8_t *q = w + INT4GX8_HEAD;
+        __m256 accg = _mm256_setzero_ps();
+        for (int i = 0; i < per; i++, q += INT4GX8_BLOCK) {
+            _mm_prefetch((const char *)(q + QK_PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(q + QK_PREFETCH + 64), _MM_HINT_T0);
+            const int b = g * per + i;
+            const __m256i s8 = _mm256_sub_epi32(nibble_block8(q, ab + b * 4), _mm256_mullo_epi32(z, _mm256_set1_epi32(as[b])));
+            accg = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), _mm256_set1_ps(ad[b]), accg);
         }
-        for (int n = n0 & ~7; n < n1; n += 8) {
-            const uint8_t *w = j->w + (size_t)(n / 8) * ng * gbytes;
-            __m256 acc = _mm256_setzero_ps();
-            for (int g = 0; g < ng; g++, w += gbytes) {
-                const __m256 sc = _mm256_loadu_ps((const float *)w);
-                const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 32)));
-                const uint8_t *q = w + INT4GX8_HEAD;
-                __m256 accg = _mm256_setzero_ps();
-                for (int i = 0; i < per; i++, q += INT4GX8_BLOCK) {
-                    _mm_prefetch((const char *)(q + QK_PREFETCH), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(q + QK_PREFETCH + 64), _MM_HINT_T0);
-                    const int b = g * per + i;
-                    const __m512i v0 = _mm512_loadu_si512((const void *)q);
-                    const __m512i v1 = _mm512_loadu_si512((const void *)(q + 64));
-                    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v0, m4), ab[b * 4 + 0]);
-                    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), ab[b * 4 + 1]);
-                    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(v1, m4), ab[b * 4 + 2]);
-                    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4), ab[b * 4 + 3]);
-                    __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
-                    s8 = _mm256_sub_epi32(s8, _mm256_mullo_epi32(z, _mm256_set1_epi32(as[b])));
-                    accg = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), _mm256_set1_ps(ad[b]), accg);
-                }
-                acc = _mm256_fmadd_ps(accg, sc, acc);
-            }
-            float out[8];
-            _mm256_storeu_ps(out, acc);
-            for (int r = 0; r < 8 && n + r < n1; r++)
-                if (n + r >= n0) j->y[(size_t)m * j->N + n + r] = out[r];
-        }
+        acc = _mm256_fmadd_ps(accg, sc, acc);
     }
-    free(ab);
+    _mm256_storeu_ps(out, acc);
 }
 
-void qk_fill_avx512(qk_kernels *k) {
-    k->int4gx8 = rows_int4gx8;
-    k->q4_0x8 = rows_q4_0x8;
-    k->q8_0x8 = rows_q8_0x8;
-    k->q4_0 = rows_q4_0;
-    k->q8_0 = rows_q8_0;
-}
+#define QK_DOT_Q4_0
+#define QK_DOT4_Q4_0
+#define QK_DOT_Q8_0
+#define QK_DOT4_Q8_0
+#define QK_DOT8_Q4_0X8
+#define QK_PREP8_Q4_0X8 prep_nibbles
+#define QK_DOT8_Q8_0X8
+#define QK_PREP8_Q8_0X8 prep_bytes
+#define QK_DOT8_INT4GX8
+#define QK_PREP8_INT4GX8 prep_nibbles
+#include "rows.h"
+
+void qk_fill_avx512(qk_kernels *k) { qk_rows_fill(k); }
