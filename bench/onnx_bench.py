@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gguf_vs_llamacpp import CALIB_FILES, EVAL_FILES, llamacpp_logits, llamacpp_model, windows_for
+from gguf_vs_llamacpp import CALIB_FILES, EVAL_FILES, llamacpp_model, windows_for
+
+from qkiln.validate.artifact import llamacpp_window_logits
 
 BIN = Path(sys.executable).parent
 
@@ -95,7 +97,7 @@ def accuracy(models: dict[str, dict], demo: Path, max_windows: int | None) -> No
     ref = LlamaModel(Checkpoint.open(demo))
     runners = {}
     for name, m in models.items():
-        runners[name] = (llamacpp_logits(llamacpp_model(Path(m["path"]), 512)) if m["kind"] == "gguf"
+        runners[name] = (llamacpp_window_logits(llamacpp_model(Path(m["path"]), 512)) if m["kind"] == "gguf"
                          else OnnxLlama(Path(m["path"])).forward)
     scores = {name: TokenScores() for name in models}
     for i, w in enumerate(windows):
