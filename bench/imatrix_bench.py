@@ -109,7 +109,7 @@ def parse_kld(text: str) -> dict:
     """Mean KL, perplexity and same-top-1 % from llama-perplexity --kl-divergence's report."""
     pats = {"mean_kl": r"Mean\s+KLD:\s*([-\d.eE+]+)", "ppl": r"Mean PPL\(Q\)\s*:\s*([\d.eE+]+)",
             "ppl_base": r"Mean PPL\(base\)\s*:\s*([\d.eE+]+)", "same_top1_pct": r"Same top p:\s*([\d.]+)",
-            "chunks": r"calculating perplexity over (\d+) chunks"}
+            "chunks": r"over (\d+) chunks, n_ctx="}
     out = {}
     for key, pat in pats.items():
         m = re.search(pat, text)
