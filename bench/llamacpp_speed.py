@@ -148,7 +148,9 @@ def ppl_speed(bin_dir: Path, path: str, work: Path, threads: int) -> dict:
 def summarize(files: dict[str, dict], llama: dict[str, dict[str, list[dict]]], qk: dict[str, list[dict]], prompt: int,
               n_short: int, decode: int) -> dict[str, dict]:
     """Medians over rounds; llama.cpp's figure per metric is its best configuration's median."""
-    med = statistics.median
+    def med(xs) -> float:
+        return round(statistics.median(xs), 2)
+
     rows = {}
     for t, f in files.items():
         read_gbs = med(r["machine_read_gbs"] for r in qk[t])
