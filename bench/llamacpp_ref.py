@@ -124,9 +124,13 @@ def _unpack(sdist: Path, dest: Path) -> Path:
     top = dest / sdist.name.removesuffix(".tar.gz")
     src = top / "vendor" / "llama.cpp"
     if not (src / "CMakeLists.txt").exists():
+        # unpacked beside, renamed when whole: a killed unpack never looks like sources to build
         shutil.rmtree(top, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest))
         with tarfile.open(sdist) as tar:
-            tar.extractall(dest, filter="data")
+            tar.extractall(tmp, filter="data")
+        os.replace(tmp / top.name, top)
+        shutil.rmtree(tmp, ignore_errors=True)
     if not (src / "CMakeLists.txt").exists():
         raise SystemExit(f"{sdist} has no vendor/llama.cpp/CMakeLists.txt")
     return src
