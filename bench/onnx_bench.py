@@ -9,12 +9,13 @@ On the demo model (SmolLM2-135M-Instruct):
 - qkiln `convert --to onnx --scheme int4_g32` with --algo rtn, gptq and awq+gptq, calibrated on GPL-3 +
   LGPL-2.1 + GFDL-1.3 (disjoint from the evaluation text), --samples x --seq-len;
 - llama.cpp's Q4_0 of the same model (`qkiln convert --to gguf --scheme q4_0`, byte-identical to llama.cpp's
-  own quantizer) run by llama-cpp-python.
+  own quantizer), scored by llama-cpp-python and timed by `llama-bench` built for this CPU (bench/llamacpp_ref.py).
 Accuracy: windows of 512 tokens of GPL-2 + Apache-2.0 + MPL-2.0, each model's logits (ONNX through
 onnxruntime, Q4_0 through llama.cpp) against the unquantized model (qkiln's float32 runtime): mean KL,
 perplexity, top-1 agreement. Speed: onnxruntime-genai prompt (append_tokens of --prompt tokens) and decode
-(--decode greedy tokens) tokens/s, rounds interleaved between the models, median reported; llama.cpp the
-same with llm.eval. Conversion: wall time and peak RSS of each converting process (os.wait4).
+(--decode greedy tokens) tokens/s, rounds interleaved between the models, median reported; llama.cpp by
+`llama-bench -p PROMPT -n DECODE` in each of llamacpp_speed.VARIANTS (its OpenMP threads spin on a shared host;
+the best configuration's median counts: never a figure that flatters qkiln). Conversion: wall time and peak RSS of each converting process (os.wait4).
 Prints one JSON document on stdout (progress on stderr) and writes it to WORK/results.json.
 """
 
@@ -29,10 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gguf_vs_llamacpp import CALIB_FILES, EVAL_FILES, llamacpp_model, windows_for
+from llamacpp_ref import tools as llamacpp_tools
+from llamacpp_speed import VARIANTS, llama_bench
 
 from qkiln.validate.artifact import llamacpp_window_logits
 
@@ -115,39 +116,39 @@ def speed(models: dict[str, dict], demo: Path, prompt_len: int, decode: int, rou
 
     tok = tokenizers.Tokenizer.from_file(str(demo / "tokenizer.json"))
     prompt = tok.encode("".join(p.read_text() for p in EVAL_FILES), add_special_tokens=False).ids[:prompt_len]
-    loaded: dict[str, object] = {}
-    for name, m in models.items():
-        loaded[name] = llamacpp_model(Path(m["path"]), prompt_len + decode + 8) if m["kind"] == "gguf" else og.Model(m["path"])
+    loaded: dict[str, object] = {name: og.Model(m["path"]) for name, m in models.items() if m["kind"] == "onnx"}
     times: dict[str, dict[str, list[float]]] = {n: {"prompt": [], "decode": []} for n in models}
+    bin_dir, _ = llamacpp_tools()  # llama.cpp built for this CPU (llamacpp_ref), not the AVX2-only test wheel
+    llama_variants: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    gguf = next(m["path"] for m in models.values() if m["kind"] == "gguf")
     for r in range(rounds):
+        for v, (env, threads) in VARIANTS.items():  # its best configuration counts (OpenMP spinning, see llamacpp_speed)
+            llama_variants[v].append(llama_bench(bin_dir, gguf, prompt_len, prompt_len, decode, threads or 2, 1,
+                                                 Path(models[next(iter(loaded))]["path"]).parent, env))
         for name, model in loaded.items():
-            if models[name]["kind"] == "gguf":
-                llm = model
-                llm.reset()  # type: ignore[attr-defined]
-                t0 = time.perf_counter()
-                llm.eval(prompt)  # type: ignore[attr-defined]
-                t1 = time.perf_counter()
-                for _ in range(decode):
-                    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # type: ignore[attr-defined]
-                    llm.eval([nxt])  # type: ignore[attr-defined]
-                t2 = time.perf_counter()
-            else:
-                params = og.GeneratorParams(model)
-                params.set_search_options(max_length=prompt_len + decode, do_sample=False)
-                gen = og.Generator(model, params)
-                t0 = time.perf_counter()
-                gen.append_tokens(prompt)
-                t1 = time.perf_counter()
-                for _ in range(decode):
-                    gen.generate_next_token()
-                t2 = time.perf_counter()
-                del gen
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=prompt_len + decode, do_sample=False)
+            gen = og.Generator(model, params)
+            t0 = time.perf_counter()
+            gen.append_tokens(prompt)
+            t1 = time.perf_counter()
+            for _ in range(decode):
+                gen.generate_next_token()
+            t2 = time.perf_counter()
+            del gen
             times[name]["prompt"].append(len(prompt) / (t1 - t0))
             times[name]["decode"].append(decode / (t2 - t1))
             log(f"round {r + 1} {name}: prompt {times[name]['prompt'][-1]:.0f} tok/s, decode {times[name]['decode'][-1]:.1f} tok/s")
-    for name in models:
+    for name in loaded:
         models[name]["prompt_tok_s"] = round(statistics.median(times[name]["prompt"]), 1)
         models[name]["decode_tok_s"] = round(statistics.median(times[name]["decode"]), 1)
+    med = {v: {k: statistics.median(r[k] for r in runs) for k in (f"pp{prompt_len}", f"tg{decode}")}
+           for v, runs in llama_variants.items()}
+    name = next(n for n, m in models.items() if m["kind"] == "gguf")
+    models[name]["prompt_tok_s"] = round(max(m[f"pp{prompt_len}"] for m in med.values()), 1)
+    models[name]["decode_tok_s"] = round(max(m[f"tg{decode}"] for m in med.values()), 1)
+    models[name]["llama_bench_variants"] = med
+    models[name]["timed_by"] = "llama-bench built for this CPU (bench/llamacpp_ref.py), best configuration's median"
 
 
 def main() -> None:
