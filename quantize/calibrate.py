@@ -17,8 +17,11 @@ quantized layers produced; a tied table (embedding and head in one tensor) befor
 embedding the layers are calibrated on — from one extra pass of the float model (the layers unquantized,
 the same bfloat16 engine, no Hessians). On the demo model (tied, int4 g32, GPTQ layers) the 4-bit table is
 most of the error: mean KL 0.16 with the table in float, 0.31 with only the head at 4 bits by RTN, 0.36 with
-both; GPTQ of the head is what this buys back. An untied embedding is only gathered, and plain RTN (no
-products read it); RTN algorithms and AWQ alone quantize the head by RTN as well. The final norm stays float32.
+both; GPTQ of the head is what this buys back. It costs one more pass (ONNX int4_g32 GPTQ, 36 x 512
+tokens: 168 against 107 CPU-s), so an 8-bit head grid (Q8_0, int8: the llama.cpp mixes' tied table) keeps RTN —
+at 8 bits GPTQ moves little (on the demo model its Q8_0 codes equal RTN's). An untied embedding is only
+gathered, and plain RTN (no products read it); RTN algorithms and AWQ alone quantize the head by RTN as well.
+The final norm stays float32.
 With tied embeddings only `model.embed_tokens.weight` is produced (the head reads it).
 
 Memory model (what is resident at the peak, demo model numbers for 128 samples x 512 tokens):
@@ -237,8 +240,9 @@ def _quantize_model(
     Layer i's tensors are yielded as soon as layer i is done, so a consumer can write incrementally.
     `calib_ids` (n_samples, seq_len) is required unless algo is 'rtn'. `awq_clip` defaults to True for
     'awq' and False for 'awq+gptq' (GPTQ's error feedback already handles outliers; clipped weights would
-    make it chase the clipped matrix). `gptq_head` (with a GPTQ algorithm) quantizes lm_head or the tied
-    table by GPTQ on the final-normed states (see the module docstring); False keeps RTN there.
+    make it chase the clipped matrix). `gptq_head` (with a GPTQ algorithm, on a head grid under 8 bits)
+    quantizes lm_head or the tied table by GPTQ on the final-normed states (see the module docstring); False
+    keeps RTN there.
     Shapes that no scheme fits raise QuantizeError before any work.
     """
     if algo not in ALGOS:
@@ -253,7 +257,7 @@ def _quantize_model(
     clip = (algo == "awq") if awq_clip is None else awq_clip
     report.settings = {"damp": damp, "act_order": act_order, "block_size": block_size, "grid": grid, "weighted_fit": weighted_fit,
                        "awq_grid": awq_grid, "awq_clip": clip if use_awq else None, "batch_samples": batch_samples,
-                       "calib_dtype": calib_dtype, "gptq_head": gptq_head and use_gptq}
+                       "calib_dtype": calib_dtype}
     engine = matmul_engine(calib_dtype)
 
     # Every quantized tensor's scheme, checked up front: a bad group size fails before minutes of work.
@@ -291,8 +295,9 @@ def _quantize_model(
                                      weighted_fit=weighted_fit)
     head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     head_scheme = schemes[head_name]
-    head_by_gptq = gptq_head and use_gptq and head_scheme is not None
+    head_by_gptq = gptq_head and use_gptq and head_scheme is not None and getattr(head_scheme, "bits", 8) < 8
 
+    report.settings["gptq_head"] = head_by_gptq
     embed_q: QuantizedTensor | np.ndarray
     if head_by_gptq and cfg.tie_word_embeddings:
         assert ids is not None and head_scheme is not None
