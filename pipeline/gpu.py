@@ -21,7 +21,7 @@ from qkiln.formats.compressed_tensors_write import is_decoder_linear, write_comp
 from qkiln.formats.gptq_write import marlin_warning, write_gptq
 from qkiln.formats.hf import Checkpoint
 from qkiln.hashing import sha256_of
-from qkiln.pipeline.stream import CodeStore, layer_ordered, tensor_schemes
+from qkiln.pipeline.stream import CodeStore, layer_ordered, tensor_schemes, weight_stream
 from qkiln.quantize.algorithms import ALGORITHMS
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 from qkiln.quantize.registry import get_scheme
@@ -129,8 +129,8 @@ def convert_to_gpu(
         w = marlin_warning(grid, [tuple(ckpt.shape(n)) for n in schemes])  # type: ignore[misc]
         if w:
             warnings.append(w)
-    stream = layer_ordered(ckpt, {n: s.name for n, s in schemes.items()}, algorithm, calib, samples=samples,
-                           seq_len=seq_len, progress=progress, store=store)
+    stream = layer_ordered(weight_stream(ckpt, {n: s.name for n, s in schemes.items()}, algorithm, calib,
+                                         samples=samples, seq_len=seq_len, progress=progress, store=store), ckpt.config)
     source = ckpt.path.resolve().name
     extra = "".join(f"\nWarning: {w}\n" for w in warnings)
 

@@ -184,7 +184,6 @@ class RecordingStream:
         self.names, self.ordered = inner.names, inner.ordered
         self._left = set(self.names)
         self._lock = threading.Lock()
-        folder.mkdir(parents=True, exist_ok=True)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.inner.shape(name)
@@ -265,23 +264,11 @@ def weight_stream(
     return store.wrap(store.key(schemes, algorithm, calib, samples, seq_len), source, make)
 
 
-def layer_ordered(
-    source: Any,
-    schemes: Mapping[str, str],
-    algorithm: str,
-    calib: Sequence[Path],
-    *,
-    samples: int = CALIBRATION_SAMPLES,
-    seq_len: int = CALIBRATION_SEQ_LEN,
-    progress: Callable[[str], None] | None = None,
-    store: CodeStore | None = None,
-) -> Iterator[tuple[str, Weight]]:
-    """(name, QuantizedTensor | float32 array) in the quantizer's layer order (embeddings, layer by layer,
-    model.norm, lm_head when untied): what the writers that append as they go (ONNX external data,
+def layer_ordered(stream: Stream, config: Any) -> Iterator[tuple[str, Weight]]:
+    """`stream`'s (name, QuantizedTensor | float32 array) in the quantizer's layer order (embeddings, layer by
+    layer, model.norm, lm_head when untied): what the writers that append as they go (ONNX external data,
     safetensors shards) consume, with only the layer being quantized in memory."""
-    stream = weight_stream(source, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress,
-                           store=store)
-    return ((name, stream.get(name)) for name in output_order(source.config))
+    return ((name, stream.get(name)) for name in output_order(config))
 
 
 def quantize_weights(source: Any, schemes: dict[str, str], algorithm: str, calib: Sequence[Path], **kw: Any) -> dict[str, Weight]:

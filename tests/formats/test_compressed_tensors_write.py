@@ -19,7 +19,7 @@ from qkiln.formats.gpu_safetensors_read import QuantizedFolder
 from qkiln.formats.hf import Checkpoint
 from qkiln.model.source import DictSource
 from qkiln.pipeline.gpu import convert_to_gpu, plan_schemes
-from qkiln.pipeline.stream import layer_ordered
+from qkiln.pipeline.stream import layer_ordered, weight_stream
 from qkiln.quantize.tensor import QuantizedTensor
 
 # Logits of transformers (float32, decompressed weights) against qkiln's NumPy runtime on the same
@@ -63,7 +63,8 @@ def _artifact(make_checkpoint, tiny_config, tmp_path: Path, scheme: str, algo: s
     convert_to_gpu(src, out, "compressed-tensors", scheme, algorithm=algo, calib=calib, samples=4, seq_len=32)
     ckpt = Checkpoint.open(src)
     schemes, _ = plan_schemes(ckpt, scheme, "compressed-tensors")
-    weights = dict(layer_ordered(ckpt, {n: s.name for n, s in schemes.items()}, algo, calib, samples=4, seq_len=32))
+    weights = dict(layer_ordered(weight_stream(ckpt, {n: s.name for n, s in schemes.items()}, algo, calib, samples=4, seq_len=32),
+                                 ckpt.config))
     return out, weights
 
 

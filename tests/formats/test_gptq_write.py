@@ -15,7 +15,7 @@ from qkiln.formats.gptq_write import marlin_blockers
 from qkiln.formats.gpu_safetensors_read import QuantizedFolder
 from qkiln.formats.hf import Checkpoint
 from qkiln.pipeline.gpu import convert_to_gpu, plan_schemes
-from qkiln.pipeline.stream import layer_ordered
+from qkiln.pipeline.stream import layer_ordered, weight_stream
 from qkiln.quantize.registry import get_scheme
 from qkiln.quantize.tensor import QuantizedTensor
 
@@ -50,7 +50,8 @@ def _convert(make_checkpoint, tiny_config, tmp_path: Path, scheme: str, algo: st
     result = convert_to_gpu(src, out, "gptq", scheme, algorithm=algo, calib=calib, samples=4, seq_len=32)
     ckpt = Checkpoint.open(src)
     schemes, _ = plan_schemes(ckpt, scheme, "gptq")
-    weights = dict(layer_ordered(ckpt, {n: s.name for n, s in schemes.items()}, algo, calib, samples=4, seq_len=32))
+    weights = dict(layer_ordered(weight_stream(ckpt, {n: s.name for n, s in schemes.items()}, algo, calib, samples=4, seq_len=32),
+                                 ckpt.config))
     return out, weights, result
 
 

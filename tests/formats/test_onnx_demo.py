@@ -19,7 +19,7 @@ def test_demo_model_int4_g32(tmp_path):
     from qkiln.formats.onnx_run import OnnxLlama
     from qkiln.model.source import DictSource
     from qkiln.pipeline.onnx import convert_to_onnx, onnx_schemes
-    from qkiln.pipeline.stream import layer_ordered
+    from qkiln.pipeline.stream import layer_ordered, weight_stream
     from qkiln.runtime.llama import LlamaModel
 
     src = demo_model_dir()
@@ -30,7 +30,7 @@ def test_demo_model_int4_g32(tmp_path):
     ckpt = Checkpoint.open(src)
     schemes, _ = onnx_schemes(ckpt, "int4_g32", strict=False)
     dense = {n: (w.dequantize() if isinstance(w, QuantizedTensor) else w)
-             for n, w in layer_ordered(ckpt, schemes, "rtn", [], samples=1, seq_len=1)}
+             for n, w in layer_ordered(weight_stream(ckpt, schemes, "rtn", [], samples=1, seq_len=1), ckpt.config)}
     ref = LlamaModel(DictSource(ckpt.config, dense))
 
     ids = np.asarray(ckpt.tokenizer().encode("The GNU General Public License is a free, copyleft license for").ids)[None]
