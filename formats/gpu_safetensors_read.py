@@ -20,7 +20,7 @@ import numpy as np
 
 from qkiln.errors import CheckpointError
 from qkiln.formats.compressed_tensors_write import unpack_codes
-from qkiln.formats.hf import Checkpoint, _read_weight_headers
+from qkiln.formats.hf import Checkpoint, _read_weight_headers, quantization_config
 from qkiln.formats.safetensors_check import SafetensorsHeader, TensorEntry
 from qkiln.model.config import LlamaConfig
 from qkiln.model.names import expected_shapes
@@ -34,12 +34,8 @@ METHODS = ("compressed-tensors", "gptq")
 
 def quant_method(folder: Path) -> str | None:
     """config.json's quantization_config.quant_method, when the folder has one qkiln can read."""
-    try:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    qc = quantization_config(folder)
+    method = qc.get("quant_method") if qc is not None else None
     return method if method in METHODS else None
 
 

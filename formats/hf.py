@@ -98,14 +98,20 @@ def _refuse_pickles(folder: Path) -> NoReturn:
     raise CheckpointError(f"{folder} has no weights: expected {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def _quantized_hint(folder: Path) -> str | None:
-    """If config.json declares a quantization method, the reason float tensors are missing."""
+def quantization_config(folder: Path) -> dict[str, Any] | None:
+    """config.json's `quantization_config` table, None when the folder has no readable one."""
     try:
         cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    if isinstance(qc, dict):
+    return qc if isinstance(qc, dict) else None
+
+
+def _quantized_hint(folder: Path) -> str | None:
+    """If config.json declares a quantization method, the reason float tensors are missing."""
+    qc = quantization_config(folder)
+    if qc is not None:
         return str(qc.get("quant_method") or qc.get("format") or "unknown method")
     return None
 
