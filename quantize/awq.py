@@ -64,16 +64,41 @@ def rtn_dequant(w: np.ndarray, scheme: Scheme) -> np.ndarray:
     return scheme.decode(codes, params)
 
 
-def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
-    """Mean squared output error per token ||(Ŵ − W) x||², from H = 2XᵀX/n."""
-    e = np.asarray(w_hat, np.float32) - np.asarray(w, np.float32)  # (out, in)
-    return float(np.sum((e @ h.astype(np.float32)) * e, dtype=np.float64) / 2.0)
-
-
 def tie_heads(abs_mean: np.ndarray, config: LlamaConfig) -> np.ndarray:
     """o_proj input statistic averaged over the query heads sharing a kv head, broadcast back (GQA)."""
     a = abs_mean.reshape(config.num_key_value_heads, config.n_rep, config.head_dim)
     return np.broadcast_to(a.mean(axis=1, keepdims=True), a.shape).reshape(-1).copy()
+
+
+# Floats of candidate weights (candidates x rows x cols) searched in one product: bounds the search's
+# temporaries (a few arrays of this size) while keeping the products large.
+SEARCH_FLOATS = 1 << 23
+
+
+def candidate_scales(abs_mean: np.ndarray, n_grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """(alphas (n_grid,), s (n_grid, in) float32): s = mean|x|^α normalised so that sqrt(max·min) = 1,
+    floored at 1e-4, for α = 0, 1/n_grid, ... — α = 0 is s = 1 (plain RTN)."""
+    alphas = np.arange(n_grid) / n_grid
+    s = np.power(np.maximum(abs_mean, 1e-8)[None, :], alphas[:, None])  # (n_grid, in) float64
+    s = s / np.sqrt(s.max(axis=1, keepdims=True) * s.min(axis=1, keepdims=True))
+    return alphas, np.maximum(s, 1e-4).astype(np.float32)
+
+
+def candidate_losses(w: np.ndarray, scheme: Scheme, s: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Output error (`quantize.gptq.output_error`, in float32) of RTN(W·diag(s_k))·diag(1/s_k) against W
+    for every candidate s_k,
+    (k,) float64: the candidates' weights stacked as rows of one matrix, one RTN and one product per chunk
+    of candidates (rows are independent on every grid but a per-tensor one, which goes one at a time)."""
+    w = np.asarray(w, np.float32)
+    rows, cols = w.shape
+    step = 1 if scheme.per_tensor else max(1, SEARCH_FLOATS // w.size)
+    out = np.empty(len(s), np.float64)
+    for k0 in range(0, len(s), step):
+        sk = s[k0 : k0 + step, None, :]  # (k, 1, in)
+        w_hat = rtn_dequant((w[None] * sk).reshape(-1, cols), scheme).reshape(-1, rows, cols) / sk
+        e = (w_hat - w[None]).reshape(-1, cols)  # (k * rows, in)
+        out[k0 : k0 + step] = ((e @ h) * e).reshape(len(sk), -1).sum(axis=1, dtype=np.float64) / 2.0
+    return out
 
 
 def search_scale(
@@ -81,29 +106,18 @@ def search_scale(
 ) -> tuple[np.ndarray, float, float, float]:
     """Best per-channel scale for linears sharing one input: (s (in,) float32, alpha, loss, loss at α=0).
 
-    α = 0 gives s = 1, i.e. plain RTN, so the result is never worse than RTN on this proxy. A linear
-    whose scheme is None stays in float: folding is exact for it, so it adds no loss.
+    α = 0 gives s = 1, i.e. plain RTN, so the result is never worse than RTN on this proxy (ties go to
+    the smaller α). A linear whose scheme is None stays in float: folding is exact for it, so it adds no
+    loss.
     """
-    x_mean = np.maximum(stats.abs_mean, 1e-8)
+    alphas, s = candidate_scales(stats.abs_mean, n_grid)
     h = stats.h.astype(np.float32)
-    best: tuple[float, float, np.ndarray] | None = None
-    loss0 = float("nan")
-    for alpha in np.arange(n_grid) / n_grid:
-        s = np.power(x_mean, alpha)
-        s = s / np.sqrt(s.max() * s.min())
-        s = np.maximum(s, 1e-4).astype(np.float32)  # (in,)
-        loss = 0.0
-        for w, scheme in zip(weights, schemes, strict=True):
-            if scheme is None:
-                continue
-            w_hat = rtn_dequant(w * s[None, :], scheme) / s[None, :]
-            loss += output_error(w, w_hat, h)
-        if alpha == 0:
-            loss0 = loss
-        if best is None or loss < best[0]:
-            best = (loss, float(alpha), s)
-    assert best is not None
-    return best[2], best[1], best[0], loss0
+    loss = np.zeros(n_grid, np.float64)
+    for w, scheme in zip(weights, schemes, strict=True):
+        if scheme is not None:
+            loss += candidate_losses(w, scheme, s, h)
+    best = int(np.argmin(loss))
+    return s[best], float(alphas[best]), float(loss[best]), float(loss[0])
 
 
 def search_clip(

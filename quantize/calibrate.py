@@ -2,8 +2,9 @@
 
 For each decoder layer i, with the calibration hidden states h_i (n_samples, seq_len, hidden) that the
 ALREADY QUANTIZED layers 0..i-1 produced:
-1. AWQ: run layer i (original weights) over h_i observing each input group's statistics (Hessian
-   and mean |x|), search the scales and fold them (`quantize.awq`);
+1. AWQ: a statistics pass of `quantize.sequential.run_layer` over h_i with layer i's original weights
+   (the calibration engine's products and attention, h_i left as it is) gives each input group's Hessian
+   and mean |x|; the scales are searched on them and folded (`quantize.awq`);
 2. `quantize.sequential.run_layer`: one forward over h_i that stops at each input group (q/k/v, o,
    gate/up, down) to gather the Hessian of the inputs the group really sees — produced by the groups
    already quantized — and quantize it (GPTQ; RTN for plain AWQ, which needs no Hessian), then goes on
@@ -57,12 +58,12 @@ import numpy as np
 from qkiln.errors import QuantizeError
 from qkiln.kernels import elementwise as ew
 from qkiln.model.config import LlamaConfig
-from qkiln.model.names import GROUP_OF, INPUT_GROUPS, LINEARS, NORMS, expected_shapes
+from qkiln.model.names import INPUT_GROUPS, LINEARS, NORMS, expected_shapes
 from qkiln.model.source import TensorSource
 from qkiln.quantize.algorithms import ALGORITHMS
 from qkiln.quantize.awq import GroupStats, awq_layer
 from qkiln.quantize.gptq import GridMode, gptq_quantize, gptq_quantize_shared, prepare_hessian
-from qkiln.quantize.hessian import HessianSum, abs_mean_sum, accumulate_hessian, empty_hessian
+from qkiln.quantize.hessian import HessianSum
 from qkiln.quantize.matmul import matmul_engine
 from qkiln.quantize.rtn import quantize_rtn
 from qkiln.quantize.scheme import Scheme
@@ -146,30 +147,22 @@ class QuantizeReport:
         return dataclasses.asdict(self)
 
 
-class _Stats:
-    """AWQ's statistics of one layer's linear inputs (Hessian and mean |x|) per input group, fed by the
-    runtime's observer on the original layer."""
+def _awq_statistics(h: np.ndarray, tensors: dict[str, np.ndarray], cfg: LlamaConfig, model: LlamaModel,
+                    engine: Any, batch_samples: int, buffers: LayerBuffers) -> dict[str, GroupStats]:
+    """AWQ's statistics of the ORIGINAL layer over hidden states h (left as they are): per input group, the
+    Hessian and mean |x| of the inputs the float weights produce — one statistics pass of
+    `sequential.run_layer` (the calibration engine's products and attention, batches on every core)."""
+    hessians: dict[str, np.ndarray] = {}
+    abs_means: dict[str, np.ndarray] = {}
 
-    def __init__(self, config: LlamaConfig):
-        dims = {"attn_in": config.hidden_size, "attn_out": config.num_attention_heads * config.head_dim,
-                "mlp_in": config.hidden_size, "mlp_out": config.intermediate_size}
-        self.h = {g: empty_hessian(d) for g, d in dims.items()}
-        self.abs = {g: np.zeros(d, np.float64) for g, d in dims.items()}
-        self.first = {names[0] for names in INPUT_GROUPS.values()}
+    def record(group: str, hess: np.ndarray | None) -> dict[str, np.ndarray]:
+        assert hess is not None
+        hessians[group] = hess
+        return {n: tensors[n] for n in INPUT_GROUPS[group]}
 
-    def __call__(self, linear: str, x2d: np.ndarray) -> None:
-        if linear not in self.first:  # k/v see q's input, up sees gate's: counted once
-            return
-        g = GROUP_OF[linear]
-        self.h[g] = accumulate_hessian(*self.h[g], x2d)
-        self.abs[g] = abs_mean_sum(self.abs[g], x2d)
-
-    def groups(self) -> dict[str, GroupStats]:
-        out = {}
-        for g, (h, n) in self.h.items():
-            a = self.abs[g] / max(n, 1)
-            out[g] = GroupStats(h=h, abs_mean=a)
-        return out
+    run_layer(h, {n: tensors[n] for n in NORMS}, cfg, model.rope, record, engine, batch_samples=batch_samples,
+              buffers=buffers, abs_means=abs_means, statistics_only=True)
+    return {g: GroupStats(h=hessians[g], abs_mean=abs_means[g]) for g in INPUT_GROUPS}
 
 
 class _GroupQuantizer:
@@ -286,10 +279,9 @@ def _quantize_model(
         assert ids.ndim == 2, ids.shape
         report.n_samples, report.seq_len = ids.shape
 
-    model = LlamaModel(source, cache_weights=False)  # AWQ's statistics pass runs the original layers
+    model = LlamaModel(source, cache_weights=False)  # its RoPE table; layers are read from `source`
     n_layers = cfg.num_hidden_layers
 
-    batches = [(b0, min(b0 + batch_samples, len(ids))) for b0 in range(0, len(ids), batch_samples)] if ids is not None else []
     buffers = LayerBuffers()  # the activation arrays, reused from layer to layer
     gptq_opts: dict[str, Any] = dict(damp=damp, act_order=act_order, block_size=block_size, grid=grid,
                                      weighted_fit=weighted_fit)
@@ -329,10 +321,8 @@ def _quantize_model(
         else:
             assert h is not None
             if use_awq:  # scales are searched on the ORIGINAL layer's statistics, then folded
-                stats = _Stats(cfg)
-                for b0, b1 in batches:
-                    model.layer(i, h[b0:b1], observer=stats)
-                res = awq_layer(tensors, stats.groups(), layer_schemes, cfg, n_grid=awq_grid, clip=clip)
+                stats = _awq_statistics(h, tensors, cfg, model, engine, batch_samples, buffers)
+                res = awq_layer(tensors, stats, layer_schemes, cfg, n_grid=awq_grid, clip=clip)
                 del stats
                 tensors = res.tensors
                 report.awq[str(i)] = res.info

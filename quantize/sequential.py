@@ -119,6 +119,8 @@ def run_layer(
     need_hessian: bool = True,
     threads: int | None = None,
     buffers: LayerBuffers | None = None,
+    abs_means: dict[str, np.ndarray] | None = None,
+    statistics_only: bool = False,
 ) -> np.ndarray:
     """Calibrate and quantize one layer over hidden states h (N, L, hidden) float32; returns the layer's
     output, written into h (the input is consumed).
@@ -127,7 +129,14 @@ def run_layer(
     when AWQ ran). `quantize_group` is called once per group, in order; with need_hessian=False it
     gets None and no Hessian is computed (RTN after AWQ needs only the forward). `buffers` keeps the
     activation arrays for the next layer (a fresh set when not given).
+
+    AWQ's statistics pass: `abs_means` (a dict) receives each group's mean |x| per input channel (in,)
+    float64 beside its Hessian, and `statistics_only` leaves h as it was and skips the layer's last product
+    (down_proj: its output is no group's input); the residual of step 3 goes to a per-batch scratch array
+    instead of h. Returns h, unchanged, then.
     """
+    if statistics_only and not need_hessian:
+        raise ValueError("a statistics pass computes the Hessians: need_hessian must stay True")
     n, seq, _ = h.shape
     eps = config.rms_norm_eps
     q_out, kv_out = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
@@ -148,6 +157,9 @@ def run_layer(
     def tokens(a: np.ndarray, sl: slice) -> np.ndarray:
         return a[sl].reshape(-1, a.shape[-1])  # (b * L, features) view
 
+    def n_tokens(sl: slice) -> int:
+        return (sl.stop - sl.start) * seq
+
     def gram(x: np.ndarray) -> np.ndarray | None:
         """What the batch's Hessian is summed over: x itself (a view that outlives the batch), or None."""
         return x if need_hessian else None
@@ -161,10 +173,12 @@ def run_layer(
     workers = max(1, min(threads or os.cpu_count() or 1, len(batches)))
     with ThreadPoolExecutor(max_workers=workers) as pool, one_blas_thread(), engine.threads(1):
 
-        def each(fn: Callable[[slice], np.ndarray | None]) -> np.ndarray | None:
+        def each(fn: Callable[[slice], np.ndarray | None], group: str | None = None) -> np.ndarray | None:
             """fn over every batch; the Hessian of the arrays it returned (the lanes' sums merged in lane
-            order), or None."""
+            order), or None. With `abs_means`, also their mean |x| per column, into abs_means[group]
+            (each batch's float32 column sums added in batch order: the same bytes whatever the workers)."""
             sums: list[GramSum | None] = [None] * SUM_LANES
+            col_abs: list[np.ndarray | None] = [None] * len(batches)
             turn = [0] * SUM_LANES  # per lane, how many of its batches have been added
             failed = [False]  # a batch raised: nobody waits any more (the error reaches the caller)
             added = threading.Condition()
@@ -173,6 +187,8 @@ def run_layer(
                 lane, k = b % SUM_LANES, b // SUM_LANES
                 try:
                     x = fn(batches[b])
+                    if x is not None and abs_means is not None and group is not None:
+                        col_abs[b] = np.abs(x.astype(np.float32, copy=False)).sum(axis=0)
                     with added:  # batches start in order, so the one waited for is already running
                         added.wait_for(lambda: turn[lane] == k or failed[0])
                     if x is not None and not failed[0]:  # the lane's turn is ours alone until passed on
@@ -190,6 +206,11 @@ def run_layer(
 
             for _ in pool.map(run, range(len(batches))):
                 pass
+            if abs_means is not None and group is not None and col_abs[0] is not None:
+                total = np.zeros(col_abs[0].shape, np.float64)
+                for c in col_abs:
+                    total += c
+                abs_means[group] = total / (n * seq)
             lanes = [lane_sum for lane_sum in sums if lane_sum is not None]
             if not lanes:
                 return None
@@ -207,14 +228,16 @@ def run_layer(
             x = live.get("x")
             return tokens(x, sl) if x is not None else rms_norm(tokens(h, sl), weight, eps)
 
-        def keep_normed(sl: slice, weight: np.ndarray) -> np.ndarray | None:
-            x = rms_norm(tokens(h, sl), weight, eps, out=tokens(live["x"], sl))
+        def keep_normed(sl: slice, weight: np.ndarray, hidden: np.ndarray | None = None) -> np.ndarray | None:
+            """norm of the batch's hidden states (`hidden`, (t, hidden), or h's rows) into live["x"]."""
+            src = tokens(h, sl) if hidden is None else hidden
+            x = rms_norm(src, weight, eps, out=tokens(live["x"], sl))
             return gram(x)
 
         # 1. attn_in
         if need_hessian:
             live["x"] = normed_buf  # norm(h), reused by step 2
-        w = quantize_group("attn_in", each(lambda sl: keep_normed(sl, norm_attn)) if need_hessian else None)
+        w = quantize_group("attn_in", each(lambda sl: keep_normed(sl, norm_attn), "attn_in") if need_hessian else None)
         live["qkv"] = engine.pack(np.concatenate([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]))
 
         # 2. attn_out: attention over the quantized q/k/v
@@ -229,18 +252,22 @@ def run_layer(
                                    precision=engine.name)
             return gram(a)  # a: (t, q_out)
 
-        live["o"] = engine.pack(quantize_group("attn_out", each(attn_out))["self_attn.o_proj"])
+        live["o"] = engine.pack(quantize_group("attn_out", each(attn_out, "attn_out"))["self_attn.o_proj"])
         del live["qkv"]
         live.pop("x", None)
 
         # 3. residual, then mlp_in
         def mlp_in(sl: slice) -> np.ndarray | None:
+            if statistics_only:  # h + o(a) in a scratch array: h stays the layer's input
+                with buffers.borrow("residual", (n_tokens(sl), h.shape[-1])) as r:
+                    np.copyto(r, tokens(h, sl))
+                    return keep_normed(sl, norm_mlp, engine.linear_add(tokens(live["attn"], sl), live["o"], r))
             engine.linear_add(tokens(live["attn"], sl), live["o"], tokens(h, sl))  # h += o(a), in place
             return keep_normed(sl, norm_mlp) if need_hessian else None
 
         if need_hessian:
             live["x"] = normed_buf  # norm(h), reused by step 4
-        w = quantize_group("mlp_in", each(mlp_in))
+        w = quantize_group("mlp_in", each(mlp_in, "mlp_in"))
         del live["attn"], live["o"]
         live["gate_up"] = engine.pack_glu(w["mlp.gate_proj"], w["mlp.up_proj"])
 
@@ -252,9 +279,12 @@ def run_layer(
             m = engine.glu(normed(sl, norm_mlp), live["gate_up"], out=tokens(act, sl))  # (t, inter)
             return gram(m)
 
-        w_down = engine.pack(quantize_group("mlp_out", each(mlp_out))["mlp.down_proj"])
+        down = quantize_group("mlp_out", each(mlp_out, "mlp_out"))["mlp.down_proj"]
         del live["gate_up"]
         live.pop("x", None)
+        if statistics_only:
+            return h
+        w_down = engine.pack(down)
 
         # 5. the layer's output
         def output(sl: slice) -> None:

@@ -11,12 +11,12 @@ from qkiln.quantize.awq import (
     GroupStats,
     awq_layer,
     fold_scales,
-    output_error,
     rtn_dequant,
     search_clip,
     search_scale,
     tie_heads,
 )
+from qkiln.quantize.gptq import output_error
 from qkiln.quantize.hessian import abs_mean_sum, accumulate_hessian, empty_hessian
 from qkiln.quantize.registry import get_scheme
 from qkiln.runtime.llama import LlamaModel
@@ -79,6 +79,33 @@ def test_scale_search_beats_rtn(outlier_problem, scheme_name):
     rtn = rtn_dequant(w, scheme)
     assert np.linalg.norm(x @ (w - w_hat).T) < np.linalg.norm(x @ (w - rtn).T)
     np.testing.assert_allclose(output_error(w, w_hat, st.h), loss, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scheme_name", ["q4_0", "q4_k", "int4_g64_asym", "fp8_e4m3fn_pt"])
+def test_scale_search_scores_every_candidate_as_its_definition_says(outlier_problem, scheme_name, monkeypatch):
+    """The stacked search (several candidates per product; FP8's per-tensor grid one at a time) gives each
+    candidate the loss of the plain recipe — s = mean|x|^α normalised, RTN of W·s, divided back, output error
+    on H — and keeps the least (the first on ties)."""
+    import qkiln.quantize.awq as awq
+
+    w, _, st = outlier_problem
+    w = np.concatenate([w, w[:, :128]], axis=1)[:, :256] if scheme_name == "q4_k" else w  # K-quants: 256 columns
+    st = st if w.shape[1] == st.h.shape[0] else GroupStats(h=np.kron(np.eye(2), st.h),
+                                                          abs_mean=np.tile(st.abs_mean, 2))
+    scheme = get_scheme(scheme_name)
+    monkeypatch.setattr(awq, "SEARCH_FLOATS", 3 * w.size)  # chunks of 3 candidates: a partial last chunk too
+    n_grid = 10
+    want = []
+    for alpha in np.arange(n_grid) / n_grid:
+        s = np.power(np.maximum(st.abs_mean, 1e-8), alpha)
+        s = np.maximum(s / np.sqrt(s.max() * s.min()), 1e-4).astype(np.float32)
+        want.append(output_error(w, rtn_dequant(w * s, scheme) / s, st.h))
+    s, alpha, loss, loss0 = search_scale([w, None], [scheme, None], st, n_grid=n_grid)  # None: kept in float
+    best = int(np.argmin(want))
+    assert alpha == best / n_grid
+    np.testing.assert_allclose([loss, loss0], [want[best], want[0]], rtol=1e-4)
+    np.testing.assert_allclose(awq.candidate_losses(w, scheme, awq.candidate_scales(st.abs_mean, n_grid)[1],
+                                                    st.h.astype(np.float32)), want, rtol=1e-4)
 
 
 def test_clip_search_never_worse_than_no_clip(outlier_problem):

@@ -81,6 +81,44 @@ def test_threads_do_not_change_results(tiny_config, llama_weights):
         np.testing.assert_array_equal(runs[0][1][group], runs[1][1][group])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_statistics_pass_sees_the_layers_inputs_and_leaves_h(tiny_config, llama_weights, threads, dtype):
+    """AWQ's statistics pass: the same Hessians as a full pass, each group's mean |x| as the runtime's
+    inputs give it, h untouched, and the same bytes whatever the worker count."""
+    from qkiln.quantize.matmul import matmul_engine
+
+    cfg, model, h, layer = _setup(tiny_config, llama_weights, n=7)
+    full = _Keep(layer)
+    run_layer(h.copy(), {n: layer[n] for n in NORMS}, cfg, model.rope, full, matmul_engine(dtype), batch_samples=2)
+    observed: dict[str, np.ndarray] = {}
+
+    def observer(name, x):
+        if name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+            group = next(g for g, names in INPUT_GROUPS.items() if name in names)
+            observed[group] = observed.get(group, 0) + np.abs(x).sum(axis=0, dtype=np.float64)
+
+    model.layer(0, h, observer=observer)
+    before = h.copy()
+    keep, abs_means = _Keep(layer), {}
+    got = run_layer(h, {n: layer[n] for n in NORMS}, cfg, model.rope, keep, matmul_engine(dtype), batch_samples=2,
+                    threads=threads, abs_means=abs_means, statistics_only=True)
+    assert got is h
+    np.testing.assert_array_equal(h, before)
+    assert list(abs_means) == list(INPUT_GROUPS) == list(keep.seen)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for group in INPUT_GROUPS:
+        np.testing.assert_array_equal(keep.seen[group], full.seen[group])
+        want = observed[group] / (h.shape[0] * h.shape[1])
+        np.testing.assert_allclose(abs_means[group], want, rtol=tol, atol=tol * want.max())
+    if threads == 2:
+        one, one_abs = _Keep(layer), {}
+        run_layer(h, {n: layer[n] for n in NORMS}, cfg, model.rope, one, matmul_engine(dtype), batch_samples=2,
+                  threads=1, abs_means=one_abs, statistics_only=True)
+        for group in INPUT_GROUPS:
+            np.testing.assert_array_equal(one_abs[group], abs_means[group])
+
+
 def test_no_hessian_when_not_needed(tiny_config, llama_weights):
     cfg, model, h, layer = _setup(tiny_config, llama_weights)
     keep = _Keep(layer)
