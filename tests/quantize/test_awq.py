@@ -100,12 +100,30 @@ def test_scale_search_scores_every_candidate_as_its_definition_says(outlier_prob
         s = np.power(np.maximum(st.abs_mean, 1e-8), alpha)
         s = np.maximum(s / np.sqrt(s.max() * s.min()), 1e-4).astype(np.float32)
         want.append(output_error(w, rtn_dequant(w * s, scheme) / s, st.h))
-    s, alpha, loss, loss0 = search_scale([w, None], [scheme, None], st, n_grid=n_grid)  # None: kept in float
+    s, alpha, loss, loss0 = search_scale([w, None], [scheme, None], st, n_grid=n_grid, coarse=1)  # None: float
     best = int(np.argmin(want))
     assert alpha == best / n_grid
     np.testing.assert_allclose([loss, loss0], [want[best], want[0]], rtol=1e-4)
     np.testing.assert_allclose(awq.candidate_losses(w, scheme, awq.candidate_scales(st.abs_mean, n_grid)[1],
                                                     st.h.astype(np.float32)), want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("minimum", range(20))
+def test_coarse_to_fine_search_finds_the_grid_minimum_of_a_unimodal_loss(minimum, monkeypatch):
+    import qkiln.quantize.awq as awq
+
+    evaluated: list[int] = []
+
+    def fake_losses(w, scheme, s, h):  # a V-shaped loss in alpha, read back from s = x**alpha
+        idx = np.rint(np.log(s[:, 1] / s[:, 0]) / np.log(2.0) * 20).astype(int)  # x = (1, 2): ratio 2**alpha
+        evaluated.extend(idx.tolist())
+        return np.abs(idx - minimum).astype(np.float64) + 1.0
+
+    monkeypatch.setattr(awq, "candidate_losses", fake_losses)
+    st = GroupStats(h=np.eye(2), abs_mean=np.array([1.0, 2.0]))
+    _, alpha, loss, loss0 = search_scale([np.ones((1, 2), np.float32)], [get_scheme("q4_0")], st)
+    assert alpha == minimum / 20 and loss == 1.0 and loss0 == minimum + 1.0
+    assert len(evaluated) == len(set(evaluated)) <= 11  # no candidate scored twice, about half the grid
 
 
 def test_clip_search_never_worse_than_no_clip(outlier_problem):

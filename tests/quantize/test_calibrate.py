@@ -7,7 +7,7 @@ import pytest
 
 from qkiln.errors import QuantizeError
 from qkiln.model.source import DictSource
-from qkiln.quantize.calibrate import QuantizeReport, calibration_ids, quantize_model
+from qkiln.quantize.calibrate import QuantizeReport, awq_windows, calibration_ids, quantize_model
 from qkiln.quantize.registry import get_scheme
 from qkiln.quantize.tensor import QuantizedTensor
 from qkiln.runtime.llama import LlamaModel
@@ -71,6 +71,28 @@ def test_gptq_and_awq_beat_rtn_on_kl(tiny_config, llama_weights, scheme_name):
     assert kl["gptq"] < 0.6 * kl["rtn"], kl
     assert kl["awq"] < 0.9 * kl["rtn"], kl
     assert kl["awq+gptq"] < 0.6 * kl["rtn"], kl
+
+
+def test_awq_statistics_come_from_the_chosen_windows_only(tiny_config, llama_weights):
+    """awq_samples=4 of 16 windows: the same scales (so, with RTN after them, the same tensors) as AWQ given
+    only those 4 windows — and not those of all 16."""
+    assert awq_windows(16, None) is None and awq_windows(16, 16) is None
+    np.testing.assert_array_equal(awq_windows(16, 4), [0, 5, 10, 15])
+    assert len(awq_windows(36, 16)) == 16
+    with pytest.raises(QuantizeError, match="at least one"):
+        awq_windows(16, 0)
+    cfg, weights = _model(tiny_config, llama_weights)
+    calib = calibration_ids(np.random.default_rng(0).integers(3, cfg.vocab_size, size=16 * 32), 16, 32)
+    runs = {}
+    for key, ids, awq_samples in (("sub", calib, 4), ("only", calib[[0, 5, 10, 15]], None), ("all", calib, None)):
+        out, _, report = _run(cfg, weights, "awq", "q4_0", ids, batch_samples=3, awq_samples=awq_samples)
+        assert report.settings["awq_samples"] == awq_samples
+        runs[key] = out
+    name = "model.layers.1.mlp.down_proj.weight"
+    for n, v in runs["sub"].items():
+        got, want = (v.codes, runs["only"][n].codes) if isinstance(v, QuantizedTensor) else (v, runs["only"][n])
+        np.testing.assert_array_equal(got, want, err_msg=n)
+    assert not np.array_equal(runs["sub"][name].codes, runs["all"][name].codes)
 
 
 def test_rtn_needs_no_calibration_and_bad_shapes_fail_first(tiny_config, llama_weights):
