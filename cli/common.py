@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from qkiln.errors import QkilnError
-from qkiln.quantize.algorithms import ALGORITHMS
+from qkiln.quantize.algorithms import ALGORITHMS, AUTO, resolve_algorithm
 
 # Progress and logs go to stderr; stdout is kept for `--json` documents.
 console = Console(stderr=True, highlight=False)
@@ -24,8 +24,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 # How codes are chosen on a grid, for every command that quantizes: the members come from the one list,
-# quantize.algorithms.ALGORITHMS (`awq+gptq` is the member `awq_gptq`).
-Algo = enum.StrEnum("Algo", {a.replace("+", "_"): a for a in ALGORITHMS})  # type: ignore[misc]
+# quantize.algorithms.ALGORITHMS (`awq+gptq` is the member `awq_gptq`), plus `auto` (quantize.algorithms.AUTO:
+# awq+gptq with --calib, rtn without), the commands' default.
+Algo = enum.StrEnum("Algo", {a.replace("+", "_"): a for a in (*ALGORITHMS, AUTO)})  # type: ignore[misc]
+ALGO_HELP = "How codes are chosen on the grid; auto: awq+gptq when --calib is given, else rtn."
+
+
+def chosen_algorithm(algo: Any, calib: Any, *, quantizes: bool = True) -> str:
+    """The algorithm a command runs for its --algo and --calib (auto resolved, said on stderr), with a note
+    when calibration text is given to an algorithm that reads none."""
+    name = resolve_algorithm(algo.value, calibrated=bool(calib) and quantizes)
+    if algo.value == AUTO and quantizes:
+        console.print(f"algorithm: {name} (auto: {'calibration text given' if calib else 'no --calib'})")
+    elif calib and name == "rtn":
+        console.print("[yellow]note:[/] --algo rtn uses no calibration; --calib ignored")
+    return name
 
 
 def handles_errors(fn: F) -> F:

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from qkiln.cli.common import Algo, console, handles_errors, print_fallbacks, print_json
+from qkiln.cli.common import (
+    ALGO_HELP,
+    Algo,
+    chosen_algorithm,
+    console,
+    handles_errors,
+    print_fallbacks,
+    print_json,
+)
 from qkiln.errors import UserError
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
@@ -36,7 +44,7 @@ def convert(
             "int4_g32/g64/g128[_asym], int4_pc[_asym], int8, fp8_e4m3fn; gptq: the int4/int8 ones.",
         ),
     ] = "q4_k_m",
-    algo: Annotated[Algo, typer.Option("--algo", help="How codes are chosen on the grid.")] = Algo.rtn,
+    algo: Annotated[Algo, typer.Option("--algo", help=ALGO_HELP)] = Algo.auto,
     calib: Annotated[
         list[Path] | None, typer.Option("--calib", help="Calibration text file(s) for gptq/awq (repeatable).")
     ] = None,
@@ -57,6 +65,7 @@ def convert(
 ) -> None:
     """Quantize a checkpoint into a GGUF that llama.cpp runs as it is."""
     # Imported here, not at the top: `qkiln --help` then loads no NumPy model code (not a cycle).
+    from qkiln.formats.gguf_write import FLOAT_TYPES
     from qkiln.pipeline.convert import convert_to_gguf
     from qkiln.pipeline.load import resolve_model_path
 
@@ -64,19 +73,20 @@ def convert(
         if not path.is_file():
             raise UserError(f"calibration file {path} not found; pass an existing text file to --calib")
     model_path = resolve_model_path(model)
+    algorithm = chosen_algorithm(algo, calib, quantizes=scheme.strip().lower() not in FLOAT_TYPES)
     if to is Target.onnx:
-        _convert_onnx(model_path, output, scheme, algo.value, calib or [], samples, seq_len, strict=strict,
+        _convert_onnx(model_path, output, scheme, algorithm, calib or [], samples, seq_len, strict=strict,
                       accuracy_level=accuracy_level, float_dtype=float_dtype, force=force, as_json=as_json, verbose=verbose)
         return
     if to is not Target.gguf:
-        _convert_gpu(model_path, output, to.value, scheme, algo.value, calib or [], samples, seq_len, as_json, verbose)
+        _convert_gpu(model_path, output, to.value, scheme, algorithm, calib or [], samples, seq_len, as_json, verbose)
         return
-    with console.status(f"converting {model_path} to {scheme} ({algo.value})") as status:
+    with console.status(f"converting {model_path} to {scheme} ({algorithm})") as status:
         result = convert_to_gguf(
             model_path,
             output,
             scheme,
-            algorithm=algo.value,
+            algorithm=algorithm,
             calib=calib or [],
             name=name,
             uniform=uniform,

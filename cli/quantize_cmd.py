@@ -18,7 +18,15 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from qkiln.cli.common import Algo, console, handles_errors, print_fallbacks, print_json
+from qkiln.cli.common import (
+    ALGO_HELP,
+    Algo,
+    chosen_algorithm,
+    console,
+    handles_errors,
+    print_fallbacks,
+    print_json,
+)
 from qkiln.errors import QuantizeError, UserError
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
@@ -50,7 +58,7 @@ def quantize_command(
         typer.Option("--fallback/--strict", help="With --scheme: fall back per tensor (llama.cpp's table) when a "
                      "row does not fit its block, instead of refusing."),
     ] = False,
-    algo: Annotated[Algo, typer.Option("--algo", help="Quantization algorithm.")] = Algo.rtn,
+    algo: Annotated[Algo, typer.Option("--algo", help=ALGO_HELP)] = Algo.auto,
     calib: Annotated[
         Path | None,
         typer.Option("--calib", exists=True, dir_okay=False, readable=True, help="UTF-8 calibration text (needed by gptq/awq)."),
@@ -99,22 +107,21 @@ def quantize_command(
 
     calib_doc: dict[str, Any] | None = None
     ids = None
-    if algo is not Algo.rtn:
+    algorithm = chosen_algorithm(algo, calib)
+    if algorithm != "rtn":
         if calib is None:
-            raise UserError(f"--algo {algo.value} needs calibration text: pass --calib FILE")
+            raise UserError(f"--algo {algorithm} needs calibration text: pass --calib FILE")
         text = read_calibration([calib])
         tokens = calibration_tokens(ckpt, text)
         ids = calibration_ids(tokens, samples, seq_len)
         calib_doc = {"file": str(calib), "sha256": text_sha256(text), "tokens": len(tokens),
                      "samples": int(ids.shape[0]), "seq_len": seq_len, "samples_requested": samples}
-    elif calib is not None:
-        console.print("[yellow]note:[/] --algo rtn uses no calibration; --calib ignored")
 
-    report = QuantizeReport(algo=algo.value)
+    report = QuantizeReport(algo=algorithm)
     n_layers = cfg.num_hidden_layers
     tensors: dict[str, Any] = {}
     with Progress(
-        TextColumn(f"[bold]quantize {algo.value}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
+        TextColumn(f"[bold]quantize {algorithm}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
         TimeElapsedColumn(), console=console, disable=json_out and not console.is_terminal,
     ) as bar:
         task = bar.add_task("layers", total=n_layers)
@@ -123,7 +130,7 @@ def quantize_command(
             bar.update(task, completed=done, total=total)
 
         for name, value in LayerStream(
-            ckpt, rules, algo.value, ids, damp=damp, act_order=act_order, grid=grid.value, calib_dtype=calib_dtype.value,
+            ckpt, rules, algorithm, ids, damp=damp, act_order=act_order, grid=grid.value, calib_dtype=calib_dtype.value,
             progress=progress, report=report,
         ):
             if isinstance(value, QuantizedTensor):  # dequantized only when written: memory ~1 byte/weight
@@ -132,7 +139,7 @@ def quantize_command(
                 tensors[name] = np.asarray(value, dtype=np.float32)
     record = {
         "source_model": str(src),
-        "algo": algo.value,
+        "algo": algorithm,
         "scheme": scheme,
         "preset": preset,
         "calibration": calib_doc,
@@ -150,7 +157,7 @@ def quantize_command(
         return
     print_fallbacks(report.fallbacks, verbose=verbose)
     n_fb = len(report.fallbacks)
-    console.print(f"wrote        {out} ({algo.value}, {scheme or preset}{f', {n_fb} fallbacks' if n_fb else ''})")
+    console.print(f"wrote        {out} ({algorithm}, {scheme or preset}{f', {n_fb} fallbacks' if n_fb else ''})")
     console.print(f"time         {report.wall_seconds:.1f} s quantizing, {record['wall_seconds_with_write']:.1f} s total")
     console.print(f"peak RSS     {report.peak_rss_bytes / 2**20:.0f} MiB")
 

@@ -209,6 +209,7 @@ def run_layer(
             if abs_means is not None and group is not None and col_abs[0] is not None:
                 total = np.zeros(col_abs[0].shape, np.float64)
                 for c in col_abs:
+                    assert c is not None  # every batch returned an array when the first did
                     total += c
                 abs_means[group] = total / (n * seq)
             lanes = [lane_sum for lane_sum in sums if lane_sum is not None]

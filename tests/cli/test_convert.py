@@ -111,6 +111,21 @@ def test_calibrated_conversion_records_provenance(make_checkpoint, tmp_path):
     assert meta["general.file_type"] == 2 and meta["general.quantized_by"] == "qkiln"
 
 
+@pytest.mark.parametrize(("args", "want", "said"), [
+    (["--calib", "/usr/share/common-licenses/LGPL-2.1"], "awq+gptq", "algorithm: awq+gptq (auto: calibration text given)"),
+    ([], "rtn", "algorithm: rtn (auto: no --calib)"),
+    (["--algo", "rtn", "--calib", "/usr/share/common-licenses/LGPL-2.1"], "rtn", "--calib ignored"),
+])
+def test_the_default_algorithm_is_awq_gptq_with_calibration_text_and_rtn_without(make_checkpoint, tmp_path, args,
+                                                                                   want, said):
+    out = tmp_path / "m.gguf"
+    r = convert("--model", str(make_checkpoint()), "--scheme", "q4_0", *args, "--samples", "4", "--seq-len", "64",
+                "-o", str(out))
+    assert r.exit_code == 0, r.output
+    assert said in r.stderr
+    assert gguf.GGUFReader(out).fields["qkiln.algorithm"].contents() == want
+
+
 def test_calibrated_algorithm_without_text_is_exit_2(make_checkpoint, tmp_path):
     r = convert("--model", str(make_checkpoint()), "--scheme", "q4_0", "--algo", "gptq", "-o", str(tmp_path / "m.gguf"))
     assert r.exit_code == 2 and "--calib" in r.output
