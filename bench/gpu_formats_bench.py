@@ -3,6 +3,12 @@ GPTQModifier against qkiln's GPTQ and AWQ+GPTQ on the same grid and the same cal
 artifact scored by transformers (+ compressed-tensors) against the float model.
 
     python bench/gpu_formats_bench.py [--samples 128] [--seq-len 512] [--eval-windows 19] [--skip-llmc]
+                                      [--keep DIR] [--only llmc|qkiln|score]
+
+With --keep DIR the runs can be split over invocations (each tool on a quiet machine: llm-compressor alone
+takes ~25 CPU-minutes): every run's measurement is saved beside its artifact (DIR/runs.json, with the
+load average before and after it), a later invocation with the same DIR and --only skips the runs it does
+not name, and the table scores every artifact the folder holds.
 
 llm-compressor is never installed into the locked test environment: this script makes its own virtual
 environment under qkiln's cache folder (qkiln.demo.cache_dir(): ~/.cache/qkiln)/llmcompressor-<version>/ (torch 2.13.0+cpu from /opt/wheels, as in the
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -126,8 +133,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=19)
     ap.add_argument("--skip-llmc", action="store_true", help="only qkiln's runs (llm-compressor not installed)")
-    ap.add_argument("--keep", type=Path, default=None, help="keep the artifacts in this folder")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the artifacts (and runs.json) in this folder")
+    ap.add_argument("--only", choices=("llmc", "qkiln", "score"), default=None,
+                    help="run only these quantizations (or none: score what --keep holds)")
     args = ap.parse_args()
+    if args.only is not None and args.keep is None:
+        ap.error("--only needs --keep: the other runs' artifacts and measurements live there")
 
     from qkiln.demo import demo_model_dir
     from qkiln.formats.hf import Checkpoint
@@ -148,31 +159,38 @@ def main() -> None:
     np.save(work / "calib_ids.npy", ids)
     print(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens ({n_tokens} distinct tokens, repeated {reps}x)")
 
-    runs: dict[str, dict] = {}
-    folders: dict[str, Path] = {}
-    if not args.skip_llmc:
-        py = llmc_python()
-        folders["llm-compressor gptq"] = work / "llmc-gptq"
-        runs["llm-compressor gptq"] = run_child([str(py), "-P", "-c", textwrap.dedent(LLMC_CHILD), str(demo),
-                                                 str(work / "calib_ids.npy"), str(folders["llm-compressor gptq"])])
-        print("llm-compressor gptq", runs["llm-compressor gptq"], flush=True)
-    for algo in ("gptq", "awq+gptq"):
-        name = f"qkiln {algo}"
-        folders[name] = work / f"qkiln-{algo.replace('+', '-')}"
-        runs[name] = run_child([sys.executable, "-P", "-c", textwrap.dedent(QKILN_CHILD), str(demo), str(calib),
-                                str(folders[name]), algo, str(args.samples), str(args.seq_len)])
+    saved = work / "runs.json"
+    runs: dict[str, dict] = json.loads(saved.read_text()) if args.only is not None and saved.exists() else {}
+    folders = {"llm-compressor gptq": work / "llmc-gptq", "qkiln gptq": work / "qkiln-gptq",
+               "qkiln awq+gptq": work / "qkiln-awq-gptq"}
+
+    def measure(name: str, cmd: list[str]) -> None:
+        load = os.getloadavg()[0]
+        runs[name] = {**run_child(cmd), "load_before": load, "load_after": os.getloadavg()[0]}
+        saved.write_text(json.dumps(runs, indent=2))
         print(name, runs[name], flush=True)
+
+    if not args.skip_llmc and args.only in (None, "llmc"):
+        measure("llm-compressor gptq", [str(llmc_python()), "-P", "-c", textwrap.dedent(LLMC_CHILD), str(demo),
+                                        str(work / "calib_ids.npy"), str(folders["llm-compressor gptq"])])
+    for algo in ("gptq", "awq+gptq") if args.only in (None, "qkiln") else ():
+        name = f"qkiln {algo}"
+        measure(name, [sys.executable, "-P", "-c", textwrap.dedent(QKILN_CHILD), str(demo), str(calib),
+                       str(folders[name]), algo, str(args.samples), str(args.seq_len)])
+    folders = {name: folder for name, folder in folders.items() if name in runs}
 
     lm = load_model(demo)
     text_eval = "".join((LICENSES / n).read_text() for n in EVAL)
     windows = make_windows(lm.encode(text_eval), 512, max_windows=args.eval_windows)
     scores = score(folders, demo, windows)
     print()
-    print(f"{'':22s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS GB':>12s} {'mean KL':>9s} {'top-1':>7s} {'ppl':>8s}")
+    print(f"{'':22s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS GB':>12s} {'mean KL':>9s} {'top-1':>7s} {'ppl':>8s} "
+          f"{'load':>9s}")
     for name in folders:
         r, s = runs[name], scores[name]
         print(f"{name:22s} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['peak_rss'] / 1e9:12.2f} {s['mean_kl']:9.4f} "
-              f"{s['top1_agreement']:7.3f} {s['perplexity']:8.3f}")
+              f"{s['top1_agreement']:7.3f} {s['perplexity']:8.3f} {r.get('load_before', float('nan')):4.1f}/"
+              f"{r.get('load_after', float('nan')):4.1f}")
     print(json.dumps({"runs": runs, "scores": scores, "samples": args.samples, "seq_len": args.seq_len,
                       "eval_windows": len(windows)}, indent=2))
 
