@@ -104,8 +104,12 @@ def test_scale_search_scores_every_candidate_as_its_definition_says(outlier_prob
     best = int(np.argmin(want))
     assert alpha == best / n_grid
     np.testing.assert_allclose([loss, loss0], [want[best], want[0]], rtol=1e-4)
-    np.testing.assert_allclose(awq.candidate_losses(w, scheme, awq.candidate_scales(st.abs_mean, n_grid)[1],
-                                                    st.h.astype(np.float32)), want, rtol=1e-4)
+    cands, h32 = awq.candidate_scales(st.abs_mean, n_grid)[1], st.h.astype(np.float32)
+    factor = awq.error_factor(st.h)
+    assert factor is not None
+    monkeypatch.setattr(awq, "FACTOR_BLOCK", 48)  # blocks that do not divide the columns: a partial last one
+    for f in (factor, None):  # block-triangular through the Cholesky factor, and dense
+        np.testing.assert_allclose(awq.candidate_losses(w, scheme, cands, h32, f), want, rtol=1e-4)
 
 
 @pytest.mark.parametrize("minimum", range(20))
@@ -114,7 +118,7 @@ def test_coarse_to_fine_search_finds_the_grid_minimum_of_a_unimodal_loss(minimum
 
     evaluated: list[int] = []
 
-    def fake_losses(w, scheme, s, h):  # a V-shaped loss in alpha, read back from s = x**alpha
+    def fake_losses(w, scheme, s, h, factor=None):  # a V-shaped loss in alpha, read back from s = x**alpha
         idx = np.rint(np.log(s[:, 1] / s[:, 0]) / np.log(2.0) * 20).astype(int)  # x = (1, 2): ratio 2**alpha
         evaluated.extend(idx.tolist())
         return np.abs(idx - minimum).astype(np.float64) + 1.0
@@ -149,3 +153,19 @@ def test_awq_layer_folds_and_reports(tiny_config, llama_weights):
     assert set(res.tensors) == set(t)
     for g in INPUT_GROUPS:
         assert res.info[g]["loss"] <= res.info[g]["loss_rtn"]
+
+
+def test_error_factor_of_a_singular_hessian_gives_the_dense_loss(outlier_problem):
+    """A channel that is never active (a zero row and column of H) must not cost the factor its use."""
+    import qkiln.quantize.awq as awq
+
+    w, x, _ = outlier_problem
+    x = x.copy()
+    x[:, 3] = 0.0
+    h, _ = accumulate_hessian(*empty_hessian(x.shape[1]), x)
+    factor = awq.error_factor(h)
+    assert factor is not None and np.allclose(np.tril(factor), factor)
+    e = (0.01 * np.random.default_rng(2).standard_normal((3 * w.shape[0], w.shape[1]))).astype(np.float32)
+    dense = awq._squared_norms(e, None, h.astype(np.float32), 3)
+    np.testing.assert_allclose(awq._squared_norms(e, factor, h.astype(np.float32), 3), dense, rtol=1e-4)
+    assert awq.error_factor(-np.eye(4)) is None  # not positive semidefinite: the dense product is used
