@@ -14,10 +14,11 @@ division x / s is folded, exactly, into the op before:
 - up_proj rows ÷ s             → down_proj columns × s (silu(gate)·up is linear in up)  ("mlp_out")
 
 Scale search: s = mean|x|^α (normalised so that sqrt(max·min) = 1, floored at 1e-4), α on a grid of
-`n_grid` values in [0, 1), searched coarse to fine; the α minimising the summed output error of the group's
-linears, quantized by RTN on their own grids, is kept. The output error of W' against W on the calibration tokens is
-tr((W' − W) H (W' − W)ᵀ)/2 with GPTQ's Hessian H = 2XᵀX/n (`quantize.hessian`) — exact over every
-calibration token, at a cost independent of their number.
+`n_grid` values in [0, 1), searched coarse to fine; the α minimising the summed output error of the
+group's linears, quantized by RTN on their own grids, is kept. The output error of W' against W on the
+calibration tokens is tr((W' − W) H (W' − W)ᵀ)/2 with GPTQ's Hessian H = 2XᵀX/n (`quantize.hessian`) —
+exact over every calibration token, at a cost independent of their number (formed as ||(W' − W) L||² with
+H's Cholesky factor L, block-triangularly: about half the multiply-adds of the dense product).
 
 Clipping search (optional): for each group of each linear except q/k (their error passes through the
 q·k product, where per-linear output error is a poor proxy — AutoAWQ skips them too), shrink the group's

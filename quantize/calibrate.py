@@ -32,6 +32,8 @@ Memory model (what is resident at the peak, demo model numbers for 128 samples x
   measured peak RSS for GPTQ INT4 g64 at 128 x 512 (bench/quantize_bench.py): 0.66 GB
 - one layer's weights: original, folded, dequantized float32 (~3 x 14 MB) — the runtime runs with
   cache_weights=False and reads each layer's tensors from the (memory-mapped) checkpoint when it runs
+- AWQ: its statistics pass's copy of AWQ_SAMPLES windows' hidden states (16·L·hidden·4 B, 19 MB) and
+  that pass's own activation buffers (the list above at 16 windows)
 - statistics: per input group (in, in) float64 Hessian (+ a temporary): 3·576² + 1536² doubles ≈ 27 MB
   (+ while a group is summed, `sequential.SUM_LANES` float32 running sums of (in, in): ≤ 4·1536² floats, 38 MB)
 - per worker, one batch's fused q/k/v product batch·L·(heads + 2·kv_heads)·d·4 B (8 samples: 16 MB) and
@@ -252,9 +254,9 @@ def _quantize_model(
     `calib_ids` (n_samples, seq_len) is required unless algo is 'rtn'. `awq_clip` defaults to True for
     'awq' and False for 'awq+gptq' (GPTQ's error feedback already handles outliers; clipped weights would
     make it chase the clipped matrix). `awq_samples` (None: all) is how many of the calibration windows,
-    evenly spaced, AWQ's statistics pass runs over (see AWQ_SAMPLES); GPTQ always sees every window. `gptq_head` (with a GPTQ algorithm, on a head grid under 8 bits)
-    quantizes lm_head or the tied table by GPTQ on the final-normed states (see the module docstring); False
-    keeps RTN there.
+    evenly spaced, AWQ's statistics pass runs over (see AWQ_SAMPLES); GPTQ always sees every window.
+    `gptq_head` (with a GPTQ algorithm, on a head grid under 8 bits) quantizes lm_head or the tied table by
+    GPTQ on the final-normed states (see the module docstring); False keeps RTN there.
     Shapes that no scheme fits raise QuantizeError before any work.
     """
     if algo not in ALGOS:
