@@ -107,21 +107,15 @@ def score(folders: dict[str, Path], demo: Path, windows: np.ndarray) -> dict[str
     import torch
     import transformers
 
+    from qkiln.validate.artifact import torch_logits
     from qkiln.validate.evaluate import evaluate
 
     torch.set_num_threads(2)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32).eval()
-
-    def fn(model):
-        def logits(ids: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return model(torch.from_numpy(ids)).logits.float().numpy()
-        return logits
-
+    ref = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32).eval())
     out = {}
     for name, folder in folders.items():
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        r = evaluate(fn(model), windows, reference=fn(ref)).as_dict()
+        r = evaluate(torch_logits(model), windows, reference=ref).as_dict()
         out[name] = {k: r[k] for k in ("perplexity", "mean_kl", "top1_agreement")}
         print(name, out[name], flush=True)
     return out

@@ -127,13 +127,18 @@ def transformers_logits(path: Path, fmt: str) -> tuple[LogitsFn | None, str]:
         except ImportError:
             return None, ("transformers reads the GPTQ layout through GPTQModel, which is not installed (its CPU "
                           "build needs torch >= 2.14.1; this environment pins torch 2.13)")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+    return torch_logits(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()), ""
+
+
+def torch_logits(model: Any) -> LogitsFn:
+    """ids (b, n) -> float32 logits (b, n, vocab) of a transformers causal LM (no gradients)."""
+    import torch
 
     def run(ids: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return model(torch.from_numpy(np.asarray(ids, dtype=np.int64))).logits.float().numpy()
 
-    return run, ""
+    return run
 
 
 def cross_check(fn: LogitsFn, ref: ReferenceLogits, metrics: dict[str, Any], *, label: str, windows: int | None,

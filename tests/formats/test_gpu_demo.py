@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 LICENSES = "/usr/share/common-licenses"
@@ -29,6 +28,7 @@ def test_demo_perplexity_transformers_equals_qkiln(tmp_path: Path, eval_text: st
     from qkiln.demo import demo_model_dir
     from qkiln.pipeline.gpu import convert_to_gpu
     from qkiln.pipeline.load import load_model
+    from qkiln.validate.artifact import torch_logits
     from qkiln.validate.evaluate import evaluate
     from qkiln.validate.windows import make_windows
 
@@ -50,11 +50,6 @@ def test_demo_perplexity_transformers_equals_qkiln(tmp_path: Path, eval_text: st
         # instead: the same weights, run in float32.
         kw["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kw).eval()
-
-    def hf_logits(ids: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return hf(torch.from_numpy(ids)).logits.float().numpy()
-
-    theirs = evaluate(hf_logits, windows).scores.perplexity
+    theirs = evaluate(torch_logits(hf), windows).scores.perplexity
     print(f"{scheme}: qkiln {ours:.4f}, transformers {theirs:.4f}, rel {abs(ours - theirs) / theirs:.2e}")
     assert abs(ours - theirs) / theirs < PPL_RTOL, (ours, theirs)
