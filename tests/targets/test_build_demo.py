@@ -23,7 +23,7 @@ def test_graviton4_builds_on_the_demo_model_and_every_artifact_passes(tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["verdict"] == "pass"
-    assert [a["name"] for a in m["artifacts"]] == ["q4_0-gptq", "q8_0"]
+    assert [a["name"] for a in m["artifacts"]] == ["q4_0-awq-gptq", "q8_0"]
     for a in m["artifacts"]:
         assert a["verdict"] == "pass", a["checks"]
         if missing_tools() is None:
