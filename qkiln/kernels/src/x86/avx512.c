@@ -1,6 +1,6 @@
 /* x86-64 AVX-512 VNNI kernels (Ice Lake, Zen 4/5): vpdpbusd multiplies unsigned by signed bytes and sums
  * four products per int32 lane in one instruction, two 32-element blocks per 512-bit vector.
- *   Q4_0: codes 0..15 are already unsigned: sum(q*a) - sum(8*a).
+ *   Q4_0: codes 0..15 are already unsigned: sum(q*a) - sum(8*a); Q5_0 likewise with 0..31 and 16.
  *   Q8_0: weights may be -128, so they are offset to unsigned (w ^ 0x80 = w + 128): sum((w+128)*a) - sum(128*a).
  * Both corrections are a second vpdpbusd against a constant, so every integer block sum stays exact. */
 #include <immintrin.h>
@@ -74,6 +74,46 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, const 
         const int8_t *q = (const int8_t *)(w0 + 2), *ab = a + (size_t)b * QK8;
         int si = 0;
         for (int j = 0; j < QK8; j++) si += q[j] * ab[j];
+        tail = (qk_h2f_at(w0) * ad[b]) * (float)si;
+    }
+    return _mm512_reduce_add_ps(acc) + tail;
+}
+
+/* Q5_0: Q4_0's two-block loop with bit 4 of each code added from qh under a byte mask (AVX-512BW), so codes
+ * are 0..31 unsigned, and 16 * sum(a) taken back by a second vpdpbusd. The mask follows the vector's order
+ * lo0 lo1 hi0 hi1: qh bits 0-15 are the low-nibble elements, bits 16-31 the high ones. */
+static float dot_q5_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
+    __m512 acc = _mm512_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m512i sixteen = _mm512_set1_epi8(16);
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *w0 = w + (size_t)b * Q5_0_BYTES, *w1 = w0 + Q5_0_BYTES;
+        const uint64_t h0 = qk_rd32(w0 + 2), h1 = qk_rd32(w1 + 2);
+        const __mmask64 high = (h0 & 0xffff) | (h1 & 0xffff) << 16 | (h0 >> 16) << 32 | (h1 >> 16) << 48;
+        const __m256i raw = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(w1 + 6)),
+                                             _mm_loadu_si128((const __m128i *)(w0 + 6)));
+        const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+        __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); /* lo0 lo1 hi0 hi1 */
+        q = _mm512_mask_add_epi8(q, high, q, sixteen);
+        __m512i av = _mm512_loadu_si512((const void *)(a + (size_t)b * QK8));
+        av = _mm512_shuffle_i64x2(av, av, _MM_SHUFFLE(3, 1, 2, 0));
+        const __m512i s = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, av),
+                                           _mm512_dpbusd_epi32(_mm512_setzero_si512(), sixteen, av));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales_interleaved(qk_h2f_at(w0) * ad[b], qk_h2f_at(w1) * ad[b + 1]), acc);
+    }
+    float tail = 0.0f;
+    if (b < nb) {
+        const uint8_t *w0 = w + (size_t)b * Q5_0_BYTES;
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(w0 + 6));
+        __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+        q = _mm256_mask_add_epi8(q, (__mmask32)qk_rd32(w0 + 2), q, _mm256_set1_epi8(16));
+        const __m256i av = _mm256_loadu_si256((const __m256i *)(a + (size_t)b * QK8));
+        const __m256i s = _mm256_sub_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), q, av),
+                                           _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(16), av));
+        const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+        const int si = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, _MM_SHUFFLE(2, 3, 0, 1))));
         tail = (qk_h2f_at(w0) * ad[b]) * (float)si;
     }
     return _mm512_reduce_add_ps(acc) + tail;
@@ -243,6 +283,7 @@ static void dot8_int4gx8(const qk_job *j, const uint8_t *w, const int8_t *a, con
 #define QK_DOT4_Q4_0
 #define QK_DOT_Q8_0
 #define QK_DOT4_Q8_0
+#define QK_DOT_Q5_0
 #define QK_DOT8_Q4_0X8
 #define QK_PREP8_Q4_0X8 prep_nibbles
 #define QK_DOT8_Q8_0X8
