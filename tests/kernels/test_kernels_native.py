@@ -264,6 +264,31 @@ def test_env_var_forces_a_path():
     assert bad.returncode != 0 and "not supported by this CPU" in bad.stderr
 
 
+def test_env_var_forced_paths_run_the_legacy_types():
+    """QKILN_KERNEL=<path> in a fresh process runs Q5_0, Q4_1 and Q5_1 on that path, bit-equal to the NumPy
+    reference with unit scales (the integer parts) and within TOLERANCE with random ones."""
+    code = (
+        "import sys; import numpy as np; sys.path.insert(0, sys.argv[1])\n"
+        "from qkiln.kernels import api, numpy_ref\n"
+        "from qkiln.kernels.types import WType\n"
+        "from conftest_helpers import random_weights, unit_activations\n"
+        "rng = np.random.default_rng(21); out = [api.kernel_path()]\n"
+        "for t in (WType.Q5_0, WType.Q4_1, WType.Q5_1):\n"
+        "    w = random_weights(t, 11, 320, rng, unit_scales=True); act = unit_activations(2, 320, rng)\n"
+        "    exact = np.array_equal(api.gemm(t, w, 11, 320, act), numpy_ref.gemm(t, w, 11, 320, act))\n"
+        "    w = random_weights(t, 11, 320, rng); act = numpy_ref.quantize_q8(rng.standard_normal((2, 320)))\n"
+        "    ref, yabs = numpy_ref.gemm(t, w, 11, 320, act, with_abs=True)\n"
+        "    close = bool((np.abs(api.gemm(t, w, 11, 320, act) - ref) <= numpy_ref.TOLERANCE * yabs + 1e-30).all())\n"
+        "    out.append(f'{t.name}={exact and close}')\n"
+        "print(' '.join(out))\n")
+    assert C_PATHS
+    for p in C_PATHS:
+        r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                           env={**os.environ, "QKILN_KERNEL": p})
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [p, "Q5_0=True", "Q4_1=True", "Q5_1=True"]
+
+
 def test_numpy_path_serves_the_same_api():
     rng = np.random.default_rng(10)
     w = random_weights(WType.Q4_0, 8, 256, rng)
