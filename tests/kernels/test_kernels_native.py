@@ -224,16 +224,17 @@ def test_q8_0x8_repack_is_identical_in_c_and_numpy():
         np.testing.assert_array_equal(api.gemm(WType.Q8_0X8, packed, n, 96, act), api.gemm(WType.Q8_0, w, n, 96, act))
 
 
-def test_threads_do_not_change_results():
+@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q5_0], ids=lambda t: t.name)  # the types with 4-row products
+def test_threads_do_not_change_results(wtype):
     rng = np.random.default_rng(8)
     n, k = 1000, 2048
-    w = random_weights(WType.Q4_0, n, k, rng)
+    w = random_weights(wtype, n, k, rng)
     act = numpy_ref.quantize_q8(rng.standard_normal((3, k)).astype(np.float32))
     for p in C_PATHS:
         api.set_kernel_path(p)
-        one = api.gemm(WType.Q4_0, w, n, k, act, nthreads=1)
-        np.testing.assert_array_equal(api.gemm(WType.Q4_0, w, n, k, act, nthreads=2), one)
-        np.testing.assert_array_equal(api.gemm(WType.Q4_0, w, n, k, act, nthreads=5), one)
+        one = api.gemm(wtype, w, n, k, act, nthreads=1)
+        np.testing.assert_array_equal(api.gemm(wtype, w, n, k, act, nthreads=2), one)
+        np.testing.assert_array_equal(api.gemm(wtype, w, n, k, act, nthreads=5), one)
 
 
 def test_linear_f32_equals_quantize_then_gemm():

@@ -7,7 +7,7 @@
  *       against one activation row,
  *       static float dot_<t>(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nw)
  *       (nw blocks of the layout: 32 elements for the legacy types, 256 for the K-quants; ad/as per 32);
- *   QK_DOT4_Q4_0, QK_DOT4_Q8_0: optionally four consecutive rows at once (rows `stride` bytes apart),
+ *   QK_DOT4_Q4_0, QK_DOT4_Q8_0, QK_DOT4_Q5_0: optionally four consecutive rows at once (rows `stride` bytes apart),
  *       static void dot4_<t>(const uint8_t *w, size_t stride, const int8_t *a, const float *ad,
  *                            const int32_t *as, int nw, float out[4])  — the same value per row as dot_<t>;
  *   QK_DOT_INT4G: static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp, int group,
@@ -85,6 +85,9 @@ static inline __attribute__((always_inline)) void qk_rows_x8(const qk_job *j, in
 #ifndef QK_DOT4_Q8_0
 #define dot4_q8_0 NULL
 #endif
+#ifndef QK_DOT4_Q5_0
+#define dot4_q5_0 NULL
+#endif
 #ifndef QK_PREP8_BYTES /* no activation prep for the X8 layouts */
 #define QK_PREP8_BYTES(nb) 0
 #define QK_PREP8_Q4_0X8 NULL
@@ -103,7 +106,7 @@ static void rows_q8_0(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n
 #define rows_q8_0 NULL
 #endif
 #ifdef QK_DOT_Q5_0
-static void rows_q5_0(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QK8, Q5_0_BYTES, dot_q5_0, NULL); }
+static void rows_q5_0(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QK8, Q5_0_BYTES, dot_q5_0, dot4_q5_0); }
 #else
 #define rows_q5_0 NULL
 #endif

@@ -82,20 +82,25 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, const 
 /* Q5_0: Q4_0's two-block loop with bit 4 of each code added from qh under a byte mask (AVX-512BW), so codes
  * are 0..31 unsigned, and 16 * sum(a) taken back by a second vpdpbusd. The mask follows the vector's order
  * lo0 lo1 hi0 hi1: qh bits 0-15 are the low-nibble elements, bits 16-31 the high ones. */
+/* Codes 0..31 of Q5_0 blocks w0 and w1 in the order lo0 lo1 hi0 hi1 (16 bytes each). */
+static inline __m512i q5_0_pair(const uint8_t *w0, const uint8_t *w1) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const uint64_t h0 = qk_rd32(w0 + 2), h1 = qk_rd32(w1 + 2);
+    const __mmask64 high = (h0 & 0xffff) | (h1 & 0xffff) << 16 | (h0 >> 16) << 32 | (h1 >> 16) << 48;
+    const __m256i raw = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(w1 + 6)),
+                                         _mm_loadu_si128((const __m128i *)(w0 + 6)));
+    const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+    const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    return _mm512_mask_add_epi8(q, high, q, _mm512_set1_epi8(16));
+}
+
 static float dot_q5_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
     __m512 acc = _mm512_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
     const __m512i sixteen = _mm512_set1_epi8(16);
     int b = 0;
     for (; b + 1 < nb; b += 2) {
         const uint8_t *w0 = w + (size_t)b * Q5_0_BYTES, *w1 = w0 + Q5_0_BYTES;
-        const uint64_t h0 = qk_rd32(w0 + 2), h1 = qk_rd32(w1 + 2);
-        const __mmask64 high = (h0 & 0xffff) | (h1 & 0xffff) << 16 | (h0 >> 16) << 32 | (h1 >> 16) << 48;
-        const __m256i raw = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(w1 + 6)),
-                                             _mm_loadu_si128((const __m128i *)(w0 + 6)));
-        const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-        __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); /* lo0 lo1 hi0 hi1 */
-        q = _mm512_mask_add_epi8(q, high, q, sixteen);
+        const __m512i q = q5_0_pair(w0, w1);
         __m512i av = _mm512_loadu_si512((const void *)(a + (size_t)b * QK8));
         av = _mm512_shuffle_i64x2(av, av, _MM_SHUFFLE(3, 1, 2, 0));
         const __m512i s = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, av),
@@ -145,6 +150,29 @@ static void dot4_q4_0(const uint8_t *w, size_t stride, const int8_t *a, const fl
     for (int r = 0; r < 4; r++) {
         out[r] = _mm512_reduce_add_ps(acc[r]);
         if (b < nb) out[r] += dot_q4_0(w + r * stride + (size_t)b * Q4_0_BYTES, a + (size_t)b * QK8, ad + b, as + b, 1);
+    }
+}
+
+/* Four Q5_0 rows against one activation row, sharing the activation shuffle and its 16*sum correction. */
+static void dot4_q5_0(const uint8_t *w, size_t stride, const int8_t *a, const float *ad, const int32_t *as, int nb,
+                      float out[4]) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m512i sixteen = _mm512_set1_epi8(16);
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        __m512i av = _mm512_loadu_si512((const void *)(a + (size_t)b * QK8));
+        av = _mm512_shuffle_i64x2(av, av, _MM_SHUFFLE(3, 1, 2, 0));
+        const __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), sixteen, av);
+        const float a0 = ad[b], a1 = ad[b + 1];
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *w0 = w + r * stride + (size_t)b * Q5_0_BYTES, *w1 = w0 + Q5_0_BYTES;
+            const __m512i sres = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q5_0_pair(w0, w1), av), corr);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sres), scales_interleaved(qk_h2f_at(w0) * a0, qk_h2f_at(w1) * a1), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        out[r] = _mm512_reduce_add_ps(acc[r]);
+        if (b < nb) out[r] += dot_q5_0(w + r * stride + (size_t)b * Q5_0_BYTES, a + (size_t)b * QK8, ad + b, as + b, 1);
     }
 }
 
@@ -284,6 +312,7 @@ static void dot8_int4gx8(const qk_job *j, const uint8_t *w, const int8_t *a, con
 #define QK_DOT_Q8_0
 #define QK_DOT4_Q8_0
 #define QK_DOT_Q5_0
+#define QK_DOT4_Q5_0
 #define QK_DOT8_Q4_0X8
 #define QK_PREP8_Q4_0X8 prep_nibbles
 #define QK_DOT8_Q8_0X8
