@@ -63,10 +63,11 @@ def gguf_linears(path: str | Path) -> list[Linear]:
                             f"of its block of {BLOCK[WType(tid)][0]}; the file is malformed")
         out.append(Linear(t.name, t.tensor_type.name, WType(tid), n, k, np.asarray(t.data).view(np.uint8).reshape(-1)))
     if missing:
-        which = "; ".join(f"{ty} ({len(ts)} tensors, e.g. {ts[0]})" for ty, ts in sorted(missing.items()))
+        which = "; ".join(f"{ty} ({len(ts)} tensor{'s' if len(ts) > 1 else ''}, e.g. {ts[0]})"
+                          for ty, ts in sorted(missing.items()))
         have = ", ".join(w.name for w in sorted(BLOCK, key=int))
-        raise NoKernelError(f"{path}: qkiln has no kernel for {which}, so their speed cannot be measured (they are "
-                            f"not timed as another type); kernels exist for {have}. Convert with a scheme of those "
+        raise NoKernelError(f"{path}: qkiln has no kernel for {which}, so its speed cannot be measured (a type is "
+                            f"never timed as another); kernels exist for {have}. Convert with a scheme of those "
                             f"types to time it.")
     if not out:
         raise GGUFError(f"{path}: no 2-D weights found; pass a model GGUF")
