@@ -167,9 +167,7 @@ def summarize(files: dict[str, dict], llama: dict[str, dict[str, list[dict]]], q
             "qkiln_linears_decode": med(r["decode_tokens_per_s"] for r in qk[t]),
             "machine_read_gbs": read_gbs,
             "qkiln_kernel_path": qk[t][0]["kernel_path"],
-            # types qkiln has no kernel for: `qkiln bench` times another type's kernel in their place (its linears
-            # figures are then not this file's), and the runtime dequantizes them to float32 (no C decode step)
-            "qkiln_stand_ins": qk[t][0]["stand_ins"],
+            "qkiln_types": qk[t][0]["types"],  # each timed as itself: `qkiln bench` refuses a type without a kernel
         })
         row["prompt_ratio"] = round(row["qkiln_e2e_prompt"] / row["llamacpp_pp_short"], 3)
         row["decode_ratio"] = round(row["qkiln_e2e_decode"] / row["llamacpp_tg"], 3)
@@ -183,7 +181,7 @@ def table(rows: dict[str, dict], prompt: int, n_short: int, decode: int) -> str:
     head = (f"| GGUF | weight MB | llama.cpp pp{prompt} | llama.cpp pp{n_short} | qkiln e2e prompt ({n_short}) | prompt ratio | "
             f"qkiln linears prompt ({prompt} rows) | llama.cpp tg{decode} | qkiln e2e decode | decode ratio | "
             f"llama.cpp decode / read BW | qkiln decode / read BW | read GB/s | llama.cpp tg{decode} by config | "
-            "qkiln stand-ins |")
+            "weight types |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for t, r in rows.items():
         configs = ", ".join(f"{v} {m[f'tg{decode}']:.1f}" for v, m in r["llamacpp_variants"].items())
@@ -191,7 +189,7 @@ def table(rows: dict[str, dict], prompt: int, n_short: int, decode: int) -> str:
                    f"{r['prompt_ratio']:.2f} | {r['qkiln_linears_prompt']:.0f} | {r['llamacpp_tg']:.1f} | "
                    f"{r['qkiln_e2e_decode']:.1f} | {r['decode_ratio']:.2f} | {r['llamacpp_decode_read_share']:.0%} | "
                    f"{r['qkiln_decode_read_share']:.0%} | {r['machine_read_gbs']:.1f} | {configs} | "
-                   f"{', '.join(r['qkiln_stand_ins']) or 'none'} |")
+                   f"{', '.join(r['qkiln_types'])} |")
     return "\n".join(out)
 
 

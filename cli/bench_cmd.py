@@ -50,7 +50,7 @@ def bench(
     if json_out:
         print_json(doc)
         return
-    for key in ("kernel_path", "threads", "types", "stand_ins", "decode_tokens_per_s", "prompt_tokens_per_s",
+    for key in ("kernel_path", "threads", "types", "decode_tokens_per_s", "prompt_tokens_per_s",
                 "weight_gbs", "machine_copy_gbs", "machine_read_gbs", "weight_gbs_over_copy",
                 "usd_per_million_decode_tokens", "usd_per_million_prompt_tokens", "e2e_decode_tokens_per_s"):
         if key in doc:

@@ -19,6 +19,7 @@ import numpy as np
 
 from qkiln.errors import UserError
 from qkiln.formats.gguf_model import load_gguf_model
+from qkiln.kernels.speed import NoKernelError
 from qkiln.pipeline.load import load_model
 from qkiln.validate.evaluate import LogitsFn
 from qkiln.validate.gates import Check, Thresholds, check_metrics, ppl_increase_pct
@@ -258,12 +259,18 @@ def validate_artifact(path: Path, ref: ReferenceLogits, thresholds: Thresholds, 
         if progress:
             progress(f"{name}: speed", 0, 1)
         t0 = time.perf_counter()
-        speed = measure_speed(path, seconds=speed_seconds) if gguf else measure_onnx_speed(path, seconds=speed_seconds)
+        try:
+            speed = measure_speed(path, seconds=speed_seconds) if gguf else measure_onnx_speed(path, seconds=speed_seconds)
+        except NoKernelError as e:  # a weight type without a kernel: no honest figure (never another type's)
+            timed = False
+            thresholds = dataclasses.replace(thresholds, min_decode_tokens_per_s=None)
+            result["speed"] = {"measured": False, "reason": str(e)}
+        else:
+            if t is not None and t.price_per_hour is not None:
+                speed["usd_per_million_tokens_here_at_target_price"] = host_cost(speed, t.price_per_hour)
+            result["speed"] = speed
+            checked["decode_tokens_per_s"] = speed["decode_tokens_per_s"]
         timings["speed_s"] = time.perf_counter() - t0
-        if t is not None and t.price_per_hour is not None:
-            speed["usd_per_million_tokens_here_at_target_price"] = host_cost(speed, t.price_per_hour)
-        result["speed"] = speed
-        checked["decode_tokens_per_s"] = speed["decode_tokens_per_s"]
     if timed and t is not None and t.memory_bandwidth_gbs:
         result["target_estimate"] = target_estimate(result["speed"], bandwidth_gbs=t.memory_bandwidth_gbs,
                                                     price_per_hour=t.price_per_hour, instance=t.instance)

@@ -203,7 +203,7 @@ def _threads(nthreads: int | None) -> int:
 
 def gemm(wtype: WType, w: np.ndarray, n: int, k: int, x: np.ndarray | Q8Activations,
          nthreads: int | None = None) -> np.ndarray:
-    """y (M, N) f32 = W x for ggml-layout weight bytes `w` (Q4_0, Q8_0, Q4_K, Q6_K, Q4_0X2)."""
+    """y (M, N) f32 = W x for ggml-layout weight bytes `w` (a `types.BLOCK` type, or a repack: Q4_0X2, ...)."""
     _load()
     wtype = WType(wtype)
     w = np.ascontiguousarray(w).view(np.uint8).reshape(-1)

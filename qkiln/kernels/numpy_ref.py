@@ -4,7 +4,8 @@ and as the reference the C paths are tested against.
 Every weight type is decoded to the same three arrays per 32-element block b of row n:
     codes  (N, K)  integers whose dot with the int8 activations is the block's exact integer part
     scale  (N, nb) fp32 multiplier of that integer part
-    mins   (N, nb) fp32 multiplier of the activation block's integer sum (K-quant mins; zero otherwise)
+    mins   (N, nb) fp32 multiplier of the activation block's integer sum, subtracted (Q4_K's dmin*m; -m for
+           Q4_1/Q5_1, whose w = d*q + m; zero otherwise)
 so that y[m, n] = sum_b da[m, b] * (scale[n, b] * isum[m, n, b] - mins[n, b] * asum[m, b]).
 
 Integer parts are exact: each block's |isum| <= 32 * 127 * 4096 < 2**24, so computing it as a float32
@@ -64,6 +65,12 @@ def _nibbles32(raw16: np.ndarray) -> np.ndarray:
     return np.concatenate([raw16 & 0x0F, raw16 >> 4], axis=-1)
 
 
+def _q5_codes(qh4: np.ndarray, qs16: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1 (…, 4) qh bytes (u32 LE, bit j = bit 4 of element j) and (…, 16) nibble bytes -> (…, 32) 0..31."""
+    high = np.unpackbits(qh4, axis=-1, bitorder="little")  # (…, 32) bit j = element j
+    return _nibbles32(qs16) | (high << 4)
+
+
 def decode(wtype: WType, w: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weights in `wtype`'s byte layout -> (codes (N, K) int16, scale (N, nb) f32, mins (N, nb) f32)."""
     nb = k // QK8
@@ -79,6 +86,15 @@ def decode(wtype: WType, w: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.
         blk = raw.reshape(n, nb, 18)
         codes = _nibbles32(blk[..., 2:]).astype(np.int16) - 8
         return codes.reshape(n, k), _f16(blk[..., :2]).reshape(n, nb), zeros
+    if wtype == WType.Q5_0:
+        blk = raw.reshape(n, nb, 22)
+        codes = _q5_codes(blk[..., 2:6], blk[..., 6:]).astype(np.int16) - 16
+        return codes.reshape(n, k), _f16(blk[..., :2]).reshape(n, nb), zeros
+    if wtype in (WType.Q4_1, WType.Q5_1):  # w = d*q + m: the min enters as -mins (y's term is d*isum + m*asum)
+        blk = raw.reshape(n, nb, 20 if wtype == WType.Q4_1 else 24)
+        codes = _nibbles32(blk[..., 4:]) if wtype == WType.Q4_1 else _q5_codes(blk[..., 4:8], blk[..., 8:])
+        m = _f16(blk[..., 2:4]).reshape(n, nb)
+        return codes.astype(np.int16).reshape(n, k), _f16(blk[..., :2]).reshape(n, nb), -m
     if wtype == WType.Q8_0:
         blk = raw.reshape(n, nb, 34)
         codes = blk[..., 2:].view(np.int8).astype(np.int16)

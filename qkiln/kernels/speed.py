@@ -2,10 +2,10 @@
 
 For every 2-D weight of a GGUF file, the product the runtime would run is timed on the file's own bytes
 (memory-mapped): decode = one activation row (GEMV) per linear, prompt = `prompt_tokens` rows (GEMM).
-Types without a kernel are timed with a stand-in of similar size (Q4_0 for <= 5 bits per weight, Q8_0
-above) and listed. Decode time per token is the sum over all linears including the head — attention,
-norms and sampling are not counted, so it is an upper bound on tokens/s that a real runtime approaches
-as the model grows. Weight GB/s = bytes streamed per token / time per token, next to this machine's copy
+Every type is timed as itself: a file holding a weight type without a kernel (Q2_K, Q3_K, Q5_K, float
+weights) is a `NoKernelError`, never timed with a stand-in of another type. Decode time per token is the sum
+over all linears including the head — attention, norms and sampling are not counted, so it is an upper bound
+on tokens/s that a real runtime approaches as the model grows. Weight GB/s = bytes streamed per token / time per token, next to this machine's copy
 bandwidth measured in the same run.
 """
 
@@ -19,18 +19,21 @@ import numpy as np
 
 from qkiln.errors import GGUFError
 from qkiln.kernels import api
-from qkiln.kernels.types import BLOCK, WType, block_bytes
+from qkiln.kernels.types import BLOCK, WType
+
+
+class NoKernelError(GGUFError):
+    """A GGUF holds weights of a type qkiln has no kernel for, so their speed cannot be measured here."""
 
 
 @dataclass(frozen=True)
 class Linear:
     name: str
     ggml_type: str
-    wtype: WType  # the kernel type timed (== the file's type unless stand_in)
+    wtype: WType  # the kernel type timed: the file's own
     out_features: int
     in_features: int
     data: np.ndarray  # (bytes,) uint8
-    stand_in: bool
 
 
 def gguf_linears(path: str | Path) -> list[Linear]:
@@ -42,8 +45,9 @@ def gguf_linears(path: str | Path) -> list[Linear]:
     except Exception as e:  # gguf raises ValueError/OSError/struct errors on bad files
         raise GGUFError(f"{path}: not a readable GGUF file ({e.__class__.__name__}: {e}); pass a .gguf artifact") from None
     names = {t.name for t in reader.tensors}
-    rng = np.random.default_rng(0)
+    kernels = {int(w) for w in BLOCK}
     out: list[Linear] = []
+    missing: dict[str, list[str]] = {}  # ggml type name -> tensors of that type without a kernel
     for t in reader.tensors:
         if len(t.shape) != 2:
             continue
@@ -51,17 +55,20 @@ def gguf_linears(path: str | Path) -> list[Linear]:
         if t.name == "token_embd.weight" and "output.weight" in names:
             continue  # an untied model's embedding is only a lookup
         tid = int(t.tensor_type)
-        bpw = 8.0 * t.n_bytes / max(1, n * k)
-        if tid in {int(w) for w in BLOCK} and k % BLOCK[WType(tid)][0] == 0:
-            out.append(Linear(t.name, t.tensor_type.name, WType(tid), n, k,
-                              np.asarray(t.data).view(np.uint8).reshape(-1), False))
+        if tid not in kernels:
+            missing.setdefault(t.tensor_type.name, []).append(t.name)
             continue
-        wt = WType.Q4_0 if bpw <= 5.5 else WType.Q8_0
-        if k % 32:
-            raise GGUFError(f"{path}: tensor {t.name} has rows of {k} values, not a multiple of 32; no kernel fits")
-        raw = rng.integers(0, 256, block_bytes(wt, n, k), dtype=np.uint8)
-        raw.reshape(-1, 18 if wt == WType.Q4_0 else 34)[:, :2] = np.array([0.01], np.float16).view(np.uint8)
-        out.append(Linear(t.name, t.tensor_type.name, wt, n, k, raw, True))
+        if k % BLOCK[WType(tid)][0]:
+            raise GGUFError(f"{path}: tensor {t.name} ({t.tensor_type.name}) has rows of {k} values, not a multiple "
+                            f"of its block of {BLOCK[WType(tid)][0]}; the file is malformed")
+        out.append(Linear(t.name, t.tensor_type.name, WType(tid), n, k, np.asarray(t.data).view(np.uint8).reshape(-1)))
+    if missing:
+        which = "; ".join(f"{ty} ({len(ts)} tensor{'s' if len(ts) > 1 else ''}, e.g. {ts[0]})"
+                          for ty, ts in sorted(missing.items()))
+        have = ", ".join(w.name for w in sorted(BLOCK, key=int))
+        raise NoKernelError(f"{path}: qkiln has no kernel for {which}, so its speed cannot be measured (a type is "
+                            f"never timed as another); kernels exist for {have}. Convert with a scheme of those "
+                            f"types to time it.")
     if not out:
         raise GGUFError(f"{path}: no 2-D weights found; pass a model GGUF")
     return out
@@ -115,7 +122,6 @@ def bench_linears(linears: list[Linear], *, threads: int | None = None, prompt_t
         "linears": len(linears),
         "weight_bytes": weight_bytes,
         "types": sorted({lin.ggml_type for lin in linears}),
-        "stand_ins": sorted({f"{lin.ggml_type}->{lin.wtype.name}" for lin in linears if lin.stand_in}),
         "decode_tokens_per_s": round(decode_tps, 2),
         "prompt_tokens": prompt_tokens,
         "prompt_tokens_per_s": round(prompt_tps, 2),

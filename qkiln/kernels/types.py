@@ -12,6 +12,9 @@ class WType(IntEnum):
     """Values equal ggml's type ids where one exists, so a GGUF tensor's type maps directly."""
 
     Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
     Q8_0 = 8
     Q4_K = 12
     Q6_K = 14
@@ -28,6 +31,9 @@ class WType(IntEnum):
 # table and common.h's C constants against GGML_QUANT_SIZES.
 BLOCK: dict[WType, tuple[int, int]] = {
     WType.Q4_0: (32, 18),
+    WType.Q4_1: (32, 20),
+    WType.Q5_0: (32, 22),
+    WType.Q5_1: (32, 24),
     WType.Q8_0: (32, 34),
     WType.Q4_K: (256, 144),
     WType.Q6_K: (256, 210),

@@ -16,7 +16,7 @@ def _eval(*args):
 def test_gguf_artifact_scores_like_its_imported_checkpoint(tmp_path, make_gguf):
     text = tmp_path / "t.txt"
     text.write_text(open("/usr/share/common-licenses/Apache-2.0").read()[:6000])
-    gguf_path = make_gguf()  # Q8_0, Q4_0, Q4_K, F16 ... tensors (GGUF_TINY_TYPES)
+    gguf_path = make_gguf()  # GGUF_TINY_TYPES: Q4_0, Q4_K, Q5_0, Q4_1, Q6_K, Q8_0 run packed; F16, BF16 dense
     ckpt = tmp_path / "ckpt"
     r = CliRunner().invoke(app, ["import-gguf", str(gguf_path), "-o", str(ckpt)])
     assert r.exit_code == 0, r.output

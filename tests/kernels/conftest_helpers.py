@@ -37,6 +37,13 @@ def random_weights(wtype: WType, n: int, k: int, rng: np.random.Generator, *, un
         blk[:, :2] = f16_bytes(d)
         if wtype == WType.Q8_0 and codes == "min":
             blk[:, 2:] = 0x80  # -128: a legal weight code (only activations must avoid it)
+    elif wtype in (WType.Q5_0, WType.Q4_1, WType.Q5_1):
+        blk = raw.reshape(-1, {WType.Q5_0: 22, WType.Q4_1: 20, WType.Q5_1: 24}[wtype])
+        lo = -0.05 if wtype == WType.Q5_0 else 0.0  # Q5_0's d takes the sign of the block's extreme
+        blk[:, :2] = f16_bytes(np.ones(len(blk)) if unit_scales else rng.uniform(lo, 0.05 if lo else 0.01, len(blk)))
+        if wtype != WType.Q5_0:  # m: about the block's minimum, -16 d (-8 d for Q4_1) with noise, or exactly 1.0
+            lo = -0.16 if wtype == WType.Q5_1 else -0.08
+            blk[:, 2:4] = f16_bytes(np.ones(len(blk)) if unit_scales else rng.uniform(lo, 0.01, len(blk)))
     elif wtype == WType.Q4_K:
         blk = raw.reshape(-1, 144)
         blk[:, 0:2] = f16_bytes(np.ones(len(blk)) if unit_scales else rng.uniform(0, 0.01, len(blk)))

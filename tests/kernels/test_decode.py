@@ -17,6 +17,8 @@ ALL_Q4_0 = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output":
             "ffn_up": "Q4_0", "ffn_down": "Q4_0", "token_embd": "Q8_0", "output": "Q8_0"}  # q/k/v, gate/up fused
 MIXED = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q8_0", "attn_output": "Q4_K", "ffn_gate": "Q4_0",
          "ffn_up": "Q6_K", "ffn_down": "Q4_K", "token_embd": "Q8_0", "output": "Q4_0"}  # separate products
+LEGACY = {"attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q5_0", "attn_output": "Q4_1", "ffn_gate": "Q5_1",
+          "ffn_up": "Q5_1", "ffn_down": "Q5_0", "token_embd": "Q8_0", "output": "Q5_0"}  # llama.cpp's other blocks
 
 pytestmark = pytest.mark.skipif("numpy" == api.kernel_path(), reason="the decode step is C (QKILN_KERNEL=numpy)")
 
@@ -40,12 +42,13 @@ def _decode_both(model, ids: np.ndarray, new: list[int]):
 
 
 @pytest.mark.parametrize("types,tied", [(ALL_Q4_0, False), (ALL_Q4_0, True), (MIXED, False),
-                                        ({**ALL_Q4_0, "output": "F16"}, False)],
-                         ids=["fused", "fused-tied", "separate", "dense-head"])
+                                        ({**ALL_Q4_0, "output": "F16"}, False), (LEGACY, False)],
+                         ids=["fused", "fused-tied", "separate", "dense-head", "q5_0-q4_1-q5_1"])
 def test_c_step_matches_the_numpy_runtime(make_gguf, types, tied):
     path = make_gguf(types=types, tied=tied, hidden=256, intermediate=512, n_layers=3)
     lm = load_gguf_model(path)
     model = lm.model
+    assert DecodeStep.for_model(model, KVCache(model.config, 4)) is not None  # every linear packed, in C
     rng = np.random.default_rng(0)
     ids = rng.integers(3, model.config.vocab_size, 9)
     new = rng.integers(3, model.config.vocab_size, 12).tolist()
@@ -92,7 +95,7 @@ def test_step_writes_the_cache_the_numpy_runtime_reads(make_gguf):
 
 def test_step_is_used_only_where_every_linear_is_packed(make_gguf):
     """A GGUF with a type without a kernel (dense linears) and the NumPy path keep the NumPy runtime."""
-    dense = load_gguf_model(make_gguf(name="dense.gguf", hidden=256, intermediate=512))  # Q5_0, F16, BF16 inside
+    dense = load_gguf_model(make_gguf(name="dense.gguf", hidden=256, intermediate=512))  # F16, BF16 inside
     assert fast_decode_step(dense.model, KVCache(dense.model.config, 8)) is None
     packed = load_gguf_model(make_gguf(types=ALL_Q4_0, hidden=256, intermediate=512))
     assert fast_decode_step(packed.model, KVCache(packed.model.config, 8, batch=2)) is None

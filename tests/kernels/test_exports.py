@@ -58,3 +58,24 @@ def test_library_exports_exactly_the_header():
     declared = header_functions()
     assert exported - declared == set(), "exported but not declared (missing QK_API in the header, or not hidden)"
     assert declared - exported == set(), "declared but not exported"
+
+
+def header_enum(name: str) -> dict[str, int]:
+    """`enum NAME { A = 1, B = 2, ... }` of qkiln_kernels.h as {A: 1, ...}."""
+    text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
+    body = re.search(rf"enum {name}\s*\{{(.*?)\}}", text, flags=re.S)
+    assert body, f"enum {name} not found in the header"
+    return {m[1]: int(m[2]) for m in re.finditer(r"(\w+)\s*=\s*(\d+)", body.group(1))}
+
+
+def test_weight_type_ids_are_the_headers():
+    """Python's WType and the header's qk_wtype are one table: every type the kernels take (Q5_0, Q4_1 and
+    Q5_1 included) has the same id on both sides, and that id is ggml's where ggml has the type."""
+    from gguf.constants import GGMLQuantizationType
+
+    from qkiln.kernels.types import BLOCK, WType
+
+    assert header_enum("qk_wtype") == {f"QK_{t.name}": int(t) for t in WType}
+    for t in BLOCK:
+        assert int(GGMLQuantizationType[t.name]) == int(t)
+    assert {"Q5_0", "Q4_1", "Q5_1"} <= {t.name for t in BLOCK}

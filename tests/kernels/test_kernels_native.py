@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest_helpers import random_int4g, random_weights, unit_activations
 
 C_PATHS: list[str] = []  # filled by _c_library_regardless_of_env: every C path this machine runs
-GGML_TYPES = [WType.Q4_0, WType.Q8_0, WType.Q4_K, WType.Q6_K, WType.Q4_0X2, WType.Q4_0X8, WType.Q8_0X8]
+LEGACY_TYPES = [WType.Q5_0, WType.Q4_1, WType.Q5_1]  # llama.cpp's other 32-element blocks
+GGML_TYPES = [WType.Q4_0, WType.Q8_0, *LEGACY_TYPES, WType.Q4_K, WType.Q6_K, WType.Q4_0X2, WType.Q4_0X8, WType.Q8_0X8]
 SHAPES = [(1, 256, 1), (7, 512, 3), (33, 256, 2), (64, 768, 1), (5, 1024, 5)]  # (N, K, M): odd N, K % 256 == 0
 
 
@@ -109,6 +110,25 @@ def test_integer_parts_are_exact(wtype, codes):
         np.testing.assert_array_equal(api.gemm(wtype, w, n, k, act), ref, err_msg=p)
 
 
+@pytest.mark.parametrize(("wtype", "fill", "value"), [
+    (WType.Q5_0, 0xFF, 15), (WType.Q5_0, 0x00, -16),  # codes 31 / 0, qh all ones / zeros: w = d*(q - 16)
+    (WType.Q4_1, 0xFF, 15 + 1), (WType.Q4_1, 0x00, 0 + 1),  # w = d*q + m with d = m = 1
+    (WType.Q5_1, 0xFF, 31 + 1), (WType.Q5_1, 0x00, 0 + 1)], ids=str)
+def test_legacy_extreme_codes_against_hand_computed_value(wtype, fill, value):
+    """Every code at its extreme (the high bit from qh included) against activations of -127: a closed form."""
+    n, k = 3, 96
+    rng = np.random.default_rng(13)
+    w = random_weights(wtype, n, k, rng, unit_scales=True, codes="max" if fill else "min")
+    act = unit_activations(2, k, rng)
+    act.qs[:] = -127
+    act.sums[:] = -127 * 32
+    want = np.full((2, n), value * -127 * k, np.float32)
+    np.testing.assert_array_equal(numpy_ref.gemm(wtype, w, n, k, act), want)
+    for p in C_PATHS:
+        api.set_kernel_path(p)
+        np.testing.assert_array_equal(api.gemm(wtype, w, n, k, act), want, err_msg=p)
+
+
 def test_extreme_codes_against_hand_computed_value():
     """Q4_0 code 15 (w = 7d) and 0 (w = -8d) against activations of +-127: the value is known in closed form."""
     n, k = 2, 64
@@ -123,7 +143,7 @@ def test_extreme_codes_against_hand_computed_value():
             np.testing.assert_array_equal(api.gemm(WType.Q4_0, w, n, k, act), np.full((1, n), per * -127 * k))
 
 
-@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q8_0, WType.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q8_0, *LEGACY_TYPES, WType.Q6_K], ids=lambda t: t.name)
 def test_zero_scales_give_zero(wtype):
     n, k = 5, 256
     rng = np.random.default_rng(5)
@@ -131,6 +151,8 @@ def test_zero_scales_give_zero(wtype):
     blk = w.reshape(n * (k // (256 if wtype == WType.Q6_K else 32)), -1)
     if wtype == WType.Q6_K:
         blk[:, 208:210] = 0
+    elif wtype in (WType.Q4_1, WType.Q5_1):
+        blk[:, :4] = 0  # d and m
     else:
         blk[:, :2] = 0
     act = numpy_ref.quantize_q8(rng.standard_normal((2, k)).astype(np.float32))
@@ -170,7 +192,7 @@ def test_float_product_matches_dequantized_weights():
     x = rng.standard_normal((2, k)).astype(np.float32)
     act = numpy_ref.quantize_q8(x)
     xf = (act.qs.reshape(2, -1, 32) * act.d[..., None]).reshape(2, k)
-    for wtype in (WType.Q4_0, WType.Q8_0):
+    for wtype in (WType.Q4_0, WType.Q8_0, *LEGACY_TYPES):
         gt = gguf.GGMLQuantizationType(int(wtype))
         w = gguf.quants.quantize(wf, gt)
         want = xf @ gguf.quants.dequantize(w, gt).T
@@ -202,16 +224,17 @@ def test_q8_0x8_repack_is_identical_in_c_and_numpy():
         np.testing.assert_array_equal(api.gemm(WType.Q8_0X8, packed, n, 96, act), api.gemm(WType.Q8_0, w, n, 96, act))
 
 
-def test_threads_do_not_change_results():
+@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q5_0], ids=lambda t: t.name)  # the types with 4-row products
+def test_threads_do_not_change_results(wtype):
     rng = np.random.default_rng(8)
     n, k = 1000, 2048
-    w = random_weights(WType.Q4_0, n, k, rng)
+    w = random_weights(wtype, n, k, rng)
     act = numpy_ref.quantize_q8(rng.standard_normal((3, k)).astype(np.float32))
     for p in C_PATHS:
         api.set_kernel_path(p)
-        one = api.gemm(WType.Q4_0, w, n, k, act, nthreads=1)
-        np.testing.assert_array_equal(api.gemm(WType.Q4_0, w, n, k, act, nthreads=2), one)
-        np.testing.assert_array_equal(api.gemm(WType.Q4_0, w, n, k, act, nthreads=5), one)
+        one = api.gemm(wtype, w, n, k, act, nthreads=1)
+        np.testing.assert_array_equal(api.gemm(wtype, w, n, k, act, nthreads=2), one)
+        np.testing.assert_array_equal(api.gemm(wtype, w, n, k, act, nthreads=5), one)
 
 
 def test_linear_f32_equals_quantize_then_gemm():
@@ -242,6 +265,31 @@ def test_env_var_forces_a_path():
     assert bad.returncode != 0 and "not supported by this CPU" in bad.stderr
 
 
+def test_env_var_forced_paths_run_the_legacy_types():
+    """QKILN_KERNEL=<path> in a fresh process runs Q5_0, Q4_1 and Q5_1 on that path, bit-equal to the NumPy
+    reference with unit scales (the integer parts) and within TOLERANCE with random ones."""
+    code = (
+        "import sys; import numpy as np; sys.path.insert(0, sys.argv[1])\n"
+        "from qkiln.kernels import api, numpy_ref\n"
+        "from qkiln.kernels.types import WType\n"
+        "from conftest_helpers import random_weights, unit_activations\n"
+        "rng = np.random.default_rng(21); out = [api.kernel_path()]\n"
+        "for t in (WType.Q5_0, WType.Q4_1, WType.Q5_1):\n"
+        "    w = random_weights(t, 11, 320, rng, unit_scales=True); act = unit_activations(2, 320, rng)\n"
+        "    exact = np.array_equal(api.gemm(t, w, 11, 320, act), numpy_ref.gemm(t, w, 11, 320, act))\n"
+        "    w = random_weights(t, 11, 320, rng); act = numpy_ref.quantize_q8(rng.standard_normal((2, 320)))\n"
+        "    ref, yabs = numpy_ref.gemm(t, w, 11, 320, act, with_abs=True)\n"
+        "    close = bool((np.abs(api.gemm(t, w, 11, 320, act) - ref) <= numpy_ref.TOLERANCE * yabs + 1e-30).all())\n"
+        "    out.append(f'{t.name}={exact and close}')\n"
+        "print(' '.join(out))\n")
+    assert C_PATHS
+    for p in C_PATHS:
+        r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                           env={**os.environ, "QKILN_KERNEL": p})
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [p, "Q5_0=True", "Q4_1=True", "Q5_1=True"]
+
+
 def test_numpy_path_serves_the_same_api():
     rng = np.random.default_rng(10)
     w = random_weights(WType.Q4_0, 8, 256, rng)
@@ -266,7 +314,8 @@ def test_no_compiler_falls_back_to_numpy(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q8_0, WType.Q4_0X2, WType.Q4_0X8, WType.Q8_0X8], ids=lambda t: t.name)
+@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q8_0, *LEGACY_TYPES, WType.Q4_0X2, WType.Q4_0X8, WType.Q8_0X8],
+                         ids=lambda t: t.name)
 @pytest.mark.parametrize("shape", [(9, 96, 2), (13, 544, 1), (4, 32, 3)], ids=str)
 def test_odd_block_counts(wtype, shape):
     """K/32 odd (3, 17, 1 blocks): the two-blocks-per-vector kernels must finish the last block alone."""
@@ -390,6 +439,8 @@ def test_c_block_sizes_are_gguf_constants():
     defines = {m[1]: int(m[2]) for m in re.finditer(r"^#define (\w+) (\d+)", text, re.M)}
     assert (defines["QK8"], defines["Q4_0_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0]
     assert (defines["QK8"], defines["Q8_0_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
+    for name in ("Q5_0", "Q4_1", "Q5_1"):
+        assert (defines["QK8"], defines[f"{name}_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType[name]]
     assert (defines["QKK"], defines["Q4_K_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
     assert (defines["QKK"], defines["Q6_K_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]
     from qkiln.kernels.types import BLOCK

@@ -11,6 +11,9 @@
 #define QKK 256         /* K-quant super-block */
 #define Q4_0_BYTES 18
 #define Q8_0_BYTES 34
+#define Q4_1_BYTES 20
+#define Q5_0_BYTES 22
+#define Q5_1_BYTES 24
 #define Q4_K_BYTES 144
 #define Q6_K_BYTES 210
 #define Q4_0X2_BYTES 36 /* per row pair and block */
@@ -36,7 +39,7 @@ typedef void (*qk_rows_fn)(const qk_job *job, int n0, int n1);
 
 /* The row functions of one path, by layout. */
 enum qk_layout { QK_L_Q4_0, QK_L_Q8_0, QK_L_Q4_K, QK_L_Q6_K, QK_L_Q4_0X2, QK_L_INT4G, QK_L_Q4_0X8, QK_L_Q8_0X8,
-                 QK_L_INT4GX8, QK_NLAYOUTS };
+                 QK_L_INT4GX8, QK_L_Q5_0, QK_L_Q4_1, QK_L_Q5_1, QK_NLAYOUTS };
 
 typedef struct {
     qk_rows_fn rows[QK_NLAYOUTS];
@@ -95,6 +98,11 @@ static inline float qk_h2f(uint16_t h) {
 #endif
 
 static inline uint16_t qk_rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* Q5_0/Q5_1's qh: the 32 high bits stored little-endian at p (bit j = bit 4 of element j). */
+static inline uint32_t qk_rd32(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
 
 /* The fp16 scale stored little-endian at p. */
 static inline float qk_h2f_at(const uint8_t *p) { return qk_h2f(qk_rd16(p)); }

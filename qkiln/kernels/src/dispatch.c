@@ -144,6 +144,9 @@ int qk_gemm(int wtype, const void *w, int N, int K, const int8_t *qs, const floa
     switch (wtype) {
     case QK_Q4_0: layout = QK_L_Q4_0; break;
     case QK_Q8_0: layout = QK_L_Q8_0; break;
+    case QK_Q5_0: layout = QK_L_Q5_0; break;
+    case QK_Q4_1: layout = QK_L_Q4_1; break;
+    case QK_Q5_1: layout = QK_L_Q5_1; break;
     case QK_Q4_0X2: layout = QK_L_Q4_0X2; break;
     case QK_Q4_0X8: layout = QK_L_Q4_0X8; break;
     case QK_Q8_0X8: layout = QK_L_Q8_0X8; break;

@@ -3,10 +3,11 @@
  * has, says which with QK_DOT_* macros, and includes this file, which then defines rows_<layout> for each
  * (NULL for the others) and qk_rows_fill() to enter them in a qk_kernels table. (The scheme of ggml-cpu's arch/<isa>/quants.c.)
  *
- *   QK_DOT_Q4_0, QK_DOT_Q8_0, QK_DOT_Q4_K, QK_DOT_Q6_K: one weight row against one activation row,
+ *   QK_DOT_Q4_0, QK_DOT_Q8_0, QK_DOT_Q5_0, QK_DOT_Q4_1, QK_DOT_Q5_1, QK_DOT_Q4_K, QK_DOT_Q6_K: one weight row
+ *       against one activation row,
  *       static float dot_<t>(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nw)
- *       (nw blocks of the layout: 32 elements for Q4_0/Q8_0, 256 for the K-quants; ad/as per 32 elements);
- *   QK_DOT4_Q4_0, QK_DOT4_Q8_0: optionally four consecutive rows at once (rows `stride` bytes apart),
+ *       (nw blocks of the layout: 32 elements for the legacy types, 256 for the K-quants; ad/as per 32);
+ *   QK_DOT4_Q4_0, QK_DOT4_Q8_0, QK_DOT4_Q5_0: optionally four consecutive rows at once (rows `stride` bytes apart),
  *       static void dot4_<t>(const uint8_t *w, size_t stride, const int8_t *a, const float *ad,
  *                            const int32_t *as, int nw, float out[4])  — the same value per row as dot_<t>;
  *   QK_DOT_INT4G: static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp, int group,
@@ -84,6 +85,9 @@ static inline __attribute__((always_inline)) void qk_rows_x8(const qk_job *j, in
 #ifndef QK_DOT4_Q8_0
 #define dot4_q8_0 NULL
 #endif
+#ifndef QK_DOT4_Q5_0
+#define dot4_q5_0 NULL
+#endif
 #ifndef QK_PREP8_BYTES /* no activation prep for the X8 layouts */
 #define QK_PREP8_BYTES(nb) 0
 #define QK_PREP8_Q4_0X8 NULL
@@ -100,6 +104,21 @@ static void rows_q4_0(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n
 static void rows_q8_0(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QK8, Q8_0_BYTES, dot_q8_0, dot4_q8_0); }
 #else
 #define rows_q8_0 NULL
+#endif
+#ifdef QK_DOT_Q5_0
+static void rows_q5_0(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QK8, Q5_0_BYTES, dot_q5_0, dot4_q5_0); }
+#else
+#define rows_q5_0 NULL
+#endif
+#ifdef QK_DOT_Q4_1
+static void rows_q4_1(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QK8, Q4_1_BYTES, dot_q4_1, NULL); }
+#else
+#define rows_q4_1 NULL
+#endif
+#ifdef QK_DOT_Q5_1
+static void rows_q5_1(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QK8, Q5_1_BYTES, dot_q5_1, NULL); }
+#else
+#define rows_q5_1 NULL
 #endif
 #ifdef QK_DOT_Q4_K
 static void rows_q4_k(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QKK, Q4_K_BYTES, dot_q4_k, NULL); }
@@ -152,7 +171,8 @@ QK_ROWS_X8(int4gx8, (size_t)(j->K / j->group) * qk_int4gx8_group_bytes(j->group)
 static void qk_rows_fill(qk_kernels *k) {
     const qk_kernels mine = {{[QK_L_Q4_0] = rows_q4_0, [QK_L_Q8_0] = rows_q8_0, [QK_L_Q4_K] = rows_q4_k,
                               [QK_L_Q6_K] = rows_q6_k, [QK_L_INT4G] = rows_int4g, [QK_L_Q4_0X8] = rows_q4_0x8,
-                              [QK_L_Q8_0X8] = rows_q8_0x8, [QK_L_INT4GX8] = rows_int4gx8}};
+                              [QK_L_Q8_0X8] = rows_q8_0x8, [QK_L_INT4GX8] = rows_int4gx8, [QK_L_Q5_0] = rows_q5_0,
+                              [QK_L_Q4_1] = rows_q4_1, [QK_L_Q5_1] = rows_q5_1}};
     qk_kernels_over(k, &mine);
 }
 

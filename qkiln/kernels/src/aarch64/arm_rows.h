@@ -30,6 +30,62 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, const 
     return vaddvq_f32(acc);
 }
 
+/* 16 bits of Q5_0/Q5_1's qh -> 16 bytes, 0x10 where bit j (element j of the half) is set. */
+static inline uint8x16_t high_bits16(uint32_t bits) {
+    static const uint8_t sel[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    const uint8x16_t bytes = vcombine_u8(vdup_n_u8((uint8_t)bits), vdup_n_u8((uint8_t)(bits >> 8)));
+    return vandq_u8(vtstq_u8(bytes, vld1q_u8(sel)), vdupq_n_u8(0x10));
+}
+
+/* One Q5_0/Q5_1 block's 32 codes 0..31 as two 16-byte halves (elements 0-15, 16-31). */
+static inline void q5_codes(const uint8_t *qs, uint32_t qh, uint8x16_t *lo, uint8x16_t *hi) {
+    const uint8x16_t raw = vld1q_u8(qs);
+    *lo = vorrq_u8(vandq_u8(raw, vdupq_n_u8(0x0f)), high_bits16(qh));
+    *hi = vorrq_u8(vshrq_n_u8(raw, 4), high_bits16(qh >> 16));
+}
+
+static float dot_q5_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    const int8x16_t sixteen = vdupq_n_s8(16);
+    for (int b = 0; b < nb; b++, w += Q5_0_BYTES, a += QK8) {
+        uint8x16_t l, h;
+        q5_codes(w + 6, qk_rd32(w + 2), &l, &h);
+        const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(l), sixteen), hi = vsubq_s8(vreinterpretq_s8_u8(h), sixteen);
+        const int32x4_t p = DOT16(DOT16(vdupq_n_s32(0), lo, vld1q_s8(a)), hi, vld1q_s8(a + 16));
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), qk_h2f_at(w) * ad[b]);
+    }
+    return vaddvq_f32(acc);
+}
+
+/* Q4_1 / Q5_1: codes 0..31 are valid signed bytes; the min term m*sum(a) is summed apart, as Q4_K's. */
+static float dot_q4_1(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    float corr = 0.0f;
+    const uint8x16_t m4 = vdupq_n_u8(0x0f);
+    for (int b = 0; b < nb; b++, w += Q4_1_BYTES, a += QK8) {
+        const uint8x16_t raw = vld1q_u8(w + 4);
+        const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(raw, m4)), hi = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
+        const int32x4_t p = DOT16(DOT16(vdupq_n_s32(0), lo, vld1q_s8(a)), hi, vld1q_s8(a + 16));
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), ad[b] * qk_h2f_at(w));
+        corr += ad[b] * (qk_h2f_at(w + 2) * (float)as[b]);
+    }
+    return vaddvq_f32(acc) + corr;
+}
+
+static float dot_q5_1(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    float corr = 0.0f;
+    for (int b = 0; b < nb; b++, w += Q5_1_BYTES, a += QK8) {
+        uint8x16_t l, h;
+        q5_codes(w + 8, qk_rd32(w + 4), &l, &h);
+        const int32x4_t p = DOT16(DOT16(vdupq_n_s32(0), vreinterpretq_s8_u8(l), vld1q_s8(a)), vreinterpretq_s8_u8(h),
+                                  vld1q_s8(a + 16));
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), ad[b] * qk_h2f_at(w));
+        corr += ad[b] * (qk_h2f_at(w + 2) * (float)as[b]);
+    }
+    return vaddvq_f32(acc) + corr;
+}
+
 static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp, int group, const int8_t *a,
                        const float *ad, const int32_t *as, int nb) {
     float32x4_t acc = vdupq_n_f32(0.0f);
@@ -110,6 +166,9 @@ static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, const 
 
 #define QK_DOT_Q4_0
 #define QK_DOT_Q8_0
+#define QK_DOT_Q5_0
+#define QK_DOT_Q4_1
+#define QK_DOT_Q5_1
 #define QK_DOT_Q4_K
 #define QK_DOT_Q6_K
 #define QK_DOT_INT4G

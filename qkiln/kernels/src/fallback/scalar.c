@@ -26,6 +26,49 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, const 
     return acc;
 }
 
+/* Q5_0 / Q5_1 code j (0..31) of a block: low nibble from qs (Q4_0's order), bit 4 from qh. */
+static inline int q5_code(const uint8_t *qs, uint32_t qh, int j) {
+    const int nib = j < 16 ? (qs[j] & 0x0f) : (qs[j - 16] >> 4);
+    return nib | (int)((qh >> j & 1u) << 4);
+}
+
+/* Q5_0: da * d * (sum(q*a) - 16*sum(a)), q in 0..31. */
+static float dot_q5_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++, w += Q5_0_BYTES, a += QK8) {
+        const uint32_t qh = qk_rd32(w + 2);
+        int s = 0;
+        for (int j = 0; j < 32; j++) s += q5_code(w + 6, qh, j) * a[j];
+        s -= 16 * as[b];
+        acc += (qk_h2f_at(w) * ad[b]) * (float)s;
+    }
+    return acc;
+}
+
+/* Q4_1: da * (d*sum(q*a) + m*sum(a)), q in 0..15 (the min term as Q4_K's). */
+static float dot_q4_1(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++, w += Q4_1_BYTES, a += QK8) {
+        const uint8_t *q = w + 4;
+        int s = 0;
+        for (int j = 0; j < 16; j++) s += (q[j] & 0x0f) * a[j] + (q[j] >> 4) * a[j + 16];
+        acc += ad[b] * (qk_h2f_at(w) * (float)s + qk_h2f_at(w + 2) * (float)as[b]);
+    }
+    return acc;
+}
+
+/* Q5_1: da * (d*sum(q*a) + m*sum(a)), q in 0..31. */
+static float dot_q5_1(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++, w += Q5_1_BYTES, a += QK8) {
+        const uint32_t qh = qk_rd32(w + 4);
+        int s = 0;
+        for (int j = 0; j < 32; j++) s += q5_code(w + 8, qh, j) * a[j];
+        acc += ad[b] * (qk_h2f_at(w) * (float)s + qk_h2f_at(w + 2) * (float)as[b]);
+    }
+    return acc;
+}
+
 static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp, int group,
                        const int8_t *a, const float *ad, const int32_t *as, int nb) {
     float acc = 0.0f;
@@ -183,6 +226,9 @@ static void dot8_q8_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, cons
 
 #define QK_DOT_Q4_0
 #define QK_DOT_Q8_0
+#define QK_DOT_Q5_0
+#define QK_DOT_Q4_1
+#define QK_DOT_Q5_1
 #define QK_DOT_Q4_K
 #define QK_DOT_Q6_K
 #define QK_DOT_INT4G

@@ -68,6 +68,68 @@ static float dot_q8_0(const uint8_t *w, const int8_t *a, const float *ad, const 
     return hsum8(_mm256_add_ps(acc0, acc1));
 }
 
+/* Q5_0/Q5_1's qh (32 bits at p) -> 32 bytes, 0xff where bit j (element j) is set (llama.cpp's
+ * bytes_from_bits_32): byte j takes qh's byte j/8, ORs in every bit but j % 8, and compares with 0xff. */
+static inline __m256i bits_to_bytes(const uint8_t *p) {
+    uint32_t x;
+    memcpy(&x, p, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), shuf);
+    const __m256i others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    return _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1));
+}
+
+/* Q5_0 codes minus 16, as signed bytes: nibble | 0xf0 where the high bit is clear (nibble - 16), the nibble
+ * where it is set (nibble + 16 - 16). */
+static inline __m256i q5_0_codes(const uint8_t *w) {
+    const __m256i hb = bits_to_bytes(w + 2);
+    return _mm256_or_si256(unpack_nibbles(w + 6), _mm256_andnot_si256(hb, _mm256_set1_epi8((char)0xf0)));
+}
+
+static float dot_q5_0(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *w1 = w + Q5_0_BYTES;
+        const __m256i p0 = dot32(q5_0_codes(w), _mm256_loadu_si256((const __m256i *)a));
+        const __m256i p1 = dot32(q5_0_codes(w1), _mm256_loadu_si256((const __m256i *)(a + QK8)));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qk_h2f_at(w) * ad[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(qk_h2f_at(w1) * ad[b + 1]), acc1);
+        w += 2 * Q5_0_BYTES;
+        a += 2 * QK8;
+    }
+    if (b < nb) {
+        const __m256i p0 = dot32(q5_0_codes(w), _mm256_loadu_si256((const __m256i *)a));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qk_h2f_at(w) * ad[b]), acc0);
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+/* Q4_1 / Q5_1: unsigned codes (0..15 / 0..31) meet the activations directly in vpmaddubsw (31*127*2 fits an
+ * int16); the min term m*sum(a) is summed apart, as Q4_K's dmin term. */
+static inline float dot_min_blocks(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb,
+                                   int bytes, int five) {
+    __m256 acc = _mm256_setzero_ps();
+    float corr = 0.0f;
+    const __m256i ones16 = _mm256_set1_epi16(1), bit4 = _mm256_set1_epi8(0x10);
+    for (int b = 0; b < nb; b++, w += bytes, a += QK8) {
+        __m256i q = unpack_nibbles(w + (five ? 8 : 4));
+        if (five) q = _mm256_or_si256(q, _mm256_and_si256(bits_to_bytes(w + 4), bit4));
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)a)), ones16);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ad[b] * qk_h2f_at(w)), acc);
+        corr += ad[b] * (qk_h2f_at(w + 2) * (float)as[b]);
+    }
+    return hsum8(acc) + corr;
+}
+
+static float dot_q4_1(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
+    return dot_min_blocks(w, a, ad, as, nb, Q4_1_BYTES, 0);
+}
+
+static float dot_q5_1(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nb) {
+    return dot_min_blocks(w, a, ad, as, nb, Q5_1_BYTES, 1);
+}
+
 static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp, int group, const int8_t *a,
                        const float *ad, const int32_t *as, int nb) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -143,6 +205,9 @@ static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, const 
 
 #define QK_DOT_Q4_0
 #define QK_DOT_Q8_0
+#define QK_DOT_Q5_0
+#define QK_DOT_Q4_1
+#define QK_DOT_Q5_1
 #define QK_DOT_Q4_K
 #define QK_DOT_Q6_K
 #define QK_DOT_INT4G
