@@ -29,8 +29,10 @@ output error on that group's diagonal block of H. Clipped weights then go to RTN
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -137,6 +139,57 @@ def candidate_losses(w: np.ndarray, scheme: Scheme, s: np.ndarray, h: np.ndarray
     return out
 
 
+class ScaleSearch:
+    """The scale search of one input group (`search_scale`), in two stages (the coarse candidates, then the fine
+    ones around the best of those), each split into jobs a pool can run in any order: `jobs()` gives one job per
+    (quantized linear, half of the stage's candidates), `take(results)` sums their losses over the linears in
+    their order — the same bytes whatever ran the jobs, and when."""
+
+    def __init__(self, weights: list[np.ndarray], schemes: list[Scheme | None], stats: GroupStats, *,
+                 n_grid: int = 20, coarse: int = 4):
+        self.linears = [(np.asarray(w, np.float32), sch) for w, sch in zip(weights, schemes, strict=True)
+                        if sch is not None]
+        self.alphas, self.s = candidate_scales(stats.abs_mean, n_grid)
+        self.h = stats.h.astype(np.float32)
+        self.factor = error_factor(stats.h)
+        self.loss = np.full(n_grid, np.inf)
+        self.coarse = max(1, coarse)
+        self.stage = 0
+        self._todo: list[int] = []
+        self._parts: list[tuple[int, slice]] = []  # per job: its linear, its slice of _todo
+
+    def jobs(self) -> list[tuple[int, Callable[[], np.ndarray]]]:
+        """(cost, job) for each job of the next stage; job() -> its linear's losses on its candidates."""
+        n = len(self.loss)
+        if self.stage == 0:
+            idx = range(0, n, self.coarse)
+        else:
+            b = int(np.argmin(self.loss))
+            idx = range(b - self.coarse + 1, b + self.coarse)
+        self._todo = [i for i in idx if 0 <= i < n and np.isinf(self.loss[i])]
+        half = (len(self._todo) + 1) // 2
+        self._parts = [(k, part) for k in range(len(self.linears))
+                       for part in (slice(0, half), slice(half, len(self._todo))) if part.start < part.stop]
+        return [(self.linears[k][0].size * (part.stop - part.start), functools.partial(
+            candidate_losses, *self.linears[k], self.s[self._todo[part]], self.h, self.factor)) for k, part in self._parts]
+
+    def take(self, results: list[np.ndarray]) -> None:
+        """The jobs' results, in `jobs()` order: the stage's losses, summed over the linears in their order."""
+        per_linear = np.zeros((max(1, len(self.linears)), len(self._todo)), np.float64)
+        for (k, part), got in zip(self._parts, results, strict=True):
+            per_linear[k, part] = got
+        total = per_linear[0].copy()
+        for row in per_linear[1:]:
+            total += row
+        self.loss[self._todo] = total  # no quantized linear: folding is exact, no loss
+        self.stage += 1
+
+    def result(self) -> tuple[np.ndarray, float, float, float]:
+        """(s, alpha, loss, loss at α = 0) of the best candidate scored (the first on ties)."""
+        best = int(np.argmin(self.loss))
+        return self.s[best], float(self.alphas[best]), float(self.loss[best]), float(self.loss[0])
+
+
 def search_scale(
     weights: list[np.ndarray], schemes: list[Scheme | None], stats: GroupStats, *, n_grid: int = 20,
     coarse: int = 4,
@@ -148,27 +201,12 @@ def search_scale(
     steps of the best of those — the grid's minimum whenever the loss is unimodal in α (it is a smooth
     trade between the salient and the other channels' error), for 11 of the 20 evaluations (coarse=1: all of
     them). Ties go to the smaller α. A linear whose scheme is None stays in float: folding is exact for it,
-    so it adds no loss.
+    so it adds no loss. (`awq_layer` runs the four groups' `ScaleSearch` jobs on a pool; this runs one here.)
     """
-    alphas, s = candidate_scales(stats.abs_mean, n_grid)
-    h = stats.h.astype(np.float32)
-    factor = error_factor(stats.h)
-    loss = np.full(n_grid, np.inf)
-
-    def score(idx: list[int]) -> None:
-        todo = [i for i in idx if 0 <= i < n_grid and np.isinf(loss[i])]
-        if todo:
-            got = np.zeros(len(todo), np.float64)
-            for w, scheme in zip(weights, schemes, strict=True):
-                if scheme is not None:
-                    got += candidate_losses(w, scheme, s[todo], h, factor)
-            loss[todo] = got
-
-    score(list(range(0, n_grid, max(1, coarse))))
-    b = int(np.argmin(loss))
-    score(list(range(b - coarse + 1, b + coarse)))
-    best = int(np.argmin(loss))
-    return s[best], float(alphas[best]), float(loss[best]), float(loss[0])
+    search = ScaleSearch(weights, schemes, stats, n_grid=n_grid, coarse=coarse)
+    for _ in range(2):
+        search.take([job() for _, job in search.jobs()])
+    return search.result()
 
 
 def search_clip(
@@ -246,18 +284,24 @@ def awq_layer(
 ) -> AwqLayerResult:
     """Search and fold AWQ scales for one decoder layer (all searches on the original weights, as
     AutoAWQ does), then optionally search clipping on the folded weights."""
-    def search(group: str) -> tuple[np.ndarray, float, float, float]:
+    searches = {}
+    for group, names in INPUT_GROUPS.items():
         st = stats[group]
         if group == "attn_out":
             st = GroupStats(h=st.h, abs_mean=tie_heads(st.abs_mean, config))
-        names = INPUT_GROUPS[group]
-        return search_scale([np.asarray(tensors[n], np.float32) for n in names], [schemes[n] for n in names], st,
-                            n_grid=n_grid)
+        searches[group] = ScaleSearch([tensors[n] for n in names], [schemes[n] for n in names], st, n_grid=n_grid)
 
-    # the four groups' searches are independent: one per core, each product on one BLAS thread (the same
-    # arithmetic whatever the number of workers)
-    with ThreadPoolExecutor(max_workers=max(1, min(threads or os.cpu_count() or 1, 4))) as pool, one_blas_thread():
-        found = dict(zip(INPUT_GROUPS, pool.map(search, INPUT_GROUPS), strict=True))
+    # The four groups' searches are independent: each stage's jobs of all groups go to one pool, the largest
+    # first (down_proj's K-quant fits alone would otherwise keep one core busy while the other idles), each
+    # product on one BLAS thread — the same arithmetic whatever the number of workers.
+    with ThreadPoolExecutor(max_workers=max(1, threads or os.cpu_count() or 1)) as pool, one_blas_thread():
+        for _ in range(2):
+            jobs = {g: srch.jobs() for g, srch in searches.items()}
+            order = sorted(((cost, g, i) for g, js in jobs.items() for i, (cost, _) in enumerate(js)), reverse=True)
+            futures = {(g, i): pool.submit(jobs[g][i][1]) for _, g, i in order}
+            for g, srch in searches.items():
+                srch.take([futures[(g, i)].result() for i in range(len(jobs[g]))])
+    found = {g: srch.result() for g, srch in searches.items()}
     scales = {g: s for g, (s, _, _, _) in found.items()}
     info = {g: {"alpha": alpha, "loss": loss, "loss_rtn": loss0} for g, (_, alpha, loss, loss0) in found.items()}
     folded = fold_scales(tensors, scales, config)

@@ -149,10 +149,21 @@ def test_awq_layer_folds_and_reports(tiny_config, llama_weights):
         h, n = accumulate_hessian(*empty_hessian(d), x)
         stats[g] = GroupStats(h=h, abs_mean=abs_mean_sum(np.zeros(d), x) / n)
     schemes = dict.fromkeys(LINEARS, get_scheme("int4_g32_asym"))
+    schemes["self_attn.k_proj"] = None  # kept in float: no loss, no jobs
     res = awq_layer(t, stats, schemes, cfg, n_grid=10, clip=True)
     assert set(res.tensors) == set(t)
     for g in INPUT_GROUPS:
         assert res.info[g]["loss"] <= res.info[g]["loss_rtn"]
+    # the pooled search (every group's jobs at once, largest first) is the one-group search, whatever the workers
+    for threads in (1, 3):
+        again = awq_layer(t, stats, schemes, cfg, n_grid=10, clip=True, threads=threads)
+        assert again.info == res.info
+        for n in t:
+            np.testing.assert_array_equal(again.tensors[n], res.tensors[n])
+    for g, names in INPUT_GROUPS.items():
+        st = stats[g] if g != "attn_out" else GroupStats(h=stats[g].h, abs_mean=tie_heads(stats[g].abs_mean, cfg))
+        _, alpha, loss, loss0 = search_scale([t[n] for n in names], [schemes[n] for n in names], st, n_grid=10)
+        assert res.info[g] == {"alpha": alpha, "loss": loss, "loss_rtn": loss0}
 
 
 def test_error_factor_of_a_singular_hessian_gives_the_dense_loss(outlier_problem):
