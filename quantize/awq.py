@@ -153,19 +153,30 @@ class ScaleSearch:
         self.h = stats.h.astype(np.float32)
         self.factor = error_factor(stats.h)
         self.loss = np.full(n_grid, np.inf)
-        self.coarse = max(1, coarse)
+        if coarse < 1 or coarse & (coarse - 1):
+            raise ValueError(f"the coarse step must be a power of two, got {coarse}")
+        self.coarse = coarse
         self.stage = 0
         self._todo: list[int] = []
         self._parts: list[tuple[int, slice]] = []  # per job: its linear, its slice of _todo
 
+    @property
+    def done(self) -> bool:
+        """Every stage run: the coarse grid (stage 0), then steps coarse/2, coarse/4, ..., 1 around the best."""
+        return (self.coarse >> self.stage) == 0 if self.stage else False
+
     def jobs(self) -> list[tuple[int, Callable[[], np.ndarray]]]:
-        """(cost, job) for each job of the next stage; job() -> its linear's losses on its candidates."""
+        """(cost, job) for each job of the next stage; job() -> its linear's losses on its candidates.
+
+        Stage 0 scores every `coarse`-th α; stage k the two α at ± coarse/2^k from the best so far. For a loss
+        unimodal in α the minimum is within coarse - 1 of the best coarse point, within step - 1 of the best
+        after each halving step, so the last (step 1) finds it: 5 + 2 + 2 of the 20 candidates at coarse 4."""
         n = len(self.loss)
         if self.stage == 0:
-            idx = range(0, n, self.coarse)
+            idx: list[int] = list(range(0, n, self.coarse))
         else:
-            b = int(np.argmin(self.loss))
-            idx = range(b - self.coarse + 1, b + self.coarse)
+            b, step = int(np.argmin(self.loss)), self.coarse >> self.stage
+            idx = [b - step, b + step]
         self._todo = [i for i in idx if 0 <= i < n and np.isinf(self.loss[i])]
         half = (len(self._todo) + 1) // 2
         self._parts = [(k, part) for k in range(len(self.linears))
@@ -197,14 +208,14 @@ def search_scale(
     """Best per-channel scale for linears sharing one input: (s (in,) float32, alpha, loss, loss at α=0).
 
     α runs over the grid 0, 1/n_grid, ... (α = 0 is s = 1, plain RTN, so the result is never worse than RTN
-    on this proxy). The search is coarse to fine: every `coarse`-th α first, then the α within `coarse` - 1
-    steps of the best of those — the grid's minimum whenever the loss is unimodal in α (it is a smooth
-    trade between the salient and the other channels' error), for 11 of the 20 evaluations (coarse=1: all of
-    them). Ties go to the smaller α. A linear whose scheme is None stays in float: folding is exact for it,
+    on this proxy). The search is coarse to fine (`ScaleSearch.jobs`): every `coarse`-th α first, then halving
+    steps around the best — the grid's minimum whenever the loss is unimodal in α (it is a smooth trade
+    between the salient and the other channels' error), for 9 of the 20 evaluations (coarse=1: all of them).
+    Ties go to the smaller α. A linear whose scheme is None stays in float: folding is exact for it,
     so it adds no loss. (`awq_layer` runs the four groups' `ScaleSearch` jobs on a pool; this runs one here.)
     """
     search = ScaleSearch(weights, schemes, stats, n_grid=n_grid, coarse=coarse)
-    for _ in range(2):
+    while not search.done:
         search.take([job() for _, job in search.jobs()])
     return search.result()
 
@@ -295,7 +306,7 @@ def awq_layer(
     # first (down_proj's K-quant fits alone would otherwise keep one core busy while the other idles), each
     # product on one BLAS thread — the same arithmetic whatever the number of workers.
     with ThreadPoolExecutor(max_workers=max(1, threads or os.cpu_count() or 1)) as pool, one_blas_thread():
-        for _ in range(2):
+        while not all(srch.done for srch in searches.values()):  # the same stages for every group
             jobs = {g: srch.jobs() for g, srch in searches.items()}
             order = sorted(((cost, g, i) for g, js in jobs.items() for i, (cost, _) in enumerate(js)), reverse=True)
             futures = {(g, i): pool.submit(jobs[g][i][1]) for _, g, i in order}

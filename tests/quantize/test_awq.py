@@ -127,7 +127,7 @@ def test_coarse_to_fine_search_finds_the_grid_minimum_of_a_unimodal_loss(minimum
     st = GroupStats(h=np.eye(2), abs_mean=np.array([1.0, 2.0]))
     _, alpha, loss, loss0 = search_scale([np.ones((1, 2), np.float32)], [get_scheme("q4_0")], st)
     assert alpha == minimum / 20 and loss == 1.0 and loss0 == minimum + 1.0
-    assert len(evaluated) == len(set(evaluated)) <= 11  # no candidate scored twice, about half the grid
+    assert len(evaluated) == len(set(evaluated)) <= 9  # no candidate scored twice, under half the grid
 
 
 def test_clip_search_never_worse_than_no_clip(outlier_problem):
