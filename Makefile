@@ -2,7 +2,7 @@
 .PHONY: demo test lock
 
 # Set up, import the bundled demo model (SmolLM2-135M-Instruct) and build the Graviton4 target's artifacts
-# (recipes/graviton4.toml: GGUF Q4_0 with GPTQ codes and Q8_0), each scored against the unquantized model,
+# (recipes/graviton4.toml: GGUF Q4_0 with AWQ+GPTQ codes and Q8_0), each scored against the unquantized model,
 # run on Graviton4's instruction set under qemu when the Arm tools are installed, timed, and reported in
 # dist/graviton4/ (report.html, report.md, manifest.json, a model card per artifact).
 demo:
