@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from qkiln.cli.common import Algo, console, handles_errors, print_fallbacks, print_json
+from qkiln.cli.common import MAX_MEMORY_HELP, Algo, console, handles_errors, print_fallbacks, print_json, report_memory
 from qkiln.errors import UserError
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
@@ -54,6 +54,7 @@ def convert(
     ] = 4,
     float_dtype: Annotated[str, typer.Option("--float-dtype", help="onnx: embeddings and norms as fp32 or fp16.")] = "fp32",
     force: Annotated[bool, typer.Option("--force", help="onnx: replace an existing output folder.")] = False,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help=MAX_MEMORY_HELP)] = None,
 ) -> None:
     """Quantize a checkpoint into a GGUF that llama.cpp runs as it is."""
     # Imported here, not at the top: `qkiln --help` then loads no NumPy model code (not a cycle).
@@ -64,6 +65,14 @@ def convert(
         if not path.is_file():
             raise UserError(f"calibration file {path} not found; pass an existing text file to --calib")
     model_path = resolve_model_path(model)
+    if max_memory is not None:
+        from qkiln.formats.hf import Checkpoint
+        from qkiln.pipeline.memory import check_memory, convert_plan, parse_size
+
+        limit = parse_size(max_memory)
+        plan = convert_plan(Checkpoint.open(model_path), to.value, scheme, algo.value, calib or [], samples, seq_len,
+                            uniform=uniform, strict=strict)
+        report_memory(check_memory(plan, limit), limit)
     if to is Target.onnx:
         _convert_onnx(model_path, output, scheme, algo.value, calib or [], samples, seq_len, strict=strict,
                       accuracy_level=accuracy_level, float_dtype=float_dtype, force=force, as_json=as_json, verbose=verbose)

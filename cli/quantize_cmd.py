@@ -18,7 +18,7 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from qkiln.cli.common import Algo, console, handles_errors, print_fallbacks, print_json
+from qkiln.cli.common import MAX_MEMORY_HELP, Algo, console, handles_errors, print_fallbacks, print_json, report_memory
 from qkiln.errors import QuantizeError, UserError
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
@@ -70,6 +70,7 @@ def quantize_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (the quantization record) on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every tensor's fallback, not one line per rule.")] = False,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help=MAX_MEMORY_HELP)] = None,
 ) -> None:
     """Quantize a checkpoint layer by layer and write the simulated result with quantization.json."""
     # Imported here, not at the top: `qkiln --help` then loads no NumPy model code (not a cycle).
@@ -96,6 +97,19 @@ def quantize_command(
     else:
         assert scheme is not None
         rules = single(get_scheme(scheme).name) if fallback else get_scheme(scheme)
+    if max_memory is not None:
+        from qkiln.pipeline.memory import check_memory, convert_plan, parse_size
+        from qkiln.quantize.rules import KEEP
+
+        limit = parse_size(max_memory)
+        shapes = {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
+        if hasattr(rules, "plan"):
+            planned = {n: s for n, (s, _) in rules.plan(shapes).items() if s != KEEP}
+        else:
+            planned = {n: rules.name for n, shp in shapes.items() if len(shp) == 2}
+        plan = convert_plan(ckpt, "checkpoint", "", algo.value, [calib] if calib else [], samples, seq_len,
+                            schemes=planned)
+        report_memory(check_memory(plan, limit), limit)
 
     calib_doc: dict[str, Any] | None = None
     ids = None

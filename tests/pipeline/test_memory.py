@@ -1,0 +1,109 @@
+"""`--max-memory`: sizes parse, a plan that does not fit is refused with the estimate and what would fit (exit 2,
+nothing written), and the estimate is honest: the demo model's conversions, measured in a child process (its
+own peak RSS from wait4), land within ±35% of it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qkiln.cli.main import app
+from qkiln.errors import UserError
+from qkiln.formats.hf import Checkpoint
+from qkiln.pipeline.memory import check_memory, convert_plan, estimate_peak, parse_size
+
+CALIB = Path("/usr/share/common-licenses/GPL-3")
+BAND = 0.35  # |estimate - measured| <= 35% of the measurement
+
+
+def test_sizes():
+    assert parse_size("3GB") == 3 * 10**9
+    assert parse_size("2.5GiB") == int(2.5 * 2**30)
+    assert parse_size("800MB") == 800 * 10**6
+    assert parse_size("512M") == 512 * 10**6
+    assert parse_size("1000") == 1000
+    for bad in ("", "lots", "3 GBs", "-1GB", "0"):
+        with pytest.raises(UserError):
+            parse_size(bad)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from qkiln.demo import demo_model_dir
+
+    return Checkpoint.open(demo_model_dir())
+
+
+def test_estimate_grows_with_samples_and_names_its_parts(demo):
+    rtn = estimate_peak(convert_plan(demo, "gguf", "q4_k_m", "rtn", [], 128, 512))
+    assert "largest tensor" in rtn.parts and "runtime" in rtn.parts
+    small = estimate_peak(convert_plan(demo, "gguf", "q4_k_m", "gptq", [CALIB], 4, 512))
+    big = estimate_peak(convert_plan(demo, "gguf", "q4_k_m", "gptq", [CALIB], 64, 512))
+    assert big.total > small.total and "calibration activations" in big.parts
+
+
+def test_too_small_says_what_fits(demo):
+    plan = convert_plan(demo, "gguf", "q4_k_m", "gptq", [CALIB], 64, 512)
+    rtn = estimate_peak(convert_plan(demo, "gguf", "q4_k_m", "rtn", [], 64, 512)).total
+    with pytest.raises(UserError) as e:
+        check_memory(plan, rtn + 1)
+    msg = str(e.value)
+    assert "estimated peak memory" in msg and "exceeds --max-memory" in msg and "biggest parts" in msg
+    assert "--samples" in msg or "--algo rtn" in msg
+
+
+def test_convert_refuses_before_writing(tmp_path, demo):
+    out = tmp_path / "x.gguf"
+    r = CliRunner().invoke(app, ["convert", "--model", str(demo.path), "--to", "gguf", "--scheme", "q4_0",
+                                 "-o", str(out), "--max-memory", "100MB"])
+    assert r.exit_code == 2, r.output
+    assert "estimated peak memory" in r.output and "exceeds --max-memory 95 MiB" in r.output
+    assert list(tmp_path.iterdir()) == []
+    r = CliRunner().invoke(app, ["quantize", "--model", str(demo.path), "--scheme", "q4_0", "-o", str(tmp_path / "q"),
+                                 "--max-memory", "100MB"])
+    assert r.exit_code == 2 and "estimated peak memory" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def _peak_rss(args: list[str]) -> int:
+    """Peak RSS in bytes of `qkiln ARGS` run in a child process, pinned to one core (the machine is shared)."""
+    cmd = [sys.executable, "-P", "-m", "qkiln.cli.main", *args]
+    if shutil.which("taskset"):
+        cmd = ["taskset", "-c", "0", *cmd]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's maximum
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        assert proc.returncode == 0, err.read().decode()
+    return int(usage.ru_maxrss) * 1024
+
+
+CASES = {
+    "rtn-q4_k_m": (["--scheme", "q4_k_m", "--algo", "rtn"], "rtn", 0),
+    "gptq-q4_0-4x512": (["--scheme", "q4_0", "--algo", "gptq", "--samples", "4"], "gptq", 4),
+    "gptq-q4_0-32x512": (["--scheme", "q4_0", "--algo", "gptq", "--samples", "32"], "gptq", 32),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_estimate_is_within_band_of_measured_peak(tmp_path, demo, case):
+    extra, algo, samples = CASES[case]
+    scheme = extra[1]
+    args = ["convert", "--model", str(demo.path), "--to", "gguf", "-o", str(tmp_path / "out.gguf"), *extra]
+    if algo != "rtn":
+        args += ["--calib", str(CALIB), "--seq-len", "512"]
+    measured = _peak_rss(args)
+    est = estimate_peak(convert_plan(demo, "gguf", scheme, algo, [CALIB] if algo != "rtn" else [], samples or 128, 512))
+    print(f"{case}: measured {measured / 2**20:.0f} MiB, estimated {est.total / 2**20:.0f} MiB "
+          f"({est.total / measured - 1:+.0%}); parts {est.biggest(6)}")
+    assert abs(est.total - measured) <= BAND * measured, (measured, est.as_dict())
