@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from qkiln.cli.common import MAX_MEMORY_HELP, Algo, console, handles_errors, print_fallbacks, print_json, report_memory
+from qkiln.cli.common import (
+    MAX_MEMORY_HELP,
+    Algo,
+    console,
+    handles_errors,
+    print_fallbacks,
+    print_json,
+    report_memory,
+)
 from qkiln.errors import UserError
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 

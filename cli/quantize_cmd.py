@@ -18,7 +18,15 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from qkiln.cli.common import MAX_MEMORY_HELP, Algo, console, handles_errors, print_fallbacks, print_json, report_memory
+from qkiln.cli.common import (
+    MAX_MEMORY_HELP,
+    Algo,
+    console,
+    handles_errors,
+    print_fallbacks,
+    print_json,
+    report_memory,
+)
 from qkiln.errors import QuantizeError, UserError
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 

@@ -207,10 +207,10 @@ def samples_that_fit(plans: Sequence[Plan], limit: int, eval_ctx: int | None = N
     return lo
 
 
-def check_memory(plans: Plan | Sequence[Plan], limit: int | None, *, eval_ctx: int | None = None) -> MemoryEstimate:
+def check_memory(plan: Plan | Sequence[Plan], limit: int | None, *, eval_ctx: int | None = None) -> MemoryEstimate:
     """The estimate of one conversion's plan, or with `eval_ctx` of a build's (`build_estimate`); a UserError
     (exit 2) when it exceeds `limit`, saying what would fit."""
-    plans = [plans] if isinstance(plans, Plan) else list(plans)
+    plans = [plan] if isinstance(plan, Plan) else list(plan)
     est = _estimate(plans, eval_ctx)
     if limit is None or est.total <= limit:
         return est

@@ -19,7 +19,10 @@ from qkiln.errors import UserError
 from qkiln.formats.hf import Checkpoint
 from qkiln.pipeline.memory import check_memory, convert_plan, estimate_peak, parse_size
 
-CALIB = Path("/usr/share/common-licenses/GPL-3")
+LICENSES = Path("/usr/share/common-licenses")
+CALIB = LICENSES / "GPL-3"
+# about 70k tokens: enough windows of 512 for the larger sample counts
+CALIB_ALL = [LICENSES / n for n in ("GPL-3", "GPL-2", "LGPL-2.1", "Apache-2.0", "MPL-2.0")]
 BAND = 0.35  # |estimate - measured| <= 35% of the measurement
 
 
@@ -45,12 +48,12 @@ def test_estimate_grows_with_samples_and_names_its_parts(demo):
     rtn = estimate_peak(convert_plan(demo, "gguf", "q4_k_m", "rtn", [], 128, 512))
     assert "largest tensor" in rtn.parts and "runtime" in rtn.parts
     small = estimate_peak(convert_plan(demo, "gguf", "q4_k_m", "gptq", [CALIB], 4, 512))
-    big = estimate_peak(convert_plan(demo, "gguf", "q4_k_m", "gptq", [CALIB], 64, 512))
+    big = estimate_peak(convert_plan(demo, "gguf", "q4_k_m", "gptq", CALIB_ALL, 64, 512))
     assert big.total > small.total and "calibration activations" in big.parts
 
 
 def test_too_small_says_what_fits(demo):
-    plan = convert_plan(demo, "gguf", "q4_k_m", "gptq", [CALIB], 64, 512)
+    plan = convert_plan(demo, "gguf", "q4_k_m", "gptq", CALIB_ALL, 64, 512)
     rtn = estimate_peak(convert_plan(demo, "gguf", "q4_k_m", "rtn", [], 64, 512)).total
     with pytest.raises(UserError) as e:
         check_memory(plan, rtn + 1)
@@ -72,6 +75,15 @@ def test_convert_refuses_before_writing(tmp_path, demo):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_build_refuses_before_writing(tmp_path, demo):
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "graviton4.toml"
+    out = tmp_path / "dist" / "g4"
+    r = CliRunner().invoke(app, ["build", str(recipe), "--model", str(demo.path), "-o", str(out), "--max-memory", "200MB"])
+    assert r.exit_code == 2, r.output
+    assert "estimated peak memory" in r.output and "Nothing was written" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def _peak_rss(args: list[str]) -> int:
     """Peak RSS in bytes of `qkiln ARGS` run in a child process, pinned to one core (the machine is shared)."""
     cmd = [sys.executable, "-P", "-m", "qkiln.cli.main", *args]
@@ -90,7 +102,7 @@ def _peak_rss(args: list[str]) -> int:
 CASES = {
     "rtn-q4_k_m": (["--scheme", "q4_k_m", "--algo", "rtn"], "rtn", 0),
     "gptq-q4_0-4x512": (["--scheme", "q4_0", "--algo", "gptq", "--samples", "4"], "gptq", 4),
-    "gptq-q4_0-32x512": (["--scheme", "q4_0", "--algo", "gptq", "--samples", "32"], "gptq", 32),
+    "gptq-q4_k_m-48x512": (["--scheme", "q4_k_m", "--algo", "gptq", "--samples", "48"], "gptq", 48),
 }
 
 
@@ -99,11 +111,16 @@ CASES = {
 def test_estimate_is_within_band_of_measured_peak(tmp_path, demo, case):
     extra, algo, samples = CASES[case]
     scheme = extra[1]
-    args = ["convert", "--model", str(demo.path), "--to", "gguf", "-o", str(tmp_path / "out.gguf"), *extra]
+    # measured as it runs when guarded: --max-memory loads the estimator (and what it imports) first
+    args = ["convert", "--model", str(demo.path), "--to", "gguf", "-o", str(tmp_path / "out.gguf"), *extra,
+            "--max-memory", "100GB"]
+    calib = CALIB_ALL if algo != "rtn" else []
+    for f in calib:
+        args += ["--calib", str(f)]
     if algo != "rtn":
-        args += ["--calib", str(CALIB), "--seq-len", "512"]
+        args += ["--seq-len", "512"]
     measured = _peak_rss(args)
-    est = estimate_peak(convert_plan(demo, "gguf", scheme, algo, [CALIB] if algo != "rtn" else [], samples or 128, 512))
+    est = estimate_peak(convert_plan(demo, "gguf", scheme, algo, calib, samples or 128, 512))
     print(f"{case}: measured {measured / 2**20:.0f} MiB, estimated {est.total / 2**20:.0f} MiB "
           f"({est.total / measured - 1:+.0%}); parts {est.biggest(6)}")
     assert abs(est.total - measured) <= BAND * measured, (measured, est.as_dict())

@@ -9,6 +9,7 @@ width from memory (`SynthSource`, the same bytes `write_synth` writes), never wr
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import tracemalloc
 from pathlib import Path
@@ -134,7 +135,8 @@ def test_folder_is_a_checkpoint_qkiln_and_the_gguf_export_read(tmp_path):
 
 
 def test_same_seed_same_bytes_whatever_the_layers_and_shards(tmp_path):
-    small = {**NARROW_1B, "vocab_size": 49408}  # keep the disk small: only the padding changes
+    # keep the disk small: 256 padding tokens only, so bos/eos are the demo tokenizer's own
+    small = {**NARROW_1B, "vocab_size": 49408, "bos_token_id": 1, "eos_token_id": 2}
     a = tmp_path / "a"
     write_synth(a, "llama-3.2-1b", layers=2, overrides=small, shard_bytes=10**9)
     b = tmp_path / "b"
@@ -180,15 +182,17 @@ def _layer_rms(name: str, *, layers: int | None = None, overrides: dict | None =
 
 @pytest.mark.slow
 def test_activations_stay_in_range_llama_3_2_1b_full_width():
-    """llama-3.2-1b, full width, 4 layers (of its 16), through the NumPy runtime: finite, and the residual
-    stream's RMS grows only as the residual branches add their bounded variance (embedding RMS 0.02, then
-    ~0.1-0.2 per layer, far from overflow); logits are finite with a std near 1 (a near-uniform softmax)."""
-    rms, logits = _layer_rms("llama-3.2-1b", layers=4)
+    """llama-3.2-1b at full width, all 16 layers, through the NumPy runtime (from memory: nothing written):
+    finite everywhere; the residual stream's RMS (0.02 after the embedding) grows like sqrt(layer) as each layer
+    adds its bounded variance (measured: 0.17 after layer 1, 0.35 after 4, 0.71 after 16), never above 1;
+    logits finite with a std near 1 (a near-uniform softmax, as an untrained model should give)."""
+    rms, logits = _layer_rms("llama-3.2-1b")
     print("hidden RMS per layer:", [round(r, 4) for r in rms], "logit std", float(logits.std()))
-    assert np.isfinite(logits).all()
+    assert len(rms) == 17 and np.isfinite(logits).all()
     assert 0.015 < rms[0] < 0.025
-    assert all(0.02 < r < 1.0 for r in rms[1:]), rms
-    assert all(b >= a * 0.9 for a, b in zip(rms[1:], rms[2:], strict=False)), rms  # no collapse either
+    assert all(0.1 < r < 1.0 for r in rms[1:]), rms
+    assert all(b >= a * 0.9 for a, b in itertools.pairwise(rms[1:])), rms  # no collapse either
+    assert rms[-1] / rms[1] < 2 * np.sqrt(16), rms
     assert 0.3 < float(logits.std()) < 3.0
 
 
