@@ -6,15 +6,17 @@ what the plan needs and what would fit. The estimate is the peak resident set si
 sum of parts that are resident at the same time, each a formula of the plan:
 
 - `runtime`: the interpreter with NumPy, tokenizers, gguf, onnx and the C kernels loaded (measured);
-- `tokenizer`: tokenizer.json parsed twice (the tokenizers library's and the GGUF export's Python lists);
+- `tokenizer`: tokenizer.json as the GGUF export's Python lists, and as the tokenizers library's when
+  calibration text is tokenized;
 - `tensor`: the largest tensor while it is read and quantized: float32 (a view of the mapped file for F32
   checkpoints, a widened copy for BF16/F16 ones, whose mapped pages are also resident during the read), its
   codes (one byte per weight), the packed bytes the writer makes, and RTN's chunk scratch;
 - `calibration` (GPTQ/AWQ): per `quantize.calibrate`'s memory model, the current layer's hidden states
   (samples · seq_len · hidden · 4 B), the normed input in bfloat16, the attention output, the MLP activation
-  in bfloat16, the layer's weights in float32 with their codes and dequantized copies, the input group's
-  float64 Hessian with its inverse and the running float32 sums; for a GPTQ head (head grid under 8 bits)
-  the head's float32 table and the final states;
+  in bfloat16; each worker's batch scratch (8 samples, about 2 · heads · seq_len floats per token, measured);
+  the layer's weights in float32 with their codes and
+  dequantized copies, the input group's float64 Hessian with its inverse and the running float32 sums; for
+  a GPTQ head (head grid under 8 bits) the head's float32 table and the final states;
 - `writer`: what the output format keeps beyond one tensor (the GPU safetensors folder buffers a shard;
   `qkiln quantize` keeps every tensor's codes until it writes the checkpoint);
 - for `qkiln build`, the reference model's forward (the float32 model cached layer by layer, one window's
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,16 +46,18 @@ from qkiln.pipeline.gpu import plan_schemes
 from qkiln.pipeline.onnx import onnx_schemes
 from qkiln.pipeline.stream import calibration_tokens, read_calibration, tensor_schemes
 from qkiln.quantize.registry import get_scheme
-from qkiln.quantize.rtn import CHUNK_ELEMS
 
 MB = 2**20
-# Measured on this machine: `python -c 'import qkiln.cli.main'`-level imports plus the kernels library and the
-# BLAS thread buffers, the RSS before the first tensor is read.
-RUNTIME_BYTES = 150 * MB
-TOKENIZER_FACTOR = 12.0  # resident bytes per byte of tokenizer.json (two parses: Rust and Python)
-RTN_WORKERS = 2  # quantize_rtn's thread pool on this many cores (min(cpu_count, 4))
-SCRATCH_PER_CHUNK = 4 * 4  # bytes per chunk element: the float32 chunk and the grid's temporaries
-
+# Coefficients measured on this machine (AMD EPYC with AVX-512, no AMX; 2 cores), converting the demo model
+# (SmolLM2-135M, F32) and a BF16 synth of its shape in a child process and tracing RSS per stage:
+RUNTIME_BYTES = 80 * MB  # the `qkiln` process with its imports, the C kernels and the plan, before any tensor
+GGUF_TOKENIZER_FACTOR = 7.0  # resident bytes per byte of tokenizer.json: the GGUF export's token/merge lists
+HF_TOKENIZER_FACTOR = 15.0  # and the tokenizers library's, loaded to tokenize calibration text (twice when guarded)
+QUANT_EXTRA = 0.6  # bytes per weight beyond its float32 while it is quantized and packed (codes, blocks)
+MAPPED_READ = 0.53  # share of a BF16/F16 tensor's mapped pages resident while it is widened to float32
+ENGINE_BYTES = 35 * MB  # per calibration worker: its thread's arenas and packed-weight scratch
+BATCH_SAMPLES = 8  # quantize.calibrate's batch_samples default: one batch per worker at a time
+SUM_LANES = 4  # quantize.sequential.SUM_LANES: running float32 Gram sums, one per lane in use
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -88,6 +93,7 @@ class Plan:
     algorithm: str  # rtn | gptq | awq | awq+gptq
     samples: int = 0  # calibration windows that will really be used (0 for rtn)
     seq_len: int = 0
+    float_type: str = "f32"  # how unquantized 2-D tensors are written (a GGUF float scheme: f32, f16, bf16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,22 +123,27 @@ def _linear_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _tensor_part(plan: Plan) -> int:
-    """The largest tensor while it is read, quantized and packed (RTN, and the embedding of every algorithm)."""
-    worst = 0
+    """The largest tensor while it is read, quantized and packed (RTN, and the embedding of every algorithm):
+    float32 (a view of the mapped file for F32; for BF16/F16 a widened copy, with part of the mapped pages
+    resident during the read), plus the codes and packed blocks, or the float copy the writer converts."""
+    worst = 0.0
     for name, shape in _linear_shapes(plan.config).items():
         n = math.prod(shape)
+        read = 4 + (MAPPED_READ * plan.source_bytes if plan.source_bytes != 4 else 0.0)
         scheme = plan.schemes.get(name)
-        read = 4 * n + (plan.source_bytes * n if plan.source_bytes != 4 else 0)  # float32 + mapped pages (BF16)
-        if scheme is None:
-            held = read + 4 * n  # the float copy the writer converts from
-        else:
-            held = read + n + _packed_bytes_per_weight(scheme) * n  # codes + packed
-        worst = max(worst, int(held))
-    return worst
+        held = max(read, 4 + (QUANT_EXTRA if scheme is not None else _float_out_bytes(plan)))
+        worst = max(worst, held * n)
+    return int(worst)
+
+
+def _float_out_bytes(plan: Plan) -> float:
+    """Bytes per weight of a tensor written unquantized (a GGUF float type, else float32)."""
+    return {"f16": 2.0, "bf16": 2.0}.get(plan.float_type, 4.0)
 
 
 def _calibration_part(plan: Plan) -> dict[str, int]:
-    """Resident for calibrated algorithms, on top of the runtime: activations, one layer, statistics."""
+    """Resident for calibrated algorithms, on top of the runtime: activations, batch scratch, one layer, the
+    statistics, a GPTQ head (see quantize.calibrate's memory model; coefficients measured on this machine)."""
     cfg = plan.config
     if plan.algorithm == "rtn" or plan.samples == 0:
         return {}
@@ -140,14 +151,24 @@ def _calibration_part(plan: Plan) -> dict[str, int]:
     hidden, inter = cfg.hidden_size, cfg.intermediate_size
     attn = cfg.num_attention_heads * cfg.head_dim
     kv = cfg.num_key_value_heads * cfg.head_dim
-    acts = t * hidden * 4 + t * hidden * 2 + max(t * attn * 4, t * inter * 2)
+    # hidden states (float32), norm(h) (bfloat16), then the attention output (float32) / MLP activation (bf16)
+    acts = t * (hidden * 4 + hidden * 2 + max(attn * 4, inter * 2))
+    batches = -(-plan.samples // BATCH_SAMPLES)
+    workers = min(os.cpu_count() or 1, batches)
+    batch_tokens = min(plan.samples, BATCH_SAMPLES) * plan.seq_len
+    # per token of a batch in flight: measured ~35 KB on the demo's shape (9 heads) and ~5 KB with 2 heads and a
+    # 5x wider MLP, i.e. it follows heads x seq_len (attention's per-head rows), not the MLP width
+    scratch = workers * batch_tokens * 4 * (2 * cfg.num_attention_heads * plan.seq_len + hidden + attn + 2 * kv)
     layer_n = 2 * hidden * attn + 2 * hidden * kv + 3 * hidden * inter
     layer = layer_n * (4 + 1) + hidden * inter * 4 * 2  # float32 + codes; dequantized group + GPTQ's work copy
     if plan.algorithm in ("awq", "awq+gptq"):
         layer += layer_n * 4  # AWQ's folded copy of the layer
     big = max(hidden, attn, inter)
-    stats = big * big * (8 * 3 + 4 * 4)  # float64 Hessian, its damped inverse and Cholesky; SUM_LANES float32 sums
-    parts = {"calibration activations": acts, "calibration layer": layer, "calibration statistics": stats}
+    # the widest group's float64 Hessian, its damped inverse and Cholesky factor (measured 22-25 B per entry at
+    # widths 1536, 8192 and 14336), and each further lane's float32 running sum
+    stats = big * big * (8 * 3 + 4 * (min(batches, SUM_LANES) - 1))
+    parts = {"calibration activations": acts, "calibration batch scratch": scratch, "calibration layer": layer,
+             "calibration statistics": stats, "calibration engine": ENGINE_BYTES * workers}
     head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     scheme = plan.schemes.get(head)
     if "gptq" in plan.algorithm and scheme is not None and getattr(get_scheme(scheme), "bits", 8) < 8:
@@ -168,8 +189,9 @@ def _writer_part(plan: Plan) -> int:
 
 def estimate_peak(plan: Plan) -> MemoryEstimate:
     """The plan's estimated peak RSS, with its parts (see the module docstring)."""
-    parts: dict[str, int] = {"runtime": RUNTIME_BYTES, "tokenizer": int(plan.tokenizer_bytes * TOKENIZER_FACTOR)}
-    tensor = _tensor_part(plan) + RTN_WORKERS * CHUNK_ELEMS * SCRATCH_PER_CHUNK
+    tokenizer = (GGUF_TOKENIZER_FACTOR if plan.output == "gguf" else 0.0) + (HF_TOKENIZER_FACTOR if plan.samples else 0.0)
+    parts: dict[str, int] = {"runtime": RUNTIME_BYTES, "tokenizer": int(plan.tokenizer_bytes * tokenizer)}
+    tensor = _tensor_part(plan)
     calib = _calibration_part(plan)
     # The largest tensor (the embedding, read before layer 0) and the layer pass are not resident together;
     # a GPTQ head is computed before the embedding is packed, so it stands with the activations.
@@ -257,8 +279,9 @@ def convert_plan(ckpt: Checkpoint, output: str, scheme: str, algorithm: str, cal
     source_bytes = {"F32": 4, "F16": 2, "BF16": 2}[ckpt.dtype("model.embed_tokens.weight")]
     tok = ckpt.path / "tokenizer.json"
     n = calibration_samples(ckpt, calib, samples, seq_len) if algorithm != "rtn" else 0
+    float_type = scheme.strip().lower() if output == "gguf" and scheme.strip().lower() in FLOAT_TYPES else "f32"
     return Plan(config, source_bytes, tok.stat().st_size if tok.is_file() else 0, output, dict(schemes), algorithm,
-                n, seq_len if n else 0)
+                n, seq_len if n else 0, float_type)
 
 
 def build_estimate(plans: Sequence[Plan], eval_ctx: int) -> MemoryEstimate:
@@ -273,7 +296,7 @@ def build_estimate(plans: Sequence[Plan], eval_ctx: int) -> MemoryEstimate:
     window = eval_ctx * (cfg.vocab_size * 4 * 2 + cfg.intermediate_size * 4 * 3 + cfg.hidden_size * 4 * 4)
     artifact = max(sum(math.prod(s) * _packed_bytes_per_weight(p.schemes.get(n))
                        for n, s in expected_shapes(cfg).items()) for p in plans)
-    validation = {"runtime": RUNTIME_BYTES, "tokenizer": int(plans[0].tokenizer_bytes * TOKENIZER_FACTOR),
+    validation = {"runtime": RUNTIME_BYTES, "tokenizer": int(plans[0].tokenizer_bytes * HF_TOKENIZER_FACTOR),
                   "reference model (float32)": n_params * 4, "evaluation window": window,
                   "artifact under validation": int(artifact)}
     phases = [*convs, MemoryEstimate(sum(validation.values()), dict(sorted(validation.items(), key=lambda kv: -kv[1])))]

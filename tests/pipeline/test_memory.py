@@ -99,20 +99,36 @@ def _peak_rss(args: list[str]) -> int:
     return int(usage.ru_maxrss) * 1024
 
 
-CASES = {
-    "rtn-q4_k_m": (["--scheme", "q4_k_m", "--algo", "rtn"], "rtn", 0),
-    "gptq-q4_0-4x512": (["--scheme", "q4_0", "--algo", "gptq", "--samples", "4"], "gptq", 4),
-    "gptq-q4_k_m-48x512": (["--scheme", "q4_k_m", "--algo", "gptq", "--samples", "48"], "gptq", 48),
+CASES = {  # name: (options, algorithm, samples, model): the demo (F32) or a BF16 synth of its shape
+    "rtn-q4_k_m": (["--scheme", "q4_k_m", "--algo", "rtn"], "rtn", 0, "demo"),
+    "rtn-q4_k_m-bf16-synth": (["--scheme", "q4_k_m", "--algo", "rtn"], "rtn", 0, "synth"),
+    "gptq-q4_0-4x512": (["--scheme", "q4_0", "--algo", "gptq", "--samples", "4"], "gptq", 4, "demo"),
+    "gptq-q4_k_m-16x512": (["--scheme", "q4_k_m", "--algo", "gptq", "--samples", "16"], "gptq", 16, "demo"),
+    # the tied table on a 4-bit grid: GPTQ of the head after a float pass
+    "gptq-q4_0-uniform-8x512": (["--scheme", "q4_0", "--uniform", "--algo", "gptq", "--samples", "8"], "gptq", 8, "demo"),
+    # one layer with Llama-3.2-1B's MLP width (8192): the float64 Hessian of down_proj's input dominates
+    "gptq-wide-mlp-4x512": (["--scheme", "q4_0", "--uniform", "--algo", "gptq", "--samples", "4"], "gptq", 4, "wide"),
 }
+WIDE = {"hidden_size": 256, "intermediate_size": 8192, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "vocab_size": 49408, "bos_token_id": 1, "eos_token_id": 2}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_estimate_is_within_band_of_measured_peak(tmp_path, demo, case):
-    extra, algo, samples = CASES[case]
+    extra, algo, samples, which = CASES[case]
     scheme = extra[1]
+    model = demo
+    if which != "demo":
+        from qkiln.pipeline.synth import write_synth
+
+        if which == "synth":  # 4 layers of the demo's shape in BF16 (85 MB): the table is the largest tensor
+            write_synth(tmp_path / "synth", "smollm2-135m", layers=4)
+        else:  # 1 layer, 31 MB
+            write_synth(tmp_path / "synth", "llama-3-8b", layers=1, overrides=WIDE)
+        model = Checkpoint.open(tmp_path / "synth")
     # measured as it runs when guarded: --max-memory loads the estimator (and what it imports) first
-    args = ["convert", "--model", str(demo.path), "--to", "gguf", "-o", str(tmp_path / "out.gguf"), *extra,
+    args = ["convert", "--model", str(model.path), "--to", "gguf", "-o", str(tmp_path / "out.gguf"), *extra,
             "--max-memory", "100GB"]
     calib = CALIB_ALL if algo != "rtn" else []
     for f in calib:
@@ -120,7 +136,7 @@ def test_estimate_is_within_band_of_measured_peak(tmp_path, demo, case):
     if algo != "rtn":
         args += ["--seq-len", "512"]
     measured = _peak_rss(args)
-    est = estimate_peak(convert_plan(demo, "gguf", scheme, algo, calib, samples or 128, 512))
+    est = estimate_peak(convert_plan(model, "gguf", scheme, algo, calib, samples or 128, 512, uniform="--uniform" in extra))
     print(f"{case}: measured {measured / 2**20:.0f} MiB, estimated {est.total / 2**20:.0f} MiB "
           f"({est.total / measured - 1:+.0%}); parts {est.biggest(6)}")
     assert abs(est.total - measured) <= BAND * measured, (measured, est.as_dict())
