@@ -217,3 +217,22 @@ def test_config_survives_the_config_reader():
     for name in SHAPES:
         cfg = LlamaConfig.from_dict(synth_config(name, layers=2))
         assert cfg.num_hidden_layers == 2
+
+
+@pytest.mark.torch
+def test_transformers_loads_the_folder_and_agrees_with_the_runtime(tmp_path):
+    """transformers' LlamaForCausalLM and AutoTokenizer take the folder as it is (llama3 rope, tied table, the
+    padded vocabulary), and its logits equal qkiln's NumPy runtime's on the same weights."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qkiln.runtime.llama import LlamaModel
+
+    dest = _write(tmp_path, layers=2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(dest), dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(dest))
+    assert len(tok) == 128256 and tok.bos_token == "<|begin_of_text|>" and tok.eos_token == "<|end_of_text|>"
+    ids = np.random.default_rng(0).integers(0, 128256, size=(1, 16))
+    with torch.no_grad():
+        ref = model(torch.tensor(ids)).logits.numpy()
+    ours = LlamaModel(Checkpoint.open(dest)).forward(ids)
+    np.testing.assert_allclose(ours, ref, atol=1e-4 * float(np.abs(ref).max()))
