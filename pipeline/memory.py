@@ -18,7 +18,7 @@ sum of parts that are resident at the same time, each a formula of the plan:
   dequantized copies, the input group's float64 Hessian with its inverse and the running float32 sums; for
   a GPTQ head (head grid under 8 bits) the head's float32 table and the final states;
 - `writer`: what the output format keeps beyond one tensor (the GPU safetensors folder buffers a shard;
-  `qkiln quantize` keeps every tensor's codes until it writes the checkpoint);
+  `qkiln quantize` keeps every tensor's codes until it writes the checkpoint, then dequantizes each);
 - for `qkiln build`, the reference model's forward (the float32 model cached layer by layer, one window's
   logits) and the validation of the largest artifact, against which each artifact's conversion is compared:
   the build's peak is the largest of its phases.
@@ -56,6 +56,8 @@ HF_TOKENIZER_FACTOR = 15.0  # and the tokenizers library's, loaded to tokenize c
 QUANT_EXTRA = 0.6  # bytes per weight beyond its float32 while it is quantized and packed (codes, blocks)
 MAPPED_READ = 0.53  # share of a BF16/F16 tensor's mapped pages resident while it is widened to float32
 ENGINE_BYTES = 35 * MB  # per calibration worker: its thread's arenas and packed-weight scratch
+CODES_KEPT = 1.15  # bytes per quantized weight `qkiln quantize` holds until it writes: codes and block scales
+DEQUANTIZE_BYTES = 8  # per weight of the tensor being dequantized for the write: two float32 temporaries
 BATCH_SAMPLES = 8  # quantize.calibrate's batch_samples default: one batch per worker at a time
 SUM_LANES = 4  # quantize.sequential.SUM_LANES: running float32 Gram sums, one per lane in use
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -131,13 +133,15 @@ def _tensor_part(plan: Plan) -> int:
         n = math.prod(shape)
         read = 4 + (MAPPED_READ * plan.source_bytes if plan.source_bytes != 4 else 0.0)
         scheme = plan.schemes.get(name)
-        held = max(read, 4 + (QUANT_EXTRA if scheme is not None else _float_out_bytes(plan)))
+        held = max(read, 4 + (QUANT_EXTRA if scheme is not None else _float_out_bytes(plan)))  # (float32, out)
         worst = max(worst, held * n)
     return int(worst)
 
 
 def _float_out_bytes(plan: Plan) -> float:
-    """Bytes per weight of a tensor written unquantized (a GGUF float type, else float32)."""
+    """Bytes per weight of a tensor written unquantized: a GGUF float type; 16-bit in the GPU folders."""
+    if plan.output in GPU_OUTPUTS:
+        return 2.0
     return {"f16": 2.0, "bf16": 2.0}.get(plan.float_type, 4.0)
 
 
@@ -177,31 +181,42 @@ def _calibration_part(plan: Plan) -> dict[str, int]:
     return parts
 
 
+GPU_OUTPUTS = ("compressed-tensors", "gptq")
+
+
 def _writer_part(plan: Plan) -> int:
     shapes = expected_shapes(plan.config)
-    if plan.output == "checkpoint":  # qkiln quantize keeps every tensor's codes (or float) until the write
-        return int(sum(math.prod(s) * (1 if n in plan.schemes else 4) for n, s in shapes.items()))
-    if plan.output in ("compressed-tensors", "gptq"):  # formats.safetensors_folder buffers up to one shard
-        total = sum(math.prod(s) * _packed_bytes_per_weight(plan.schemes.get(n)) for n, s in shapes.items())
+    if plan.output == "checkpoint":  # qkiln quantize keeps every tensor's codes and scales until the write
+        return int(sum(math.prod(s) * (CODES_KEPT if n in plan.schemes else 4) for n, s in shapes.items()))
+    if plan.output in GPU_OUTPUTS:  # formats.safetensors_folder buffers up to one shard: packed, floats as 16-bit
+        total = sum(math.prod(s) * (_packed_bytes_per_weight(plan.schemes[n]) if n in plan.schemes else 2.0)
+                    for n, s in shapes.items())
         return int(min(total, 2 * 10**9))
     return 0  # gguf and onnx append one tensor at a time
 
 
 def estimate_peak(plan: Plan) -> MemoryEstimate:
-    """The plan's estimated peak RSS, with its parts (see the module docstring)."""
+    """The plan's estimated peak RSS, with its parts (see the module docstring): the runtime and tokenizer, then
+    the largest of the phases that are not resident together — the largest tensor being quantized (the
+    embedding, first), the layer pass of calibration, and what the writer has accumulated by the end."""
     tokenizer = (GGUF_TOKENIZER_FACTOR if plan.output == "gguf" else 0.0) + (HF_TOKENIZER_FACTOR if plan.samples else 0.0)
-    parts: dict[str, int] = {"runtime": RUNTIME_BYTES, "tokenizer": int(plan.tokenizer_bytes * tokenizer)}
+    base: dict[str, int] = {"runtime": RUNTIME_BYTES, "tokenizer": int(plan.tokenizer_bytes * tokenizer)}
     tensor = _tensor_part(plan)
     calib = _calibration_part(plan)
-    # The largest tensor (the embedding, read before layer 0) and the layer pass are not resident together;
-    # a GPTQ head is computed before the embedding is packed, so it stands with the activations.
-    if sum(calib.values()) > tensor:
-        parts.update(calib)
-    else:
-        parts["largest tensor"] = tensor
     writer = _writer_part(plan)
-    if writer:
-        parts["writer"] = writer
+    phases: list[dict[str, int]] = [{"largest tensor": tensor}]
+    if calib:
+        phases.append(calib if plan.output not in GPU_OUTPUTS else {**calib, "writer": writer})
+    if plan.output == "checkpoint":
+        # it holds every tensor's codes, then writes each dequantized: two float32 temporaries of the largest
+        largest = max(math.prod(s) for s in _linear_shapes(plan.config).values())
+        phases = [{**ph, "writer": writer} for ph in phases]
+        phases.append({"writer": writer, "dequantize on write": DEQUANTIZE_BYTES * largest})
+    elif plan.output in GPU_OUTPUTS:
+        # the buffered shard at the end, with an untied head (the last tensor) being packed
+        head = 0 if plan.config.tie_word_embeddings else tensor
+        phases.append({"writer": writer, **({"largest tensor": head} if head else {})})
+    parts = {**base, **max(phases, key=lambda ph: sum(ph.values()))}
     ordered = dict(sorted(parts.items(), key=lambda kv: -kv[1]))
     return MemoryEstimate(sum(ordered.values()), ordered)
 

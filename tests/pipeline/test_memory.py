@@ -99,15 +99,22 @@ def _peak_rss(args: list[str]) -> int:
     return int(usage.ru_maxrss) * 1024
 
 
-CASES = {  # name: (options, algorithm, samples, model): the demo (F32) or a BF16 synth of its shape
-    "rtn-q4_k_m": (["--scheme", "q4_k_m", "--algo", "rtn"], "rtn", 0, "demo"),
-    "rtn-q4_k_m-bf16-synth": (["--scheme", "q4_k_m", "--algo", "rtn"], "rtn", 0, "synth"),
-    "gptq-q4_0-4x512": (["--scheme", "q4_0", "--algo", "gptq", "--samples", "4"], "gptq", 4, "demo"),
-    "gptq-q4_k_m-16x512": (["--scheme", "q4_k_m", "--algo", "gptq", "--samples", "16"], "gptq", 16, "demo"),
+# name: (command, output, options, algorithm, samples, model): the demo model (F32), a BF16 synth of its shape,
+# or a one-layer synth with a wide MLP
+CASES = {
+    "rtn-q4_k_m": ("convert", "gguf", ["--scheme", "q4_k_m"], "rtn", 0, "demo"),
+    "rtn-q4_k_m-bf16-synth": ("convert", "gguf", ["--scheme", "q4_k_m"], "rtn", 0, "synth"),
+    "gptq-q4_0-4x512": ("convert", "gguf", ["--scheme", "q4_0"], "gptq", 4, "demo"),
+    "gptq-q4_k_m-16x512": ("convert", "gguf", ["--scheme", "q4_k_m"], "gptq", 16, "demo"),
     # the tied table on a 4-bit grid: GPTQ of the head after a float pass
-    "gptq-q4_0-uniform-8x512": (["--scheme", "q4_0", "--uniform", "--algo", "gptq", "--samples", "8"], "gptq", 8, "demo"),
+    "gptq-q4_0-uniform-8x512": ("convert", "gguf", ["--scheme", "q4_0", "--uniform"], "gptq", 8, "demo"),
     # one layer with Llama-3.2-1B's MLP width (8192): the float64 Hessian of down_proj's input dominates
-    "gptq-wide-mlp-4x512": (["--scheme", "q4_0", "--uniform", "--algo", "gptq", "--samples", "4"], "gptq", 4, "wide"),
+    "gptq-wide-mlp-4x512": ("convert", "gguf", ["--scheme", "q4_0", "--uniform"], "gptq", 4, "wide"),
+    "onnx-rtn-int4_g32": ("convert", "onnx", ["--scheme", "int4_g32"], "rtn", 0, "demo"),
+    "onnx-gptq-int4_g32-4x512": ("convert", "onnx", ["--scheme", "int4_g32"], "gptq", 4, "demo"),
+    "compressed-tensors-rtn-int4_g64": ("convert", "compressed-tensors", ["--scheme", "int4_g64"], "rtn", 0, "demo"),
+    "quantize-rtn-q4_0": ("quantize", "checkpoint", ["--scheme", "q4_0"], "rtn", 0, "demo"),
+    "quantize-gptq-q4_0-4x512": ("quantize", "checkpoint", ["--scheme", "q4_0"], "gptq", 4, "demo"),
 }
 WIDE = {"hidden_size": 256, "intermediate_size": 8192, "num_attention_heads": 2, "num_key_value_heads": 1,
         "vocab_size": 49408, "bos_token_id": 1, "eos_token_id": 2}
@@ -116,8 +123,8 @@ WIDE = {"hidden_size": 256, "intermediate_size": 8192, "num_attention_heads": 2,
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_estimate_is_within_band_of_measured_peak(tmp_path, demo, case):
-    extra, algo, samples, which = CASES[case]
-    scheme = extra[1]
+    command, output, options, algo, samples, which = CASES[case]
+    scheme = options[1]
     model = demo
     if which != "demo":
         from qkiln.pipeline.synth import write_synth
@@ -128,15 +135,22 @@ def test_estimate_is_within_band_of_measured_peak(tmp_path, demo, case):
             write_synth(tmp_path / "synth", "llama-3-8b", layers=1, overrides=WIDE)
         model = Checkpoint.open(tmp_path / "synth")
     # measured as it runs when guarded: --max-memory loads the estimator (and what it imports) first
-    args = ["convert", "--model", str(model.path), "--to", "gguf", "-o", str(tmp_path / "out.gguf"), *extra,
+    args = [command, "--model", str(model.path), *options, "--algo", algo, "-o", str(tmp_path / "out"),
             "--max-memory", "100GB"]
-    calib = CALIB_ALL if algo != "rtn" else []
-    for f in calib:
-        args += ["--calib", str(f)]
-    if algo != "rtn":
-        args += ["--seq-len", "512"]
+    if command == "convert":
+        args += ["--to", output]
+    calib: list[Path] = []
+    if algo != "rtn":  # quantize takes one --calib file
+        calib = CALIB_ALL if command == "convert" else [CALIB]
+        args += [a for f in calib for a in ("--calib", str(f))] + ["--samples", str(samples), "--seq-len", "512"]
     measured = _peak_rss(args)
-    est = estimate_peak(convert_plan(model, "gguf", scheme, algo, calib, samples or 128, 512, uniform="--uniform" in extra))
+    if command == "quantize":
+        shapes = {n: tuple(model.shape(n)) for n in model.names()}
+        plan = convert_plan(model, "checkpoint", "", algo, calib, samples, 512,
+                            schemes={n: scheme for n, s in shapes.items() if len(s) == 2})
+    else:
+        plan = convert_plan(model, output, scheme, algo, calib, samples or 128, 512, uniform="--uniform" in options)
+    est = estimate_peak(plan)
     print(f"{case}: measured {measured / 2**20:.0f} MiB, estimated {est.total / 2**20:.0f} MiB "
           f"({est.total / measured - 1:+.0%}); parts {est.biggest(6)}")
     assert abs(est.total - measured) <= BAND * measured, (measured, est.as_dict())
