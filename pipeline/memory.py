@@ -58,6 +58,8 @@ MAPPED_READ = 0.53  # share of a BF16/F16 tensor's mapped pages resident while i
 ENGINE_BYTES = 35 * MB  # per calibration worker: its thread's arenas and packed-weight scratch
 CODES_KEPT = 1.15  # bytes per quantized weight `qkiln quantize` holds until it writes: codes and block scales
 DEQUANTIZE_BYTES = 8  # per weight of the tensor being dequantized for the write: two float32 temporaries
+REFERENCE_FACTOR = 1.5  # build: the reference model cached in float32 with its fused copies, per float32 weight
+ARTIFACT_RUN_FACTOR = 4.0  # build: the validated artifact in qkiln's runtime, llama.cpp and the speed loop
 BATCH_SAMPLES = 8  # quantize.calibrate's batch_samples default: one batch per worker at a time
 SUM_LANES = 4  # quantize.sequential.SUM_LANES: running float32 Gram sums, one per lane in use
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -300,10 +302,14 @@ def convert_plan(ckpt: Checkpoint, output: str, scheme: str, algorithm: str, cal
 
 
 def build_estimate(plans: Sequence[Plan], eval_ctx: int) -> MemoryEstimate:
-    """`qkiln build`'s peak: the largest of its phases — each artifact's conversion, and the validation (the
-    reference's float32 model, cached as it runs, with one window's logits and activations, while the evaluated
-    artifact is loaded; the reference model stays loaded through the conversions but caches nothing until the
-    reference pass)."""
+    """`qkiln build`'s peak: the largest of each artifact's conversion and the validation.
+
+    Measured on one build (graviton4's recipe cut to one Q4_0 RTN artifact of the demo model, 1563 MiB, traced
+    per stage): the process does not return the reference pass's memory before it validates, so the validation
+    phase is the reference model cached as it runs (float32, the fused q/k/v and gate/up copies beside the
+    mapped weights: 1.5 x 4 bytes per parameter), one window's logits and activations, and the artifact being
+    run through qkiln's runtime, llama.cpp and the speed loop (about 4 x its packed size). Unmeasured on other
+    recipes and models: a coarser estimate than a single conversion's."""
     assert plans, "a recipe has at least one artifact"
     convs = [estimate_peak(p) for p in plans]
     cfg = plans[0].config
@@ -312,7 +318,7 @@ def build_estimate(plans: Sequence[Plan], eval_ctx: int) -> MemoryEstimate:
     artifact = max(sum(math.prod(s) * _packed_bytes_per_weight(p.schemes.get(n))
                        for n, s in expected_shapes(cfg).items()) for p in plans)
     validation = {"runtime": RUNTIME_BYTES, "tokenizer": int(plans[0].tokenizer_bytes * HF_TOKENIZER_FACTOR),
-                  "reference model (float32)": n_params * 4, "evaluation window": window,
-                  "artifact under validation": int(artifact)}
+                  "reference model (float32)": int(n_params * 4 * REFERENCE_FACTOR), "evaluation window": window,
+                  "artifact under validation": int(artifact * ARTIFACT_RUN_FACTOR)}
     phases = [*convs, MemoryEstimate(sum(validation.values()), dict(sorted(validation.items(), key=lambda kv: -kv[1])))]
     return max(phases, key=lambda e: e.total)
