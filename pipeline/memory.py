@@ -218,7 +218,8 @@ def estimate_peak(plan: Plan) -> MemoryEstimate:
         # the buffered shard at the end, with an untied head (the last tensor) being packed
         head = 0 if plan.config.tie_word_embeddings else tensor
         phases.append({"writer": writer, **({"largest tensor": head} if head else {})})
-    parts = {**base, **max(phases, key=lambda ph: sum(ph.values()))}
+    worst: dict[str, int] = max(phases, key=lambda ph: sum(ph.values()))
+    parts = {**base, **worst}
     ordered = dict(sorted(parts.items(), key=lambda kv: -kv[1]))
     return MemoryEstimate(sum(ordered.values()), ordered)
 
