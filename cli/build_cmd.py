@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from qkiln.cli.common import console, handles_errors, print_json
+from qkiln.cli.common import MAX_MEMORY_HELP, console, handles_errors, print_json, report_memory
 from qkiln.errors import UserError
 
 
@@ -32,6 +32,7 @@ def build_command(
     ] = None,
     speed_seconds: Annotated[float, typer.Option("--speed-seconds", min=0.0, help="Minimum time per speed measurement.")] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest on stdout.")] = False,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help=MAX_MEMORY_HELP)] = None,
 ) -> None:
     """Quantize the model into every artifact the recipe names, validate each against its thresholds (accuracy,
     target ISA under qemu, speed), and write the artifacts, manifest.json, report.md, report.html and model cards.
@@ -49,6 +50,16 @@ def build_command(
     model_path = resolve_model_path(model)
     if not model_path.is_dir():
         raise UserError(f"--model {model_path} is not a checkpoint folder; pass a Hugging Face checkpoint folder")
+    if max_memory is not None:
+        from qkiln.formats.hf import Checkpoint
+        from qkiln.pipeline.memory import check_memory, convert_plan, parse_size
+
+        limit = parse_size(max_memory)
+        ckpt = Checkpoint.open(model_path)
+        cal = rec.calibration
+        plans = [convert_plan(ckpt, a.format, a.scheme, a.algo, list(cal.text) if a.algo != "rtn" else [],
+                              cal.samples, cal.seq_len, uniform=a.uniform) for a in rec.artifacts]
+        report_memory(check_memory(plans, limit, eval_ctx=rec.evaluation.ctx), limit)
     out.parent.mkdir(parents=True, exist_ok=True)  # e.g. dist/ for the default dist/<target>
     console.print(f"build [bold]{rec.target.name}[/] from {rec.path}: {len(rec.artifacts)} artifacts of {model_path.name} -> {out}")
     with stage_progress(quiet=as_json) as report:

@@ -41,6 +41,18 @@ def chosen_algorithm(algo: Any, calib: Any, *, quantizes: bool = True) -> str:
     return name
 
 
+MAX_MEMORY_HELP = ("Refuse (exit 2, nothing written) when the plan's estimated peak memory exceeds this size, "
+                   "e.g. 3GB, 2.5GiB, 800MB; the message gives the estimate and what would fit.")
+
+
+def report_memory(estimate: Any, limit: int) -> None:
+    """One stderr line: the plan's estimated peak against --max-memory (it fits, or check_memory raised)."""
+    from qkiln.pipeline.memory import fmt_bytes
+
+    console.print(f"memory: estimated peak {fmt_bytes(estimate.total)} within --max-memory {fmt_bytes(limit)} "
+                  f"({estimate.biggest()})", soft_wrap=True)
+
+
 def handles_errors(fn: F) -> F:
     """Map qkiln's exceptions to exit codes with a one-line message and no traceback."""
 

@@ -10,12 +10,14 @@ import typer
 
 from qkiln.cli.common import (
     ALGO_HELP,
+    MAX_MEMORY_HELP,
     Algo,
     chosen_algorithm,
     console,
     handles_errors,
     print_fallbacks,
     print_json,
+    report_memory,
 )
 from qkiln.errors import UserError
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
@@ -62,6 +64,7 @@ def convert(
     ] = 4,
     float_dtype: Annotated[str, typer.Option("--float-dtype", help="onnx: embeddings and norms as fp32 or fp16.")] = "fp32",
     force: Annotated[bool, typer.Option("--force", help="onnx: replace an existing output folder.")] = False,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help=MAX_MEMORY_HELP)] = None,
 ) -> None:
     """Quantize a checkpoint into a GGUF that llama.cpp runs as it is."""
     # Imported here, not at the top: `qkiln --help` then loads no NumPy model code (not a cycle).
@@ -74,6 +77,14 @@ def convert(
             raise UserError(f"calibration file {path} not found; pass an existing text file to --calib")
     model_path = resolve_model_path(model)
     algorithm = chosen_algorithm(algo, calib, quantizes=scheme.strip().lower() not in FLOAT_TYPES)
+    if max_memory is not None:
+        from qkiln.formats.hf import Checkpoint
+        from qkiln.pipeline.memory import check_memory, convert_plan, parse_size
+
+        limit = parse_size(max_memory)
+        plan = convert_plan(Checkpoint.open(model_path), to.value, scheme, algorithm, calib or [], samples, seq_len,
+                            uniform=uniform, strict=strict)
+        report_memory(check_memory(plan, limit), limit)
     if to is Target.onnx:
         _convert_onnx(model_path, output, scheme, algorithm, calib or [], samples, seq_len, strict=strict,
                       accuracy_level=accuracy_level, float_dtype=float_dtype, force=force, as_json=as_json, verbose=verbose)

@@ -36,6 +36,7 @@ COMMAND_MODULES = [
     "qkiln.cli.schemes_cmd",
     "qkiln.cli.build_cmd",
     "qkiln.cli.validate_cmd",
+    "qkiln.cli.synth_cmd",
 ]
 
 for _name in COMMAND_MODULES:

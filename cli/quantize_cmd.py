@@ -20,12 +20,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from qkiln.cli.common import (
     ALGO_HELP,
+    MAX_MEMORY_HELP,
     Algo,
     chosen_algorithm,
     console,
     handles_errors,
     print_fallbacks,
     print_json,
+    report_memory,
 )
 from qkiln.errors import QuantizeError, UserError
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
@@ -78,6 +80,7 @@ def quantize_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (the quantization record) on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every tensor's fallback, not one line per rule.")] = False,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help=MAX_MEMORY_HELP)] = None,
 ) -> None:
     """Quantize a checkpoint layer by layer and write the simulated result with quantization.json."""
     # Imported here, not at the top: `qkiln --help` then loads no NumPy model code (not a cycle).
@@ -104,10 +107,23 @@ def quantize_command(
     else:
         assert scheme is not None
         rules = single(get_scheme(scheme).name) if fallback else get_scheme(scheme)
+    algorithm = chosen_algorithm(algo, calib)
+    if max_memory is not None:
+        from qkiln.pipeline.memory import check_memory, convert_plan, parse_size
+        from qkiln.quantize.rules import KEEP
+
+        limit = parse_size(max_memory)
+        shapes = {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
+        if hasattr(rules, "plan"):
+            planned = {n: s for n, (s, _) in rules.plan(shapes).items() if s != KEEP}
+        else:
+            planned = {n: rules.name for n, shp in shapes.items() if len(shp) == 2}
+        plan = convert_plan(ckpt, "checkpoint", "", algorithm, [calib] if calib else [], samples, seq_len,
+                            schemes=planned)
+        report_memory(check_memory(plan, limit), limit)
 
     calib_doc: dict[str, Any] | None = None
     ids = None
-    algorithm = chosen_algorithm(algo, calib)
     if algorithm != "rtn":
         if calib is None:
             raise UserError(f"--algo {algorithm} needs calibration text: pass --calib FILE")

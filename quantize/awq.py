@@ -79,6 +79,7 @@ def tie_heads(abs_mean: np.ndarray, config: LlamaConfig) -> np.ndarray:
 # Floats of candidate weights (candidates x rows x cols) searched in one product: bounds the search's
 # temporaries (a few arrays of this size) while keeping the products large.
 SEARCH_FLOATS = 1 << 23
+SEARCH_WORKERS = 4  # threads of the scale search (`awq_layer`): its memory is per worker
 
 
 def candidate_scales(abs_mean: np.ndarray, n_grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -305,7 +306,9 @@ def awq_layer(
     # The four groups' searches are independent: each stage's jobs of all groups go to one pool, the largest
     # first (down_proj's K-quant fits alone would otherwise keep one core busy while the other idles), each
     # product on one BLAS thread — the same arithmetic whatever the number of workers.
-    with ThreadPoolExecutor(max_workers=max(1, threads or os.cpu_count() or 1)) as pool, one_blas_thread():
+    # At most SEARCH_WORKERS: each holds a job's stacked candidates (up to SEARCH_FLOATS floats, a few times over).
+    with ThreadPoolExecutor(max_workers=max(1, min(threads or os.cpu_count() or 1, SEARCH_WORKERS))) as pool, \
+            one_blas_thread():
         while not all(srch.done for srch in searches.values()):  # the same stages for every group
             jobs = {g: srch.jobs() for g, srch in searches.items()}
             order = sorted(((cost, g, i) for g, js in jobs.items() for i, (cost, _) in enumerate(js)), reverse=True)
