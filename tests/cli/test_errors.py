@@ -50,7 +50,10 @@ def test_version():
 
 
 def test_cli_algorithms_are_the_quantizers():
+    """--algo offers every quantizer's algorithm, and `auto`, which resolves to one of them."""
     from qkiln.cli.common import Algo
+    from qkiln.quantize.algorithms import AUTO, resolve_algorithm
     from qkiln.quantize.calibrate import ALGOS
 
-    assert tuple(a.value for a in Algo) == ALGOS
+    assert tuple(a.value for a in Algo) == (*ALGOS, AUTO)
+    assert {resolve_algorithm(AUTO, calibrated=c) for c in (True, False)} <= set(ALGOS)
