@@ -37,7 +37,8 @@ def chosen_algorithm(algo: Any, calib: Any, *, quantizes: bool = True) -> str:
     if algo.value == AUTO and quantizes:
         console.print(f"algorithm: {name} (auto: {'calibration text given' if calib else 'no --calib'})")
     elif calib and name == "rtn":
-        console.print("[yellow]note:[/] --algo rtn uses no calibration; --calib ignored")
+        why = "--algo rtn uses no calibration" if quantizes else "this output is not quantized"
+        console.print(f"[yellow]note:[/] {why}; --calib ignored")
     return name
 
 
