@@ -1,6 +1,6 @@
 """`--max-memory`: sizes parse, a plan that does not fit is refused with the estimate and what would fit (exit 2,
 nothing written), and the estimate is honest: the demo model's conversions, measured in a child process (its
-own peak RSS from wait4), land within ±35% of it."""
+own peak RSS, from wait4 in a fresh runner process), land within ±35% of it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -84,19 +83,33 @@ def test_build_refuses_before_writing(tmp_path, demo):
     assert list(tmp_path.iterdir()) == []
 
 
-def _peak_rss(args: list[str]) -> int:
-    """Peak RSS in bytes of `qkiln ARGS` run in a child process, pinned to one core (the machine is shared)."""
-    cmd = [sys.executable, "-P", "-m", "qkiln.cli.main", *args]
+# Runs argv[1:] and prints its exit code and ru_maxrss (KiB). On Linux a child's ru_maxrss starts at the RSS of
+# the process it was forked from (the old mm's high-water mark is carried over exec): a child forked from
+# pytest, grown to gigabytes by earlier tests, reports pytest's size. This runner is a fresh small process, so
+# the command forked from it reports its own peak.
+RUNNER = """
+import os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(p.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
+def _run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int, int, str]:
+    """(exit code, peak RSS in bytes, stderr) of `cmd`, pinned to one core (the machine is shared)."""
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", "0", *cmd]
+    r = subprocess.run([sys.executable, "-c", RUNNER, *cmd], env=env, capture_output=True, text=True)
+    code, maxrss = r.stdout.split()[-2:]
+    return int(code), int(maxrss) * 1024, r.stderr
+
+
+def _peak_rss(args: list[str]) -> int:
+    """Peak RSS in bytes of `qkiln ARGS` run in a child process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's maximum
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        assert proc.returncode == 0, err.read().decode()
-    return int(usage.ru_maxrss) * 1024
+    code, peak, err = _run_measured([sys.executable, "-P", "-m", "qkiln.cli.main", *args], env)
+    assert code == 0, err
+    return peak
 
 
 # name: (command, output, options, algorithm, samples, model): the demo model (F32), a BF16 synth of its shape,
@@ -168,15 +181,9 @@ def test_build_estimate_is_within_band_of_measured_peak(tmp_path, demo):
     rec = load_recipe(recipe)
     plans = [convert_plan(demo, a.format, a.scheme, a.algo, [], 0, 0) for a in rec.artifacts]
     est = check_memory(plans, None, eval_ctx=rec.evaluation.ctx)
-    cmd = [sys.executable, "-P", "-m", "qkiln.cli.main", "build", str(recipe), "--model", str(demo.path),
-           "-o", str(tmp_path / "out"), "--max-memory", "100GB"]
-    if shutil.which("taskset"):
-        cmd = ["taskset", "-c", "0", *cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode in (0, 1)  # 1: RTN's Q4_0 fails the recipe's gates, which is not what is measured here
-    measured = int(usage.ru_maxrss) * 1024
+    code, measured, err = _run_measured([sys.executable, "-P", "-m", "qkiln.cli.main", "build", str(recipe), "--model",
+                                         str(demo.path), "-o", str(tmp_path / "out"), "--max-memory", "100GB"])
+    assert code in (0, 1), err  # 1: RTN's Q4_0 fails the recipe's gates, which is not what is measured here
     print(f"build: measured {measured / 2**20:.0f} MiB, estimated {est.total / 2**20:.0f} MiB "
           f"({est.total / measured - 1:+.0%}); parts {est.biggest(6)}")
     assert abs(est.total - measured) <= BAND * measured, (measured, est.as_dict())
