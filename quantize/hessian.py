@@ -73,8 +73,3 @@ def accumulate_hessian(h: np.ndarray, n_seen: int, x2d: np.ndarray) -> tuple[np.
     n_new = n_seen + m
     h_new = h * (n_seen / n_new) + xtx * (2.0 / n_new)
     return h_new, n_new
-
-
-def abs_mean_sum(s: np.ndarray, x2d: np.ndarray) -> np.ndarray:
-    """Running per-channel sum of |x| (AWQ's activation statistic); `s` (in,) float64, pure."""
-    return s + np.abs(np.asarray(x2d, dtype=np.float32)).sum(axis=0, dtype=np.float64)

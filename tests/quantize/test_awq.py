@@ -17,7 +17,7 @@ from qkiln.quantize.awq import (
     tie_heads,
 )
 from qkiln.quantize.gptq import output_error
-from qkiln.quantize.hessian import abs_mean_sum, accumulate_hessian, empty_hessian
+from qkiln.quantize.hessian import accumulate_hessian, empty_hessian
 from qkiln.quantize.registry import get_scheme
 from qkiln.runtime.llama import LlamaModel
 
@@ -65,7 +65,7 @@ def outlier_problem():
     x = rng.standard_normal((4096, n_in)).astype(np.float32) * gains
     w = (0.05 * rng.standard_normal((n_out, n_in))).astype(np.float32)
     h, n = accumulate_hessian(*empty_hessian(n_in), x)
-    st = GroupStats(h=h, abs_mean=abs_mean_sum(np.zeros(n_in), x) / n)
+    st = GroupStats(h=h, abs_mean=np.abs(x).sum(axis=0, dtype=np.float64) / n)
     return w, x, st
 
 
@@ -147,7 +147,7 @@ def test_awq_layer_folds_and_reports(tiny_config, llama_weights):
         d = t[names[0]].shape[1]
         x = rng.standard_normal((512, d)).astype(np.float32) * np.exp(rng.standard_normal(d)).astype(np.float32)
         h, n = accumulate_hessian(*empty_hessian(d), x)
-        stats[g] = GroupStats(h=h, abs_mean=abs_mean_sum(np.zeros(d), x) / n)
+        stats[g] = GroupStats(h=h, abs_mean=np.abs(x).sum(axis=0, dtype=np.float64) / n)
     schemes = dict.fromkeys(LINEARS, get_scheme("int4_g32_asym"))
     schemes["self_attn.k_proj"] = None  # kept in float: no loss, no jobs
     res = awq_layer(t, stats, schemes, cfg, n_grid=10, clip=True)
