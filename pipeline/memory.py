@@ -45,7 +45,7 @@ from qkiln.model.names import expected_shapes
 from qkiln.pipeline.gpu import plan_schemes
 from qkiln.pipeline.onnx import onnx_schemes
 from qkiln.pipeline.stream import calibration_tokens, read_calibration, tensor_schemes
-from qkiln.quantize.awq import SEARCH_FLOATS, SEARCH_WORKERS
+from qkiln.quantize.awq import SEARCH_FLOATS, search_workers
 from qkiln.quantize.registry import get_scheme
 
 MB = 2**20
@@ -176,7 +176,7 @@ def _calibration_part(plan: Plan) -> dict[str, int]:
         # divided back, error, products, the fit's temporaries): on the demo model AWQ+GPTQ peaked 0.11-0.14 GB
         # above GPTQ (bench/imatrix_bench.py), this part 0.13 GB
         w_size = max(hidden * inter, hidden * attn)
-        awq_search = min(os.cpu_count() or 1, SEARCH_WORKERS) * 6 * 4 * w_size * min(3, max(1, SEARCH_FLOATS // w_size))
+        awq_search = search_workers() * 6 * 4 * w_size * min(3, max(1, SEARCH_FLOATS // w_size))
     big = max(hidden, attn, inter)
     # the widest group's float64 Hessian, its damped inverse and Cholesky factor (measured 22-25 B per entry at
     # widths 1536, 8192 and 14336), and each further lane's float32 running sum

@@ -82,6 +82,12 @@ SEARCH_FLOATS = 1 << 23
 SEARCH_WORKERS = 4  # threads of the scale search (`awq_layer`): its memory is per worker
 
 
+def search_workers(threads: int | None = None) -> int:
+    """How many threads `awq_layer`'s scale search runs on: `threads` (default: every core), at most
+    SEARCH_WORKERS — each holds a job's stacked candidates (up to SEARCH_FLOATS floats, a few times over)."""
+    return max(1, min(threads or os.cpu_count() or 1, SEARCH_WORKERS))
+
+
 def candidate_scales(abs_mean: np.ndarray, n_grid: int) -> tuple[np.ndarray, np.ndarray]:
     """(alphas (n_grid,), s (n_grid, in) float32): s = mean|x|^α normalised so that sqrt(max·min) = 1,
     floored at 1e-4, for α = 0, 1/n_grid, ... — α = 0 is s = 1 (plain RTN)."""
@@ -306,9 +312,7 @@ def awq_layer(
     # The four groups' searches are independent: each stage's jobs of all groups go to one pool, the largest
     # first (down_proj's K-quant fits alone would otherwise keep one core busy while the other idles), each
     # product on one BLAS thread — the same arithmetic whatever the number of workers.
-    # At most SEARCH_WORKERS: each holds a job's stacked candidates (up to SEARCH_FLOATS floats, a few times over).
-    with ThreadPoolExecutor(max_workers=max(1, min(threads or os.cpu_count() or 1, SEARCH_WORKERS))) as pool, \
-            one_blas_thread():
+    with ThreadPoolExecutor(max_workers=search_workers(threads)) as pool, one_blas_thread():
         while not all(srch.done for srch in searches.values()):  # the same stages for every group
             jobs = {g: srch.jobs() for g, srch in searches.items()}
             order = sorted(((cost, g, i) for g, js in jobs.items() for i, (cost, _) in enumerate(js)), reverse=True)
