@@ -2,8 +2,9 @@
 
 `Checkpoint.open` does every cheap check up front — config, weight files, headers, tensor names,
 shapes and dtypes — so a bad folder fails in a second with one line saying what is wrong, not an
-hour into a quantization run. Tensor data is read only when asked for, one tensor at a time, through
-`np.memmap`, so a checkpoint larger than RAM can be processed layer by layer.
+hour into a quantization run. Tensor data is read only when asked for, one tensor (or, through
+`Checkpoint.lazy`, one block of rows) at a time, so a checkpoint larger than RAM can be processed layer
+by layer.
 
 Pickled checkpoints (`pytorch_model.bin`, `*.pt`) are refused, never unpickled: loading a pickle runs
 whatever code its author put in it.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -23,6 +25,7 @@ from qkiln.errors import CheckpointError
 from qkiln.formats.safetensors_check import SafetensorsHeader, TensorEntry, read_header
 from qkiln.model.config import LlamaConfig, Rope
 from qkiln.model.names import expected_shapes
+from qkiln.model.source import LazyRows
 
 if TYPE_CHECKING:
     import tokenizers
@@ -33,6 +36,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # Stored dtype -> little-endian NumPy dtype it is memory-mapped as (BF16 as raw uint16 bits).
 READABLE_DTYPES: dict[str, str] = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+READ_FLOATS = 1 << 18  # values per read of a BF16/F16 tensor: the raw block beside the float32 result (512 KiB)
 
 
 def _containment_root(folder: Path) -> Path:
@@ -264,8 +268,26 @@ class Checkpoint:
     def tensor(self, name: str) -> np.ndarray:
         """The tensor as float32, read from disk now; F32 is a read-only view of the mapped file.
 
-        Only this tensor's pages are touched, so peak memory is about one float32 copy of it.
+        BF16/F16 are read a block at a time into the float32 result (`os.pread`, not a mapping, so the
+        file's pages never count in this process's resident memory): peak memory is the float32 copy.
         """
+        e = self._checked_entry(name)
+        if e.numel == 0:
+            return np.zeros(e.shape, dtype=np.float32)
+        if e.dtype == "F32":
+            raw = np.memmap(self._owner[name].path, dtype=READABLE_DTYPES[e.dtype], mode="r", offset=e.offset,
+                            shape=e.shape)
+            return np.asarray(raw)  # (shape) float32, read-only view
+        return self._read_rows(name, 0, e.shape[0] if e.shape else 1).reshape(e.shape)
+
+    def lazy(self, name: str) -> np.ndarray | LazyRows:
+        """A 2-D tensor as `LazyRows` (read a block of rows at a time when used); others as `tensor()`."""
+        e = self._checked_entry(name)
+        if len(e.shape) != 2 or e.numel == 0:
+            return self.tensor(name)
+        return LazyRows((e.shape[0], e.shape[1]), lambda r0, r1, out=None: self._read_rows(name, r0, r1, out))
+
+    def _checked_entry(self, name: str) -> TensorEntry:
         e = self._entry(name)
         header = self._owner[name]
         try:
@@ -273,19 +295,40 @@ class Checkpoint:
         except OSError as err:
             raise CheckpointError(f"{header.path}: cannot read ({err.strerror or err})") from None
         if size != header.file_size:
-            # Mapping a file that shrank would SIGBUS on the missing pages instead of raising.
+            # Mapping or reading a file that shrank would SIGBUS or come up short instead of raising.
             raise CheckpointError(f"{header.path} changed size since the checkpoint was opened; open it again")
-        if e.numel == 0:
-            return np.zeros(e.shape, dtype=np.float32)
-        raw = np.memmap(header.path, dtype=READABLE_DTYPES[e.dtype], mode="r", offset=e.offset, shape=e.shape)
-        if e.dtype == "F32":
-            return np.asarray(raw)  # (shape) float32, read-only view
-        if e.dtype == "F16":
-            return raw.astype(np.float32)
-        # BF16 is the top half of a float32: widen the bits and shift them into place.
-        bits = np.empty(e.shape, dtype=np.uint32)  # (shape) the one copy made
-        np.left_shift(raw, 16, out=bits, dtype=np.uint32)  # widen and shift in one pass
-        return bits.view(np.float32)
+        return e
+
+    def _read_rows(self, name: str, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows r0:r1 of a tensor (its first dimension) as float32, into `out` (a fresh array by default),
+        read with `os.pread` READ_FLOATS values at a time (the only memory besides `out`)."""
+        e = self._entry(name)
+        raw_dtype = np.dtype(READABLE_DTYPES[e.dtype])
+        row_elems = math.prod(e.shape[1:])
+        shape = (r1 - r0, *e.shape[1:])
+        out = np.empty(shape, np.float32) if out is None else out
+        flat = out.reshape(-1)
+        path = self._owner[name].path
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            base = e.offset + r0 * row_elems * raw_dtype.itemsize
+            for i0 in range(0, flat.size, READ_FLOATS):
+                dst = flat[i0 : i0 + READ_FLOATS]
+                raw = dst if e.dtype == "F32" else np.empty(dst.size, raw_dtype)
+                buf = memoryview(raw.view(np.uint8))  # type: ignore[arg-type]
+                done, at = 0, base + i0 * raw_dtype.itemsize
+                while done < raw.nbytes:
+                    got = os.preadv(fd, [buf[done:]], at + done)
+                    if got <= 0:
+                        raise CheckpointError(f"{path}: ends inside tensor {name}; the file is truncated")
+                    done += got
+                if e.dtype == "F16":
+                    dst[:] = raw
+                elif e.dtype == "BF16":  # the top half of a float32: widen the bits and shift them into place
+                    np.left_shift(raw, 16, out=dst.view(np.uint32), dtype=np.uint32)
+        finally:
+            os.close(fd)
+        return out
 
     # -- tokenizer --------------------------------------------------------------------------------
 

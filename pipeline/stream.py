@@ -20,7 +20,7 @@ import numpy as np
 
 from qkiln.errors import QuantizeError, UserError
 from qkiln.hashing import sha256_of
-from qkiln.model.source import TensorSource
+from qkiln.model.source import LazyRows, TensorSource, read_lazily
 from qkiln.quantize import rules
 from qkiln.quantize.algorithms import ALGORITHMS
 from qkiln.quantize.calibrate import calibration_ids, output_order, quantize_model
@@ -30,7 +30,7 @@ from qkiln.quantize.rtn import quantize_rtn
 from qkiln.quantize.scheme import Scheme
 from qkiln.quantize.tensor import QuantizedTensor
 
-Weight: TypeAlias = QuantizedTensor | np.ndarray
+Weight: TypeAlias = QuantizedTensor | np.ndarray | LazyRows  # LazyRows: a float tensor read as it is written
 
 
 def tensor_schemes(
@@ -89,9 +89,9 @@ class RTNStream:
         return self.schemes.get(name)
 
     def get(self, name: str) -> Weight:
-        w = self.source.tensor(name)
+        w = read_lazily(self.source, name)
         if name not in self.schemes:
-            return np.asarray(w, dtype=np.float32)
+            return w if isinstance(w, LazyRows) else np.asarray(w, dtype=np.float32)
         if self.progress:
             self.progress(f"rtn {name}")
         return quantize_rtn(w, get_scheme(self.schemes[name]), name=name)

@@ -1,7 +1,8 @@
 """Round-to-nearest: each scheme's reference rule applied to a whole matrix, in row chunks.
 
 Memory: `workers` chunks of about CHUNK_ELEMS float32 weights (plus the scheme's temporaries, a few
-times that) on top of the input and the uint8 codes — never a float64 or full-size float32 copy.
+times that) on top of the input and the uint8 codes — never a float64 or full-size float32 copy, and with
+a checkpoint's `LazyRows` as input not even the input: each chunk is read from disk as it is quantized.
 Chunks are independent and NumPy releases the GIL in its loops, so they run on a small thread pool;
 the result does not depend on the number of workers.
 """
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from qkiln.errors import QuantizeError
+from qkiln.model.source import LazyRows
 from qkiln.quantize.scheme import Params, Scheme, concat_rows, slice_rows
 from qkiln.quantize.tensor import QuantizedTensor
 
@@ -32,7 +34,7 @@ def check_finite(w: np.ndarray, name: str, r0: int = 0) -> None:
 
 
 def quantize_rtn(
-    w: np.ndarray,
+    w: np.ndarray | LazyRows,
     scheme: Scheme,
     *,
     name: str = "",
@@ -40,8 +42,10 @@ def quantize_rtn(
     chunk_elems: int = CHUNK_ELEMS,
     workers: int | None = None,
 ) -> QuantizedTensor:
-    """Quantize `w` (out_features, in_features) on `scheme` by round-to-nearest."""
-    w = np.asarray(w)
+    """Quantize `w` (out_features, in_features) on `scheme` by round-to-nearest. `w` may be a checkpoint's
+    `LazyRows`: each chunk is read from disk when it is quantized (no float32 copy of the whole tensor)."""
+    if not isinstance(w, LazyRows):
+        w = np.asarray(w)
     tensor = name or "weight"
     scheme.check_shape(w.shape, tensor)
     rows, cols = w.shape
