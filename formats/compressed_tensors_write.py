@@ -37,8 +37,9 @@ import ml_dtypes
 import numpy as np
 
 from qkiln.errors import QuantizeError
-from qkiln.formats.safetensors_folder import write_folder
+from qkiln.formats.safetensors_folder import Blocks, float16_tensor, write_folder
 from qkiln.model.config import LlamaConfig
+from qkiln.model.source import LazyRows
 from qkiln.quantize.fp8 import FP8Grid
 from qkiln.quantize.int_grid import IntGrid
 from qkiln.quantize.scheme import Scheme
@@ -49,7 +50,7 @@ from qkiln.quantize.tensor import QuantizedTensor
 CT_VERSION = "0.20.1"
 LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-Weight: TypeAlias = QuantizedTensor | np.ndarray
+Weight: TypeAlias = QuantizedTensor | np.ndarray | LazyRows
 
 
 def pack_codes(codes: np.ndarray, bits: int, axis: int) -> np.ndarray:
@@ -212,7 +213,7 @@ def write_compressed_tensors(
     quantizer's order; returns the grid of every quantized tensor. `card(quantization_config)` gives README.md."""
     schemes: dict[str, Scheme] = {}
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+    def tensors() -> Iterator[tuple[str, np.ndarray | Blocks]]:
         for name, w in weights:
             if isinstance(w, QuantizedTensor):
                 if not is_decoder_linear(name):
@@ -221,7 +222,7 @@ def write_compressed_tensors(
                 schemes[name] = w.scheme
                 yield from pack_tensor(name, w)
             else:
-                yield name, np.asarray(w, dtype=np.float32).astype(np.float16)
+                yield name, float16_tensor(w)
 
     holder: dict[str, Any] = {}
 

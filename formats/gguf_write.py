@@ -32,6 +32,7 @@ from qkiln.formats.gguf_meta import KV, Provenance
 from qkiln.formats.tokenizer_to_gguf import GGUFTokenizer
 from qkiln.model import names as llama_names
 from qkiln.model.config import LlamaConfig
+from qkiln.model.source import LazyRows, block_rows, row_blocks
 from qkiln.quantize.ggml_pack import GGML_TYPES, ggml_type_name, pack_blocks
 from qkiln.quantize.tensor import QuantizedTensor
 
@@ -42,25 +43,48 @@ FLOAT_TYPES = {
 }
 
 
+def data_nbytes(shape: tuple[int, ...], ggml_type: GGMLQuantizationType) -> int:
+    """Bytes of a tensor of `shape` stored as `ggml_type` (rows of whole blocks)."""
+    block, type_size = GGML_QUANT_SIZES[ggml_type]
+    assert shape[-1] % block == 0, (shape, ggml_type)
+    return math.prod(shape[:-1]) * (shape[-1] // block) * type_size
+
+
+class ByteChunks:
+    """A tensor's bytes made a block of rows at a time, as they are written: what gguf-py's writer needs of a
+    tensor here is `nbytes` and `tofile` (its own lazy tensors have the same two)."""
+
+    def __init__(self, nbytes: int, chunks: Iterable[np.ndarray]):
+        self.nbytes, self._chunks = nbytes, chunks
+
+    def tofile(self, f: Any) -> None:
+        written = 0
+        for c in self._chunks:
+            b = np.ascontiguousarray(c).reshape(-1).view(np.uint8)
+            b.tofile(f)
+            written += b.nbytes
+        if written != self.nbytes:
+            raise AssertionError(f"produced {written} bytes, planned {self.nbytes}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorPlan:
     """One tensor as it will sit in the file.
 
     shape    logical shape in NumPy order, (rows, cols) or (n,); GGUF stores it reversed
-    produce  returns exactly `nbytes` bytes of ggml data (any dtype; written as raw bytes)
+    produce  returns exactly `nbytes` bytes of ggml data (any dtype; written as raw bytes), as one array
+             or as `ByteChunks` (a block of rows at a time: a tensor larger than a layer is never whole)
     """
 
     name: str
     shape: tuple[int, ...]
     ggml_type: GGMLQuantizationType
-    produce: Callable[[], np.ndarray]
+    produce: Callable[[], np.ndarray | ByteChunks]
     note: str = ""  # e.g. "fallback q4_k -> q5_0", shown by `convert`
 
     @property
     def nbytes(self) -> int:
-        block, type_size = GGML_QUANT_SIZES[self.ggml_type]
-        assert self.shape[-1] % block == 0, (self.name, self.shape, self.ggml_type)
-        return math.prod(self.shape[:-1]) * (self.shape[-1] // block) * type_size
+        return data_nbytes(self.shape, self.ggml_type)
 
     @property
     def byte_shape(self) -> tuple[int, ...]:
@@ -98,10 +122,12 @@ def _write(dest: Path, arch: str, kv: Iterable[KV], tensors: list[TensorPlan]) -
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for t in tensors:
-                data = np.ascontiguousarray(t.produce())
+                made = t.produce()
+                data = made if isinstance(made, ByteChunks) else np.ascontiguousarray(made).reshape(-1).view(np.uint8)
                 if data.nbytes != t.nbytes:
                     raise AssertionError(f"{t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
-                writer.write_tensor_data(data.reshape(-1).view(np.uint8))
+                # ByteChunks has what write_tensor_data uses of an array (nbytes, tofile), as gguf's lazy tensors
+                writer.write_tensor_data(data)  # type: ignore[arg-type]
         finally:
             writer.close()
 
@@ -142,7 +168,7 @@ def _pack(qt: QuantizedTensor) -> np.ndarray:
     return packed if isinstance(packed, np.ndarray) else np.frombuffer(packed, dtype=np.uint8)
 
 
-Weight: TypeAlias = QuantizedTensor | np.ndarray
+Weight: TypeAlias = QuantizedTensor | np.ndarray | LazyRows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,20 +248,27 @@ class StreamWeights:
         return self._stream.get(hf_name)
 
 
-def _tensor_bytes(config: LlamaConfig, spec: WeightSpec, w: Weight) -> np.ndarray:
-    """Pack one weight as its spec says, q/k rows permuted for llama.cpp's rotary layout."""
+def _tensor_bytes(config: LlamaConfig, spec: WeightSpec, w: Weight) -> np.ndarray | ByteChunks:
+    """Pack one weight as its spec says, q/k rows permuted for llama.cpp's rotary layout; a 2-D weight a
+    block of rows at a time (rows are independent in every ggml type)."""
     order = _permutation(config, spec.hf_name)
+    nbytes = data_nbytes(spec.shape, spec.ggml_type)
     if isinstance(w, QuantizedTensor):
         if w.shape != spec.shape or ggml_type_of(w) != spec.ggml_type:
             raise AssertionError(f"{spec.hf_name}: got {ggml_type_of(w).name} {w.shape}, planned {spec.ggml_type.name} {spec.shape}")
-        return _pack(permute_qt(w, order) if order is not None else w)
-    arr = np.asarray(w)
-    if arr.shape != spec.shape:
-        raise AssertionError(f"{spec.hf_name}: got shape {arr.shape}, planned {spec.shape}")
-    return float_bytes(arr[order] if order is not None else arr, spec.ggml_type)
+        qt = permute_qt(w, order) if order is not None else w
+        step = block_rows(qt.shape[1])
+        return ByteChunks(nbytes, (_pack(qt.row_slice(r0, r0 + step)) for r0 in range(0, qt.shape[0], step)))
+    if tuple(w.shape) != spec.shape:
+        raise AssertionError(f"{spec.hf_name}: got shape {tuple(w.shape)}, planned {spec.shape}")
+    if order is not None:
+        w = np.asarray(w)[order]
+    if len(spec.shape) == 1:
+        return float_bytes(np.asarray(w), spec.ggml_type)
+    return ByteChunks(nbytes, (float_bytes(b, spec.ggml_type) for b in row_blocks(w)))
 
 
-def _produce(config: LlamaConfig, spec: WeightSpec, stream: WeightStream) -> np.ndarray:
+def _produce(config: LlamaConfig, spec: WeightSpec, stream: WeightStream) -> np.ndarray | ByteChunks:
     return _tensor_bytes(config, spec, stream.get(spec.hf_name))
 
 

@@ -33,13 +33,14 @@ import numpy as np
 
 from qkiln.errors import QuantizeError
 from qkiln.formats.compressed_tensors_write import config_dict, is_decoder_linear, module_of, pack_codes
-from qkiln.formats.safetensors_folder import dump_json, write_folder
+from qkiln.formats.safetensors_folder import Blocks, dump_json, float16_tensor, write_folder
 from qkiln.model.config import LlamaConfig
+from qkiln.model.source import LazyRows
 from qkiln.quantize.int_grid import IntGrid
 from qkiln.quantize.scheme import Scheme
 from qkiln.quantize.tensor import QuantizedTensor
 
-Weight: TypeAlias = QuantizedTensor | np.ndarray
+Weight: TypeAlias = QuantizedTensor | np.ndarray | LazyRows
 MARLIN_GROUPS = (-1, 32, 64, 128)
 
 
@@ -131,7 +132,7 @@ def write_gptq(
     """Write a GPTQ-layout folder from `weights` in the quantizer's order; (grid, quantized shapes)."""
     state: dict[str, Any] = {"scheme": None, "shapes": []}
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+    def tensors() -> Iterator[tuple[str, np.ndarray | Blocks]]:
         for name, w in weights:
             if isinstance(w, QuantizedTensor):
                 if not is_decoder_linear(name):
@@ -147,7 +148,7 @@ def write_gptq(
                 state["shapes"].append(w.shape)
                 yield from pack_tensor(name, w)
             else:
-                yield name, np.asarray(w, dtype=np.float32).astype(np.float16)
+                yield name, float16_tensor(w)
 
     def qconfig() -> dict[str, Any]:
         if state["scheme"] is None:

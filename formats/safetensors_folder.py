@@ -5,8 +5,9 @@ Layout (what transformers, vLLM and SGLang read):
     model.safetensors.index.json       {"metadata": {"total_size": ...}, "weight_map": {name: file}}
     config.json, generation_config.json, tokenizer files, README.md, any extra JSON/text files
 
-A shard is written as soon as it is full, so memory holds at most one shard of packed tensors; shards
-are written under a provisional name and renamed once M is known. The whole folder is assembled in a
+Tensors go to a spill file as they arrive and a shard is written from it as soon as it is full, so memory
+holds one tensor (a large float one, one block of rows), never a shard; shards are written under a
+provisional name and renamed once M is known. The whole folder is assembled in a
 temporary sibling and renamed into place only when complete (`qkiln.atomic.atomic_dir`): a failure or a
 `kill -9` leaves nothing at the destination. Same inputs, same bytes: each shard's tensors are sorted
 by name (`safetensors_write`), every JSON file is written with sorted keys, nothing records a time.
@@ -14,9 +15,10 @@ by name (`safetensors_write`), every JSON file is written with sorted keys, noth
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from qkiln.atomic import atomic_dir
 from qkiln.formats.safetensors_write import write_safetensors
+from qkiln.model.source import LazyRows, row_blocks
 
 # Tokenizer files copied from the source checkpoint when present.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -35,35 +38,68 @@ def dump_json(doc: Any) -> str:
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
+# A tensor given as its dtype, shape and data blocks in order (rows, made while the shard is written).
+Blocks = tuple[np.dtype, tuple[int, ...], Iterable[np.ndarray]]
+SPILL_READ_BYTES = 64 * 2**20  # bytes copied at a time from the spill file into a shard
+
+
 class ShardWriter:
-    """Collects (name, array) pairs and writes a shard each time `shard_bytes` are buffered."""
+    """Takes (name, array or `Blocks`) pairs and writes a shard each time `shard_bytes` have arrived.
+
+    A tensor's bytes go to a spill file as they arrive, and a full shard is written from it (its header needs
+    every tensor's name and size first, its data sorted by name): memory holds one block, never a shard."""
 
     def __init__(self, folder: Path, shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.folder, self.shard_bytes = folder, shard_bytes
-        self._buf: dict[str, np.ndarray] = {}
+        self._spill_path = folder / ".spill"
+        self._spill = open(self._spill_path, "wb")
+        self._buf: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}  # name -> dtype, shape, offset, bytes
         self._buf_bytes = 0
         self._parts: list[list[str]] = []  # tensor names of each written shard
         self.total_size = 0
 
-    def add(self, name: str, array: np.ndarray) -> None:
+    def add(self, name: str, tensor: np.ndarray | Blocks) -> None:
         if name in self._buf or any(name in p for p in self._parts):
             raise AssertionError(f"tensor {name} written twice")
-        self._buf[name] = np.ascontiguousarray(array)
-        self._buf_bytes += array.nbytes
-        self.total_size += array.nbytes
+        blocks: Iterable[np.ndarray]
+        if isinstance(tensor, np.ndarray):
+            dtype, shape, blocks = tensor.dtype, tuple(tensor.shape), [tensor]
+        else:
+            dtype, shape, blocks = np.dtype(tensor[0]), tuple(tensor[1]), tensor[2]
+        offset = self._spill.tell()
+        for b in blocks:
+            if b.dtype != dtype:
+                raise AssertionError(f"{name}: a block of {b.dtype}, declared {dtype}")
+            self._spill.write(np.ascontiguousarray(b).reshape(-1).view(np.uint8).data)
+        nbytes = self._spill.tell() - offset
+        self._buf[name] = (dtype, shape, offset, nbytes)
+        self._buf_bytes += nbytes
+        self.total_size += nbytes
         if self._buf_bytes >= self.shard_bytes:
             self._flush()
+
+    def _spilled(self, offset: int, nbytes: int, dtype: np.dtype) -> Iterator[np.ndarray]:
+        with open(self._spill_path, "rb") as f:
+            for start in range(0, nbytes, SPILL_READ_BYTES):
+                f.seek(offset + start)
+                yield np.frombuffer(f.read(min(SPILL_READ_BYTES, nbytes - start)), dtype=dtype)
 
     def _flush(self) -> None:
         if not self._buf:
             return
-        write_safetensors(self.folder / f".part-{len(self._parts):05d}", self._buf, metadata={"format": "pt"})
+        self._spill.flush()
+        specs = {n: (dt, shape, functools.partial(self._spilled, off, nb, dt)) for n, (dt, shape, off, nb) in self._buf.items()}
+        write_safetensors(self.folder / f".part-{len(self._parts):05d}", specs, metadata={"format": "pt"})
         self._parts.append(sorted(self._buf))
         self._buf, self._buf_bytes = {}, 0
+        self._spill.seek(0)
+        self._spill.truncate()
 
     def close(self) -> dict[str, str]:
         """Write the last shard, give the shards their final names, write the index; the weight map."""
         self._flush()
+        self._spill.close()
+        self._spill_path.unlink()
         m = len(self._parts)
         weight_map: dict[str, str] = {}
         for i, names in enumerate(self._parts):
@@ -73,6 +109,13 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX_FILE).write_text(dump_json(index))
         return weight_map
+
+
+def float16_tensor(w: np.ndarray | LazyRows) -> np.ndarray | Blocks:
+    """A weight kept in float, as float16 (what the GPU folders store): 2-D ones a block of rows at a time."""
+    if w.ndim != 2:
+        return np.asarray(w, dtype=np.float32).astype(np.float16)
+    return np.dtype(np.float16), tuple(w.shape), (b.astype(np.float16) for b in row_blocks(w))
 
 
 def generation_config(config_dict: Mapping[str, Any], source: Path | None) -> dict[str, Any]:
@@ -90,7 +133,7 @@ def generation_config(config_dict: Mapping[str, Any], source: Path | None) -> di
 
 def write_folder(
     dest: str | Path,
-    tensors: Iterable[tuple[str, np.ndarray]],
+    tensors: Iterable[tuple[str, np.ndarray | Blocks]],
     config_dict: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
     *,
     tokenizer_from: Path | None = None,

@@ -4,14 +4,15 @@ The `safetensors` package keeps `__metadata__` in a hash map, so two saves of th
 than one metadata key can differ in bytes; it also needs every tensor in memory at once. This writer lays
 the file out itself (the format is small: an 8-byte little-endian header length, a JSON header padded with
 spaces to a multiple of 8, then the raw little-endian data) with keys in sorted order, and writes one tensor
-at a time, so outputs are byte-identical for identical inputs and memory stays at one tensor.
+(or one block of a tensor) at a time, so outputs are byte-identical for identical inputs and memory stays at
+one tensor, or one block.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import ml_dtypes
@@ -32,8 +33,9 @@ DTYPE_NAMES: dict[np.dtype, str] = {
     np.dtype(np.bool_): "BOOL",
 }
 
-# A tensor is given as an array, or as (dtype, shape, producer) so it is computed only when written.
-TensorSpec = np.ndarray | tuple[np.dtype, tuple[int, ...], Callable[[], np.ndarray]]
+# A tensor is given as an array, or as (dtype, shape, producer) so it is computed only when written; the
+# producer returns the array, or its data in order as blocks (any shapes, that dtype): never whole in memory.
+TensorSpec = np.ndarray | tuple[np.dtype, tuple[int, ...], Callable[[], np.ndarray | Iterable[np.ndarray]]]
 
 
 def _spec(t: TensorSpec) -> tuple[np.dtype, tuple[int, ...]]:
@@ -63,11 +65,18 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, TensorSpec], metad
         f.write(blob)
         for name in names:
             t = tensors[name]
-            arr = t if isinstance(t, np.ndarray) else t[2]()
             dtype, shape = _spec(t)
-            if arr.dtype != dtype or arr.shape != shape:
-                raise ValueError(f"{name}: produced {arr.dtype}{arr.shape}, declared {dtype}{shape}")
-            arr = np.ascontiguousarray(arr)
-            if arr.dtype.byteorder == ">":
-                arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
-            f.write(arr.reshape(-1).view(np.uint8).data)
+            made = t if isinstance(t, np.ndarray) else t[2]()
+            if isinstance(made, np.ndarray) and made.shape != shape:
+                raise ValueError(f"{name}: produced {made.dtype}{made.shape}, declared {dtype}{shape}")
+            written = 0
+            for arr in [made] if isinstance(made, np.ndarray) else made:
+                if arr.dtype != dtype:
+                    raise ValueError(f"{name}: produced {arr.dtype}, declared {dtype}")
+                arr = np.ascontiguousarray(arr)
+                if arr.dtype.byteorder == ">":
+                    arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
+                f.write(arr.reshape(-1).view(np.uint8).data)
+                written += arr.nbytes
+            if written != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                raise ValueError(f"{name}: produced {written} bytes, declared {dtype}{shape}")

@@ -42,6 +42,11 @@ class QuantizedTensor:
         return QuantizedTensor(scheme=self.scheme, codes=self.codes[rows],
                                params={k: v[rows] for k, v in self.params.items()}, name=self.name)
 
+    def row_slice(self, r0: int, r1: int) -> QuantizedTensor:
+        """Rows r0:r1 as views (no copy): what a writer packs a block of rows at a time."""
+        return QuantizedTensor(scheme=self.scheme, codes=self.codes[r0:r1],
+                               params={k: v[r0:r1] for k, v in self.params.items()}, name=self.name)
+
     @property
     def nbytes(self) -> int:
         """Bytes this tensor takes in its format: ggml block bytes for llama.cpp grids, else packed codes
