@@ -30,16 +30,19 @@ Memory model (what is resident at the peak, demo model numbers for 128 samples x
 - between groups, norm(h) (N·L·hidden·2 B in bfloat16, 75 MB) with the attention output N·L·heads·d·4 B
   (151 MB), later with the MLP activation N·L·inter·2 B (bfloat16, 201 MB) — see `quantize.sequential`;
   measured peak RSS for GPTQ INT4 g64 at 128 x 512 (bench/quantize_bench.py): 0.66 GB
-- one layer's weights: original, folded, dequantized float32 (~3 x 14 MB) — the runtime runs with
-  cache_weights=False and reads each layer's tensors from the (memory-mapped) checkpoint when it runs
+- of one layer's weights, only the group being quantized: read from the checkpoint when its group comes
+  (GPTQ scans `gptq.GPTQ_ROW_FLOATS` weights at a time), its dequantized float32 copy for the forward, the
+  codes of the groups done, the packed products in use; AWQ reads the whole layer (original and folded)
 - AWQ: nothing more by default (its statistics pass reuses the buffers and leaves h as it is); with
   `awq_samples` a copy of that many windows' hidden states and that pass's own activation buffers
-- statistics: per input group (in, in) float64 Hessian (+ a temporary): 3·576² + 1536² doubles ≈ 27 MB
-  (+ while a group is summed, `sequential.SUM_LANES` float32 running sums of (in, in): ≤ 4·1536² floats, 38 MB)
+- statistics: per input group one float32 (in, in) running Gram sum per lane (`sequential.sum_lanes`: 4 at
+  the demo's widths, 1 at 14336), which becomes the Hessian and then GPTQ's inverse factor in place
+  (`hessian.mean_hessian`, `gptq.prepare_hessian(overwrite=True)`): at an 8B model's down_proj, 822 MB once
 - per worker, one batch's fused q/k/v product batch·L·(heads + 2·kv_heads)·d·4 B (8 samples: 16 MB) and
   attention's scratch; the gate/up product is never written (the activation is formed in its tiles)
-- the embedding matrix while it is quantized (vocab·hidden·4 B, 113 MB) and whatever the consumer
-  keeps of the yielded tensors (the CLI's writer keeps them all: the output checkpoint's size).
+- the embedding matrix while it is quantized: its codes (1 B per weight), read and quantized a block of rows
+  at a time, and whatever the consumer keeps of the yielded tensors (the writers append as they go; `qkiln
+  quantize` keeps every tensor's codes until it writes).
 It never holds more than one layer's activations, nor the model's weights in float32 (except through
 the consumer). Peak RSS is recorded in `QuantizeReport.peak_rss_bytes` (getrusage; includes the
 interpreter and BLAS buffers).
@@ -52,7 +55,7 @@ import hashlib
 import logging
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -61,7 +64,7 @@ from qkiln.errors import QuantizeError
 from qkiln.kernels import elementwise as ew
 from qkiln.model.config import LlamaConfig
 from qkiln.model.names import INPUT_GROUPS, LINEARS, NORMS, expected_shapes
-from qkiln.model.source import TensorSource
+from qkiln.model.source import LazyRows, TensorSource, read_lazily
 from qkiln.quantize.algorithms import ALGORITHMS
 from qkiln.quantize.awq import GroupStats, awq_layer
 from qkiln.quantize.gptq import GridMode, gptq_quantize, gptq_quantize_shared, prepare_hessian
@@ -184,13 +187,31 @@ def _awq_statistics(h: np.ndarray, tensors: dict[str, np.ndarray], cfg: LlamaCon
     return {g: GroupStats(h=hessians[g], abs_mean=abs_means[g]) for g in INPUT_GROUPS}
 
 
+class _LayerTensors(Mapping[str, "np.ndarray | LazyRows"]):
+    """A decoder layer's tensors by short name, read from the source when asked (linears as `LazyRows` where
+    the source reads from disk), never kept: a group's weights are in memory only while it is quantized."""
+
+    def __init__(self, source: TensorSource, prefix: str):
+        self.source, self.prefix = source, prefix
+
+    def __getitem__(self, name: str) -> np.ndarray | LazyRows:
+        w = read_lazily(self.source, self.prefix + name + ".weight")
+        return w if isinstance(w, LazyRows) else np.asarray(w, dtype=np.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((*LINEARS, *NORMS))
+
+    def __len__(self) -> int:
+        return len(LINEARS) + len(NORMS)
+
+
 class _GroupQuantizer:
     """`sequential.run_layer`'s callback: quantize one input group's linears (GPTQ on the Hessian it is
     given, RTN when it gets none, float for linears the rules keep), record them in `out`, and return
     them dequantized for the rest of the layer's forward."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], schemes: dict[str, Scheme | None], prefix: str,
-                 out: dict[str, QuantizedTensor | np.ndarray], *, damp: float, act_order: bool, block_size: int,
+    def __init__(self, tensors: Mapping[str, np.ndarray | LazyRows], schemes: dict[str, Scheme | None], prefix: str,
+                 out: dict[str, QuantizedTensor | np.ndarray | LazyRows], *, damp: float, act_order: bool, block_size: int,
                  grid: GridMode, weighted_fit: bool):
         self.tensors, self.schemes, self.prefix, self.out = tensors, schemes, prefix, out
         self.damp, self.act_order, self.block_size, self.grid = damp, act_order, block_size, grid
@@ -202,14 +223,14 @@ class _GroupQuantizer:
         for n in names:  # linears sharing an input AND a scheme are scanned together
             sch = self.schemes[n]
             if sch is None:
-                out[n] = self.tensors[n]
+                out[n] = np.asarray(self.tensors[n], dtype=np.float32)
             elif hess is None:
                 out[n] = _rtn_or_keep(self.tensors[n], p + n + ".weight", sch)
             else:
                 by_scheme.setdefault(sch, []).append(n)
         if by_scheme:
             assert hess is not None
-            prep = prepare_hessian(hess, damp=self.damp, act_order=self.act_order, name=f"{p}{group}")
+            prep = prepare_hessian(hess, damp=self.damp, act_order=self.act_order, name=f"{p}{group}", overwrite=True)
             for sch, same in by_scheme.items():
                 got = gptq_quantize_shared({p + n + ".weight": self.tensors[n] for n in same}, prep, sch,
                                            block_size=self.block_size, grid=self.grid,
@@ -218,7 +239,7 @@ class _GroupQuantizer:
         return {n: _dense(out[n]) for n in names}
 
 
-def quantize_model(source: TensorSource, *args: Any, **kwargs: Any) -> Iterator[tuple[str, QuantizedTensor | np.ndarray]]:
+def quantize_model(source: TensorSource, *args: Any, **kwargs: Any) -> Iterator[tuple[str, QuantizedTensor | np.ndarray | LazyRows]]:
     """`_quantize_model`'s tensors, checked against `output_order` as they come (what a writer planned for)."""
     order = iter(output_order(source.config))
     for name, value in _quantize_model(source, *args, **kwargs):
@@ -247,7 +268,7 @@ def _quantize_model(
     gptq_head: bool = True,
     progress: Progress | None = None,
     report: QuantizeReport | None = None,
-) -> Iterator[tuple[str, QuantizedTensor | np.ndarray]]:
+) -> Iterator[tuple[str, QuantizedTensor | np.ndarray | LazyRows]]:
     """Yield (HF tensor name, QuantizedTensor for a quantized weight | float32 array) for every tensor.
 
     Layer i's tensors are yielded as soon as layer i is done, so a consumer can write incrementally.
@@ -314,7 +335,7 @@ def _quantize_model(
     head_by_gptq = gptq_head and use_gptq and head_scheme is not None and getattr(head_scheme, "bits", 8) < 8
 
     report.settings["gptq_head"] = head_by_gptq
-    embed_q: QuantizedTensor | np.ndarray
+    embed_q: QuantizedTensor | np.ndarray | LazyRows
     if head_by_gptq and cfg.tie_word_embeddings:
         assert ids is not None and head_scheme is not None
         if progress is not None:
@@ -334,30 +355,33 @@ def _quantize_model(
         if progress is not None:
             progress(f"layer {i}", i, n_layers)
         p = f"model.layers.{i}."
-        tensors = {n: np.asarray(source.tensor(p + n + ".weight"), dtype=np.float32) for n in (*LINEARS, *NORMS)}
+        # the linears are read when their group is quantized (a block of rows at a time by RTN and GPTQ), not
+        # up front: at 8B a layer is 0.9 GB in float32. AWQ reads them all (its scales fold across groups).
+        layer = _LayerTensors(source, p)
         layer_schemes = {n: schemes[p + n + ".weight"] for n in LINEARS}
-        out: dict[str, QuantizedTensor | np.ndarray] = {}
+        out: dict[str, QuantizedTensor | np.ndarray | LazyRows] = {}
+        norms = {n: np.asarray(layer[n], dtype=np.float32) for n in NORMS}
         if algo == "rtn":
             for n in LINEARS:
-                out[n] = _rtn_or_keep(tensors[n], p + n + ".weight", layer_schemes[n])
-            for n in NORMS:
-                out[n] = tensors[n]
+                out[n] = _rtn_or_keep(layer[n], p + n + ".weight", layer_schemes[n])
         else:
             assert h is not None
+            tensors: Mapping[str, np.ndarray | LazyRows] = layer
             if use_awq:  # scales are searched on the ORIGINAL layer's statistics, then folded
-                stats = _awq_statistics(h if awq_rows is None else h[awq_rows], tensors, cfg, model, engine,
+                floats = {n: np.asarray(layer[n], dtype=np.float32) for n in (*LINEARS, *NORMS)}
+                stats = _awq_statistics(h if awq_rows is None else h[awq_rows], floats, cfg, model, engine,
                                         batch_samples, awq_buffers)
-                res = awq_layer(tensors, stats, layer_schemes, cfg, n_grid=awq_grid, clip=clip)
-                del stats
+                res = awq_layer(floats, stats, layer_schemes, cfg, n_grid=awq_grid, clip=clip)
+                del stats, floats
                 tensors = res.tensors
+                norms = {n: res.tensors[n] for n in NORMS}
                 report.awq[str(i)] = res.info
 
             quantize_group = _GroupQuantizer(tensors, layer_schemes, p, out, **gptq_opts)
-            norms = {n: tensors[n] for n in NORMS}
             h = run_layer(h, norms, cfg, model.rope, quantize_group, engine, batch_samples=batch_samples,
                           need_hessian=use_gptq, buffers=buffers)
-            out.update(norms)
-        del tensors
+            del tensors, quantize_group
+        out.update(norms)
         report.layer_seconds.append(time.perf_counter() - t0)  # the layer's work, not the consumer's
         report.peak_rss_bytes = peak_rss_bytes()
         for n in (*LINEARS, *NORMS):
@@ -418,7 +442,7 @@ def _gptq_head(w: np.ndarray, h: np.ndarray, source: TensorSource, cfg: LlamaCon
     return gptq_quantize(w, prep, scheme, name=name, **gptq)
 
 
-def _embed(table: QuantizedTensor | np.ndarray, ids: np.ndarray, vocab: int) -> np.ndarray:
+def _embed(table: QuantizedTensor | np.ndarray | LazyRows, ids: np.ndarray, vocab: int) -> np.ndarray:
     """The calibration tokens' embeddings (n, L, hidden) through the QUANTIZED table, as the result will
     run; only the rows the tokens use are decoded (a few thousand of the vocabulary's tens of thousands)."""
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
@@ -433,11 +457,13 @@ def _dense(v: QuantizedTensor | np.ndarray) -> np.ndarray:
     return v.dequantize() if isinstance(v, QuantizedTensor) else v
 
 
-def _rtn_or_keep(w: np.ndarray | TensorSource, name: str, scheme: Scheme | None) -> QuantizedTensor | np.ndarray:
-    """RTN on `scheme`, or the float32 tensor when the rules keep it in float."""
-    arr = w.tensor(name) if not isinstance(w, np.ndarray) else w
+def _rtn_or_keep(w: np.ndarray | LazyRows | TensorSource, name: str,
+                 scheme: Scheme | None) -> QuantizedTensor | np.ndarray | LazyRows:
+    """RTN on `scheme`, or the float32 tensor when the rules keep it in float (a source's 2-D tensor as
+    `LazyRows`: read a block of rows at a time by RTN and by the writer)."""
+    arr = w if isinstance(w, (np.ndarray, LazyRows)) else read_lazily(w, name)
     if scheme is None:
-        return np.asarray(arr, dtype=np.float32)
+        return arr if isinstance(arr, LazyRows) else np.asarray(arr, dtype=np.float32)
     return quantize_rtn(arr, scheme, name=name)
 
 

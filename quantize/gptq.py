@@ -31,13 +31,15 @@ import contextlib
 import dataclasses
 import functools
 import logging
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
 
 from qkiln.errors import QuantizeError
 from qkiln.kernels import gptq as c_loops
-from qkiln.quantize.scheme import Params, Scheme, UniformGrid, concat_cols, slice_rows
+from qkiln.model.source import LazyRows
+from qkiln.quantize.scheme import Params, Scheme, UniformGrid, concat_cols, concat_rows, slice_rows
 from qkiln.quantize.tensor import QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -68,63 +70,79 @@ def one_blas_thread() -> contextlib.AbstractContextManager[object]:
     return contextlib.nullcontext() if ctl is None else ctl.limit(limits=1, user_api="blas")
 
 
-def _inverse_cholesky(a: np.ndarray) -> np.ndarray:
-    """L⁻¹ for the lower Cholesky factor L of a symmetric positive definite `a` (L Lᵀ = a), by 2x2 block
-    recursion: with L11⁻¹ from the top-left block, L21 = A21 L11⁻ᵀ, the bottom-right factor is that of the
-    Schur complement A22 - L21 L21ᵀ, and (L⁻¹)21 = -L22⁻¹ L21 L11⁻¹. Every O(n³) step is a matrix product:
-    OpenBLAS's potrf followed by a triangular inverse took 1.2-1.5x as long at n = 1536 (one thread,
-    measured). Raises LinAlgError when `a` is not numerically positive definite."""
-    n = a.shape[0]
-    if n <= 96:
-        return np.linalg.inv(np.linalg.cholesky(a))
-    m = n // 2
-    i11 = _inverse_cholesky(a[:m, :m])
-    l21 = a[m:, :m] @ i11.T  # (n - m, m)
-    i22 = _inverse_cholesky(a[m:, m:] - l21 @ l21.T)
-    out = np.zeros_like(a)
-    out[:m, :m] = i11
-    out[m:, m:] = i22
-    out[m:, :m] = -(i22 @ l21) @ i11
-    return out
-
-
 def inverse_hessian_cholesky(h: np.ndarray, damp: float, name: str = "") -> tuple[np.ndarray, float]:
     """Upper U with UᵀU = (H + λI)⁻¹, λ = damp·mean(diag H); returns (U (in, in) float32, damp used).
-
-    With J the order-reversing permutation and L = chol(J H J): H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), so
-    U = J L⁻¹ J — L⁻¹ straight from J H J (`_inverse_cholesky`), no general inverse.
-    The factorization runs in float32, as the reference GPTQ's does (H itself is summed in float64): half
-    the time of float64 at n = 1536, and on the demo model's Hessians U moved by at most 3e-3 of its largest
-    entry, < 0.3 % of the codes changed and the layers' output errors by < 3e-4 relative, either way.
-    Retries with 10x the damping when H + λI is not numerically positive definite.
-    """
-    return _damped_inverse_cholesky(h[::-1, ::-1].astype(np.float32), float(np.mean(np.diag(h))), damp, name)
+    `h` is not modified (see `prepare_hessian` for the in-place form)."""
+    jhj = np.ascontiguousarray(h[::-1, ::-1], dtype=np.float32)
+    return _damped_inverse_cholesky(jhj, float(np.mean(np.diag(h).astype(np.float64))), damp, name)
 
 
 def _damped_inverse_cholesky(jhj: np.ndarray, mean_diag: float, damp: float, name: str) -> tuple[np.ndarray, float]:
-    """`inverse_hessian_cholesky` given J H J (in, in) float32 (not modified) and mean(diag H)."""
+    """U (upper, UᵀU = (H + λI)⁻¹) made IN PLACE in `jhj` = J H J (in, in) float32 C-contiguous (J reverses
+    the order): with L the lower Cholesky factor of J H J, H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), so U = J L⁻¹ J.
+
+    LAPACK's potrf then trtri, in place, on the lower triangle only: the strict upper triangle keeps H, from
+    which a retry restores the lower one — no copy of the matrix at any point (at 14336 inputs, an 8B model's
+    down_proj, one float32 copy is 822 MB). Float32, as the reference GPTQ's factorization. Retries with 10x
+    the dampening when H + λI is not numerically positive definite. Returns (U, the damp used)."""
+    from scipy.linalg import lapack
+
     n = jhj.shape[0]
+    assert jhj.dtype == np.float32 and jhj.flags.c_contiguous and jhj.shape == (n, n), (jhj.dtype, jhj.shape)
     if not np.isfinite(mean_diag) or mean_diag <= 0:
         mean_diag = 1.0
+    diag = np.diag(jhj).copy()
+    f = jhj.T  # the same memory in Fortran order: its upper triangle is jhj's lower one
     d = damp
     for attempt in range(MAX_DAMP_RETRIES):
-        hd = jhj.copy()
-        hd[np.diag_indices(n)] += np.float32(d * mean_diag)
-        try:
-            with one_blas_thread():
-                upper = _inverse_cholesky(hd)[::-1, ::-1]  # (in, in)
-            if np.isfinite(upper).all() and (np.diag(upper) > 0).all():
+        if attempt:
+            _restore_lower(jhj)
+        jhj[np.diag_indices(n)] = diag + np.float32(d * mean_diag)
+        with one_blas_thread():
+            _, info = lapack.spotrf(f, lower=0, overwrite_a=1, clean=0)  # Lᵀ in f's upper = L in jhj's lower
+            if info == 0:
+                _, info = lapack.strtri(f, lower=0, overwrite_c=1)  # L⁻¹ in jhj's lower
+        if info == 0:
+            _flip_lower_to_upper(jhj)  # U = J L⁻¹ J, zeros below the diagonal
+            if np.isfinite(np.diag(jhj)).all() and (np.diag(jhj) > 0).all():
                 if attempt:
                     log.warning("%s: Cholesky succeeded with dampening %.3g (asked %.3g)", name, d, damp)
-                return np.ascontiguousarray(upper), d
-        except np.linalg.LinAlgError:
-            pass
+                return jhj, d
+            raise QuantizeError(f"{name or 'weight'}: the inverse Hessian is not finite; the calibration "
+                                "activations overflowed (check the checkpoint for huge weights)")
         log.warning("%s: Hessian not positive definite with dampening %.3g; retrying with %.3g", name, d, d * 10)
         d *= 10
     raise QuantizeError(
         f"{name or 'weight'}: the calibration Hessian stays singular even with dampening {d / 10:.3g}; "
         "use more calibration samples or a larger --damp"
     )
+
+
+# Rows of a square matrix moved at a time by the in-place triangle copies (bounded temporaries).
+_ROWS = 256
+
+
+def _restore_lower(a: np.ndarray) -> None:
+    """a's strict lower triangle := the transpose of its strict upper one (which potrf/trtri leave alone)."""
+    n = a.shape[0]
+    for r0 in range(0, n, _ROWS):
+        r1 = min(n, r0 + _ROWS)
+        a[r0:r1, :r0] = a[:r0, r0:r1].T
+        blk = a[r0:r1, r0:r1]
+        low = np.tril_indices(r1 - r0, -1)
+        blk[low] = blk.T[low]
+
+
+def _flip_lower_to_upper(a: np.ndarray) -> None:
+    """a := J tril(a) J in place (J reverses rows and columns): the lower triangle, turned, becomes the
+    upper one; below the diagonal becomes zero."""
+    n = a.shape[0]
+    for i0 in range(0, (n + 1) // 2, _ROWS):
+        i1 = min((n + 1) // 2, i0 + _ROWS)
+        top = np.tril(a[i0:i1], i0)[:, ::-1].copy()  # rows i0..i1 of tril(a), reversed: rows n-1-i of the result
+        bottom = np.tril(a[n - i1 : n - i0], n - i1)[::-1, ::-1].copy()  # rows n-i1..n-i0 -> result rows i0..i1
+        a[i0:i1] = bottom
+        a[n - i1 : n - i0] = top[::-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,22 +161,51 @@ class PreparedHessian:
     importance: np.ndarray
 
 
-def prepare_hessian(h: np.ndarray, *, damp: float = 0.01, act_order: bool = False, name: str = "") -> PreparedHessian:
-    """Dead inputs (H_ii == 0) decoupled, optional act-order permutation, dampened inverse Cholesky."""
-    h = np.asarray(h, dtype=np.float64)
-    diag = np.diag(h)  # (in,)
+def prepare_hessian(h: np.ndarray, *, damp: float = 0.01, act_order: bool = False, name: str = "",
+                    overwrite: bool = False) -> PreparedHessian:
+    """Dead inputs (H_ii == 0) decoupled, optional act-order permutation, dampened inverse Cholesky.
+
+    `overwrite`: a float32 C-contiguous `h` becomes the result's `hinv` (permuted, factored and inverted in
+    place — calibration's Hessians, which nothing reads afterwards); otherwise one float32 copy is made."""
+    n = h.shape[0]
+    diag = np.diag(h).astype(np.float64)  # (in,)
     importance = (np.maximum(diag, 0) / 2).astype(np.float32)  # (in,)
     dead = diag <= 0  # (in,) decoupled: row and column 0, H_ii := 1
     diag = np.where(dead, 1.0, diag)
-    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(h.shape[0])
+    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n)
     rev = perm[::-1]
-    jhj = h.astype(np.float32).take(rev, axis=0).take(rev, axis=1)  # J P H P J, scan order reversed
+    in_place = overwrite and h.dtype == np.float32 and h.flags.c_contiguous and h.flags.writeable
+    jhj = h if in_place else np.array(h, dtype=np.float32, order="C")
+    _permute_symmetric(jhj, rev)  # J P H P J, scan order reversed
     dead_r = np.flatnonzero(dead[rev])
     jhj[dead_r, :] = 0.0
     jhj[:, dead_r] = 0.0
     jhj[dead_r, dead_r] = 1.0
     upper, used = _damped_inverse_cholesky(jhj, float(np.mean(diag)), damp, name)
     return PreparedHessian(perm=perm, hinv=upper, damp=used, importance=importance)
+
+
+def _permute_symmetric(a: np.ndarray, order: np.ndarray) -> None:
+    """a := a[order][:, order] in place, with temporaries of a block of rows and one row."""
+    n = a.shape[0]
+    if np.array_equal(order, np.arange(n)):
+        return
+    for r0 in range(0, n, _ROWS):
+        a[r0 : r0 + _ROWS] = a[r0 : r0 + _ROWS][:, order]
+    done = np.zeros(n, dtype=bool)
+    for start in range(n):  # rows by cycles: row i takes row order[i]
+        if done[start] or order[start] == start:
+            continue
+        first = a[start].copy()
+        i = start
+        while True:
+            done[i] = True
+            j = int(order[i])
+            if j == start:
+                a[i] = first
+                break
+            a[i] = a[j]
+            i = j
 
 
 class _ColumnCoder:
@@ -309,37 +356,62 @@ def gptq_quantize(
     return QuantizedTensor(scheme=scheme, codes=codes, params=params, name=name)  # type: ignore[arg-type]
 
 
+# Rows of the stacked weights GPTQ scans at a time (`gptq_quantize_shared`): rows are independent given H, so
+# a block of rows at a time bounds the working copies (weights, their transpose, codes) at an 8B model's
+# gate/up (28672 x 4096: 0.5 GB per float32 copy) to 128 MB each.
+GPTQ_ROW_FLOATS = 1 << 25
+
+
 def gptq_quantize_shared(
-    weights: dict[str, np.ndarray],
+    weights: Mapping[str, np.ndarray | LazyRows],
     prep: PreparedHessian,
     scheme: Scheme,
     *,
     block_size: int = 128,
     grid: GridMode = "updated",
     weighted_fit: bool = True,
+    row_floats: int = GPTQ_ROW_FLOATS,
 ) -> dict[str, QuantizedTensor]:
-    """GPTQ for several linears reading the same input (q/k/v, gate/up) on one scheme.
+    """GPTQ for one or several linears reading the same input (q/k/v, gate/up) on one scheme.
 
-    GPTQ treats rows independently given H, so stacking the matrices' rows is exactly the same as
-    quantizing each — but one column scan instead of several (the scan is Python-loop bound). Not for
-    per-tensor schemes, whose single scale must stay per matrix.
-    """
+    GPTQ treats rows independently given H, so the matrices' rows are stacked and scanned as one — one
+    column scan instead of several (the scan is Python-loop bound) — a block of at most `row_floats`
+    weights at a time (read from `LazyRows` as they are needed). Equal to quantizing each matrix alone up to
+    float32 summation order. Per-tensor schemes, whose single scale must stay per matrix, go one matrix at a
+    time, whole."""
     names = list(weights)
-    if scheme.per_tensor or len(names) == 1:
-        return {n: gptq_quantize(weights[n], prep, scheme, block_size=block_size, grid=grid,
-                                 weighted_fit=weighted_fit, name=n) for n in names}
+    if scheme.per_tensor:
+        return {n: gptq_quantize(np.asarray(weights[n], np.float32), prep, scheme, block_size=block_size,
+                                 grid=grid, weighted_fit=weighted_fit, name=n) for n in names}
+    shapes = {n: tuple(weights[n].shape) for n in names}
     for n in names:
-        scheme.check_shape(weights[n].shape, n)
-        check_finite(np.asarray(weights[n]), n)
-    stacked = np.concatenate([np.asarray(weights[n], np.float32) for n in names])  # (sum out, in)
-    qt = gptq_quantize(stacked, prep, scheme, block_size=block_size, grid=grid, weighted_fit=weighted_fit,
-                       name="+".join(names))
+        scheme.check_shape(shapes[n], n)
+    cols = shapes[names[0]][1]
+    starts = np.cumsum([0] + [shapes[n][0] for n in names])  # each matrix's first row in the stack
+    total = int(starts[-1])
+    step = max(1, row_floats // cols)
+    codes = np.empty((total, cols), np.uint8)
+    parts: list[Params] = []
+    label = "+".join(names)
+    for r0 in range(0, total, step):
+        r1 = min(total, r0 + step)
+        block = np.empty((r1 - r0, cols), np.float32)  # rows r0:r1 of the stack, read matrix by matrix
+        for n, s0 in zip(names, starts[:-1], strict=True):
+            a, b = max(r0, int(s0)), min(r1, int(s0) + shapes[n][0])
+            if a < b:
+                block[a - r0 : b - r0] = weights[n][a - s0 : b - s0]
+        check_finite(block, label)
+        qt = gptq_quantize(block, prep, scheme, block_size=block_size, grid=grid, weighted_fit=weighted_fit,
+                           name=label)
+        codes[r0:r1] = qt.codes
+        parts.append(qt.params)
+        del block, qt
+    params = concat_rows(parts)
     out: dict[str, QuantizedTensor] = {}
-    r0 = 0
-    for n in names:
-        r1 = r0 + weights[n].shape[0]
-        out[n] = QuantizedTensor(scheme=scheme, codes=qt.codes[r0:r1].copy(), params=slice_rows(qt.params, r0, r1), name=n)
-        r0 = r1
+    for n, s0 in zip(names, starts[:-1], strict=True):
+        r0, r1 = int(s0), int(s0) + shapes[n][0]
+        rows = codes[r0:r1] if len(names) == 1 else codes[r0:r1].copy()  # a matrix alone owns the whole array
+        out[n] = QuantizedTensor(scheme=scheme, codes=rows, params=slice_rows(params, r0, r1), name=n)
     return out
 
 

@@ -73,3 +73,18 @@ def accumulate_hessian(h: np.ndarray, n_seen: int, x2d: np.ndarray) -> tuple[np.
     n_new = n_seen + m
     h_new = h * (n_seen / n_new) + xtx * (2.0 / n_new)
     return h_new, n_new
+
+
+def mean_hessian(g: np.ndarray, n_tokens: int) -> np.ndarray:
+    """H = 2 Σxᵀx / n from a float32 Gram `g` (k, k) over n tokens, IN PLACE in `g` (returned): each entry
+    scaled in float64 and rounded once to float32 — the values `HessianSum.mean()` would give in float32,
+    without its two float64 (k, k) arrays (3.3 GB at k = 14336, an 8B model's down_proj input). A float64
+    Gram (the float32 engine's `HessianSum`) gives a new float32 array of the same values."""
+    factor = 2.0 / max(n_tokens, 1)
+    if g.dtype == np.float64:
+        return (g * factor).astype(np.float32)
+    for r0 in range(0, g.shape[0], 256):
+        block = g[r0 : r0 + 256].astype(np.float64)
+        block *= factor
+        g[r0 : r0 + 256] = block
+    return g

@@ -40,7 +40,7 @@ from qkiln.kernels.bf16 import aligned_empty
 from qkiln.kernels.elementwise import rms_norm
 from qkiln.model.config import LlamaConfig
 from qkiln.quantize.gptq import one_blas_thread
-from qkiln.quantize.hessian import HessianSum
+from qkiln.quantize.hessian import mean_hessian
 from qkiln.quantize.matmul import GramSum, Matmul
 from qkiln.runtime.llama import rope_attention
 from qkiln.runtime.rope import RopeTable
@@ -48,7 +48,15 @@ from qkiln.runtime.rope import RopeTable
 # Running Gram sums per input group (`each`): a fixed number, so the Hessian's bytes do not depend on the
 # worker count; each lane's sum is written out once per group (4 (k, k) results where one per batch made 16
 # at 128 samples), and a batch waits for its lane's previous batch only when that one is still running.
+# Wide inputs get fewer: the lanes of a group share LANE_BYTES (an 8B model's down_proj input, 14336 wide,
+# has one float32 (k, k) sum of 822 MB, not four).
 SUM_LANES = 4
+LANE_BYTES = 512 * 2**20
+
+
+def sum_lanes(k: int) -> int:
+    """Running Gram sums for an input group k wide (a function of the shape only: same bytes on any machine)."""
+    return max(1, min(SUM_LANES, LANE_BYTES // (4 * k * k)))
 
 
 def _aligned(floats: int) -> np.ndarray:
@@ -102,7 +110,7 @@ class LayerBuffers:
             self.give(name, a)
 
 
-# (group name, its Hessian (in, in) float64 or None when not asked) -> the group's linears, dequantized
+# (group name, its Hessian (in, in) float32 — the callee's to overwrite — or None when not asked) -> the group's linears, dequantized
 # (out, in) float32 by short name ("self_attn.q_proj", ...): what the rest of the layer runs on.
 QuantizeGroup = Callable[[str, np.ndarray | None], dict[str, np.ndarray]]
 
@@ -141,6 +149,7 @@ def run_layer(
     eps = config.rms_norm_eps
     q_out, kv_out = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     inter = config.intermediate_size
+    widths = {"attn_in": h.shape[-1], "attn_out": q_out, "mlp_in": h.shape[-1], "mlp_out": inter}  # inputs
     batches = [slice(b0, min(n, b0 + batch_samples)) for b0 in range(0, n, batch_samples)]
     norm_attn, norm_mlp = norms["input_layernorm"], norms["post_attention_layernorm"]
     buffers = buffers if buffers is not None else LayerBuffers()
@@ -180,11 +189,12 @@ def run_layer(
             sums: list[GramSum | None] = [None] * SUM_LANES
             col_abs: list[np.ndarray | None] = [None] * len(batches)
             turn = [0] * SUM_LANES  # per lane, how many of its batches have been added
+            n_lanes = sum_lanes(widths[group]) if group is not None else SUM_LANES
             failed = [False]  # a batch raised: nobody waits any more (the error reaches the caller)
             added = threading.Condition()
 
             def run(b: int) -> None:
-                lane, k = b % SUM_LANES, b // SUM_LANES
+                lane, k = b % n_lanes, b // n_lanes
                 try:
                     x = fn(batches[b])
                     if x is not None and abs_means is not None and group is not None:
@@ -217,10 +227,7 @@ def run_layer(
                 return None
             for lane_sum in lanes[1:]:  # in lane order, in the sums' own layout: one (k, k) result
                 lanes[0].merge(lane_sum)
-            g = lanes[0].result()
-            hs = HessianSum(g.shape[0])
-            hs.add_gram(g, lanes[0].tokens)
-            return hs.mean()
+            return mean_hessian(lanes[0].result(), lanes[0].tokens)  # float32, in the sum's own buffer
 
         live: dict[str, Any] = {}  # packed weights and stored activations, dropped when no longer needed
 
@@ -280,8 +287,10 @@ def run_layer(
             m = engine.glu(normed(sl, norm_mlp), live["gate_up"], out=tokens(act, sl))  # (t, inter)
             return gram(m)
 
-        down = quantize_group("mlp_out", each(mlp_out, "mlp_out"))["mlp.down_proj"]
-        del live["gate_up"]
+        hess = each(mlp_out, "mlp_out")
+        del live["gate_up"]  # before down_proj's GPTQ, the layer's largest: the packed gate/up are done
+        down = quantize_group("mlp_out", hess)["mlp.down_proj"]
+        del hess
         live.pop("x", None)
         if statistics_only:
             return h

@@ -151,3 +151,59 @@ def test_unweighted_int_fit_is_min_max(problem):
     blocks = w.reshape(w.shape[0], -1, 32)
     lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
     np.testing.assert_array_equal(scheme.fit(w)["scale"], ((hi - lo) / 15).astype(np.float16))
+
+
+def test_prepared_in_place_equals_prepared_from_a_copy_and_inverts_h(problem):
+    """`overwrite=True` factors calibration's float32 Hessian in its own buffer (no copy at 14336 inputs): the same
+    U as from a copy, with UᵀU = (H + λI)⁻¹ under the act-order permutation, zeros below the diagonal."""
+    from qkiln.quantize.gptq import prepare_hessian
+
+    _, _, h = problem
+    h32 = np.ascontiguousarray(h, dtype=np.float32)
+    copy = prepare_hessian(h32, act_order=True)
+    owned = h32.copy()
+    inplace = prepare_hessian(owned, act_order=True, overwrite=True)
+    assert inplace.hinv is owned
+    np.testing.assert_array_equal(inplace.hinv, copy.hinv)
+    np.testing.assert_array_equal(inplace.perm, copy.perm)
+    u = inplace.hinv.astype(np.float64)
+    np.testing.assert_array_equal(np.triu(u), u)
+    hp = h[np.ix_(inplace.perm, inplace.perm)].astype(np.float64)
+    want = np.linalg.inv(hp + 0.01 * np.mean(np.diag(h)) * np.eye(len(hp)))
+    np.testing.assert_allclose(u.T @ u, want, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 300, 513])
+def test_triangle_moves_in_place(n):
+    from qkiln.quantize.gptq import _flip_lower_to_upper, _permute_symmetric, _restore_lower
+
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal((n, n)).astype(np.float32)
+    a = a + a.T
+    order = rng.permutation(n)
+    b = a.copy()
+    _permute_symmetric(b, order)
+    np.testing.assert_array_equal(b, a[np.ix_(order, order)])
+    c = a.copy()
+    c[np.tril_indices(n, -1)] = 7.0  # what potrf leaves below: garbage; the upper triangle still holds a
+    _restore_lower(c)
+    np.testing.assert_array_equal(c, a)
+    d = a.copy()
+    _flip_lower_to_upper(d)
+    np.testing.assert_array_equal(d, np.tril(a)[::-1, ::-1])
+
+
+def test_row_blocks_of_the_stack_equal_one_scan(problem):
+    """`gptq_quantize_shared` scans a block of rows at a time (an 8B model's gate/up is 0.5 GB per float32 copy):
+    rows are independent given H, so the codes equal one scan of the whole stack up to float32 summation order."""
+    from qkiln.quantize.gptq import gptq_quantize_shared, prepare_hessian
+
+    w, _, h = problem
+    scheme = get_scheme("int4_g64_asym")
+    prep = prepare_hessian(h, act_order=True)
+    parts = {"a": w[:40], "b": w[40:]}
+    whole = gptq_quantize_shared(parts, prep, scheme, block_size=64)
+    blocks = gptq_quantize_shared(parts, prep, scheme, block_size=64, row_floats=13 * w.shape[1])  # 13 rows, across a|b
+    for n in parts:
+        assert np.mean(whole[n].codes != blocks[n].codes) < 0.002
+        np.testing.assert_array_equal(scheme.encode(blocks[n].dequantize(), blocks[n].params), blocks[n].codes)

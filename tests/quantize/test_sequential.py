@@ -212,3 +212,20 @@ def test_bfloat16_activation_storage_changes_no_bit(tiny_config, llama_weights):
     np.testing.assert_array_equal(o16, o32)
     for group in INPUT_GROUPS:
         np.testing.assert_array_equal(h16[group], h32[group])
+
+
+def test_mean_hessian_in_place_equals_the_float64_mean():
+    from qkiln.quantize.hessian import HessianSum, mean_hessian
+    from qkiln.quantize.sequential import SUM_LANES, sum_lanes
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((700, 300)).astype(np.float32)
+    g = x.T @ x
+    hs = HessianSum(300)
+    hs.add_gram(g, 700)
+    want = hs.mean().astype(np.float32)
+    got = mean_hessian(g, 700)
+    assert got is g
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(mean_hessian(hs.sum, 700), want)  # the float32 engine's float64 sum
+    assert sum_lanes(1536) == SUM_LANES and sum_lanes(14336) == 1  # an 8B down_proj input: one 822 MB sum
