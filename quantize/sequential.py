@@ -100,6 +100,11 @@ class LayerBuffers:
         with self._lock:
             self._free.setdefault(name, []).append(self._lent.pop(view.ctypes.data))
 
+    def drop(self, name: str) -> None:
+        """Free the scratch arrays of `name` no longer lent (the next `take` allocates afresh)."""
+        with self._lock:
+            self._free.pop(name, None)
+
     @contextlib.contextmanager
     def borrow(self, name: str, shape: tuple[int, int]) -> Iterator[np.ndarray]:
         """`take` for the duration of the block."""
@@ -260,8 +265,11 @@ def run_layer(
                                    precision=engine.name)
             return gram(a)  # a: (t, q_out)
 
-        live["o"] = engine.pack(quantize_group("attn_out", each(attn_out, "attn_out"))["self_attn.o_proj"])
+        hess = each(attn_out, "attn_out")
         del live["qkv"]
+        buffers.drop("qkv")  # the workers' q/k/v products: 200 MB at 8B, not needed again this layer
+        live["o"] = engine.pack(quantize_group("attn_out", hess)["self_attn.o_proj"])
+        del hess
         live.pop("x", None)
 
         # 3. residual, then mlp_in

@@ -205,6 +205,17 @@ def _check_out(out: np.ndarray | None, shape: tuple[int, int], what: str, dtypes
         raise ValueError(f"{what}: out must be a writeable C-contiguous {names} array of shape {shape}")
 
 
+# Floats of the NumPy path's per-call temporaries (a block of tokens' rounded inputs or gate/up products):
+# at an 8B model's shape one batch's (4096, 28672) gate/up product alone was 470 MB per worker.
+NUMPY_CHUNK_FLOATS = 1 << 23
+
+
+def _bf16_values(x: np.ndarray) -> np.ndarray:
+    """x (m, k) as the float32 values the bf16 products use: bfloat16 input widened (already rounded),
+    float32 input rounded to bf16."""
+    return _f32(x) if x.dtype == BF16 else round_bf16(x)
+
+
 def _syrk_add(x: np.ndarray, acc: np.ndarray) -> None:
     """acc's upper triangle += xᵀx (x (m, k) float32, acc (k, k) float32 C-contiguous), in place: BLAS syrk on
     the Fortran view of acc (whose lower triangle is acc's upper one), no (k, k) temporary — at k = 14336 (an
@@ -237,7 +248,7 @@ def linear(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
     ~0.1 s per 400 MB."""
     x, m, n = _linear_args(x, w, out, "linear")
     if w.rounded is not None:
-        return np.matmul(round_bf16(_f32(x)), w.rounded.T, out=out)
+        return np.matmul(_bf16_values(x), w.rounded.T, out=out)
     y = _empty64((m, n)) if out is None else out
     _linear_c(x, w, y, 0, nthreads)
     return y
@@ -248,7 +259,7 @@ def linear_add(x: np.ndarray, w: BF16Weight, y: np.ndarray, *, nthreads: int | N
     float32 accumulator starts from y, so a residual connection needs no product written out and re-read."""
     x, _, _ = _linear_args(x, w, y, "linear_add")
     if w.rounded is not None:
-        y += np.matmul(round_bf16(_f32(x)), w.rounded.T)
+        y += np.matmul(_bf16_values(x), w.rounded.T)
     else:
         _linear_c(x, w, y, 1, nthreads)
     return y
@@ -280,9 +291,13 @@ def linear_glu(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
     x, m, n = _linear_args(x, w, None, "linear_glu")
     _check_out(out, (m, n // 2), "linear_glu", (np.float32, BF16))
     if w.rounded is not None:
-        gu = np.matmul(round_bf16(_f32(x)), w.rounded.T).reshape(m, n // (2 * GLU_ROWS), 2, GLU_ROWS)
-        g, u = (np.ascontiguousarray(gu[:, :, h]).reshape(m, n // 2) for h in (0, 1))  # (m, inter) each
-        return silu_mul(g, u, out=out)
+        y = np.empty((m, n // 2), np.float32) if out is None else out
+        for r0 in range(0, m, max(1, NUMPY_CHUNK_FLOATS // n)):  # a block of tokens: (tokens, 2·inter) at a time
+            xb = _bf16_values(x[r0 : r0 + max(1, NUMPY_CHUNK_FLOATS // n)])
+            gu = np.matmul(xb, w.rounded.T).reshape(len(xb), n // (2 * GLU_ROWS), 2, GLU_ROWS)
+            g, u = (np.ascontiguousarray(gu[:, :, h]).reshape(len(xb), n // 2) for h in (0, 1))  # (t, inter) each
+            silu_mul(g, u, out=y[r0 : r0 + len(xb)])
+        return y
     y = _empty64((m, n // 2)) if out is None else out
     _linear_c(x, w, y, 2, nthreads)
     return y
@@ -357,8 +372,8 @@ class GramSum:
         if k != self.k:
             raise ValueError(f"GramSum.add: x has width {k}, the sum is over {self.k} features")
         if self.path == "numpy":
-            xr = _f32(x) if x.dtype == BF16 else round_bf16(x)  # (m, k); bfloat16 input is already rounded
-            _syrk_add(xr, self._acc)
+            for r0 in range(0, m, max(1, NUMPY_CHUNK_FLOATS // k)):  # a block of tokens at a time
+                _syrk_add(_bf16_values(x[r0 : r0 + max(1, NUMPY_CHUNK_FLOATS // k)]), self._acc)
         else:
             rc = _library().qk_bf16_gram_acc(_ptr(x), int(x.dtype == BF16), m, k, _ptr(self._acc),
                                              int(self.tokens == 0), _threads(self.nthreads))

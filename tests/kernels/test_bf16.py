@@ -342,3 +342,21 @@ def test_bfloat16_inputs_and_outputs_are_the_float32_ones_rounded(path, m, k, n,
     want = bf16.round_bf16(bf16.linear_glu(x, glu))
     got = bf16.linear_glu(xb, glu, out=np.empty((m, n // 2), bf16.BF16))
     np.testing.assert_array_equal(got.astype(np.float32), want)
+
+
+def test_numpy_path_in_token_blocks_gives_the_same_bytes(monkeypatch):
+    """The NumPy path bounds its temporaries by a block of tokens (an 8B model's gate/up product of one batch
+    was 470 MB per worker): each block is its own BLAS product (float32 sums in another order) and the Gram
+    sum's blocks add in another order, so both agree within float32 rounding."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((37, 64)).astype(np.float32)
+    gate, up = (rng.standard_normal((2 * bf16.GLU_ROWS, 64)).astype(np.float32) for _ in range(2))
+    w = bf16.pack_glu(gate, up, path="numpy")
+    whole = bf16.linear_glu(x, w)
+    g_whole = bf16.GramSum(64, path="numpy")
+    g_whole.add(x)
+    monkeypatch.setattr(bf16, "NUMPY_CHUNK_FLOATS", 5 * 64)  # 5 tokens a block: a partial last block
+    np.testing.assert_allclose(bf16.linear_glu(x, w), whole, rtol=1e-5, atol=1e-5)
+    g_blocks = bf16.GramSum(64, path="numpy")
+    g_blocks.add(x)
+    np.testing.assert_allclose(g_blocks.result(), g_whole.result(), rtol=1e-5, atol=1e-4)
