@@ -61,11 +61,16 @@ def _blas_controller() -> Any:
         from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
         return None
+    # scipy's wheels carry their own OpenBLAS (its LAPACK and syrk run GPTQ's Hessians): loaded before the
+    # controller looks, or it is not limited — and its threaded results depend on the thread count
+    import scipy.linalg  # noqa: F401
     return ThreadpoolController()  # inspecting the loaded libraries costs ~0.1 s: once per process
 
 
 def one_blas_thread() -> contextlib.AbstractContextManager[object]:
-    """OpenBLAS's threaded potrf is ~15x slower than one thread on a busy 2-core machine (measured)."""
+    """Every BLAS (NumPy's and scipy's) on one thread: OpenBLAS's threaded potrf is ~15x slower than one thread on
+    a busy 2-core machine (measured), and a threaded syrk/potrf sums in an order that depends on the thread count
+    (the same build on another machine gave other bytes)."""
     ctl = _blas_controller()
     return contextlib.nullcontext() if ctl is None else ctl.limit(limits=1, user_api="blas")
 

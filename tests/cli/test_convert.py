@@ -248,3 +248,20 @@ def test_inspect_bad_file_is_exit_2(tmp_path, content):
     bad.write_bytes(content)
     r = runner.invoke(app, ["inspect", str(bad)])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_calibrated_bytes_do_not_depend_on_the_blas_thread_count(tmp_path):
+    """The same GPTQ conversion on 1 and on 2 BLAS threads (another machine's core count) gives the same file:
+    every BLAS that calibration calls — NumPy's and scipy's own OpenBLAS, which sums Hessians and factors them —
+    runs single-threaded (once scipy's was left unlimited and the bytes differed). The demo model: a tiny
+    model's products are too small for OpenBLAS to thread."""
+    outs = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"t{threads}.gguf"
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+        r = subprocess.run([sys.executable, "-P", "-m", "qkiln.cli.main", "convert", "--scheme", "q4_0", "--algo",
+                            "gptq", "--calib", "/usr/share/common-licenses/LGPL-2.1", "--samples", "2", "--seq-len",
+                            "128", "-o", str(out)], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
