@@ -252,6 +252,7 @@ def run_layer(
             live["x"] = normed_buf  # norm(h), reused by step 2
         w = quantize_group("attn_in", each(lambda sl: keep_normed(sl, norm_attn), "attn_in") if need_hessian else None)
         live["qkv"] = engine.pack(np.concatenate([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]))
+        del w  # the dequantized copies: the packed ones are what runs
 
         # 2. attn_out: attention over the quantized q/k/v
         live["attn"] = wide[: n * seq * q_out].reshape(n, seq, q_out)  # o_proj's input, all samples
@@ -286,6 +287,7 @@ def run_layer(
         w = quantize_group("mlp_in", each(mlp_in, "mlp_in"))
         del live["attn"], live["o"]
         live["gate_up"] = engine.pack_glu(w["mlp.gate_proj"], w["mlp.up_proj"])
+        del w  # 470 MB at 8B, for the whole mlp_out step otherwise
 
         # 4. mlp_out: the activation of the quantized gate/up
         # down_proj's input, all samples (attn is dead), in the engine's activation dtype (bfloat16: half the bytes)

@@ -175,7 +175,7 @@ def pack_weight(w: np.ndarray, *, path: str | None = None) -> BF16Weight:
         raise ValueError(f"weight must be 2-D (n, k), got shape {w.shape}")
     n, k = w.shape
     if _resolve(path) == "numpy":
-        return BF16Weight((n, k), rounded=round_bf16(w))
+        return BF16Weight((n, k), rounded=_round_rows(w, np.empty((n, k), np.float32)))
     lib = _library()
     packed = np.zeros(lib.qk_bf16_packed_bytes(n, k) // 2, np.uint16)  # (tiles * 512,)
     if n and k:
@@ -278,7 +278,20 @@ def pack_glu(gate: np.ndarray, up: np.ndarray, *, path: str | None = None) -> BF
     if up.shape != gate.shape or inter % GLU_ROWS:
         raise ValueError(f"pack_glu: gate {gate.shape} and up {up.shape} must match, rows a multiple of {GLU_ROWS}")
     runs = (inter // GLU_ROWS, 1, GLU_ROWS, k)
+    if _resolve(path) == "numpy":  # rounded straight into the interleaved layout: no concatenated copy
+        rounded = np.empty((inter // GLU_ROWS, 2, GLU_ROWS, k), np.float32)
+        for half, src in enumerate((gate, up)):
+            _round_rows(src.reshape(inter // GLU_ROWS, GLU_ROWS, k), rounded[:, half])
+        return BF16Weight((2 * inter, k), rounded=rounded.reshape(2 * inter, k))
     return pack_weight(np.concatenate([gate.reshape(runs), up.reshape(runs)], axis=1).reshape(2 * inter, k), path=path)
+
+
+def _round_rows(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """dst[...] = round_bf16(src), a block of leading rows at a time (no whole-size temporaries); dst."""
+    step = max(1, NUMPY_CHUNK_FLOATS // max(1, src[0].size if len(src) else 1))
+    for r0 in range(0, len(src), step):
+        dst[r0 : r0 + step] = round_bf16(src[r0 : r0 + step])
+    return dst
 
 
 def linear_glu(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
