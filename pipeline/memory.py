@@ -8,17 +8,17 @@ sum of parts that are resident at the same time, each a formula of the plan:
 - `runtime`: the interpreter with NumPy, tokenizers, gguf, onnx and the C kernels loaded (measured);
 - `tokenizer`: tokenizer.json as the GGUF export's Python lists, and as the tokenizers library's when
   calibration text is tokenized;
-- `tensor`: the largest tensor while it is read and quantized: float32 (a view of the mapped file for F32
-  checkpoints, a widened copy for BF16/F16 ones, whose mapped pages are also resident during the read), its
-  codes (one byte per weight), the packed bytes the writer makes, and RTN's chunk scratch;
+- `tensor`: the largest tensor while it is quantized: read from the checkpoint a block of rows at a time, so
+  its codes (one byte per weight) and params, the packed bytes where the writer packs a whole tensor, and the
+  block being read and converted;
 - `calibration` (GPTQ/AWQ): per `quantize.calibrate`'s memory model, the current layer's hidden states
   (samples · seq_len · hidden · 4 B), the normed input in bfloat16, the attention output, the MLP activation
-  in bfloat16; each worker's batch scratch (8 samples, about 2 · heads · seq_len floats per token, measured);
-  the layer's weights in float32 with their codes and
-  dequantized copies, the input group's float64 Hessian with its inverse and the running float32 sums; for
-  a GPTQ head (head grid under 8 bits) the head's float32 table and the final states;
-- `writer`: what the output format keeps beyond one tensor (the GPU safetensors folder buffers a shard;
-  `qkiln quantize` keeps every tensor's codes until it writes the checkpoint, then dequantizes each);
+  in bfloat16; each worker's scratch (a batch's q/k/v product, or a block of tokens' gate/up product); the
+  layer's codes with the largest group's dequantized and packed copies or GPTQ's working block of rows; the
+  widest input group's float32 running Gram sums (one at 8B widths: it becomes the Hessian and GPTQ's inverse
+  factor in place); for a GPTQ head (head grid under 8 bits) the head's float32 table and the final states;
+- `writer`: what the output format keeps beyond one tensor (`qkiln quantize` keeps every tensor's codes until
+  it writes the checkpoint, then dequantizes each; the others append as they go);
 - for `qkiln build`, the reference model's forward (the float32 model cached layer by layer, one window's
   logits) and the validation of the largest artifact, against which each artifact's conversion is compared:
   the build's peak is the largest of its phases.
@@ -40,13 +40,17 @@ from typing import Any
 from qkiln.errors import UserError
 from qkiln.formats.gguf_write import FLOAT_TYPES
 from qkiln.formats.hf import Checkpoint
+from qkiln.kernels.bf16 import NUMPY_CHUNK_FLOATS
 from qkiln.model.config import LlamaConfig
 from qkiln.model.names import expected_shapes
+from qkiln.model.source import ROW_BLOCK_FLOATS
 from qkiln.pipeline.gpu import plan_schemes
 from qkiln.pipeline.onnx import onnx_schemes
 from qkiln.pipeline.stream import calibration_tokens, read_calibration, tensor_schemes
 from qkiln.quantize.awq import SEARCH_FLOATS, search_workers
+from qkiln.quantize.gptq import GPTQ_ROW_FLOATS
 from qkiln.quantize.registry import get_scheme
+from qkiln.quantize.sequential import sum_lanes
 
 MB = 2**20
 # Coefficients measured on this machine (AMD EPYC with AVX-512, no AMX; 2 cores), converting the demo model
@@ -54,15 +58,14 @@ MB = 2**20
 RUNTIME_BYTES = 80 * MB  # the `qkiln` process with its imports, the C kernels and the plan, before any tensor
 GGUF_TOKENIZER_FACTOR = 7.0  # resident bytes per byte of tokenizer.json: the GGUF export's token/merge lists
 HF_TOKENIZER_FACTOR = 15.0  # and the tokenizers library's, loaded to tokenize calibration text (twice when guarded)
-QUANT_EXTRA = 0.6  # bytes per weight beyond its float32 while it is quantized and packed (codes, blocks)
-MAPPED_READ = 0.53  # share of a BF16/F16 tensor's mapped pages resident while it is widened to float32
+QUANT_HELD = 1.6  # bytes per weight of a tensor being quantized (read a block of rows at a time): codes, params
+BLOCK_SCRATCH = 6  # bytes per value of a block of rows written as it is made: float32 read, its converted output
 ENGINE_BYTES = 35 * MB  # per calibration worker: its thread's arenas and packed-weight scratch
 CODES_KEPT = 1.15  # bytes per quantized weight `qkiln quantize` holds until it writes: codes and block scales
 DEQUANTIZE_BYTES = 8  # per weight of the tensor being dequantized for the write: two float32 temporaries
 REFERENCE_FACTOR = 1.5  # build: the reference model cached in float32 with its fused copies, per float32 weight
 ARTIFACT_RUN_FACTOR = 4.0  # build: the validated artifact in qkiln's runtime, llama.cpp and the speed loop
 BATCH_SAMPLES = 8  # quantize.calibrate's batch_samples default: one batch per worker at a time
-SUM_LANES = 4  # quantize.sequential.SUM_LANES: running float32 Gram sums, one per lane in use
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -128,16 +131,21 @@ def _linear_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _tensor_part(plan: Plan) -> int:
-    """The largest tensor while it is read, quantized and packed (RTN, and the embedding of every algorithm):
-    float32 (a view of the mapped file for F32; for BF16/F16 a widened copy, with part of the mapped pages
-    resident during the read), plus the codes and packed blocks, or the float copy the writer converts."""
+    """The largest tensor while it is quantized and packed (RTN, and the embedding of every algorithm): read from
+    the checkpoint a block of rows at a time (`model.source.LazyRows`), so its codes and params (QUANT_HELD),
+    plus its packed bytes where the writer packs a whole tensor (not GGUF); a tensor kept in float is a block
+    of rows at a time in GGUF and the GPU folders, a float32 copy and its output elsewhere."""
     worst = 0.0
     for name, shape in _linear_shapes(plan.config).items():
         n = math.prod(shape)
-        read = 4 + (MAPPED_READ * plan.source_bytes if plan.source_bytes != 4 else 0.0)
         scheme = plan.schemes.get(name)
-        held = max(read, 4 + (QUANT_EXTRA if scheme is not None else _float_out_bytes(plan)))  # (float32, out)
-        worst = max(worst, held * n)
+        if scheme is not None:
+            held = n * (QUANT_HELD + (0.0 if plan.output == "gguf" else _packed_bytes_per_weight(scheme)))
+        elif plan.output in ("gguf", *GPU_OUTPUTS):
+            held = BLOCK_SCRATCH * min(n, ROW_BLOCK_FLOATS)  # converted and written a block of rows at a time
+        else:
+            held = n * (4 + _float_out_bytes(plan))
+        worst = max(worst, held)
     return int(worst)
 
 
@@ -163,14 +171,21 @@ def _calibration_part(plan: Plan) -> dict[str, int]:
     batches = -(-plan.samples // BATCH_SAMPLES)
     workers = min(os.cpu_count() or 1, batches)
     batch_tokens = min(plan.samples, BATCH_SAMPLES) * plan.seq_len
-    # per token of a batch in flight: measured ~35 KB on the demo's shape (9 heads) and ~5 KB with 2 heads and a
-    # 5x wider MLP, i.e. it follows heads x seq_len (attention's per-head rows), not the MLP width
-    scratch = workers * batch_tokens * 4 * (2 * cfg.num_attention_heads * plan.seq_len + hidden + attn + 2 * kv)
+    # per worker: the attention step's q/k/v product and rotated copies (float32, a batch), or the MLP's gate/up
+    # product of a block of tokens with its two halves and the rounded input (`kernels.bf16`, NUMPY_CHUNK_FLOATS),
+    # plus a block of tokens widened for the Gram sum
+    glu_tokens = min(batch_tokens, max(1, NUMPY_CHUNK_FLOATS // (2 * inter)))
+    per_worker = max(batch_tokens * 4 * (2 * attn + 3 * kv), glu_tokens * 4 * (4 * inter + 2 * hidden))
+    scratch = workers * (per_worker + NUMPY_CHUNK_FLOATS * 4)
     layer_n = 2 * hidden * attn + 2 * hidden * kv + 3 * hidden * inter
-    layer = layer_n * (4 + 1) + hidden * inter * 4 * 2  # float32 + codes; dequantized group + GPTQ's work copy
+    # the layer's codes (1 B per weight), and the largest of: gate/up dequantized and packed for the forward
+    # (float32 each where the products run as BLAS on bf16-rounded values), or down_proj dequantized with
+    # GPTQ's working copies of a block of rows (weights, their transpose, codes: ~2.5 floats per weight)
+    gate_up = 2 * hidden * inter
+    layer = layer_n + max(gate_up * 4 * 2, hidden * inter * 4 + int(2.5 * 4 * min(GPTQ_ROW_FLOATS, hidden * inter)))
     awq_search = 0
     if plan.algorithm in ("awq", "awq+gptq"):
-        layer += layer_n * 4  # AWQ's folded copy of the layer
+        layer += layer_n * 4 * 2  # AWQ reads the whole layer, and folds a copy
         # the scale search's jobs (quantize.awq.ScaleSearch): per worker, half a stage's candidates (at most 3) of
         # the largest linear stacked, capped by SEARCH_FLOATS, in ~6 float32 arrays (scaled weights, codes decoded,
         # divided back, error, products, the fit's temporaries): on the demo model AWQ+GPTQ peaked 0.11-0.14 GB
@@ -178,9 +193,9 @@ def _calibration_part(plan: Plan) -> dict[str, int]:
         w_size = max(hidden * inter, hidden * attn)
         awq_search = search_workers() * 6 * 4 * w_size * min(3, max(1, SEARCH_FLOATS // w_size))
     big = max(hidden, attn, inter)
-    # the widest group's float64 Hessian, its damped inverse and Cholesky factor (measured 22-25 B per entry at
-    # widths 1536, 8192 and 14336), and each further lane's float32 running sum
-    stats = big * big * (8 * 3 + 4 * (min(batches, SUM_LANES) - 1))
+    # the widest group's float32 running Gram sums (`quantize.sequential.sum_lanes`), the first of which becomes
+    # the Hessian and GPTQ's inverse factor in place
+    stats = big * big * 4 * min(batches, sum_lanes(big))
     parts = {"calibration activations": acts, "calibration batch scratch": scratch, "calibration layer": layer,
              "calibration statistics": stats, "calibration engine": ENGINE_BYTES * workers}
     if awq_search:
@@ -200,11 +215,7 @@ def _writer_part(plan: Plan) -> int:
     shapes = expected_shapes(plan.config)
     if plan.output == "checkpoint":  # qkiln quantize keeps every tensor's codes and scales until the write
         return int(sum(math.prod(s) * (CODES_KEPT if n in plan.schemes else 4) for n, s in shapes.items()))
-    if plan.output in GPU_OUTPUTS:  # formats.safetensors_folder buffers up to one shard: packed, floats as 16-bit
-        total = sum(math.prod(s) * (_packed_bytes_per_weight(plan.schemes[n]) if n in plan.schemes else 2.0)
-                    for n, s in shapes.items())
-        return int(min(total, 2 * 10**9))
-    return 0  # gguf and onnx append one tensor at a time
+    return 0  # the others append as they go (formats.safetensors_folder spills to disk, never buffers a shard)
 
 
 def estimate_peak(plan: Plan) -> MemoryEstimate:
@@ -218,16 +229,12 @@ def estimate_peak(plan: Plan) -> MemoryEstimate:
     writer = _writer_part(plan)
     phases: list[dict[str, int]] = [{"largest tensor": tensor}]
     if calib:
-        phases.append(calib if plan.output not in GPU_OUTPUTS else {**calib, "writer": writer})
+        phases.append(calib)
     if plan.output == "checkpoint":
         # it holds every tensor's codes, then writes each dequantized: two float32 temporaries of the largest
         largest = max(math.prod(s) for s in _linear_shapes(plan.config).values())
         phases = [{**ph, "writer": writer} for ph in phases]
         phases.append({"writer": writer, "dequantize on write": DEQUANTIZE_BYTES * largest})
-    elif plan.output in GPU_OUTPUTS:
-        # the buffered shard at the end, with an untied head (the last tensor) being packed
-        head = 0 if plan.config.tie_word_embeddings else tensor
-        phases.append({"writer": writer, **({"largest tensor": head} if head else {})})
     worst: dict[str, int] = max(phases, key=lambda ph: sum(ph.values()))
     parts = {**base, **worst}
     ordered = dict(sorted(parts.items(), key=lambda kv: -kv[1]))
