@@ -19,6 +19,8 @@ from qkiln.validate.metrics import TokenScores
 MIXED = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q8_0", "attn_output": "Q4_K", "ffn_gate": "Q4_0",
          "ffn_up": "Q6_K", "ffn_down": "Q4_K", "token_embd": "Q8_0", "output": "Q4_0"}
 LEGACY = {**MIXED, "attn_q": "Q5_0", "attn_k": "Q5_0", "attn_output": "Q4_1", "ffn_up": "Q5_1", "output": "Q5_0"}
+KQUANTS = {**MIXED, "attn_q": "Q2_K", "attn_k": "Q3_K", "attn_v": "Q5_K", "attn_output": "Q3_K", "ffn_gate": "Q2_K",
+           "ffn_up": "Q5_K", "ffn_down": "Q3_K", "output": "Q2_K"}
 
 
 def test_packed_linear_is_the_dequantized_product():
@@ -41,7 +43,7 @@ def _softmax(z):
     return e / e.sum(-1, keepdims=True)
 
 
-@pytest.mark.parametrize("types", [MIXED, LEGACY], ids=["mixed", "q5_0-q4_1-q5_1"])
+@pytest.mark.parametrize("types", [MIXED, LEGACY, KQUANTS], ids=["mixed", "q5_0-q4_1-q5_1", "q2_k-q3_k-q5_k"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_gguf_model_on_packed_weights_matches_dense(make_gguf, tied, types):
     path = make_gguf(types=types, tied=tied, hidden=256, intermediate=512)
@@ -62,14 +64,15 @@ def test_gguf_model_on_packed_weights_matches_dense(make_gguf, tied, types):
 def test_bench_cli_json_and_errors(make_gguf, tmp_path):
     from qkiln.cli.main import app
 
-    types = {**MIXED, "attn_q": "Q5_0", "attn_k": "Q5_0", "ffn_gate": "Q5_1", "ffn_up": "Q4_1"}
+    types = {**MIXED, "attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q2_K", "ffn_gate": "Q5_1", "ffn_up": "Q4_1",
+             "ffn_down": "Q3_K", "output": "Q5_K"}
     path = make_gguf(types=types, hidden=256, intermediate=512)
     r = CliRunner().invoke(app, ["bench", str(path), "--json", "--seconds", "0", "--prompt-tokens", "4",
                                  "--threads", "2", "--price-per-hour", "1.5"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["kernel_path"] == api.kernel_path()
-    assert doc["types"] == ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q8_0"]  # each timed as itself
+    assert doc["types"] == ["Q2_K", "Q3_K", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K"]  # each timed as itself
     assert "stand_ins" not in doc
     assert doc["decode_tokens_per_s"] > 0 and doc["prompt_tokens_per_s"] > 0 and doc["machine_copy_gbs"] > 0
     assert doc["usd_per_million_decode_tokens"] == pytest.approx(1.5 / 3600 / doc["decode_tokens_per_s"] * 1e6, rel=1e-2)
@@ -81,7 +84,7 @@ def test_bench_cli_json_and_errors(make_gguf, tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
 
 
-@pytest.mark.parametrize("kind", ["Q5_K", "Q3_K", "F16"])
+@pytest.mark.parametrize("kind", ["F16", "BF16"])
 def test_bench_refuses_a_type_without_a_kernel(make_gguf, kind):
     """A weight type with no kernel is an error (exit 2) that names it, never timed as another type."""
     from qkiln.cli.main import app
@@ -94,7 +97,8 @@ def test_bench_refuses_a_type_without_a_kernel(make_gguf, kind):
     assert "Traceback" not in r.output
 
 
-@pytest.mark.parametrize("scheme", ["q4_0", "q8_0", "q4_k", "q6_k", "q5_0", "q4_1", "q5_1", "q5_k", "int4_g128",
+@pytest.mark.parametrize("scheme", ["q4_0", "q8_0", "q4_k", "q6_k", "q5_0", "q4_1", "q5_1", "q2_k", "q3_k", "q5_k",
+                                    "int4_g128",
                                     "int4_g32_asym", "int4_g64_asym", "int4_pc", "int8"])
 def test_quantized_tensor_plugs_as_packed_linear(scheme):
     """A QuantizedTensor from qkiln's quantizers runs on its ggml blocks and equals its dequantized product."""
@@ -106,10 +110,10 @@ def test_quantized_tensor_plugs_as_packed_linear(scheme):
     w = rng.standard_normal((40, 512)).astype(np.float32)
     qt = quantize_rtn(w, get_scheme(scheme))
     op = packed_linear_from_quantized(qt)
-    if scheme in ("q5_k", "int8"):
+    if scheme == "int8":
         assert op is None  # no kernel: stays dense
         return
-    if scheme in ("q5_0", "q4_1", "q5_1"):
+    if scheme in ("q5_0", "q4_1", "q5_1", "q2_k", "q3_k", "q5_k"):
         assert op.wtype == WType[scheme.upper()]
     if scheme.startswith("int4"):
         assert op.wtype == (WType.INT4GX8 if api.kernel_path() == "avx512" else WType.INT4G)
