@@ -112,10 +112,14 @@ def test_integer_parts_are_exact(wtype, codes):
 @pytest.mark.parametrize(("wtype", "fill", "value"), [
     (WType.Q5_0, 0xFF, 15), (WType.Q5_0, 0x00, -16),  # codes 31 / 0, qh all ones / zeros: w = d*(q - 16)
     (WType.Q4_1, 0xFF, 15 + 1), (WType.Q4_1, 0x00, 0 + 1),  # w = d*q + m with d = m = 1
-    (WType.Q5_1, 0xFF, 31 + 1), (WType.Q5_1, 0x00, 0 + 1)], ids=str)
-def test_legacy_extreme_codes_against_hand_computed_value(wtype, fill, value):
-    """Every code at its extreme (the high bit from qh included) against activations of -127: a closed form."""
-    n, k = 3, 96
+    (WType.Q5_1, 0xFF, 31 + 1), (WType.Q5_1, 0x00, 0 + 1),
+    (WType.Q2_K, 0xFF, 15 * 3 - 15), (WType.Q2_K, 0x00, 0),  # w = d*sc*q - dmin*m: sc = m = 15, q = 3
+    (WType.Q3_K, 0xFF, 31 * (7 - 4)), (WType.Q3_K, 0x00, -32 * (0 - 4)),  # w = d*sc*(q - 4), sc = 63 - 32 / 0 - 32
+    (WType.Q5_K, 0xFF, 63 * 31 - 63), (WType.Q5_K, 0x00, 0)], ids=str)  # 6-bit sc = m = 63, q = 31 (bit 4 from qh)
+def test_extreme_codes_of_each_block_against_hand_computed_value(wtype, fill, value):
+    """Every code at its extreme (the high bits from qh / hmask included) against activations of -127: a
+    closed form (three blocks or super-blocks a row; every partial sum a multiple of 64 below 2**30: exact)."""
+    n, k = 3, 3 * BLOCK[wtype][0]
     rng = np.random.default_rng(13)
     w = random_weights(wtype, n, k, rng, unit_scales=True, codes="max" if fill else "min")
     act = unit_activations(2, k, rng)
