@@ -75,7 +75,7 @@ def _q5_codes(qh4: np.ndarray, qs16: np.ndarray) -> np.ndarray:
 
 
 def decode(wtype: WType, w: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weights in `wtype`'s byte layout -> (codes (N, K) int16, scale (N, nb) f32, mins (N, nb) f32)."""
+    """Weights in `wtype`'s byte layout -> (codes (N, K) int16, scale (N, nb) f32, mins (N, nb) f32; Q2_K (N, K/16))."""
     nb = k // QK8
     raw = np.frombuffer(np.ascontiguousarray(w).data, dtype=np.uint8)
     zeros = np.zeros((n, nb), np.float32)
