@@ -150,8 +150,8 @@ static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp,
     return hsum8(_mm256_add_ps(acc0, acc1));
 }
 
-/* Q4_K / Q5_K: unsigned codes per 32-element sub-block j (Q5_K: bit 4 of element l is bit j of qh[l], set
- * where qh & (1 << j) is nonzero); the min term dmin*m*sum(a) from the activation sums. */
+/* Q4_K / Q5_K: unsigned codes per 32-element sub-block j (Q5_K: bit 4 of element l is bit j of qh[l], moved
+ * there by a 16-bit shift that stays inside each byte); the min term dmin*m*sum(a) from the activation sums. */
 static inline float dot_q45_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb,
                               int five) {
     __m256 acc = _mm256_setzero_ps();
@@ -169,10 +169,8 @@ static inline float dot_q45_k(const uint8_t *w, const int8_t *a, const float *ad
                 int sc, m;
                 qk_q4k_scale_min(j, scales, &sc, &m);
                 __m256i qj = q[h];
-                if (five) {
-                    const __m256i sel = _mm256_set1_epi8((char)(1 << j));
-                    qj = _mm256_or_si256(qj, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, sel), sel), bit4));
-                }
+                if (five)
+                    qj = _mm256_or_si256(qj, _mm256_and_si256(j < 4 ? _mm256_slli_epi16(qh, 4 - j) : _mm256_srli_epi16(qh, j - 4), bit4));
                 const __m256i av = _mm256_loadu_si256((const __m256i *)(a + (size_t)b * QK8));
                 const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(qj, av), ones16);
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ad[b] * (d * (float)sc)), acc);
