@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from qkiln.formats.gguf_model import GGUFSource, load_gguf_model
 from qkiln.kernels import api
-from qkiln.kernels.linear import PackedLinear
+from qkiln.kernels.linear import FusedMember, PackedLinear
 from qkiln.kernels.types import WType
 from qkiln.validate.metrics import TokenScores
 
@@ -124,17 +124,13 @@ def test_quantized_tensor_plugs_as_packed_linear(scheme):
     np.testing.assert_allclose(op(x), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 
 
-@pytest.mark.slow
-@pytest.mark.llamacpp
-def test_demo_q4_0_on_packed_weights_agrees_with_llama_cpp():
-    """The demo model's Q4_0 GGUF (llama.cpp's quantizer) through qkiln's runtime on its packed blocks gives
-    llama.cpp's next-token distribution: both quantize activations to int8 per 32, so they nearly coincide."""
+def _scores_against_llama_cpp(path: Path) -> TokenScores:
+    """qkiln's runtime on a GGUF's packed blocks against llama.cpp on the same file: 256 tokens of real text
+    (a 20-token prompt makes top-1 agreement a coin toss on a handful of positions)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference runtime")
-    from qkiln.validate.decode_compare import PROMPT, demo_q4_0_gguf
+    from qkiln.validate.decode_compare import PROMPT
 
-    path = demo_q4_0_gguf()
     lm = load_gguf_model(path)
-    # 256 tokens of real text: a 20-token prompt makes top-1 agreement a coin toss on a handful of positions
     ids = lm.encode(Path("/usr/share/common-licenses/Apache-2.0").read_text())[:256]
     ours = lm.model.forward(ids[None])[0]  # (s, vocab)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
@@ -143,8 +139,49 @@ def test_demo_q4_0_on_packed_weights_agrees_with_llama_cpp():
     theirs = np.array(llm.scores[: ids.size], dtype=np.float32)
     scores = TokenScores()
     scores.add_window(ids, ours, ref_logits=theirs)
+    return scores
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_demo_q4_0_on_packed_weights_agrees_with_llama_cpp():
+    """The demo model's Q4_0 GGUF (llama.cpp's quantizer) through qkiln's runtime on its packed blocks gives
+    llama.cpp's next-token distribution: both quantize activations to int8 per 32, so they nearly coincide."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference runtime")
+    from qkiln.validate.decode_compare import demo_q4_0_gguf
+
+    scores = _scores_against_llama_cpp(demo_q4_0_gguf())
     assert scores.mean_kl < 0.02, scores.as_dict()  # measured 0.0057 (AVX-512 path)
     assert scores.top1_agreement >= 0.9, scores.as_dict()  # measured 0.957
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+@pytest.mark.parametrize(("ftype", "pure", "kind"), [("Q2_K", True, "Q2_K"), ("Q3_K_M", True, "Q3_K"),
+                                                     ("Q5_K_M", False, "Q5_K")], ids=["q2_k", "q3_k", "q5_k_m"])
+def test_demo_k_quants_on_packed_weights_agree_with_llama_cpp(tmp_path, ftype, pure, kind):
+    """llama.cpp's own K-quant files of the demo model (`pure`: every tensor of the type where its rows allow,
+    so Q2_K and Q3_K tensors exist; its mixes put none on these shapes) run packed in qkiln's C kernels with
+    llama.cpp's next-token distribution. llama.cpp quantizes these types' activations per 256 (Q8_K), qkiln
+    per 32, so they differ a little more than Q4_0 does; a misread block layout would differ by nats."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python quantizes the reference files")
+    from qkiln.demo import demo_gguf_path
+    from qkiln.formats.gguf_read import read_gguf
+
+    path = tmp_path / f"demo-{ftype.lower()}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.allow_requantize, params.pure = True, pure
+    assert llama_cpp.llama_model_quantize(str(demo_gguf_path()).encode(), str(path).encode(), ctypes.byref(params)) == 0
+    assert kind in {t.ggml_type.name for t in read_gguf(path).tensors.values()}
+    lm = load_gguf_model(path)
+    assert all(isinstance(lm.model.linear_op(f"model.layers.0.{n}"), PackedLinear | FusedMember)
+               for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"))  # nothing dense
+    scores = _scores_against_llama_cpp(path)
+    assert scores.mean_kl < 0.04, scores.as_dict()  # measured 0.019 / 0.011 / 0.011 (AVX-512 path)
+    assert scores.top1_agreement >= 0.85, scores.as_dict()  # measured 0.91 / 0.95 / 0.94
 
 
 def test_fused_members_equal_separate_products_in_any_order():
