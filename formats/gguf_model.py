@@ -1,7 +1,7 @@
 """A llama GGUF opened as a runnable model: linears run on their own packed blocks through the C kernels.
 
 `load_gguf_model(path)` -> `runtime.load.LoadedModel`: linears whose ggml type has a kernel (Q4_0, Q8_0,
-Q5_0, Q4_1, Q5_1, Q4_K, Q6_K: `kernels.types.BLOCK`) stay packed — q/k rows put back in Hugging Face order by moving whole rows of blocks, which is
+Q5_0, Q4_1, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: `kernels.types.BLOCK`) stay packed — q/k rows put back in Hugging Face order by moving whole rows of blocks, which is
 exact — and everything else (norms, embeddings, other types) is dequantized with gguf-py as the importer does.
 """
 

@@ -328,9 +328,11 @@ GGUF_TINY_TYPES = {
 }
 
 
-def _gguf_blocks(x: np.ndarray, type_name: str, rng: np.random.Generator) -> np.ndarray:
-    """x (rows, cols) float32 -> GGUF bytes of `type_name`. gguf-py cannot quantize K-quants: those
-    get random block bytes with finite fp16 scales (any such bytes are a valid tensor to dequantize)."""
+def _gguf_blocks(x: np.ndarray, type_name: str) -> np.ndarray:
+    """x (rows, cols) float32 -> GGUF bytes of `type_name`. gguf-py cannot quantize K-quants: qkiln's own
+    quantizer does (its RTN bytes equal llama.cpp's), so every tensor holds x on that grid, with the weight
+    magnitudes and zero-centred mins of a real file (random block bytes would give a Q2_K weight up to 0.9 with
+    a large positive mean, a Q5_K one up to 40: a model no runtime comparison can judge)."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType[type_name]
@@ -341,16 +343,14 @@ def _gguf_blocks(x: np.ndarray, type_name: str, rng: np.random.Generator) -> np.
     try:
         return gguf.quants.quantize(x, qtype)
     except NotImplementedError:
-        block, size = gguf.GGML_QUANT_SIZES[qtype]
-        raw = rng.integers(0, 256, size=(*x.shape[:-1], x.shape[-1] // block, size), dtype=np.uint8)
-        scales = (rng.uniform(0.001, 0.02, size=(*raw.shape[:-1], 2))).astype(np.float16).view(np.uint8)
-        if type_name in ("Q2_K", "Q4_K", "Q5_K"):  # d, dmin lead the block
-            raw[..., :4] = scales.reshape(*raw.shape[:-1], 4)
-        elif type_name == "Q3_K" or type_name == "Q6_K":  # d ends the block
-            raw[..., -2:] = scales.reshape(*raw.shape[:-1], 4)[..., :2]
-        else:
+        if not type_name.endswith("_K"):
             raise
-        return raw.reshape(*x.shape[:-1], -1)
+        from qkiln.quantize.ggml_pack import pack_blocks
+        from qkiln.quantize.registry import get_scheme
+        from qkiln.quantize.rtn import quantize_rtn
+
+        rows = x.reshape(-1, x.shape[-1])
+        return pack_blocks(quantize_rtn(rows, get_scheme(type_name.lower()))).reshape(*x.shape[:-1], -1)
 
 
 def write_tiny_llama_gguf(
@@ -414,7 +414,7 @@ def write_tiny_llama_gguf(
         kind = kinds[name.split(".")[-1]]
         x = (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1
              else rng.standard_normal(shape) / math.sqrt(shape[-1])).astype(np.float32)
-        data = _gguf_blocks(x, kind, rng)
+        data = _gguf_blocks(x, kind)
         raw_dtype = None if kind in ("F32", "F16") else gguf.GGMLQuantizationType[kind]
         w.add_tensor(f"{name}.weight", data, raw_dtype=raw_dtype)
     for name, arr in (extra_tensors or {}).items():

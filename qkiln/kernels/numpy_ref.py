@@ -5,8 +5,11 @@ Every weight type is decoded to the same three arrays per 32-element block b of 
     codes  (N, K)  integers whose dot with the int8 activations is the block's exact integer part
     scale  (N, nb) fp32 multiplier of that integer part
     mins   (N, nb) fp32 multiplier of the activation block's integer sum, subtracted (Q4_K's dmin*m; -m for
-           Q4_1/Q5_1, whose w = d*q + m; zero otherwise)
-so that y[m, n] = sum_b da[m, b] * (scale[n, b] * isum[m, n, b] - mins[n, b] * asum[m, b]).
+           Q4_1/Q5_1, whose w = d*q + m; zero otherwise); (N, K/16) for Q2_K, whose mins change every 16
+           elements: each multiplies the sum of its own 16 activations
+so that y[m, n] = sum_b da[m, b] * (scale[n, b] * isum[m, n, b] - mins[n, b] * asum[m, b]) (with Q2_K's two
+halves' terms in place of mins * asum). Sub-block scales finer than the block (Q3_K's and Q6_K's per 16) are
+folded into the integer codes.
 
 Integer parts are exact: each block's |isum| <= 32 * 127 * 4096 < 2**24, so computing it as a float32
 matrix product (BLAS) loses nothing. The fp32 combination over blocks is summed in a different order than
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qkiln.kernels.types import QK8, WType, block_bytes, int4gx8_bytes
+from qkiln.kernels.types import BLOCK, QK8, WType, block_bytes, int4gx8_bytes
 
 # Relative tolerance on the absolute sum of the block terms: fp32 sums of a few hundred terms in two
 # different orders differ by at most ~nb * 2**-24 of that sum; 1e-5 leaves headroom for K up to ~40k.
@@ -72,7 +75,7 @@ def _q5_codes(qh4: np.ndarray, qs16: np.ndarray) -> np.ndarray:
 
 
 def decode(wtype: WType, w: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weights in `wtype`'s byte layout -> (codes (N, K) int16, scale (N, nb) f32, mins (N, nb) f32)."""
+    """Weights in `wtype`'s byte layout -> (codes (N, K) int16, scale (N, nb) f32, mins (N, nb) f32; Q2_K (N, K/16))."""
     nb = k // QK8
     raw = np.frombuffer(np.ascontiguousarray(w).data, dtype=np.uint8)
     zeros = np.zeros((n, nb), np.float32)
@@ -123,16 +126,36 @@ def decode(wtype: WType, w: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.
         v = blk[..., 16:].view(np.int8).reshape(groups, nb, 4, 2, 8, 4)  # (group, block, c, h, r, j)
         codes = v.transpose(0, 4, 1, 2, 3, 5).reshape(8 * groups, k).astype(np.int16)  # k = 8c + 4h + j
         return codes[:n], d[:n], zeros
-    if wtype == WType.Q4_K:
+    if wtype in (WType.Q4_K, WType.Q5_K):
         nsb = k // 256
-        blk = raw.reshape(n, nsb, 144)
+        blk = raw.reshape(n, nsb, BLOCK[wtype][1])
         d, dmin = _f16(blk[..., 0:2])[..., 0], _f16(blk[..., 2:4])[..., 0]  # (N, nsb)
         sc, mn = _q4k_scale_min(blk[..., 4:16])  # (N, nsb, 8)
-        qs = blk[..., 16:].reshape(n, nsb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
-        codes = (qs & 0x0F).astype(np.int16).reshape(n, k)
+        qs = blk[..., -128:].reshape(n, nsb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+        q = (qs & 0x0F).reshape(n, nsb, 8, 32)  # sub-block j = 2 * chunk + nibble
+        if wtype == WType.Q5_K:  # bit 4 of element l of sub-block j: bit j of qh[l]
+            qh = blk[..., 16:48].reshape(n, nsb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)
+            q = q | ((qh & 1) << 4)
+        codes = q.astype(np.int16).reshape(n, k)
         scale = (d[..., None] * sc.astype(np.float32)).reshape(n, nb)
         mins = (dmin[..., None] * mn.astype(np.float32)).reshape(n, nb)
         return codes, scale.astype(np.float32), mins.astype(np.float32)
+    if wtype == WType.Q2_K:  # w = d*sc*q - dmin*m per 16: sc folded into the codes, the mins per 16
+        nsb = k // 256
+        blk = raw.reshape(n, nsb, 84)
+        sc, mn = (blk[..., :16] & 0x0F).astype(np.int16), blk[..., :16] >> 4  # (N, nsb, 16)
+        codes = (_k_low2(blk[..., 16:80]).reshape(n, nsb, 16, 16) * sc[..., None]).reshape(n, k)
+        d, dmin = _f16(blk[..., 80:82])[..., 0], _f16(blk[..., 82:84])[..., 0]  # (N, nsb)
+        mins = (dmin[..., None] * mn.astype(np.float32)).reshape(n, nsb * 16)
+        return codes, np.repeat(d, 8, axis=1).astype(np.float32), mins.astype(np.float32)
+    if wtype == WType.Q3_K:  # w = d*sc*(q-4) per 16: the signed sub-block scale folded into the codes
+        nsb = k // 256
+        blk = raw.reshape(n, nsb, 110)
+        hm = (blk[..., :32].reshape(n, nsb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # bit 2
+        q = (_k_low2(blk[..., 32:96]) | (hm.reshape(n, nsb, 256) << 2)).astype(np.int16) - 4
+        codes = (q.reshape(n, nsb, 16, 16) * _q3k_scales(blk[..., 96:108])[..., None]).reshape(n, k)
+        d = _f16(blk[..., 108:110])[..., 0]  # (N, nsb)
+        return codes, np.repeat(d, 8, axis=1).astype(np.float32), zeros
     if wtype == WType.Q6_K:
         nsb = k // 256
         blk = raw.reshape(n, nsb, 210)
@@ -155,6 +178,20 @@ def _q4k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=-1)
     mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=-1)
     return sc, mn
+
+
+def _k_low2(qs: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K's (…, 64) qs bytes -> (…, 256) low two bits: element 128h + 32t + l at bits 2t of byte 32h + l."""
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
+    return ((qs.reshape(*qs.shape[:-1], 2, 1, 32) >> shifts) & 3).reshape(*qs.shape[:-1], 256)
+
+
+def _q3k_scales(s: np.ndarray) -> np.ndarray:
+    """Q3_K's (…, 12) scale bytes -> (…, 16) int16 in -32..31: low nibbles in bytes 0-7 (j < 8 low, else high),
+    bits 4-5 of scale j at bits 2*(j // 4) of byte 8 + j % 4."""
+    low = np.concatenate([s[..., :8] & 0x0F, s[..., :8] >> 4], axis=-1)  # (…, 16)
+    hi = (s[..., None, 8:12] >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3  # (…, j // 4, j % 4)
+    return (low | (hi.reshape(*s.shape[:-1], 16) << 4)).astype(np.int16) - 32
 
 
 def decode_int4g(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, n: int, k: int
@@ -229,13 +266,16 @@ def combine(codes: np.ndarray, scale: np.ndarray, mins: np.ndarray, act: Q8Activ
     y = np.empty((m, n), np.float32)
     yabs = np.empty((m, n), np.float32) if with_abs else None
     ca = act.qs.reshape(m, nb, QK8).transpose(1, 2, 0).astype(np.float32)  # (nb, 32, M)
-    asum = act.sums.astype(np.float32)  # (M, nb)
+    g = mins.shape[1] // nb  # mins per block: 1, or 2 (Q2_K: per 16 elements)
+    asum = act.sums if g == 1 else act.qs.reshape(m, nb * g, QK8 // g).sum(axis=-1, dtype=np.int32)  # (M, nb*g)
+    asum_t = asum.astype(np.float32).reshape(m, nb, g).transpose(1, 2, 0)  # (nb, g, M) exact integers
     rows = max(1, _CHUNK_ELEMS // max(1, nb * max(m, QK8)))
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         cw = codes[r0:r1].reshape(r1 - r0, nb, QK8).transpose(1, 0, 2).astype(np.float32)  # (nb, R, 32)
         isum = np.matmul(cw, ca)  # (nb, R, M) exact integers
-        terms = (scale[r0:r1].T[:, :, None] * isum - mins[r0:r1].T[:, :, None] * asum.T[:, None, :])
+        min_terms = np.matmul(mins[r0:r1].reshape(r1 - r0, nb, g).transpose(1, 0, 2), asum_t)  # (nb, R, M)
+        terms = scale[r0:r1].T[:, :, None] * isum - min_terms
         terms *= act.d.T[:, None, :]  # (nb, R, M)
         y[:, r0:r1] = terms.sum(axis=0, dtype=np.float32).T
         if yabs is not None:

@@ -2,8 +2,8 @@
 
 For every 2-D weight of a GGUF file, the product the runtime would run is timed on the file's own bytes
 (memory-mapped): decode = one activation row (GEMV) per linear, prompt = `prompt_tokens` rows (GEMM).
-Every type is timed as itself: a file holding a weight type without a kernel (Q2_K, Q3_K, Q5_K, float
-weights) is a `NoKernelError`, never timed with a stand-in of another type. Decode time per token is the sum
+Every type is timed as itself: a file holding a weight type without a kernel (float weights: F16, BF16, F32)
+is a `NoKernelError`, never timed with a stand-in of another type. Decode time per token is the sum
 over all linears including the head — attention, norms and sampling are not counted, so it is an upper bound
 on tokens/s that a real runtime approaches as the model grows. Weight GB/s = bytes streamed per token / time per token, next to this machine's copy
 bandwidth measured in the same run.

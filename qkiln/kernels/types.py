@@ -16,7 +16,10 @@ class WType(IntEnum):
     Q5_0 = 6
     Q5_1 = 7
     Q8_0 = 8
+    Q2_K = 10
+    Q3_K = 11
     Q4_K = 12
+    Q5_K = 13
     Q6_K = 14
     Q4_0X2 = 100  # Q4_0 with row pairs interleaved for smmla
     INT4G = 101  # INT4, group size + zero points (separate arrays)
@@ -35,7 +38,10 @@ BLOCK: dict[WType, tuple[int, int]] = {
     WType.Q5_0: (32, 22),
     WType.Q5_1: (32, 24),
     WType.Q8_0: (32, 34),
+    WType.Q2_K: (256, 84),
+    WType.Q3_K: (256, 110),
     WType.Q4_K: (256, 144),
+    WType.Q5_K: (256, 176),
     WType.Q6_K: (256, 210),
 }
 

@@ -14,17 +14,16 @@ from qkiln.kernels.types import WType
 
 
 def random_blocks(wtype: WType, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    from qkiln.kernels.types import block_bytes
+    from qkiln.kernels.types import BLOCK, block_bytes
 
     raw = rng.integers(0, 256, block_bytes(wtype, n, k), dtype=np.uint8)
-    bsz = {WType.Q4_0: 18, WType.Q8_0: 34, WType.Q5_0: 22, WType.Q4_1: 20, WType.Q5_1: 24, WType.Q4_K: 144,
-           WType.Q6_K: 210}[wtype]
-    blk = raw.reshape(-1, bsz)
+    blk = raw.reshape(-1, BLOCK[wtype][1])
     d = rng.uniform(-0.02, 0.02, (len(blk), 2)).astype(np.float16).view(np.uint8)  # (blocks, 4)
-    if wtype == WType.Q6_K:
-        blk[:, 208:210] = d[:, :2]
-    elif wtype == WType.Q4_K:
-        blk[:, 0:4] = np.abs(d.view(np.float16)).view(np.uint8)
+    if wtype in (WType.Q3_K, WType.Q6_K):  # d ends the block
+        blk[:, -2:] = d[:, :2]
+    elif wtype in (WType.Q2_K, WType.Q4_K, WType.Q5_K):  # d, dmin >= 0 (Q2_K's after its scales and codes)
+        at = 80 if wtype == WType.Q2_K else 0
+        blk[:, at:at + 4] = np.abs(d.view(np.float16)).view(np.uint8)
     elif wtype in (WType.Q4_1, WType.Q5_1):
         blk[:, 0:4] = d  # d and m
     else:
@@ -69,7 +68,8 @@ def main() -> int:
             print(f"FAIL {path}: activation quantization differs")
             return 1
         worst = 0.0
-        for wtype in (WType.Q4_0, WType.Q8_0, WType.Q5_0, WType.Q4_1, WType.Q5_1, WType.Q4_K, WType.Q6_K):
+        for wtype in (WType.Q4_0, WType.Q8_0, WType.Q5_0, WType.Q4_1, WType.Q5_1, WType.Q2_K, WType.Q3_K, WType.Q4_K,
+                      WType.Q5_K, WType.Q6_K):
             for n in (1, 7, 64):
                 w = random_blocks(wtype, n, 512, rng)
                 ref, yabs = numpy_ref.gemm(wtype, w, n, 512, ref_act, with_abs=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from qkiln.kernels.numpy_ref import Q8Activations
-from qkiln.kernels.types import WType, block_bytes
+from qkiln.kernels.types import BLOCK, WType, block_bytes
 
 
 def f16_bytes(values: np.ndarray) -> np.ndarray:
@@ -44,13 +44,14 @@ def random_weights(wtype: WType, n: int, k: int, rng: np.random.Generator, *, un
         if wtype != WType.Q5_0:  # m: about the block's minimum, -16 d (-8 d for Q4_1) with noise, or exactly 1.0
             lo = -0.16 if wtype == WType.Q5_1 else -0.08
             blk[:, 2:4] = f16_bytes(np.ones(len(blk)) if unit_scales else rng.uniform(lo, 0.01, len(blk)))
-    elif wtype == WType.Q4_K:
-        blk = raw.reshape(-1, 144)
-        blk[:, 0:2] = f16_bytes(np.ones(len(blk)) if unit_scales else rng.uniform(0, 0.01, len(blk)))
-        blk[:, 2:4] = f16_bytes(np.ones(len(blk)) if unit_scales else rng.uniform(0, 0.01, len(blk)))
-    elif wtype == WType.Q6_K:
-        blk = raw.reshape(-1, 210)
-        blk[:, 208:210] = f16_bytes(np.ones(len(blk)) if unit_scales else rng.uniform(-0.01, 0.01, len(blk)))
+    elif wtype in (WType.Q2_K, WType.Q4_K, WType.Q5_K):  # d, dmin: at the end of Q2_K's block, else first
+        blk = raw.reshape(-1, BLOCK[wtype][1])
+        at = 80 if wtype == WType.Q2_K else 0
+        for i in (at, at + 2):
+            blk[:, i:i + 2] = f16_bytes(np.ones(len(blk)) if unit_scales else rng.uniform(0, 0.01, len(blk)))
+    elif wtype in (WType.Q3_K, WType.Q6_K):  # d ends the block
+        blk = raw.reshape(-1, BLOCK[wtype][1])
+        blk[:, -2:] = f16_bytes(np.ones(len(blk)) if unit_scales else rng.uniform(-0.01, 0.01, len(blk)))
     return raw
 
 

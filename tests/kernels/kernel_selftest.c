@@ -35,7 +35,10 @@ static uint8_t *make_weights(int wtype, int N, int K, int unit, size_t *nbytes) 
     case QK_Q5_0: bsz = 22; belems = 32; break;
     case QK_Q4_1: bsz = 20; belems = 32; break;
     case QK_Q5_1: bsz = 24; belems = 32; break;
+    case QK_Q2_K: bsz = 84; belems = 256; break;
+    case QK_Q3_K: bsz = 110; belems = 256; break;
     case QK_Q4_K: bsz = 144; belems = 256; break;
+    case QK_Q5_K: bsz = 176; belems = 256; break;
     default: bsz = 210; belems = 256; break; /* Q6_K */
     }
     const size_t nblk = (size_t)N * K / belems;
@@ -49,8 +52,12 @@ static uint8_t *make_weights(int wtype, int N, int K, int unit, size_t *nbytes) 
             put16(p, f2h(unit ? 1.0f : rndf(0, 0.01f)));
             put16(p + 2, f2h(unit ? 1.0f : rndf(wtype == QK_Q4_1 ? -0.08f : -0.16f, 0.01f)));
         }
-        if (wtype == QK_Q4_K) { put16(p, f2h(unit ? 1.0f : rndf(0, 0.01f))); put16(p + 2, f2h(unit ? 1.0f : rndf(0, 0.01f))); }
-        if (wtype == QK_Q6_K) put16(p + 208, f2h(unit ? 1.0f : rndf(-0.01f, 0.01f)));
+        if (wtype == QK_Q2_K || wtype == QK_Q4_K || wtype == QK_Q5_K) { /* d, dmin: Q2_K's end its block */
+            uint8_t *dm = p + (wtype == QK_Q2_K ? 80 : 0);
+            put16(dm, f2h(unit ? 1.0f : rndf(0, 0.01f)));
+            put16(dm + 2, f2h(unit ? 1.0f : rndf(0, 0.01f)));
+        }
+        if (wtype == QK_Q3_K || wtype == QK_Q6_K) put16(p + bsz - 2, f2h(unit ? 1.0f : rndf(-0.01f, 0.01f)));
     }
     return w;
 }
@@ -165,7 +172,8 @@ int main(int argc, char **argv) {
         }
     }
     if (qk_set_path("bogus") != -1) { failures++; printf("FAIL unknown path accepted\n"); }
-    const int wtypes[] = {QK_Q4_0, QK_Q8_0, QK_Q5_0, QK_Q4_1, QK_Q5_1, QK_Q4_K, QK_Q6_K, QK_Q4_0X2, QK_Q4_0X8, QK_Q8_0X8};
+    const int wtypes[] = {QK_Q4_0, QK_Q8_0, QK_Q5_0, QK_Q4_1, QK_Q5_1, QK_Q2_K, QK_Q3_K, QK_Q4_K, QK_Q5_K, QK_Q6_K,
+                          QK_Q4_0X2, QK_Q4_0X8, QK_Q8_0X8};
     const int shapes[][3] = {{1, 256, 1}, {7, 512, 3}, {33, 256, 2}, {64, 768, 1}, {5, 1024, 4}, {300, 512, 3},
                              {9, 96, 2}, {13, 544, 3}}; /* odd block counts (3, 17): 32-blocks only */
     for (int p = 0; p < QK_NPATHS; p++) {
@@ -175,7 +183,7 @@ int main(int argc, char **argv) {
         for (size_t t = 0; t < sizeof wtypes / sizeof wtypes[0]; t++)
             for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
                 for (int unit = 0; unit < 2; unit++)
-                    if (shapes[s][1] % 256 == 0 || (wtypes[t] != QK_Q4_K && wtypes[t] != QK_Q6_K))
+                    if (shapes[s][1] % 256 == 0 || wtypes[t] < QK_Q2_K || wtypes[t] > QK_Q6_K) /* K-quants: K % 256 */
                         run_case(name, wtypes[t], shapes[s][0], shapes[s][1], shapes[s][2], unit, s == 5 ? 2 : 1);
         for (int g = 32; g <= 128; g *= 2)
             for (int unit = 0; unit < 2; unit++) run_int4(name, 9, 512, 3, g, unit);

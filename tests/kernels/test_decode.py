@@ -19,6 +19,8 @@ MIXED = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q8_0", "attn_output": "Q
          "ffn_up": "Q6_K", "ffn_down": "Q4_K", "token_embd": "Q8_0", "output": "Q4_0"}  # separate products
 LEGACY = {"attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q5_0", "attn_output": "Q4_1", "ffn_gate": "Q5_1",
           "ffn_up": "Q5_1", "ffn_down": "Q5_0", "token_embd": "Q8_0", "output": "Q5_0"}  # llama.cpp's other blocks
+KQUANTS = {"attn_q": "Q2_K", "attn_k": "Q3_K", "attn_v": "Q5_K", "attn_output": "Q3_K", "ffn_gate": "Q5_K",
+           "ffn_up": "Q2_K", "ffn_down": "Q3_K", "token_embd": "Q8_0", "output": "Q5_K"}  # the other K-quants
 
 pytestmark = pytest.mark.skipif("numpy" == api.kernel_path(), reason="the decode step is C (QKILN_KERNEL=numpy)")
 
@@ -42,8 +44,8 @@ def _decode_both(model, ids: np.ndarray, new: list[int]):
 
 
 @pytest.mark.parametrize("types,tied", [(ALL_Q4_0, False), (ALL_Q4_0, True), (MIXED, False),
-                                        ({**ALL_Q4_0, "output": "F16"}, False), (LEGACY, False)],
-                         ids=["fused", "fused-tied", "separate", "dense-head", "q5_0-q4_1-q5_1"])
+                                        ({**ALL_Q4_0, "output": "F16"}, False), (LEGACY, False), (KQUANTS, False)],
+                         ids=["fused", "fused-tied", "separate", "dense-head", "q5_0-q4_1-q5_1", "q2_k-q3_k-q5_k"])
 def test_c_step_matches_the_numpy_runtime(make_gguf, types, tied):
     path = make_gguf(types=types, tied=tied, hidden=256, intermediate=512, n_layers=3)
     lm = load_gguf_model(path)

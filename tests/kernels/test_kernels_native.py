@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 
 from qkiln.kernels import api, numpy_ref
-from qkiln.kernels.types import WType
+from qkiln.kernels.types import BLOCK, WType
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest_helpers import random_int4g, random_weights, unit_activations
 
 C_PATHS: list[str] = []  # filled by _c_library_regardless_of_env: every C path this machine runs
 LEGACY_TYPES = [WType.Q5_0, WType.Q4_1, WType.Q5_1]  # llama.cpp's other 32-element blocks
-GGML_TYPES = [WType.Q4_0, WType.Q8_0, *LEGACY_TYPES, WType.Q4_K, WType.Q6_K, WType.Q4_0X2, WType.Q4_0X8, WType.Q8_0X8]
+K_TYPES = [WType.Q2_K, WType.Q3_K, WType.Q4_K, WType.Q5_K, WType.Q6_K]  # 256-element super-blocks
+GGML_TYPES = [WType.Q4_0, WType.Q8_0, *LEGACY_TYPES, *K_TYPES, WType.Q4_0X2, WType.Q4_0X8, WType.Q8_0X8]
 SHAPES = [(1, 256, 1), (7, 512, 3), (33, 256, 2), (64, 768, 1), (5, 1024, 5)]  # (N, K, M): odd N, K % 256 == 0
 
 
@@ -72,7 +73,7 @@ def test_numpy_decode_matches_gguf_dequantize(wtype):
     w = random_weights(wtype, n, k, rng)
     codes, scale, mins = numpy_ref.decode(wtype, w, n, k)
     nb = k // 32
-    ours = (codes.reshape(n, nb, 32) * scale[..., None] - mins[..., None]).reshape(n, k)
+    ours = (codes.reshape(n, nb, 32) * scale[..., None]).reshape(n, k) - np.repeat(mins, k // mins.shape[1], axis=1)
     theirs = gguf.quants.dequantize(w.reshape(n, -1), gguf.GGMLQuantizationType(int(wtype)))
     np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
 
@@ -102,9 +103,7 @@ def test_integer_parts_are_exact(wtype, codes):
     w = random_weights(wtype, n, k, rng, unit_scales=True, codes=codes)
     act = unit_activations(m, k, rng, extreme=codes != "random")
     ref = numpy_ref.gemm(wtype, w, n, k, act)
-    assert np.all(ref == np.round(ref))
-    if wtype in (WType.Q4_K,):  # Q4_K's 6-bit scales multiply the sums; still exact integers
-        pass
+    assert np.all(ref == np.round(ref))  # the K-quants' sub-block scales multiply the sums: still integers
     for p in C_PATHS:
         api.set_kernel_path(p)
         np.testing.assert_array_equal(api.gemm(wtype, w, n, k, act), ref, err_msg=p)
@@ -113,10 +112,14 @@ def test_integer_parts_are_exact(wtype, codes):
 @pytest.mark.parametrize(("wtype", "fill", "value"), [
     (WType.Q5_0, 0xFF, 15), (WType.Q5_0, 0x00, -16),  # codes 31 / 0, qh all ones / zeros: w = d*(q - 16)
     (WType.Q4_1, 0xFF, 15 + 1), (WType.Q4_1, 0x00, 0 + 1),  # w = d*q + m with d = m = 1
-    (WType.Q5_1, 0xFF, 31 + 1), (WType.Q5_1, 0x00, 0 + 1)], ids=str)
-def test_legacy_extreme_codes_against_hand_computed_value(wtype, fill, value):
-    """Every code at its extreme (the high bit from qh included) against activations of -127: a closed form."""
-    n, k = 3, 96
+    (WType.Q5_1, 0xFF, 31 + 1), (WType.Q5_1, 0x00, 0 + 1),
+    (WType.Q2_K, 0xFF, 15 * 3 - 15), (WType.Q2_K, 0x00, 0),  # w = d*sc*q - dmin*m: sc = m = 15, q = 3
+    (WType.Q3_K, 0xFF, 31 * (7 - 4)), (WType.Q3_K, 0x00, -32 * (0 - 4)),  # w = d*sc*(q - 4), sc = 63 - 32 / 0 - 32
+    (WType.Q5_K, 0xFF, 63 * 31 - 63), (WType.Q5_K, 0x00, 0)], ids=str)  # 6-bit sc = m = 63, q = 31 (bit 4 from qh)
+def test_extreme_codes_of_each_block_against_hand_computed_value(wtype, fill, value):
+    """Every code at its extreme (the high bits from qh / hmask included) against activations of -127: a
+    closed form (three blocks or super-blocks a row; every partial sum a multiple of 64 below 2**30: exact)."""
+    n, k = 3, 3 * BLOCK[wtype][0]
     rng = np.random.default_rng(13)
     w = random_weights(wtype, n, k, rng, unit_scales=True, codes="max" if fill else "min")
     act = unit_activations(2, k, rng)
@@ -143,16 +146,18 @@ def test_extreme_codes_against_hand_computed_value():
             np.testing.assert_array_equal(api.gemm(WType.Q4_0, w, n, k, act), np.full((1, n), per * -127 * k))
 
 
-@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q8_0, *LEGACY_TYPES, WType.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q8_0, *LEGACY_TYPES, *K_TYPES], ids=lambda t: t.name)
 def test_zero_scales_give_zero(wtype):
     n, k = 5, 256
     rng = np.random.default_rng(5)
     w = random_weights(wtype, n, k, rng)
-    blk = w.reshape(n * (k // (256 if wtype == WType.Q6_K else 32)), -1)
-    if wtype == WType.Q6_K:
-        blk[:, 208:210] = 0
-    elif wtype in (WType.Q4_1, WType.Q5_1):
-        blk[:, :4] = 0  # d and m
+    blk = w.reshape(n * (k // BLOCK[wtype][0]), -1)
+    if wtype in (WType.Q3_K, WType.Q6_K):  # d ends the block
+        blk[:, -2:] = 0
+    elif wtype == WType.Q2_K:
+        blk[:, 80:84] = 0  # d and dmin
+    elif wtype in (WType.Q4_1, WType.Q5_1, WType.Q4_K, WType.Q5_K):
+        blk[:, :4] = 0  # d and m (dmin)
     else:
         blk[:, :2] = 0
     act = numpy_ref.quantize_q8(rng.standard_normal((2, k)).astype(np.float32))
@@ -441,10 +446,8 @@ def test_c_block_sizes_are_gguf_constants():
     assert (defines["QK8"], defines["Q8_0_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
     for name in ("Q5_0", "Q4_1", "Q5_1"):
         assert (defines["QK8"], defines[f"{name}_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType[name]]
-    assert (defines["QKK"], defines["Q4_K_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
-    assert (defines["QKK"], defines["Q6_K_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]
-    from qkiln.kernels.types import BLOCK
-
+    for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+        assert (defines["QKK"], defines[f"{name}_BYTES"]) == GGML_QUANT_SIZES[GGMLQuantizationType[name]]
     assert {int(w): size for w, size in BLOCK.items()} == {int(w): GGML_QUANT_SIZES[GGMLQuantizationType(int(w))] for w in BLOCK}
 
 

@@ -12,13 +12,21 @@
  *             of low nibbles in Q4_0's order; w = d*(q-16), q = nibble | bit<<4 in 0..31
  *   QK_Q4_1   llama.cpp block_q4_1 (20 bytes): fp16 d, fp16 m, 16 bytes in Q4_0's nibble order; w = d*q + m
  *   QK_Q5_1   llama.cpp block_q5_1 (24 bytes): fp16 d, fp16 m, u32 qh, 16 bytes; w = d*q + m, q in 0..31
+ *   QK_Q2_K   llama.cpp block_q2_K (256 elems, 84 bytes): scales[16] (4-bit sc low, 4-bit m high), qs[64] (elem
+ *             128h + 32s + l at bits 2s of byte 32h + l), fp16 d, fp16 dmin; w = d*sc*q - dmin*m per 16-elem sub-block
+ *   QK_Q3_K   llama.cpp block_q3_K (256 elems, 110 bytes): hmask[32] (bit t of byte l = bit 2 of elem 32t + l),
+ *             qs[64] (low 2 bits, as Q2_K), scales[12] (16 six-bit sc + 32), fp16 d; w = d*sc*(q-4) per 16 elems
  *   QK_Q4_K   llama.cpp block_q4_K (256 elems, 144 bytes): w = d*sc*q - dmin*m per 32-elem sub-block
+ *   QK_Q5_K   llama.cpp block_q5_K (256 elems, 176 bytes): Q4_K's d, dmin, scales, then qh[32] (bit j of byte l =
+ *             bit 4 of elem 32j + l) before qs[128]; q in 0..31
  *   QK_Q6_K   llama.cpp block_q6_K (256 elems, 210 bytes): w = d*sc*(q-32) per 16-elem sub-block
  * Per 32-element block b with activation scale da, codes a and their sum sa (qk_quantize_q8's `sums`), the
  * exact integer isum = sum_j q_j*a_j enters the fp32 result as
  *   Q4_0, Q5_0, Q8_0:  da * d * (isum - o*sa)        (o = 8, 16, 0: the offset folded into the integer part)
  *   Q4_1, Q5_1:        da * (d*isum + m*sa)           (the min term: llama.cpp's Q8_1 `s`, as Q4_K's dmin*m)
- *   Q4_K:              da * (d*sc*isum - dmin*mn*sa)
+ *   Q4_K, Q5_K:        da * (d*sc*isum - dmin*mn*sa)
+ *   Q2_K:              da * (d*(sc0*isum0 + sc1*isum1) - dmin*(m0*sa0 + m1*sa1))   (per 16-elem half: its own sums)
+ *   Q3_K, Q6_K:        da * d * (sc0*isum0 + sc1*isum1)  (isum over the signed codes q-4 / q-32)
  *   QK_Q4_0X2 Q4_0 repacked for smmla: row pairs interleaved per block (see qk_repack_q4_0x2); N padded to even
  *   QK_Q4_0X8 Q4_0 repacked for AVX-512 VNNI: 8-row groups (see qk_repack_q4_0x8); N padded to a multiple of 8
  *   INT4 with group size G (multiple of 32) and zero points: codes in Q4_0's nibble order per 32-elem block,
@@ -42,7 +50,8 @@ extern "C" {
 #define QK_API __attribute__((visibility("default")))
 #endif
 
-enum qk_wtype { QK_Q4_0 = 2, QK_Q4_1 = 3, QK_Q5_0 = 6, QK_Q5_1 = 7, QK_Q8_0 = 8, QK_Q4_K = 12, QK_Q6_K = 14,
+enum qk_wtype { QK_Q4_0 = 2, QK_Q4_1 = 3, QK_Q5_0 = 6, QK_Q5_1 = 7, QK_Q8_0 = 8, QK_Q2_K = 10, QK_Q3_K = 11,
+                QK_Q4_K = 12, QK_Q5_K = 13, QK_Q6_K = 14,
                 QK_Q4_0X2 = 100, QK_INT4G = 101, QK_Q4_0X8 = 102, QK_Q8_0X8 = 103, QK_INT4GX8 = 104 };
 
 /* Kernel paths; a process uses one, chosen at first use (best available) or by QKILN_KERNEL. */

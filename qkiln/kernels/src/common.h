@@ -14,7 +14,10 @@
 #define Q4_1_BYTES 20
 #define Q5_0_BYTES 22
 #define Q5_1_BYTES 24
+#define Q2_K_BYTES 84
+#define Q3_K_BYTES 110
 #define Q4_K_BYTES 144
+#define Q5_K_BYTES 176
 #define Q6_K_BYTES 210
 #define Q4_0X2_BYTES 36 /* per row pair and block */
 #define Q4_0X8_BYTES 144 /* per 8-row group and block */
@@ -39,7 +42,7 @@ typedef void (*qk_rows_fn)(const qk_job *job, int n0, int n1);
 
 /* The row functions of one path, by layout. */
 enum qk_layout { QK_L_Q4_0, QK_L_Q8_0, QK_L_Q4_K, QK_L_Q6_K, QK_L_Q4_0X2, QK_L_INT4G, QK_L_Q4_0X8, QK_L_Q8_0X8,
-                 QK_L_INT4GX8, QK_L_Q5_0, QK_L_Q4_1, QK_L_Q5_1, QK_NLAYOUTS };
+                 QK_L_INT4GX8, QK_L_Q5_0, QK_L_Q4_1, QK_L_Q5_1, QK_L_Q2_K, QK_L_Q3_K, QK_L_Q5_K, QK_NLAYOUTS };
 
 typedef struct {
     qk_rows_fn rows[QK_NLAYOUTS];
@@ -115,6 +118,15 @@ static inline void qk_q4k_scale_min(int j, const uint8_t *q, int *sc, int *m) {
     } else {
         *sc = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
         *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* Q3_K: the 16 signed 6-bit sub-block scales (-32..31) from the 12 packed bytes: low 4 bits of scale j in
+ * byte j % 8 (low nibble for j < 8, high for j >= 8), high 2 bits at bits 2*(j/4) of byte 8 + j % 4. */
+static inline void qk_q3k_scales(const uint8_t *p, int8_t sc[16]) {
+    for (int j = 0; j < 16; j++) {
+        const int lo = j < 8 ? p[j] & 0x0f : p[j - 8] >> 4, hi = (p[8 + j % 4] >> (2 * (j / 4))) & 3;
+        sc[j] = (int8_t)((lo | hi << 4) - 32);
     }
 }
 

@@ -150,11 +150,14 @@ int qk_gemm(int wtype, const void *w, int N, int K, const int8_t *qs, const floa
     case QK_Q4_0X2: layout = QK_L_Q4_0X2; break;
     case QK_Q4_0X8: layout = QK_L_Q4_0X8; break;
     case QK_Q8_0X8: layout = QK_L_Q8_0X8; break;
+    case QK_Q2_K: layout = QK_L_Q2_K; break;
+    case QK_Q3_K: layout = QK_L_Q3_K; break;
     case QK_Q4_K: layout = QK_L_Q4_K; break;
+    case QK_Q5_K: layout = QK_L_Q5_K; break;
     case QK_Q6_K: layout = QK_L_Q6_K; break;
     default: return -1;
     }
-    const int block = (wtype == QK_Q4_K || wtype == QK_Q6_K) ? QKK : QK8;
+    const int block = wtype >= QK_Q2_K && wtype <= QK_Q6_K ? QKK : QK8; /* ggml's ids 10..14: the K-quants */
     if (!valid(N, K, M, block)) return -1;
     run(g_k.rows[layout], &job, nthreads);
     return 0;

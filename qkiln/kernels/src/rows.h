@@ -3,7 +3,8 @@
  * has, says which with QK_DOT_* macros, and includes this file, which then defines rows_<layout> for each
  * (NULL for the others) and qk_rows_fill() to enter them in a qk_kernels table. (The scheme of ggml-cpu's arch/<isa>/quants.c.)
  *
- *   QK_DOT_Q4_0, QK_DOT_Q8_0, QK_DOT_Q5_0, QK_DOT_Q4_1, QK_DOT_Q5_1, QK_DOT_Q4_K, QK_DOT_Q6_K: one weight row
+ *   QK_DOT_Q4_0, QK_DOT_Q8_0, QK_DOT_Q5_0, QK_DOT_Q4_1, QK_DOT_Q5_1, QK_DOT_Q2_K, QK_DOT_Q3_K, QK_DOT_Q4_K,
+ *   QK_DOT_Q5_K, QK_DOT_Q6_K: one weight row
  *       against one activation row,
  *       static float dot_<t>(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nw)
  *       (nw blocks of the layout: 32 elements for the legacy types, 256 for the K-quants; ad/as per 32);
@@ -120,6 +121,21 @@ static void rows_q5_1(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n
 #else
 #define rows_q5_1 NULL
 #endif
+#ifdef QK_DOT_Q2_K
+static void rows_q2_k(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QKK, Q2_K_BYTES, dot_q2_k, NULL); }
+#else
+#define rows_q2_k NULL
+#endif
+#ifdef QK_DOT_Q3_K
+static void rows_q3_k(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QKK, Q3_K_BYTES, dot_q3_k, NULL); }
+#else
+#define rows_q3_k NULL
+#endif
+#ifdef QK_DOT_Q5_K
+static void rows_q5_k(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QKK, Q5_K_BYTES, dot_q5_k, NULL); }
+#else
+#define rows_q5_k NULL
+#endif
 #ifdef QK_DOT_Q4_K
 static void rows_q4_k(const qk_job *j, int n0, int n1) { qk_rows_blocks(j, n0, n1, QKK, Q4_K_BYTES, dot_q4_k, NULL); }
 #else
@@ -172,7 +188,8 @@ static void qk_rows_fill(qk_kernels *k) {
     const qk_kernels mine = {{[QK_L_Q4_0] = rows_q4_0, [QK_L_Q8_0] = rows_q8_0, [QK_L_Q4_K] = rows_q4_k,
                               [QK_L_Q6_K] = rows_q6_k, [QK_L_INT4G] = rows_int4g, [QK_L_Q4_0X8] = rows_q4_0x8,
                               [QK_L_Q8_0X8] = rows_q8_0x8, [QK_L_INT4GX8] = rows_int4gx8, [QK_L_Q5_0] = rows_q5_0,
-                              [QK_L_Q4_1] = rows_q4_1, [QK_L_Q5_1] = rows_q5_1}};
+                              [QK_L_Q4_1] = rows_q4_1, [QK_L_Q5_1] = rows_q5_1, [QK_L_Q2_K] = rows_q2_k,
+                              [QK_L_Q3_K] = rows_q3_k, [QK_L_Q5_K] = rows_q5_k}};
     qk_kernels_over(k, &mine);
 }
 

@@ -83,11 +83,14 @@ static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp,
     return acc;
 }
 
-static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
+/* Q4_K / Q5_K: w = d*sc*q - dmin*m per 32-element sub-block j = activation block s*8+j; Q5_K's bit 4 of
+ * element l of sub-block j is bit j of qh[l]. */
+static inline float dot_q45_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb,
+                              int five) {
     float acc = 0.0f;
-    for (int s = 0; s < nsb; s++, w += Q4_K_BYTES) {
+    for (int s = 0; s < nsb; s++, w += five ? Q5_K_BYTES : Q4_K_BYTES) {
         const float d = qk_h2f_at((w)), dmin = qk_h2f_at((w + 2));
-        const uint8_t *scales = w + 4, *qs = w + 16;
+        const uint8_t *scales = w + 4, *qh = w + 16, *qs = w + (five ? 48 : 16);
         for (int j = 0; j < 8; j++) {
             int sc, m;
             qk_q4k_scale_min(j, scales, &sc, &m);
@@ -96,13 +99,79 @@ static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const 
             const int b = s * 8 + j;
             const int8_t *ab = a + b * QK8;
             int sum = 0;
-            for (int l = 0; l < 32; l++) sum += ((q[l] >> shift) & 0x0f) * ab[l];
+            for (int l = 0; l < 32; l++)
+                sum += (((q[l] >> shift) & 0x0f) | (five ? ((qh[l] >> j) & 1) << 4 : 0)) * ab[l];
             acc += ad[b] * ((d * (float)sc) * (float)sum - (dmin * (float)m) * (float)as[b]);
         }
     }
     return acc;
 }
 
+static float dot_q4_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
+    return dot_q45_k(w, a, ad, as, nsb, 0);
+}
+
+static float dot_q5_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
+    return dot_q45_k(w, a, ad, as, nsb, 1);
+}
+
+/* A 32-element block of codes q against activations a, elements 0-15 scaled by sc0 and 16-31 by sc1 (the
+ * K-quants' per-16 sub-block scales): the block's exact integer sum. */
+static inline int dot32_sc16(const int q[32], const int8_t *a, int sc0, int sc1) {
+    int s0 = 0, s1 = 0;
+    for (int e = 0; e < 16; e++) {
+        s0 += q[e] * a[e];
+        s1 += q[e + 16] * a[e + 16];
+    }
+    return sc0 * s0 + sc1 * s1;
+}
+
+/* Q2_K / Q3_K's low two bits of element e (0..255): element 128h + 32t + l sits at bits 2t of qs[32h + l]. */
+static inline int q2_bits(const uint8_t *qs, int e) { return (qs[(e / 128) * 32 + e % 32] >> (2 * (e / 32 % 4))) & 3; }
+
+/* Q2_K: w = d*sc*q - dmin*m per 16-element sub-block (sc, m 4-bit, q 0..3); the min term takes the sum of
+ * that sub-block's 16 activations, so both halves of a 32-element activation block are summed apart. */
+static float dot_q2_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
+    float acc = 0.0f;
+    for (int s = 0; s < nsb; s++, w += Q2_K_BYTES) {
+        const uint8_t *scales = w, *qs = w + 16;
+        const float d = qk_h2f_at(w + 80), dmin = qk_h2f_at(w + 82);
+        for (int c = 0; c < 8; c++) { /* 32-element chunk c = activation block s*8+c */
+            const int b = s * 8 + c, s0 = scales[2 * c], s1 = scales[2 * c + 1];
+            const int8_t *ab = a + b * QK8;
+            int q[32], one[32]; /* dot32_sc16(one, ...): the halves' activation sums, scaled by the mins */
+            for (int e = 0; e < 32; e++) {
+                q[e] = q2_bits(qs, c * 32 + e);
+                one[e] = 1;
+            }
+            acc += ad[b] * (d * (float)dot32_sc16(q, ab, s0 & 15, s1 & 15) -
+                            dmin * (float)dot32_sc16(one, ab, s0 >> 4, s1 >> 4));
+        }
+    }
+    return acc;
+}
+
+/* Q3_K: w = d*sc*(q-4) per 16-element sub-block, q = two low bits | bit 2 from hmask (bit c of hmask[l] for
+ * element 32c + l). */
+static float dot_q3_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
+    float acc = 0.0f;
+    for (int s = 0; s < nsb; s++, w += Q3_K_BYTES) {
+        const uint8_t *hmask = w, *qs = w + 32;
+        int8_t sc[16];
+        qk_q3k_scales(w + 96, sc);
+        const float d = qk_h2f_at(w + 108);
+        for (int c = 0; c < 8; c++) {
+            const int b = s * 8 + c;
+            int q[32];
+            for (int e = 0; e < 32; e++) q[e] = (q2_bits(qs, c * 32 + e) | ((hmask[e] >> c) & 1) << 2) - 4;
+            acc += (d * ad[b]) * (float)dot32_sc16(q, a + b * QK8, sc[2 * c], sc[2 * c + 1]);
+        }
+    }
+    return acc;
+}
+
+/* Q6_K: w = d*sc*(q-32) per 16-element sub-block; chunk c = 4h + cc takes its low nibbles from ql bytes
+ * 64h + 32(cc & 1) + l (high nibble for cc >= 2) and its high two bits from bits 2cc of qh[32h + l]. */
 static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as, int nsb) {
     float acc = 0.0f;
     for (int s = 0; s < nsb; s++, w += Q6_K_BYTES) {
@@ -114,18 +183,10 @@ static float dot_q6_k(const uint8_t *w, const int8_t *a, const float *ad, const 
             const uint8_t *l = ql + h * 64 + (cc & 1) * 32;
             const int lshift = (cc >> 1) * 4, hshift = cc * 2;
             const int b = s * 8 + c;
-            const int8_t *ab = a + b * QK8;
-            int isum = 0;
-            for (int half = 0; half < 2; half++) {
-                int part = 0;
-                for (int t = 0; t < 16; t++) {
-                    const int e = half * 16 + t;
-                    const int q = (((l[e] >> lshift) & 0x0f) | (((qh[h * 32 + e] >> hshift) & 3) << 4)) - 32;
-                    part += q * ab[e];
-                }
-                isum += sc[c * 2 + half] * part;
-            }
-            acc += (d * ad[b]) * (float)isum;
+            int q[32];
+            for (int e = 0; e < 32; e++)
+                q[e] = (((l[e] >> lshift) & 0x0f) | (((qh[h * 32 + e] >> hshift) & 3) << 4)) - 32;
+            acc += (d * ad[b]) * (float)dot32_sc16(q, a + b * QK8, sc[2 * c], sc[2 * c + 1]);
         }
     }
     return acc;
@@ -229,7 +290,10 @@ static void dot8_q8_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, cons
 #define QK_DOT_Q5_0
 #define QK_DOT_Q4_1
 #define QK_DOT_Q5_1
+#define QK_DOT_Q2_K
+#define QK_DOT_Q3_K
 #define QK_DOT_Q4_K
+#define QK_DOT_Q5_K
 #define QK_DOT_Q6_K
 #define QK_DOT_INT4G
 #define QK_DOT8_Q4_0X8
