@@ -40,6 +40,7 @@ static const int PREFERENCE[] = {QK_PATH_AVX512, QK_PATH_AVX2, QK_PATH_I8MM, QK_
 static unsigned g_avail;
 static int g_path = -1;
 static qk_kernels g_k;
+static void (*g_quant)(const float *, int, int, int8_t *, float *, int32_t *) = qk_quantize_q8_ref;
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
 static void load_path(int path) {
@@ -60,6 +61,9 @@ static void load_path(int path) {
 #endif
     default: break;
     }
+#if defined(__x86_64__) && defined(QK_WITH_AVX512)
+    g_quant = path == QK_PATH_AVX512 ? qk_quantize_q8_avx512 : qk_quantize_q8_ref;
+#endif
     g_k = k;
     g_path = path;
 }
@@ -176,6 +180,11 @@ int qk_gemm_int4gx8(const void *w, int group, int N, int K, const int8_t *qs, co
     qk_job job = {QK_INT4GX8, N, K, M, (const uint8_t *)w, NULL, NULL, group, qs, d, sums, y};
     run(g_k.rows[QK_L_INT4GX8], &job, nthreads);
     return 0;
+}
+
+void qk_quantize_q8(const float *x, int M, int K, int8_t *qs, float *d, int32_t *sums) {
+    pthread_once(&g_once, init_once);
+    g_quant(x, M, K, qs, d, sums);
 }
 
 static _Thread_local struct {
