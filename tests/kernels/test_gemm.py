@@ -17,28 +17,11 @@ from qkiln.kernels.types import WType
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest_helpers import random_weights, unit_activations
+from test_kernels_native import C_PATHS, _c_library_regardless_of_env, _restore_path  # noqa: F401 (its fixtures)
 
 TYPES = [WType.Q4_0, WType.Q8_0, WType.Q5_0, WType.Q4_1, WType.Q5_1, WType.Q4_K, WType.Q6_K, WType.Q4_0X8,
          WType.Q8_0X8, WType.Q4_0X2]
 SHAPES = [(9, 512, 13), (40, 256, 3), (33, 1024, 21), (16, 256, 8), (100, 768, 37)]  # (N, K, M)
-C_PATHS: list[str] = []
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _c_library_regardless_of_env():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv(api.ENV, raising=False)
-        api.reset()
-        C_PATHS[:] = [p for p in api.available_paths() if p != "numpy"]
-        yield
-    api.reset()
-
-
-@pytest.fixture(autouse=True)
-def _restore_path():
-    before = api.kernel_path()
-    yield
-    api.set_kernel_path(before)
 
 
 def _per_token(wtype: WType, w: np.ndarray, n: int, k: int, act: Q8Activations, nthreads=None) -> np.ndarray:

@@ -121,12 +121,6 @@ static inline __m256i nibbles32(const uint8_t *q) {
 /* One row's block b: its 32 unsigned codes into `codes`, scale(s) and min into sc[0], sc[1], *mn. */
 typedef void (*row_block_fn)(const uint8_t *row, int b, uint8_t *codes, float sc[2], float *mn);
 
-static void rb_q4_0(const uint8_t *row, int b, uint8_t *codes, float sc[2], float *mn) {
-    const uint8_t *w = row + (size_t)b * Q4_0_BYTES;
-    _mm256_storeu_si256((__m256i *)codes, nibbles32(w + 2));
-    sc[0] = qk_h2f_at(w);
-}
-
 static void rb_q8_0(const uint8_t *row, int b, uint8_t *codes, float sc[2], float *mn) {
     const uint8_t *w = row + (size_t)b * Q8_0_BYTES;
     _mm256_storeu_si256((__m256i *)codes, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + 2)),
@@ -134,31 +128,25 @@ static void rb_q8_0(const uint8_t *row, int b, uint8_t *codes, float sc[2], floa
     sc[0] = qk_h2f_at(w);
 }
 
-/* The 5-bit codes: bit 4 of element j from qh bit j. */
-static inline __m256i five_bit(const uint8_t *nib, uint32_t qh) {
-    const __m256i q = nibbles32(nib);
-    return _mm256_mask_add_epi8(q, (__mmask32)qh, q, _mm256_set1_epi8(16));
+/* Q4_0, Q5_0, Q4_1, Q5_1: fp16 d, [fp16 m], [u32 qh: bit 4 of element j at bit j], 16 nibble bytes. */
+static inline __attribute__((always_inline)) void legacy_block(const uint8_t *row, int b, int bytes, int has_min,
+                                                               int five, uint8_t *codes, float sc[2], float *mn) {
+    const uint8_t *w = row + (size_t)b * bytes, *q = w + (has_min ? 4 : 2);
+    __m256i c = nibbles32(five ? q + 4 : q);
+    if (five) c = _mm256_mask_add_epi8(c, (__mmask32)qk_rd32(q), c, _mm256_set1_epi8(16));
+    _mm256_storeu_si256((__m256i *)codes, c);
+    sc[0] = qk_h2f_at(w);
+    if (has_min) *mn = qk_h2f_at(w + 2);
 }
 
-static void rb_q5_0(const uint8_t *row, int b, uint8_t *codes, float sc[2], float *mn) {
-    const uint8_t *w = row + (size_t)b * Q5_0_BYTES;
-    _mm256_storeu_si256((__m256i *)codes, five_bit(w + 6, qk_rd32(w + 2)));
-    sc[0] = qk_h2f_at(w);
-}
-
-static void rb_q4_1(const uint8_t *row, int b, uint8_t *codes, float sc[2], float *mn) {
-    const uint8_t *w = row + (size_t)b * Q4_1_BYTES;
-    _mm256_storeu_si256((__m256i *)codes, nibbles32(w + 4));
-    sc[0] = qk_h2f_at(w);
-    *mn = qk_h2f_at(w + 2);
-}
-
-static void rb_q5_1(const uint8_t *row, int b, uint8_t *codes, float sc[2], float *mn) {
-    const uint8_t *w = row + (size_t)b * Q5_1_BYTES;
-    _mm256_storeu_si256((__m256i *)codes, five_bit(w + 8, qk_rd32(w + 4)));
-    sc[0] = qk_h2f_at(w);
-    *mn = qk_h2f_at(w + 2);
-}
+#define LEGACY(T, BYTES, MIN, FIVE)                                                                             \
+    static void rb_##T(const uint8_t *row, int b, uint8_t *codes, float sc[2], float *mn) {                    \
+        legacy_block(row, b, BYTES, MIN, FIVE, codes, sc, mn);                                                  \
+    }
+LEGACY(q4_0, Q4_0_BYTES, 0, 0)
+LEGACY(q5_0, Q5_0_BYTES, 0, 1)
+LEGACY(q4_1, Q4_1_BYTES, 1, 0)
+LEGACY(q5_1, Q5_1_BYTES, 1, 1)
 
 /* Q4_K sub-block j = b % 8 of super-block b / 8: codes (qs[(j/2)*32 + l] >> 4*(j&1)) & 15. */
 static void rb_q4_k(const uint8_t *row, int b, uint8_t *codes, float sc[2], float *mn) {
