@@ -55,6 +55,7 @@ UNITS: dict[str, tuple[Unit, ...]] = {
         Unit("decode.c"),
         Unit("x86/avx2.c", ("-mavx2", "-mfma", "-mf16c")),
         Unit("x86/avx512.c", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c")),
+        Unit("x86/gemm_avx2.c", ("-mavx2", "-mfma", "-mf16c")),
         Unit("x86/gemm_avx512.c", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma",
                                    "-mf16c")),
         Unit("x86/quantize_act_avx512.c", ("-mavx512f",)),

@@ -21,7 +21,7 @@ from test_kernels_native import C_PATHS, _c_library_regardless_of_env, _restore_
 
 TYPES = [WType.Q4_0, WType.Q8_0, WType.Q5_0, WType.Q4_1, WType.Q5_1, WType.Q4_K, WType.Q6_K, WType.Q4_0X8,
          WType.Q8_0X8, WType.Q4_0X2]
-SHAPES = [(9, 512, 13), (40, 256, 3), (33, 1024, 21), (16, 256, 8), (100, 768, 37)]  # (N, K, M)
+SHAPES = [(9, 512, 13), (40, 256, 3), (33, 1024, 21), (16, 256, 8), (100, 768, 37), (24, 256, 6)]  # (N, K, M)
 
 
 def _per_token(wtype: WType, w: np.ndarray, n: int, k: int, act: Q8Activations, nthreads=None) -> np.ndarray:

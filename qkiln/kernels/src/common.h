@@ -61,8 +61,9 @@ void qk_fill_dotprod(qk_kernels *k);
 void qk_fill_i8mm(qk_kernels *k);
 void qk_fill_sve(qk_kernels *k);
 int qk_sve_vector_bytes(void);
-/* Batched row functions (many activation rows against one unpacked weight strip), for the layouts they cover;
- * dispatch.c uses them from QK_GEMM_MIN_M activation rows on. */
+/* Batched row functions (many activation rows against one unpacked weight strip, x86/gemm_panel.h), for the
+ * layouts they cover; dispatch.c uses them from a few activation rows on. */
+void qk_fill_gemm_avx2(qk_kernels *k);
 void qk_fill_gemm_avx512(qk_kernels *k);
 
 /* qk_quantize_q8 (qkiln_kernels.h): the reference (quantize_act.c) and its bit-identical AVX-512 form, which the

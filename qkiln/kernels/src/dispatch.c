@@ -41,6 +41,10 @@ static unsigned g_avail;
 static int g_path = -1;
 static qk_kernels g_k;
 static qk_kernels g_gemm; /* the path's batched row functions (NULL: the layout runs g_k's row loop) */
+/* From this many activation rows on, a layout with a batched row function runs it: unpacking a weight strip once
+ * costs about two rows through the per-row kernels on AVX-512 (Zen 4, 3072 x 576 Q4_0X8: 3 rows 86 us per row,
+ * about 70 us batched; Q5_0 254 / ~155 us) and about five on AVX2, whose strips are half as wide. */
+static int g_gemm_min_m;
 static void (*g_quant)(const float *, int, int, int8_t *, float *, int32_t *) = qk_quantize_q8_ref;
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
@@ -64,12 +68,16 @@ static void load_path(int path) {
     }
     qk_kernels gemm;
     memset(&gemm, 0, sizeof gemm);
+#if defined(__x86_64__)
+    if (path == QK_PATH_AVX2) qk_fill_gemm_avx2(&gemm);
+#endif
 #if defined(__x86_64__) && defined(QK_WITH_AVX512)
     if (path == QK_PATH_AVX512) qk_fill_gemm_avx512(&gemm);
     g_quant = path == QK_PATH_AVX512 ? qk_quantize_q8_avx512 : qk_quantize_q8_ref;
 #endif
     g_k = k;
     g_gemm = gemm;
+    g_gemm_min_m = path == QK_PATH_AVX2 ? 6 : 3;
     g_path = path;
 }
 
@@ -142,10 +150,6 @@ static void run(qk_rows_fn fn, const qk_job *job, int nthreads, int align) {
 
 /* ---- products ------------------------------------------------------------------------------------- */
 
-/* From this many activation rows on, a layout with a batched row function runs it: unpacking a 16-row strip
- * once costs about two rows through the per-row kernels (measured on Zen 4: 3072 x 576 Q4_0X8, 3 rows 86 us per
- * row, about 70 us batched; Q5_0 254 / ~155 us). */
-#define QK_GEMM_MIN_M 3
 
 static int valid(int N, int K, int M, int block) { return N > 0 && M > 0 && K > 0 && K % block == 0; }
 
@@ -169,7 +173,7 @@ int qk_gemm(int wtype, const void *w, int N, int K, const int8_t *qs, const floa
     }
     const int block = (wtype == QK_Q4_K || wtype == QK_Q6_K) ? QKK : QK8;
     if (!valid(N, K, M, block)) return -1;
-    if (M >= QK_GEMM_MIN_M && g_gemm.rows[layout])
+    if (M >= g_gemm_min_m && g_gemm.rows[layout])
         run(g_gemm.rows[layout], &job, nthreads, 16);
     else
         run(g_k.rows[layout], &job, nthreads, 8);
