@@ -150,8 +150,8 @@ static void gemm_strips(const qk_job *j, int n0, int n1, int sub, int offset, in
     panel p = {nb, sub, has_min, NULL, NULL, NULL};
     act_prep ap = {NULL, NULL, NULL};
     p.q = aligned_alloc(64, (size_t)nb * 8 * STRIP * 4);
-    p.scale = aligned_alloc(64, (size_t)nb * sub * STRIP * sizeof(float));
-    p.min = aligned_alloc(64, (size_t)nb * STRIP * sizeof(float));
+    p.scale = aligned_alloc(64, ((size_t)nb * sub * STRIP * sizeof(float) + 63) / 64 * 64); /* C11: size % 64 == 0 */
+    p.min = aligned_alloc(64, ((size_t)nb * STRIP * sizeof(float) + 63) / 64 * 64);
     ap.da = malloc((size_t)M * nb * sizeof(float));
     ap.corr = malloc((size_t)M * nb * sub * sizeof(int32_t));
     ap.dasa = malloc((size_t)M * nb * sizeof(float));
