@@ -88,11 +88,11 @@ static inline __attribute__((always_inline)) void fill_x8(const qk_job *j, int n
     }
 }
 
-static void fill_q4_0x8(const qk_job *j, int n, int rows, size_t stride, row_block_fn rb, panel *p) {
+static void fill_q4_0x8(const qk_job *j, int n, int rows, size_t stride, panel *p) {
     fill_x8(j, n, 0, p);
 }
 
-static void fill_q8_0x8(const qk_job *j, int n, int rows, size_t stride, row_block_fn rb, panel *p) {
+static void fill_q8_0x8(const qk_job *j, int n, int rows, size_t stride, panel *p) {
     fill_x8(j, n, 1, p);
 }
 
@@ -159,11 +159,11 @@ TILES(2, 0)
 GEMM_PLAIN_ALL
 
 static void gemm_q4_0x8(const qk_job *j, int n0, int n1) {
-    gemm_strips(j, n0, n1, 1, 8, 0, tiles_1_0, fill_q4_0x8, 0, NULL);
+    gemm_strips(j, n0, n1, 1, 8, 0, tiles_1_0, fill_q4_0x8, 0);
 }
 
 static void gemm_q8_0x8(const qk_job *j, int n0, int n1) {
-    gemm_strips(j, n0, n1, 1, 128, 0, tiles_1_0, fill_q8_0x8, 0, NULL);
+    gemm_strips(j, n0, n1, 1, 128, 0, tiles_1_0, fill_q8_0x8, 0);
 }
 
 void qk_fill_gemm_avx512(qk_kernels *k) {

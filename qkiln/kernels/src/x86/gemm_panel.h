@@ -119,8 +119,10 @@ static void rb_q6_k(const uint8_t *row, int b, uint8_t *codes, float sc[2], floa
     sc[1] = d * (float)s8[c * 2 + 1];
 }
 
-/* Rows n .. n+rows-1 (rows <= STRIP) of a plain-block matrix whose rows are `stride` bytes. */
-static void fill_rows(const qk_job *j, int n, int rows, size_t stride, row_block_fn rb, panel *p) {
+/* Rows n .. n+rows-1 (rows <= STRIP) of a plain-block matrix whose rows are `stride` bytes (inlined per type, so
+ * the unpack of each row's block is a direct call the compiler inlines: a prompt fills a strip per 16 rows). */
+static inline __attribute__((always_inline)) void fill_rows(const qk_job *j, int n, int rows, size_t stride,
+                                                            row_block_fn rb, panel *p) {
     _Alignas(64) uint8_t codes[STRIP * 32];
     float sc[2][STRIP], mn[STRIP];
     for (int b = 0; b < p->nb; b++) {
@@ -139,13 +141,13 @@ static void fill_rows(const qk_job *j, int n, int rows, size_t stride, row_block
     }
 }
 
-/* A strip's panel: from plain rows through `rb` (rows `stride` bytes apart), or by the includer's own fill. */
-typedef void (*fill_fn)(const qk_job *j, int n, int rows, size_t stride, row_block_fn rb, panel *p);
+/* A strip's panel (rows n .. n+rows-1): from plain rows `stride` bytes apart, or by the includer's own fill. */
+typedef void (*fill_fn)(const qk_job *j, int n, int rows, size_t stride, panel *p);
 
 /* Rows [n0, n1) for every activation row: strips of STRIP rows, each unpacked once and run against all M rows in
  * tiles of GT (`tiles[T]` runs T rows). */
 static void gemm_strips(const qk_job *j, int n0, int n1, int sub, int offset, int has_min, const tile_fn *tiles,
-                        fill_fn fill, size_t stride, row_block_fn rb) {
+                        fill_fn fill, size_t stride) {
     const int nb = j->K / QK8, M = j->M;
     panel p = {nb, sub, has_min, NULL, NULL, NULL};
     act_prep ap = {NULL, NULL, NULL};
@@ -173,7 +175,7 @@ static void gemm_strips(const qk_job *j, int n0, int n1, int sub, int offset, in
             }
         for (int n = n0; n < n1; n += STRIP) {
             const int rows = n1 - n < STRIP ? n1 - n : STRIP;
-            fill(j, n, rows, stride, rb, &p);
+            fill(j, n, rows, stride, &p);
             int m = 0;
             for (; m + GT <= M; m += GT) tiles[GT](j, &p, &ap, m, n, rows);
             if (m < M) tiles[M - m](j, &p, &ap, m, n, rows);
@@ -191,9 +193,12 @@ static void gemm_strips(const qk_job *j, int n0, int n1, int sub, int offset, in
  * qk_fill_gemm_<isa>: GEMM_PLAIN_ALL expands them once the includer has its tiles (TILES_FOR(sub, has_min, q8)
  * names the tile table for a layout; q8: Q8_0's codes, which use all 8 bits). */
 #define GEMM_PLAIN(T, BYTES, ELEMS, SUB, OFF, MIN)                                                             \
+    static void fill_##T(const qk_job *j, int n, int rows, size_t stride, panel *p) {                         \
+        fill_rows(j, n, rows, stride, rb_##T, p);                                                               \
+    }                                                                                                           \
     static void gemm_##T(const qk_job *j, int n0, int n1) {                                                   \
-        gemm_strips(j, n0, n1, SUB, OFF, MIN, TILES_FOR(SUB, MIN, (OFF) == 128), fill_rows,                   \
-                    (size_t)(j->K / (ELEMS)) * (BYTES), rb_##T);                                               \
+        gemm_strips(j, n0, n1, SUB, OFF, MIN, TILES_FOR(SUB, MIN, (OFF) == 128), fill_##T,                    \
+                    (size_t)(j->K / (ELEMS)) * (BYTES));                                                       \
     }
 #define GEMM_PLAIN_ALL                                                                                          \
     GEMM_PLAIN(q4_0, Q4_0_BYTES, QK8, 1, 8, 0)                                                                  \
