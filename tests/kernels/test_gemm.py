@@ -97,3 +97,17 @@ def test_zero_scales_give_zero_in_batches():
         for p in C_PATHS:
             api.set_kernel_path(p)
             np.testing.assert_array_equal(api.gemm(wtype, w, n, k, act), np.zeros((m, n), np.float32), err_msg=p)
+
+
+@pytest.mark.parametrize("wtype", [t for t in TYPES if t not in (WType.Q4_K, WType.Q6_K)], ids=lambda t: t.name)
+def test_one_block_rows_and_single_weight_rows(wtype):
+    """K = 32 (one block per row), N = 1 and N = 8 (a strip mostly padding), many activation rows."""
+    for n, k, m in [(1, 32, 9), (5, 32, 3), (8, 96, 100), (17, 64, 6)]:
+        rng = np.random.default_rng(n * 1000 + k + m)
+        w = random_weights(wtype, n, k, rng, unit_scales=True)
+        act = unit_activations(m, k, rng)
+        ref = numpy_ref.gemm(wtype, w, n, k, act)
+        for p in C_PATHS:
+            api.set_kernel_path(p)
+            for t in (1, 2):
+                np.testing.assert_array_equal(api.gemm(wtype, w, n, k, act, nthreads=t), ref, err_msg=f"{p} {n, k, m}")
