@@ -8,15 +8,16 @@ Files: the demo model's GGUFs made by `qkiln convert --to gguf --scheme TYPE --a
 what llama.cpp's own quantizer makes, each is compared tensor by tensor (names, types, data bytes) with
 `llama-quantize` of qkiln's F32 GGUF.
 Speed, rounds interleaved (per round and file: llama.cpp, then qkiln):
-- llama.cpp: `llama-bench -m FILE -p 128,N -n 64 -t THREADS -r REPS -o json` (pp128, ppN and tg64, its mean over
-  its repetitions), N = the token count of qkiln's e2e prompt, so the prompt ratio compares equal lengths; in
-  three configurations: as is, with OMP_WAIT_POLICY=passive, and with 1 thread. On a host with more runnable
+- llama.cpp: `llama-bench -m FILE -p 128 -n 64 -t THREADS -r REPS -o json` (pp128 and tg64, its mean over its
+  repetitions); in three configurations: as is, with OMP_WAIT_POLICY=passive, and with 1 thread. On a host with more runnable
   threads than cores its OpenMP barrier spinning costs it up to 10x with 2 threads (llamacpp_ref.PASSIVE_OMP);
   llama.cpp's figure for each metric is its best configuration's, all three are reported;
-- qkiln: `qkiln bench FILE --e2e --json --threads THREADS`: e2e prompt (N tokens) and decode (32 tokens)
-  through the full runtime, the linear layers alone (decode 1 row, prompt 128 rows), and the machine's read
-  bandwidth measured in the same process.
-Median over rounds. The ratios are qkiln / llama.cpp. Each decode's share of the read bandwidth = decode tokens/s x the file's tensor bytes (the
+- qkiln: `qkiln bench FILE --e2e --json --threads THREADS --prompt-tokens 128`: e2e prompt (the bench prompt's
+  tokens repeated to 128, processed 3 times into a fresh KV cache, mean tokens/s as llama-bench's) and decode (32
+  tokens) through the full runtime, the linear layers alone (decode 1 row, prompt 128 rows), and the machine's
+  read bandwidth measured in the same process.
+Median over rounds. The ratios are qkiln / llama.cpp (prompt: e2e 128 tokens against pp128), printed per file with
+the load averages both ran at. Each decode's share of the read bandwidth = decode tokens/s x the file's tensor bytes (the
 tied embedding is the output head, so every weight is read per token) / machine_read_gbs.
 With ppl (default): `llama-perplexity` on Q4_K_M over GPL-2 + Apache-2.0 + MPL-2.0 at ctx 512 beside
 `qkiln eval --model Q4_K_M.gguf` on the same text (both: tokens/s of the forward passes).
@@ -74,18 +75,9 @@ def make_files(types: list[str], demo: Path, work: Path, bin_dir: Path, threads:
     return out
 
 
-def e2e_prompt_tokens(demo: Path) -> int:
-    """Tokens of the prompt `qkiln bench --e2e` decodes after (no BOS, as qkiln encodes it)."""
-    import tokenizers
-
-    from qkiln.validate.decode_compare import PROMPT
-
-    return len(tokenizers.Tokenizer.from_file(str(demo / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids)
-
-
-def llama_bench(bin_dir: Path, path: str, prompt: int, n_short: int, decode: int, threads: int, reps: int, work: Path,
+def llama_bench(bin_dir: Path, path: str, prompt: int, decode: int, threads: int, reps: int, work: Path,
                 env: dict[str, str]) -> dict:
-    meas, text, _ = run_measured([str(bin_dir / "llama-bench"), "-m", path, "-p", f"{prompt},{n_short}", "-n", str(decode),
+    meas, text, _ = run_measured([str(bin_dir / "llama-bench"), "-m", path, "-p", str(prompt), "-n", str(decode),
                                   "-t", str(threads), "-r", str(reps), "-o", "json"], work, env=env)
     rows = json.loads(text)
     out = {"load_average": meas["load_average"], "threads": threads, "env": env, "cpu_info": rows[0].get("cpu_info"),
@@ -97,8 +89,9 @@ def llama_bench(bin_dir: Path, path: str, prompt: int, n_short: int, decode: int
     return out
 
 
-def qkiln_bench(path: str, threads: int, work: Path) -> dict:
-    meas, text, _ = run_measured([str(BIN / "qkiln"), "bench", path, "--e2e", "--json", "--threads", str(threads)], work)
+def qkiln_bench(path: str, threads: int, prompt: int, work: Path) -> dict:
+    meas, text, _ = run_measured([str(BIN / "qkiln"), "bench", path, "--e2e", "--json", "--threads", str(threads),
+                                  "--prompt-tokens", str(prompt)], work)
     doc = json.loads(text)
     return {**doc, "load_average": meas["load_average"]}
 
@@ -146,7 +139,7 @@ def ppl_speed(bin_dir: Path, path: str, work: Path, threads: int) -> dict:
 
 
 def summarize(files: dict[str, dict], llama: dict[str, dict[str, list[dict]]], qk: dict[str, list[dict]], prompt: int,
-              n_short: int, decode: int) -> dict[str, dict]:
+              decode: int) -> dict[str, dict]:
     """Medians over rounds; llama.cpp's figure per metric is its best configuration's median."""
     def med(xs) -> float:
         return round(statistics.median(xs), 2)
@@ -154,10 +147,10 @@ def summarize(files: dict[str, dict], llama: dict[str, dict[str, list[dict]]], q
     rows = {}
     for t, f in files.items():
         read_gbs = med(r["machine_read_gbs"] for r in qk[t])
-        by_variant = {v: {k: med(r[k] for r in runs) for k in (f"pp{prompt}", f"pp{n_short}", f"tg{decode}")}
+        by_variant = {v: {k: med(r[k] for r in runs) for k in (f"pp{prompt}", f"tg{decode}")}
                       for v, runs in llama[t].items()}
         row: dict = {"weight_mb": round(f["weight_bytes"] / 1e6, 2), "llamacpp_variants": by_variant}
-        for key, metric in (("llamacpp_pp", f"pp{prompt}"), ("llamacpp_pp_short", f"pp{n_short}"), ("llamacpp_tg", f"tg{decode}")):
+        for key, metric in (("llamacpp_pp", f"pp{prompt}"), ("llamacpp_tg", f"tg{decode}")):
             best = max(by_variant, key=lambda v, m=metric: by_variant[v][m])
             row[key], row[f"{key}_variant"] = by_variant[best][metric], best
         row.update({
@@ -166,10 +159,12 @@ def summarize(files: dict[str, dict], llama: dict[str, dict[str, list[dict]]], q
             "qkiln_linears_prompt": med(r["prompt_tokens_per_s"] for r in qk[t]),
             "qkiln_linears_decode": med(r["decode_tokens_per_s"] for r in qk[t]),
             "machine_read_gbs": read_gbs,
+            "load_average_llamacpp": [r["load_average"] for runs in llama[t].values() for r in runs],
+            "load_average_qkiln": [r["load_average"] for r in qk[t]],
             "qkiln_kernel_path": qk[t][0]["kernel_path"],
             "qkiln_types": qk[t][0]["types"],  # each timed as itself: `qkiln bench` refuses a type without a kernel
         })
-        row["prompt_ratio"] = round(row["qkiln_e2e_prompt"] / row["llamacpp_pp_short"], 3)
+        row["prompt_ratio"] = round(row["qkiln_e2e_prompt"] / row["llamacpp_pp"], 3)
         row["decode_ratio"] = round(row["qkiln_e2e_decode"] / row["llamacpp_tg"], 3)
         row["llamacpp_decode_read_share"] = round(row["llamacpp_tg"] * f["weight_bytes"] / 1e9 / read_gbs, 3)
         row["qkiln_decode_read_share"] = round(row["qkiln_e2e_decode"] * f["weight_bytes"] / 1e9 / read_gbs, 3)
@@ -177,20 +172,32 @@ def summarize(files: dict[str, dict], llama: dict[str, dict[str, list[dict]]], q
     return rows
 
 
-def table(rows: dict[str, dict], prompt: int, n_short: int, decode: int) -> str:
-    head = (f"| GGUF | weight MB | llama.cpp pp{prompt} | llama.cpp pp{n_short} | qkiln e2e prompt ({n_short}) | prompt ratio | "
+def table(rows: dict[str, dict], prompt: int, decode: int) -> str:
+    head = (f"| GGUF | weight MB | llama.cpp pp{prompt} | qkiln e2e prompt ({prompt}) | prompt ratio | "
             f"qkiln linears prompt ({prompt} rows) | llama.cpp tg{decode} | qkiln e2e decode | decode ratio | "
             f"llama.cpp decode / read BW | qkiln decode / read BW | read GB/s | llama.cpp tg{decode} by config | "
             "weight types |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for t, r in rows.items():
         configs = ", ".join(f"{v} {m[f'tg{decode}']:.1f}" for v, m in r["llamacpp_variants"].items())
-        out.append(f"| {t} | {r['weight_mb']:.1f} | {r['llamacpp_pp']:.0f} | {r['llamacpp_pp_short']:.0f} | {r['qkiln_e2e_prompt']:.0f} | "
+        out.append(f"| {t} | {r['weight_mb']:.1f} | {r['llamacpp_pp']:.0f} | {r['qkiln_e2e_prompt']:.0f} | "
                    f"{r['prompt_ratio']:.2f} | {r['qkiln_linears_prompt']:.0f} | {r['llamacpp_tg']:.1f} | "
                    f"{r['qkiln_e2e_decode']:.1f} | {r['decode_ratio']:.2f} | {r['llamacpp_decode_read_share']:.0%} | "
                    f"{r['qkiln_decode_read_share']:.0%} | {r['machine_read_gbs']:.1f} | {configs} | "
                    f"{', '.join(r['qkiln_types'])} |")
     return "\n".join(out)
+
+
+def ratios(rows: dict[str, dict]) -> str:
+    """One line per file: the prompt and decode ratios and the load averages (1, 5, 15 min) the runs saw."""
+    def span(loads: list) -> str:
+        ones = [la[0] if isinstance(la, list) else la for la in loads]
+        return f"{min(ones):.1f}-{max(ones):.1f}"
+
+    return "\n".join(f"{t}: prompt {r['prompt_ratio']:.2f}x ({r['qkiln_e2e_prompt']:.0f} / {r['llamacpp_pp']:.0f} tok/s), "
+                     f"decode {r['decode_ratio']:.2f}x ({r['qkiln_e2e_decode']:.1f} / {r['llamacpp_tg']:.1f} tok/s); "
+                     f"1-min load average llama.cpp {span(r['load_average_llamacpp'])}, qkiln {span(r['load_average_qkiln'])}"
+                     for t, r in rows.items())
 
 
 def main() -> None:
@@ -210,10 +217,11 @@ def main() -> None:
         doc = json.loads(path.read_text())
         st = doc["settings"]
         doc["summary"] = summarize(doc["files"], doc["rounds"]["llamacpp"], doc["rounds"]["qkiln"], st["prompt"],
-                                   doc["e2e_prompt_tokens"], st["decode"])
+                                   st["decode"])
         path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         print(json.dumps(doc, indent=2, sort_keys=True))
-        log(table(doc["summary"], st["prompt"], doc["e2e_prompt_tokens"], st["decode"]))
+        log(table(doc["summary"], st["prompt"], st["decode"]))
+        log(ratios(doc["summary"]))
         return
     from qkiln.demo import demo_model_dir
 
@@ -223,28 +231,26 @@ def main() -> None:
     bin_dir, options = tools()
     types = args.types.split(",")
     files = make_files(types, demo, work, bin_dir, args.threads)
-    n_short = e2e_prompt_tokens(demo)
     llama: dict[str, dict[str, list[dict]]] = {t: {v: [] for v in VARIANTS} for t in types}
     qk: dict[str, list[dict]] = {t: [] for t in types}
     for r in range(args.rounds):
         for t in types:
             for v, (env, threads) in VARIANTS.items():
-                a = llama_bench(bin_dir, files[t]["path"], args.prompt, n_short, args.decode, threads or args.threads,
-                                args.reps, work, env)
+                a = llama_bench(bin_dir, files[t]["path"], args.prompt, args.decode, threads or args.threads, args.reps,
+                                work, env)
                 llama[t][v].append(a)
-                log(f"round {r + 1} {t}: llama.cpp {v}: pp{args.prompt} {a[f'pp{args.prompt}']:.0f} pp{n_short} "
-                    f"{a[f'pp{n_short}']:.0f} tg{args.decode} {a[f'tg{args.decode}']:.1f} (load average {a['load_average']})")
-            qk[t].append(qkiln_bench(files[t]["path"], args.threads, work))
+                log(f"round {r + 1} {t}: llama.cpp {v}: pp{args.prompt} {a[f'pp{args.prompt}']:.0f} "
+                    f"tg{args.decode} {a[f'tg{args.decode}']:.1f} (load average {a['load_average']})")
+            qk[t].append(qkiln_bench(files[t]["path"], args.threads, args.prompt, work))
             b = qk[t][-1]
             log(f"round {r + 1} {t}: qkiln e2e prompt {b['e2e_prompt_tokens_per_s']:.0f} decode {b['e2e_decode_tokens_per_s']:.1f}, "
                 f"linears prompt {b['prompt_tokens_per_s']:.0f} decode {b['decode_tokens_per_s']:.1f}, read {b['machine_read_gbs']} GB/s "
                 f"(load average {b['load_average']})")
-    rows = summarize(files, llama, qk, args.prompt, n_short, args.decode)
+    rows = summarize(files, llama, qk, args.prompt, args.decode)
     doc = {
         "summary": rows,
         "files": files,
         "rounds": {"llamacpp": llama, "qkiln": qk},
-        "e2e_prompt_tokens": n_short,
         "perplexity_speed_q4_k_m": None,
         "llamacpp": {"bin": str(bin_dir), "flags": enabled(options), **build_info(bin_dir)},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -252,7 +258,8 @@ def main() -> None:
         "cpu": os.cpu_count(),
     }
     (work / "results.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")  # the rounds are kept whatever follows
-    log(table(rows, args.prompt, n_short, args.decode))
+    log(table(rows, args.prompt, args.decode))
+    log(ratios(rows))
     if args.ppl and "q4_k_m" in files:
         doc["perplexity_speed_q4_k_m"] = ppl_speed(bin_dir, files["q4_k_m"]["path"], work, args.threads)
     (work / "results.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")

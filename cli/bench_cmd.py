@@ -18,7 +18,8 @@ def bench(
     prompt_tokens: Annotated[int, typer.Option(help="Rows of the prompt product.", min=1)] = 128,
     seconds: Annotated[float, typer.Option(help="Minimum time per measurement.", min=0.0)] = 2.0,
     price_per_hour: Annotated[float | None, typer.Option(help="Instance price, USD/hour, for cost per token.")] = None,
-    e2e: Annotated[bool, typer.Option(help="Also decode through qkiln's full runtime (attention included).")] = False,
+    e2e: Annotated[bool, typer.Option(help="Also run a --prompt-tokens prompt and decode through qkiln's full "
+                                           "runtime (attention included).")] = False,
     kernel: Annotated[str | None, typer.Option(help="Force a kernel path (as QKILN_KERNEL).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
@@ -44,15 +45,17 @@ def bench(
     if e2e:
         from qkiln.validate.decode_compare import qkiln_decode
 
-        run = qkiln_decode(artifact, tokens=32, threads=threads)
+        run = qkiln_decode(artifact, tokens=32, threads=threads, prompt_tokens=prompt_tokens, prompt_reps=3)
         doc["e2e_decode_tokens_per_s"] = round(run["decode_tps"], 2)
+        doc["e2e_prompt_tokens"] = run["prompt_tokens"]
         doc["e2e_prompt_tokens_per_s"] = round(run["prompt_tps"], 2)
     if json_out:
         print_json(doc)
         return
     for key in ("kernel_path", "threads", "types", "decode_tokens_per_s", "prompt_tokens_per_s",
                 "weight_gbs", "machine_copy_gbs", "machine_read_gbs", "weight_gbs_over_copy",
-                "usd_per_million_decode_tokens", "usd_per_million_prompt_tokens", "e2e_decode_tokens_per_s"):
+                "usd_per_million_decode_tokens", "usd_per_million_prompt_tokens", "e2e_prompt_tokens_per_s",
+                "e2e_decode_tokens_per_s"):
         if key in doc:
             console.print(f"  {key:32s} {doc[key]}")
     console.print(f"  ({doc['note']})")

@@ -44,18 +44,24 @@ def demo_q4_0_gguf() -> Path:
 
 
 def qkiln_decode(path: str | Path, tokens: int = 64, threads: int | None = None, prompt: str = PROMPT,
-                 fast: bool = True) -> dict:
+                 fast: bool = True, prompt_tokens: int | None = None, prompt_reps: int = 1) -> dict:
     """Greedy decode through qkiln's runtime; `fast=False` runs every token through the NumPy layer code
-    (runtime/llama.py) instead of the C decode step, for comparison."""
+    (runtime/llama.py) instead of the C decode step, for comparison. `prompt_tokens` repeats the prompt's tokens to
+    that length (llama-bench's pp128 is 128 tokens); the prompt is processed `prompt_reps` times into a fresh cache
+    and prompt_tps is the mean of the runs' tokens/s (llama-bench's avg_ts), the last run's cache decoding after."""
     lm = load_gguf_model(path, nthreads=threads)
     model = lm.model
     ids = lm.encode(prompt)  # (s,)
-    cache = KVCache(model.config, ids.size + tokens + 1, batch=1)
+    if prompt_tokens is not None:
+        ids = np.resize(ids, prompt_tokens)  # the prompt's tokens repeated, cut to prompt_tokens
     model.forward(ids[None, :1])  # warm: dequantize the embeddings, start the thread pool
-    t0 = time.perf_counter()
-    h = model.hidden(ids[None, :], start_pos=0, cache=cache)
-    logits = model.head(h[:, -1:])[0, -1]  # (vocab,)
-    t_prompt = time.perf_counter() - t0
+    rates = []
+    for _ in range(max(1, prompt_reps)):
+        cache = KVCache(model.config, ids.size + tokens + 1, batch=1)
+        t0 = time.perf_counter()
+        h = model.hidden(ids[None, :], start_pos=0, cache=cache)
+        logits = model.head(h[:, -1:])[0, -1]  # (vocab,)
+        rates.append(ids.size / (time.perf_counter() - t0))
     out: list[int] = []
     pos = ids.size
     t0 = time.perf_counter()
@@ -71,7 +77,7 @@ def qkiln_decode(path: str | Path, tokens: int = 64, threads: int | None = None,
         pos += 1
     t_decode = time.perf_counter() - t0
     return {"runtime": "qkiln", "kernel_path": api.kernel_path(), "c_decode_step": step is not None, "prompt_tokens": int(ids.size),
-            "prompt_tps": ids.size / t_prompt, "decode_tokens": tokens, "decode_tps": tokens / t_decode,
+            "prompt_tps": float(np.mean(rates)), "decode_tokens": tokens, "decode_tps": tokens / t_decode,
             "text": lm.tokenizer.decode(out)}
 
 

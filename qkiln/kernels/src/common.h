@@ -64,6 +64,15 @@ void qk_fill_dotprod(qk_kernels *k);
 void qk_fill_i8mm(qk_kernels *k);
 void qk_fill_sve(qk_kernels *k);
 int qk_sve_vector_bytes(void);
+/* Batched row functions (many activation rows against one unpacked weight strip, x86/gemm_panel.h), for the
+ * layouts they cover; dispatch.c uses them from a few activation rows on. */
+void qk_fill_gemm_avx2(qk_kernels *k);
+void qk_fill_gemm_avx512(qk_kernels *k);
+
+/* qk_quantize_q8 (qkiln_kernels.h): the reference (quantize_act.c) and its bit-identical AVX-512 form, which the
+ * avx512 path uses. */
+void qk_quantize_q8_ref(const float *x, int M, int K, int8_t *qs, float *d, int32_t *sums);
+void qk_quantize_q8_avx512(const float *x, int M, int K, int8_t *qs, float *d, int32_t *sums);
 
 /* IEEE half -> float, exact: the one definition every kernel calls. Files compiled for F16C (x86) or any
  * aarch64 target convert in hardware (_cvtsh_ss, fcvt: the same value for every half but a signalling NaN,

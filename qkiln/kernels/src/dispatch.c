@@ -40,6 +40,12 @@ static const int PREFERENCE[] = {QK_PATH_AVX512, QK_PATH_AVX2, QK_PATH_I8MM, QK_
 static unsigned g_avail;
 static int g_path = -1;
 static qk_kernels g_k;
+static qk_kernels g_gemm; /* the path's batched row functions (NULL: the layout runs g_k's row loop) */
+/* From this many activation rows on, a layout with a batched row function runs it: unpacking a weight strip once
+ * costs about two rows through the per-row kernels on AVX-512 (Zen 4, 3072 x 576 Q4_0X8: 3 rows 86 us per row,
+ * about 70 us batched; Q5_0 254 / ~155 us) and about five on AVX2, whose strips are half as wide. */
+static int g_gemm_min_m;
+static void (*g_quant)(const float *, int, int, int8_t *, float *, int32_t *) = qk_quantize_q8_ref;
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
 static void load_path(int path) {
@@ -60,7 +66,18 @@ static void load_path(int path) {
 #endif
     default: break;
     }
+    qk_kernels gemm;
+    memset(&gemm, 0, sizeof gemm);
+#if defined(__x86_64__)
+    if (path == QK_PATH_AVX2) qk_fill_gemm_avx2(&gemm);
+#endif
+#if defined(__x86_64__) && defined(QK_WITH_AVX512)
+    if (path == QK_PATH_AVX512) qk_fill_gemm_avx512(&gemm);
+    g_quant = path == QK_PATH_AVX512 ? qk_quantize_q8_avx512 : qk_quantize_q8_ref;
+#endif
     g_k = k;
+    g_gemm = gemm;
+    g_gemm_min_m = path == QK_PATH_AVX2 ? 6 : 3;
     g_path = path;
 }
 
@@ -101,8 +118,8 @@ int qk_sve_bytes(void) {
     return 0;
 }
 
-/* ---- products: rows in chunks of a multiple of 8 (row pairs of Q4_0X2 and SIMD row groups stay in one
- * chunk), about four per thread so a slow thread does not hold the others up ---- */
+/* ---- products: rows in chunks of a multiple of `align` (row pairs of Q4_0X2, SIMD row groups and the batched
+ * kernels' 16-row strips stay in one chunk), about four per thread so a slow thread does not hold the others up ---- */
 
 typedef struct {
     qk_rows_fn fn;
@@ -116,10 +133,9 @@ static void gemm_task(void *ctx, long c) {
     g->fn(g->job, n0, n1);
 }
 
-static void run(qk_rows_fn fn, const qk_job *job, int nthreads) {
+static void run(qk_rows_fn fn, const qk_job *job, int nthreads, int align) {
     nthreads = qk_threads_resolve(nthreads);
     const double work = (double)job->N * job->K * job->M;
-    const int align = 8;
     if (nthreads == 1 || work < 65536.0 || job->N < 2 * align) {
         fn(job, 0, job->N);
         return;
@@ -133,6 +149,7 @@ static void run(qk_rows_fn fn, const qk_job *job, int nthreads) {
 }
 
 /* ---- products ------------------------------------------------------------------------------------- */
+
 
 static int valid(int N, int K, int M, int block) { return N > 0 && M > 0 && K > 0 && K % block == 0; }
 
@@ -159,7 +176,10 @@ int qk_gemm(int wtype, const void *w, int N, int K, const int8_t *qs, const floa
     }
     const int block = wtype >= QK_Q2_K && wtype <= QK_Q6_K ? QKK : QK8; /* ggml's ids 10..14: the K-quants */
     if (!valid(N, K, M, block)) return -1;
-    run(g_k.rows[layout], &job, nthreads);
+    if (M >= g_gemm_min_m && g_gemm.rows[layout])
+        run(g_gemm.rows[layout], &job, nthreads, 16);
+    else
+        run(g_k.rows[layout], &job, nthreads, 8);
     return 0;
 }
 
@@ -168,7 +188,7 @@ int qk_gemm_int4g(const uint8_t *codes, const float *scales, const uint8_t *zero
     pthread_once(&g_once, init_once);
     if (group <= 0 || group % QK8 != 0 || K % group != 0 || !valid(N, K, M, QK8)) return -1;
     qk_job job = {QK_INT4G, N, K, M, codes, scales, zeros, group, qs, d, sums, y};
-    run(g_k.rows[QK_L_INT4G], &job, nthreads);
+    run(g_k.rows[QK_L_INT4G], &job, nthreads, 8);
     return 0;
 }
 
@@ -177,8 +197,13 @@ int qk_gemm_int4gx8(const void *w, int group, int N, int K, const int8_t *qs, co
     pthread_once(&g_once, init_once);
     if (group <= 0 || group % QK8 != 0 || K % group != 0 || !valid(N, K, M, QK8)) return -1;
     qk_job job = {QK_INT4GX8, N, K, M, (const uint8_t *)w, NULL, NULL, group, qs, d, sums, y};
-    run(g_k.rows[QK_L_INT4GX8], &job, nthreads);
+    run(g_k.rows[QK_L_INT4GX8], &job, nthreads, 8);
     return 0;
+}
+
+void qk_quantize_q8(const float *x, int M, int K, int8_t *qs, float *d, int32_t *sums) {
+    pthread_once(&g_once, init_once);
+    g_quant(x, M, K, qs, d, sums);
 }
 
 static _Thread_local struct {

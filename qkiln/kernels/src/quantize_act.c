@@ -1,10 +1,11 @@
 /* quantize_act.c — activations to int8 per 32-value block (llama.cpp's Q8_0 rule): what every product
  * multiplies against. Scale = max|x| / 127, codes rounded half to even and clamped to [-127, 127] (never
  * -128, which the AVX2 sign trick would negate wrongly), and each block's integer sum for the zero-point and
- * offset corrections. */
+ * offset corrections. The reference; x86/quantize_act_avx512.c gives the same bytes (dispatch.c's qk_quantize_q8
+ * picks the path's). */
 #include "common.h"
 
-void qk_quantize_q8(const float *x, int M, int K, int8_t *qs, float *d, int32_t *sums) {
+void qk_quantize_q8_ref(const float *x, int M, int K, int8_t *qs, float *d, int32_t *sums) {
     const int nb = K / QK8;
     for (int m = 0; m < M; m++) {
         for (int b = 0; b < nb; b++) {
