@@ -76,6 +76,9 @@ def build_command(
         plans = [convert_plan(ckpt, a.format, a.scheme, a.algo, list(cal.text) if a.algo != "rtn" else [],
                               cal.samples, cal.seq_len, uniform=a.uniform) for a in rec.artifacts]
         report_memory(check_memory(plans, limit, eval_ctx=rec.evaluation.ctx), limit)
+        if ray_options is not None:
+            console.print("[yellow]note:[/] with --ray the estimate holds for each task (one conversion) and the "
+                          "driver; Ray runs as many tasks at once as a node has CPUs", soft_wrap=True)
     out.parent.mkdir(parents=True, exist_ok=True)  # e.g. dist/ for the default dist/<target>
     console.print(f"build [bold]{rec.target.name}[/] from {rec.path}: {len(rec.artifacts)} artifacts of {model_path.name} -> {out}")
     with stage_progress(quiet=as_json) as report:
