@@ -47,7 +47,7 @@ format = "compressed-tensors"
 scheme = "int8"
 '''
 # Three groups: a GGUF; two formats sharing one RTN quantization (a CodeStore inside one task); a calibrated
-# ONNX folder (GPTQ in a worker).
+# ONNX folder (AWQ then GPTQ in a worker, whose BLAS runs on one thread there).
 TINY_ARTIFACTS = '''
 [[artifacts]]
 name = "q8_0"
@@ -68,7 +68,7 @@ scheme = "int4_g32"
 name = "int4-onnx"
 format = "onnx"
 scheme = "int4_g32"
-algo = "gptq"
+algo = "awq+gptq"
 '''
 
 
