@@ -35,7 +35,7 @@ def build_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest on stdout.")] = False,
     max_memory: Annotated[str | None, typer.Option("--max-memory", help=MAX_MEMORY_HELP)] = None,
     ray: Annotated[bool, typer.Option(
-        "--ray", help="Make the artifacts as Ray tasks (pip install 'qkiln[ray]'), their RTN tensors too: on a new "
+        "--ray", help="Make the artifacts as Ray tasks (pip install 'qkiln\\[ray]'), their RTN tensors too: on a new "
                       "local Ray instance bound to 127.0.0.1, or on the cluster of --ray-address. Same bytes; "
                       "validation and speed stay here, after the tasks.")] = False,
     ray_address: Annotated[str | None, typer.Option(

@@ -237,3 +237,9 @@ def test_a_bad_ray_address_exits_2_at_once_and_writes_nothing(make_checkpoint, t
     assert message in r.output and "Traceback" not in r.output
     assert time.monotonic() - t0 < 30
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_help_names_the_options_and_the_extra():
+    r = CliRunner().invoke(app, ["build", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    assert "--ray-address" in r.output and "pip install 'qkiln[ray]'" in r.output and "127.0.0.1" in r.output
