@@ -47,7 +47,7 @@ format = "compressed-tensors"
 scheme = "int8"
 '''
 # Three groups: a GGUF; two formats sharing one RTN quantization (a CodeStore inside one task); a calibrated
-# ONNX folder (AWQ then GPTQ in a worker, whose BLAS runs on one thread there).
+# ONNX folder (AWQ then GPTQ in a worker, whose bytes follow BLAS's thread count on main since 9d1f5ab).
 TINY_ARTIFACTS = '''
 [[artifacts]]
 name = "q8_0"
