@@ -1,4 +1,5 @@
-"""`qkiln build RECIPE [--model M] [-o DIR] [--json]`: every artifact of a target, validated and reported."""
+"""`qkiln build RECIPE [--model M] [-o DIR] [--json] [--ray [--ray-address ADDRESS]]`: every artifact of a target,
+validated and reported."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def build_command(
     speed_seconds: Annotated[float, typer.Option("--speed-seconds", min=0.0, help="Minimum time per speed measurement.")] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest on stdout.")] = False,
     max_memory: Annotated[str | None, typer.Option("--max-memory", help=MAX_MEMORY_HELP)] = None,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Make the artifacts as Ray tasks (pip install 'qkiln\\[ray]'), their RTN tensors too: on a new "
+                      "local Ray instance bound to 127.0.0.1, or on the cluster of --ray-address. Same bytes; "
+                      "validation and speed stay here, after the tasks.")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", metavar="ADDRESS",
+        help="Use a running Ray cluster (HOST:PORT of its head, ray://HOST:PORT, or auto) instead of a local "
+             "instance; implies --ray. Every node needs this qkiln and the model, calibration texts and output "
+             "folder at the same paths (a shared filesystem).")] = None,
 ) -> None:
     """Quantize the model into every artifact the recipe names, validate each against its thresholds (accuracy,
     target ISA under qemu, speed), and write the artifacts, manifest.json, report.md, report.html and model cards.
@@ -47,6 +57,12 @@ def build_command(
     check_buildable(rec)
     out = output or Path("dist") / rec.target.name
     _check_output(out)
+    ray_options = None
+    if ray or ray_address is not None:
+        from qkiln.pipeline.ray_tasks import RayOptions, check_ray
+
+        ray_options = RayOptions(address=ray_address)
+        check_ray(ray_options)  # installed, and the cluster answers: before any work
     model_path = resolve_model_path(model)
     if not model_path.is_dir():
         raise UserError(f"--model {model_path} is not a checkpoint folder; pass a Hugging Face checkpoint folder")
@@ -60,10 +76,13 @@ def build_command(
         plans = [convert_plan(ckpt, a.format, a.scheme, a.algo, list(cal.text) if a.algo != "rtn" else [],
                               cal.samples, cal.seq_len, uniform=a.uniform) for a in rec.artifacts]
         report_memory(check_memory(plans, limit, eval_ctx=rec.evaluation.ctx), limit)
+        if ray_options is not None:
+            console.print("[yellow]note:[/] with --ray the estimate holds for each task (one conversion) and the "
+                          "driver; Ray runs as many tasks at once as a node has CPUs", soft_wrap=True)
     out.parent.mkdir(parents=True, exist_ok=True)  # e.g. dist/ for the default dist/<target>
     console.print(f"build [bold]{rec.target.name}[/] from {rec.path}: {len(rec.artifacts)} artifacts of {model_path.name} -> {out}")
     with stage_progress(quiet=as_json) as report:
-        manifest, checks = build(rec, model_path, out, progress=report, speed_seconds=speed_seconds)
+        manifest, checks = build(rec, model_path, out, progress=report, speed_seconds=speed_seconds, ray=ray_options)
     if as_json:
         print_json(manifest)
     for a in manifest["artifacts"]:

@@ -59,6 +59,7 @@ def convert_to_gguf(
     seq_len: int = CALIBRATION_SEQ_LEN,
     progress: Callable[[str], None] | None = None,
     store: CodeStore | None = None,
+    rtn: Callable[..., RTNStream] = RTNStream,
 ) -> ConvertResult:
     """Convert the checkpoint folder `model` into a llama.cpp GGUF at `dest` (atomic, deterministic)."""
     scheme = scheme.strip().lower()
@@ -80,7 +81,7 @@ def convert_to_gguf(
         check_grids(scheme, schemes)
         # a 2-D tensor no block fits stays F16, as llama.cpp keeps it
         stream = weight_stream(ckpt, schemes, algorithm, calib, samples=samples, seq_len=seq_len, progress=progress,
-                               store=store)
+                               store=store, rtn=rtn)
     weights = StreamWeights(config, stream, schemes, scheme if scheme in FLOAT_TYPES else "f16")
     notes = {line.split(":", 1)[0]: line for line in fallbacks}
     prov = Provenance(

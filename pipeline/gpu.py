@@ -21,7 +21,7 @@ from qkiln.formats.compressed_tensors_write import is_decoder_linear, write_comp
 from qkiln.formats.gptq_write import marlin_warning, write_gptq
 from qkiln.formats.hf import Checkpoint
 from qkiln.hashing import sha256_of
-from qkiln.pipeline.stream import CodeStore, layer_ordered, tensor_schemes, weight_stream
+from qkiln.pipeline.stream import CodeStore, RTNStream, layer_ordered, tensor_schemes, weight_stream
 from qkiln.quantize.algorithms import ALGORITHMS
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 from qkiln.quantize.registry import get_scheme
@@ -114,6 +114,7 @@ def convert_to_gpu(
     model: Path, dest: Path, target: str, scheme: str, *, algorithm: str = "rtn", calib: Sequence[Path] = (),
     samples: int = CALIBRATION_SAMPLES, seq_len: int = CALIBRATION_SEQ_LEN, overwrite: bool = False,
     progress: Callable[[str], None] | None = None, shard_bytes: int | None = None, store: CodeStore | None = None,
+    rtn: Callable[..., RTNStream] = RTNStream,
 ) -> GpuConvertResult:
     """Convert the checkpoint `model` into a `target` folder at `dest` (atomic, deterministic)."""
     if algorithm not in ALGORITHMS:
@@ -130,7 +131,8 @@ def convert_to_gpu(
         if w:
             warnings.append(w)
     stream = layer_ordered(weight_stream(ckpt, {n: s.name for n, s in schemes.items()}, algorithm, calib,
-                                         samples=samples, seq_len=seq_len, progress=progress, store=store), ckpt.config)
+                                         samples=samples, seq_len=seq_len, progress=progress, store=store, rtn=rtn),
+                          ckpt.config)
     source = ckpt.path.resolve().name
     extra = "".join(f"\nWarning: {w}\n" for w in warnings)
 

@@ -16,7 +16,7 @@ from qkiln.formats.onnx_graph import ACCURACY_LEVELS, FLOAT_DTYPES, GraphOptions
 from qkiln.formats.onnx_pack import check_onnx_scheme
 from qkiln.formats.onnx_write import write_onnx_folder
 from qkiln.hashing import sha256_of
-from qkiln.pipeline.stream import CodeStore, layer_ordered, tensor_schemes, weight_stream
+from qkiln.pipeline.stream import CodeStore, RTNStream, layer_ordered, tensor_schemes, weight_stream
 from qkiln.quantize import rules
 from qkiln.quantize.algorithms import ALGORITHMS
 from qkiln.quantize.defaults import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
@@ -68,6 +68,7 @@ def convert_to_onnx(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
     store: CodeStore | None = None,
+    rtn: Callable[..., RTNStream] = RTNStream,
 ) -> tuple[Any, list[str]]:
     """Convert the checkpoint folder `model` into an ONNX folder at `dest` (atomic, deterministic)."""
     scheme = scheme.strip().lower()
@@ -92,7 +93,7 @@ def convert_to_onnx(
         "fallbacks": fallbacks,
     }
     stream = layer_ordered(weight_stream(ckpt, schemes, algorithm, calib, samples=samples, seq_len=seq_len,
-                                         progress=progress, store=store), config)
+                                         progress=progress, store=store, rtn=rtn), config)
     result = write_onnx_folder(dest, config, stream, ckpt.path,
                                options=GraphOptions(float_dtype=float_dtype, accuracy_level=accuracy_level),
                                provenance=provenance, max_length=max_length, overwrite=overwrite)

@@ -243,10 +243,12 @@ def weight_stream(
     seq_len: int = CALIBRATION_SEQ_LEN,
     progress: Callable[[str], None] | None = None,
     store: CodeStore | None = None,
+    rtn: Callable[..., RTNStream] = RTNStream,
 ) -> Stream:
     """The model's weights, quantized by `algorithm` on `schemes` (HF name -> scheme name, from
     `tensor_schemes`), handed out one at a time; with a `store`, codes made before for the same key are
-    read back instead, and new ones are recorded."""
+    read back instead, and new ones are recorded. `rtn` makes the RTN stream (`ray_tasks.RayRTNStream`: Ray
+    tasks)."""
     if algorithm not in ALGORITHMS:
         raise QuantizeError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if algorithm != "rtn" and not calib:
@@ -254,7 +256,7 @@ def weight_stream(
 
     def make() -> RTNStream | LayerStream:
         if algorithm == "rtn":
-            return RTNStream(source, schemes, progress)
+            return rtn(source, schemes, progress)
         report = (lambda stage, done, total: progress(f"{algorithm} {stage} ({done}/{total})")) if progress else None
         ids = calibration_windows(source, calib, samples, seq_len)
         return LayerStream(source, _Planned(schemes), algorithm, ids, progress=report)
