@@ -27,8 +27,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from threadpoolctl import threadpool_info
-
 from qkiln.errors import QkilnError, UserError
 from qkiln.formats.hf import Checkpoint
 from qkiln.pipeline.stream import RTNStream, Weight
@@ -123,18 +121,9 @@ def _remote(fn: Callable[..., Any], max_retries: int) -> Any:
     return ray.remote(max_retries=max_retries, retry_exceptions=False)(fn)
 
 
-def submit(options: RayOptions, fn: Callable[..., Any], *args: Any, env: Mapping[str, str] | None = None) -> Any:
-    """`fn(*args)` as a Ray task (fn a module-level function the workers import), in a worker started with the
-    environment variables `env` if given; its ObjectRef."""
-    remote = _remote(fn, options.max_retries)
-    if env:
-        remote = remote.options(runtime_env={"env_vars": dict(env)})
-    return remote.remote(*args)
-
-
-def blas_threads() -> int:
-    """How many threads this process's BLAS (NumPy's) runs on."""
-    return max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=os.cpu_count() or 1)
+def submit(options: RayOptions, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` as a Ray task (fn a module-level function the workers import); its ObjectRef."""
+    return _remote(fn, options.max_retries).remote(*args)
 
 
 def fetch(refs: Any) -> Any:

@@ -30,7 +30,7 @@ from qkiln.formats.hf import Checkpoint
 from qkiln.pipeline.convert import convert_to_gguf
 from qkiln.pipeline.gpu import convert_to_gpu
 from qkiln.pipeline.onnx import convert_to_onnx
-from qkiln.pipeline.ray_tasks import RayOptions, RayRTNStream, blas_threads, fetch_each, ray_session, submit
+from qkiln.pipeline.ray_tasks import RayOptions, RayRTNStream, fetch_each, ray_session, submit
 from qkiln.pipeline.stream import CodeStore, RTNStream
 from qkiln.targets.recipe import Artifact, Recipe
 
@@ -144,12 +144,8 @@ def make_groups(model: Path, groups: list[list[Artifact]], work: Path, recipe: R
     """Every group made here one after the other, or as one Ray task each (`ray`: a session for the time)."""
     if ray is None:
         return {name: m for g in groups for name, m in make_group(model, g, work, recipe, say).items()}
-    # Calibration's float sums (BLAS products) may depend on BLAS's thread count: a group's worker runs BLAS on as
-    # many threads as this process would (Ray starts workers with OMP_NUM_THREADS=1), so its bytes are the
-    # single-process build's. Ray still counts the task as one CPU.
-    env = {"OMP_NUM_THREADS": str(blas_threads())}
     with ray_session(ray):
         say(f"quantize on Ray: {len(groups)} task(s)", 0, len(groups))
-        refs = [submit(ray, make_group, model, g, work, recipe, None, ray, env=env) for g in groups]
+        refs = [submit(ray, make_group, model, g, work, recipe, None, ray) for g in groups]
         done = fetch_each(refs, lambda k: say(f"quantize on Ray: {k}/{len(groups)} task(s) done", k, len(groups)))
     return {name: m for d in done for name, m in d.items()}
