@@ -9,12 +9,13 @@ root=$(scripts/arm/fetch_arm_python.sh)/root
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$PY" -m qkiln.kernels.build --arch aarch64 --cc aarch64-linux-gnu-gcc --shared-out "$work/libqkiln_kernels.so" >/dev/null
-# qkiln's import layout (package-dir mapping) rebuilt with symlinks: qkiln/ (with qkiln/kernels/) and
-# quantize/ (the GPTQ loops' NumPy definitions) are needed
+# qkiln's import layout (package-dir mapping) rebuilt with symlinks: qkiln/ (with qkiln/kernels/), quantize/
+# (the GPTQ loops' NumPy definitions) and model/ (what quantize/ imports of it) are needed
 mkdir -p "$work/pkg/qkiln"
 for f in qkiln/*.py; do ln -s "$PWD/$f" "$work/pkg/qkiln/"; done
 ln -s "$PWD/qkiln/kernels" "$work/pkg/qkiln/kernels"
 ln -s "$PWD/quantize" "$work/pkg/qkiln/quantize"
+ln -s "$PWD/model" "$work/pkg/qkiln/model"
 # gguf-py's constants (GGML_QUANT_SIZES, the one block-size table), pure Python, without the package's
 # other modules (they need more than NumPy)
 mkdir -p "$work/pkg/gguf" && : > "$work/pkg/gguf/__init__.py"

@@ -37,12 +37,19 @@ def check_gptq_loops(rng: np.random.Generator) -> bool:
     import os
 
     from qkiln.kernels import gptq as c_loops
-    from qkiln.quantize.gptq import gptq_quantize
+    from qkiln.quantize.gptq import PreparedHessian, gptq_quantize
     from qkiln.quantize.int_grid import IntGrid
 
     w = rng.standard_normal((21, 128)).astype(np.float32)
     x = rng.standard_normal((512, 128)) * rng.uniform(0.1, 3.0, 128)
     h = 2 * x.T @ x / len(x)
+    # the prepared inverse made here with NumPy (prepare_hessian's LAPACK is scipy's, which this Python lacks): the
+    # loops under test take it as it is, with act-order's permutation
+    perm = np.argsort(-np.diag(h), kind="stable")
+    hp = h[np.ix_(perm, perm)] + 0.01 * np.mean(np.diag(h)) * np.eye(len(h))
+    upper = np.linalg.cholesky(np.linalg.inv(hp)).T.astype(np.float32)
+    h = PreparedHessian(perm=perm, hinv=np.ascontiguousarray(upper), damp=0.01,
+                        importance=(np.diag(h) / 2).astype(np.float32))
     runs = []
     for env in ("", "numpy"):
         os.environ["QKILN_KERNEL"] = env
