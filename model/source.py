@@ -99,6 +99,8 @@ def row_blocks(w: np.ndarray | LazyRows, max_floats: int | None = None) -> Itera
 
 
 def read_lazily(source: Any, name: str) -> np.ndarray | LazyRows:
-    """`source.lazy(name)` where the source reads from disk (a checkpoint), else `source.tensor(name)`."""
+    """`source.lazy(name)` where the source reads from disk (a checkpoint), else `source.tensor(name)`; either
+    way `LazyRows` or a float32 array."""
     lazy = getattr(source, "lazy", None)
-    return lazy(name) if lazy is not None else source.tensor(name)
+    w = lazy(name) if lazy is not None else source.tensor(name)
+    return w if isinstance(w, LazyRows) else np.asarray(w, dtype=np.float32)

@@ -91,7 +91,7 @@ class RTNStream:
     def get(self, name: str) -> Weight:
         w = read_lazily(self.source, name)
         if name not in self.schemes:
-            return w if isinstance(w, LazyRows) else np.asarray(w, dtype=np.float32)
+            return w
         if self.progress:
             self.progress(f"rtn {name}")
         return quantize_rtn(w, get_scheme(self.schemes[name]), name=name)

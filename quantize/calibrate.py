@@ -195,8 +195,7 @@ class _LayerTensors(Mapping[str, "np.ndarray | LazyRows"]):
         self.source, self.prefix = source, prefix
 
     def __getitem__(self, name: str) -> np.ndarray | LazyRows:
-        w = read_lazily(self.source, self.prefix + name + ".weight")
-        return w if isinstance(w, LazyRows) else np.asarray(w, dtype=np.float32)
+        return read_lazily(self.source, self.prefix + name + ".weight")
 
     def __iter__(self) -> Iterator[str]:
         return iter((*LINEARS, *NORMS))
@@ -461,7 +460,7 @@ def _rtn_or_keep(w: np.ndarray | LazyRows | TensorSource, name: str,
                  scheme: Scheme | None) -> QuantizedTensor | np.ndarray | LazyRows:
     """RTN on `scheme`, or the float32 tensor when the rules keep it in float (a source's 2-D tensor as
     `LazyRows`: read a block of rows at a time by RTN and by the writer)."""
-    arr = w if isinstance(w, (np.ndarray, LazyRows)) else read_lazily(w, name)
+    arr = read_lazily(w, name) if not isinstance(w, (np.ndarray, LazyRows)) else w
     if scheme is None:
         return arr if isinstance(arr, LazyRows) else np.asarray(arr, dtype=np.float32)
     return quantize_rtn(arr, scheme, name=name)

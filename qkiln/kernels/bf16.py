@@ -305,8 +305,9 @@ def linear_glu(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
     _check_out(out, (m, n // 2), "linear_glu", (np.float32, BF16))
     if w.rounded is not None:
         y = np.empty((m, n // 2), np.float32) if out is None else out
-        for r0 in range(0, m, max(1, NUMPY_CHUNK_FLOATS // n)):  # a block of tokens: (tokens, 2·inter) at a time
-            xb = _bf16_values(x[r0 : r0 + max(1, NUMPY_CHUNK_FLOATS // n)])
+        step = max(1, NUMPY_CHUNK_FLOATS // n)  # a block of tokens: (tokens, 2·inter) at a time
+        for r0 in range(0, m, step):
+            xb = _bf16_values(x[r0 : r0 + step])
             gu = np.matmul(xb, w.rounded.T).reshape(len(xb), n // (2 * GLU_ROWS), 2, GLU_ROWS)
             g, u = (np.ascontiguousarray(gu[:, :, h]).reshape(len(xb), n // 2) for h in (0, 1))  # (t, inter) each
             silu_mul(g, u, out=y[r0 : r0 + len(xb)])
@@ -385,8 +386,9 @@ class GramSum:
         if k != self.k:
             raise ValueError(f"GramSum.add: x has width {k}, the sum is over {self.k} features")
         if self.path == "numpy":
-            for r0 in range(0, m, max(1, NUMPY_CHUNK_FLOATS // k)):  # a block of tokens at a time
-                _syrk_add(_bf16_values(x[r0 : r0 + max(1, NUMPY_CHUNK_FLOATS // k)]), self._acc)
+            step = max(1, NUMPY_CHUNK_FLOATS // k)  # a block of tokens at a time
+            for r0 in range(0, m, step):
+                _syrk_add(_bf16_values(x[r0 : r0 + step]), self._acc)
         else:
             rc = _library().qk_bf16_gram_acc(_ptr(x), int(x.dtype == BF16), m, k, _ptr(self._acc),
                                              int(self.tokens == 0), _threads(self.nthreads))
