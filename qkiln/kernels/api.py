@@ -63,6 +63,8 @@ def _declare(lib: Any) -> None:
         "qk_repack_q4_0x8": (None, [_vp, c_int, c_int, _vp]),
         "qk_q8_0x8_bytes": (c_size_t, [c_int, c_int]),
         "qk_repack_q8_0x8": (None, [_vp, c_int, c_int, _vp]),
+        "qk_q5_0x8_bytes": (c_size_t, [c_int, c_int]),
+        "qk_repack_q5_0x8": (None, [_vp, c_int, c_int, _vp]),
         "qk_int4gx8_bytes": (c_size_t, [c_int, c_int, c_int]),
         "qk_repack_int4gx8": (None, [_vp, _vp, _vp, c_int, c_int, c_int, _vp]),
         "qk_gemm_int4gx8": (c_int, [_vp, c_int, c_int, c_int, _vp, _vp, _vp, c_int, _vp, c_int]),
@@ -387,7 +389,7 @@ def copy_bandwidth(nbytes: int = 256 << 20, nthreads: int | None = None, repeats
 
 
 def _repack(layout: str, w: np.ndarray, n: int, k: int) -> np.ndarray:
-    """Plain ggml bytes -> `layout` ("q4_0x2", "q4_0x8", "q8_0x8"); C when loaded, the same bytes as NumPy."""
+    """Plain ggml bytes -> `layout` ("q4_0x2", "q4_0x8", "q8_0x8", "q5_0x8"); C when loaded, the same bytes as NumPy."""
     _load()
     w = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
     if _lib is None:
@@ -412,14 +414,21 @@ def repack_q8_0x8(w: np.ndarray, n: int, k: int) -> np.ndarray:
     return _repack("q8_0x8", w, n, k)
 
 
+def repack_q5_0x8(w: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Q5_0 bytes -> Q5_0X8 (8-row groups for AVX-512 VNNI, bit 4 as byte masks)."""
+    return _repack("q5_0x8", w, n, k)
+
+
 def repacked(wtype: WType, w: np.ndarray, n: int, k: int) -> tuple[WType, np.ndarray]:
-    """Weights in the layout the current path runs fastest (Q4_0 -> Q4_0X2 on i8mm, Q4_0/Q8_0 -> *X8 on
+    """Weights in the layout the current path runs fastest (Q4_0 -> Q4_0X2 on i8mm, Q4_0/Q8_0/Q5_0 -> *X8 on
     avx512); other types and paths unchanged."""
     wtype = WType(wtype)
     if wtype == WType.Q4_0:
         return repacked_q4_0(w, n, k)
     if wtype == WType.Q8_0 and kernel_path() == "avx512":
         return WType.Q8_0X8, repack_q8_0x8(w, n, k)
+    if wtype == WType.Q5_0 and kernel_path() == "avx512":
+        return WType.Q5_0X8, repack_q5_0x8(w, n, k)
     return wtype, np.ascontiguousarray(w).view(np.uint8).reshape(-1)
 
 

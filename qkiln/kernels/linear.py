@@ -24,7 +24,7 @@ class PackedLinear:
     """One (out, in) weight in a kernel layout; calling it runs y = x W^T on the quantized blocks.
 
     Q4_0 is repacked once at load where the path has a faster layout (Q4_0X2 row pairs for smmla on i8mm,
-    Q4_0X8/Q8_0X8 8-row groups on AVX-512 VNNI), as llama.cpp does.
+    Q4_0X8/Q8_0X8/Q5_0X8 8-row groups on AVX-512 VNNI), as llama.cpp does.
     """
 
     wtype: WType

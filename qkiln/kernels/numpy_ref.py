@@ -126,6 +126,15 @@ def decode(wtype: WType, w: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.
         v = blk[..., 16:].view(np.int8).reshape(groups, nb, 4, 2, 8, 4)  # (group, block, c, h, r, j)
         codes = v.transpose(0, 4, 1, 2, 3, 5).reshape(8 * groups, k).astype(np.int16)  # k = 8c + 4h + j
         return codes[:n], d[:n], zeros
+    if wtype == WType.Q5_0X8:  # Q4_0X8's bytes give the low 4 bits; the masks bit 4
+        groups = (n + 7) // 8
+        blk = raw.reshape(groups, nb, 176)
+        low, d, _ = decode(WType.Q4_0X8, np.ascontiguousarray(blk[..., :144]), 8 * groups, k)
+        bits = np.unpackbits(blk[..., 144:], axis=-1, bitorder="little")  # (group, block, 4 masks * 64 bits)
+        bits = bits.reshape(groups, nb, 2, 2, 2, 8, 4)  # mask 2c + s, bit 4 * (8h + r) + j: (g, b, c, s, h, r, j)
+        high = bits.transpose(0, 5, 1, 3, 2, 4, 6).reshape(8 * groups, k)  # k = 16s + 8c + 4h + j
+        codes = low + 8 + 16 * high.astype(np.int16) - 16
+        return codes[:n], d[:n], zeros
     if wtype in (WType.Q4_K, WType.Q5_K):
         nsb = k // 256
         blk = raw.reshape(n, nsb, BLOCK[wtype][1])
@@ -319,6 +328,19 @@ def repack_q8_0x8(w: np.ndarray, n: int, k: int) -> np.ndarray:
     v = q.transpose(0, 2, 3, 4, 1, 5).reshape(groups, nb, 256)
     d = blk[..., :2].reshape(groups, 8, nb, 2).transpose(0, 2, 1, 3).reshape(groups, nb, 16)
     return np.ascontiguousarray(np.concatenate([d, v], axis=-1)).reshape(-1)
+
+
+def repack_q5_0x8(w: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Q5_0 (N, K) bytes -> the 8-row-group layout of qk_repack_q5_0x8: Q4_0X8 of the low 4 bits, then the masks."""
+    nb = k // QK8
+    groups = (n + 7) // 8
+    blk = np.zeros((8 * groups, nb, 22), np.uint8)
+    blk[:n] = np.frombuffer(np.ascontiguousarray(w).data, np.uint8).reshape(n, nb, 22)
+    low = repack_q4_0x8(np.concatenate([blk[..., :2], blk[..., 6:]], axis=-1), 8 * groups, k).reshape(groups, nb, 144)
+    high = np.unpackbits(blk[..., 2:6], axis=-1, bitorder="little")  # (rows, block, 32): bit 4 of element k
+    high = high.reshape(groups, 8, nb, 2, 2, 2, 4).transpose(0, 2, 4, 3, 5, 1, 6)  # k = 16s + 8c + 4h + j -> (g, b, c, s, h, r, j)
+    masks = np.packbits(high.reshape(groups, nb, 4, 64), axis=-1, bitorder="little").reshape(groups, nb, 32)
+    return np.ascontiguousarray(np.concatenate([low, masks], axis=-1)).reshape(-1)
 
 
 def repack_q4_0x2(w: np.ndarray, n: int, k: int) -> np.ndarray:

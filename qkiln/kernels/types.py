@@ -26,6 +26,7 @@ class WType(IntEnum):
     Q4_0X8 = 102  # Q4_0 in 8-row groups for AVX-512 VNNI
     Q8_0X8 = 103  # Q8_0 in 8-row groups for AVX-512 VNNI
     INT4GX8 = 104  # INT4 g-group with zero points in 8-row groups for AVX-512 VNNI (one array)
+    Q5_0X8 = 105  # Q5_0 in 8-row groups for AVX-512 VNNI (Q4_0X8's nibbles, then bit-4 masks)
 
 
 # (elements per block, bytes per block); Q4_0X2 counts one row's share of a pair block.
@@ -54,6 +55,8 @@ def block_bytes(wtype: WType, n: int, k: int) -> int:
         return (n + 7) // 8 * (k // QK8) * 144
     if wtype == WType.Q8_0X8:
         return (n + 7) // 8 * (k // QK8) * 272
+    if wtype == WType.Q5_0X8:
+        return (n + 7) // 8 * (k // QK8) * 176
     elems, nbytes = BLOCK[wtype]
     if k % elems:
         raise ValueError(f"K={k} is not a multiple of {elems} for {wtype.name}")

@@ -16,10 +16,12 @@ def f16_bytes(values: np.ndarray) -> np.ndarray:
 def random_weights(wtype: WType, n: int, k: int, rng: np.random.Generator, *, unit_scales: bool = False,
                    codes: str = "random") -> np.ndarray:
     """Valid blocks with random codes; fp16 scales random (or exactly 1.0), codes random / all-min / all-max."""
-    if wtype == WType.Q8_0X8:
-        from qkiln.kernels.numpy_ref import repack_q8_0x8
+    if wtype in (WType.Q8_0X8, WType.Q5_0X8):
+        from qkiln.kernels.numpy_ref import repack_q5_0x8, repack_q8_0x8
 
-        return repack_q8_0x8(random_weights(WType.Q8_0, n, k, rng, unit_scales=unit_scales, codes=codes), n, k)
+        plain = WType.Q8_0 if wtype == WType.Q8_0X8 else WType.Q5_0
+        repack = repack_q8_0x8 if wtype == WType.Q8_0X8 else repack_q5_0x8
+        return repack(random_weights(plain, n, k, rng, unit_scales=unit_scales, codes=codes), n, k)
     if wtype in (WType.Q4_0X2, WType.Q4_0X8):
         from qkiln.kernels.numpy_ref import repack_q4_0x2, repack_q4_0x8
 

@@ -82,7 +82,10 @@ static void compare(const char *path, const char *what, const float *y, const fl
 
 static void run_case(const char *path, int wtype, int N, int K, int M, int unit, int nthreads) {
     size_t nbytes;
-    const int kq = (wtype == QK_Q4_0X2 || wtype == QK_Q4_0X8) ? QK_Q4_0 : wtype == QK_Q8_0X8 ? QK_Q8_0 : wtype;
+    const int kq = (wtype == QK_Q4_0X2 || wtype == QK_Q4_0X8) ? QK_Q4_0
+                   : wtype == QK_Q8_0X8                         ? QK_Q8_0
+                   : wtype == QK_Q5_0X8                         ? QK_Q5_0
+                                                                : wtype;
     uint8_t *w = make_weights(kq, N, K, unit, &nbytes);
     int8_t *qs = malloc((size_t)M * K);
     float *d = malloc(sizeof(float) * M * K / 32), *x = malloc(sizeof(float) * M * K);
@@ -113,6 +116,10 @@ static void run_case(const char *path, int wtype, int N, int K, int M, int unit,
     } else if (wtype == QK_Q4_0X8) {
         packed = malloc(qk_q4_0x8_bytes(N, K));
         qk_repack_q4_0x8(w, N, K, packed);
+        wuse = packed;
+    } else if (wtype == QK_Q5_0X8) {
+        packed = malloc(qk_q5_0x8_bytes(N, K));
+        qk_repack_q5_0x8(w, N, K, packed);
         wuse = packed;
     }
     qk_set_path("scalar");
@@ -173,7 +180,7 @@ int main(int argc, char **argv) {
     }
     if (qk_set_path("bogus") != -1) { failures++; printf("FAIL unknown path accepted\n"); }
     const int wtypes[] = {QK_Q4_0, QK_Q8_0, QK_Q5_0, QK_Q4_1, QK_Q5_1, QK_Q2_K, QK_Q3_K, QK_Q4_K, QK_Q5_K, QK_Q6_K,
-                          QK_Q4_0X2, QK_Q4_0X8, QK_Q8_0X8};
+                          QK_Q4_0X2, QK_Q4_0X8, QK_Q8_0X8, QK_Q5_0X8};
     const int shapes[][3] = {{1, 256, 1}, {7, 512, 3}, {33, 256, 2}, {64, 768, 1}, {5, 1024, 4}, {300, 512, 3},
                              {9, 96, 2}, {13, 544, 3}}; /* odd block counts (3, 17): 32-blocks only */
     for (int p = 0; p < QK_NPATHS; p++) {

@@ -20,7 +20,7 @@ from conftest_helpers import random_weights, unit_activations
 from test_kernels_native import C_PATHS, _c_library_regardless_of_env, _restore_path  # noqa: F401 (its fixtures)
 
 TYPES = [WType.Q4_0, WType.Q8_0, WType.Q5_0, WType.Q4_1, WType.Q5_1, WType.Q4_K, WType.Q6_K, WType.Q4_0X8,
-         WType.Q8_0X8, WType.Q4_0X2]
+         WType.Q8_0X8, WType.Q5_0X8, WType.Q4_0X2]
 SHAPES = [(9, 512, 13), (40, 256, 3), (33, 1024, 21), (16, 256, 8), (100, 768, 37), (24, 256, 6)]  # (N, K, M)
 
 
@@ -72,7 +72,7 @@ def test_batched_equals_per_token_within_tolerance(wtype, shape):
         assert ((np.abs(batched - per_token) - 2 * numpy_ref.TOLERANCE * yabs) <= 1e-30).all(), p
 
 
-@pytest.mark.parametrize("wtype", [WType.Q4_0X8, WType.Q5_0, WType.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("wtype", [WType.Q4_0X8, WType.Q5_0, WType.Q5_0X8, WType.Q6_K], ids=lambda t: t.name)
 def test_batched_threads_do_not_change_results(wtype):
     n, k, m = 200, 512, 29
     rng = np.random.default_rng(7)

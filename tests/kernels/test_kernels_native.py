@@ -20,7 +20,8 @@ from conftest_helpers import random_int4g, random_weights, unit_activations
 C_PATHS: list[str] = []  # filled by _c_library_regardless_of_env: every C path this machine runs
 LEGACY_TYPES = [WType.Q5_0, WType.Q4_1, WType.Q5_1]  # llama.cpp's other 32-element blocks
 K_TYPES = [WType.Q2_K, WType.Q3_K, WType.Q4_K, WType.Q5_K, WType.Q6_K]  # 256-element super-blocks
-GGML_TYPES = [WType.Q4_0, WType.Q8_0, *LEGACY_TYPES, *K_TYPES, WType.Q4_0X2, WType.Q4_0X8, WType.Q8_0X8]
+X8_TYPES = [WType.Q4_0X8, WType.Q8_0X8, WType.Q5_0X8]  # the AVX-512 repacks (every path runs them)
+GGML_TYPES = [WType.Q4_0, WType.Q8_0, *LEGACY_TYPES, *K_TYPES, WType.Q4_0X2, *X8_TYPES]
 SHAPES = [(1, 256, 1), (7, 512, 3), (33, 256, 2), (64, 768, 1), (5, 1024, 5)]  # (N, K, M): odd N, K % 256 == 0
 
 
@@ -65,7 +66,7 @@ def test_activation_quantization_is_bit_identical():
     assert ref.d[0, 0] == 0.0
 
 
-@pytest.mark.parametrize("wtype", [t for t in GGML_TYPES if t not in (WType.Q4_0X2, WType.Q4_0X8, WType.Q8_0X8)], ids=lambda t: t.name)
+@pytest.mark.parametrize("wtype", [t for t in GGML_TYPES if t not in (WType.Q4_0X2, *X8_TYPES)], ids=lambda t: t.name)
 def test_numpy_decode_matches_gguf_dequantize(wtype):
     gguf = pytest.importorskip("gguf", reason="gguf-py is the golden block decoder")
     rng = np.random.default_rng(2)
@@ -218,15 +219,23 @@ def test_repack_is_identical_in_c_and_numpy_and_keeps_results():
             np.testing.assert_array_equal(api.gemm(wt, packed, n, 256, act), api.gemm(WType.Q4_0, w, n, 256, act))
 
 
-def test_q8_0x8_repack_is_identical_in_c_and_numpy():
+@pytest.mark.parametrize("plain, packed_type, c_fn, np_fn",
+                         [(WType.Q8_0, WType.Q8_0X8, api.repack_q8_0x8, numpy_ref.repack_q8_0x8),
+                          (WType.Q5_0, WType.Q5_0X8, api.repack_q5_0x8, numpy_ref.repack_q5_0x8)],
+                         ids=lambda v: v.name if isinstance(v, WType) else "")
+def test_x8_repack_is_identical_in_c_and_numpy(plain, packed_type, c_fn, np_fn):
     rng = np.random.default_rng(11)
     for n in (1, 8, 13):
-        w = random_weights(WType.Q8_0, n, 96, rng, codes="min" if n == 8 else "random")
-        packed = api.repack_q8_0x8(w, n, 96)
-        np.testing.assert_array_equal(packed, numpy_ref.repack_q8_0x8(w, n, 96))
+        w = random_weights(plain, n, 96, rng, codes="min" if n == 8 else "random")
+        packed = c_fn(w, n, 96)
+        np.testing.assert_array_equal(packed, np_fn(w, n, 96))
+        codes, scale, _ = numpy_ref.decode(packed_type, packed, n, 96)  # the layout decodes to the plain values
+        want_codes, want_scale, _ = numpy_ref.decode(plain, w, n, 96)
+        np.testing.assert_array_equal(codes, want_codes)
+        np.testing.assert_array_equal(scale, want_scale)
         act = unit_activations(2, 96, rng)
         api.set_kernel_path("scalar")
-        np.testing.assert_array_equal(api.gemm(WType.Q8_0X8, packed, n, 96, act), api.gemm(WType.Q8_0, w, n, 96, act))
+        np.testing.assert_array_equal(api.gemm(packed_type, packed, n, 96, act), api.gemm(plain, w, n, 96, act))
 
 
 @pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q5_0], ids=lambda t: t.name)  # the types with 4-row products
@@ -319,7 +328,7 @@ def test_no_compiler_falls_back_to_numpy(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q8_0, *LEGACY_TYPES, WType.Q4_0X2, WType.Q4_0X8, WType.Q8_0X8],
+@pytest.mark.parametrize("wtype", [WType.Q4_0, WType.Q8_0, *LEGACY_TYPES, WType.Q4_0X2, *X8_TYPES],
                          ids=lambda t: t.name)
 @pytest.mark.parametrize("shape", [(9, 96, 2), (13, 544, 1), (4, 32, 3)], ids=str)
 def test_odd_block_counts(wtype, shape):

@@ -29,6 +29,7 @@
  *   Q3_K, Q6_K:        da * d * (sc0*isum0 + sc1*isum1)  (isum over the signed codes q-4 / q-32)
  *   QK_Q4_0X2 Q4_0 repacked for smmla: row pairs interleaved per block (see qk_repack_q4_0x2); N padded to even
  *   QK_Q4_0X8 Q4_0 repacked for AVX-512 VNNI: 8-row groups (see qk_repack_q4_0x8); N padded to a multiple of 8
+ *   QK_Q5_0X8 Q5_0 the same way, bit 4 of the codes as byte masks (see qk_repack_q5_0x8)
  *   INT4 with group size G (multiple of 32) and zero points: codes in Q4_0's nibble order per 32-elem block,
  *             (N, K/2) bytes; scales fp32 (N, K/G); zeros uint8 (N, K/G) in 0..15; w = (q - z) * s
  */
@@ -52,7 +53,8 @@ extern "C" {
 
 enum qk_wtype { QK_Q4_0 = 2, QK_Q4_1 = 3, QK_Q5_0 = 6, QK_Q5_1 = 7, QK_Q8_0 = 8, QK_Q2_K = 10, QK_Q3_K = 11,
                 QK_Q4_K = 12, QK_Q5_K = 13, QK_Q6_K = 14,
-                QK_Q4_0X2 = 100, QK_INT4G = 101, QK_Q4_0X8 = 102, QK_Q8_0X8 = 103, QK_INT4GX8 = 104 };
+                QK_Q4_0X2 = 100, QK_INT4G = 101, QK_Q4_0X8 = 102, QK_Q8_0X8 = 103, QK_INT4GX8 = 104,
+                QK_Q5_0X8 = 105 };
 
 /* Kernel paths; a process uses one, chosen at first use (best available) or by QKILN_KERNEL. */
 enum qk_path { QK_PATH_SCALAR = 0, QK_PATH_AVX2 = 1, QK_PATH_AVX512 = 2, QK_PATH_NEON = 3,
@@ -102,6 +104,12 @@ QK_API size_t qk_q4_0x8_bytes(int N, int K);
 QK_API size_t qk_q8_0x8_bytes(int N, int K);
 QK_API void qk_repack_q8_0x8(const void *src, int N, int K, void *dst);
 QK_API void qk_repack_q4_0x8(const void *src, int N, int K, void *dst);
+/* Q5_0 the same way (QK_Q5_0X8), 176 bytes per group and block: Q4_0X8's 144 bytes (the codes' low 4 bits),
+ * then 4 little-endian u64 masks, mask v = 2c + s (s = 0 for the low nibbles of chunk c, 1 for the high ones)
+ * with bit 4*L + j set where the code held by nibble s of byte 4*L + j of chunk c has bit 4 set: the masks
+ * of the four vpdpbusd operands, which add 16 to those bytes. */
+QK_API size_t qk_q5_0x8_bytes(int N, int K);
+QK_API void qk_repack_q5_0x8(const void *src, int N, int K, void *dst);
 
 /* INT4 with zero points repacked for the AVX-512 VNNI GEMV (QK_INT4GX8): groups of 8 rows (N padded with
  * zero rows); per 8-row group, for each weight group of G columns: 8 fp32 scales and 8 uint8 zero points

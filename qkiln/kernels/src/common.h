@@ -22,6 +22,7 @@
 #define Q4_0X2_BYTES 36 /* per row pair and block */
 #define Q4_0X8_BYTES 144 /* per 8-row group and block */
 #define Q8_0X8_BYTES 272
+#define Q5_0X8_BYTES 176 /* Q4_0X8's 144, then 4 u64 bit-4 masks */
 #define INT4GX8_HEAD 40  /* per 8-row group and weight group: 8 fp32 scales, 8 zero points */
 #define INT4GX8_BLOCK 128 /* per 8-row group and 32-element block: the codes, Q4_0X8's nibble order */
 
@@ -42,7 +43,8 @@ typedef void (*qk_rows_fn)(const qk_job *job, int n0, int n1);
 
 /* The row functions of one path, by layout. */
 enum qk_layout { QK_L_Q4_0, QK_L_Q8_0, QK_L_Q4_K, QK_L_Q6_K, QK_L_Q4_0X2, QK_L_INT4G, QK_L_Q4_0X8, QK_L_Q8_0X8,
-                 QK_L_INT4GX8, QK_L_Q5_0, QK_L_Q4_1, QK_L_Q5_1, QK_L_Q2_K, QK_L_Q3_K, QK_L_Q5_K, QK_NLAYOUTS };
+                 QK_L_INT4GX8, QK_L_Q5_0, QK_L_Q4_1, QK_L_Q5_1, QK_L_Q2_K, QK_L_Q3_K, QK_L_Q5_K, QK_L_Q5_0X8,
+                 QK_NLAYOUTS };
 
 typedef struct {
     qk_rows_fn rows[QK_NLAYOUTS];
@@ -146,6 +148,14 @@ static inline int qk_x8_pos(int r, int k, int *shift) {
     const int c = gg / 2, h = gg % 2;        /* chunk, half */
     *shift = hi ? 4 : 0;
     return 16 + c * 64 + 4 * (8 * h + r) + j;
+}
+
+/* Q5_0X8: which of the block's four u64 masks (at byte 144) and which bit of it stand for code k of row r. */
+static inline int qk_x8_mask_bit(int r, int k, int *mask) {
+    int shift;
+    const int pos = qk_x8_pos(r, k, &shift) - 16;
+    *mask = 2 * (pos / 64) + (shift ? 1 : 0);
+    return pos % 64;
 }
 
 /* INT4GX8: bytes of one 8-row group's weight group (scales, zeros, then group/32 blocks of codes). */

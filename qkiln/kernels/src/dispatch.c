@@ -167,6 +167,7 @@ int qk_gemm(int wtype, const void *w, int N, int K, const int8_t *qs, const floa
     case QK_Q4_0X2: layout = QK_L_Q4_0X2; break;
     case QK_Q4_0X8: layout = QK_L_Q4_0X8; break;
     case QK_Q8_0X8: layout = QK_L_Q8_0X8; break;
+    case QK_Q5_0X8: layout = QK_L_Q5_0X8; break;
     case QK_Q2_K: layout = QK_L_Q2_K; break;
     case QK_Q3_K: layout = QK_L_Q3_K; break;
     case QK_Q4_K: layout = QK_L_Q4_K; break;

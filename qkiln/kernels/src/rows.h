@@ -13,7 +13,7 @@
  *                            const int32_t *as, int nw, float out[4])  — the same value per row as dot_<t>;
  *   QK_DOT_INT4G: static float dot_int4g(const uint8_t *codes, const float *sc, const uint8_t *zp, int group,
  *                                        const int8_t *a, const float *ad, const int32_t *as, int nb);
- *   QK_DOT8_Q4_0X8, QK_DOT8_Q8_0X8, QK_DOT8_INT4GX8: one 8-row group of the X8 repacks, all 8 rows,
+ *   QK_DOT8_Q4_0X8, QK_DOT8_Q8_0X8, QK_DOT8_Q5_0X8, QK_DOT8_INT4GX8: one 8-row group of the X8 repacks, all 8 rows,
  *       static void dot8_<t>(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad,
  *                            const int32_t *as, const void *prep, float out[8])
  *       A file that defines QK_PREP8_BYTES(nb) also names, as QK_PREP8_<T> for each X8 layout, a
@@ -93,6 +93,7 @@ static inline __attribute__((always_inline)) void qk_rows_x8(const qk_job *j, in
 #define QK_PREP8_BYTES(nb) 0
 #define QK_PREP8_Q4_0X8 NULL
 #define QK_PREP8_Q8_0X8 NULL
+#define QK_PREP8_Q5_0X8 NULL
 #define QK_PREP8_INT4GX8 NULL
 #endif
 
@@ -177,6 +178,11 @@ QK_ROWS_X8(q8_0x8, (size_t)(j->K / QK8) * Q8_0X8_BYTES, QK_PREP8_Q8_0X8)
 #else
 #define rows_q8_0x8 NULL
 #endif
+#ifdef QK_DOT8_Q5_0X8
+QK_ROWS_X8(q5_0x8, (size_t)(j->K / QK8) * Q5_0X8_BYTES, QK_PREP8_Q5_0X8)
+#else
+#define rows_q5_0x8 NULL
+#endif
 #ifdef QK_DOT8_INT4GX8
 QK_ROWS_X8(int4gx8, (size_t)(j->K / j->group) * qk_int4gx8_group_bytes(j->group), QK_PREP8_INT4GX8)
 #else
@@ -189,7 +195,7 @@ static void qk_rows_fill(qk_kernels *k) {
                               [QK_L_Q6_K] = rows_q6_k, [QK_L_INT4G] = rows_int4g, [QK_L_Q4_0X8] = rows_q4_0x8,
                               [QK_L_Q8_0X8] = rows_q8_0x8, [QK_L_INT4GX8] = rows_int4gx8, [QK_L_Q5_0] = rows_q5_0,
                               [QK_L_Q4_1] = rows_q4_1, [QK_L_Q5_1] = rows_q5_1, [QK_L_Q2_K] = rows_q2_k,
-                              [QK_L_Q3_K] = rows_q3_k, [QK_L_Q5_K] = rows_q5_k}};
+                              [QK_L_Q3_K] = rows_q3_k, [QK_L_Q5_K] = rows_q5_k, [QK_L_Q5_0X8] = rows_q5_0x8}};
     qk_kernels_over(k, &mine);
 }
 

@@ -269,6 +269,28 @@ static void dot8_q4_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, cons
     }
 }
 
+static void dot8_q5_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
+                        const void *prep, float out[8]) {
+    const int nb = j->K / QK8;
+    for (int r = 0; r < 8; r++) {
+        const uint8_t *wb = w;
+        float acc = 0.0f;
+        for (int b = 0; b < nb; b++, wb += Q5_0X8_BYTES) {
+            const int8_t *ab = a + b * QK8;
+            int s = 0;
+            for (int k = 0; k < 32; k++) {
+                int shift, m;
+                const int pos = qk_x8_pos(r, k, &shift), bit = qk_x8_mask_bit(r, k, &m);
+                const int hi = wb[Q4_0X8_BYTES + 8 * m + bit / 8] >> (bit % 8) & 1;
+                s += (((wb[pos] >> shift) & 0x0f) | hi << 4) * ab[k];
+            }
+            s -= 16 * as[b];
+            acc += (qk_h2f_at(wb + 2 * r) * ad[b]) * (float)s;
+        }
+        out[r] = acc;
+    }
+}
+
 static void dot8_q8_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
                         const void *prep, float out[8]) {
     const int nb = j->K / QK8;
@@ -298,6 +320,7 @@ static void dot8_q8_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, cons
 #define QK_DOT_INT4G
 #define QK_DOT8_Q4_0X8
 #define QK_DOT8_Q8_0X8
+#define QK_DOT8_Q5_0X8
 #define QK_DOT8_INT4GX8
 #include "rows.h"
 

@@ -275,32 +275,55 @@ static void prep_bytes(const int8_t *a, int nb, void *buf) {
     }
 }
 
-/* One block of 8 rows' nibble codes (128 bytes at q) against the prepared block: 8 int32 sums of q * a. */
-static inline __m256i nibble_block8(const uint8_t *q, const __m512i *ab) {
+/* One block of 8 rows' nibble codes (128 bytes at q) against the prepared block: 8 int32 sums of q * a. With
+ * `masks` (Q5_0X8's four u64 at the block's byte 144), 16 is added to the codes whose bit 4 is set. */
+static inline __attribute__((always_inline)) __m256i nibble_block8(const uint8_t *q, const uint8_t *masks,
+                                                                   const __m512i *ab) {
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     const __m512i v0 = _mm512_loadu_si512((const void *)q);
     const __m512i v1 = _mm512_loadu_si512((const void *)(q + 64));
-    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v0, m4), ab[0]);
-    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), ab[1]);
-    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(v1, m4), ab[2]);
-    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4), ab[3]);
+    __m512i x[4] = {_mm512_and_si512(v0, m4), _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4),
+                    _mm512_and_si512(v1, m4), _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4)};
+    __m512i s = _mm512_setzero_si512();
+    for (int i = 0; i < 4; i++) {
+        if (masks) {
+            __mmask64 hi;
+            memcpy(&hi, masks + 8 * i, 8);
+            x[i] = _mm512_mask_add_epi8(x[i], hi, x[i], _mm512_set1_epi8(16));
+        }
+        s = _mm512_dpbusd_epi32(s, x[i], ab[i]);
+    }
     return _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
 }
 
-static void dot8_q4_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
-                        const void *prep, float out[8]) {
-    const int nb = j->K / QK8;
+/* Q4_0X8 (five = 0) and Q5_0X8 (five = 1): per block sum(q * a) - offset * sum(a), exact, times d * da. */
+static inline __attribute__((always_inline)) void dot8_nibbles(const qk_job *j, const uint8_t *w, const float *ad,
+                                                               const int32_t *as, const void *prep, float out[8],
+                                                               int five) {
+    const int nb = j->K / QK8, offset = five ? 16 : 8;
+    const size_t bytes = five ? Q5_0X8_BYTES : Q4_0X8_BYTES;
     const __m512i *ab = prep;
     __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++, w += Q4_0X8_BYTES) {
+    for (int b = 0; b < nb; b++, w += bytes) {
         _mm_prefetch((const char *)(w + QK_PREFETCH), _MM_HINT_T0);
         _mm_prefetch((const char *)(w + QK_PREFETCH + 64), _MM_HINT_T0);
         _mm_prefetch((const char *)(w + QK_PREFETCH + 128), _MM_HINT_T0);
-        const __m256i s8 = _mm256_sub_epi32(nibble_block8(w + 16, ab + b * 4), _mm256_set1_epi32(8 * as[b]));
+        const __m256i s8 = _mm256_sub_epi32(nibble_block8(w + 16, five ? w + Q4_0X8_BYTES : NULL, ab + b * 4),
+                                            _mm256_set1_epi32(offset * as[b]));
         const __m256 sc = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)), _mm256_set1_ps(ad[b]));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), sc, acc);
     }
     _mm256_storeu_ps(out, acc);
+}
+
+static void dot8_q4_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
+                        const void *prep, float out[8]) {
+    dot8_nibbles(j, w, ad, as, prep, out, 0);
+}
+
+static void dot8_q5_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
+                        const void *prep, float out[8]) {
+    dot8_nibbles(j, w, ad, as, prep, out, 1);
 }
 
 /* Q8_0X8: as Q4_0X8 with int8 codes offset to unsigned (w ^ 0x80) and 128 * sum(a) taken back per block. */
@@ -342,7 +365,7 @@ static void dot8_int4gx8(const qk_job *j, const uint8_t *w, const int8_t *a, con
             _mm_prefetch((const char *)(q + QK_PREFETCH), _MM_HINT_T0);
             _mm_prefetch((const char *)(q + QK_PREFETCH + 64), _MM_HINT_T0);
             const int b = g * per + i;
-            const __m256i s8 = _mm256_sub_epi32(nibble_block8(q, ab + b * 4), _mm256_mullo_epi32(z, _mm256_set1_epi32(as[b])));
+            const __m256i s8 = _mm256_sub_epi32(nibble_block8(q, NULL, ab + b * 4), _mm256_mullo_epi32(z, _mm256_set1_epi32(as[b])));
             accg = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), _mm256_set1_ps(ad[b]), accg);
         }
         acc = _mm256_fmadd_ps(accg, sc, acc);
@@ -362,6 +385,8 @@ static void dot8_int4gx8(const qk_job *j, const uint8_t *w, const int8_t *a, con
 #define QK_PREP8_Q4_0X8 prep_nibbles
 #define QK_DOT8_Q8_0X8
 #define QK_PREP8_Q8_0X8 prep_bytes
+#define QK_DOT8_Q5_0X8
+#define QK_PREP8_Q5_0X8 prep_nibbles
 #define QK_DOT8_INT4GX8
 #define QK_PREP8_INT4GX8 prep_nibbles
 #include "rows.h"

@@ -1,7 +1,7 @@
 /* gemm_avx512.c — batched products (gemm_panel.h) on AVX-512 VNNI: 16-row strips, one int32 lane per row of a zmm
  * vector, tiles of 8 activation rows; each vpdpbusd takes its activation word broadcast from memory and adds four
  * codes' products per lane. Besides the plain ggml blocks, the X8 repacks the avx512 path keeps at load (Q4_0X8,
- * Q8_0X8) are panel sources: two 8-row groups become one strip after a 128-bit lane shuffle, and their blocks
+ * Q8_0X8, Q5_0X8) are panel sources: two 8-row groups become one strip after a 128-bit lane shuffle, and their blocks
  * combine in the per-row X8 kernels' order (the same bits). One thread, 3072 x 576 weights x 128 rows: about
  * 1.4 ms (160 G multiply-adds/s, near one vpdpbusd per cycle) for Q4_0X8, Q8_0X8 and Q5_0. */
 #include <immintrin.h>
@@ -54,18 +54,25 @@ static inline __m512 scales16(const uint8_t *a, const uint8_t *b) {
     return _mm512_cvtph_ps(_mm256_set_m128i(hi, lo));
 }
 
-/* Rows n .. n+15 (n a multiple of 8) of a Q4_0X8 (q8 = 0) or Q8_0X8 (q8 = 1) matrix; the second group may lie
- * past the end. */
-static inline __attribute__((always_inline)) void fill_x8(const qk_job *j, int n, int q8, panel *p) {
-    const int nb = p->nb, ngroups = (j->N + 7) / 8, grp = n / 8;
-    const size_t bb = q8 ? Q8_0X8_BYTES : Q4_0X8_BYTES;
+/* 16 added to the bytes of v whose bit is set in the u64 at `masks` (a Q5_0X8 block's bit-4 mask; NULL: none). */
+static inline __m512i add_bit4(__m512i v, const uint8_t *masks) {
+    if (!masks) return v;
+    __mmask64 hi;
+    memcpy(&hi, masks, 8);
+    return _mm512_mask_add_epi8(v, hi, v, _mm512_set1_epi8(16));
+}
+
+/* Rows n .. n+15 (n a multiple of 8) of a Q4_0X8, Q8_0X8 or Q5_0X8 (`bb` bytes per group and block) matrix;
+ * the second group may lie past the end. */
+static inline __attribute__((always_inline)) void fill_x8(const qk_job *j, int n, size_t bb, panel *p) {
+    const int nb = p->nb, ngroups = (j->N + 7) / 8, grp = n / 8, five = bb == Q5_0X8_BYTES;
     const uint8_t *A = j->w + (size_t)grp * nb * bb;
     const uint8_t *B = grp + 1 < ngroups ? A + (size_t)nb * bb : NULL;
     const __m512i m4 = _mm512_set1_epi8(0x0f), bias = _mm512_set1_epi8((char)0x80);
     for (int b = 0; b < nb; b++, A += bb, B = B ? B + bb : NULL) {
         __m512i *out = (__m512i *)(p->q + (size_t)b * 8 * 64);
         _mm512_store_ps(p->scale + (size_t)b * STRIP, scales16(A, B));
-        if (q8) {
+        if (bb == Q8_0X8_BYTES) {
             for (int c = 0; c < 4; c++) {
                 const __m512i va = _mm512_xor_si512(_mm512_loadu_si512((const void *)(A + 16 + 64 * c)), bias);
                 const __m512i vb = B ? _mm512_xor_si512(_mm512_loadu_si512((const void *)(B + 16 + 64 * c)), bias) : bias;
@@ -74,11 +81,12 @@ static inline __attribute__((always_inline)) void fill_x8(const qk_job *j, int n
             }
         } else {
             for (int c = 0; c < 2; c++) {
+                const uint8_t *ma = five ? A + Q4_0X8_BYTES + 16 * c : NULL, *mb = five && B ? B + Q4_0X8_BYTES + 16 * c : NULL;
                 const __m512i va = _mm512_loadu_si512((const void *)(A + 16 + 64 * c));
                 const __m512i vb = B ? _mm512_loadu_si512((const void *)(B + 16 + 64 * c)) : _mm512_setzero_si512();
-                const __m512i la = _mm512_and_si512(va, m4), lb = _mm512_and_si512(vb, m4);
-                const __m512i ha = _mm512_and_si512(_mm512_srli_epi16(va, 4), m4);
-                const __m512i hb = _mm512_and_si512(_mm512_srli_epi16(vb, 4), m4);
+                const __m512i la = add_bit4(_mm512_and_si512(va, m4), ma), lb = add_bit4(_mm512_and_si512(vb, m4), mb);
+                const __m512i ha = add_bit4(_mm512_and_si512(_mm512_srli_epi16(va, 4), m4), ma ? ma + 8 : NULL);
+                const __m512i hb = add_bit4(_mm512_and_si512(_mm512_srli_epi16(vb, 4), m4), mb ? mb + 8 : NULL);
                 out[2 * c] = halves(la, lb, 0);
                 out[2 * c + 1] = halves(la, lb, 1);
                 out[2 * c + 4] = halves(ha, hb, 0);
@@ -89,11 +97,15 @@ static inline __attribute__((always_inline)) void fill_x8(const qk_job *j, int n
 }
 
 static void fill_q4_0x8(const qk_job *j, int n, int rows, size_t stride, panel *p) {
-    fill_x8(j, n, 0, p);
+    fill_x8(j, n, Q4_0X8_BYTES, p);
 }
 
 static void fill_q8_0x8(const qk_job *j, int n, int rows, size_t stride, panel *p) {
-    fill_x8(j, n, 1, p);
+    fill_x8(j, n, Q8_0X8_BYTES, p);
+}
+
+static void fill_q5_0x8(const qk_job *j, int n, int rows, size_t stride, panel *p) {
+    fill_x8(j, n, Q5_0X8_BYTES, p);
 }
 
 /* ---- the tile: GT (or fewer) activation rows against one panel --------------------------------------------- */
@@ -166,7 +178,12 @@ static void gemm_q8_0x8(const qk_job *j, int n0, int n1) {
     gemm_strips(j, n0, n1, 1, 128, 0, tiles_1_0, fill_q8_0x8, 0);
 }
 
+static void gemm_q5_0x8(const qk_job *j, int n0, int n1) {
+    gemm_strips(j, n0, n1, 1, 16, 0, tiles_1_0, fill_q5_0x8, 0);
+}
+
 void qk_fill_gemm_avx512(qk_kernels *k) {
-    const qk_kernels mine = {{GEMM_PLAIN_TABLE, [QK_L_Q4_0X8] = gemm_q4_0x8, [QK_L_Q8_0X8] = gemm_q8_0x8}};
+    const qk_kernels mine = {{GEMM_PLAIN_TABLE, [QK_L_Q4_0X8] = gemm_q4_0x8, [QK_L_Q8_0X8] = gemm_q8_0x8,
+                               [QK_L_Q5_0X8] = gemm_q5_0x8}};
     qk_kernels_over(k, &mine);
 }
