@@ -15,6 +15,7 @@ from qkiln.runtime.generate import KVCache
 Q4_0 = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output": "Q4_0", "ffn_gate": "Q4_0",
         "ffn_up": "Q4_0", "ffn_down": "Q4_0", "token_embd": "Q8_0", "output": "Q8_0"}
 Q8_0 = dict.fromkeys(Q4_0, "Q8_0")
+Q5_0 = {**dict.fromkeys(Q4_0, "Q5_0"), "token_embd": "Q8_0", "output": "Q8_0"}
 K_MIX = {"attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q8_0", "attn_output": "Q5_0", "ffn_gate": "Q5_0",
          "ffn_up": "Q5_0", "ffn_down": "Q6_K", "token_embd": "Q5_0", "output": "Q5_0"}  # as Q4_K_M on 576-wide rows
 K_MIX2 = {**K_MIX, "ffn_down": "Q4_K", "attn_output": "Q4_1", "ffn_up": "Q5_1"}
@@ -22,7 +23,8 @@ K_MIX2 = {**K_MIX, "ffn_down": "Q4_K", "attn_output": "Q4_1", "ffn_up": "Q5_1"}
 pytestmark = pytest.mark.skipif("numpy" == api.kernel_path(), reason="batched products are C (QKILN_KERNEL=numpy)")
 
 
-@pytest.mark.parametrize("types", [Q4_0, Q8_0, K_MIX, K_MIX2], ids=["q4_0", "q8_0", "q5_0-q6_k-q8_0", "q4_k-q4_1-q5_1"])
+@pytest.mark.parametrize("types", [Q4_0, Q8_0, Q5_0, K_MIX, K_MIX2],
+                         ids=["q4_0", "q8_0", "q5_0", "q5_0-q6_k-q8_0", "q4_k-q4_1-q5_1"])
 def test_prompt_logits_equal_the_per_token_path(make_gguf, types):
     model = load_gguf_model(make_gguf(types=types, hidden=256, intermediate=512, n_layers=3)).model
     rng = np.random.default_rng(0)
@@ -30,8 +32,8 @@ def test_prompt_logits_equal_the_per_token_path(make_gguf, types):
     whole = model.forward(ids[None], cache=KVCache(model.config, ids.size))[0]  # (s, vocab): batched products
     cache = KVCache(model.config, ids.size)
     one = np.stack([model.forward(ids[None, t : t + 1], start_pos=t, cache=cache)[0, 0] for t in range(ids.size)])
-    if api.kernel_path() == "avx512" and types in (Q4_0, Q8_0):
-        # the Q4_0X8/Q8_0X8 panels combine each block in the per-row kernels' order: the same bits
+    if api.kernel_path() == "avx512" and types in (Q4_0, Q8_0, Q5_0):
+        # the Q4_0X8/Q8_0X8/Q5_0X8 panels combine each block in the per-row kernels' order: the same bits
         np.testing.assert_array_equal(whole, one)
     scale = float(np.abs(one).max())
     # first token: one row either way, the same int8 activations through 3 layers -> float32 rounding only
