@@ -26,24 +26,35 @@ void qk_repack_q4_0x2(const void *src, int N, int K, void *dst) {
 
 size_t qk_q4_0x8_bytes(int N, int K) { return (size_t)((N + 7) / 8) * (K / QK8) * Q4_0X8_BYTES; }
 
-void qk_repack_q4_0x8(const void *src, int N, int K, void *dst) {
+/* Q4_0 (five = 0) or Q5_0 (five = 1) into its X8 layout: the nibbles at qk_x8_pos; for Q5_0 bit 4 of each code
+ * into the u64 masks after them (qk_x8_mask_bit). */
+static void repack_nibbles_x8(const uint8_t *s, int N, int K, uint8_t *o, int five) {
     const int nb = K / QK8;
-    const uint8_t *s = (const uint8_t *)src;
-    uint8_t *o = (uint8_t *)dst;
-    memset(o, 0, qk_q4_0x8_bytes(N, K));
+    const int src_bytes = five ? Q5_0_BYTES : Q4_0_BYTES, nib = five ? 6 : 2;
+    const size_t bytes = five ? Q5_0X8_BYTES : Q4_0X8_BYTES;
+    memset(o, 0, (size_t)((N + 7) / 8) * nb * bytes);
     for (int g = 0; g < (N + 7) / 8; g++)
-        for (int b = 0; b < nb; b++, o += Q4_0X8_BYTES)
+        for (int b = 0; b < nb; b++, o += bytes) {
+            uint64_t masks[4] = {0, 0, 0, 0};
             for (int r = 0; r < 8 && 8 * g + r < N; r++) {
-                const uint8_t *blk = s + ((size_t)(8 * g + r) * nb + b) * Q4_0_BYTES;
+                const uint8_t *blk = s + ((size_t)(8 * g + r) * nb + b) * src_bytes;
+                const uint32_t qh = five ? qk_rd32(blk + 2) : 0;
                 memcpy(o + 2 * r, blk, 2);
                 for (int k = 0; k < 32; k++) {
-                    const int q = k < 16 ? (blk[2 + k] & 0x0f) : (blk[2 + k - 16] >> 4);
-                    int shift;
-                    const int pos = qk_x8_pos(r, k, &shift);
-                    o[pos] |= (uint8_t)(q << shift);
+                    const int q = k < 16 ? (blk[nib + k] & 0x0f) : (blk[nib + k - 16] >> 4);
+                    int shift, m;
+                    o[qk_x8_pos(r, k, &shift)] |= (uint8_t)(q << shift);
+                    const int bit = qk_x8_mask_bit(r, k, &m);
+                    masks[m] |= (uint64_t)(qh >> k & 1) << bit;
                 }
             }
+            if (five)
+                for (int m = 0; m < 4; m++)
+                    for (int i = 0; i < 8; i++) o[Q4_0X8_BYTES + 8 * m + i] = (uint8_t)(masks[m] >> 8 * i);
+        }
 }
+
+void qk_repack_q4_0x8(const void *src, int N, int K, void *dst) { repack_nibbles_x8(src, N, K, dst, 0); }
 
 size_t qk_q8_0x8_bytes(int N, int K) { return (size_t)((N + 7) / 8) * (K / QK8) * Q8_0X8_BYTES; }
 
@@ -63,30 +74,7 @@ void qk_repack_q8_0x8(const void *src, int N, int K, void *dst) {
 
 size_t qk_q5_0x8_bytes(int N, int K) { return (size_t)((N + 7) / 8) * (K / QK8) * Q5_0X8_BYTES; }
 
-void qk_repack_q5_0x8(const void *src, int N, int K, void *dst) {
-    const int nb = K / QK8;
-    const uint8_t *s = (const uint8_t *)src;
-    uint8_t *o = (uint8_t *)dst;
-    memset(o, 0, qk_q5_0x8_bytes(N, K));
-    for (int g = 0; g < (N + 7) / 8; g++)
-        for (int b = 0; b < nb; b++, o += Q5_0X8_BYTES) {
-            uint64_t masks[4] = {0, 0, 0, 0};
-            for (int r = 0; r < 8 && 8 * g + r < N; r++) {
-                const uint8_t *blk = s + ((size_t)(8 * g + r) * nb + b) * Q5_0_BYTES;
-                const uint32_t qh = qk_rd32(blk + 2);
-                memcpy(o + 2 * r, blk, 2);
-                for (int k = 0; k < 32; k++) {
-                    const int q = k < 16 ? (blk[6 + k] & 0x0f) : (blk[6 + k - 16] >> 4);
-                    int shift, m;
-                    o[qk_x8_pos(r, k, &shift)] |= (uint8_t)(q << shift);
-                    const int bit = qk_x8_mask_bit(r, k, &m);
-                    masks[m] |= (uint64_t)(qh >> k & 1) << bit;
-                }
-            }
-            for (int m = 0; m < 4; m++)
-                for (int i = 0; i < 8; i++) o[Q4_0X8_BYTES + 8 * m + i] = (uint8_t)(masks[m] >> 8 * i);
-        }
-}
+void qk_repack_q5_0x8(const void *src, int N, int K, void *dst) { repack_nibbles_x8(src, N, K, dst, 1); }
 
 size_t qk_int4gx8_bytes(int N, int K, int group) {
     if (group <= 0 || group % QK8 != 0 || K % group != 0) return 0;

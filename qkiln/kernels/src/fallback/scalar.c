@@ -248,47 +248,38 @@ static void dot8_int4gx8(const qk_job *j, const uint8_t *w, const int8_t *a, con
     }
 }
 
-static void dot8_q4_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
-                        const void *prep, float out[8]) {
-    const int nb = j->K / QK8;
+/* Q4_0X8 (five = 0) and Q5_0X8 (five = 1, bit 4 of each code from the masks after the nibbles). */
+static void dot8_nibbles(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
+                         float out[8], int five) {
+    const int nb = j->K / QK8, offset = five ? 16 : 8;
+    const size_t bytes = five ? Q5_0X8_BYTES : Q4_0X8_BYTES;
     for (int r = 0; r < 8; r++) {
         const uint8_t *wb = w;
         float acc = 0.0f;
-        for (int b = 0; b < nb; b++, wb += Q4_0X8_BYTES) {
+        for (int b = 0; b < nb; b++, wb += bytes) {
             const int8_t *ab = a + b * QK8;
             int s = 0;
             for (int k = 0; k < 32; k++) {
-                int shift;
-                const int pos = qk_x8_pos(r, k, &shift);
-                s += ((wb[pos] >> shift) & 0x0f) * ab[k];
+                int shift, m;
+                const int pos = qk_x8_pos(r, k, &shift), bit = qk_x8_mask_bit(r, k, &m);
+                const int hi = five ? wb[Q4_0X8_BYTES + 8 * m + bit / 8] >> (bit % 8) & 1 : 0;
+                s += (((wb[pos] >> shift) & 0x0f) | hi << 4) * ab[k];
             }
-            s -= 8 * as[b];
+            s -= offset * as[b];
             acc += (qk_h2f_at(wb + 2 * r) * ad[b]) * (float)s;
         }
         out[r] = acc;
     }
 }
 
+static void dot8_q4_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
+                        const void *prep, float out[8]) {
+    dot8_nibbles(j, w, a, ad, as, out, 0);
+}
+
 static void dot8_q5_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
                         const void *prep, float out[8]) {
-    const int nb = j->K / QK8;
-    for (int r = 0; r < 8; r++) {
-        const uint8_t *wb = w;
-        float acc = 0.0f;
-        for (int b = 0; b < nb; b++, wb += Q5_0X8_BYTES) {
-            const int8_t *ab = a + b * QK8;
-            int s = 0;
-            for (int k = 0; k < 32; k++) {
-                int shift, m;
-                const int pos = qk_x8_pos(r, k, &shift), bit = qk_x8_mask_bit(r, k, &m);
-                const int hi = wb[Q4_0X8_BYTES + 8 * m + bit / 8] >> (bit % 8) & 1;
-                s += (((wb[pos] >> shift) & 0x0f) | hi << 4) * ab[k];
-            }
-            s -= 16 * as[b];
-            acc += (qk_h2f_at(wb + 2 * r) * ad[b]) * (float)s;
-        }
-        out[r] = acc;
-    }
+    dot8_nibbles(j, w, a, ad, as, out, 1);
 }
 
 static void dot8_q8_0x8(const qk_job *j, const uint8_t *w, const int8_t *a, const float *ad, const int32_t *as,
