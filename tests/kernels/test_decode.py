@@ -175,3 +175,19 @@ def test_demo_q4_0_greedy_through_the_c_step():
     text_fast = generate_greedy(model, ids, 64, eos_ids=set())
     first = next((t for t in range(64) if text_fast[t] != new[t]), 64)
     assert first == 64 or (first > 0 and margin[first - 1] < 0.5), (first, margin[first - 1])
+
+
+def test_step_logits_do_not_depend_on_the_thread_count(make_gguf):
+    """The step splits products by rows and attention by query heads: every output element is computed the same
+    way on any thread, so 1, 2 and 3 threads give the same bits."""
+    path = make_gguf(types=ALL_Q4_0, hidden=256, intermediate=512, n_layers=2)
+    ids = np.arange(5, 40)  # a context long enough that every head has work
+    runs = []
+    for threads in (1, 2, 3):
+        model = load_gguf_model(path, nthreads=threads).model
+        cache = KVCache(model.config, ids.size + 4)
+        model.hidden(ids[None], cache=cache)
+        step = DecodeStep.for_model(model, cache)
+        runs.append(np.stack([step(tok, ids.size + t).copy() for t, tok in enumerate([7, 11, 13])]))
+    np.testing.assert_array_equal(runs[1], runs[0])
+    np.testing.assert_array_equal(runs[2], runs[0])

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "threads.h"
 
 /* x (n) -> out = x * (1 / sqrt(mean(x^2) + eps)) * w, as runtime.llama.rms_norm (float32 ops). */
 static void rms_norm(const float *x, const float *w, int n, float eps, float *out) {
@@ -22,8 +23,9 @@ static void rms_norm(const float *x, const float *w, int n, float eps, float *ou
     for (int i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
 }
 
-/* Eight independent partial sums, so the compiler can vectorize without reassociating (no fast-math). */
-static float dot(const float *a, const float *b, int n) {
+/* Eight independent partial sums, so the compiler can vectorize without reassociating (no fast-math); inlined,
+ * so each attend_head clone vectorizes it for its own target. */
+static inline __attribute__((always_inline)) float dot(const float *a, const float *b, int n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int i = 0;
     for (; i + 8 <= n; i += 8)
@@ -58,6 +60,51 @@ static int products(const qk_linear_desc *lin, int count, const float *x, int8_t
     return 0;
 }
 
+/* One layer's single-query attention, a query head per task (each head's arithmetic is the same on any
+ * thread, so the split never changes a result). */
+typedef struct {
+    const qk_decoder_desc *m;
+    const qk_layer_desc *L;
+    const float *q; /* rotated queries (n_heads * head_dim) */
+    float *att;     /* out (n_heads * head_dim) */
+    float *sc;      /* scores: (n_heads, pos + 1) */
+    int pos;
+    float scale;
+} attn_job;
+
+/* Query head i over cache positions 0..pos: softmax(scale * q.k) . v. Compiled for AVX-512 and AVX2 as well
+ * where GCC can (target_clones, chosen at load): with -ffp-contract=off and the loops' fixed summation order
+ * (dot's eight partial sums; the value sum one position at a time per element) every variant gives the same
+ * bits, only wider. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+static void attend_head(void *ctx, long head) {
+    const attn_job *a = ctx;
+    const qk_decoder_desc *m = a->m;
+    const int i = (int)head, hd = m->head_dim, pos = a->pos, g = i / (m->n_heads / m->kv_heads);
+    const float *keys = a->L->k_cache + (size_t)g * m->max_len * hd;
+    const float *vals = a->L->v_cache + (size_t)g * m->max_len * hd;
+    float *sc = a->sc + (size_t)i * (pos + 1);
+    float qc[hd];
+    for (int j = 0; j < hd; j++) qc[j] = a->q[i * hd + j] * a->scale;
+    float mx = -INFINITY;
+    for (int t = 0; t <= pos; t++) {
+        sc[t] = dot(qc, keys + (size_t)t * hd, hd);
+        mx = sc[t] > mx ? sc[t] : mx;
+    }
+    float denom = 0.0f;
+    for (int t = 0; t <= pos; t++) {
+        sc[t] = expf(sc[t] - mx);
+        denom += sc[t];
+    }
+    float *o = a->att + i * hd;
+    for (int j = 0; j < hd; j++) o[j] = 0.0f;
+    for (int t = 0; t <= pos; t++)
+        for (int j = 0; j < hd; j++) o[j] += sc[t] * vals[(size_t)t * hd + j];
+    for (int j = 0; j < hd; j++) o[j] /= denom;
+}
+
 static int total_out(const qk_linear_desc *lin, int count) {
     int n = 0;
     for (int i = 0; i < count; i++) n += lin[i].N;
@@ -66,7 +113,7 @@ static int total_out(const qk_linear_desc *lin, int count) {
 
 int qk_decode_token(const qk_decoder_desc *m, float *h, int pos, const float *cos, const float *sin, float *logits) {
     const int H = m->hidden, nh = m->n_heads, kvh = m->kv_heads, hd = m->head_dim, half = hd / 2;
-    const int q_out = nh * hd, kv_out = kvh * hd, n_rep = nh / kvh;
+    const int q_out = nh * hd, kv_out = kvh * hd;
     if (pos < 0 || pos >= m->max_len || nh % kvh != 0 || hd % 2 != 0) return -1;
     int widest = H > m->inter ? H : m->inter;
     if (q_out > widest) widest = q_out;
@@ -75,7 +122,7 @@ int qk_decode_token(const qk_decoder_desc *m, float *h, int pos, const float *co
     int big = qkv_n > gu_n ? qkv_n : gu_n; /* the head writes straight into logits */
     if (H > big) big = H;
     float *x = malloc(sizeof(float) * widest), *y = malloc(sizeof(float) * (size_t)big);
-    float *att = malloc(sizeof(float) * q_out), *sc = malloc(sizeof(float) * (size_t)(pos + 1));
+    float *att = malloc(sizeof(float) * q_out), *sc = malloc(sizeof(float) * (size_t)nh * (pos + 1));
     int8_t *qs = malloc((size_t)widest);
     float *d = malloc(sizeof(float) * (widest / QK8));
     int32_t *sums = malloc(sizeof(int32_t) * (widest / QK8));
@@ -97,28 +144,8 @@ int qk_decode_token(const qk_decoder_desc *m, float *h, int pos, const float *co
             memcpy(L->k_cache + ((size_t)i * m->max_len + pos) * hd, k + i * hd, sizeof(float) * hd);
             memcpy(L->v_cache + ((size_t)i * m->max_len + pos) * hd, v + i * hd, sizeof(float) * hd);
         }
-        for (int i = 0; i < nh; i++) {
-            const int g = i / n_rep;
-            const float *keys = L->k_cache + (size_t)g * m->max_len * hd;
-            const float *vals = L->v_cache + (size_t)g * m->max_len * hd;
-            float qc[hd];
-            for (int j = 0; j < hd; j++) qc[j] = q[i * hd + j] * scale;
-            float mx = -INFINITY;
-            for (int t = 0; t <= pos; t++) {
-                sc[t] = dot(qc, keys + (size_t)t * hd, hd);
-                mx = sc[t] > mx ? sc[t] : mx;
-            }
-            float denom = 0.0f;
-            for (int t = 0; t <= pos; t++) {
-                sc[t] = expf(sc[t] - mx);
-                denom += sc[t];
-            }
-            float *o = att + i * hd;
-            for (int j = 0; j < hd; j++) o[j] = 0.0f;
-            for (int t = 0; t <= pos; t++)
-                for (int j = 0; j < hd; j++) o[j] += sc[t] * vals[(size_t)t * hd + j];
-            for (int j = 0; j < hd; j++) o[j] /= denom;
-        }
+        const attn_job aj = {m, L, q, att, sc, pos, scale};
+        qk_parallel(attend_head, (void *)&aj, nh, m->nthreads);
         if ((rc = products(&L->o, 1, att, qs, d, sums, y, m->nthreads)) != 0) break;
         for (int i = 0; i < H; i++) h[i] += y[i];
         /* MLP */
