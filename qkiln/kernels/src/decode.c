@@ -1,6 +1,7 @@
 /* One decode step (a single token) through every decoder layer of a Llama model whose linears are packed:
  * RMSNorm, int8 activation quantization, the packed products (through qk_gemm and its thread pool), RoPE,
- * the key/value cache write, single-query grouped attention over the cache, SwiGLU and the residuals — in C,
+ * the key/value cache write, single-query grouped attention over the cache (a query head per task on the same
+ * pool), SwiGLU and the residuals — in C,
  * so a token costs one call instead of a few hundred NumPy operations and ctypes calls.
  *
  * It is the scalar definition of the step and follows runtime/llama.py's float32 math operation by operation
