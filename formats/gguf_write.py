@@ -258,7 +258,7 @@ def _tensor_bytes(config: LlamaConfig, spec: WeightSpec, w: Weight) -> np.ndarra
             raise AssertionError(f"{spec.hf_name}: got {ggml_type_of(w).name} {w.shape}, planned {spec.ggml_type.name} {spec.shape}")
         qt = permute_qt(w, order) if order is not None else w
         step = block_rows(qt.shape[1])
-        return ByteChunks(nbytes, (_pack(qt.row_slice(r0, r0 + step)) for r0 in range(0, qt.shape[0], step)))
+        return ByteChunks(nbytes, (_pack(qt.take_rows(slice(r0, r0 + step))) for r0 in range(0, qt.shape[0], step)))
     if tuple(w.shape) != spec.shape:
         raise AssertionError(f"{spec.hf_name}: got shape {tuple(w.shape)}, planned {spec.shape}")
     if order is not None:

@@ -37,15 +37,11 @@ class QuantizedTensor:
         """Exact float32 weights (rows, cols)."""
         return self.scheme.decode(self.codes, self.params)
 
-    def take_rows(self, rows: np.ndarray) -> QuantizedTensor:
-        """The tensor of rows `rows` (k,) int: rows are independent on every grid (params are per row)."""
+    def take_rows(self, rows: np.ndarray | slice) -> QuantizedTensor:
+        """The tensor of rows `rows` ((k,) int, or a slice: views, no copy): rows are independent on every
+        grid (params are per row)."""
         return QuantizedTensor(scheme=self.scheme, codes=self.codes[rows],
                                params={k: v[rows] for k, v in self.params.items()}, name=self.name)
-
-    def row_slice(self, r0: int, r1: int) -> QuantizedTensor:
-        """Rows r0:r1 as views (no copy): what a writer packs a block of rows at a time."""
-        return QuantizedTensor(scheme=self.scheme, codes=self.codes[r0:r1],
-                               params={k: v[r0:r1] for k, v in self.params.items()}, name=self.name)
 
     @property
     def nbytes(self) -> int:
