@@ -75,16 +75,9 @@ def one_blas_thread() -> contextlib.AbstractContextManager[object]:
     return contextlib.nullcontext() if ctl is None else ctl.limit(limits=1, user_api="blas")
 
 
-def inverse_hessian_cholesky(h: np.ndarray, damp: float, name: str = "") -> tuple[np.ndarray, float]:
-    """Upper U with UᵀU = (H + λI)⁻¹, λ = damp·mean(diag H); returns (U (in, in) float32, damp used).
-    `h` is not modified (see `prepare_hessian` for the in-place form)."""
-    jhj = np.ascontiguousarray(h[::-1, ::-1], dtype=np.float32)
-    return _damped_inverse_cholesky(jhj, float(np.mean(np.diag(h).astype(np.float64))), damp, name)
-
-
 def _damped_inverse_cholesky(jhj: np.ndarray, mean_diag: float, damp: float, name: str) -> tuple[np.ndarray, float]:
-    """U (upper, UᵀU = (H + λI)⁻¹) made IN PLACE in `jhj` = J H J (in, in) float32 C-contiguous (J reverses
-    the order): with L the lower Cholesky factor of J H J, H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), so U = J L⁻¹ J.
+    """U (upper, UᵀU = (H + λI)⁻¹, λ = damp·mean(diag H)) made IN PLACE in `jhj` = J H J (in, in) float32
+    C-contiguous (J reverses the order): with L the lower Cholesky factor of J H J, H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), so U = J L⁻¹ J.
 
     LAPACK's potrf then trtri, in place, on the lower triangle only: the strict upper triangle keeps H, from
     which a retry restores the lower one — no copy of the matrix at any point (at 14336 inputs, an 8B model's

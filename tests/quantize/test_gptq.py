@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qkiln.errors import QuantizeError
-from qkiln.quantize.gptq import gptq_quantize, inverse_hessian_cholesky, output_error
+from qkiln.quantize.gptq import gptq_quantize, output_error, prepare_hessian
 from qkiln.quantize.hessian import accumulate_hessian, empty_hessian
 from qkiln.quantize.registry import get_scheme
 from qkiln.quantize.rtn import quantize_rtn
@@ -97,7 +97,8 @@ def test_singular_hessian_retries_with_more_damping(caplog):
     h, _ = accumulate_hessian(*empty_hessian(64), x)
     h[0, 1] = h[1, 0] = 20 * np.diag(h).mean()  # indefinite until damping is ~20x
     with caplog.at_level(logging.WARNING, logger="qkiln.quantize.gptq"):
-        upper, used = inverse_hessian_cholesky(h, 0.01, "t")
+        prep = prepare_hessian(h, damp=0.01, name="t")
+    upper, used = prep.hinv, prep.damp
     assert used > 0.01 and "retrying" in caplog.text
     np.testing.assert_allclose(np.triu(upper), upper)
 
@@ -114,7 +115,7 @@ def test_bad_inputs_are_clear_errors(problem):
 
 def test_stacked_rows_equal_separate_matrices(problem):
     """q/k/v are scanned as one stacked matrix: GPTQ is row-separable given H, so results must match."""
-    from qkiln.quantize.gptq import gptq_quantize_shared, prepare_hessian
+    from qkiln.quantize.gptq import gptq_quantize_shared
 
     w, _, h = problem
     scheme = get_scheme("int4_g64_asym")
@@ -156,8 +157,6 @@ def test_unweighted_int_fit_is_min_max(problem):
 def test_prepared_in_place_equals_prepared_from_a_copy_and_inverts_h(problem):
     """`overwrite=True` factors calibration's float32 Hessian in its own buffer (no copy at 14336 inputs): the same
     U as from a copy, with UᵀU = (H + λI)⁻¹ under the act-order permutation, zeros below the diagonal."""
-    from qkiln.quantize.gptq import prepare_hessian
-
     _, _, h = problem
     h32 = np.ascontiguousarray(h, dtype=np.float32)
     copy = prepare_hessian(h32, act_order=True)
@@ -196,7 +195,7 @@ def test_triangle_moves_in_place(n):
 def test_row_blocks_of_the_stack_equal_one_scan(problem):
     """`gptq_quantize_shared` scans a block of rows at a time (an 8B model's gate/up is 0.5 GB per float32 copy):
     rows are independent given H, so the codes equal one scan of the whole stack up to float32 summation order."""
-    from qkiln.quantize.gptq import gptq_quantize_shared, prepare_hessian
+    from qkiln.quantize.gptq import gptq_quantize_shared
 
     w, _, h = problem
     scheme = get_scheme("int4_g64_asym")
