@@ -63,6 +63,8 @@ _longs3 = ctypes.c_long * 3
 _LIB = LazyLibrary({
     "qk_causal_attention_ex": [ctypes.c_int, _vp, _vp, _vp, _vp, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                ctypes.c_int, ctypes.c_int, ctypes.c_int, _vp, _vp, _vp, ctypes.c_int],
+    "qk_decode_attention": [ctypes.c_int, _vp, _vp, _vp, _vp, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                            ctypes.c_int, ctypes.c_int, _vp, _vp, _vp, ctypes.c_int],
     "qk_attention_exp2": [ctypes.c_int, _vp, _vp, ctypes.c_long],
     "qk_attention_variant": [],
     "qk_attention_amx_available": [],
@@ -107,24 +109,30 @@ def _elem_strides(a: np.ndarray) -> np.ndarray:
 
 
 def causal_attention_c(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, threads: int = 0,
-                       variant: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
-    """The C kernel alone (raises KernelError without the library): same contract as causal_attention."""
+                       variant: str = "auto", out: np.ndarray | None = None, single_query: bool = False) -> np.ndarray:
+    """The C kernel alone (raises KernelError without the library): same contract as causal_attention.
+    `single_query` (s == 1 only) runs qk_decode_attention, the decode step's attention (a head per task, sums in
+    another order), instead of the units."""
     lib = _load()
     if lib is None:
         raise KernelError(f"the C attention kernel is unavailable: {_LIB.error}")
     q, keys, values = _elem_strides(q), _elem_strides(keys), _elem_strides(values)
     b, s, n_heads, d = q.shape
     kb, kv_heads, t, kd = keys.shape
-    if values.shape != keys.shape or kb != b or kd != d or t < s or n_heads % kv_heads:
+    if values.shape != keys.shape or kb != b or kd != d or t < s or n_heads % kv_heads or (single_query and s != 1):
         raise ValueError(f"attention shapes q {q.shape}, keys {keys.shape}, values {values.shape} do not fit")
     if out is None or not fits_out(out, (b * s, n_heads * d)):
-        got = causal_attention_c(q, keys, values, threads=threads, variant=variant,
+        got = causal_attention_c(q, keys, values, threads=threads, variant=variant, single_query=single_query,
                                  out=np.empty((b * s, n_heads * d), np.float32))  # (b * s, heads * d)
         return into(got, out)
     qs, ks, vs = (_longs3(*(st // 4 for st in a.strides[:3])) for a in (q, keys, values))
-    rc = lib.qk_causal_attention_ex(VARIANTS[variant], _ptr(q), _ptr(keys), _ptr(values), _ptr(out), b, s, t,
-                                    n_heads, kv_heads, d, ctypes.addressof(qs), ctypes.addressof(ks),
-                                    ctypes.addressof(vs), int(threads))
+    strides = (ctypes.addressof(qs), ctypes.addressof(ks), ctypes.addressof(vs))
+    if single_query:
+        rc = lib.qk_decode_attention(VARIANTS[variant], _ptr(q), _ptr(keys), _ptr(values), _ptr(out), b, t, n_heads,
+                                     kv_heads, d, *strides, int(threads))
+    else:
+        rc = lib.qk_causal_attention_ex(VARIANTS[variant], _ptr(q), _ptr(keys), _ptr(values), _ptr(out), b, s, t,
+                                        n_heads, kv_heads, d, *strides, int(threads))
     if rc == -2:
         raise KernelError(f"attention variant {variant!r} cannot run on this CPU")
     if rc != 0:

@@ -1,5 +1,6 @@
 """The fused C causal attention against kernels.reference's NumPy function, on the shapes the
-runtime produces: MHA and GQA, a KV-cache offset (t > s), decode (s = 1), odd lengths around the 12/8-row
+runtime produces: MHA and GQA, a KV-cache offset (t > s), decode (s = 1; and qk_decode_attention, the C decode
+step's), odd lengths around the 12/8-row
 groups and 64-key blocks, head_dim 24/64/96/128, saturating softmax, strided views; and its exp polynomial.
 
 Tolerance (kernels.attention.ATOL_REL): max|Δ| ≤ 1e-5 · max|v| · (1 + max|score| / 16). The 2^x is within
@@ -118,6 +119,42 @@ def test_decode_on_kv_cache_views(variant):
         k, v = kb[:, :, :t], vb[:, :, :t]  # (b, kvh, t, d) views
         got = attention.causal_attention_c(q, k, v, threads=1, variant=variant)
         assert float(np.abs(got - numpy_attention(q, k, v)).max()) <= _tolerance(q, k, v), (s, t)
+
+
+# qk_decode_attention, the decode step's attention: one query per batch row, a head per task reading the keys in
+# place (AVX-512: d % 16 == 0 and d <= 256, else the portable head); (b, t, heads, kv_heads, d)
+SINGLE_QUERY = {"t1": (1, 1, 3, 1, 64), "t17-gqa": (2, 17, 9, 3, 64), "t130-d128": (1, 130, 8, 2, 128),
+                "t37-d96": (1, 37, 6, 3, 96), "t70-d24": (2, 70, 4, 2, 24), "t20-d272": (1, 20, 2, 1, 272),
+                "t700": (1, 700, 9, 3, 64)}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", list(SINGLE_QUERY))
+def test_single_query_matches_numpy(case, variant):
+    b, t, heads, kvh, d = SINGLE_QUERY[case]
+    q, k, v = _inputs(b, 1, t, heads, kvh, d, seed=5)
+    want = numpy_attention(q, k, v)
+    for threads in (1, 2, 3):
+        got = attention.causal_attention_c(q, k, v, threads=threads, variant=variant, single_query=True)
+        err = float(np.abs(got - want).max())
+        assert err <= _tolerance(q, k, v), (case, variant, threads, err)
+        if threads == 1:
+            one = got
+        np.testing.assert_array_equal(got, one)  # a head is one task: the same bits on any thread count
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_single_query_saturating_and_on_cache_views(variant):
+    """Scores of magnitude ~100, and keys from the first t positions of a larger KV-cache buffer."""
+    q, k, v = _inputs(2, 1, 130, 6, 2, 64, seed=1, q_scale=12.0)
+    got = attention.causal_attention_c(q, k, v, threads=1, variant=variant, single_query=True)
+    assert np.isfinite(got).all() and float(np.abs(got - numpy_attention(q, k, v)).max()) <= _tolerance(q, k, v)
+    rng = np.random.default_rng(6)
+    kb, vb = (rng.standard_normal((2, 3, 1024, 64)).astype(np.float32) for _ in range(2))  # (b, kvh, cap, d)
+    q = rng.standard_normal((2, 1, 9, 64)).astype(np.float32)
+    k, v = kb[:, :, :333], vb[:, :, :333]  # (b, kvh, t, d) views
+    got = attention.causal_attention_c(q, k, v, threads=2, variant=variant, single_query=True)
+    assert float(np.abs(got - numpy_attention(q, k, v)).max()) <= _tolerance(q, k, v)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -183,6 +183,11 @@ QK_API int qk_causal_attention(const float *q, const float *k, const float *v, f
 QK_API int qk_causal_attention_ex(int variant, const float *q, const float *k, const float *v, float *out, int b, int s,
                            int t, int n_heads, int kv_heads, int d, const long *q_strides, const long *k_strides,
                            const long *v_strides, int nthreads);
+/* One query per batch row (s = 1) over t keys, for decode steps: a head per task, keys read in place; q strides
+ * {batch, -, head}; sums in another order than qk_causal_attention's (src/attention/attention.c). */
+QK_API int qk_decode_attention(int variant, const float *q, const float *k, const float *v, float *out, int b, int t,
+                               int n_heads, int kv_heads, int d, const long *q_strides, const long *k_strides,
+                               const long *v_strides, int nthreads);
 QK_API int qk_attention_exp2(int variant, const float *x, float *y, long n);    /* the softmax's 2^x, for its test */
 QK_API int qk_attention_variant(void);
 QK_API int qk_attention_amx_available(void);

@@ -1,8 +1,10 @@
 /* attention.c — the entry point of the fused causal attention (argument checks, work split, threads, the
  * run-time choice of variant) and its portable unit: register tiles of 4-float vectors written with GCC/Clang
  * vector extensions (SSE2 on baseline x86-64, NEON on aarch64) and plain loops the compiler vectorizes.
- * The AVX-512 unit is in attention_avx512.c, the bf16 AMX unit (variant 3, only on request: it rounds the
- * inputs to bf16) in attention_amx.c. Layout and algorithm: attention.h.
+ * qk_decode_attention, for a single query (a decode step), skips the units: a task per query head reads its
+ * keys in place (head_portable here, qk_attn_head_avx512). The AVX-512 unit is in attention_avx512.c, the bf16
+ * AMX unit (variant 3, only on request: it rounds the inputs to bf16) in attention_amx.c. Layout and
+ * algorithm: attention.h.
  *
  *   int qk_causal_attention(q, k, v, out, b, s, t, n_heads, kv_heads, d, q_strides, k_strides, v_strides,
  *                           nthreads)              best variant; qk_causal_attention_ex(variant, ...) picks one
@@ -180,6 +182,67 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
     }
 }
 
+/* ---- a single query: one head per task ---- */
+
+/* Sixteen partial sums (lane l: elements l, l + 16, ... in order), added as a fixed tree (lane l += lane l + w
+ * for w = 8, 4, 2, 1): the compiler vectorizes it at any width without reassociating (no fast-math). */
+static inline __attribute__((always_inline)) float dot16(const float *a, const float *b, int n) {
+    float acc[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[i + l] * b[i + l];
+    for (int w = 8; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    float s = acc[0];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* o[c] = sum over j of p[j] * v[j * vs + c], j ascending, then / l, for `width` (a constant where inlined)
+ * columns c: the sums stay in registers over the whole pass. */
+static inline __attribute__((always_inline)) void weigh_values(const float *p, const float *v, long vs, int n,
+                                                                int width, float l, float *o) {
+    float r[64];
+    for (int c = 0; c < width; c++) r[c] = 0.0f;
+    for (int j = 0; j < n; j++)
+        for (int c = 0; c < width; c++) r[c] += p[j] * v[(long)j * vs + c];
+    for (int c = 0; c < width; c++) o[c] = r[c] / l;
+}
+
+/* The portable qk_attn_head_fn, in plain C, for any d. Built as GCC target clones on x86-64 (AVX2 where the CPU has it, chosen
+ * at load; -ffp-contract=off and the fixed summation order give every clone the same bits). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+static void head_portable(const float *q, const float *k, long ks, const float *v, long vs, int n, int d, float *out,
+                          float *sc) {
+    const float scale = (float)(QK_LOG2E / sqrt((double)d));
+    float qs[d];
+    for (int c = 0; c < d; c++) qs[c] = q[c] * scale;
+    float mx = -INFINITY;
+    for (int j = 0; j < n; j++) {
+        sc[j] = dot16(qs, k + (long)j * ks, d);
+        mx = sc[j] > mx ? sc[j] : mx;
+    }
+    float lane[16] = {0};
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int x = 0; x < 16; x++) {
+            sc[j + x] = qk_attn_exp2f(sc[j + x] - mx);
+            lane[x] += sc[j + x];
+        }
+    for (; j < n; j++) {
+        sc[j] = qk_attn_exp2f(sc[j] - mx);
+        lane[0] += sc[j];
+    }
+    for (int w = 8; w > 0; w /= 2)
+        for (int x = 0; x < w; x++) lane[x] += lane[x + w];
+    int c = 0;
+    for (; c + 64 <= d; c += 64) weigh_values(sc, v + c, vs, n, 64, lane[0], out + c);
+    for (; c + 16 <= d; c += 16) weigh_values(sc, v + c, vs, n, 16, lane[0], out + c);
+    for (; c < d; c++) weigh_values(sc, v + c, vs, n, 1, lane[0], out + c);
+}
+
 /* ---- driver ---- */
 
 typedef void (*unit_fn)(const qk_attn_args *, int, float *);
@@ -193,7 +256,7 @@ typedef struct {
     atomic_int failed;
 } job_t;
 
-/* Each thread keeps its scratch between calls (a decode step would otherwise pay an mmap and a page fault
+/* Each thread keeps its scratch between calls (decode steps would otherwise pay an mmap and a page fault
  * per 4 KiB of packed keys every layer): the caller's, and the pool workers' (threads.c), which persist. */
 static __thread float *tls_scratch;
 static __thread size_t tls_bytes;
@@ -205,6 +268,27 @@ static float *thread_scratch(size_t bytes) {
         tls_bytes = tls_scratch ? bytes : 0;
     }
     return tls_scratch;
+}
+
+typedef struct {
+    const qk_attn_args *a;
+    qk_attn_head_fn fn;
+    atomic_int failed;
+} heads_job;
+
+/* Task (batch bi, query head h): the query's keys are 0 .. t - 1 of its kv head. */
+static void head_task(void *ctx, long task) {
+    heads_job *job = ctx;
+    const qk_attn_args *a = job->a;
+    const int bi = (int)(task / a->n_heads), h = (int)(task % a->n_heads), g = h / (a->n_heads / a->kv_heads);
+    float *sc = thread_scratch(((size_t)a->t + 16) * sizeof(float) / 64 * 64 + 64);
+    if (!sc) {
+        atomic_store(&job->failed, 1);
+        return;
+    }
+    job->fn(a->q + (long)bi * a->qs_b + (long)h * a->qs_h, a->k + (long)bi * a->ks_b + (long)g * a->ks_h, a->ks_t,
+            a->v + (long)bi * a->vs_b + (long)g * a->vs_h, a->vs_t, a->t, a->d,
+            a->out + ((long)bi * a->n_heads + h) * a->d, sc);
 }
 
 /* One participant: units claimed in order until none are left. */
@@ -253,12 +337,58 @@ int qk_attention_exp2(int variant, const float *x, float *y, long n) {
     return -2;
 }
 
-/* Strides (floats) of q {batch, position, head} and of k, v {batch, kv head, position}; NULL = contiguous.
- * nthreads <= 0: one thread per online CPU. Returns 0; -1 bad sizes; -2 variant unavailable; -3 no memory. */
+/* The call's qk_attn_args (sizes and strides; the units' blocking is the caller's), or -1 for bad sizes.
+ * Strides (floats) of q {batch, position, head} and of k, v {batch, kv head, position}; NULL = contiguous. */
+static int call_args(qk_attn_args *a, const float *q, const float *k, const float *v, float *out, int b, int s, int t,
+                     int n_heads, int kv_heads, int d, const long *q_strides, const long *k_strides,
+                     const long *v_strides) {
+    if (b < 0 || s < 0 || t < s || d <= 0 || kv_heads <= 0 || n_heads <= 0 || n_heads % kv_heads) return -1;
+    *a = (qk_attn_args){.q = q, .k = k, .v = v, .out = out, .b = b, .s = s, .t = t, .n_heads = n_heads,
+                        .kv_heads = kv_heads, .d = d};
+    a->qs_b = q_strides ? q_strides[0] : (long)s * n_heads * d;
+    a->qs_s = q_strides ? q_strides[1] : (long)n_heads * d;
+    a->qs_h = q_strides ? q_strides[2] : d;
+    a->ks_b = k_strides ? k_strides[0] : (long)kv_heads * t * d;
+    a->ks_h = k_strides ? k_strides[1] : (long)t * d;
+    a->ks_t = k_strides ? k_strides[2] : d;
+    a->vs_b = v_strides ? v_strides[0] : (long)kv_heads * t * d;
+    a->vs_h = v_strides ? v_strides[1] : (long)t * d;
+    a->vs_t = v_strides ? v_strides[2] : d;
+    return 0;
+}
+
+/* One query per batch row against its t keys (a decode step), a task per query head reading the keys in place:
+ * no packing, so it costs what reading the cache costs. Its sums run in another order than the units', so it
+ * is a separate entry point: qk_causal_attention keeps a prompt's rows equal to the same tokens run one at a
+ * time. Variant 2 runs the AVX-512 head where d % 16 == 0 and d <= QK_ATTN_HEAD_AVX512_MAX_D, else the
+ * portable one; variant 3 is not offered. Arguments and returns as qk_causal_attention_ex's with s = 1. */
+int qk_decode_attention(int variant, const float *q, const float *k, const float *v, float *out, int b, int t,
+                        int n_heads, int kv_heads, int d, const long *q_strides, const long *k_strides,
+                        const long *v_strides, int nthreads) {
+    qk_attn_args a;
+    if (t < 1 || call_args(&a, q, k, v, out, b, 1, t, n_heads, kv_heads, d, q_strides, k_strides, v_strides) != 0)
+        return -1;
+    if (variant == 0) variant = qk_attention_variant();
+    qk_attn_head_fn head = NULL;
+    if (variant == 1) head = head_portable;
+#if defined(__x86_64__)
+    if (variant == 2 && qk_have_avx512())
+        head = d % 16 == 0 && d <= QK_ATTN_HEAD_AVX512_MAX_D ? qk_attn_head_avx512 : head_portable;
+#endif
+    if (!head) return -2;
+    heads_job hj = {.a = &a, .fn = head};
+    atomic_init(&hj.failed, 0);
+    const long tasks = (long)b * n_heads;
+    qk_parallel(head_task, &hj, tasks, (double)tasks * t * d < (double)(1 << 15) ? 1 : nthreads);
+    return atomic_load(&hj.failed) ? -3 : 0;
+}
+
+/* nthreads <= 0: one thread per online CPU. Returns 0; -1 bad sizes; -2 variant unavailable; -3 no memory. */
 int qk_causal_attention_ex(int variant, const float *q, const float *k, const float *v, float *out, int b, int s,
                            int t, int n_heads, int kv_heads, int d, const long *q_strides, const long *k_strides,
                            const long *v_strides, int nthreads) {
-    if (b < 0 || s < 0 || t < s || d <= 0 || kv_heads <= 0 || n_heads <= 0 || n_heads % kv_heads) return -1;
+    qk_attn_args a;
+    if (call_args(&a, q, k, v, out, b, s, t, n_heads, kv_heads, d, q_strides, k_strides, v_strides) != 0) return -1;
     if (variant == 0) variant = qk_attention_variant();
     unit_fn fn = NULL;
     if (variant == 1) fn = qk_attn_unit_portable;
@@ -268,23 +398,12 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
 #endif
     if (!fn) return -2;
     if (b == 0 || s == 0) return 0;
-    qk_attn_args a = {.q = q, .k = k, .v = v, .out = out, .b = b, .s = s, .t = t, .n_heads = n_heads,
-                      .kv_heads = kv_heads, .d = d};
-    a.qs_b = q_strides ? q_strides[0] : (long)s * n_heads * d;
-    a.qs_s = q_strides ? q_strides[1] : (long)n_heads * d;
-    a.qs_h = q_strides ? q_strides[2] : d;
-    a.ks_b = k_strides ? k_strides[0] : (long)kv_heads * t * d;
-    a.ks_h = k_strides ? k_strides[1] : (long)t * d;
-    a.ks_t = k_strides ? k_strides[2] : d;
-    a.vs_b = v_strides ? v_strides[0] : (long)kv_heads * t * d;
-    a.vs_h = v_strides ? v_strides[1] : (long)t * d;
-    a.vs_t = v_strides ? v_strides[2] : d;
     if (nthreads <= 0) {
         const long n = sysconf(_SC_NPROCESSORS_ONLN);
         nthreads = n < 1 ? 1 : (n > 256 ? 256 : (int)n);
     }
     if (nthreads > 256) nthreads = 256;
-    /* Starting a thread costs tens of microseconds: small calls (decode steps) run on the caller alone. */
+    /* Small calls run on the caller alone: a unit packs its keys, too little work to share. */
     const double macs = (double)b * n_heads * s * ((double)(t - s) + (s + 1) / 2.0) * d;
     if (macs < (double)(1 << 22)) nthreads = 1;
     /* One query block per (batch, kv head) packs its keys once; with threads, split the queries so there

@@ -99,8 +99,8 @@ static inline float qk_attn_exp2f(float x) {
 }
 
 /* Rows of a unit are (query, head) pairs, query-major: row = (i - q0) * n_rep + r, so a row group holds
- * every head of a few positions (a decode step's n_rep rows fill one group instead of n_rep groups of
- * one row, and the causal triangle inside a group spans fewer positions). Packed queries: per group of
+ * every head of a few positions (a short chunk's rows fill a few groups instead of n_rep groups of one row
+ * per position, and the causal triangle inside a group spans fewer positions). Packed queries: per group of
  * QK_ATTN_QG rows, the (d, QK_ATTN_QG) transpose, so a group's broadcasts for one element are adjacent.
  * Index of (row, element c): */
 #define QK_ATTN_QG 12
@@ -115,6 +115,19 @@ void qk_attn_pack_kv(const qk_attn_args *a, int bi, int g, int nkeys, int npad, 
 /* Pack the unit's queries times log2(e)/sqrt(d) (scores in base 2), reading q in memory order, in the
  * qk_attn_qidx layout; rows past the block zero. */
 void qk_attn_pack_q(const qk_attn_args *a, int bi, int g, int q0, int q1, float *qp);
+
+/* The head of qk_decode_attention (a single query, a decode step): no packing, each query head one task
+ * reading its keys and values in place. q: the head's d values; k, v: key/value j at k + j * ks, v + j * vs,
+ * for j in [0, n); out: d values; sc: n + 16 floats of scratch (the scores). Scores are in base 2 (q times
+ * log2(e)/sqrt(d), as the units), the softmax exact over all n keys (one max, one sum), so a head's result
+ * depends only on its inputs and the variant. The portable head is attention.c's own. */
+typedef void (*qk_attn_head_fn)(const float *q, const float *k, long ks, const float *v, long vs, int n, int d,
+                                float *out, float *sc);
+#if defined(__x86_64__)
+#define QK_ATTN_HEAD_AVX512_MAX_D 256 /* the AVX-512 head keeps a 16-position score tile in registers */
+void qk_attn_head_avx512(const float *q, const float *k, long ks, const float *v, long vs, int n, int d, float *out,
+                         float *sc);
+#endif
 
 /* One work unit; `scratch` holds qk_attn_scratch_floats(a) floats, 64-byte aligned. */
 void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch);

@@ -219,3 +219,60 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
         }
     }
 }
+
+/* Values: out[c] = sum_j p[j] v[j][c] / l for NV (a constant) 16-float column vectors from column c0. */
+static inline __attribute__((always_inline)) void head_values(const int NV, const float *p, const float *v, long vs,
+                                                              int n, int c0, __m512 l, float *out) {
+    __m512 acc[4];
+    for (int x = 0; x < NV; x++) acc[x] = _mm512_setzero_ps();
+    for (int j = 0; j < n; j++) {
+        const __m512 pj = _mm512_set1_ps(p[j]);
+        const float *vr = v + (long)j * vs + c0;
+        for (int x = 0; x < NV; x++) acc[x] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * x), acc[x]);
+    }
+    for (int x = 0; x < NV; x++) _mm512_storeu_ps(out + c0 + 16 * x, _mm512_div_ps(acc[x], l));
+}
+
+/* qk_attn_head_fn for d % 16 == 0, d <= QK_ATTN_HEAD_AVX512_MAX_D. Scores 16 keys at a time: each key's
+ * d-long product as one vector of 16 partial sums, the 16 vectors transposed and added, so the tile's scores
+ * come out as one vector (no horizontal sum per key); then the softmax with exp2_512 and the values, 64
+ * columns per pass over the probabilities. */
+void qk_attn_head_avx512(const float *q, const float *k, long ks, const float *v, long vs, int n, int d, float *out,
+                         float *sc) {
+    const int nv = d / 16;
+    float qs[QK_ATTN_HEAD_AVX512_MAX_D] __attribute__((aligned(64)));
+    const __m512 scale = _mm512_set1_ps((float)(QK_LOG2E / sqrt((double)d)));
+    for (int x = 0; x < nv; x++) _mm512_store_ps(qs + 16 * x, _mm512_mul_ps(_mm512_loadu_ps(q + 16 * x), scale));
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int j0 = 0; j0 < n; j0 += 16) {
+        const int cnt = n - j0 < 16 ? n - j0 : 16;
+        __m512 r[16];
+        for (int j = 0; j < 16; j++) {
+            __m512 acc = _mm512_setzero_ps();
+            if (j < cnt) {
+                const float *kr = k + (long)(j0 + j) * ks;
+                for (int x = 0; x < nv; x++)
+                    acc = _mm512_fmadd_ps(_mm512_load_ps(qs + 16 * x), _mm512_loadu_ps(kr + 16 * x), acc);
+            }
+            r[j] = acc;
+        }
+        transpose16(r);
+        for (int w = 8; w > 0; w /= 2)
+            for (int j = 0; j < w; j++) r[j] = _mm512_add_ps(r[j], r[j + w]);
+        const __mmask16 m = (__mmask16)((1u << cnt) - 1);
+        _mm512_mask_storeu_ps(sc + j0, m, r[0]);
+        mx = _mm512_mask_max_ps(mx, m, mx, r[0]);
+    }
+    const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int j0 = 0; j0 < n; j0 += 16) {
+        const __mmask16 m = (__mmask16)(n - j0 < 16 ? (1u << (n - j0)) - 1 : 0xffffu);
+        const __m512 e = _mm512_maskz_mov_ps(m, exp2_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + j0), mv)));
+        _mm512_mask_storeu_ps(sc + j0, m, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 l = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+    int x = 0;
+    for (; x + 4 <= nv; x += 4) head_values(4, sc, v, vs, n, 16 * x, l, out);
+    for (; x < nv; x++) head_values(1, sc, v, vs, n, 16 * x, l, out);
+}
