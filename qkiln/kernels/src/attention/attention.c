@@ -209,8 +209,8 @@ static inline __attribute__((always_inline)) void weigh_values(const float *p, c
     for (int c = 0; c < width; c++) o[c] = r[c] / l;
 }
 
-/* The portable qk_attn_head_fn, in plain C, for any d. Built as GCC target clones on x86-64 (AVX2 where the CPU has it, chosen
- * at load; -ffp-contract=off and the fixed summation order give every clone the same bits). */
+/* The portable qk_attn_head_fn, in plain C, for any d. Built as GCC target clones on x86-64 (AVX2 where the CPU
+ * has it, chosen at load; -ffp-contract=off and the fixed summation order give every clone the same bits). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif

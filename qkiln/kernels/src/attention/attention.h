@@ -124,7 +124,7 @@ void qk_attn_pack_q(const qk_attn_args *a, int bi, int g, int q0, int q1, float 
 typedef void (*qk_attn_head_fn)(const float *q, const float *k, long ks, const float *v, long vs, int n, int d,
                                 float *out, float *sc);
 #if defined(__x86_64__)
-#define QK_ATTN_HEAD_AVX512_MAX_D 256 /* the AVX-512 head keeps a 16-position score tile in registers */
+#define QK_ATTN_HEAD_AVX512_MAX_D 256 /* the AVX-512 head's scaled query is a stack buffer this long */
 void qk_attn_head_avx512(const float *q, const float *k, long ks, const float *v, long vs, int n, int d, float *out,
                          float *sc);
 #endif
