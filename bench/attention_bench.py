@@ -10,6 +10,11 @@ milliseconds, NumPy and C alternating in one run; GFLOPS count the causal work, 
 The agreement column is max|C - NumPy| / max|v|. Not a test: the machine is shared, so the load average is
 printed before and after; compare ratios within one run.
 
+A decode table times qk_decode_attention (`single_query=True`, the C decode step's attention: a head per task
+on the cache in place) against the units on the same single-query calls (demo model and a Llama-3-8B layer, 192
+to 4096 cached positions, 1 and 2 threads); its GB/s is the keys and values read (2·b·kv_heads·t·d·4 bytes) per
+second, its agreement column max|decode - units| / max|v|.
+
 Where AMX runs, a second table compares the bf16 AMX variant (precision="bfloat16", calibration's) with the
 float32 AVX-512 one, single-threaded as calibration calls it, alternating in one run; its agreement column
 is max|amx - float32| / max|v| (kernels.attention.BF16_ATOL_REL).
@@ -57,6 +62,7 @@ def main() -> None:
     print(f"load average before: {_load()}   C variant: {attention.variant_name()}")
     if not args.bf16_only:
         _float32_table(args.repeats)
+        _decode_table(args.repeats)
     if attention.amx_bf16_available():
         _bf16_table(args.repeats)
     else:
@@ -104,6 +110,29 @@ def _float32_table(repeats: int) -> None:
                                        repeats)
             print(f"{(b, s, t, heads, kvh, d)!s:32} {threads:>3} {t_np:9.2f} {t_c:8.2f} {t_np / t_c:6.2f} "
                   f"{flops / t_c / 1e6:8.1f} {err / float(np.abs(v).max()):13.2e}", flush=True)
+
+
+# (b, t, heads, kv_heads, d): the demo model's decode after a 192-, 1024- and 4096-token context, a Llama-3-8B
+# layer's after 1024 and 4096
+DECODE_SHAPES = ((1, 192, 9, 3, 64), (1, 1024, 9, 3, 64), (1, 4096, 9, 3, 64), (1, 1024, 32, 8, 128),
+                 (1, 4096, 32, 8, 128))
+
+
+def _decode_table(repeats: int) -> None:
+    print(f"\n{'decode (b, t, heads, kv, d)':32} {'thr':>3} {'units ms':>9} {'decode ms':>9} {'ratio':>6} "
+          f"{'GB/s':>6} {'max|Δ|/max|v|':>13}")
+    rng = np.random.default_rng(0)
+    for b, t, heads, kvh, d in DECODE_SHAPES:
+        q, k, v = _inputs(rng, b, 1, t, heads, kvh, d)
+        err = float(np.abs(attention.causal_attention_c(q, k, v, threads=1, single_query=True)
+                           - attention.causal_attention_c(q, k, v, threads=1)).max())
+        for threads in (1, 2):
+            t_u, t_d = _best_pair(lambda: attention.causal_attention_c(q, k, v, threads=threads),  # noqa: B023
+                                  lambda: attention.causal_attention_c(q, k, v, threads=threads,  # noqa: B023
+                                                                       single_query=True),
+                                  repeats)
+            print(f"{(b, t, heads, kvh, d)!s:32} {threads:>3} {t_u:9.3f} {t_d:9.3f} {t_u / t_d:6.2f} "
+                  f"{2 * b * kvh * t * d * 4 / t_d / 1e6:6.1f} {err / float(np.abs(v).max()):13.2e}", flush=True)
 
 
 if __name__ == "__main__":
