@@ -120,9 +120,10 @@ int qk_sve_bytes(void) {
 
 /* ---- products: rows in chunks of a multiple of `align` (row pairs of Q4_0X2, SIMD row groups and the batched
  * kernels' 16-row strips stay in one chunk). Batched products take about four chunks per thread, so a slow
- * thread does not hold the others up; a decode step's (fewer than g_gemm_min_m rows) one per thread: each
- * chunk restarts the weight stream, and per token (demo model, 2 threads, ~240 products) 1 chunk per thread
- * decoded 8-14 % faster than 4 (Q4_0, Q4_K_M, Q8_0, alternated within one process). A worker that has not
+ * thread does not hold the others up; a decode step's (fewer than g_gemm_min_m rows) one per thread: per
+ * token (demo model, 2 threads, ~240 products) 1 chunk per thread decoded 8-14 % faster than 4 (Q4_0, Q4_K_M,
+ * Q8_0, alternated within one process; not isolated: a chunk is one more claim on the pool's shared counter
+ * and one more weight stream to start). A worker that has not
  * joined yet leaves its chunk to the caller, so a late thread still costs no more than running alone. ---- */
 
 typedef struct {
