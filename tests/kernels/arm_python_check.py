@@ -1,5 +1,6 @@
 """Python-level kernel checks without pytest, for an aarch64 Python under qemu (scripts/arm/run_arm_python.sh):
-the C library loaded through qkiln.kernels.api equals the NumPy reference on every path the CPU allows.
+the C library loaded through qkiln.kernels.api equals the NumPy reference on every path the CPU allows; the GPTQ
+loops and the portable attention (prefill and the decode step's) are checked once.
 Prints one line per path and `python-check ok` / exits 1 on the first mismatch."""
 
 from __future__ import annotations
@@ -62,6 +63,58 @@ def check_gptq_loops(rng: np.random.Generator) -> bool:
     return same and c_loops.available()
 
 
+def _softmax_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Causal GQA attention in float64: q (b, s, heads, d), k/v (b, kvh, t, d) -> (b * s, heads * d) float32
+    (kernels.reference's definition, restated here: it imports ml_dtypes, which this Python lacks)."""
+    b, s, heads, d = q.shape
+    kvh, t = k.shape[1], k.shape[2]
+    out = np.empty((b, s, heads, d))
+    for bi in range(b):
+        for h in range(heads):
+            g = h // (heads // kvh)
+            sc = q[bi, :, h].astype(np.float64) @ k[bi, g].T.astype(np.float64) / np.sqrt(d)  # (s, t)
+            sc[np.arange(t)[None, :] > (t - s + np.arange(s))[:, None]] = -np.inf
+            p = np.exp(sc - sc.max(axis=1, keepdims=True))
+            out[bi, :, h] = (p / p.sum(axis=1, keepdims=True)) @ v[bi, g].astype(np.float64)
+    return out.reshape(b * s, heads * d).astype(np.float32)
+
+
+def check_attention(rng: np.random.Generator) -> bool:
+    """The portable attention entry points through ctypes: qk_causal_attention_ex (the prefill units) and
+    qk_decode_attention (the C decode step's), within 1e-5 of max|v| of a float64 NumPy reference, the same bits
+    on 1 and 2 threads (GQA, head_dim 64 and 24, a key count off the 16- and 64-key blocks)."""
+    import ctypes
+    import os
+
+    lib = ctypes.CDLL(os.environ["QKILN_KERNELS_LIB"])
+    vp, ci = ctypes.c_void_p, ctypes.c_int
+    lib.qk_causal_attention_ex.argtypes = [ci, vp, vp, vp, vp, ci, ci, ci, ci, ci, ci, vp, vp, vp, ci]
+    lib.qk_decode_attention.argtypes = [ci, vp, vp, vp, vp, ci, ci, ci, ci, ci, vp, vp, vp, ci]
+    ok = True
+    for b, s, t, heads, kvh, d in ((2, 1, 37, 6, 2, 64), (1, 1, 130, 9, 3, 24), (1, 5, 40, 4, 2, 64)):
+        q = rng.standard_normal((b, s, heads, d)).astype(np.float32)
+        k, v = (rng.standard_normal((b, kvh, t, d)).astype(np.float32) for _ in range(2))
+        want = _softmax_attention(q, k, v)
+        runs = []
+        for threads in (1, 2):
+            out = np.empty((b * s, heads * d), np.float32)
+            ptrs = [a.ctypes.data for a in (q, k, v, out)]
+            if s == 1:
+                rc = lib.qk_decode_attention(1, *ptrs, b, t, heads, kvh, d, None, None, None, threads)
+            else:
+                rc = lib.qk_causal_attention_ex(1, *ptrs, b, s, t, heads, kvh, d, None, None, None, threads)
+            runs.append(out)
+            err = float(np.abs(out - want).max()) / float(np.abs(v).max())
+            if rc != 0 or err > 1e-5:
+                print(f"FAIL attention {(b, s, t, heads, kvh, d)} threads {threads}: rc {rc}, error {err:.2e}")
+                ok = False
+        if not np.array_equal(runs[0], runs[1]):
+            print(f"FAIL attention {(b, s, t, heads, kvh, d)}: 1 and 2 threads differ")
+            ok = False
+    print(f"attention: {'ok' if ok else 'FAIL'}")
+    return ok
+
+
 def main() -> int:
     rng = np.random.default_rng(0)
     print(f"{' '.join(sys.argv[1:])} machine={platform.machine()} numpy={np.__version__} "
@@ -97,7 +150,7 @@ def main() -> int:
             print(f"FAIL {path} int4 g128")
             return 1
         print(f"path {path}: ok (worst relative error {worst:.2e})")
-    if not check_gptq_loops(rng):
+    if not check_gptq_loops(rng) or not check_attention(rng):
         return 1
     print("python-check ok")
     return 0
