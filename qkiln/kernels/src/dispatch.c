@@ -123,8 +123,8 @@ int qk_sve_bytes(void) {
  * thread does not hold the others up; a decode step's (fewer than g_gemm_min_m rows) one per thread: per
  * token (demo model, 2 threads, ~240 products) 1 chunk per thread decoded 8-14 % faster than 4 (Q4_0, Q4_K_M,
  * Q8_0, alternated within one process; not isolated: a chunk is one more claim on the pool's shared counter
- * and one more weight stream to start). A worker that has not
- * joined yet leaves its chunk to the caller, so a late thread still costs no more than running alone. ---- */
+ * and one more weight stream to start). A worker that has not joined yet leaves its chunk to the caller, so a
+ * late thread still costs no more than running alone. ---- */
 
 typedef struct {
     qk_rows_fn fn;
