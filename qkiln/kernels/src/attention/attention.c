@@ -366,8 +366,7 @@ int qk_decode_attention(int variant, const float *q, const float *k, const float
                         int n_heads, int kv_heads, int d, const long *q_strides, const long *k_strides,
                         const long *v_strides, int nthreads) {
     qk_attn_args a;
-    if (t < 1 || call_args(&a, q, k, v, out, b, 1, t, n_heads, kv_heads, d, q_strides, k_strides, v_strides) != 0)
-        return -1;
+    if (call_args(&a, q, k, v, out, b, 1, t, n_heads, kv_heads, d, q_strides, k_strides, v_strides) != 0) return -1;
     if (variant == 0) variant = qk_attention_variant();
     qk_attn_head_fn head = NULL;
     if (variant == 1) head = head_portable;

@@ -266,7 +266,7 @@ void qk_attn_head_avx512(const float *q, const float *k, long ks, const float *v
     const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     __m512 sum = _mm512_setzero_ps();
     for (int j0 = 0; j0 < n; j0 += 16) {
-        const __mmask16 m = (__mmask16)(n - j0 < 16 ? (1u << (n - j0)) - 1 : 0xffffu);
+        const __mmask16 m = (__mmask16)((1u << (n - j0 < 16 ? n - j0 : 16)) - 1);
         const __m512 e = _mm512_maskz_mov_ps(m, exp2_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + j0), mv)));
         _mm512_mask_storeu_ps(sc + j0, m, e);
         sum = _mm512_add_ps(sum, e);
