@@ -99,13 +99,14 @@ def main() -> None:
     note = f" (extrapolated from {done} layers)" if extrapolated else ""
     print(f"wall time {total:.1f} s{note}, "
           f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB; probes before/after: AMX bf16 "
-          f"{probe_before['amx_bf16']}/{probe_after['amx_bf16']} GFLOP/s, SGEMM "
+          f"{probe_before['amx_bf16']}/{probe_after['amx_bf16']}, AVX512_BF16 "
+          f"{probe_before['avx512bf16_bf16']}/{probe_after['avx512bf16_bf16']} GFLOP/s, SGEMM "
           f"{probe_before['sgemm_f32']}/{probe_after['sgemm_f32']} GFLOP/s")
 
 
 def _speed_probes(repeats: int = 100) -> dict[str, float | None]:
-    """GFLOP/s of two fixed single-threaded products, the median of `repeats` calls: the AMX bf16 linear
-    (512 bf16 tokens by a 576 x 576 weight, the shape of calibration's products) and NumPy's float32 SGEMM
+    """GFLOP/s of fixed single-threaded products, the median of `repeats` calls: the bf16 linear on each C
+    path here (512 bf16 tokens by a 576 x 576 weight, the shape of calibration's products) and NumPy's float32 SGEMM
     (what GPTQ's updates and factorization run on), operands ~1 MB (L2): what a core delivers at the moment."""
     from qkiln.kernels import bf16
     from qkiln.quantize.gptq import one_blas_thread
@@ -119,10 +120,10 @@ def _speed_probes(repeats: int = 100) -> dict[str, float | None]:
         fn()
         return round(flop / float(np.median([_timed(fn) for _ in range(repeats)])) / 1e9, 1)
 
-    out: dict[str, float | None] = {"amx_bf16": None, "sgemm_f32": None}
-    if bf16.amx_available():
-        xb, packed, y = x.astype(bf16.BF16), bf16.pack_weight(w, path="amx"), bf16.aligned_empty((512, 576))
-        out["amx_bf16"] = rate(lambda: bf16.linear(xb, packed, out=y, nthreads=1))
+    out: dict[str, float | None] = {"amx_bf16": None, "avx512bf16_bf16": None, "sgemm_f32": None}
+    for path in bf16.c_paths():
+        xb, packed, y = x.astype(bf16.BF16), bf16.pack_weight(w, path=path), bf16.aligned_empty((512, 576))
+        out[f"{path}_bf16"] = rate(lambda xb=xb, packed=packed, y=y: bf16.linear(xb, packed, out=y, nthreads=1))
     with one_blas_thread():
         out["sgemm_f32"] = rate(lambda: x @ w.T)
     return out

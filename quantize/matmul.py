@@ -6,8 +6,9 @@ calibration token and the Hessian chunks xᵀx. An engine makes both:
 - `float32`: NumPy/BLAS, the same arithmetic as the runtime's reference forward.
 - `bfloat16`: inputs rounded to bfloat16 (round to nearest even), products summed in float32, as GPU
   GPTQ implementations run in half precision. `qkiln.kernels.bf16` does it with AMX tiles where the
-  CPU has them (about 4x float32 BLAS here) and in NumPy otherwise; both round the same way, so the two
-  differ only in float32 summation order.
+  CPU has them (about 4x float32 BLAS), with AVX512_BF16's vdpbf16ps where it has that instead (AMD
+  Zen 4/5: about 2x float32 BLAS) and in NumPy otherwise; all round the same way, so they differ only in
+  float32 summation order.
 
 Weights are packed once per use (`pack`) and applied to many token batches (`linear`).
 """

@@ -1,15 +1,19 @@
 """bf16 matrix products for GPTQ calibration: a linear layer's forward and the Hessian core XᵀX.
 
 Why bf16: calibration pushes ~65k tokens through every linear layer and accumulates XᵀX per layer (~20 TFLOP
-in all); float32 BLAS does ~180 GFLOPS on a 2-core machine, Intel AMX's tdpbf16ps several times that. Both
-paths compute the same thing, so results do not depend on the machine beyond float32 summation order:
+in all); float32 BLAS does ~180 GFLOPS on a 2-core machine, Intel AMX's tdpbf16ps several times that, and
+AVX512_BF16's vdpbf16ps (AMD Zen 4/5, Intel Cooper Lake) twice float32's multiply rate. Every path computes
+the same thing, so results do not depend on the machine beyond float32 summation order:
 
 * inputs are rounded to bf16 by `round_bf16` (the rule below), products of two bf16 values are exact in
   float32 (8 + 8 significant bits), and the products are summed in float32;
-* "amx": the C kernels in qkiln/kernels/src/x86/amx.c (tdpbf16ps, float32 accumulation, every core unless
-  nthreads says otherwise). Their bytes depend on the inputs only, never on the thread count or blocking:
-  `linear` sums each output over k in k order in one accumulator; `gram` sums each group of 8192 tokens in
-  token order (one tdpbf16ps per 32 tokens) and adds the groups' sums in group order;
+* "amx" and "avx512bf16": the C kernels in qkiln/kernels/src/x86/amx.c, one code over the same packed layouts
+  and blocking, whose 32 x 32 blocks of float32 accumulators are AMX tiles (tdpbf16ps) or, without AMX,
+  registers and memory updated by vdpbf16ps; every core unless nthreads says otherwise. Their bytes depend on
+  the inputs only, never on the thread count or blocking: `linear` sums each output over k in k order in one
+  accumulator; `gram` sums each group of 8192 tokens in token order (32 tokens per step) and adds the
+  groups' sums in group order. The two may differ from each other in the last bits (the order of a pair's
+  two products inside one instruction);
 * "numpy": `round_bf16` the inputs, then float32 `np.matmul`.
 
 Rounding rule (`round_bf16`): float32 denormals (exponent field 0) become a zero of the same sign, then
@@ -20,13 +24,13 @@ The flush matters only for |x| < 1.2e-38.
 Tolerance: with s = Σᵢ |xᵢ wᵢ| over the K reduced terms (features for `linear`, tokens for `gram`) of the
 rounded inputs, each path's float32 sum of K exact products is within K·2⁻²⁴·s of the exact sum (the
 classical recursive-summation bound, valid for any summation order; tdpbf16ps also flushes denormal results,
-adding at most K·2⁻¹²⁶). So |amx − numpy| ≤ 2·K·2⁻²⁴·s + 2·K·2⁻¹²⁶. That bound is the worst case; the
+adding at most K·2⁻¹²⁶). So |c − numpy| ≤ 2·K·2⁻²⁴·s + 2·K·2⁻¹²⁶ for either C path c. That bound is the worst case; the
 observed error is far smaller because rounding errors cancel and both paths sum in blocks: on random normal
 data the largest error/s was 7e-8 (linear, K=576) and 3e-7 / 1.3e-6 (Gram over 65536 tokens, amx / numpy;
 the median 1e-9). The tests hold every path to the bound and to error/s ≤ 2e-6.
 
 QKILN_KERNEL=numpy forces the NumPy path (other values of that variable choose among the quantized-kernel
-paths and do not affect this module, which has one C path).
+paths and do not affect this module, which picks the best C path: amx, then avx512bf16).
 """
 
 from __future__ import annotations
@@ -44,7 +48,10 @@ from qkiln.kernels.build import BuildError, build_library
 from qkiln.kernels.elementwise import silu_mul
 from qkiln.kernels.reference import BF16, round_bf16
 
-PATHS = ("amx", "numpy")
+PATHS = ("amx", "avx512bf16", "numpy")
+_ENGINES = {"amx": 1, "avx512bf16": 2}  # the C paths as amx.c's engine numbers (qk_bf16_engines' bits)
+_MISSING = {"amx": "this CPU/OS has no usable AMX-BF16 (cpuid, XCR0 or arch_prctl permission)",
+            "avx512bf16": "this CPU has no AVX512_BF16 (or the OS does not save the ZMM state)"}
 
 _lock = threading.Lock()
 _lib: Any = None
@@ -55,15 +62,15 @@ _loaded = False
 def _declare(lib: Any) -> None:
     i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     sig = {
-        "qk_bf16_amx_available": (c_int, []),
+        "qk_bf16_engines": (c_int, []),
         "qk_bf16_round": (None, [vp, i64, vp]),
         "qk_bf16_packed_bytes": (ctypes.c_size_t, [i64, i64]),
         "qk_bf16_pack_weight": (None, [vp, i64, i64, vp]),
         "qk_bf16_linear": (c_int, [vp, i64, i64, vp, i64, vp, c_int]),
-        "qk_bf16_linear_ex": (c_int, [vp, c_int, i64, i64, vp, i64, vp, c_int, c_int, c_int]),
-        "qk_bf16_gram": (c_int, [vp, i64, i64, vp, c_int]),
+        "qk_bf16_linear_ex": (c_int, [vp, c_int, i64, i64, vp, i64, vp, c_int, c_int, c_int, c_int]),
+        "qk_bf16_gram": (c_int, [vp, i64, i64, vp, c_int, c_int]),
         "qk_bf16_gram_acc_floats": (ctypes.c_size_t, [i64]),
-        "qk_bf16_gram_acc": (c_int, [vp, c_int, i64, i64, vp, c_int, c_int]),
+        "qk_bf16_gram_acc": (c_int, [vp, c_int, i64, i64, vp, c_int, c_int, c_int]),
         "qk_bf16_gram_acc_write": (c_int, [vp, i64, vp]),
     }
     for name, (res, args) in sig.items():
@@ -72,9 +79,13 @@ def _declare(lib: Any) -> None:
         fn.argtypes = args
 
 
+_engines = 0  # qk_bf16_engines() of the loaded library
+
+
 def _library() -> Any:
-    """The kernel library (the same shared object kernels.api loads) if it has usable AMX, else None."""
-    global _lib, _lib_error, _loaded
+    """The kernel library (the same shared object kernels.api loads) if it loads with the bf16 products and
+    one of their engines can run here, else None (`_lib_error` says why)."""
+    global _lib, _lib_error, _loaded, _engines
     with _lock:
         if not _loaded:
             _loaded = True
@@ -82,39 +93,49 @@ def _library() -> Any:
             try:
                 lib = ctypes.CDLL(os.environ.get("QKILN_KERNELS_LIB") or str(build_library()))
                 _declare(lib)  # AttributeError: a library without amx.c (aarch64, or stale)
-                if not lib.qk_bf16_amx_available():
-                    raise OSError("this CPU/OS has no usable AMX-BF16 (cpuid, XCR0 or arch_prctl permission)")
+                _engines = lib.qk_bf16_engines()
+                if not _engines:
+                    raise OSError(f"{_MISSING['amx']}; {_MISSING['avx512bf16']}")
                 _lib = lib
             except (BuildError, OSError, AttributeError) as e:
                 _lib_error = str(e).splitlines()[0]
         return _lib
 
 
-def amx_available() -> bool:
-    """True when the C library loads and qk_bf16_amx_available() says AMX-BF16 can run here."""
-    return _library() is not None
+def unavailable_reason(path: str) -> str | None:
+    """Why a path cannot run here (None when it can): for skip messages and errors."""
+    if path not in PATHS:
+        raise KernelError(f"unknown bf16 path {path!r}; use one of {', '.join(PATHS)}")
+    if path == "numpy":
+        return None
+    if _library() is None:
+        return _lib_error
+    return None if _engines & _ENGINES[path] else _MISSING[path]
 
 
-def amx_unavailable_reason() -> str | None:
-    """Why the AMX path cannot run (None when it can): for skip messages and errors."""
-    _library()
-    return _lib_error
+def available(path: str) -> bool:
+    """True when `path` can run here (the C library loads and the CPU has what the path needs)."""
+    return unavailable_reason(path) is None
+
+
+def c_paths() -> tuple[str, ...]:
+    """The C paths that can run here, fastest first."""
+    return tuple(p for p in _ENGINES if available(p))
 
 
 def bf16_path() -> str:
-    """The default path: 'numpy' when QKILN_KERNEL=numpy or AMX is unavailable, else 'amx'."""
+    """The default path: 'numpy' when QKILN_KERNEL=numpy or no C path can run, else the fastest C path."""
     if os.environ.get(ENV, "").strip().lower() == "numpy":
         return "numpy"
-    return "amx" if amx_available() else "numpy"
+    return (c_paths() or ("numpy",))[0]
 
 
 def _resolve(path: str | None) -> str:
     if path is None:
         return bf16_path()
-    if path not in PATHS:
-        raise KernelError(f"unknown bf16 path {path!r}; use one of {', '.join(PATHS)}")
-    if path == "amx" and not amx_available():
-        raise KernelError(f"the amx bf16 path cannot run here: {_lib_error}")
+    why = unavailable_reason(path)
+    if why is not None:
+        raise KernelError(f"the {path} bf16 path cannot run here: {why}")
     return path
 
 
@@ -122,7 +143,7 @@ def round_bf16_c(a: np.ndarray) -> np.ndarray:
     """The C conversion (vcvtne2ps2bf16) as float32, for tests that pin it to `round_bf16`."""
     lib = _library()
     if lib is None:
-        raise KernelError(f"the amx bf16 path cannot run here: {_lib_error}")
+        raise KernelError(f"the C bf16 paths cannot run here: {_lib_error}")
     x = np.ascontiguousarray(a, dtype=np.float32)
     bits = np.empty(x.shape, np.uint16)
     lib.qk_bf16_round(_ptr(x), x.size, _ptr(bits))
@@ -156,16 +177,14 @@ def _threads(nthreads: int | None) -> int:
 class BF16Weight:
     """A linear layer's weight W (n, k) (y = x Wᵀ) ready for `linear` on one path.
 
-    `packed` (uint16 bf16 AMX B tiles) for the amx path, or `rounded` (float32 (n, k), round_bf16(W))
-    for the numpy path; the path is fixed when packing so a product never silently changes path."""
+    `packed` (uint16 bf16 B tiles, amx.c's layout) for a C path, or `rounded` (float32 (n, k),
+    round_bf16(W)) for the numpy path; the path is fixed when packing so a product never silently changes
+    path."""
 
     shape: tuple[int, int]
+    path: str
     packed: np.ndarray | None = None
     rounded: np.ndarray | None = None
-
-    @property
-    def path(self) -> str:
-        return "amx" if self.packed is not None else "numpy"
 
 
 def pack_weight(w: np.ndarray, *, path: str | None = None) -> BF16Weight:
@@ -174,13 +193,14 @@ def pack_weight(w: np.ndarray, *, path: str | None = None) -> BF16Weight:
     if w.ndim != 2:
         raise ValueError(f"weight must be 2-D (n, k), got shape {w.shape}")
     n, k = w.shape
-    if _resolve(path) == "numpy":
-        return BF16Weight((n, k), rounded=_round_rows(w, np.empty((n, k), np.float32)))
+    path = _resolve(path)
+    if path == "numpy":
+        return BF16Weight((n, k), path, rounded=_round_rows(w, np.empty((n, k), np.float32)))
     lib = _library()
     packed = np.zeros(lib.qk_bf16_packed_bytes(n, k) // 2, np.uint16)  # (tiles * 512,)
     if n and k:
         lib.qk_bf16_pack_weight(_ptr(w), n, k, _ptr(packed))
-    return BF16Weight((n, k), packed=packed)
+    return BF16Weight((n, k), path, packed=packed)
 
 
 
@@ -255,7 +275,7 @@ def linear(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
 
 
 def linear_add(x: np.ndarray, w: BF16Weight, y: np.ndarray, *, nthreads: int | None = None) -> np.ndarray:
-    """y (m, n) float32 += bf16(x) (m, k) · bf16(W)ᵀ, in place (returned): on the amx path each output's
+    """y (m, n) float32 += bf16(x) (m, k) · bf16(W)ᵀ, in place (returned): on the C paths each output's
     float32 accumulator starts from y, so a residual connection needs no product written out and re-read."""
     x, _, _ = _linear_args(x, w, y, "linear_add")
     if w.rounded is not None:
@@ -282,7 +302,7 @@ def pack_glu(gate: np.ndarray, up: np.ndarray, *, path: str | None = None) -> BF
         rounded = np.empty((inter // GLU_ROWS, 2, GLU_ROWS, k), np.float32)
         for half, src in enumerate((gate, up)):
             _round_rows(src.reshape(inter // GLU_ROWS, GLU_ROWS, k), rounded[:, half])
-        return BF16Weight((2 * inter, k), rounded=rounded.reshape(2 * inter, k))
+        return BF16Weight((2 * inter, k), "numpy", rounded=rounded.reshape(2 * inter, k))
     return pack_weight(np.concatenate([gate.reshape(runs), up.reshape(runs)], axis=1).reshape(2 * inter, k), path=path)
 
 
@@ -298,7 +318,7 @@ def linear_glu(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
                nthreads: int | None = None) -> np.ndarray:
     """silu(g)·u (m, inter) for g, u = bf16(x)·bf16(gate)ᵀ, bf16(x)·bf16(up)ᵀ and w = pack_glu(gate, up).
 
-    On the amx path the activation is formed from the accumulator tiles, so the (m, 2·inter) product is
+    On the C paths the activation is formed from the accumulators, so the (m, 2·inter) product is
     never written; both paths compute silu·up with `kernels.elementwise.silu_mul`'s arithmetic. `out`
     float32, or bfloat16: the activation rounded as the next product would round it (half the memory)."""
     x, m, n = _linear_args(x, w, None, "linear_glu")
@@ -328,12 +348,12 @@ def _linear_args(x: np.ndarray, w: BF16Weight, out: np.ndarray | None, what: str
 
 
 def _linear_c(x: np.ndarray, w: BF16Weight, y: np.ndarray, mode: int, nthreads: int | None) -> None:
-    """qk_bf16_linear_ex: mode 0 y = x Wᵀ, 1 y += x Wᵀ, 2 y = silu(gate)·up (see amx.c)."""
+    """qk_bf16_linear_ex: mode 0 y = x Wᵀ, 1 y += x Wᵀ, 2 y = silu(gate)·up (see amx.c), on the weight's path."""
     lib = _library()
-    assert lib is not None and w.packed is not None, "an amx-packed weight implies the library loaded"
+    assert lib is not None and w.packed is not None, "a C-packed weight implies the library loaded"
     m, k = x.shape
     rc = lib.qk_bf16_linear_ex(_ptr(x), int(x.dtype == BF16), m, k, _ptr(w.packed), w.shape[0], _ptr(y), mode,
-                               int(y.dtype == BF16), _threads(nthreads))
+                               int(y.dtype == BF16), _threads(nthreads), _ENGINES[w.path])
     if rc != 0:
         raise MemoryError(f"qk_bf16_linear_ex (mode {mode}) failed (code {rc})")
 
@@ -348,12 +368,13 @@ def gram(x: np.ndarray, *, path: str | None = None, nthreads: int | None = None,
     x = _f32(_as_x(x, "gram"))
     m, k = x.shape
     _check_out(out, (k, k), "gram")
-    if _resolve(path) == "numpy":
+    path = _resolve(path)
+    if path == "numpy":
         xr = round_bf16(x)  # (m, k)
         return _mirror_upper(np.matmul(xr.T, xr).astype(np.float32, copy=False), out)
     if out is None:
         out = _empty64((k, k))  # (k, k)
-    rc = _library().qk_bf16_gram(_ptr(x), m, k, _ptr(out), _threads(nthreads))
+    rc = _library().qk_bf16_gram(_ptr(x), m, k, _ptr(out), _threads(nthreads), _ENGINES[path])
     if rc != 0:
         raise MemoryError(f"qk_bf16_gram failed (code {rc})")
     return out
@@ -363,8 +384,8 @@ class GramSum:
     """Running bf16(x)ᵀ·bf16(x) over many (m, k) chunks, float32 accumulation; `result()` is exactly symmetric.
 
     What calibration sums per input group: with `gram` each chunk's (k, k) result is written out, mirrored,
-    and re-added by the caller — at k = 1536 about as much memory traffic as the chunk's products. On the amx
-    path the float32 tile accumulators stay in this object's buffer between `add` calls (the kernel's own
+    and re-added by the caller — at k = 1536 about as much memory traffic as the chunk's products. On the C
+    paths the float32 tile accumulators stay in this object's buffer between `add` calls (the kernel's own
     layout) and are mirrored into a (k, k) array once, by `result`. Summation order: every token in `add`
     order, 32 at a time, into one float32 accumulator per element (numpy path: each chunk's float32 product
     added in order), so the bytes do not depend on `nthreads`. Not thread-safe: one summer per thread.
@@ -373,7 +394,7 @@ class GramSum:
     def __init__(self, k: int, *, path: str | None = None, nthreads: int | None = None):
         self.k, self.path, self.nthreads = k, _resolve(path), nthreads
         self.tokens = 0
-        if self.path == "amx":
+        if self.path != "numpy":
             floats = int(_library().qk_bf16_gram_acc_floats(k))
             self._acc = _empty64((1, max(floats, 1)))  # the kernel's tile accumulators
         else:
@@ -391,7 +412,7 @@ class GramSum:
                 _syrk_add(_bf16_values(x[r0 : r0 + step]), self._acc)
         else:
             rc = _library().qk_bf16_gram_acc(_ptr(x), int(x.dtype == BF16), m, k, _ptr(self._acc),
-                                             int(self.tokens == 0), _threads(self.nthreads))
+                                             int(self.tokens == 0), _threads(self.nthreads), _ENGINES[self.path])
             if rc != 0:
                 raise MemoryError(f"qk_bf16_gram_acc failed (code {rc})")
         self.tokens += m

@@ -1,5 +1,6 @@
 """bf16 products for calibration: the rounding rule is exact (NumPy == ml_dtypes on normals == the C
-conversion), and both paths give the float64 product of the rounded inputs within the stated bound."""
+conversion), and every path (AMX tiles, AVX512_BF16, NumPy) gives the float64 product of the rounded inputs
+within the stated bound."""
 
 from __future__ import annotations
 
@@ -13,11 +14,22 @@ from qkiln.kernels.api import KernelError
 U = 2.0**-24  # float32 unit roundoff
 
 
-@pytest.fixture(params=["amx", "numpy"])
+def _skip_unless(path: str) -> str:
+    why = bf16.unavailable_reason(path)
+    if why is not None:
+        pytest.skip(f"the {path} path cannot run here ({why}); the others are tested")
+    return path
+
+
+@pytest.fixture(params=["amx", "avx512bf16", "numpy"])
 def path(request):
-    if request.param == "amx" and not bf16.amx_available():
-        pytest.skip(f"AMX-BF16 cannot run here ({bf16.amx_unavailable_reason()}); the numpy path is tested")
-    return request.param
+    return _skip_unless(request.param)
+
+
+@pytest.fixture(params=["amx", "avx512bf16"])
+def c_path(request):
+    """The C paths, whose bytes must not depend on blocking, threads or concurrent callers."""
+    return _skip_unless(request.param)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -75,8 +87,8 @@ def test_round_bf16_special_values():
 
 
 def test_c_conversion_is_round_bf16_bit_for_bit():
-    if not bf16.amx_available():
-        pytest.skip(f"AMX-BF16 cannot run here ({bf16.amx_unavailable_reason()})")
+    if not bf16.c_paths():
+        pytest.skip(f"no C bf16 path can run here ({bf16.unavailable_reason('avx512bf16')})")
     rng = np.random.default_rng(1)
     every = rng.integers(0, 2**32, 1_000_003, dtype=np.uint64).astype(np.uint32).view(np.float32)  # denormals, NaNs
     for x in (every, _normals(rng, 100_001), every[:5]):
@@ -137,7 +149,7 @@ def test_linear_add_accumulates_into_y(path, m, k, n):
 def test_linear_glu_is_silu_mul_of_the_two_products(path, m, k, inter, monkeypatch):
     from qkiln.kernels.elementwise import silu_mul
 
-    if path == "amx":  # the tiles' SiLU is the element-wise kernel's AVX-512 variant (AMX implies AVX-512)
+    if path != "numpy":  # the C paths' SiLU is the element-wise kernel's AVX-512 variant (both imply AVX-512)
         monkeypatch.setenv("QKILN_KERNEL", "avx512")
     rng = np.random.default_rng(m + k)
     x = rng.standard_normal((m, k), dtype=np.float32)
@@ -198,7 +210,7 @@ def test_gram_sum_is_the_rounded_product_of_all_chunks(path, k):
     assert s.tokens == 1545 and np.array_equal(g, g.T)
     xr = bf16.round_bf16(np.concatenate(chunks))
     _check(g, xr.T, xr.T, len(xr))
-    if path == "amx":  # the bytes depend on the chunks, not on the threads
+    if path != "numpy":  # the bytes depend on the chunks, not on the threads
         for t in (1, 3):
             again = bf16.GramSum(k, path=path, nthreads=t)
             for x in chunks:
@@ -222,16 +234,15 @@ def test_gram_zeros_threads_and_agreement_between_paths():
     x = rng.standard_normal((3000, 200), dtype=np.float32)
     x[:, 7] = 0
     x[100:900] = 0
-    paths = ["numpy"] + (["amx"] if bf16.amx_available() else [])
-    got = {p: bf16.gram(x, path=p) for p in paths}
+    got = {p: bf16.gram(x, path=p) for p in ("numpy", *bf16.c_paths())}
     for g in got.values():
         assert np.all(g[7] == 0) and np.all(g[:, 7] == 0)
-    if "amx" in got:
-        xr = bf16.round_bf16(x).astype(np.float64)
-        s = np.abs(xr).T @ np.abs(xr)
-        assert np.all(np.abs(got["amx"] - got["numpy"]) <= 2 * 3000 * U * s)
+    xr = bf16.round_bf16(x).astype(np.float64)
+    s = np.abs(xr).T @ np.abs(xr)
+    for p in bf16.c_paths():
+        assert np.all(np.abs(got[p] - got["numpy"]) <= 2 * 3000 * U * s)
         for t in (1, 3):
-            np.testing.assert_array_equal(bf16.gram(x, path="amx", nthreads=t), got["amx"])
+            np.testing.assert_array_equal(bf16.gram(x, path=p, nthreads=t), got[p])
     assert np.all(bf16.gram(np.zeros((5, 40), np.float32)) == 0)
 
 
@@ -240,7 +251,12 @@ def test_path_choice_and_errors(monkeypatch):
     assert bf16.bf16_path() == "numpy"
     assert bf16.pack_weight(np.ones((2, 3), np.float32)).path == "numpy"
     monkeypatch.delenv("QKILN_KERNEL")
-    assert bf16.bf16_path() == ("amx" if bf16.amx_available() else "numpy")
+    fastest = next((p for p in ("amx", "avx512bf16") if bf16.available(p)), "numpy")
+    assert bf16.bf16_path() == fastest
+    for p in ("amx", "avx512bf16"):
+        if not bf16.available(p):  # asked for by name where it cannot run: an error, never another path
+            with pytest.raises(KernelError, match=f"the {p} bf16 path cannot run here"):
+                bf16.pack_weight(np.ones((2, 3), np.float32), path=p)
     with pytest.raises(KernelError, match="unknown bf16 path"):
         bf16.gram(np.ones((2, 3), np.float32), path="avx9")
     with pytest.raises(ValueError, match="width"):
@@ -249,18 +265,12 @@ def test_path_choice_and_errors(monkeypatch):
         bf16.gram(np.ones(3, np.float32))
 
 
-def _need_amx() -> None:
-    if not bf16.amx_available():
-        pytest.skip(f"AMX-BF16 cannot run here ({bf16.amx_unavailable_reason()})")
-
-
-def test_linear_bytes_do_not_depend_on_blocking_threads_or_the_other_tokens():
+def test_linear_bytes_do_not_depend_on_blocking_threads_or_the_other_tokens(c_path):
     """Each output is one float32 sum over k in k order: the strip blocks, the thread split and which
     other tokens share the call do not change a bit."""
-    _need_amx()
     rng = np.random.default_rng(12)
     x = rng.standard_normal((1000, 576), dtype=np.float32)
-    pw = bf16.pack_weight(rng.standard_normal((1536, 576), dtype=np.float32) * np.float32(0.05), path="amx")
+    pw = bf16.pack_weight(rng.standard_normal((1536, 576), dtype=np.float32) * np.float32(0.05), path=c_path)
     y = bf16.linear(x, pw, nthreads=1)
     for t in (2, 3, 5):
         np.testing.assert_array_equal(bf16.linear(x, pw, nthreads=t), y)
@@ -268,40 +278,37 @@ def test_linear_bytes_do_not_depend_on_blocking_threads_or_the_other_tokens():
     np.testing.assert_array_equal(bf16.linear(x[300:700], pw), y[300:700])
 
 
-def test_gram_bytes_do_not_depend_on_the_macro_blocks():
+def test_gram_bytes_do_not_depend_on_the_macro_blocks(c_path):
     """1000 features are cut into several accumulator blocks (448 features make one): a feature range's
     sums are the same bits either way, and for any thread count."""
-    _need_amx()
     x = np.random.default_rng(13).standard_normal((300, 1000), dtype=np.float32)
-    g = bf16.gram(x, path="amx", nthreads=1)
-    np.testing.assert_array_equal(g[64:512, 64:512], bf16.gram(x[:, 64:512], path="amx"))
+    g = bf16.gram(x, path=c_path, nthreads=1)
+    np.testing.assert_array_equal(g[64:512, 64:512], bf16.gram(x[:, 64:512], path=c_path))
     for t in (2, 3):
-        np.testing.assert_array_equal(bf16.gram(x, path="amx", nthreads=t), g)
+        np.testing.assert_array_equal(bf16.gram(x, path=c_path, nthreads=t), g)
 
 
-def test_gram_sums_groups_of_8192_tokens_in_order():
+def test_gram_sums_groups_of_8192_tokens_in_order(c_path):
     """The summation rule: each group of 8192 tokens is summed alone, the groups added in order."""
-    _need_amx()
     x = np.random.default_rng(14).standard_normal((20000, 40), dtype=np.float32)
-    parts = [bf16.gram(x[a : a + 8192], path="amx") for a in range(0, 20000, 8192)]
+    parts = [bf16.gram(x[a : a + 8192], path=c_path) for a in range(0, 20000, 8192)]
     want = (parts[0] + parts[1]) + parts[2]
     for t in (1, 2, 3):
-        np.testing.assert_array_equal(bf16.gram(x, path="amx", nthreads=t), want)
+        np.testing.assert_array_equal(bf16.gram(x, path=c_path, nthreads=t), want)
 
 
-def test_concurrent_callers_get_the_same_bytes():
+def test_concurrent_callers_get_the_same_bytes(c_path):
     """Calibration calls the products from several threads at once (cached scratch arenas for two of
     them, private allocations beyond): every caller gets what a lone call gives."""
-    _need_amx()
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(15)
     xs = [rng.standard_normal((700, 96 * (i + 1)), dtype=np.float32) for i in range(4)]
-    pws = [bf16.pack_weight(rng.standard_normal((200, x.shape[1]), dtype=np.float32), path="amx") for x in xs]
-    want = [(bf16.gram(x, path="amx", nthreads=1), bf16.linear(x, pw, nthreads=1)) for x, pw in zip(xs, pws, strict=True)]
+    pws = [bf16.pack_weight(rng.standard_normal((200, x.shape[1]), dtype=np.float32), path=c_path) for x in xs]
+    want = [(bf16.gram(x, path=c_path, nthreads=1), bf16.linear(x, pw, nthreads=1)) for x, pw in zip(xs, pws, strict=True)]
 
     def run(i: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [(bf16.gram(xs[i], path="amx", nthreads=1), bf16.linear(xs[i], pws[i], nthreads=1)) for _ in range(3)]
+        return [(bf16.gram(xs[i], path=c_path, nthreads=1), bf16.linear(xs[i], pws[i], nthreads=1)) for _ in range(3)]
 
     with ThreadPoolExecutor(4) as pool:
         for i, got in enumerate(pool.map(run, range(4))):
@@ -324,7 +331,7 @@ def test_gram_out_is_written_and_checked(path):
 @pytest.mark.parametrize(("m", "k", "n"), ((33, 95, 64), (1000, 1536, 576)))
 def test_bfloat16_inputs_and_outputs_are_the_float32_ones_rounded(path, m, k, n, monkeypatch):
     """An activation stored in bfloat16 gives the products exactly what they would have rounded it to."""
-    if path == "amx":
+    if path != "numpy":
         monkeypatch.setenv("QKILN_KERNEL", "avx512")
     rng = np.random.default_rng(m + k)
     x = rng.standard_normal((m, k), dtype=np.float32)

@@ -192,17 +192,20 @@ QK_API int qk_attention_exp2(int variant, const float *x, float *y, long n);    
 QK_API int qk_attention_variant(void);
 QK_API int qk_attention_amx_available(void);
 
-/* bfloat16 products on AMX tiles (src/x86/amx.c; x86-64 builds only). */
+/* bfloat16 products on AMX tiles or AVX512_BF16 (src/x86/amx.c; x86-64 builds only). engine: 1 AMX, 2 AVX512_BF16,
+ * 0 the best available; qk_bf16_engines: the bits of those that can run here. */
 QK_API int qk_bf16_amx_available(void);
+QK_API int qk_bf16_engines(void);
 QK_API size_t qk_bf16_packed_bytes(int64_t n, int64_t k);
 QK_API void qk_bf16_pack_weight(const float *w, int64_t n, int64_t k, uint16_t *out);
 QK_API void qk_bf16_round(const float *x, int64_t n, uint16_t *out);
 QK_API int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y, int nthreads);
 QK_API int qk_bf16_linear_ex(const void *x, int xbf16, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, void *y,
-                      int mode, int ybf16, int nthreads);
-QK_API int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads);
+                      int mode, int ybf16, int nthreads, int engine);
+QK_API int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads, int engine);
 QK_API size_t qk_bf16_gram_acc_floats(int64_t k);
-QK_API int qk_bf16_gram_acc(const void *x, int xbf16, int64_t m, int64_t k, float *acc, int first, int nthreads);
+QK_API int qk_bf16_gram_acc(const void *x, int xbf16, int64_t m, int64_t k, float *acc, int first, int nthreads,
+                            int engine);
 QK_API int qk_bf16_gram_acc_write(const float *acc, int64_t k, float *out);
 
 /* GPTQ's column scan and the INT grids' weighted range fit (src/gptq/); qk_int_fit_t also returns 1 when a

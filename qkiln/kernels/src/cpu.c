@@ -51,6 +51,7 @@ static unsigned detect_x86(void) {
     if ((m & QK_CPU_AVX2) && f && bw && vl && vnni && zmm) m |= QK_CPU_AVX512_VNNI;
     if (fma && zmm && f && dq && bw && vl) m |= QK_CPU_AVX512;
     if (f && bw && vl && amx_bf16 && amx_tile && avx512_bf16 && zmm && tiles) m |= QK_CPU_AMX_BF16;
+    if (f && bw && vl && avx512_bf16 && zmm) m |= QK_CPU_AVX512_BF16;
     return m;
 }
 #endif

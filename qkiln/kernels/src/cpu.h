@@ -11,6 +11,8 @@ enum {
     QK_CPU_AVX512 = 1u << 2,      /* AVX512F/DQ/BW/VL, FMA, ZMM/opmask state: attention, element-wise, GPTQ */
     QK_CPU_AMX_BF16 = 1u << 3,    /* AMX-TILE/BF16, AVX512_BF16, AVX512F/BW/VL, tile state in XCR0 (the
                                      Linux permission is asked for separately: qk_cpu_amx_permitted) */
+    QK_CPU_AVX512_BF16 = 1u << 4, /* AVX512_BF16 (vdpbf16ps, vcvtne2ps2bf16), AVX512F/BW/VL, ZMM/opmask state:
+                                     the bfloat16 products' engine where AMX is missing (AMD Zen 4/5) */
     /* aarch64 */
     QK_CPU_NEON = 1u << 8,
     QK_CPU_DOTPROD = 1u << 9,     /* NEON and sdot */

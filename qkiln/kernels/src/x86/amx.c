@@ -53,6 +53,77 @@
 
 int qk_bf16_amx_available(void) { return qk_cpu_amx_permitted(); }
 
+/* ---------------------------------------------------------------------------------------------------- */
+/* engines                                                                                                 */
+/*
+ * The products run on one of two engines, over the same packed layouts, blocking and summation order:
+ *   QK_BF16_AMX: the four accumulators of a 32 x 32 output block are tile registers 0-3; a reduction step is
+ *     tile_step_2x2 (amx_tiles.h);
+ *   QK_BF16_AVX512: CPUs with AVX512_BF16 but no AMX (AMD Zen 4 and 5, Intel Cooper Lake): the accumulators
+ *     are a 4 KB image in memory (tile 2h + q, row r at floats (2h + q) * 256 + 16 r) and a run of steps is
+ *     vdpbf16ps on 8 rows x 32 columns of accumulators held in registers: an accumulator row += A's pair kp of
+ *     that row (broadcast) times B's row kp (16 columns' pairs), pair after pair.
+ * Either way each output is summed over the reduced axis in its order, in one float32 accumulator, so the
+ * bytes of an engine depend on the inputs alone; the two engines may differ in the last bits (the order of
+ * the two products of a pair inside one instruction, denormal handling). Engine 0 asks for the best here.
+ */
+enum { QK_BF16_AMX = 1, QK_BF16_AVX512 = 2 };
+
+int qk_bf16_engines(void) {
+    return (qk_bf16_amx_available() ? QK_BF16_AMX : 0) |
+           ((qk_cpu_features() & QK_CPU_AVX512_BF16) ? QK_BF16_AVX512 : 0);
+}
+
+/* The engine a request runs (0: the best available), or 0 when it cannot run here. */
+static int engine_resolve(int engine) {
+    const int have = qk_bf16_engines();
+    if (engine == 0) return (have & QK_BF16_AMX) ? QK_BF16_AMX : (have & QK_BF16_AVX512) ? QK_BF16_AVX512 : 0;
+    return (engine == QK_BF16_AMX || engine == QK_BF16_AVX512) && (have & engine) ? engine : 0;
+}
+
+/* AVX512_BF16 steps per pass: a pass's B tiles (16 KB) stay in L1 while the four row groups reuse them. */
+#define QK_BF16_KCH 8
+
+/* img (the 4 accumulator tiles) += the 2x2 product of A panel a and B panel b over nst steps (1024 bf16 each:
+ * two A tiles, two B tiles), on AVX512_BF16. A run of up to QK_BF16_KCH steps keeps 8 accumulator rows of
+ * both column tiles in 16 registers; between runs they go back to img (float32 as they are: the sums'
+ * order is the steps' order). */
+static void avx512_steps(float *img, const uint16_t *a, const uint16_t *b, int64_t nst) {
+    for (int64_t t0 = 0; t0 < nst; t0 += QK_BF16_KCH) {
+        const int64_t t1 = t0 + QK_BF16_KCH < nst ? t0 + QK_BF16_KCH : nst;
+        for (int g = 0; g < 4; g++) { /* rows 8(g % 2).. of A tile g / 2: accumulator rows of tiles 2h, 2h + 1 */
+            const int h = g >> 1, r0 = (g & 1) * 8;
+            float *c0 = img + (2 * h) * 256 + r0 * 16, *c1 = c0 + 256;
+            __m512 acc0[8], acc1[8];
+            for (int r = 0; r < 8; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+            for (int64_t t = t0; t < t1; t++) {
+                const uint16_t *at = a + t * 1024 + h * 512 + r0 * 32, *bt = b + t * 1024;
+                for (int kp = 0; kp < 16; kp++) {
+                    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bt + kp * 32);
+                    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bt + 512 + kp * 32);
+                    for (int r = 0; r < 8; r++) {
+                        int32_t pair;
+                        memcpy(&pair, at + r * 32 + kp * 2, sizeof pair);
+                        const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+                        acc0[r] = _mm512_dpbf16_ps(acc0[r], av, b0);
+                        acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
+                    }
+                }
+            }
+            for (int r = 0; r < 8; r++) {
+                _mm512_store_ps(c0 + 16 * r, _mm512_add_ps(_mm512_load_ps(c0 + 16 * r), acc0[r]));
+                _mm512_store_ps(c1 + 16 * r, _mm512_add_ps(_mm512_load_ps(c1 + 16 * r), acc1[r]));
+            }
+        }
+    }
+}
+
+/* 16 rows of 64 bytes between a tile image (row stride 64 bytes) and memory (row stride in bytes). */
+static inline void image_rows(void *dst, int64_t dstride, const void *src, int64_t sstride) {
+    for (int r = 0; r < 16; r++)
+        _mm512_storeu_si512((char *)dst + r * dstride, _mm512_loadu_si512((const char *)src + r * sstride));
+}
+
 typedef struct {
     void *(*fn)(void *);
     char *args;
@@ -238,6 +309,7 @@ typedef struct {
     int add;                /* y += x Wᵀ: the accumulators start from y instead of zero */
     int glu;                /* y (m, n/2) = silu(gate)·up: output pair p is gate and up columns 16p.. */
     int xbf16, ybf16;       /* x holds bf16 bits (already rounded: copied as they are); glu's y is bf16 */
+    int amx;                /* the engine: AMX tiles, else AVX512_BF16 on the image `img` */
 } linear_job_t;
 
 /* tokens [t0, t0 + 32 ns) (zeros past m) -> A tiles: row r of half h of strip s is token t0 + 32s + 16h + r */
@@ -271,11 +343,26 @@ static inline void edge_copy(const linear_job_t *j, int64_t tr, int64_t nc, floa
     for (int64_t rr = 0; rr < nr; rr++) memcpy(dst + rr * ds, src + rr * ss, (size_t)ncol * 4);
 }
 
+/* Accumulator tile TILE (0..3) of the block <-> memory (row stride in bytes), on the worker's engine: a tile
+ * register (amx) or its part of the image `img`. */
+#define ACC_LOAD(TILE, SRC, STRIDE)                                                                \
+    do {                                                                                           \
+        if (amx) _tile_loadd(TILE, SRC, STRIDE);                                                   \
+        else image_rows(img + (TILE) * 256, 64, SRC, STRIDE);                                      \
+    } while (0)
+#define ACC_STORE(TILE, DST, STRIDE)                                                               \
+    do {                                                                                           \
+        if (amx) _tile_stored(TILE, DST, STRIDE);                                                  \
+        else image_rows(DST, STRIDE, img + (TILE) * 256, 64);                                      \
+    } while (0)
+
 static void *linear_worker(void *arg) {
     linear_job_t *j = (linear_job_t *)arg;
     const int64_t KB = cdiv(j->k, 32), NP = cdiv(j->n, 32), strips = cdiv(j->m, 32);
     const int64_t units = j->blocks * j->nsplit;
     float ctmp[16 * 16] __attribute__((aligned(64))), utmp[16 * 16] __attribute__((aligned(64)));
+    float img[4 * 256] __attribute__((aligned(64))); /* the AVX512_BF16 engine's accumulators */
+    const int amx = j->amx;
     int configured = 0;
     for (;;) {
         const int64_t u = __atomic_fetch_add(j->next_unit, 1, __ATOMIC_RELAXED);
@@ -284,7 +371,7 @@ static void *linear_worker(void *arg) {
         const int64_t p0 = NP * part / j->nsplit, p1 = NP * (part + 1) / j->nsplit;
         if (p0 >= p1) continue;
         if (!configured) {
-            tile_config();
+            if (amx) tile_config();
             configured = 1;
         }
         const int64_t s0 = blk * QK_LIN_MS, ns = strips - s0 < QK_LIN_MS ? strips - s0 : QK_LIN_MS;
@@ -313,32 +400,37 @@ static void *linear_worker(void *arg) {
     do {                                                                                           \
         const int64_t tr = t0 + 16 * (H), nc = n0 + 16 * (Q);                                     \
         if (FULL) {                                                                                \
-            _tile_loadd(TILE, y + tr * j->n + nc, ys);                                             \
+            ACC_LOAD(TILE, y + tr * j->n + nc, ys);                                                \
         } else {                                                                                   \
             memset(ctmp, 0, sizeof ctmp);                                                          \
             edge_copy(j, tr, nc, ctmp, 16, y + tr * j->n + nc, j->n);                              \
-            _tile_loadd(TILE, ctmp, 64);                                                           \
+            ACC_LOAD(TILE, ctmp, 64);                                                              \
         }                                                                                          \
     } while (0)
                     EACH_C_TILE(LOAD_C);
 #undef LOAD_C
-                } else {
+                } else if (amx) {
                     _tile_zero(0);
                     _tile_zero(1);
                     _tile_zero(2);
                     _tile_zero(3);
+                } else {
+                    memset(img, 0, sizeof img);
                 }
-                for (int64_t kb = 0; kb < KB; kb++) tile_step_2x2(a + kb * 1024, b + kb * 1024);
+                if (amx)
+                    for (int64_t kb = 0; kb < KB; kb++) tile_step_2x2(a + kb * 1024, b + kb * 1024);
+                else
+                    avx512_steps(img, a, b, KB);
                 if (j->glu) { /* C tiles 2h (gate) and 2h + 1 (up): tokens t0 + 16h.., columns 16p.. of y */
                     const int64_t yn = j->n / 2;
                     for (int h = 0; h < 2 && t0 + 16 * h < j->m; h++) {
                         const int64_t tr = t0 + 16 * h, nr = j->m - tr < 16 ? j->m - tr : 16;
                         if (h == 0) {
-                            _tile_stored(0, ctmp, 64);
-                            _tile_stored(1, utmp, 64);
+                            ACC_STORE(0, ctmp, 64);
+                            ACC_STORE(1, utmp, 64);
                         } else {
-                            _tile_stored(2, ctmp, 64);
-                            _tile_stored(3, utmp, 64);
+                            ACC_STORE(2, ctmp, 64);
+                            ACC_STORE(3, utmp, 64);
                         }
                         float *dst = y + tr * yn + 16 * p;
                         uint16_t *dst16 = (uint16_t *)y + tr * yn + 16 * p;
@@ -359,13 +451,13 @@ static void *linear_worker(void *arg) {
     do {                                                                                           \
         const int64_t tr = t0 + 16 * (H), nc = n0 + 16 * (Q);                                     \
         if ((FULL) && j->stream) {                                                                 \
-            _tile_stored(TILE, ctmp, 64);                                                          \
+            ACC_STORE(TILE, ctmp, 64);                                                             \
             for (int rr = 0; rr < 16; rr++)                                                        \
                 _mm512_stream_ps(y + (tr + rr) * j->n + nc, _mm512_load_ps(ctmp + rr * 16));      \
         } else if (FULL) {                                                                         \
-            _tile_stored(TILE, y + tr * j->n + nc, ys);                                            \
+            ACC_STORE(TILE, y + tr * j->n + nc, ys);                                               \
         } else if (tr < j->m && nc < j->n) {                                                       \
-            _tile_stored(TILE, ctmp, 64);                                                          \
+            ACC_STORE(TILE, ctmp, 64);                                                             \
             edge_copy(j, tr, nc, y + tr * j->n + nc, j->n, ctmp, 16);                              \
         }                                                                                          \
     } while (0)
@@ -377,20 +469,22 @@ static void *linear_worker(void *arg) {
     }
     if (configured) {
         _mm_sfence(); /* streaming stores visible before the caller reads y */
-        _tile_release();
+        if (amx) _tile_release();
     }
     return NULL;
 }
+#undef ACC_LOAD
+#undef ACC_STORE
 
 static int linear_run(const void *x, int xbf16, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n,
-                      void *y, int ybf16, int nthreads, int add, int glu) {
+                      void *y, int ybf16, int nthreads, int add, int glu, int engine) {
     if (m <= 0 || n <= 0) return 0;
     const int64_t yn = glu ? n / 2 : n; /* y's columns */
     if (k <= 0) {
         if (!add) memset(y, 0, (size_t)(m * yn) * (ybf16 ? 2 : 4)); /* silu(0) * 0 = 0 */
         return 0;
     }
-    if (!qk_bf16_amx_available()) return -1;
+    if (!(engine = engine_resolve(engine))) return -1;
     const int nt = qk_threads_resolve(nthreads);
     const int64_t KB = cdiv(k, 32), strips = cdiv(m, 32), NP = cdiv(n, 32);
     const int64_t blocks = cdiv(strips, QK_LIN_MS);
@@ -411,7 +505,8 @@ static int linear_run(const void *x, int xbf16, int64_t m, int64_t k, const uint
     linear_job_t jobs[MAX_THREADS];
     for (int i = 0; i < use; i++)
         jobs[i] = (linear_job_t){x, wpacked, y, m, k, n, blocks, nsplit, stream, &next_unit,
-                                 (uint16_t *)(arena + (size_t)i * abytes), add, glu, xbf16, ybf16};
+                                 (uint16_t *)(arena + (size_t)i * abytes), add, glu, xbf16, ybf16,
+                                 engine == QK_BF16_AMX};
     run_threads(use, linear_worker, jobs, sizeof jobs[0]);
     arena_put(arena, slot);
     return 0;
@@ -419,7 +514,7 @@ static int linear_run(const void *x, int xbf16, int64_t m, int64_t k, const uint
 
 int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, float *y,
                    int nthreads) {
-    return linear_run(x, 0, m, k, wpacked, n, y, 0, nthreads, 0, 0);
+    return linear_run(x, 0, m, k, wpacked, n, y, 0, nthreads, 0, 0, 0);
 }
 
 /* The linear's variants, x (m, k) float32 or bf16 bits (xbf16):
@@ -432,11 +527,12 @@ int qk_bf16_linear(const float *x, int64_t m, int64_t k, const uint16_t *wpacked
  *           the MLP's activation is formed from the tiles (silu_avx512.h, the element-wise kernel's
  *           arithmetic) without the (m, n) product being written; n a multiple of 32; y float32, or bf16 bits
  *           (ybf16: rounded as the next product would round it).
- * Returns -3 for a bad mode or n. */
+ * engine: QK_BF16_AMX, QK_BF16_AVX512 or 0 (the best here). Returns -1 when the engine cannot run here, -3 for
+ * a bad mode or n. */
 int qk_bf16_linear_ex(const void *x, int xbf16, int64_t m, int64_t k, const uint16_t *wpacked, int64_t n, void *y,
-                      int mode, int ybf16, int nthreads) {
+                      int mode, int ybf16, int nthreads, int engine) {
     if (mode < 0 || mode > 2 || (mode == 2 && n % 32) || (ybf16 && mode != 2)) return -3;
-    return linear_run(x, xbf16, m, k, wpacked, n, y, ybf16, nthreads, mode == 1, mode == 2);
+    return linear_run(x, xbf16, m, k, wpacked, n, y, ybf16, nthreads, mode == 1, mode == 2, engine);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -493,6 +589,7 @@ typedef struct {
     int64_t total_pairs;
     float *run;            /* running-sum mode: the accumulators of every block, kept between calls */
     int first;             /* running-sum mode: start the sums from zero */
+    int amx;               /* the engine: AMX tiles, else AVX512_BF16 on the accumulators in memory */
 } gram_job_t;
 
 /* 32 tokens from t0 (zeros past m) x 16 features from f0 (zeros past k) -> their B tile (token pairs) */
@@ -549,7 +646,12 @@ static void gram_convert(const gram_job_t *j, const gram_block_t *b, int64_t c0,
 }
 
 /* acc (4 tiles: c00 c01 c10 c11) += A panel · B panel over nst tile steps (from zero if `zero`). */
-static inline void gram_pair(float *acc, const uint16_t *a, const uint16_t *b, int64_t nst, int zero) {
+static inline void gram_pair(float *acc, const uint16_t *a, const uint16_t *b, int64_t nst, int zero, int amx) {
+    if (!amx) {
+        if (zero) memset(acc, 0, 4 * TILE_BYTES);
+        avx512_steps(acc, a, b, nst);
+        return;
+    }
     if (zero) {
         _tile_zero(0);
         _tile_zero(1);
@@ -574,7 +676,7 @@ static void gram_chunk(const gram_job_t *j, const gram_block_t *b, float *acc, i
         const uint16_t *bp = j->bbuf + (J - b->j0) * QK_GRAM_KC * 1024;
         const int64_t iend = J + 1 < b->i1 ? J + 1 : b->i1;
         for (int64_t I = b->i0; I < iend; I++, acc += 1024)
-            gram_pair(acc, j->abuf + (I - b->i0) * QK_GRAM_KC * 1024, bp, nst, zero);
+            gram_pair(acc, j->abuf + (I - b->i0) * QK_GRAM_KC * 1024, bp, nst, zero, j->amx);
     }
 }
 
@@ -631,7 +733,7 @@ static void *gram_worker(void *arg) {
         const int64_t u = __atomic_fetch_add(j->next_block, 1, __ATOMIC_RELAXED);
         if (u >= units) break;
         if (!configured) {
-            tile_config();
+            if (j->amx) tile_config();
             configured = 1;
         }
         if (j->gaccs) {
@@ -658,7 +760,7 @@ static void *gram_worker(void *arg) {
     }
     if (configured) {
         if (j->stream) _mm_sfence();
-        _tile_release();
+        if (j->amx) _tile_release();
     }
     return NULL;
 }
@@ -689,13 +791,13 @@ static int64_t gram_blocks(int64_t SB, int nt, gram_block_t *blocks) {
     return n;
 }
 
-int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads) {
+int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads, int engine) {
     if (k <= 0) return 0;
     if (m <= 0) {
         memset(out, 0, (size_t)(k * k) * sizeof(float));
         return 0;
     }
-    if (!qk_bf16_amx_available()) return -1;
+    if (!(engine = engine_resolve(engine))) return -1;
     const int64_t SB = cdiv(k, 32), G = cdiv(m, QK_GRAM_GROUP);
     int nt = qk_threads_resolve(nthreads);
     /* Split mode (several threads, several groups): threads take (block, group) units, each group summed in
@@ -737,7 +839,7 @@ int qk_bf16_gram(const float *x, int64_t m, int64_t k, float *out, int nthreads)
                                split ? NULL : (float *)(p + 2 * panel_bytes),
                                split || !groups ? NULL : (float *)(p + 2 * panel_bytes + acc_bytes),
                                split ? (float *)(arena + (size_t)nt * per_thread) : NULL,
-                               (int64_t)(tri_bytes / (4 * TILE_BYTES)), NULL, 0};
+                               (int64_t)(tri_bytes / (4 * TILE_BYTES)), NULL, 0, engine == QK_BF16_AMX};
     }
     run_threads(nt, gram_worker, jobs, sizeof jobs[0]);
     if (split) { /* the groups' sums of each block added in group order, then mirrored into out */
@@ -776,12 +878,12 @@ static void *gram_run_worker(void *arg) {
         const int64_t u = __atomic_fetch_add(j->next_block, 1, __ATOMIC_RELAXED);
         if (u >= j->nblocks) break;
         if (!configured) {
-            tile_config();
+            if (j->amx) tile_config();
             configured = 1;
         }
         gram_tokens(j, &j->blocks[u], j->run + j->blocks[u].off * 1024, 0, j->m, j->first);
     }
-    if (configured) _tile_release();
+    if (configured && j->amx) _tile_release();
     return NULL;
 }
 
@@ -798,13 +900,13 @@ size_t qk_bf16_gram_acc_floats(int64_t k) {
     return k <= 0 ? 0 : (size_t)(SB * (SB + 1) / 2) * 1024;
 }
 
-int qk_bf16_gram_acc(const void *x, int xbf16, int64_t m, int64_t k, float *acc, int first, int nthreads) {
+int qk_bf16_gram_acc(const void *x, int xbf16, int64_t m, int64_t k, float *acc, int first, int nthreads, int engine) {
     if (k <= 0) return 0;
     if (m <= 0) {
         if (first) memset(acc, 0, qk_bf16_gram_acc_floats(k) * sizeof(float));
         return 0;
     }
-    if (!qk_bf16_amx_available()) return -1;
+    if (!(engine = engine_resolve(engine))) return -1;
     int64_t nblocks;
     gram_block_t *blocks = gram_run_blocks(k, &nblocks);
     if (!blocks) return -2;
@@ -828,7 +930,8 @@ int qk_bf16_gram_acc(const void *x, int xbf16, int64_t m, int64_t k, float *acc,
         char *p = arena + (size_t)i * 2 * panel_bytes;
         jobs[i] = (gram_job_t){.x = x, .m = m, .k = k, .xbf16 = xbf16, .blocks = blocks, .nblocks = nblocks,
                                .next_block = &next_block, .abuf = (uint16_t *)p,
-                               .bbuf = (uint16_t *)(p + panel_bytes), .run = acc, .first = first};
+                               .bbuf = (uint16_t *)(p + panel_bytes), .run = acc, .first = first,
+                               .amx = engine == QK_BF16_AMX};
     }
     run_threads(nt, gram_run_worker, jobs, sizeof jobs[0]);
     arena_put(arena, slot);
