@@ -40,7 +40,7 @@ from typing import Any
 from qkiln.errors import UserError
 from qkiln.formats.gguf_write import FLOAT_TYPES
 from qkiln.formats.hf import Checkpoint
-from qkiln.kernels.bf16 import NUMPY_CHUNK_FLOATS
+from qkiln.kernels.bf16 import NUMPY_CHUNK_FLOATS, bf16_path
 from qkiln.model.config import LlamaConfig
 from qkiln.model.names import expected_shapes
 from qkiln.model.source import ROW_BLOCK_FLOATS
@@ -102,6 +102,10 @@ class Plan:
     samples: int = 0  # calibration windows that will really be used (0 for rtn)
     seq_len: int = 0
     float_type: str = "f32"  # how unquantized 2-D tensors are written (a GGUF float scheme: f32, f16, bf16)
+    # the path calibration's bfloat16 products take here (`kernels.bf16`): a C path (amx, avx512bf16) packs weights
+    # in bfloat16 and forms the MLP activation and the Gram sums from its accumulators; numpy rounds into float32
+    # copies and works a block of tokens at a time
+    products: str = dataclasses.field(default_factory=bf16_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,18 +175,23 @@ def _calibration_part(plan: Plan) -> dict[str, int]:
     batches = -(-plan.samples // BATCH_SAMPLES)
     workers = min(os.cpu_count() or 1, batches)
     batch_tokens = min(plan.samples, BATCH_SAMPLES) * plan.seq_len
-    # per worker: the attention step's q/k/v product and rotated copies (float32, a batch), or the MLP's gate/up
-    # product of a block of tokens with its two halves and the rounded input (`kernels.bf16`, NUMPY_CHUNK_FLOATS),
-    # plus a block of tokens widened for the Gram sum
-    glu_tokens = min(batch_tokens, max(1, NUMPY_CHUNK_FLOATS // (2 * inter)))
-    per_worker = max(batch_tokens * 4 * (2 * attn + 3 * kv), glu_tokens * 4 * (4 * inter + 2 * hidden))
-    scratch = workers * (per_worker + NUMPY_CHUNK_FLOATS * 4)
+    # per worker: the attention step's q/k/v product and rotated copies (float32, a batch); on the numpy path
+    # also the MLP's gate/up product of a block of tokens with its two halves and the rounded input
+    # (`kernels.bf16`, NUMPY_CHUNK_FLOATS), and a block of tokens widened for the Gram sum
+    c_products = plan.products != "numpy"
+    per_worker = batch_tokens * 4 * (2 * attn + 3 * kv)
+    if not c_products:
+        glu_tokens = min(batch_tokens, max(1, NUMPY_CHUNK_FLOATS // (2 * inter)))
+        per_worker = max(per_worker, glu_tokens * 4 * (4 * inter + 2 * hidden)) + NUMPY_CHUNK_FLOATS * 4
+    scratch = workers * per_worker
     layer_n = 2 * hidden * attn + 2 * hidden * kv + 3 * hidden * inter
-    # the layer's codes (1 B per weight), and the largest of: gate/up dequantized and packed for the forward
-    # (float32 each where the products run as BLAS on bf16-rounded values), or down_proj dequantized with
-    # GPTQ's working copies of a block of rows (weights, their transpose, codes: ~2.5 floats per weight)
+    # the layer's codes (1 B per weight), and the largest of: gate/up dequantized (float32) and packed for the
+    # forward (bfloat16 on a C path, float32 where the products run as BLAS on bf16-rounded values), or down_proj
+    # dequantized with GPTQ's working copies of a block of rows (weights, their transpose, codes: ~2.5 floats
+    # per weight)
     gate_up = 2 * hidden * inter
-    layer = layer_n + max(gate_up * 4 * 2, hidden * inter * 4 + int(2.5 * 4 * min(GPTQ_ROW_FLOATS, hidden * inter)))
+    layer = layer_n + max(gate_up * (4 + (2 if c_products else 4)),
+                          hidden * inter * 4 + int(2.5 * 4 * min(GPTQ_ROW_FLOATS, hidden * inter)))
     awq_search = 0
     if plan.algorithm in ("awq", "awq+gptq"):
         layer += layer_n * 4 * 2  # AWQ reads the whole layer, and folds a copy
