@@ -20,7 +20,7 @@ with nthreads=1 on its own 4096-token x (as quantize/sequential.py's two batch w
 a reused per-thread array, as run_layer lends them), for the layer's
 shapes (q/k/v 576->960, o 576->576, gate/up 576->3072, down 1536->576; Gram 576 and 1536). GFLOPS count
 both threads' work over the wall time of a round (--calls calls per thread), best of --repeats rounds.
---ref-lib loads another build of the amx.c symbols (e.g. `git show HEAD:qkiln/kernels/src/x86/amx.c` compiled
+--ref-lib loads another build of the x86/bf16.c symbols (e.g. `git show HEAD:qkiln/kernels/src/x86/bf16.c` compiled
 with qkiln/kernels/build.py's flags and -shared) and times it in alternating rounds with the current library, so
 both see the same load. The speed-ups printed are ref/new of the best rounds and the median of the ratios of
 adjacent rounds ("paired": robust when other work on the machine comes and goes).
@@ -97,7 +97,7 @@ def _time_gram(x: np.ndarray, torch: Any, args: argparse.Namespace) -> dict[str,
 
 
 class _RawLib:
-    """The amx.c entry points of one shared object, called directly (the reference build in --calib)."""
+    """The x86/bf16.c entry points of one shared object, called directly (the reference build in --calib)."""
 
     def __init__(self, path: str) -> None:
         self.lib = ctypes.CDLL(path)
@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--calib", action="store_true", help="the calibration scenario (see the module docstring)")
-    ap.add_argument("--ref-lib", default=None, help="--calib: a reference build of amx.c to compare against")
+    ap.add_argument("--ref-lib", default=None, help="--calib: a reference build of x86/bf16.c to compare against")
     ap.add_argument("--calls", type=int, default=3, help="--calib: calls per thread per round")
     args = ap.parse_args()
     if args.calib:

@@ -7,7 +7,7 @@ the same thing, so results do not depend on the machine beyond float32 summation
 
 * inputs are rounded to bf16 by `round_bf16` (the rule below), products of two bf16 values are exact in
   float32 (8 + 8 significant bits), and the products are summed in float32;
-* "amx" and "avx512bf16": the C kernels in qkiln/kernels/src/x86/amx.c, one code over the same packed layouts
+* "amx" and "avx512bf16": the C kernels in qkiln/kernels/src/x86/bf16.c, one code over the same packed layouts
   and blocking, whose 32 x 32 blocks of float32 accumulators are AMX tiles (tdpbf16ps) or, without AMX,
   registers and memory updated by vdpbf16ps; every core unless nthreads says otherwise. Their bytes depend on
   the inputs only, never on the thread count or blocking: `linear` sums each output over k in k order in one
@@ -49,7 +49,7 @@ from qkiln.kernels.elementwise import silu_mul
 from qkiln.kernels.reference import BF16, round_bf16
 
 PATHS = ("amx", "avx512bf16", "numpy")
-_ENGINES = {"amx": 1, "avx512bf16": 2}  # the C paths as amx.c's engine numbers (qk_bf16_engines' bits)
+_ENGINES = {"amx": 1, "avx512bf16": 2}  # the C paths as bf16.c's engine numbers (qk_bf16_engines' bits)
 _MISSING = {"amx": "this CPU/OS has no usable AMX-BF16 (cpuid, XCR0 or arch_prctl permission)",
             "avx512bf16": "this CPU has no AVX512_BF16 (or the OS does not save the ZMM state)"}
 
@@ -92,7 +92,7 @@ def _library() -> Any:
 
             try:
                 lib = ctypes.CDLL(os.environ.get("QKILN_KERNELS_LIB") or str(build_library()))
-                _declare(lib)  # AttributeError: a library without amx.c (aarch64, or stale)
+                _declare(lib)  # AttributeError: a library without x86/bf16.c (aarch64, or stale)
                 _engines = lib.qk_bf16_engines()
                 if not _engines:
                     raise OSError(f"{_MISSING['amx']}; {_MISSING['avx512bf16']}")
@@ -177,7 +177,7 @@ def _threads(nthreads: int | None) -> int:
 class BF16Weight:
     """A linear layer's weight W (n, k) (y = x Wᵀ) ready for `linear` on one path.
 
-    `packed` (uint16 bf16 B tiles, amx.c's layout) for a C path, or `rounded` (float32 (n, k),
+    `packed` (uint16 bf16 B tiles, x86/bf16.c's layout) for a C path, or `rounded` (float32 (n, k),
     round_bf16(W)) for the numpy path; the path is fixed when packing so a product never silently changes
     path."""
 
@@ -348,7 +348,7 @@ def _linear_args(x: np.ndarray, w: BF16Weight, out: np.ndarray | None, what: str
 
 
 def _linear_c(x: np.ndarray, w: BF16Weight, y: np.ndarray, mode: int, nthreads: int | None) -> None:
-    """qk_bf16_linear_ex: mode 0 y = x Wᵀ, 1 y += x Wᵀ, 2 y = silu(gate)·up (see amx.c), on the weight's path."""
+    """qk_bf16_linear_ex: mode 0 y = x Wᵀ, 1 y += x Wᵀ, 2 y = silu(gate)·up (see x86/bf16.c), on the weight's path."""
     lib = _library()
     assert lib is not None and w.packed is not None, "a C-packed weight implies the library loaded"
     m, k = x.shape

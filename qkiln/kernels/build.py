@@ -59,7 +59,7 @@ UNITS: dict[str, tuple[Unit, ...]] = {
         Unit("x86/gemm_avx512.c", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma",
                                    "-mf16c")),
         Unit("x86/quantize_act_avx512.c", ("-mavx512f",)),
-        Unit("x86/amx.c", ("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl")),
+        Unit("x86/bf16.c", ("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl")),
         Unit("attention/attention.c"),
         Unit("attention/attention_avx512.c", ("-mavx512f", "-mfma")),
         Unit("attention/attention_amx.c", ("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw",

@@ -192,7 +192,7 @@ QK_API int qk_attention_exp2(int variant, const float *x, float *y, long n);    
 QK_API int qk_attention_variant(void);
 QK_API int qk_attention_amx_available(void);
 
-/* bfloat16 products on AMX tiles or AVX512_BF16 (src/x86/amx.c; x86-64 builds only). engine: 1 AMX, 2 AVX512_BF16,
+/* bfloat16 products on AMX tiles or AVX512_BF16 (src/x86/bf16.c; x86-64 builds only). engine: 1 AMX, 2 AVX512_BF16,
  * 0 the best available; qk_bf16_engines: the bits of those that can run here. */
 QK_API int qk_bf16_amx_available(void);
 QK_API int qk_bf16_engines(void);

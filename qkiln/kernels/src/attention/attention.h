@@ -135,7 +135,7 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch);
 void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch);
 void qk_attn_exp2_avx512(const float *x, float *y, long n);
 /* bf16 AMX unit (attention_amx.c); scratch: qk_attn_scratch_floats_amx. Needs qk_bf16_amx_available()
- * (x86/amx.c: cpuid, XCR0 and the Linux tile-data permission) and AVX-512. */
+ * (x86/bf16.c: cpuid, XCR0 and the Linux tile-data permission) and AVX-512. */
 void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch);
 int qk_bf16_amx_available(void);
 #endif

@@ -94,7 +94,7 @@ static inline float qk_ew_rms_scale(double ss, long n, float eps) {
     return 1.0f / __builtin_sqrtf(ms + eps);
 }
 
-/* float32 -> bfloat16 bits by the rule of the AMX products' inputs (x86/amx.c, qkiln/kernels/bf16.py round_bf16):
+/* float32 -> bfloat16 bits by the rule of the AMX products' inputs (x86/bf16.c, qkiln/kernels/bf16.py round_bf16):
  * denormals flushed to a zero of the same sign, round to nearest even (overflow to inf), NaN kept quiet. */
 static inline uint16_t qk_ew_bf16_bits(float f) {
     uint32_t b;

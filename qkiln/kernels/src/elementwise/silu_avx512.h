@@ -1,5 +1,5 @@
 /* silu_avx512.h — SiLU·up on 16 float32 lanes, shared by the element-wise kernels (elementwise_avx512.c)
- * and the AMX gate/up linear that applies it to its output tiles (x86/amx.c), so the fused and the separate
+ * and the AMX gate/up linear that applies it to its output tiles (x86/bf16.c), so the fused and the separate
  * paths give the same bits. The including file is compiled with -mavx512f. */
 #ifndef QKILN_SILU_AVX512_H
 #define QKILN_SILU_AVX512_H
