@@ -14,7 +14,6 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "qkiln_kernels.h"
 #include "attention/attention.h"
@@ -382,7 +381,8 @@ int qk_decode_attention(int variant, const float *q, const float *k, const float
     return atomic_load(&hj.failed) ? -3 : 0;
 }
 
-/* nthreads <= 0: one thread per online CPU. Returns 0; -1 bad sizes; -2 variant unavailable; -3 no memory. */
+/* nthreads <= 0: one thread per online CPU, at most the pool's QK_MAX_THREADS (qk_threads_resolve). Returns 0;
+ * -1 bad sizes; -2 variant unavailable; -3 no memory. */
 int qk_causal_attention_ex(int variant, const float *q, const float *k, const float *v, float *out, int b, int s,
                            int t, int n_heads, int kv_heads, int d, const long *q_strides, const long *k_strides,
                            const long *v_strides, int nthreads) {
@@ -397,11 +397,7 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
 #endif
     if (!fn) return -2;
     if (b == 0 || s == 0) return 0;
-    if (nthreads <= 0) {
-        const long n = sysconf(_SC_NPROCESSORS_ONLN);
-        nthreads = n < 1 ? 1 : (n > 256 ? 256 : (int)n);
-    }
-    if (nthreads > 256) nthreads = 256;
+    nthreads = qk_threads_resolve(nthreads);
     /* Small calls run on the caller alone: a unit packs its keys, too little work to share. */
     const double macs = (double)b * n_heads * s * ((double)(t - s) + (s + 1) / 2.0) * d;
     if (macs < (double)(1 << 22)) nthreads = 1;
