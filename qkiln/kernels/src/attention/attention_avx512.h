@@ -1,12 +1,13 @@
 /* attention_avx512.h — AVX-512 pieces shared by the float32 AVX-512 unit and the bf16 AMX unit (both compiled
- * with -mavx512f): the softmax's vector 2^x, the masked-score value, a score row's masking and max, and a 16 x 16 transpose of
- * 32-bit lanes. */
+ * with -mavx512f): the softmax's vector 2^x, the masked-score value, a score row's masking and max, and (from
+ * x86/transpose16.h) the 16 x 16 transpose of 32-bit lanes. */
 #ifndef QKILN_ATTENTION_AVX512_H
 #define QKILN_ATTENTION_AVX512_H
 
 #include <immintrin.h>
 
 #include "attention/attention.h"
+#include "x86/transpose16.h"
 
 #define MASKED (-1e30f) /* score of a key after the query: finite, so (masked - max) stays finite */
 
@@ -45,30 +46,5 @@ static inline __attribute__((always_inline)) __m512 exp2_512_degree(__m512 x, co
 }
 
 static inline __m512 exp2_512(__m512 x) { return exp2_512_degree(x, 7); }
-
-static inline void transpose16(__m512 r[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        const __m512d a0 = _mm512_castps_pd(t[i]), a1 = _mm512_castps_pd(t[i + 1]);
-        const __m512d a2 = _mm512_castps_pd(t[i + 2]), a3 = _mm512_castps_pd(t[i + 3]);
-        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
-        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
-        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
-        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
-    }
-    for (int h = 0; h < 16; h += 8)
-        for (int i = 0; i < 4; i++) {
-            t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0x88);
-            t[h + 4 + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0xdd);
-        }
-    for (int i = 0; i < 8; i++) {
-        r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
-        r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
-    }
-}
 
 #endif

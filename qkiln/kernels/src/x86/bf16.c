@@ -47,6 +47,7 @@
 #include "elementwise/silu_avx512.h"
 #include "threads.h"
 #include "x86/amx_tiles.h"
+#include "x86/transpose16.h"
 
 #define TILE_BYTES 1024
 #define MAX_THREADS QK_MAX_THREADS
@@ -160,34 +161,6 @@ static inline __m512i cvt32(const float *p, int64_t valid) {
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
-/* Transpose a 16x16 matrix of 32-bit elements held in 16 registers. */
-static inline void transpose16_epi32(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    /* now r[4q + s] holds, per 128-bit lane L, row (4L + ?) ... finish with two lane shuffles */
-    for (int i = 0; i < 4; i++) {
-        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);       /* lanes 0,2 of a ; 0,2 of b */
-        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);   /* lanes 1,3 */
-        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 4; i++) {
-        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-    }
-}
-
 /* float32 -> bf16 by the rule above, n elements (exported so the tests pin the C rounding to NumPy's). */
 void qk_bf16_round(const float *x, int64_t n, uint16_t *out) {
     int64_t i = 0;
@@ -219,7 +192,7 @@ void qk_bf16_pack_weight(const float *w, int64_t n, int64_t k, uint16_t *out) {
                 r[c] = row < n ? cvt32(w + row * k + kb * 32, k - kb * 32) : _mm512_setzero_si512();
             }
             /* r[c] dword q = pair (W[row c][2q], W[row c][2q+1]); B dword [q][c] is that pair. */
-            transpose16_epi32(r);
+            transpose16((__m512 *)r);
             uint16_t *tile = out + (((nb / 2) * KB + kb) * 2 + nb % 2) * (TILE_BYTES / 2);
             for (int q = 0; q < 16; q++) _mm512_storeu_si512(tile + q * 32, r[q]);
         }
@@ -636,7 +609,7 @@ static void gram_convert(const gram_job_t *j, const gram_block_t *b, int64_t c0,
             gram_load(j, t0, fb * 16, r);
             if (diag)
                 for (int q = 0; q < 16; q++) _mm512_store_si512(j->bbuf + off + q * 32, r[q]);
-            transpose16_epi32(r);
+            transpose16((__m512 *)r);
             for (int q = 0; q < 16; q++) _mm512_store_si512(j->abuf + off + q * 32, r[q]);
         }
         if (diag) continue;
@@ -711,7 +684,7 @@ static void gram_write(const gram_job_t *j, const gram_block_t *b, const float *
                 const __mmask16 mr = mask_upto(nr), mc = mask_upto(nc);
                 __m512i r[16], t[16];
                 for (int q = 0; q < 16; q++) r[q] = t[q] = _mm512_load_si512(acc + h * 256 + q * 16);
-                transpose16_epi32(t); /* t[q][c] = tile (c, q) */
+                transpose16((__m512 *)t); /* t[q][c] = tile (c, q) */
                 if (ti < tj) {
                     for (int q = 0; q < nr; q++) gram_store_row(j, j->out + (i0 + q) * k + j0, mc, r[q]);
                     for (int q = 0; q < nc; q++) gram_store_row(j, j->out + (j0 + q) * k + i0, mr, t[q]);
