@@ -3,7 +3,7 @@ GPTQModifier against qkiln's GPTQ and AWQ+GPTQ on the same grid and the same cal
 artifact scored by transformers (+ compressed-tensors) against the float model.
 
     python bench/gpu_formats_bench.py [--samples 128] [--seq-len 512] [--eval-windows 19] [--skip-llmc]
-                                      [--keep DIR] [--only llmc|qkiln|score]
+                                      [--keep DIR] [--only llmc|qkiln|score] [--llmc-dtype float32|bfloat16]
 
 With --keep DIR the runs can be split over invocations (each tool on a quiet machine: llm-compressor alone
 takes ~25 CPU-minutes): every run's measurement is saved beside its artifact (DIR/runs.json, with the
@@ -20,6 +20,10 @@ CPU seconds are the fairer figure: other guests stretch the wall time of whichev
 repeated end to end to fill `samples` windows of `seq-len` tokens (qkiln's windows, handed to both tools as
 the same token ids). Score: mean KL(P_float ‖ P_quant) and perplexity over windows of 512 tokens of
 GPL-2 + Apache-2.0 + MPL-2.0, every model run by transformers in float32.
+
+llm-compressor runs the model in the dtype it is loaded in: float32 by default (the demo checkpoint's dtype);
+--llmc-dtype bfloat16 loads it in bfloat16 instead, as qkiln's calibration products round to bfloat16 (its GPTQ
+Hessians stay float32 either way), saved as a separate run ("llm-compressor gptq bf16").
 """
 
 from __future__ import annotations
@@ -66,10 +70,10 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
-demo, ids_path, out = sys.argv[1:4]
+demo, ids_path, out, dtype = sys.argv[1:5]
 torch.set_num_threads(2)
 ids = np.load(ids_path)
-model = AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(demo, dtype=getattr(torch, dtype))
 tok = AutoTokenizer.from_pretrained(demo)
 ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()})
 recipe = GPTQModifier(ignore=["lm_head"], dampening_frac=0.01, config_groups={"group_0": {
@@ -130,6 +134,8 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="keep the artifacts (and runs.json) in this folder")
     ap.add_argument("--only", choices=("llmc", "qkiln", "score"), default=None,
                     help="run only these quantizations (or none: score what --keep holds)")
+    ap.add_argument("--llmc-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the dtype llm-compressor loads and runs the model in")
     args = ap.parse_args()
     if args.only is not None and args.keep is None:
         ap.error("--only needs --keep: the other runs' artifacts and measurements live there")
@@ -155,8 +161,9 @@ def main() -> None:
 
     saved = work / "runs.json"
     runs: dict[str, dict] = json.loads(saved.read_text()) if args.only is not None and saved.exists() else {}
-    folders = {"llm-compressor gptq": work / "llmc-gptq", "qkiln gptq": work / "qkiln-gptq",
-               "qkiln awq+gptq": work / "qkiln-awq-gptq"}
+    llmc = "llm-compressor gptq" + (" bf16" if args.llmc_dtype == "bfloat16" else "")
+    folders = {"llm-compressor gptq": work / "llmc-gptq", "llm-compressor gptq bf16": work / "llmc-gptq-bf16",
+               "qkiln gptq": work / "qkiln-gptq", "qkiln awq+gptq": work / "qkiln-awq-gptq"}
 
     def measure(name: str, cmd: list[str]) -> None:
         load = os.getloadavg()[0]
@@ -165,8 +172,8 @@ def main() -> None:
         print(name, runs[name], flush=True)
 
     if not args.skip_llmc and args.only in (None, "llmc"):
-        measure("llm-compressor gptq", [str(llmc_python()), "-P", "-c", textwrap.dedent(LLMC_CHILD), str(demo),
-                                        str(work / "calib_ids.npy"), str(folders["llm-compressor gptq"])])
+        measure(llmc, [str(llmc_python()), "-P", "-c", textwrap.dedent(LLMC_CHILD), str(demo),
+                       str(work / "calib_ids.npy"), str(folders[llmc]), args.llmc_dtype])
     for algo in ("gptq", "awq+gptq") if args.only in (None, "qkiln") else ():
         name = f"qkiln {algo}"
         measure(name, [sys.executable, "-P", "-c", textwrap.dedent(QKILN_CHILD), str(demo), str(calib),
@@ -178,11 +185,11 @@ def main() -> None:
     windows = make_windows(lm.encode(text_eval), 512, max_windows=args.eval_windows)
     scores = score(folders, demo, windows)
     print()
-    print(f"{'':22s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS GB':>12s} {'mean KL':>9s} {'top-1':>7s} {'ppl':>8s} "
+    print(f"{'':25s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS GB':>12s} {'mean KL':>9s} {'top-1':>7s} {'ppl':>8s} "
           f"{'load':>9s}")
     for name in folders:
         r, s = runs[name], scores[name]
-        print(f"{name:22s} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['peak_rss'] / 1e9:12.2f} {s['mean_kl']:9.4f} "
+        print(f"{name:25s} {r['wall_s']:8.1f} {r['cpu_s']:8.1f} {r['peak_rss'] / 1e9:12.2f} {s['mean_kl']:9.4f} "
               f"{s['top1_agreement']:7.3f} {s['perplexity']:8.3f} {r.get('load_before', float('nan')):4.1f}/"
               f"{r.get('load_after', float('nan')):4.1f}")
     print(json.dumps({"runs": runs, "scores": scores, "samples": args.samples, "seq_len": args.seq_len,
