@@ -11,8 +11,8 @@ hypervisor gave to other guests ("steal": on a shared host they stretch the wall
 left idle (the serial parts: GPTQ of an input group waits for all of its Hessian). Steal does not show
 everything: with no steal at all, the speed of the same instructions moves up to 6x within minutes (the cores'
 other hyperthreads and clocks belong to the host), most of all on the AMX tiles. So the benchmark also
-measures, just before and just after the run, two fixed single-threaded probes — the AMX bf16 product and
-float32 SGEMM, each on operands that stay in L2 — and prints their GFLOP/s: a run's wall time is only
+measures, just before and just after the run, fixed single-threaded probes — the bf16 product on each C path
+(AMX, AVX512_BF16) and float32 SGEMM, each on operands that stay in L2 — and prints their GFLOP/s: a run's wall time is only
 comparable to another's taken at similar probe speeds.
 """
 

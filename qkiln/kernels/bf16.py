@@ -10,10 +10,10 @@ the same thing, so results do not depend on the machine beyond float32 summation
 * "amx" and "avx512bf16": the C kernels in qkiln/kernels/src/x86/bf16.c, one code over the same packed layouts
   and blocking, whose 32 x 32 blocks of float32 accumulators are AMX tiles (tdpbf16ps) or, without AMX,
   registers and memory updated by vdpbf16ps; every core unless nthreads says otherwise. Their bytes depend on
-  the inputs only, never on the thread count or blocking: `linear` sums each output over k in k order in one
-  accumulator; `gram` sums each group of 8192 tokens in token order (32 tokens per step) and adds the
-  groups' sums in group order. The two may differ from each other in the last bits (the order of a pair's
-  two products inside one instruction);
+  the inputs only, never on the thread count or blocking: `linear` sums each output over k in k order (amx:
+  in one accumulator; avx512bf16: runs of 256 products, each summed from zero and added in order); `gram`
+  sums each group of 8192 tokens in token order (32 tokens per step, the same runs) and adds the groups'
+  sums in group order. The two differ from each other in the last bits;
 * "numpy": `round_bf16` the inputs, then float32 `np.matmul`.
 
 Rounding rule (`round_bf16`): float32 denormals (exponent field 0) become a zero of the same sign, then
@@ -26,8 +26,8 @@ rounded inputs, each path's float32 sum of K exact products is within K·2⁻²�
 classical recursive-summation bound, valid for any summation order; tdpbf16ps also flushes denormal results,
 adding at most K·2⁻¹²⁶). So |c − numpy| ≤ 2·K·2⁻²⁴·s + 2·K·2⁻¹²⁶ for either C path c. That bound is the worst case; the
 observed error is far smaller because rounding errors cancel and both paths sum in blocks: on random normal
-data the largest error/s was 7e-8 (linear, K=576) and 3e-7 / 1.3e-6 (Gram over 65536 tokens, amx / numpy;
-the median 1e-9). The tests hold every path to the bound and to error/s ≤ 2e-6.
+data the largest error/s was 7e-8 (linear, K=576; avx512bf16 1.2e-7) and 3e-7 / 3.9e-7 / 1.3e-6 (Gram over
+65536 tokens, amx / avx512bf16 / numpy; the median 1e-9). The tests hold every path to the bound and to error/s ≤ 2e-6.
 
 QKILN_KERNEL=numpy forces the NumPy path (other values of that variable choose among the quantized-kernel
 paths and do not affect this module, which picks the best C path: amx, then avx512bf16).

@@ -66,10 +66,11 @@ int qk_bf16_amx_available(void) { return qk_cpu_amx_permitted(); }
  *   QK_BF16_AVX512: CPUs with AVX512_BF16 but no AMX (AMD Zen 4 and 5, Intel Cooper Lake): the accumulators
  *     are a 4 KB image in memory (tile 2h + q, row r at floats (2h + q) * 256 + 16 r) and a run of steps is
  *     vdpbf16ps on 8 rows x 32 columns of accumulators held in registers: an accumulator row += A's pair kp of
- *     that row (broadcast) times B's row kp (16 columns' pairs), pair after pair.
- * Either way each output is summed over the reduced axis in its order, in one float32 accumulator, so the
- * bytes of an engine depend on the inputs alone; the two engines may differ in the last bits (the order of
- * the two products of a pair inside one instruction, denormal handling). Engine 0 asks for the best here.
+ *     that row (broadcast) times B's row kp (16 columns' pairs), pair after pair; each run of up to
+ *     QK_BF16_KCH steps is summed from zero and then added to the image.
+ * Either way each output is summed over the reduced axis in an order fixed by the shapes (AMX: in one float32
+ * accumulator; AVX512_BF16: runs of QK_BF16_KCH steps, added in order), so the bytes of an engine depend on
+ * the inputs alone; the two engines differ in the last bits. Engine 0 asks for the best here.
  */
 enum { QK_BF16_AMX = 1, QK_BF16_AVX512 = 2 };
 
@@ -89,9 +90,10 @@ static int engine_resolve(int engine) {
 #define QK_BF16_KCH 8
 
 /* img (the 4 accumulator tiles) += the 2x2 product of A panel a and B panel b over nst steps (1024 bf16 each:
- * two A tiles, two B tiles), on AVX512_BF16. A run of up to QK_BF16_KCH steps keeps 8 accumulator rows of
- * both column tiles in 16 registers; between runs they go back to img (float32 as they are: the sums'
- * order is the steps' order). */
+ * two A tiles, two B tiles), on AVX512_BF16. A run of up to QK_BF16_KCH steps sums 8 accumulator rows of both
+ * column tiles from zero in 16 registers, then adds them to img: float32 chains of at most 256 products, so a
+ * Gram over 4096 tokens lands within 4.9e-7 of the exact sum relative to Σ|x x| (one running sum per element
+ * was 5.7e-6; the NumPy path's 1.0e-6). */
 static void avx512_steps(float *img, const uint16_t *a, const uint16_t *b, int64_t nst) {
     for (int64_t t0 = 0; t0 < nst; t0 += QK_BF16_KCH) {
         const int64_t t1 = t0 + QK_BF16_KCH < nst ? t0 + QK_BF16_KCH : nst;
