@@ -75,7 +75,7 @@ def quantize_command(
         Grid, typer.Option("--grid", help="GPTQ: fit each group's scale on the error-updated weights or the original ones.")
     ] = Grid.updated,
     calib_dtype: Annotated[
-        CalibDtype, typer.Option("--calib-dtype", help="Precision of calibration's products (bfloat16 runs on AMX where the CPU has it).")
+        CalibDtype, typer.Option("--calib-dtype", help="Precision of calibration's products (bfloat16 runs on AMX or AVX512_BF16 where the CPU has them).")
     ] = CalibDtype.bfloat16,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (the quantization record) on stdout.")] = False,
@@ -119,7 +119,7 @@ def quantize_command(
         else:
             planned = {n: rules.name for n, shp in shapes.items() if len(shp) == 2}
         plan = convert_plan(ckpt, "checkpoint", "", algorithm, [calib] if calib else [], samples, seq_len,
-                            schemes=planned)
+                            schemes=planned, calib_dtype=calib_dtype.value)
         report_memory(check_memory(plan, limit), limit)
 
     calib_doc: dict[str, Any] | None = None

@@ -307,9 +307,11 @@ def calibration_samples(ckpt: Checkpoint, calib: Sequence[Path], samples: int, s
 
 def convert_plan(ckpt: Checkpoint, output: str, scheme: str, algorithm: str, calib: Sequence[Path], samples: int,
                  seq_len: int, *, uniform: bool = False, strict: bool = False,
-                 schemes: Mapping[str, str] | None = None) -> Plan:
+                 schemes: Mapping[str, str] | None = None, calib_dtype: str = "bfloat16") -> Plan:
     """The plan of `qkiln convert --to output` (or, with output "checkpoint" and `schemes`, of `qkiln quantize`),
-    with the grids chosen as the conversion will choose them (a bad scheme fails here, as it would there)."""
+    with the grids chosen as the conversion will choose them (a bad scheme fails here, as it would there).
+    `calib_dtype` float32 (`qkiln quantize --calib-dtype`) runs the products as float32 BLAS on float32 copies,
+    which the NumPy path's formula models."""
     config = ckpt.config
     shapes = {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
     if schemes is None:
@@ -325,7 +327,7 @@ def convert_plan(ckpt: Checkpoint, output: str, scheme: str, algorithm: str, cal
     n = calibration_samples(ckpt, calib, samples, seq_len) if algorithm != "rtn" else 0
     float_type = scheme.strip().lower() if output == "gguf" and scheme.strip().lower() in FLOAT_TYPES else "f32"
     return Plan(config, source_bytes, tok.stat().st_size if tok.is_file() else 0, output, dict(schemes), algorithm,
-                n, seq_len if n else 0, float_type)
+                n, seq_len if n else 0, float_type, bf16_path() if calib_dtype == "bfloat16" else "numpy")
 
 
 def build_estimate(plans: Sequence[Plan], eval_ctx: int) -> MemoryEstimate:

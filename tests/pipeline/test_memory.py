@@ -131,6 +131,10 @@ CASES = {
     "compressed-tensors-rtn-int4_g64": ("convert", "compressed-tensors", ["--scheme", "int4_g64"], "rtn", 0, "demo"),
     "quantize-rtn-q4_0": ("quantize", "checkpoint", ["--scheme", "q4_0"], "rtn", 0, "demo"),
     "quantize-gptq-q4_0-4x512": ("quantize", "checkpoint", ["--scheme", "q4_0"], "gptq", 4, "demo"),
+    # float32 calibration products (BLAS on float32 copies, modelled as the NumPy path): 16 samples, so that the
+    # products' scratch is a large part
+    "quantize-gptq-q4_0-16x512-float32": ("quantize", "checkpoint", ["--scheme", "q4_0", "--calib-dtype", "float32"],
+                                          "gptq", 16, "demo"),
 }
 WIDE = {"hidden_size": 256, "intermediate_size": 8192, "num_attention_heads": 2, "num_key_value_heads": 1,
         "vocab_size": 49408, "bos_token_id": 1, "eos_token_id": 2}
@@ -164,8 +168,9 @@ def test_estimate_is_within_band_of_measured_peak(tmp_path, demo, case, monkeypa
     measured = _peak_rss(args)
     if command == "quantize":
         shapes = {n: tuple(model.shape(n)) for n in model.names()}
+        dtype = options[options.index("--calib-dtype") + 1] if "--calib-dtype" in options else "bfloat16"
         plan = convert_plan(model, "checkpoint", "", algo, calib, samples, 512,
-                            schemes={n: scheme for n, s in shapes.items() if len(s) == 2})
+                            schemes={n: scheme for n, s in shapes.items() if len(s) == 2}, calib_dtype=dtype)
     else:
         plan = convert_plan(model, output, scheme, algo, calib, samples or 128, 512, uniform="--uniform" in options)
     est = estimate_peak(plan)
