@@ -104,8 +104,8 @@ class Plan:
     float_type: str = "f32"  # how unquantized 2-D tensors are written (a GGUF float scheme: f32, f16, bf16)
     # the path calibration's bfloat16 products take here (`kernels.bf16`): a C path (amx, avx512bf16) packs weights
     # in bfloat16 and forms the MLP activation and the Gram sums from its accumulators; numpy rounds into float32
-    # copies and works a block of tokens at a time
-    products: str = dataclasses.field(default_factory=bf16_path)
+    # copies and works a block of tokens at a time (convert_plan decides it)
+    products: str = dataclasses.field(kw_only=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,7 +327,7 @@ def convert_plan(ckpt: Checkpoint, output: str, scheme: str, algorithm: str, cal
     n = calibration_samples(ckpt, calib, samples, seq_len) if algorithm != "rtn" else 0
     float_type = scheme.strip().lower() if output == "gguf" and scheme.strip().lower() in FLOAT_TYPES else "f32"
     return Plan(config, source_bytes, tok.stat().st_size if tok.is_file() else 0, output, dict(schemes), algorithm,
-                n, seq_len if n else 0, float_type, bf16_path() if calib_dtype == "bfloat16" else "numpy")
+                n, seq_len if n else 0, float_type, products=bf16_path() if calib_dtype == "bfloat16" else "numpy")
 
 
 def build_estimate(plans: Sequence[Plan], eval_ctx: int) -> MemoryEstimate:
