@@ -1,0 +1,201 @@
+"""The least time GPTQ calibration's products can take on this CPU, and the speed-up over a reference it allows.
+
+    python bench/calibration_floor.py [--samples 128] [--seq-len 512] [--ref-seconds S] [--threads N]
+
+GPTQ's layer-by-layer calibration (`quantize.sequential`) makes, per calibration token and decoder layer, one
+forward through the seven linears (2·params multiply-adds counted as FLOPs) and the Hessian sums of the four
+input groups (q/k/v, o, gate/up, down: the upper triangle, k(k+1) FLOPs for a k-wide input). qkiln runs both in
+bfloat16 with float32 sums, so on a CPU without AMX nothing does them faster than the vector unit's
+bfloat16 dot product (AVX512_BF16 `vdpbf16ps`: 64 FLOPs per instruction). This bench
+
+1. counts those FLOPs for the demo model's shapes (or --config) at --samples x --seq-len tokens;
+2. measures the instruction's peak here: a C loop of 12 independent `vdpbf16ps` chains (no memory traffic),
+   compiled with the kernels' compiler, on --threads threads at once (default: every core), the best of 8
+   windows of --seconds/8;
+3. measures qkiln's own products at calibration's shapes (`qkiln.kernels.bf16`, one thread per caller);
+
+and prints the floor: the products alone at the instruction's peak, with nothing else (attention, norms,
+the GPTQ solves, I/O) — a lower bound on any conversion doing this work with these products here. With
+--ref-seconds (a reference tool's wall time for the same work, e.g. llm-compressor's in
+bench/gpu_formats_bench.py), the largest speed-up over it the floor allows.
+Not a test: timings on a shared machine vary; the load average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from qkiln.kernels import bf16
+from qkiln.kernels.build import find_cc
+from qkiln.model.config import LlamaConfig
+
+PEAK_C = r"""
+#include <immintrin.h>
+#include <pthread.h>
+#include <time.h>
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+/* 12 independent accumulator chains, each with its own operand (so none can be merged), for `seconds`:
+ * returns vdpbf16ps instructions per second. */
+static double run(double seconds) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
+           a9 = a0, a10 = a0, a11 = a0;
+    __m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80);
+#define Y(i) __m512bh y##i = (__m512bh)_mm512_set1_epi16(0x3c00 + i)
+    Y(0); Y(1); Y(2); Y(3); Y(4); Y(5); Y(6); Y(7); Y(8); Y(9); Y(10); Y(11);
+    long n = 0;
+    const double t0 = now();
+    double t = t0;
+    while (t - t0 < seconds) {
+        for (int i = 0; i < 100000; i++) {
+            a0 = _mm512_dpbf16_ps(a0, x, y0); a1 = _mm512_dpbf16_ps(a1, x, y1); a2 = _mm512_dpbf16_ps(a2, x, y2);
+            a3 = _mm512_dpbf16_ps(a3, x, y3); a4 = _mm512_dpbf16_ps(a4, x, y4); a5 = _mm512_dpbf16_ps(a5, x, y5);
+            a6 = _mm512_dpbf16_ps(a6, x, y6); a7 = _mm512_dpbf16_ps(a7, x, y7); a8 = _mm512_dpbf16_ps(a8, x, y8);
+            a9 = _mm512_dpbf16_ps(a9, x, y9); a10 = _mm512_dpbf16_ps(a10, x, y10); a11 = _mm512_dpbf16_ps(a11, x, y11);
+            __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), "+v"(a7),
+                             "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11), "+v"(x));
+        }
+        n += 12 * 100000L;
+        t = now();
+    }
+    return n / (t - t0);
+}
+
+typedef struct { double seconds, rate; } job_t;
+static void *worker(void *p) { job_t *j = p; j->rate = run(j->seconds); return 0; }
+
+/* Instructions per second of each of `threads` threads running at once, summed. */
+double qk_peak_dpbf16(int threads, double seconds) {
+    pthread_t th[64];
+    job_t jobs[64];
+    if (threads > 64) threads = 64;
+    for (int i = 0; i < threads; i++) {
+        jobs[i].seconds = seconds;
+        pthread_create(&th[i], 0, worker, &jobs[i]);
+    }
+    double total = 0;
+    for (int i = 0; i < threads; i++) {
+        pthread_join(th[i], 0);
+        total += jobs[i].rate;
+    }
+    return total;
+}
+"""
+
+
+def calibration_flops(cfg: LlamaConfig, tokens: int) -> dict[str, float]:
+    """FLOPs of one GPTQ calibration over `tokens` tokens: the linears' forward and the Hessians' upper triangles."""
+    h, q, kv, inter = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, \
+        cfg.intermediate_size
+    params = h * (q + 2 * kv) + q * h + 2 * h * inter + inter * h
+    widths = (h, q, h, inter)  # attn_in, attn_out, mlp_in, mlp_out
+    per_layer = tokens * cfg.num_hidden_layers
+    return {"forward": 2.0 * params * per_layer, "hessians": float(sum(k * (k + 1) for k in widths)) * per_layer}
+
+
+def instruction_peak(threads: int, seconds: float) -> float:
+    """vdpbf16ps FLOP/s of `threads` threads at once (64 FLOPs per instruction)."""
+    cc = find_cc()
+    if cc is None:
+        raise SystemExit("no C compiler found (set CC): the peak probe is compiled here")
+    with tempfile.TemporaryDirectory() as d:
+        src, lib = Path(d) / "peak.c", Path(d) / "peak.so"
+        src.write_text(PEAK_C)
+        subprocess.run([cc, "-O2", "-mavx512f", "-mavx512bf16", "-shared", "-fPIC", "-pthread", str(src), "-o", str(lib)],
+                       check=True)
+        peak = ctypes.CDLL(str(lib)).qk_peak_dpbf16
+        peak.restype, peak.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_double]
+        return 64.0 * max(peak(threads, seconds / 8) for _ in range(8))  # the best window: the host steals time
+
+
+def kernel_rate(threads: int, tokens: int = 4096, repeats: int = 5) -> dict[str, float]:
+    """FLOP/s of qkiln's bf16 products at calibration's shapes, `threads` callers at once (one thread each, as
+    `quantize.sequential` runs them): the demo's gate/up (576 -> 3072) and down (1536 -> 576) and the two
+    Gram widths (upper triangle counted)."""
+    rng = np.random.default_rng(0)
+    shapes = {"linear 576->3072": (576, 3072), "linear 1536->576": (1536, 576)}
+    out: dict[str, float] = {}
+
+    def timed(work: Callable[[int], None], flops: float) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+            t0 = time.perf_counter()
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            best = min(best, time.perf_counter() - t0)
+        return threads * flops / best
+
+    for name, (k, n) in shapes.items():
+        x = rng.standard_normal((tokens, k), dtype=np.float32).astype(bf16.BF16)
+        w = bf16.pack_weight(rng.standard_normal((n, k), dtype=np.float32) * 0.05)
+        ys = [bf16.aligned_empty((tokens, n)) for _ in range(threads)]  # reused, as calibration's scratch is
+
+        def lin(i: int, x: np.ndarray = x, w: bf16.BF16Weight = w, ys: list[np.ndarray] = ys) -> None:
+            bf16.linear(x, w, out=ys[i], nthreads=1)
+
+        out[name] = timed(lin, 2.0 * tokens * k * n)
+    for k in (576, 1536):
+        x = rng.standard_normal((tokens, k), dtype=np.float32).astype(bf16.BF16)
+
+        def gram(i: int, x: np.ndarray = x, k: int = k) -> None:
+            g = bf16.GramSum(k, nthreads=1)
+            g.add(x)
+            g.result()
+
+        out[f"Gram {k}"] = timed(gram, float(tokens) * k * (k + 1))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", type=Path, help="a checkpoint's config.json (default: the demo model's)")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--seconds", type=float, default=3.0, help="length of the peak probe")
+    ap.add_argument("--ref-seconds", type=float, help="a reference tool's wall time for the same calibration")
+    args = ap.parse_args()
+    if not bf16.available("avx512bf16"):
+        raise SystemExit(f"this CPU cannot run the AVX512_BF16 probe: {bf16.unavailable_reason('avx512bf16')}")
+    if args.config is None:
+        from qkiln.demo import demo_model_dir
+        args.config = demo_model_dir() / "config.json"
+    cfg = LlamaConfig.from_file(args.config)
+    tokens = args.samples * args.seq_len
+    flops = calibration_flops(cfg, tokens)
+    total = sum(flops.values())
+    print(f"load before {os.getloadavg()[0]:.2f}; {args.threads} threads; {args.samples} x {args.seq_len} tokens")
+    peak = instruction_peak(args.threads, args.seconds)
+    rates = kernel_rate(args.threads)
+    print(f"products: forward {flops['forward'] / 1e12:.2f} TFLOP + Hessians {flops['hessians'] / 1e12:.2f} = "
+          f"{total / 1e12:.2f} TFLOP")
+    print(f"vdpbf16ps peak, {args.threads} threads: {peak / 1e9:.0f} GFLOP/s ({peak / 1e9 / args.threads:.0f} per thread)")
+    for name, r in rates.items():
+        print(f"qkiln {name}: {r / 1e9:.0f} GFLOP/s ({100 * r / peak:.0f} % of peak)")
+    floor = total / peak
+    print(f"floor (products at peak, nothing else): {floor:.1f} s wall, {floor * args.threads:.1f} CPU-s")
+    if args.ref_seconds:
+        print(f"largest speed-up over {args.ref_seconds:.1f} s this floor allows: {args.ref_seconds / floor:.2f}x")
+    print(f"load after {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
