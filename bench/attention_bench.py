@@ -15,9 +15,9 @@ on the cache in place) against the units on the same single-query calls (demo mo
 to 4096 cached positions, 1 and 2 threads); its GB/s is the keys and values read (2·b·kv_heads·t·d·4 bytes) per
 second, its agreement column max|decode - units| / max|v|.
 
-Where AMX runs, a second table compares the bf16 AMX variant (precision="bfloat16", calibration's) with the
-float32 AVX-512 one, single-threaded as calibration calls it, alternating in one run; its agreement column
-is max|amx - float32| / max|v| (kernels.attention.BF16_ATOL_REL).
+Where a bf16 variant runs (amx_bf16 on AMX, else avx512_bf16 on AVX512_BF16), a second table compares it
+(precision="bfloat16", calibration's) with the float32 AVX-512 one, single-threaded as calibration calls it,
+alternating in one run; its agreement column is max|bf16 - float32| / max|v| (kernels.attention.BF16_ATOL_REL).
 """
 
 from __future__ import annotations
@@ -57,16 +57,17 @@ def _load() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--bf16-only", action="store_true", help="only the amx_bf16 vs float32 AVX-512 table")
+    ap.add_argument("--bf16-only", action="store_true", help="only the bf16 vs float32 AVX-512 table")
     args = ap.parse_args()
     print(f"load average before: {_load()}   C variant: {attention.variant_name()}")
     if not args.bf16_only:
         _float32_table(args.repeats)
         _decode_table(args.repeats)
-    if attention.amx_bf16_available():
-        _bf16_table(args.repeats)
+    fast = attention.bf16_variant()
+    if fast is not None:
+        _bf16_table(fast, args.repeats)
     else:
-        print("amx_bf16: unavailable here")
+        print("bf16 variants: unavailable here")
     print(f"load average after: {_load()}")
 
 
@@ -77,16 +78,17 @@ def _inputs(rng: np.random.Generator, b: int, s: int, t: int, heads: int, kvh: i
     return q, k, v
 
 
-def _bf16_table(repeats: int) -> None:
-    print(f"\n{'shape (b, s, t, heads, kv, d)':32} {'thr':>3} {'f32 ms':>8} {'amx ms':>8} {'ratio':>6} "
-          f"{'f32 GF':>7} {'amx GF':>7} {'max|Δ|/max|v|':>13}")
+def _bf16_table(variant: str, repeats: int) -> None:
+    print(f"\nbf16 variant: {variant}")
+    print(f"{'shape (b, s, t, heads, kv, d)':32} {'thr':>3} {'f32 ms':>8} {'bf16 ms':>8} {'ratio':>6} "
+          f"{'f32 GF':>7} {'bf16 GF':>7} {'max|Δ|/max|v|':>13}")
     rng = np.random.default_rng(0)
     for b, s, t, heads, kvh, d in SHAPES[:2]:
         q, k, v = _inputs(rng, b, s, t, heads, kvh, d)
         out = np.empty((b * s, heads * d), np.float32)  # (b * s, heads * d), reused as calibration does
         flops = 4.0 * b * heads * d * (s * (t - s) + s * (s + 1) / 2)
         ref = attention.causal_attention_c(q, k, v, threads=1, variant="avx512")
-        err = float(np.abs(attention.causal_attention_c(q, k, v, threads=1, variant="amx_bf16") - ref).max())
+        err = float(np.abs(attention.causal_attention_c(q, k, v, threads=1, variant=variant) - ref).max())
         t_f, t_a = _best_pair(lambda: attention.causal_attention_c(q, k, v, threads=1, variant="avx512", out=out),  # noqa: B023
                               lambda: attention.causal_attention(q, k, v, threads=1, out=out,  # noqa: B023
                                                                  precision="bfloat16"),

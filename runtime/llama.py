@@ -51,7 +51,7 @@ def rope_attention(
     grouped-query attention -> (b * s, heads * d). Calibration runs this same step on quantized weights.
     The attention itself is the fused C kernel (`kernels.attention`; NumPy `causal_attention` without
     the library), on `threads` threads (0: every core), written into `out` (b * s, heads * d) when given;
-    precision "bfloat16" lets it use the bf16 AMX variant (calibration's bf16 engine; see kernels.attention).
+    precision "bfloat16" lets it use a bf16 variant, AMX or AVX512_BF16 (calibration's bf16 engine; see kernels.attention).
     """
 
     n_heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim

@@ -12,14 +12,16 @@ variant, QKILN_KERNEL=avx512 the AVX-512 one.
 
 Agreement with NumPy: max|Δ| ≤ ATOL_REL · max|v| · (1 + max|score| / 16) (see ATOL_REL).
 
-precision="bfloat16" (GPTQ calibration with the bf16 engine, whose linears already round to bf16) runs the
-AMX variant "amx_bf16" (qkiln/kernels/src/attention/attention_amx.c) when QKILN_KERNEL is unset or avx512 and
-the CPU and OS allow AMX tiles: the scaled queries, keys, probabilities and values are rounded to bf16
-(nearest even), products are exact and sums float32 (tdpbf16ps), the softmax itself float32 as in the
-AVX-512 unit (exp2 polynomial cut to degree 4, 4e-5 relative). Measured 2.1-2.6x the float32 AVX-512
-variant on one thread at calibration's shape (5x at t = 2048, d = 128); agreement with the float32 result:
-BF16_ATOL_REL. Anywhere else bfloat16 falls back to the float32 path, which is more precise and
-slower. Runtime eval/generate keep float32.
+precision="bfloat16" (GPTQ calibration with the bf16 engine, whose linears already round to bf16) runs a bf16
+variant (qkiln/kernels/src/attention/attention_bf16.c) when QKILN_KERNEL is unset or avx512: "amx_bf16" where
+the CPU and OS allow AMX tiles, else "avx512_bf16" where the CPU has AVX512_BF16 (AMD Zen 4/5, Intel Cooper
+Lake). Both round the scaled queries, keys, probabilities and values to bf16 (nearest even); products are exact
+and sums float32 (tdpbf16ps, vdpbf16ps), the softmax itself float32 as in the AVX-512 unit (exp2 polynomial
+cut to degree 4, 4e-5 relative). Measured: amx_bf16 2.1-2.6x the float32 AVX-512 variant on one thread at
+calibration's shape (5x at t = 2048, d = 128) on a Sapphire Rapids guest; avx512_bf16 1.7x (1.85x) on a Zen 4
+guest (bench/attention_bench.py).
+Agreement with the float32 result: BF16_ATOL_REL. Anywhere else bfloat16 falls back to the float32 path, which
+is more precise and slower. Runtime eval/generate keep float32.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from qkiln.kernels.clib import LazyLibrary, env_variant, fits_out, into
 # 1.7e-6 with scores of magnitude ~100 (portable variant; AVX-512 1.7e-7).
 ATOL_REL = 1e-5
 
-# Tolerance of the amx_bf16 variant against the float32 result, relative to max|v|: bf16 keeps 8
+# Tolerance of the bf16 variants against the float32 result, relative to max|v|: bf16 keeps 8
 # significant bits, so each score carries a relative error ~2^-9 of Σ|q_i k_i| / sqrt(d), each probability
 # and value one more rounding; the output is a probability-weighted mean of values, so errors average over
 # the visible keys (a row seeing one key gets bf16(v) exactly, 2^-9 relative). Measured max|Δ| / max|v|:
@@ -51,8 +53,9 @@ ATOL_REL = 1e-5
 # score error, as for ATOL_REL.
 BF16_ATOL_REL = 1e-2
 
-VARIANTS = {"auto": 0, "portable": 1, "avx512": 2, "amx_bf16": 3}
-_VARIANT_NAMES = {1: "portable", 2: "avx512", 3: "amx_bf16"}
+VARIANTS = {"auto": 0, "portable": 1, "avx512": 2, "amx_bf16": 3, "avx512_bf16": 4}
+_VARIANT_NAMES = {1: "portable", 2: "avx512", 3: "amx_bf16", 4: "avx512_bf16"}
+BF16_VARIANTS = ("amx_bf16", "avx512_bf16")
 PRECISIONS = ("float32", "bfloat16")
 
 
@@ -67,7 +70,7 @@ _LIB = LazyLibrary({
                             ctypes.c_int, ctypes.c_int, _vp, _vp, _vp, ctypes.c_int],
     "qk_attention_exp2": [ctypes.c_int, _vp, _vp, ctypes.c_long],
     "qk_attention_variant": [],
-    "qk_attention_amx_available": [],
+    "qk_attention_bf16_variant": [],
 })
 
 
@@ -79,16 +82,26 @@ def _load() -> Any:
 _env_variant = env_variant
 
 
-def amx_bf16_available() -> bool:
-    """True when the library loads and the amx_bf16 variant can run here (AVX-512, AMX-BF16, and Linux
-    granted this process the tile state)."""
+def bf16_variant() -> str | None:
+    """The fastest bf16 variant that can run here ("amx_bf16": AVX-512, AMX-BF16 and Linux granted this process
+    the tile state; else "avx512_bf16": AVX512_BF16), or None (or without the library)."""
     lib = _load()
-    return lib is not None and bool(lib.qk_attention_amx_available())
+    code = int(lib.qk_attention_bf16_variant()) if lib is not None else 0
+    return _VARIANT_NAMES[code] if code else None
+
+
+def bf16_available(variant: str) -> bool:
+    """True when the bf16 `variant` can run here (a CPU with AMX has AVX512_BF16 too)."""
+    if variant == "amx_bf16":
+        return bf16_variant() == "amx_bf16"
+    from qkiln.kernels import bf16  # the products' module, same library: its AVX512_BF16 engine's test
+
+    return variant == "avx512_bf16" and bf16_variant() is not None and bf16.available("avx512bf16")
 
 
 def variant_name(variant: str = "auto") -> str:
-    """The C variant `variant` runs on this machine ('portable' or 'avx512'; 'auto' never means the bf16
-    'amx_bf16'), or 'numpy' without the library."""
+    """The C variant `variant` runs on this machine ('portable' or 'avx512'; 'auto' never means a bf16 one), or
+    'numpy' without the library."""
     lib = _load()
     if lib is None:
         return "numpy"
@@ -148,15 +161,15 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, thr
     q: (b, s, heads, d) rotated queries; keys, values: (b, kv_heads, t, d) with t >= s, the queries
     being the last s of the t positions. Query head h reads kv head h // n_rep. Any strides (copied only
     when the last axis is not contiguous). threads: 0 = one per core; calibration, which runs batches in
-    parallel itself, passes 1. precision: "float32" (default), or "bfloat16" to allow the faster bf16 AMX
-    variant (module docstring; falls back to float32 where it cannot run or QKILN_KERNEL asks for another
-    path).
+    parallel itself, passes 1. precision: "float32" (default), or "bfloat16" to allow the faster bf16 variants
+    (module docstring; falls back to float32 where none can run or QKILN_KERNEL asks for another path).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"attention precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     want = _env_variant()
-    if precision == "bfloat16" and want in ("auto", "avx512") and amx_bf16_available():
-        return causal_attention_c(q, keys, values, threads=threads, variant="amx_bf16", out=out)
+    fast = bf16_variant() if precision == "bfloat16" and want in ("auto", "avx512") else None
+    if fast is not None:
+        return causal_attention_c(q, keys, values, threads=threads, variant=fast, out=out)
     if want is None or _load() is None or (want == "auto" and variant_name() != "avx512"):
         got = reference.causal_attention(q, keys, values)
         return into(got, out)
@@ -166,9 +179,9 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, *, thr
 def exp2_approx(x: np.ndarray, variant: str = "auto") -> np.ndarray:
     """The kernel's softmax 2^x applied to x (float32), for its error test. (Scores are kept in base 2:
     log2 e is folded into the query scale, so e^(s - m) is computed as 2^(s·log2 e - m·log2 e).) Float32
-    variants only: amx_bf16's degree-4 polynomial is not exposed (KernelError)."""
-    if variant == "amx_bf16":
-        raise KernelError("exp2_approx covers the float32 variants; amx_bf16's degree-4 polynomial is not exposed")
+    variants only: the bf16 variants' degree-4 polynomial is not exposed (KernelError)."""
+    if variant in BF16_VARIANTS:
+        raise KernelError(f"exp2_approx covers the float32 variants; {variant}'s degree-4 polynomial is not exposed")
     lib = _load()
     if lib is None:
         raise KernelError(f"the C attention kernel is unavailable: {_LIB.error}")

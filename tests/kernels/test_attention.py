@@ -217,9 +217,10 @@ def test_result_written_into_out(monkeypatch, env):
     assert attention.causal_attention(q, k, v, threads=1, out=odd) is odd
 
 
-# ---- the bf16 AMX variant (precision="bfloat16") ----
+# ---- the bf16 variants (precision="bfloat16"): amx_bf16 on AMX tiles, avx512_bf16 on AVX512_BF16 ----
 
-needs_amx = pytest.mark.skipif(not attention.amx_bf16_available(), reason="AMX-BF16 tiles unavailable here")
+BF16_VARIANTS = [pytest.param(v, marks=pytest.mark.skipif(not attention.bf16_available(v), reason=f"{v} cannot run here"))
+                 for v in attention.BF16_VARIANTS]
 
 BF16_CASES = {
     "calib-nrep3": (2, 130, 130, 9, 3, 64),
@@ -237,27 +238,28 @@ def _bf16_tolerance(v):
     return attention.BF16_ATOL_REL * float(np.abs(v).max())
 
 
-@needs_amx
+@pytest.mark.parametrize("variant", BF16_VARIANTS)
 @pytest.mark.parametrize("case", list(BF16_CASES))
-def test_amx_bf16_matches_float32(case):
+def test_bf16_matches_float32(case, variant):
     """Within BF16_ATOL_REL · max|v| of the float32 kernel, and actually rounded (not the float32 bits)."""
     q, k, v = _inputs(*BF16_CASES[case], seed=5)
     want = attention.causal_attention_c(q, k, v, threads=1, variant="avx512")  # (b * s, heads * d)
-    got = attention.causal_attention_c(q, k, v, threads=1, variant="amx_bf16")
+    got = attention.causal_attention_c(q, k, v, threads=1, variant=variant)
     assert got.shape == want.shape and got.dtype == np.float32 and np.isfinite(got).all()
     err = float(np.abs(got - want).max())
     assert err <= _bf16_tolerance(v), (case, err / float(np.abs(v).max()))
     if q.shape[1] > 1:
         assert err > 0.0  # bf16 inputs cannot reproduce float32 to the bit
-    np.testing.assert_array_equal(attention.causal_attention(q, k, v, threads=1, precision="bfloat16"), got)
+    if variant == attention.bf16_variant():  # what calibration's precision="bfloat16" runs here
+        np.testing.assert_array_equal(attention.causal_attention(q, k, v, threads=1, precision="bfloat16"), got)
 
 
-@needs_amx
-def test_amx_bf16_rows_with_a_single_visible_key():
+@pytest.mark.parametrize("variant", BF16_VARIANTS)
+def test_bf16_rows_with_a_single_visible_key(variant):
     """s = t: the first query sees only key 0, so its output is bf16(v[0]) exactly (p = 1, sum = 1); a
     saturating softmax keeps every row finite."""
     q, k, v = _inputs(2, 70, 70, 6, 2, 64, seed=6)
-    got = attention.causal_attention_c(q, k, v, threads=1, variant="amx_bf16").reshape(2, 70, 6, 64)
+    got = attention.causal_attention_c(q, k, v, threads=1, variant=variant).reshape(2, 70, 6, 64)
     v0 = v[:, :, 0].astype(np.float64)  # (b, kvh, d)
     want0 = np.repeat(v0, 3, axis=1)  # (b, heads, d): head h reads kv head h // 3
     bf16_v0 = np.repeat((v[:, :, 0].view(np.uint32) + 0x7FFF + ((v[:, :, 0].view(np.uint32) >> 16) & 1))
@@ -265,49 +267,49 @@ def test_amx_bf16_rows_with_a_single_visible_key():
     np.testing.assert_array_equal(got[:, 0], bf16_v0)
     assert float(np.abs(got[:, 0] - want0).max()) <= 2.0**-8 * float(np.abs(v0).max())
     qs, ks, vs = _inputs(2, 70, 130, 6, 2, 64, seed=1, q_scale=12.0)
-    sat = attention.causal_attention_c(qs, ks, vs, threads=1, variant="amx_bf16")
+    sat = attention.causal_attention_c(qs, ks, vs, threads=1, variant=variant)
     # scores ~100: a bf16 score error of ~0.4 may swap which key dominates a near-tie, so only finiteness
     # and the convex-combination bound (outputs are weighted means of bf16 values) are asserted
     assert np.isfinite(sat).all()
     assert float(np.abs(sat).max()) <= float(np.abs(vs).max()) * (1 + 2.0**-7)
 
 
-@needs_amx
-def test_amx_bf16_thread_count_does_not_change_the_bits():
+@pytest.mark.parametrize("variant", BF16_VARIANTS)
+def test_bf16_thread_count_does_not_change_the_bits(variant):
     """Tile rows are independent and key blocks start at multiples of 64: any grouping or thread count
     gives the same bits."""
     q, k, v = _inputs(2, 130, 150, 9, 3, 64, seed=3)
-    one = attention.causal_attention_c(q, k, v, threads=1, variant="amx_bf16")
+    one = attention.causal_attention_c(q, k, v, threads=1, variant=variant)
     for threads in (0, 2, 3, 1000):
-        np.testing.assert_array_equal(attention.causal_attention_c(q, k, v, threads=threads, variant="amx_bf16"),
-                                      one)
+        np.testing.assert_array_equal(attention.causal_attention_c(q, k, v, threads=threads, variant=variant), one)
     # one batch element alone (other unit split and row groups) gives the same rows
-    alone = attention.causal_attention_c(q[1:], k[1:], v[1:], threads=1, variant="amx_bf16")
+    alone = attention.causal_attention_c(q[1:], k[1:], v[1:], threads=1, variant=variant)
     np.testing.assert_array_equal(alone, one[130:])
 
 
-@needs_amx
-def test_amx_bf16_strided_views_as_the_runtime_passes_them():
+@pytest.mark.parametrize("variant", BF16_VARIANTS)
+def test_bf16_strided_views_as_the_runtime_passes_them(variant):
     b, s, heads, kvh, d = 2, 45, 9, 3, 64
     rng = np.random.default_rng(2)
     qkv = rng.standard_normal((b * s, (heads + 2 * kvh) * d)).astype(np.float32)  # (b*s, fused)
     q = qkv[:, : heads * d].reshape(b, s, heads, d)  # (b, s, heads, d) view
     k = qkv[:, heads * d : (heads + kvh) * d].reshape(b, s, kvh, d).transpose(0, 2, 1, 3)  # (b, kvh, s, d)
     v = qkv[:, (heads + kvh) * d :].reshape(b, s, kvh, d).transpose(0, 2, 1, 3)  # (b, kvh, s, d)
-    want = attention.causal_attention_c(*map(np.ascontiguousarray, (q, k, v)), threads=1, variant="amx_bf16")
-    got = attention.causal_attention_c(q, k, v, threads=1, variant="amx_bf16")
+    want = attention.causal_attention_c(*map(np.ascontiguousarray, (q, k, v)), threads=1, variant=variant)
+    got = attention.causal_attention_c(q, k, v, threads=1, variant=variant)
     np.testing.assert_array_equal(got, want)
     big = np.full((b * s + 3, heads * d), np.nan, np.float32)
-    attention.causal_attention(q, k, v, threads=1, out=big[1:-2], precision="bfloat16")
+    attention.causal_attention_c(q, k, v, threads=1, out=big[1:-2], variant=variant)
     np.testing.assert_array_equal(big[1:-2], want)
     assert np.isnan(big[0]).all() and np.isnan(big[-2:]).all()
 
 
-def test_bfloat16_falls_back_to_float32_without_amx(monkeypatch):
-    """Without AMX (or with QKILN_KERNEL naming another path) precision="bfloat16" is the float32 result."""
+def test_bfloat16_falls_back_to_float32_without_a_bf16_variant(monkeypatch):
+    """Without a bf16 variant (or with QKILN_KERNEL naming another path) precision="bfloat16" is the float32
+    result."""
     q, k, v = _inputs(2, 33, 40, 9, 3, 64)
     monkeypatch.delenv("QKILN_KERNEL", raising=False)
-    monkeypatch.setattr(attention, "amx_bf16_available", lambda: False)
+    monkeypatch.setattr(attention, "bf16_variant", lambda: None)
     np.testing.assert_array_equal(attention.causal_attention(q, k, v, threads=1, precision="bfloat16"),
                                   attention.causal_attention(q, k, v, threads=1))
     monkeypatch.undo()

@@ -190,7 +190,7 @@ QK_API int qk_decode_attention(int variant, const float *q, const float *k, cons
                                const long *v_strides, int nthreads);
 QK_API int qk_attention_exp2(int variant, const float *x, float *y, long n);    /* the softmax's 2^x, for its test */
 QK_API int qk_attention_variant(void);
-QK_API int qk_attention_amx_available(void);
+QK_API int qk_attention_bf16_variant(void); /* 3 amx_bf16, 4 avx512_bf16, 0: neither runs here */
 
 /* bfloat16 products on AMX tiles or AVX512_BF16 (src/x86/bf16.c; x86-64 builds only). engine: 1 AMX, 2 AVX512_BF16,
  * 0 the best available; qk_bf16_engines: the bits of those that can run here. */

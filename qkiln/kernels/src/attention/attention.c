@@ -3,8 +3,8 @@
  * vector extensions (SSE2 on baseline x86-64, NEON on aarch64) and plain loops the compiler vectorizes.
  * qk_decode_attention, for a single query (a decode step), skips the units: a task per query head reads its
  * keys in place (head_portable here, qk_attn_head_avx512). The AVX-512 unit is in attention_avx512.c, the bf16
- * AMX unit (variant 3, only on request: it rounds the inputs to bf16) in attention_amx.c. Layout and
- * algorithm: attention.h.
+ * units (variants 3 AMX and 4 AVX512_BF16, only on request: they round the inputs to bf16) in attention_bf16.c.
+ * Layout and algorithm: attention.h.
  *
  *   int qk_causal_attention(q, k, v, out, b, s, t, n_heads, kv_heads, d, q_strides, k_strides, v_strides,
  *                           nthreads)              best variant; qk_causal_attention_ex(variant, ...) picks one
@@ -307,17 +307,18 @@ static void work(void *ctx, long participant) {
     }
 }
 
-/* Variant: 0 = best float32 variant this CPU runs, 1 = portable, 2 = AVX-512, 3 = bf16 AMX (never chosen
- * by 0: its inputs are rounded to bf16). Which one `0` means here: */
+/* Variant: 0 = best float32 variant this CPU runs, 1 = portable, 2 = AVX-512, 3 = bf16 AMX, 4 = bf16 AVX512_BF16
+ * (3 and 4 are never chosen by 0: their inputs are rounded to bf16). Which one `0` means here: */
 int qk_attention_variant(void) { return qk_have_avx512() ? 2 : 1; }
 
-/* 1 when variant 3 can run here (AVX-512, AMX-BF16, and the OS granted the tile state), else 0. */
-int qk_attention_amx_available(void) {
+/* The fastest bf16 variant that can run here: 3 (AVX-512, AMX-BF16, and the OS granted the tile state), else 4
+ * (AVX512_BF16), else 0. */
+int qk_attention_bf16_variant(void) {
 #if defined(__x86_64__)
-    return qk_have_avx512() && qk_bf16_amx_available();
-#else
-    return 0;
+    if (qk_have_avx512() && qk_bf16_amx_available()) return 3;
+    if (qk_cpu_features() & QK_CPU_AVX512_BF16) return 4;
 #endif
+    return 0;
 }
 
 /* y = 2^x with the variant's softmax exp2 (for the error test). Returns 0, or -2 if the variant cannot run. */
@@ -393,7 +394,8 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
     if (variant == 1) fn = qk_attn_unit_portable;
 #if defined(__x86_64__)
     if (variant == 2 && qk_have_avx512()) fn = qk_attn_unit_avx512;
-    if (variant == 3 && qk_attention_amx_available()) fn = qk_attn_unit_amx;
+    if (variant == 3 && qk_attention_bf16_variant() == 3) fn = qk_attn_unit_amx;
+    if (variant == 4 && (qk_cpu_features() & QK_CPU_AVX512_BF16)) fn = qk_attn_unit_avx512bf16;
 #endif
     if (!fn) return -2;
     if (b == 0 || s == 0) return 0;
@@ -416,7 +418,7 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
     a.dp = (d + 15) / 16 * 16;
     a.tpad = (t + QK_ATTN_NB - 1) / QK_ATTN_NB * QK_ATTN_NB;
     job_t job = {.a = &a, .fn = fn, .nunits = pairs * a.nqb,
-                 .scratch_floats = variant == 3 ? qk_attn_scratch_floats_amx(&a) : qk_attn_scratch_floats(&a)};
+                 .scratch_floats = variant >= 3 ? qk_attn_scratch_floats_bf16(&a) : qk_attn_scratch_floats(&a)};
     atomic_init(&job.next, 0);
     atomic_init(&job.failed, 0);
     if (nthreads > job.nunits) nthreads = job.nunits;

@@ -46,10 +46,10 @@ static inline long qk_attn_scratch_floats(const qk_attn_args *a) {
            (long)QK_ATTN_RMAX * (QK_ATTN_NB + a->dp + 16 + 2) + 16 * 8;
 }
 
-/* Floats of per-thread scratch the bf16 AMX unit needs (attention_amx.c): bf16 key tiles (tpad, d rounded
+/* Floats of per-thread scratch the bf16 units need (attention_bf16.c): bf16 key tiles (tpad, d rounded
  * up to 32), value tiles (tpad, dp), scaled queries (qrows rounded up to 16, d rounded up to 32), then per
  * row group of 16 scores (16, NB), two blocks' probabilities 2 x (16, NB) bf16, output (16, dp) and sums (16, 16). Every piece starts 64-byte aligned (tpad is a multiple of 64). */
-static inline long qk_attn_scratch_floats_amx(const qk_attn_args *a) {
+static inline long qk_attn_scratch_floats_bf16(const qk_attn_args *a) {
     const long d32 = (a->d + 31) / 32 * 32, r16 = (a->qrows + 15) / 16 * 16;
     return (long)a->tpad * d32 / 2 + (long)a->tpad * a->dp / 2 + r16 * d32 / 2 +
            16L * (QK_ATTN_NB + QK_ATTN_NB + a->dp + 16);
@@ -134,9 +134,11 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch);
 #if defined(__x86_64__)
 void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch);
 void qk_attn_exp2_avx512(const float *x, float *y, long n);
-/* bf16 AMX unit (attention_amx.c); scratch: qk_attn_scratch_floats_amx. Needs qk_bf16_amx_available()
- * (x86/bf16.c: cpuid, XCR0 and the Linux tile-data permission) and AVX-512. */
+/* The bf16 units (attention_bf16.c); scratch: qk_attn_scratch_floats_bf16. The AMX one needs
+ * qk_bf16_amx_available() (x86/bf16.c: cpuid, XCR0 and the Linux tile-data permission) and AVX-512, the
+ * AVX512_BF16 one the cpu.h feature QK_CPU_AVX512_BF16. */
 void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch);
+void qk_attn_unit_avx512bf16(const qk_attn_args *a, int u, float *scratch);
 int qk_bf16_amx_available(void);
 #endif
 

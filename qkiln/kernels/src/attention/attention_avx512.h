@@ -1,4 +1,4 @@
-/* attention_avx512.h — AVX-512 pieces shared by the float32 AVX-512 unit and the bf16 AMX unit (both compiled
+/* attention_avx512.h — AVX-512 pieces shared by the float32 AVX-512 unit and the bf16 units (all compiled
  * with -mavx512f): the softmax's vector 2^x, the masked-score value, a score row's masking and max, and (from
  * x86/transpose16.h) the 16 x 16 transpose of 32-bit lanes. */
 #ifndef QKILN_ATTENTION_AVX512_H

@@ -1,4 +1,4 @@
-/* amx_tiles.h — what the AMX units (x86/bf16.c: linear and Gram; attention/attention_amx.c) share: the one
+/* amx_tiles.h — what the AMX units (x86/bf16.c: linear and Gram; attention/attention_bf16.c) share: the one
  * tile configuration they use (8 tiles of 16 rows x 64 bytes), the 2x2 multiply step of the linear and the
  * Gram, and the lane mask of a partial vector. The including file is compiled with -mamx-tile -mamx-bf16
  * -mavx512f. */

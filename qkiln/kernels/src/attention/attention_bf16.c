@@ -1,6 +1,7 @@
-/* attention_amx.c — the bfloat16 AMX unit of the fused causal attention (variant 3, "amx_bf16"; layout and
- * unit split: attention.h). Calibration asks for it (precision "bfloat16"): the float32 AVX-512 unit is
- * FMA-bound, while one tdpbf16ps does 16 x 16 x 32 products.
+/* attention_bf16.c — the bfloat16 units of the fused causal attention (layout and unit split: attention.h):
+ * variant 3 "amx_bf16" on AMX tiles, variant 4 "avx512_bf16" on AVX512_BF16 (vdpbf16ps; AMD Zen 4/5, Intel Cooper
+ * Lake). Calibration asks for them (precision "bfloat16"): the float32 AVX-512 unit is FMA-bound, while one
+ * tdpbf16ps does 16 x 16 x 32 products and one vdpbf16ps twice a float32 FMA's.
  *
  * Per group of 16 query rows (one A tile's rows) and block of 64 keys:
  *   S = bf16(q · log2e / sqrt(d)) · bf16(K)ᵀ   4 C tiles (16 keys each), A = queries (32 elements of d per
@@ -15,13 +16,17 @@
  *                                              with alpha != 1 are rescaled (AVX-512), then O is loaded as
  *                                              C tiles, accumulated into and stored back; this runs one
  *                                              block behind the scores (software pipeline, see the loop)
- * Speed (calibration's batch, one thread, Sapphire Rapids guest): ~2.1-2.6x the float32 AVX-512 unit,
- * 5x at t = 2048, d = 128 (bench/attention_bench.py).
- * Numerics: inputs rounded to bf16 (nearest even), products exact, sums in float32 (tdpbf16ps), so the
- * result is within about 4e-3 · max|v| of the float32 variants (qkiln/kernels/attention.py states the measured
- * tolerance). A row's arithmetic does not depend on which rows share its tile or on the thread count:
- * tile rows are independent, key blocks start at multiples of 64, and blocks past a row's position give
- * p = 0 and alpha = 1 exactly. d is padded with zeros to a multiple of 32 (keys/queries) and 16 (values).
+ * The two variants share everything but the two products: on AVX512_BF16 a tile product is its definition
+ * done with vectors — an accumulator row += A's pair p of that row (broadcast) times B's row p (16 columns'
+ * pairs), p = 0..15 in order — over the same packed tiles, in the same order.
+ * Speed (calibration's batch, one thread, bench/attention_bench.py): amx_bf16 ~2.1-2.6x the float32 AVX-512 unit
+ * on a Sapphire Rapids guest, 5x at t = 2048, d = 128; avx512_bf16 1.7x on a Zen 4 guest (1.85x at t = 2048).
+ * Numerics: inputs rounded to bf16 (nearest even), products exact, sums in float32, so the result is within
+ * about 4e-3 · max|v| of the float32 variants (qkiln/kernels/attention.py states the measured tolerance); the
+ * two bf16 variants differ in the last bits (how each instruction rounds its pair's sum). A row's arithmetic
+ * does not depend on which rows share its tile or on the thread count: tile rows are independent, key blocks
+ * start at multiples of 64, and blocks past a row's position give p = 0 and alpha = 1 exactly. d is padded
+ * with zeros to a multiple of 32 (keys/queries) and 16 (values).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -135,11 +140,8 @@ static inline void scores(const uint16_t *qa, int d32, const uint16_t *kb, int D
     if (nt > 3) _tile_stored(3, sc + 48, 4 * NB);
 }
 
-/* o (16, dp) = alpha · o + P · V for this key block: P (16, 64) bf16 in pb (keys 32.. only when np > 1),
- * vb the block's first value tile. The rows whose max moved are rescaled in place (alpha is 1 for the
- * others, and multiplying by 1 changes nothing), then o itself is the accumulator: 64 output columns
- * (4 C tiles) loaded, P · V added, stored back. */
-static inline void pv(const uint16_t *pb, int np, const uint16_t *vb, int CC, float *o, int dp, const float *alpha) {
+/* o's rows whose max moved (alpha != 1) times alpha (for the others alpha is 1: multiplying would change nothing). */
+static inline void rescale_moved(float *o, int dp, const float *alpha) {
     const __mmask16 moved = _mm512_cmp_ps_mask(_mm512_load_ps(alpha), _mm512_set1_ps(1.0f), _CMP_NEQ_UQ);
     if (moved)
         for (int rr = 0; rr < AR; rr++)
@@ -148,6 +150,14 @@ static inline void pv(const uint16_t *pb, int np, const uint16_t *vb, int CC, fl
                 for (int c = 0; c < dp; c += 16)
                     _mm512_storeu_ps(o + (long)rr * dp + c, _mm512_mul_ps(al, _mm512_loadu_ps(o + (long)rr * dp + c)));
             }
+}
+
+/* o (16, dp) = alpha · o + P · V for this key block: P (16, 64) bf16 in pb (keys 32.. only when np > 1),
+ * vb the block's first value tile. The rows whose max moved are rescaled in place (alpha is 1 for the
+ * others, and multiplying by 1 changes nothing), then o itself is the accumulator: 64 output columns
+ * (4 C tiles) loaded, P · V added, stored back. */
+static inline void pv(const uint16_t *pb, int np, const uint16_t *vb, int CC, float *o, int dp, const float *alpha) {
+    rescale_moved(o, dp, alpha);
     _tile_loadd(4, pb, 2 * NB);
     if (np > 1) _tile_loadd(5, pb + 32, 2 * NB);
     const long kstep = (long)CC * TILE; /* next 32 keys, same column chunk */
@@ -174,7 +184,82 @@ static inline void pv(const uint16_t *pb, int np, const uint16_t *vb, int CC, fl
     }
 }
 
-void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch) {
+/* scores() on AVX512_BF16: 4 rows at a time, each row's NT key tiles in registers, element pair after pair. */
+static inline __attribute__((always_inline)) void scores_rows4(const uint16_t *qa, int d32, const uint16_t *kb, int DC,
+                                                               const int NT, float *sc) {
+    const long kstep = (long)DC * TILE;
+    for (int r0 = 0; r0 < AR; r0 += 4) {
+        __m512 acc[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+        for (int dc = 0; dc < DC; dc++) {
+            const uint16_t *k = kb + (long)dc * TILE;
+            for (int p = 0; p < 16; p++) {
+                __m512bh b[4];
+                for (int t = 0; t < NT; t++) b[t] = (__m512bh)_mm512_loadu_si512(k + t * kstep + 32 * p);
+                for (int r = 0; r < 4; r++) {
+                    int32_t pair;
+                    memcpy(&pair, qa + (long)(r0 + r) * d32 + 32 * dc + 2 * p, sizeof pair);
+                    const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+                    for (int t = 0; t < NT; t++) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], av, b[t]);
+                }
+            }
+        }
+        for (int r = 0; r < 4; r++)
+            for (int t = 0; t < NT; t++) _mm512_storeu_ps(sc + (long)(r0 + r) * NB + 16 * t, acc[r][t]);
+    }
+}
+
+static void scores_avx512(const uint16_t *qa, int d32, const uint16_t *kb, int DC, int nt, float *sc) {
+    switch (nt) {
+    case 1: scores_rows4(qa, d32, kb, DC, 1, sc); break;
+    case 2: scores_rows4(qa, d32, kb, DC, 2, sc); break;
+    case 3: scores_rows4(qa, d32, kb, DC, 3, sc); break;
+    default: scores_rows4(qa, d32, kb, DC, 4, sc); break;
+    }
+}
+
+/* NC column chunks from c0 of pv() on AVX512_BF16: 4 rows at a time, their chunks in registers, loaded from o,
+ * the key pairs of the first 32 keys then (np > 1) of the next 32 added in order, stored back. */
+static inline __attribute__((always_inline)) void pv_chunks(const uint16_t *pb, int np, const uint16_t *vb, int CC,
+                                                            float *o, int dp, int c0, const int NC) {
+    const long kstep = (long)CC * TILE;
+    for (int r0 = 0; r0 < AR; r0 += 4) {
+        __m512 acc[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < NC; c++) acc[r][c] = _mm512_loadu_ps(o + (long)(r0 + r) * dp + 16 * (c0 + c));
+        for (int h = 0; h < np; h++)
+            for (int p = 0; p < 16; p++) {
+                __m512bh b[4];
+                for (int c = 0; c < NC; c++)
+                    b[c] = (__m512bh)_mm512_loadu_si512(vb + h * kstep + (long)(c0 + c) * TILE + 32 * p);
+                for (int r = 0; r < 4; r++) {
+                    int32_t pair;
+                    memcpy(&pair, pb + (long)(r0 + r) * NB + 32 * h + 2 * p, sizeof pair);
+                    const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+                    for (int c = 0; c < NC; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, b[c]);
+                }
+            }
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < NC; c++) _mm512_storeu_ps(o + (long)(r0 + r) * dp + 16 * (c0 + c), acc[r][c]);
+    }
+}
+
+/* pv() on AVX512_BF16: the rows whose max moved rescaled, then the output columns 4 chunks of 16 at a time. */
+static void pv_avx512(const uint16_t *pb, int np, const uint16_t *vb, int CC, float *o, int dp, const float *alpha) {
+    rescale_moved(o, dp, alpha);
+    int c0 = 0;
+    for (; c0 + 4 <= CC; c0 += 4) pv_chunks(pb, np, vb, CC, o, dp, c0, 4);
+    switch (CC - c0) {
+    case 1: pv_chunks(pb, np, vb, CC, o, dp, c0, 1); break;
+    case 2: pv_chunks(pb, np, vb, CC, o, dp, c0, 2); break;
+    case 3: pv_chunks(pb, np, vb, CC, o, dp, c0, 3); break;
+    default: break;
+    }
+}
+
+static inline __attribute__((always_inline)) void unit_bf16(const qk_attn_args *a, int u, float *scratch,
+                                                           const int amx) {
     int bi, g, qb;
     qk_attn_unit_coords(a, u, &bi, &g, &qb);
     const int d = a->d, dp = a->dp, tp = a->tpad, n_rep = a->n_heads / a->kv_heads, offset = a->t - a->s;
@@ -190,7 +275,7 @@ void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch) {
     float *lv = o + AR * dp;                    /* (AR, 16) running sums, per lane */
     float m[AR] __attribute__((aligned(64))), mn[AR] __attribute__((aligned(64)));
     float alphas[2][AR] __attribute__((aligned(64)));
-    tile_config();
+    if (amx) tile_config();
     pack_k(a, bi, g, nkeys, npad, kt);
     pack_v(a, bi, g, nkeys, npad, vt);
     pack_q(a, bi, g, q0, q1, qt);
@@ -219,9 +304,10 @@ void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch) {
             const int nv = (nk + 15) / 16;                          /* score tiles / vectors per row */
             uint16_t *pb = pbuf + jb * AR * NB;
             float *alpha = alphas[jb];
-            scores(qt + (long)row0 * d32, d32, kt + (long)(j0 / 16) * DC * TILE, DC, nv, sc);
+            (amx ? scores : scores_avx512)(qt + (long)row0 * d32, d32, kt + (long)(j0 / 16) * DC * TILE, DC, nv, sc);
             if (j0 > 0)
-                pv(pbuf + (jb ^ 1) * AR * NB, prev_np, vt + (long)((j0 - NB) / 32) * CC * TILE, CC, o, dp, alphas[jb ^ 1]);
+                (amx ? pv : pv_avx512)(pbuf + (jb ^ 1) * AR * NB, prev_np, vt + (long)((j0 - NB) / 32) * CC * TILE, CC, o,
+                                       dp, alphas[jb ^ 1]);
             const int diag = j0 + 16 * nv - 1 > first; /* some key is after some row's position */
             for (int rr = 0; rr < AR; rr++) {
                 mn[rr] = masked_row_max(sc + rr * NB, nv, diag, pos[rr] - j0, m[rr]);
@@ -259,7 +345,8 @@ void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch) {
             prev_np = (nv + 1) / 2;
         }
         const int jl = last / NB * NB; /* the last block's P . V */
-        pv(pbuf + (jl / NB & 1) * AR * NB, prev_np, vt + (long)(jl / 32) * CC * TILE, CC, o, dp, alphas[jl / NB & 1]);
+        (amx ? pv : pv_avx512)(pbuf + (jl / NB & 1) * AR * NB, prev_np, vt + (long)(jl / 32) * CC * TILE, CC, o, dp,
+                               alphas[jl / NB & 1]);
         for (int rr = 0; rr < rows; rr++) {
             const int i = q0 + (row0 + rr) / n_rep, h = g * n_rep + (row0 + rr) % n_rep;
             float *dst = a->out + ((long)bi * a->s + i) * ((long)a->n_heads * d) + (long)h * d;
@@ -268,5 +355,8 @@ void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch) {
                 _mm512_mask_storeu_ps(dst + c, mask_upto(d - c), _mm512_div_ps(_mm512_loadu_ps(o + rr * dp + c), l));
         }
     }
-    _tile_release();
+    if (amx) _tile_release();
 }
+
+void qk_attn_unit_amx(const qk_attn_args *a, int u, float *scratch) { unit_bf16(a, u, scratch, 1); }
+void qk_attn_unit_avx512bf16(const qk_attn_args *a, int u, float *scratch) { unit_bf16(a, u, scratch, 0); }
