@@ -93,8 +93,11 @@ static int engine_resolve(int engine) {
  * two A tiles, two B tiles), on AVX512_BF16. A run of up to QK_BF16_KCH steps sums 8 accumulator rows of both
  * column tiles from zero in 16 registers, then adds them to img: float32 chains of at most 256 products, so a
  * Gram over 4096 tokens lands within 4.9e-7 of the exact sum relative to Σ|x x| (one running sum per element
- * was 5.7e-6; the NumPy path's 1.0e-6). */
-static void avx512_steps(float *img, const uint16_t *a, const uint16_t *b, int64_t nst) {
+ * was 5.7e-6; the NumPy path's 1.0e-6). A's pair kp of row r is at r * RS + kp * PS within its tile: (32, 2)
+ * for an A tile, (2, 32) for the Gram's rows read from their B tiles (the same values, transposed: a broadcast
+ * reads any address, so the AVX512_BF16 Gram never transposes). */
+static inline __attribute__((always_inline)) void steps(float *img, const uint16_t *a, const uint16_t *b, int64_t nst,
+                                                        const int RS, const int PS) {
     for (int64_t t0 = 0; t0 < nst; t0 += QK_BF16_KCH) {
         const int64_t t1 = t0 + QK_BF16_KCH < nst ? t0 + QK_BF16_KCH : nst;
         for (int g = 0; g < 4; g++) { /* rows 8(g % 2).. of A tile g / 2: accumulator rows of tiles 2h, 2h + 1 */
@@ -103,13 +106,13 @@ static void avx512_steps(float *img, const uint16_t *a, const uint16_t *b, int64
             __m512 acc0[8], acc1[8];
             for (int r = 0; r < 8; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
             for (int64_t t = t0; t < t1; t++) {
-                const uint16_t *at = a + t * 1024 + h * 512 + r0 * 32, *bt = b + t * 1024;
+                const uint16_t *at = a + t * 1024 + h * 512 + r0 * RS, *bt = b + t * 1024;
                 for (int kp = 0; kp < 16; kp++) {
                     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bt + kp * 32);
                     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bt + 512 + kp * 32);
                     for (int r = 0; r < 8; r++) {
                         int32_t pair;
-                        memcpy(&pair, at + r * 32 + kp * 2, sizeof pair);
+                        memcpy(&pair, at + r * RS + kp * PS, sizeof pair);
                         const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
                         acc0[r] = _mm512_dpbf16_ps(acc0[r], av, b0);
                         acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
@@ -122,6 +125,12 @@ static void avx512_steps(float *img, const uint16_t *a, const uint16_t *b, int64
             }
         }
     }
+}
+
+static void avx512_steps(float *img, const uint16_t *a, const uint16_t *b, int64_t nst) { steps(img, a, b, nst, 32, 2); }
+/* The Gram's: A's rows from B tiles. */
+static void avx512_steps_bt(float *img, const uint16_t *a, const uint16_t *b, int64_t nst) {
+    steps(img, a, b, nst, 2, 32);
 }
 
 /* 16 rows of 64 bytes between a tile image (row stride 64 bytes) and memory (row stride in bytes). */
@@ -599,8 +608,10 @@ static inline void gram_load(const gram_job_t *j, int64_t t0, int64_t f0, __m512
     }
 }
 
-/* Tokens [c0, c0 + 32 nst) -> the block's panels: A tiles of the rows' band (and their B tiles when the
- * block is diagonal, the columns being the same features), B tiles of the columns' band otherwise. */
+/* Tokens [c0, c0 + 32 nst) -> the block's panels. AMX: A tiles of the rows' band (and their B tiles when the
+ * block is diagonal, the columns being the same features), B tiles of the columns' band otherwise.
+ * AVX512_BF16 reads A's pairs from B tiles (avx512_steps_bt): the rows' band as B tiles into abuf, the
+ * columns' band into bbuf, and a diagonal block's one band into bbuf only. */
 static void gram_convert(const gram_job_t *j, const gram_block_t *b, int64_t c0, int64_t nst) {
     const int diag = b->i0 == b->j0;
     __m512i r[16];
@@ -609,6 +620,11 @@ static void gram_convert(const gram_job_t *j, const gram_block_t *b, int64_t c0,
         for (int64_t fb = 2 * b->i0; fb < 2 * b->i1; fb++) {
             const int64_t off = ((fb / 2 - b->i0) * QK_GRAM_KC + t) * 1024 + (fb % 2) * 512;
             gram_load(j, t0, fb * 16, r);
+            if (!j->amx) {
+                uint16_t *dst = (diag ? j->bbuf : j->abuf) + off;
+                for (int q = 0; q < 16; q++) _mm512_store_si512(dst + q * 32, r[q]);
+                continue;
+            }
             if (diag)
                 for (int q = 0; q < 16; q++) _mm512_store_si512(j->bbuf + off + q * 32, r[q]);
             transpose16((__m512 *)r);
@@ -627,7 +643,7 @@ static void gram_convert(const gram_job_t *j, const gram_block_t *b, int64_t c0,
 static inline void gram_pair(float *acc, const uint16_t *a, const uint16_t *b, int64_t nst, int zero, int amx) {
     if (!amx) {
         if (zero) memset(acc, 0, 4 * TILE_BYTES);
-        avx512_steps(acc, a, b, nst);
+        avx512_steps_bt(acc, a, b, nst);
         return;
     }
     if (zero) {
@@ -650,11 +666,12 @@ static inline void gram_pair(float *acc, const uint16_t *a, const uint16_t *b, i
 
 /* One chunk of the block: every pair, column by column (the column's B panel stays in L1). */
 static void gram_chunk(const gram_job_t *j, const gram_block_t *b, float *acc, int64_t nst, int zero) {
+    const uint16_t *apan = !j->amx && b->i0 == b->j0 ? j->bbuf : j->abuf; /* gram_convert: where A's pairs are */
     for (int64_t J = b->j0; J < b->j1; J++) {
         const uint16_t *bp = j->bbuf + (J - b->j0) * QK_GRAM_KC * 1024;
         const int64_t iend = J + 1 < b->i1 ? J + 1 : b->i1;
         for (int64_t I = b->i0; I < iend; I++, acc += 1024)
-            gram_pair(acc, j->abuf + (I - b->i0) * QK_GRAM_KC * 1024, bp, nst, zero, j->amx);
+            gram_pair(acc, apan + (I - b->i0) * QK_GRAM_KC * 1024, bp, nst, zero, j->amx);
     }
 }
 
