@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from qkiln.kernels.bf16 import aligned_empty
+from qkiln.kernels.bf16 import aligned_empty, widen
 from qkiln.kernels.elementwise import rms_norm
 from qkiln.model.config import LlamaConfig
 from qkiln.quantize.gptq import one_blas_thread
@@ -203,7 +203,7 @@ def run_layer(
                 try:
                     x = fn(batches[b])
                     if x is not None and abs_means is not None and group is not None:
-                        col_abs[b] = np.abs(x.astype(np.float32, copy=False)).sum(axis=0)
+                        col_abs[b] = np.abs(widen(x)).sum(axis=0)
                     with added:  # batches start in order, so the one waited for is already running
                         added.wait_for(lambda: turn[lane] == k or failed[0])
                     if x is not None and not failed[0]:  # the lane's turn is ours alone until passed on

@@ -72,6 +72,18 @@ def test_round_bf16_is_ml_dtypes_rne_on_normals():
     assert bf16.round_bf16(np.float32([1 + 2**-8, 1 + 3 * 2**-8])).tolist() == [1.0, 1 + 2**-6]
 
 
+def test_widen_is_the_exact_float32_of_every_bfloat16():
+    """All 65536 bf16 bit patterns (NaNs, infinities, subnormals, -0 included) widen to the float32 whose upper
+    half they are, in the array's shape; other dtypes pass through."""
+    every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(ml_dtypes.bfloat16).reshape(256, 256)
+    got = bf16.widen(every)
+    assert got.dtype == np.float32 and got.shape == (256, 256)
+    np.testing.assert_array_equal(_bits(got), np.arange(2**16, dtype=np.uint32).reshape(256, 256) << 16)
+    np.testing.assert_array_equal(_bits(got[::3, 1:]), _bits(bf16.widen(every[::3, 1:])))  # strided input
+    x = np.float32([1.5, -2.0])
+    assert bf16.widen(x) is x
+
+
 def test_round_bf16_special_values():
     x = np.float32([np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-40, 1.2e-38, 3.4e38, -3.4e38, 3.3895314e38])
     r = bf16.round_bf16(x)
