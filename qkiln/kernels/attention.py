@@ -94,9 +94,9 @@ def bf16_available(variant: str) -> bool:
     """True when the bf16 `variant` can run here (a CPU with AMX has AVX512_BF16 too)."""
     if variant == "amx_bf16":
         return bf16_variant() == "amx_bf16"
-    from qkiln.kernels import bf16  # the products' module, same library: its AVX512_BF16 engine's test
+    from qkiln.kernels import bf16  # the products' module, same library and CPU test
 
-    return variant == "avx512_bf16" and bf16_variant() is not None and bf16.available("avx512bf16")
+    return variant == "avx512_bf16" and bf16.available("avx512bf16")
 
 
 def variant_name(variant: str = "auto") -> str:

@@ -222,7 +222,6 @@ def widen(x: np.ndarray) -> np.ndarray:
     return (np.ascontiguousarray(x).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-
 def _check_out(out: np.ndarray | None, shape: tuple[int, int], what: str, dtypes: tuple[Any, ...] = (np.float32,)) -> None:
     if out is not None and (out.shape != shape or out.dtype not in dtypes or not out.flags.c_contiguous
                             or not out.flags.writeable):
