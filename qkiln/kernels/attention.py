@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from qkiln.kernels import reference
+from qkiln.kernels import bf16, reference
 from qkiln.kernels.api import KernelError
 from qkiln.kernels.clib import LazyLibrary, env_variant, fits_out, into
 
@@ -94,9 +94,7 @@ def bf16_available(variant: str) -> bool:
     """True when the bf16 `variant` can run here (a CPU with AMX has AVX512_BF16 too)."""
     if variant == "amx_bf16":
         return bf16_variant() == "amx_bf16"
-    from qkiln.kernels import bf16  # the products' module, same library and CPU test
-
-    return variant == "avx512_bf16" and bf16.available("avx512bf16")
+    return variant == "avx512_bf16" and bf16.available("avx512bf16")  # the products' CPU test, same library
 
 
 def variant_name(variant: str = "auto") -> str:
