@@ -23,6 +23,7 @@ import numpy as np
 
 from qkiln.errors import CheckpointError
 from qkiln.formats.safetensors_check import SafetensorsHeader, TensorEntry, read_header
+from qkiln.kernels.reference import BF16, widen
 from qkiln.model.config import LlamaConfig, Rope
 from qkiln.model.names import expected_shapes
 from qkiln.model.source import LazyRows
@@ -324,8 +325,8 @@ class Checkpoint:
                     done += got
                 if e.dtype == "F16":
                     dst[:] = raw
-                elif e.dtype == "BF16":  # the top half of a float32: widen the bits and shift them into place
-                    np.left_shift(raw, 16, out=dst.view(np.uint32), dtype=np.uint32)
+                elif e.dtype == "BF16":  # the top half of a float32
+                    widen(raw.view(BF16), out=dst)
         finally:
             os.close(fd)
         return out

@@ -114,6 +114,16 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 BF16 = np.dtype(ml_dtypes.bfloat16)  # activations stored already rounded (the products' inputs as they are)
 
 
+def widen(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A bfloat16 array's exact float32 values, its bits shifted into a float32's upper half, into the float32
+    `out` of x's shape when given (a reader widens into its result in place); any other array as it is."""
+    if x.dtype != BF16:
+        return x
+    bits = np.empty(x.shape, np.uint32) if out is None else out.view(np.uint32)
+    np.left_shift(x.view(np.uint16), np.uint32(16), out=bits, dtype=np.uint32)
+    return bits.view(np.float32)
+
+
 def round_bf16(a: np.ndarray) -> np.ndarray:
     """float32 -> nearest bf16 value (as float32) by the kernels' rule; same shape.
 
@@ -126,9 +136,7 @@ def round_bf16(a: np.ndarray) -> np.ndarray:
     b[tiny] = (x[tiny].view(np.uint32) >> np.uint32(16)).astype(np.uint16) & np.uint16(0x8000)
     nan = np.isnan(x)
     b[nan] = ((x[nan].view(np.uint32) >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
-    out = np.empty(x.shape, np.uint32)
-    np.left_shift(b, np.uint32(16), out=out, dtype=np.uint32)
-    return out.view(np.float32)
+    return widen(b.view(BF16))
 
 
 def store_rounded(values: np.ndarray, out: np.ndarray) -> np.ndarray:
