@@ -184,31 +184,22 @@ static inline void pv(const uint16_t *pb, int np, const uint16_t *vb, int CC, fl
     }
 }
 
-/* The tile products on AVX512_BF16: C (AR rows x NV vectors of 16; row r's vector v at c + r * cs + 16 v) =
- * (zero ? 0 : C) + A · B over `steps` steps of 16 pairs — A's row r pair p of step s at a + r * as + 32 s + 2 p,
- * B's vector v pair-row p of step s at b + v * bv + s * bstep + 32 p (a B tile's row): per element, pair after
- * pair, step after step, as the tile instruction's definition orders them. 4 rows at a time, their NV vectors
- * in registers (NV a compile-time constant: as a run-time bound the accumulators spilled, 1.36x instead of 1.73x). */
+/* The tile products on AVX512_BF16 (amx_tiles.h's dpbf16_rows): C (AR rows x NV vectors of 16; row r's vector v
+ * at c + r * cs + 16 v) = (zero ? 0 : C) + A · B over `steps` steps of 16 pairs — A's row r pair p of step s at
+ * a + r * as + 32 s + 2 p, B's vector v pair-row p of step s at b + v * bv + s * bstep + 32 p (a B tile's row).
+ * 4 rows at a time, their NV vectors in registers (NV a compile-time constant: as a run-time bound the
+ * accumulators spilled, 1.36x instead of 1.73x). */
 static inline __attribute__((always_inline)) void rows_product(float *c, long cs, int zero, const uint16_t *a, long as,
                                                                const uint16_t *b, long bv, long bstep, int steps,
                                                                const int NV) {
     for (int r0 = 0; r0 < AR; r0 += 4) {
-        __m512 acc[4][4];
+        __m512 acc[4 * 4];
         for (int r = 0; r < 4; r++)
-            for (int v = 0; v < NV; v++) acc[r][v] = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(c + (r0 + r) * cs + 16 * v);
-        for (int st = 0; st < steps; st++)
-            for (int p = 0; p < 16; p++) {
-                __m512bh bp[4];
-                for (int v = 0; v < NV; v++) bp[v] = (__m512bh)_mm512_loadu_si512(b + v * bv + st * bstep + 32 * p);
-                for (int r = 0; r < 4; r++) {
-                    int32_t pair;
-                    memcpy(&pair, a + (r0 + r) * as + 32 * st + 2 * p, sizeof pair);
-                    const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-                    for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bp[v]);
-                }
-            }
+            for (int v = 0; v < NV; v++)
+                acc[r * NV + v] = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(c + (r0 + r) * cs + 16 * v);
+        dpbf16_rows(acc, 4, NV, a + r0 * as, as, 32, 2, b, bv, bstep, steps);
         for (int r = 0; r < 4; r++)
-            for (int v = 0; v < NV; v++) _mm512_storeu_ps(c + (r0 + r) * cs + 16 * v, acc[r][v]);
+            for (int v = 0; v < NV; v++) _mm512_storeu_ps(c + (r0 + r) * cs + 16 * v, acc[r * NV + v]);
     }
 }
 

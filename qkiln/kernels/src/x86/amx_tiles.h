@@ -1,7 +1,7 @@
 /* amx_tiles.h — what the AMX units (x86/bf16.c: linear and Gram; attention/attention_bf16.c) share: the one
  * tile configuration they use (8 tiles of 16 rows x 64 bytes), the 2x2 multiply step of the linear and the
- * Gram, and the lane mask of a partial vector. The including file is compiled with -mamx-tile -mamx-bf16
- * -mavx512f. */
+ * Gram, the same products on AVX512_BF16 vectors (dpbf16_rows) and the lane mask of a partial vector. The
+ * including file is compiled with -mamx-tile -mamx-bf16 -mavx512f -mavx512bf16. */
 #ifndef QKILN_AMX_TILES_H
 #define QKILN_AMX_TILES_H
 
@@ -40,6 +40,27 @@ static inline void tile_step_2x2(const uint16_t *a, const uint16_t *b) {
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
+}
+
+/* The tile product's definition on AVX512_BF16 vectors, for the units' engines without AMX: acc[r * NV + v] (R rows
+ * x NV vectors of 16 float32 accumulators, NV <= 4) += over `steps` steps of 16 pairs, A's pair p of row r in step
+ * s (at a + r * ars + s * ast + p * aps, broadcast) times B's pair-row p of vector v (16 columns' pairs at
+ * b + v * bv + s * bst + 32 p): per accumulator step after step, pair after pair, as tdpbf16ps orders them.
+ * R, NV and the strides the caller fixes become constants once inlined, and acc stays in registers. */
+static inline __attribute__((always_inline)) void dpbf16_rows(__m512 *acc, const int R, const int NV, const uint16_t *a,
+                                                              int64_t ars, int64_t ast, int64_t aps, const uint16_t *b,
+                                                              int64_t bv, int64_t bst, int64_t steps) {
+    for (int64_t s = 0; s < steps; s++)
+        for (int p = 0; p < 16; p++) {
+            __m512bh bp[4];
+            for (int v = 0; v < NV; v++) bp[v] = (__m512bh)_mm512_loadu_si512(b + v * bv + s * bst + 32 * p);
+            for (int r = 0; r < R; r++) {
+                int32_t pair;
+                memcpy(&pair, a + r * ars + s * ast + p * aps, sizeof pair);
+                const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+                for (int v = 0; v < NV; v++) acc[r * NV + v] = _mm512_dpbf16_ps(acc[r * NV + v], av, bp[v]);
+            }
+        }
 }
 
 /* Lanes 0..n-1 of a 16-float vector (none for n <= 0, all for n >= 16). */

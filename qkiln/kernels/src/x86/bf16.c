@@ -103,25 +103,12 @@ static inline __attribute__((always_inline)) void steps(float *img, const uint16
         for (int g = 0; g < 4; g++) { /* rows 8(g % 2).. of A tile g / 2: accumulator rows of tiles 2h, 2h + 1 */
             const int h = g >> 1, r0 = (g & 1) * 8;
             float *c0 = img + (2 * h) * 256 + r0 * 16, *c1 = c0 + 256;
-            __m512 acc0[8], acc1[8];
-            for (int r = 0; r < 8; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
-            for (int64_t t = t0; t < t1; t++) {
-                const uint16_t *at = a + t * 1024 + h * 512 + r0 * RS, *bt = b + t * 1024;
-                for (int kp = 0; kp < 16; kp++) {
-                    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bt + kp * 32);
-                    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bt + 512 + kp * 32);
-                    for (int r = 0; r < 8; r++) {
-                        int32_t pair;
-                        memcpy(&pair, at + r * RS + kp * PS, sizeof pair);
-                        const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-                        acc0[r] = _mm512_dpbf16_ps(acc0[r], av, b0);
-                        acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
-                    }
-                }
-            }
+            __m512 acc[16]; /* row r: acc[2r] of tile 2h, acc[2r + 1] of tile 2h + 1 */
+            for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+            dpbf16_rows(acc, 8, 2, a + t0 * 1024 + h * 512 + r0 * RS, RS, 1024, PS, b + t0 * 1024, 512, 1024, t1 - t0);
             for (int r = 0; r < 8; r++) {
-                _mm512_store_ps(c0 + 16 * r, _mm512_add_ps(_mm512_load_ps(c0 + 16 * r), acc0[r]));
-                _mm512_store_ps(c1 + 16 * r, _mm512_add_ps(_mm512_load_ps(c1 + 16 * r), acc1[r]));
+                _mm512_store_ps(c0 + 16 * r, _mm512_add_ps(_mm512_load_ps(c0 + 16 * r), acc[2 * r]));
+                _mm512_store_ps(c1 + 16 * r, _mm512_add_ps(_mm512_load_ps(c1 + 16 * r), acc[2 * r + 1]));
             }
         }
     }
