@@ -95,11 +95,11 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
     const int nrows = (q1 - q0) * n_rep;
     for (int row0 = 0; row0 < nrows; row0 += PR) {
         const int rows = nrows - row0 < PR ? nrows - row0 : PR;
-        int pos[PR]; /* key position of each row's query (padding rows: the last one's) */
+        int pos[PR];
+        qk_attn_row_positions(a, q0, row0, rows, PR, pos);
         for (int rr = 0; rr < PR; rr++) {
             m[rr] = -INFINITY;
             l[rr] = 0.0f;
-            pos[rr] = offset + q0 + (row0 + (rr < rows ? rr : rows - 1)) / n_rep;
         }
         memset(o, 0, sizeof(float) * PR * dp);
         const int last = pos[rows - 1];

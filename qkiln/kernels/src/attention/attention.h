@@ -64,6 +64,13 @@ static inline void qk_attn_unit_coords(const qk_attn_args *a, int u, int *bi, in
     *g = (u % per) % a->kv_heads;
 }
 
+/* The key position of the query of each of a row group's n rows from row0 (row = (i - q0) * n_rep + r, below;
+ * padding rows past `rows` take the last row's): a row sees keys 0 .. pos. */
+static inline void qk_attn_row_positions(const qk_attn_args *a, int q0, int row0, int rows, int n, int *pos) {
+    const int n_rep = a->n_heads / a->kv_heads, first = a->t - a->s + q0;
+    for (int rr = 0; rr < n; rr++) pos[rr] = first + (row0 + (rr < rows ? rr : rows - 1)) / n_rep;
+}
+
 /* 2^x for the softmax, whose scores are in base 2 (log2 e is folded into the query scale, so a score
  * costs one multiply less than e^x would): n = round(x), r = x - n (exact) in [-1/2, 1/2], degree-7 Taylor
  * polynomial of e^(r ln 2) (truncation 5e-9 relative), times 2^(n >> 1) * 2^(n - (n >> 1)) so results

@@ -166,8 +166,8 @@ void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch) {
     for (int row0 = 0; row0 < nrows; row0 += AR) {
         const int rows = nrows - row0 < AR ? nrows - row0 : AR;
         const float *qt = qall + qk_attn_qidx(a, row0, 0); /* (d, AR) */
-        int pos[AR]; /* key position of each row's query (padding rows: the last one's) */
-        for (int rr = 0; rr < AR; rr++) pos[rr] = offset + q0 + (row0 + (rr < rows ? rr : rows - 1)) / n_rep;
+        int pos[AR];
+        qk_attn_row_positions(a, q0, row0, rows, AR, pos);
         for (int rr = 0; rr < 16; rr++) m[rr] = rr < AR ? MASKED : 0.0f;
         for (int rr = 0; rr < AR; rr++) _mm512_storeu_ps(lv + rr * 16, _mm512_setzero_ps());
         memset(o, 0, sizeof(float) * AR * dp);

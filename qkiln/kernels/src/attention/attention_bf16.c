@@ -252,11 +252,9 @@ static inline __attribute__((always_inline)) void unit_bf16(const qk_attn_args *
     const int nrows = (q1 - q0) * n_rep;
     for (int row0 = 0; row0 < nrows; row0 += AR) {
         const int rows = nrows - row0 < AR ? nrows - row0 : AR;
-        int pos[AR]; /* key position of each row's query (padding rows: the last one's) */
-        for (int rr = 0; rr < AR; rr++) {
-            pos[rr] = offset + q0 + (row0 + (rr < rows ? rr : rows - 1)) / n_rep;
-            m[rr] = MASKED;
-        }
+        int pos[AR];
+        qk_attn_row_positions(a, q0, row0, rows, AR, pos);
+        for (int rr = 0; rr < AR; rr++) m[rr] = MASKED;
         memset(lv, 0, sizeof(float) * AR * 16);
         memset(o, 0, sizeof(float) * AR * dp);
         const int first = pos[0], last = pos[rows - 1];
