@@ -221,9 +221,10 @@ def search_scale(
     Ties go to the smaller α. A linear whose scheme is None stays in float: folding is exact for it,
     so it adds no loss. (`awq_layer` runs the four groups' `ScaleSearch` jobs on a pool; this runs one here.)
     """
-    search = ScaleSearch(weights, schemes, stats, n_grid=n_grid, coarse=coarse)
-    while not search.done:
-        search.take([job() for _, job in search.jobs()])
+    with one_blas_thread():  # the same bytes as awq_layer's, whatever the caller's BLAS threads
+        search = ScaleSearch(weights, schemes, stats, n_grid=n_grid, coarse=coarse)
+        while not search.done:
+            search.take([job() for _, job in search.jobs()])
     return search.result()
 
 
@@ -302,31 +303,34 @@ def awq_layer(
 ) -> AwqLayerResult:
     """Search and fold AWQ scales for one decoder layer (all searches on the original weights, as
     AutoAWQ does), then optionally search clipping on the folded weights."""
-    searches = {}
-    for group, names in INPUT_GROUPS.items():
-        st = stats[group]
-        if group == "attn_out":
-            st = GroupStats(h=st.h, abs_mean=tie_heads(st.abs_mean, config))
-        searches[group] = ScaleSearch([tensors[n] for n in names], [schemes[n] for n in names], st, n_grid=n_grid)
-
-    # The four groups' searches are independent: each stage's jobs of all groups go to one pool, the largest
-    # first (down_proj's K-quant fits alone would otherwise keep one core busy while the other idles), each
-    # product on one BLAS thread — the same arithmetic whatever the number of workers.
+    # Every BLAS call on one thread (the factors' Cholesky, the candidates' products, the clip's contractions):
+    # OpenBLAS's threaded potrf and syrk sum in an order that depends on the thread count, so the bytes would
+    # depend on the machine (seen on an AVX2 host: a Ray worker, OMP_NUM_THREADS=1, gave other codes).
     with ThreadPoolExecutor(max_workers=search_workers(threads)) as pool, one_blas_thread():
+        searches = {}
+        for group, names in INPUT_GROUPS.items():
+            st = stats[group]
+            if group == "attn_out":
+                st = GroupStats(h=st.h, abs_mean=tie_heads(st.abs_mean, config))
+            searches[group] = ScaleSearch([tensors[n] for n in names], [schemes[n] for n in names], st, n_grid=n_grid)
+        # The four groups' searches are independent: each stage's jobs of all groups go to one pool, the largest
+        # first (down_proj's K-quant fits alone would otherwise keep one core busy while the other idles) — the
+        # same arithmetic whatever the number of workers.
         while not all(srch.done for srch in searches.values()):  # the same stages for every group
             jobs = {g: srch.jobs() for g, srch in searches.items()}
             order = sorted(((cost, g, i) for g, js in jobs.items() for i, (cost, _) in enumerate(js)), reverse=True)
             futures = {(g, i): pool.submit(jobs[g][i][1]) for _, g, i in order}
             for g, srch in searches.items():
                 srch.take([futures[(g, i)].result() for i in range(len(jobs[g]))])
-    found = {g: srch.result() for g, srch in searches.items()}
-    scales = {g: s for g, (s, _, _, _) in found.items()}
-    info = {g: {"alpha": alpha, "loss": loss, "loss_rtn": loss0} for g, (_, alpha, loss, loss0) in found.items()}
-    folded = fold_scales(tensors, scales, config)
-    new_stats = {g: stats[g].scaled(scales[g]) for g in INPUT_GROUPS}
-    if clip:
-        for n in LINEARS:
-            sch = schemes[n]
-            if n not in NO_CLIP and sch is not None:
-                folded[n] = search_clip(folded[n], sch, new_stats[GROUP_OF[n]].h, n_grid=n_grid)
+        found = {g: srch.result() for g, srch in searches.items()}
+        scales = {g: s for g, (s, _, _, _) in found.items()}
+        info = {g: {"alpha": alpha, "loss": loss, "loss_rtn": loss0} for g, (_, alpha, loss, loss0) in found.items()}
+        folded = fold_scales(tensors, scales, config)
+        new_stats = {g: stats[g].scaled(scales[g]) for g in INPUT_GROUPS}
+        if clip:  # one job per linear, the largest first
+            todo = sorted((n for n in LINEARS if n not in NO_CLIP and schemes[n] is not None),
+                          key=lambda n: -folded[n].size)
+            clipped = {n: pool.submit(search_clip, folded[n], schemes[n], new_stats[GROUP_OF[n]].h, n_grid=n_grid)
+                       for n in todo}
+            folded.update({n: f.result() for n, f in clipped.items()})
     return AwqLayerResult(tensors=folded, stats=new_stats, info=info)

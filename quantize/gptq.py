@@ -314,40 +314,43 @@ def gptq_quantize(
 
     wt = w.T.take(perm, axis=0)  # (in, out) error-updated weights, scan order (wᵀ's rows: 2.4x w[:, perm].T)
     codes_t = np.zeros((cols, rows), dtype=np.uint8)  # (in, out) scan order
-    ev = 0
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1 = wt[i1:i2].copy()  # (count, out)
-        err1 = np.zeros_like(w1)  # (count, out)
-        h1 = hinv[i1:i2, i1:i2]  # (count, count)
-        k = 0
-        while k < i2 - i1:
-            while events[ev] == i1 + k:  # fit the units first reached here
-                for u in np.flatnonzero(unit_first == events[ev]):
-                    ucols = np.arange(u * fit_cols, (u + 1) * fit_cols)  # (fit_cols,) format order
-                    upos = pos_of_col[ucols]
-                    cur = np.empty((fit_cols, rows), dtype=np.float32)  # the unit's current weights
-                    inb = upos < i2
-                    cur[inb] = w1[upos[inb] - i1]
-                    later = upos[~inb]
-                    # plus the lazy updates still pending from this block's already-quantized columns
-                    cur[~inb] = wt[later] - hinv[i1 : i1 + k][:, later].T @ err1[:k]
-                    unit_params[u] = p = scheme.fit(cur.T, prep.importance[ucols] if weighted_fit else None)
-                    gs = slice(u * groups_per_unit, (u + 1) * groups_per_unit)
-                    set_grid(gs, p)
-                    scale_t[gs] = scale_all[:, gs].T
-                    safe_t[gs] = np.where(scale_t[gs] == 0, np.float32(np.inf), scale_t[gs])
-                    offset_t[gs] = offset_all[:, gs].T
-                ev += 1
-            k_end = min(events[ev] - i1, i2 - i1)
-            gidx = group_of_pos[i1:i2]
-            if not (use_c and c_loops.scan_block(w1, err1, codes_t[i1:i2], h1, k, k_end, gidx, scale_t, safe_t,
-                                                  offset_t, float(coder.shift), float(coder.qmin),
-                                                  float(coder.qmax))):
-                _scan_numpy(coder, w1, err1, codes_t[i1:i2], h1, k, k_end, gidx, scale_t, safe_t, offset_t)
-            k = k_end
-        if i2 < cols:
-            wt[i2:] -= hinv[i1:i2, i2:].T @ err1  # (rest, out)
+    # The block updates' products on one BLAS thread: a threaded sgemm gave other sums on 2 threads than on 1
+    # (the head's 49152 rows, on an AVX2 host), and the bytes must not depend on the machine's cores.
+    with one_blas_thread():
+        ev = 0
+        for i1 in range(0, cols, block_size):
+            i2 = min(i1 + block_size, cols)
+            w1 = wt[i1:i2].copy()  # (count, out)
+            err1 = np.zeros_like(w1)  # (count, out)
+            h1 = hinv[i1:i2, i1:i2]  # (count, count)
+            k = 0
+            while k < i2 - i1:
+                while events[ev] == i1 + k:  # fit the units first reached here
+                    for u in np.flatnonzero(unit_first == events[ev]):
+                        ucols = np.arange(u * fit_cols, (u + 1) * fit_cols)  # (fit_cols,) format order
+                        upos = pos_of_col[ucols]
+                        cur = np.empty((fit_cols, rows), dtype=np.float32)  # the unit's current weights
+                        inb = upos < i2
+                        cur[inb] = w1[upos[inb] - i1]
+                        later = upos[~inb]
+                        # plus the lazy updates still pending from this block's already-quantized columns
+                        cur[~inb] = wt[later] - hinv[i1 : i1 + k][:, later].T @ err1[:k]
+                        unit_params[u] = p = scheme.fit(cur.T, prep.importance[ucols] if weighted_fit else None)
+                        gs = slice(u * groups_per_unit, (u + 1) * groups_per_unit)
+                        set_grid(gs, p)
+                        scale_t[gs] = scale_all[:, gs].T
+                        safe_t[gs] = np.where(scale_t[gs] == 0, np.float32(np.inf), scale_t[gs])
+                        offset_t[gs] = offset_all[:, gs].T
+                    ev += 1
+                k_end = min(events[ev] - i1, i2 - i1)
+                gidx = group_of_pos[i1:i2]
+                if not (use_c and c_loops.scan_block(w1, err1, codes_t[i1:i2], h1, k, k_end, gidx, scale_t, safe_t,
+                                                      offset_t, float(coder.shift), float(coder.qmin),
+                                                      float(coder.qmax))):
+                    _scan_numpy(coder, w1, err1, codes_t[i1:i2], h1, k, k_end, gidx, scale_t, safe_t, offset_t)
+                k = k_end
+            if i2 < cols:
+                wt[i2:] -= hinv[i1:i2, i2:].T @ err1  # (rest, out)
 
     codes = np.ascontiguousarray(codes_t[pos_of_col].T)  # (out, in) format order
     params = unit_params[0] if per_matrix else concat_cols(unit_params)  # type: ignore[arg-type]

@@ -250,18 +250,21 @@ def test_inspect_bad_file_is_exit_2(tmp_path, content):
     assert r.exit_code == 2 and "Traceback" not in r.output
 
 
-def test_calibrated_bytes_do_not_depend_on_the_blas_thread_count(tmp_path):
-    """The same GPTQ conversion on 1 and on 2 BLAS threads (another machine's core count) gives the same file:
-    every BLAS that calibration calls — NumPy's and scipy's own OpenBLAS, which sums Hessians and factors them —
-    runs single-threaded (once scipy's was left unlimited and the bytes differed). The demo model: a tiny
-    model's products are too small for OpenBLAS to thread."""
+@pytest.mark.parametrize(("to", "scheme", "algo"), [("gguf", "q4_0", "gptq"), ("onnx", "int4_g32", "awq+gptq")])
+def test_calibrated_bytes_do_not_depend_on_the_blas_thread_count(tmp_path, to, scheme, algo):
+    """The same calibrated conversion on 1 and on 2 BLAS threads (another machine's core count) gives the same
+    bytes: every BLAS that calibration calls — NumPy's and scipy's own OpenBLAS, which sums Hessians and factors
+    them — runs single-threaded (once scipy's was left unlimited and the bytes differed; on an AVX2 host the
+    AWQ factors' Cholesky, the tied head's Hessian and its GPTQ updates did too: the int4 ONNX case, whose head
+    is GPTQ'd). The demo model: a tiny model's products are too small for OpenBLAS to thread."""
     outs = []
     for threads in ("1", "2"):
-        out = tmp_path / f"t{threads}.gguf"
+        out = tmp_path / f"t{threads}"
         env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
-        r = subprocess.run([sys.executable, "-P", "-m", "qkiln.cli.main", "convert", "--scheme", "q4_0", "--algo",
-                            "gptq", "--calib", "/usr/share/common-licenses/LGPL-2.1", "--samples", "2", "--seq-len",
-                            "128", "-o", str(out)], env=env, capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-P", "-m", "qkiln.cli.main", "convert", "--to", to, "--scheme", scheme,
+                            "--algo", algo, "--calib", "/usr/share/common-licenses/LGPL-2.1", "--samples", "2",
+                            "--seq-len", "128", "-o", str(out)], env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-        outs.append(out.read_bytes())
+        files = [f for f in sorted(out.rglob("*")) if f.is_file()] if out.is_dir() else [out]  # a GGUF or a folder
+        outs.append({str(f.relative_to(tmp_path / f"t{threads}")): f.read_bytes() for f in files})
     assert outs[0] == outs[1]
