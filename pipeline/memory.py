@@ -176,13 +176,13 @@ def _calibration_part(plan: Plan) -> dict[str, int]:
     workers = min(os.cpu_count() or 1, batches)
     batch_tokens = min(plan.samples, BATCH_SAMPLES) * plan.seq_len
     # per worker: the attention step's q/k/v product and rotated copies (float32, a batch); on the numpy path
-    # also the MLP's gate/up product of a block of tokens with its two halves and the rounded input
-    # (`kernels.bf16`, NUMPY_CHUNK_FLOATS), and a block of tokens widened for the Gram sum
+    # also the MLP's gate and up products of a block of tokens and the rounded input (`kernels.bf16`,
+    # NUMPY_CHUNK_FLOATS), and a block of tokens widened for the Gram sum
     c_products = plan.products != "numpy"
     per_worker = batch_tokens * 4 * (2 * attn + 3 * kv)
     if not c_products:
         glu_tokens = min(batch_tokens, max(1, NUMPY_CHUNK_FLOATS // (2 * inter)))
-        per_worker = max(per_worker, glu_tokens * 4 * (4 * inter + 2 * hidden)) + NUMPY_CHUNK_FLOATS * 4
+        per_worker = max(per_worker, glu_tokens * 4 * (2 * inter + 2 * hidden)) + NUMPY_CHUNK_FLOATS * 4
     scratch = workers * per_worker
     layer_n = 2 * hidden * attn + 2 * hidden * kv + 3 * hidden * inter
     # the layer's codes (1 B per weight), and the largest of: gate/up dequantized (float32) and packed for the

@@ -285,19 +285,21 @@ GLU_ROWS = 16  # pack_glu interleaves the gate's and up's rows in runs of this m
 
 
 def pack_glu(gate: np.ndarray, up: np.ndarray, *, path: str | None = None) -> BF16Weight:
-    """A gated MLP's gate and up (inter, k) as one BF16Weight for `linear_glu`: their rows interleaved in
-    runs of 16 (gate rows 16i.. then up rows 16i..), so that each 32-output pair of the AMX linear holds the
-    gate and up of the same 16 columns. inter must be a multiple of 16."""
+    """A gated MLP's gate and up (inter, k) as one BF16Weight for `linear_glu`. C paths: their rows interleaved
+    in runs of 16 (gate rows 16i.. then up rows 16i..), so that each 32-output pair of the AMX linear holds the
+    gate and up of the same 16 columns. NumPy path: gate's rows, then up's, each product made as `linear` makes
+    it (a BLAS sum's order may depend on the product's shape: one (tokens, 2·inter) product gave other bits
+    than the two (tokens, inter) ones on an AVX2 host's OpenBLAS). inter must be a multiple of 16."""
     gate = np.asarray(gate, dtype=np.float32)
     up = np.asarray(up, dtype=np.float32)
     inter, k = gate.shape
     if up.shape != gate.shape or inter % GLU_ROWS:
         raise ValueError(f"pack_glu: gate {gate.shape} and up {up.shape} must match, rows a multiple of {GLU_ROWS}")
     runs = (inter // GLU_ROWS, 1, GLU_ROWS, k)
-    if _resolve(path) == "numpy":  # rounded straight into the interleaved layout: no concatenated copy
-        rounded = np.empty((inter // GLU_ROWS, 2, GLU_ROWS, k), np.float32)
+    if _resolve(path) == "numpy":  # rounded straight into place: no concatenated copy
+        rounded = np.empty((2, inter, k), np.float32)
         for half, src in enumerate((gate, up)):
-            _round_rows(src.reshape(inter // GLU_ROWS, GLU_ROWS, k), rounded[:, half])
+            _round_rows(src, rounded[half])
         return BF16Weight((2 * inter, k), "numpy", rounded=rounded.reshape(2 * inter, k))
     return pack_weight(np.concatenate([gate.reshape(runs), up.reshape(runs)], axis=1).reshape(2 * inter, k), path=path)
 
@@ -321,12 +323,11 @@ def linear_glu(x: np.ndarray, w: BF16Weight, *, out: np.ndarray | None = None,
     _check_out(out, (m, n // 2), "linear_glu", (np.float32, BF16))
     if w.rounded is not None:
         y = np.empty((m, n // 2), np.float32) if out is None else out
-        step = max(1, NUMPY_CHUNK_FLOATS // n)  # a block of tokens: (tokens, 2·inter) at a time
+        gate, up = w.rounded[: n // 2], w.rounded[n // 2 :]
+        step = max(1, NUMPY_CHUNK_FLOATS // n)  # a block of tokens: (tokens, inter) twice at a time
         for r0 in range(0, m, step):
             xb = _bf16_values(x[r0 : r0 + step])
-            gu = np.matmul(xb, w.rounded.T).reshape(len(xb), n // (2 * GLU_ROWS), 2, GLU_ROWS)
-            g, u = (np.ascontiguousarray(gu[:, :, h]).reshape(len(xb), n // 2) for h in (0, 1))  # (t, inter) each
-            silu_mul(g, u, out=y[r0 : r0 + len(xb)])
+            silu_mul(np.matmul(xb, gate.T), np.matmul(xb, up.T), out=y[r0 : r0 + len(xb)])
         return y
     y = _empty64((m, n // 2)) if out is None else out
     _linear_c(x, w, y, 2, nthreads)
