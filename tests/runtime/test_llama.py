@@ -124,7 +124,10 @@ def test_kv_cache_decoding_equals_full_forward(model, batch):
 
 
 def test_query_blocks_match_one_block(model, monkeypatch):
-    """Scores computed in blocks of queries (bounded memory) equal the single-block result."""
+    """Scores computed in blocks of queries (bounded memory) equal the single-block result within float32
+    summation order: each block is its own BLAS product, and a product's sum order may depend on its shape
+    (1.8e-6 relative on an AVX2 host's OpenBLAS, 0 on AVX-512 ones) — a block that lost or repeated a query
+    would be off by far more."""
     ids = np.random.default_rng(6).integers(0, CFG.vocab_size, size=(2, 61))
     one = model.forward(ids)
     cache_one = KVCache(CFG, 70, batch=2)
@@ -132,13 +135,13 @@ def test_query_blocks_match_one_block(model, monkeypatch):
     tail_one = model.forward(ids[:, 20:], start_pos=20, cache=cache_one)
     monkeypatch.setattr(reference, "_MIN_QUERY_BLOCK", 1)
     monkeypatch.setattr(reference, "_QUERY_BLOCKS", 9)  # blocks of 7 queries, and of 5 after the cached 20
-    assert rel(model.forward(ids), one) <= 1e-6
+    assert rel(model.forward(ids), one) <= 1e-5
     cache = KVCache(CFG, 70, batch=2)
     model.forward(ids[:, :20], cache=cache)
-    assert rel(model.forward(ids[:, 20:], start_pos=20, cache=cache), tail_one) <= 1e-6
+    assert rel(model.forward(ids[:, 20:], start_pos=20, cache=cache), tail_one) <= 1e-5
     assert rel(tail_one, one[:, 20:]) <= 1e-5
     monkeypatch.setattr(reference, "_SCORE_BUDGET", 1)  # memory budget forces one query per block
-    assert rel(model.forward(ids), one) <= 1e-6
+    assert rel(model.forward(ids), one) <= 1e-5
 
 
 def test_attention_is_causal(model):
