@@ -5,14 +5,17 @@
 GPTQ's layer-by-layer calibration (`quantize.sequential`) makes, per calibration token and decoder layer, one
 forward through the seven linears (2·params multiply-adds counted as FLOPs) and the Hessian sums of the four
 input groups (q/k/v, o, gate/up, down: the upper triangle, k(k+1) FLOPs for a k-wide input). qkiln runs both in
-bfloat16 with float32 sums, so on a CPU without AMX nothing does them faster than the vector unit's
-bfloat16 dot product (AVX512_BF16 `vdpbf16ps`: 64 FLOPs per instruction). This bench
+bfloat16 with float32 sums: on a CPU without AMX nothing does them faster than the vector unit's bfloat16 dot
+product (AVX512_BF16 `vdpbf16ps`: 64 FLOPs per instruction), and on a CPU without AVX512_BF16 either (AVX2
+machines: AMD Zen 2/3, older Intel) than its float32 multiply-add (`vfmadd231ps` on 8 lanes: 16 FLOPs; a
+product of two bfloat16 values is exact in float32, so that is the same arithmetic). This bench
 
 1. counts those FLOPs for the demo model's shapes (or --config) at --samples x --seq-len tokens;
-2. measures the instruction's peak here: a C loop of 12 independent `vdpbf16ps` chains (no memory traffic),
-   compiled with the kernels' compiler, on --threads threads at once (default: every core), the best of 8
-   windows of --seconds/8;
-3. measures qkiln's own products at calibration's shapes (`qkiln.kernels.bf16`, one thread per caller);
+2. measures the best of those instructions this CPU has at its peak: a C loop of 12 independent chains of it
+   (no memory traffic), compiled with the kernels' compiler, on --threads threads at once (default: every
+   core), the best of 8 windows of --seconds/8;
+3. measures qkiln's own products at calibration's shapes (`qkiln.kernels.bf16`, on its default path: one
+   thread per caller on the C paths; the NumPy path's BLAS limited to one thread per caller);
 
 and prints the floor: the products alone at the instruction's peak, with nothing else (attention, norms,
 the GPTQ solves, I/O) — a lower bound on any conversion doing this work with these products here. With
@@ -38,6 +41,7 @@ import numpy as np
 from qkiln.kernels import bf16
 from qkiln.kernels.build import find_cc
 from qkiln.model.config import LlamaConfig
+from qkiln.quantize.gptq import one_blas_thread
 
 PEAK_C = r"""
 #include <immintrin.h>
@@ -50,23 +54,37 @@ static double now(void) {
     return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
+/* The instruction: -DQK_DPBF16 vdpbf16ps (zmm), else vfmadd231ps (ymm). */
+#ifdef QK_DPBF16
+typedef __m512 acc_t;
+typedef __m512bh opd_t;
+#define ZERO() _mm512_setzero_ps()
+#define OPERAND(i) (__m512bh)_mm512_set1_epi16(0x3c00 + (i))
+#define OP(a, x, y) _mm512_dpbf16_ps(a, x, y)
+#else
+typedef __m256 acc_t;
+typedef __m256 opd_t;
+#define ZERO() _mm256_setzero_ps()
+#define OPERAND(i) _mm256_set1_ps(1.0f + (i) / 64.0f)
+#define OP(a, x, y) _mm256_fmadd_ps(x, y, a)
+#endif
+
 /* 12 independent accumulator chains, each with its own operand (so none can be merged), for `seconds`:
- * returns vdpbf16ps instructions per second. */
+ * returns instructions per second. */
 static double run(double seconds) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
-           a9 = a0, a10 = a0, a11 = a0;
-    __m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80);
-#define Y(i) __m512bh y##i = (__m512bh)_mm512_set1_epi16(0x3c00 + i)
+    acc_t a0 = ZERO(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0,
+          a11 = a0;
+    opd_t x = OPERAND(0);
+#define Y(i) opd_t y##i = OPERAND(16 + i)
     Y(0); Y(1); Y(2); Y(3); Y(4); Y(5); Y(6); Y(7); Y(8); Y(9); Y(10); Y(11);
     long n = 0;
     const double t0 = now();
     double t = t0;
     while (t - t0 < seconds) {
         for (int i = 0; i < 100000; i++) {
-            a0 = _mm512_dpbf16_ps(a0, x, y0); a1 = _mm512_dpbf16_ps(a1, x, y1); a2 = _mm512_dpbf16_ps(a2, x, y2);
-            a3 = _mm512_dpbf16_ps(a3, x, y3); a4 = _mm512_dpbf16_ps(a4, x, y4); a5 = _mm512_dpbf16_ps(a5, x, y5);
-            a6 = _mm512_dpbf16_ps(a6, x, y6); a7 = _mm512_dpbf16_ps(a7, x, y7); a8 = _mm512_dpbf16_ps(a8, x, y8);
-            a9 = _mm512_dpbf16_ps(a9, x, y9); a10 = _mm512_dpbf16_ps(a10, x, y10); a11 = _mm512_dpbf16_ps(a11, x, y11);
+            a0 = OP(a0, x, y0); a1 = OP(a1, x, y1); a2 = OP(a2, x, y2); a3 = OP(a3, x, y3); a4 = OP(a4, x, y4);
+            a5 = OP(a5, x, y5); a6 = OP(a6, x, y6); a7 = OP(a7, x, y7); a8 = OP(a8, x, y8); a9 = OP(a9, x, y9);
+            a10 = OP(a10, x, y10); a11 = OP(a11, x, y11);
             __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), "+v"(a7),
                              "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11), "+v"(x));
         }
@@ -80,7 +98,7 @@ typedef struct { double seconds, rate; } job_t;
 static void *worker(void *p) { job_t *j = p; j->rate = run(j->seconds); return 0; }
 
 /* Instructions per second of each of `threads` threads running at once, summed. */
-double qk_peak_dpbf16(int threads, double seconds) {
+double qk_peak(int threads, double seconds) {
     pthread_t th[64];
     job_t jobs[64];
     if (threads > 64) threads = 64;
@@ -108,19 +126,34 @@ def calibration_flops(cfg: LlamaConfig, tokens: int) -> dict[str, float]:
     return {"forward": 2.0 * params * per_layer, "hessians": float(sum(k * (k + 1) for k in widths)) * per_layer}
 
 
-def instruction_peak(threads: int, seconds: float) -> float:
-    """vdpbf16ps FLOP/s of `threads` threads at once (64 FLOPs per instruction)."""
+# The probe's instructions, best first: (name, compiler flags, FLOPs per instruction).
+INSTRUCTIONS = (("vdpbf16ps zmm", ("-DQK_DPBF16", "-mavx512f", "-mavx512bf16"), 64),
+                ("vfmadd231ps ymm", ("-mavx2", "-mfma"), 16))
+
+
+def best_instruction() -> tuple[str, tuple[str, ...], int]:
+    """The fastest of INSTRUCTIONS this CPU runs (AVX512_BF16 as the bf16 products' C path sees it)."""
+    if bf16.available("avx512bf16"):
+        return INSTRUCTIONS[0]
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split() for line in f if line.startswith("flags")), [])
+    if "avx2" in flags and "fma" in flags:
+        return INSTRUCTIONS[1]
+    raise SystemExit("this CPU has neither AVX512_BF16 nor AVX2 with FMA: no probe for it")
+
+
+def instruction_peak(threads: int, seconds: float, flags: tuple[str, ...], flops_per_instr: int) -> float:
+    """FLOP/s of the probe's instruction on `threads` threads at once."""
     cc = find_cc()
     if cc is None:
         raise SystemExit("no C compiler found (set CC): the peak probe is compiled here")
     with tempfile.TemporaryDirectory() as d:
         src, lib = Path(d) / "peak.c", Path(d) / "peak.so"
         src.write_text(PEAK_C)
-        subprocess.run([cc, "-O2", "-mavx512f", "-mavx512bf16", "-shared", "-fPIC", "-pthread", str(src), "-o", str(lib)],
-                       check=True)
-        peak = ctypes.CDLL(str(lib)).qk_peak_dpbf16
+        subprocess.run([cc, "-O2", *flags, "-shared", "-fPIC", "-pthread", str(src), "-o", str(lib)], check=True)
+        peak = ctypes.CDLL(str(lib)).qk_peak
         peak.restype, peak.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_double]
-        return 64.0 * max(peak(threads, seconds / 8) for _ in range(8))  # the best window: the host steals time
+        return flops_per_instr * max(peak(threads, seconds / 8) for _ in range(8))  # the best window: the host steals time
 
 
 def kernel_rate(threads: int, tokens: int = 4096, repeats: int = 5) -> dict[str, float]:
@@ -133,14 +166,15 @@ def kernel_rate(threads: int, tokens: int = 4096, repeats: int = 5) -> dict[str,
 
     def timed(work: Callable[[int], None], flops: float) -> float:
         best = float("inf")
-        for _ in range(repeats):
-            ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-            t0 = time.perf_counter()
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            best = min(best, time.perf_counter() - t0)
+        with one_blas_thread():  # the NumPy path's BLAS: one thread per caller, as calibration runs it
+            for _ in range(repeats):
+                ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+                t0 = time.perf_counter()
+                for t in ts:
+                    t.start()
+                for t in ts:
+                    t.join()
+                best = min(best, time.perf_counter() - t0)
         return threads * flops / best
 
     for name, (k, n) in shapes.items():
@@ -173,8 +207,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="length of the peak probe")
     ap.add_argument("--ref-seconds", type=float, help="a reference tool's wall time for the same calibration")
     args = ap.parse_args()
-    if not bf16.available("avx512bf16"):
-        raise SystemExit(f"this CPU cannot run the AVX512_BF16 probe: {bf16.unavailable_reason('avx512bf16')}")
+    instr, flags, per_instr = best_instruction()
     if args.config is None:
         from qkiln.demo import demo_model_dir
         args.config = demo_model_dir() / "config.json"
@@ -183,13 +216,13 @@ def main() -> None:
     flops = calibration_flops(cfg, tokens)
     total = sum(flops.values())
     print(f"load before {os.getloadavg()[0]:.2f}; {args.threads} threads; {args.samples} x {args.seq_len} tokens")
-    peak = instruction_peak(args.threads, args.seconds)
+    peak = instruction_peak(args.threads, args.seconds, flags, per_instr)
     rates = kernel_rate(args.threads)
     print(f"products: forward {flops['forward'] / 1e12:.2f} TFLOP + Hessians {flops['hessians'] / 1e12:.2f} = "
           f"{total / 1e12:.2f} TFLOP")
-    print(f"vdpbf16ps peak, {args.threads} threads: {peak / 1e9:.0f} GFLOP/s ({peak / 1e9 / args.threads:.0f} per thread)")
+    print(f"{instr} peak, {args.threads} threads: {peak / 1e9:.0f} GFLOP/s ({peak / 1e9 / args.threads:.0f} per thread)")
     for name, r in rates.items():
-        print(f"qkiln {name}: {r / 1e9:.0f} GFLOP/s ({100 * r / peak:.0f} % of peak)")
+        print(f"qkiln {name} ({bf16.bf16_path()}): {r / 1e9:.0f} GFLOP/s ({100 * r / peak:.0f} % of peak)")
     floor = total / peak
     print(f"floor (products at peak, nothing else): {floor:.1f} s wall, {floor * args.threads:.1f} CPU-s")
     if args.ref_seconds:
