@@ -67,13 +67,7 @@ from qkiln.model.names import INPUT_GROUPS, LINEARS, NORMS, expected_shapes
 from qkiln.model.source import LazyRows, TensorSource, read_lazily
 from qkiln.quantize.algorithms import ALGORITHMS
 from qkiln.quantize.awq import GroupStats, awq_layer
-from qkiln.quantize.gptq import (
-    GridMode,
-    gptq_quantize,
-    gptq_quantize_shared,
-    one_blas_thread,
-    prepare_hessian,
-)
+from qkiln.quantize.gptq import GridMode, gptq_quantize, gptq_quantize_shared, prepare_hessian
 from qkiln.quantize.hessian import HessianSum
 from qkiln.quantize.matmul import matmul_engine
 from qkiln.quantize.rtn import quantize_rtn
@@ -441,9 +435,8 @@ def _gptq_head(w: np.ndarray, h: np.ndarray, source: TensorSource, cfg: LlamaCon
     """GPTQ of the head `w` (vocab, hidden) on the Hessian of its input: the final norm of hidden states `h`."""
     norm = np.asarray(source.tensor("model.norm.weight"), dtype=np.float32)
     hess = HessianSum(cfg.hidden_size)
-    with one_blas_thread():  # a threaded syrk sums in an order that depends on the thread count
-        for sample in h:  # (L, hidden) at a time: the normed copy of all states is never held
-            hess.add(ew.rms_norm(np.ascontiguousarray(sample, dtype=np.float32), norm, cfg.rms_norm_eps))
+    for sample in h:  # (L, hidden) at a time: the normed copy of all states is never held
+        hess.add(ew.rms_norm(np.ascontiguousarray(sample, dtype=np.float32), norm, cfg.rms_norm_eps))
     prep = prepare_hessian(hess.mean(), damp=damp, act_order=act_order, name=name)
     return gptq_quantize(w, prep, scheme, name=name, **gptq)
 

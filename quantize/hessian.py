@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from qkiln.quantize.gptq import one_blas_thread
+
 # Tokens per float32 XᵀX product: bounds the temporary copy of x and keeps the float32 sums short.
 CHUNK_TOKENS = 8192
 
@@ -26,8 +28,11 @@ def empty_hessian(n_in: int) -> tuple[np.ndarray, int]:
 
 
 def gram_f32(x2d: np.ndarray) -> np.ndarray:
-    """xᵀx (in, in) float32 of a (tokens, in) float32 chunk: one BLAS product (syrk for this pattern)."""
-    return x2d.T @ x2d
+    """xᵀx (in, in) float32 of a (tokens, in) float32 chunk: one BLAS product (syrk for this pattern), on one
+    thread — a threaded syrk sums in an order that depends on the thread count (the tied head's Hessian gave
+    other bytes on 2 threads than on 1 on an AVX2 host)."""
+    with one_blas_thread():
+        return x2d.T @ x2d
 
 
 class HessianSum:
