@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from llamacpp_ref import cpu_flags
 
 from qkiln.kernels import bf16
 from qkiln.kernels.build import find_cc
@@ -135,9 +136,7 @@ def best_instruction() -> tuple[str, tuple[str, ...], int]:
     """The fastest of INSTRUCTIONS this CPU runs (AVX512_BF16 as the bf16 products' C path sees it)."""
     if bf16.available("avx512bf16"):
         return INSTRUCTIONS[0]
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split() for line in f if line.startswith("flags")), [])
-    if "avx2" in flags and "fma" in flags:
+    if {"avx2", "fma"} <= cpu_flags(Path("/proc/cpuinfo").read_text()):
         return INSTRUCTIONS[1]
     raise SystemExit("this CPU has neither AVX512_BF16 nor AVX2 with FMA: no probe for it")
 
