@@ -37,8 +37,7 @@ from typing import Any
 import numpy as np
 
 from qkiln.kernels.bf16 import aligned_empty
-from qkiln.kernels.elementwise import rms_norm
-from qkiln.kernels.reference import widen
+from qkiln.kernels.elementwise import rms_norm, widen
 from qkiln.model.config import LlamaConfig
 from qkiln.quantize.gptq import one_blas_thread
 from qkiln.quantize.hessian import mean_hessian

@@ -14,7 +14,8 @@ the same thing, so results do not depend on the machine beyond float32 summation
   in one accumulator; avx512bf16: runs of 256 products, each summed from zero and added in order); `gram`
   sums each group of 8192 tokens in token order (32 tokens per step, the same runs) and adds the groups'
   sums in group order. The two differ from each other in the last bits;
-* "numpy": `round_bf16` the inputs, then float32 `np.matmul`.
+* "numpy": `round_bf16` the inputs (one C pass, `kernels.elementwise`; NumPy's `kernels.reference` function
+  without the library: the same bits), then float32 `np.matmul`.
 
 Rounding rule (`round_bf16`): float32 denormals (exponent field 0) become a zero of the same sign, then
 round to nearest with ties to even; values past the largest bf16 become ±inf; NaN stays NaN (quiet bit set,
@@ -45,8 +46,8 @@ import numpy as np
 
 from qkiln.kernels.api import ENV, KernelError
 from qkiln.kernels.build import BuildError, build_library
-from qkiln.kernels.elementwise import silu_mul
-from qkiln.kernels.reference import BF16, round_bf16, widen
+from qkiln.kernels.elementwise import round_bf16, silu_mul, widen
+from qkiln.kernels.reference import BF16
 
 PATHS = ("amx", "avx512bf16", "numpy")
 _ENGINES = {"amx": 1, "avx512bf16": 2}  # the C paths as bf16.c's engine numbers (qk_bf16_engines' bits)

@@ -29,7 +29,7 @@ import numpy as np
 from qkiln.kernels import reference
 from qkiln.kernels.api import KernelError
 from qkiln.kernels.clib import LazyLibrary, env_variant, fits_out, into
-from qkiln.kernels.reference import BF16, store_rounded
+from qkiln.kernels.reference import BF16
 
 # Measured on random rows (scales 0.01..100): rms_norm ≤ 5.5e-7 relative for n ≤ 1536 (1.0e-6 at n = 16384,
 # NumPy's float32 sum losing more as n grows); silu_mul ≤ 4.2e-7 relative on normal results (gates -100..30)
@@ -49,10 +49,12 @@ _longs3 = ctypes.c_long * 3
 _c_int, _c_long, _c_float = ctypes.c_int, ctypes.c_long, ctypes.c_float
 _LIB = LazyLibrary({
     "qk_rms_norm": [_c_int, _vp, _c_long, _vp, _vp, _c_long, _c_long, _c_float, _c_int, _c_int],
-    "qk_silu_mul": [_c_int, _vp, _c_long, _vp, _c_long, _vp, _c_long, _c_long, _c_int],
+    "qk_silu_mul": [_c_int, _vp, _c_long, _vp, _c_long, _vp, _c_long, _c_long, _c_int, _c_int],
     "qk_apply_rope": [_c_int, _vp, _vp, _vp, _c_long, _vp, _c_long, _vp, _c_long, _c_long, _c_long, _c_long, _c_int],
     "qk_elementwise_exp": [_c_int, _vp, _vp, _c_long],
     "qk_elementwise_variant": [],
+    "qk_round_bf16": [_vp, _vp, _c_long, _c_int],
+    "qk_widen_bf16": [_vp, _vp, _c_long],
 })
 
 
@@ -131,20 +133,20 @@ def silu_mul(gate: np.ndarray, up: np.ndarray, *, threads: int = 1, out: np.ndar
     gate and up may be column slices of one (t, 2 * inter) array (any row stride). `out` may be bfloat16:
     the float32 result rounded by `kernels.bf16.round_bf16`'s rule (as for `rms_norm`)."""
 
-    if out is not None and out.dtype == BF16:
-        return store_rounded(silu_mul(gate, up, threads=threads), out)
     lib, variant = _want()
+    obf16 = out is not None and out.dtype == BF16
     if lib is None or gate.shape != up.shape or gate.ndim not in (1, 2) or not (
             _rows_ok(gate, gate.ndim) and _rows_ok(up, up.ndim)) or (
-            out is not None and not fits_out(out, gate.shape)):
-        return into(reference.silu_mul(gate, up), out)
+            out is not None and not fits_out(out, gate.shape, (np.float32, BF16))):
+        got = reference.silu_mul(gate, up)
+        return store_rounded(got, out) if obf16 and out is not None else into(got, out)
     g2 = gate.reshape(1, -1) if gate.ndim == 1 else gate  # (t, n) view
     u2 = up.reshape(1, -1) if up.ndim == 1 else up  # (t, n) view
     t, n = g2.shape
     given = out
     out = np.empty((t, n), np.float32) if out is None else out.reshape(t, n)  # (t, n)
     _check(lib.qk_silu_mul(VARIANTS[variant], _ptr(g2), _row_stride(g2), _ptr(u2), _row_stride(u2), _ptr(out),
-                           t, n, int(threads)), variant, "silu_mul")
+                           t, n, int(threads), int(obf16)), variant, "silu_mul")
     return given if given is not None else out.reshape(gate.shape)
 
 
@@ -177,3 +179,39 @@ def exp_approx(x: np.ndarray, variant: str = "auto") -> np.ndarray:
     y = np.empty_like(x)
     _check(lib.qk_elementwise_exp(VARIANTS[variant], _ptr(x), _ptr(y), x.size), variant, "exp")
     return y
+
+
+def round_bf16(a: np.ndarray) -> np.ndarray:
+    """`kernels.reference.round_bf16` (float32 -> the nearest bfloat16 values, as float32, by the products'
+    rule) in one C pass where the NumPy function makes five; the same bits (tested on every kind of bit
+    pattern). Any float32 array; a new C-contiguous array of its shape."""
+    lib, _ = _want()
+    x = np.ascontiguousarray(a, dtype=np.float32)
+    if lib is None:
+        return reference.round_bf16(x)
+    out = np.empty(x.shape, np.float32)
+    _check(lib.qk_round_bf16(_ptr(x), _ptr(out), x.size, 1), "auto", "round_bf16")
+    return out
+
+
+def widen(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """`kernels.reference.widen` (a bfloat16 array's exact float32 values, into `out` when given; any other
+    dtype as it is) in C for a C-contiguous input: the same bits."""
+    lib, _ = _want()
+    if x.dtype != BF16 or lib is None or not x.flags.c_contiguous or (
+            out is not None and not (out.flags.c_contiguous and out.shape == x.shape and out.dtype == np.float32)):
+        return reference.widen(x, out)
+    got = np.empty(x.shape, np.float32) if out is None else out
+    _check(lib.qk_widen_bf16(_ptr(x), _ptr(got), x.size), "auto", "widen")
+    return got
+
+
+def store_rounded(values: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """float32 values into a C-contiguous bfloat16 `out` of their shape, rounded by `round_bf16`'s rule; out.
+    (Other layouts of `out`: `kernels.reference.store_rounded`.)"""
+    lib, _ = _want()
+    x = np.ascontiguousarray(values, dtype=np.float32)
+    if lib is None or not out.flags.c_contiguous or out.shape != x.shape:
+        return reference.store_rounded(x, out)
+    _check(lib.qk_round_bf16(_ptr(x), _ptr(out), x.size, 0), "auto", "store_rounded")
+    return out

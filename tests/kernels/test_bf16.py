@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from qkiln.kernels import bf16
+from qkiln.kernels import bf16, elementwise
 from qkiln.kernels.api import KernelError
 
 U = 2.0**-24  # float32 unit roundoff
@@ -55,7 +55,17 @@ def _rule_on_bits(x: np.ndarray) -> np.ndarray:
     return r.astype(np.uint32)
 
 
-def test_round_bf16_is_the_rule_on_every_kind_of_bit_pattern():
+@pytest.fixture(params=["c", "numpy"])
+def conversion(request, monkeypatch):
+    """The bf16 conversions' C pass (kernels.elementwise) and NumPy's (kernels.reference, QKILN_KERNEL=numpy)."""
+    if request.param == "c" and elementwise.variant_name() == "numpy":
+        pytest.skip("the C kernel library cannot be built here")
+    if request.param == "numpy":
+        monkeypatch.setenv("QKILN_KERNEL", "numpy")
+    return request.param
+
+
+def test_round_bf16_is_the_rule_on_every_kind_of_bit_pattern(conversion):
     every = np.random.default_rng(2).integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32)
     edges = np.array([0x00000001, 0x007FFFFF, 0x807FFFFF, 0x00800000, 0x7F7F8000, 0x7F800000, 0x7F800001,
                       0xFFC00000, 0x7FFFFFFF, 0x80000000, 0], np.uint32)
@@ -72,7 +82,18 @@ def test_round_bf16_is_ml_dtypes_rne_on_normals():
     assert bf16.round_bf16(np.float32([1 + 2**-8, 1 + 3 * 2**-8])).tolist() == [1.0, 1 + 2**-6]
 
 
-def test_widen_is_the_exact_float32_of_every_bfloat16():
+def test_store_rounded_writes_the_rule_s_bits(conversion):
+    """A bfloat16 array written from float32 holds the rule's upper halves, NaN payloads included, in any layout."""
+    every = np.random.default_rng(3).integers(0, 2**32, 300_007, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    out = np.empty(every.shape, ml_dtypes.bfloat16)
+    assert elementwise.store_rounded(every, out) is out
+    np.testing.assert_array_equal(out.view(np.uint16), (_rule_on_bits(every) >> np.uint32(16)).astype(np.uint16))
+    strided = np.empty((100, 20), ml_dtypes.bfloat16)[:, ::2]  # (100, 10) view
+    elementwise.store_rounded(every[:1000].reshape(100, 10), strided)
+    np.testing.assert_array_equal(strided.view(np.uint16), out[:1000].view(np.uint16).reshape(100, 10))
+
+
+def test_widen_is_the_exact_float32_of_every_bfloat16(conversion):
     """All 65536 bf16 bit patterns (NaNs, infinities, subnormals, -0 included) widen to the float32 whose upper
     half they are, in the array's shape; other dtypes pass through."""
     every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(ml_dtypes.bfloat16).reshape(256, 256)
@@ -84,7 +105,7 @@ def test_widen_is_the_exact_float32_of_every_bfloat16():
     assert bf16.widen(x) is x
 
 
-def test_round_bf16_special_values():
+def test_round_bf16_special_values(conversion):
     x = np.float32([np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-40, 1.2e-38, 3.4e38, -3.4e38, 3.3895314e38])
     r = bf16.round_bf16(x)
     assert r[:2].tolist() == [np.inf, -np.inf]

@@ -166,15 +166,18 @@ QK_API int qk_default_threads(void);
  * 1 portable, 2 AVX-512; gptq: 1 portable, 2 AVX-512). Return 0 on success, -1 bad arguments, -2 variant
  * unavailable here, -3 out of memory, unless said otherwise. */
 
-/* Element-wise (src/elementwise/): RMSNorm (out float32, or bfloat16 when obf16), silu(g)*u, rotate-half RoPE. */
+/* Element-wise (src/elementwise/): RMSNorm and silu(g)*u (out float32, or bfloat16 when obf16), rotate-half RoPE. */
 QK_API int qk_rms_norm(int variant, const float *x, long xs, const float *w, void *out, long t, long n, float eps,
                 int threads, int obf16);
-QK_API int qk_silu_mul(int variant, const float *g, long gs, const float *u, long us, float *out, long t, long n,
-                int threads);
+QK_API int qk_silu_mul(int variant, const float *g, long gs, const float *u, long us, void *out, long t, long n,
+                int threads, int obf16);
 QK_API int qk_apply_rope(int variant, const float *x, const long *xstr, const float *cos, long cs, const float *sin,
                   long ss, float *out, long b, long s, long h, long d, int threads);
 QK_API int qk_elementwise_exp(int variant, const float *x, float *y, long n);  /* the kernels' e^x, for its test */
 QK_API int qk_elementwise_variant(void);                                        /* what variant 0 runs here */
+/* float32 -> bfloat16 by the bf16 products' rule (bits, or with `wide` their float32 values), and back. */
+QK_API int qk_round_bf16(const float *x, void *out, long n, int wide);
+QK_API int qk_widen_bf16(const uint16_t *x, float *out, long n);
 
 /* Causal grouped-query attention (src/attention/); strides in floats; qk_causal_attention is variant 0. */
 QK_API int qk_causal_attention(const float *q, const float *k, const float *v, float *out, int b, int s, int t,

@@ -77,7 +77,7 @@ int qk_decode_token(const qk_decoder_desc *m, float *h, int pos, const float *co
         /* MLP */
         if ((rc = qk_rms_norm(0, h, H, L->mlp_norm, x, 1, H, m->eps, 1, 0)) != 0) break;
         if ((rc = products(L->mlp_in, L->n_mlp_in, x, qs, d, sums, y, m->nthreads)) != 0) break;
-        if ((rc = qk_silu_mul(0, y, m->inter, y + m->inter, m->inter, x, 1, m->inter, 1)) != 0) break;
+        if ((rc = qk_silu_mul(0, y, m->inter, y + m->inter, m->inter, x, 1, m->inter, 1, 0)) != 0) break;
         if ((rc = products(&L->down, 1, x, qs, d, sums, y, m->nthreads)) != 0) break;
         for (int i = 0; i < H; i++) h[i] += y[i];
     }

@@ -80,18 +80,28 @@ static inline v4f exp4(v4f x) {
 
 static inline v4f silu4(v4f g, v4f u) { return g / (1.0f + exp4(-g)) * u; }
 
+/* Four results to o[j..j+4) (float32), or their bfloat16 bits to ob[j..) when ob is not NULL; `count` of them. */
+static inline void put4(float *o, uint16_t *ob, long j, v4f y, long count) {
+    float t[4];
+    st4(t, y);
+    if (ob)
+        for (long x = 0; x < count; x++) ob[j + x] = qk_ew_bf16_bits(t[x]);
+    else
+        memcpy(o + j, t, sizeof(float) * (size_t)count);
+}
+
 void qk_ew_silu_rows_portable(const qk_ew_silu_args *a, long r0, long r1) {
     const long n = a->n, n4 = n / 4 * 4;
     for (long i = r0; i < r1; i++) {
         const float *g = a->g + i * a->gs, *u = a->u + i * a->us;
-        float *o = a->out + i * n;
-        for (long j = 0; j < n4; j += 4) st4(o + j, silu4(ld4(g + j), ld4(u + j)));
+        float *o = a->obf16 ? NULL : (float *)a->out + i * n;
+        uint16_t *ob = a->obf16 ? (uint16_t *)a->out + i * n : NULL;
+        for (long j = 0; j < n4; j += 4) put4(o, ob, j, silu4(ld4(g + j), ld4(u + j)), 4);
         if (n4 < n) { /* the tail through a zero-padded vector */
-            float gt[4] = {0}, ut[4] = {0}, ot[4];
+            float gt[4] = {0}, ut[4] = {0};
             memcpy(gt, g + n4, sizeof(float) * (size_t)(n - n4));
             memcpy(ut, u + n4, sizeof(float) * (size_t)(n - n4));
-            st4(ot, silu4(ld4(gt), ld4(ut)));
-            memcpy(o + n4, ot, sizeof(float) * (size_t)(n - n4));
+            put4(o, ob, n4, silu4(ld4(gt), ld4(ut)), n - n4);
         }
     }
 }
@@ -167,12 +177,12 @@ int qk_rms_norm(int variant, const float *x, long xs, const float *w, void *out,
     return 0;
 }
 
-int qk_silu_mul(int variant, const float *g, long gs, const float *u, long us, float *out, long t, long n,
-                int threads) {
+int qk_silu_mul(int variant, const float *g, long gs, const float *u, long us, void *out, long t, long n,
+                int threads, int obf16) {
     if (t < 0 || n < 0 || gs < n || us < n) return -1;
     rows_fn fn = pick(1, variant);
     if (!fn) return -2;
-    const qk_ew_silu_args a = {g, u, out, t, n, gs, us};
+    const qk_ew_silu_args a = {g, u, out, t, n, gs, us, obf16};
     run_rows(fn, &a, t, n, threads);
     return 0;
 }
@@ -203,4 +213,42 @@ int qk_elementwise_exp(int variant, const float *x, float *y, long n) {
     }
 #endif
     return -2;
+}
+
+/* ---- bfloat16 conversions for the NumPy products' inputs (qkiln/kernels/bf16.py): n values, one pass, no
+ * threads (calibration's workers call them). Built as GCC target clones on x86-64 (AVX2 where the CPU has it,
+ * chosen at load); integer operations only, so every clone gives the same bits. ---- */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define QK_EW_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define QK_EW_CLONES
+#endif
+
+QK_EW_CLONES static void round_values(const float *x, void *out, long n, int wide) {
+    if (wide) {
+        uint32_t *o = out;
+        for (long i = 0; i < n; i++) o[i] = (uint32_t)qk_ew_bf16_bits(x[i]) << 16;
+    } else {
+        uint16_t *o = out;
+        for (long i = 0; i < n; i++) o[i] = qk_ew_bf16_bits(x[i]);
+    }
+}
+
+QK_EW_CLONES static void widen_values(const uint16_t *x, uint32_t *o, long n) {
+    for (long i = 0; i < n; i++) o[i] = (uint32_t)x[i] << 16;
+}
+
+/* x rounded by qk_ew_bf16_bits: into `out` as bfloat16 bits (uint16), or with `wide` as the float32 values
+ * they stand for (the bits in a float32's upper half). */
+int qk_round_bf16(const float *x, void *out, long n, int wide) {
+    if (n < 0) return -1;
+    round_values(x, out, n, wide);
+    return 0;
+}
+
+/* bfloat16 bits to the float32 values they stand for, exactly. */
+int qk_widen_bf16(const uint16_t *x, float *out, long n) {
+    if (n < 0) return -1;
+    widen_values(x, (uint32_t *)out, n);
+    return 0;
 }

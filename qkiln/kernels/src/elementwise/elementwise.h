@@ -34,8 +34,9 @@ typedef struct {
 
 typedef struct {
     const float *g, *u; /* (t, n), row strides gs, us */
-    float *out;         /* (t, n) contiguous */
+    void *out;          /* (t, n) contiguous: float32, or bfloat16 bits when obf16 */
     long t, n, gs, us;
+    int obf16;
 } qk_ew_silu_args;
 
 typedef struct {
@@ -99,9 +100,9 @@ static inline float qk_ew_rms_scale(double ss, long n, float eps) {
 static inline uint16_t qk_ew_bf16_bits(float f) {
     uint32_t b;
     memcpy(&b, &f, 4);
-    if ((b & 0x7f800000u) == 0) b &= 0x80000000u;
-    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b | 0x00400000u) >> 16);
-    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+    b = (b & 0x7f800000u) ? b : (b & 0x80000000u); /* selects, no branches: loops over it vectorize */
+    const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16, quiet = (b | 0x00400000u) >> 16;
+    return (uint16_t)((b & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
 }
 
 void qk_ew_rms_rows_portable(const qk_ew_rms_args *a, long r0, long r1);

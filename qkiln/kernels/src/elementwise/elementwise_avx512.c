@@ -67,10 +67,11 @@ void qk_ew_silu_rows_avx512(const qk_ew_silu_args *a, long r0, long r1) {
     const long n = a->n;
     for (long i = r0; i < r1; i++) {
         const float *g = a->g + i * a->gs, *u = a->u + i * a->us;
-        float *o = a->out + i * n;
         for (long j = 0; j < n; j += 16) {
             const __mmask16 m = tail_mask(n - j);
-            _mm512_mask_storeu_ps(o + j, m, silu_mul512(_mm512_maskz_loadu_ps(m, g + j), _mm512_maskz_loadu_ps(m, u + j)));
+            const __m512 y = silu_mul512(_mm512_maskz_loadu_ps(m, g + j), _mm512_maskz_loadu_ps(m, u + j));
+            if (a->obf16) _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)a->out + i * n + j, m, bf16_bits512(y));
+            else _mm512_mask_storeu_ps((float *)a->out + i * n + j, m, y);
         }
     }
 }
