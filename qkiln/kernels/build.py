@@ -62,6 +62,7 @@ UNITS: dict[str, tuple[Unit, ...]] = {
         Unit("x86/bf16.c", ("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl")),
         Unit("attention/attention.c"),
         Unit("attention/attention_avx512.c", ("-mavx512f", "-mfma")),
+        Unit("attention/attention_avx2.c", ("-mavx2", "-mfma")),
         Unit("attention/attention_bf16.c", ("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16", "-mavx512bw",
                                             "-mavx512vl", "-mfma")),
         Unit("elementwise/elementwise.c"),

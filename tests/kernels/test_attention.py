@@ -22,7 +22,7 @@ from qkiln.kernels.reference import causal_attention as numpy_attention
 if attention.variant_name() == "numpy":
     pytest.skip("the C kernel library cannot be built here", allow_module_level=True)
 
-VARIANTS = ["portable"] + (["avx512"] if attention.variant_name() == "avx512" else [])
+VARIANTS = [v for v in ("portable", "avx2", "avx512") if attention.available(v)]
 
 
 def _inputs(b, s, t, heads, kv_heads, d, seed=0, q_scale=1.0):
@@ -180,10 +180,12 @@ def test_environment_selects_numpy_or_portable(monkeypatch):
     monkeypatch.setenv("QKILN_KERNEL", "scalar")
     np.testing.assert_array_equal(attention.causal_attention(q, k, v, threads=1),
                                   attention.causal_attention_c(q, k, v, threads=1, variant="portable"))
-    monkeypatch.delenv("QKILN_KERNEL")  # unset: AVX-512 where the CPU has it, else NumPy
+    monkeypatch.delenv("QKILN_KERNEL")  # unset: AVX-512 where the CPU has it, else AVX2, else NumPy
     auto = attention.causal_attention(q, k, v, threads=1)
-    if attention.variant_name() == "avx512":
-        np.testing.assert_array_equal(auto, attention.causal_attention_c(q, k, v, threads=1, variant="avx512"))
+    fast = next((v for v in ("avx512", "avx2") if attention.available(v)), None)
+    assert attention.variant_name() == (fast or "portable")
+    if fast is not None:
+        np.testing.assert_array_equal(auto, attention.causal_attention_c(q, k, v, threads=1, variant=fast))
     else:
         np.testing.assert_array_equal(auto, numpy_attention(q, k, v))
 

@@ -163,8 +163,8 @@ QK_API int qk_default_threads(void);
 /* ---- The entry points of the attention, element-wise, bf16 and GPTQ kernels (Python's ctypes tables in
  * qkiln/kernels/attention.py, elementwise.py, bf16.py and gptq.py bind these same signatures). --
  * `variant` selects an implementation: 0 = the best this CPU runs, then per module (elementwise/attention:
- * 1 portable, 2 AVX-512; gptq: 1 portable, 2 AVX-512). Return 0 on success, -1 bad arguments, -2 variant
- * unavailable here, -3 out of memory, unless said otherwise. */
+ * 1 portable, 2 AVX-512, attention also 3 AMX bf16, 4 AVX512_BF16, 5 AVX2; gptq: 1 portable, 2 AVX-512).
+ * Return 0 on success, -1 bad arguments, -2 variant unavailable here, -3 out of memory, unless said otherwise. */
 
 /* Element-wise (src/elementwise/): RMSNorm and silu(g)*u (out float32, or bfloat16 when obf16), rotate-half RoPE. */
 QK_API int qk_rms_norm(int variant, const float *x, long xs, const float *w, void *out, long t, long n, float eps,

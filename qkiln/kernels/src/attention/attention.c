@@ -3,7 +3,8 @@
  * vector extensions (SSE2 on baseline x86-64, NEON on aarch64) and plain loops the compiler vectorizes.
  * qk_decode_attention, for a single query (a decode step), skips the units: a task per query head reads its
  * keys in place (head_portable here, qk_attn_head_avx512). The AVX-512 unit is in attention_avx512.c, the bf16
- * units (variants 3 AMX and 4 AVX512_BF16, only on request: they round the inputs to bf16) in attention_bf16.c.
+ * units (variants 3 AMX and 4 AVX512_BF16, only on request: they round the inputs to bf16) in attention_bf16.c, the
+ * AVX2 unit (variant 5, what variant 0 runs on x86-64 without AVX-512) in attention_avx2.c.
  * Layout and algorithm: attention.h.
  *
  *   int qk_causal_attention(q, k, v, out, b, s, t, n_heads, kv_heads, d, q_strides, k_strides, v_strides,
@@ -307,9 +308,17 @@ static void work(void *ctx, long participant) {
     }
 }
 
-/* Variant: 0 = best float32 variant this CPU runs, 1 = portable, 2 = AVX-512, 3 = bf16 AMX, 4 = bf16 AVX512_BF16
- * (3 and 4 are never chosen by 0: their inputs are rounded to bf16). Which one `0` means here: */
-int qk_attention_variant(void) { return qk_have_avx512() ? 2 : 1; }
+/* Variant: 0 = best float32 variant this CPU runs, 1 = portable, 2 = AVX-512, 3 = bf16 AMX, 4 = bf16 AVX512_BF16,
+ * 5 = AVX2 (3 and 4 are never chosen by 0: their inputs are rounded to bf16). Which one `0` means here: */
+static int have_avx2(void) {
+#if defined(__x86_64__)
+    return (qk_cpu_features() & QK_CPU_AVX2) != 0;
+#else
+    return 0;
+#endif
+}
+
+int qk_attention_variant(void) { return qk_have_avx512() ? 2 : have_avx2() ? 5 : 1; }
 
 /* The fastest bf16 variant that can run here: 3 (AVX-512, AMX-BF16, and the OS granted the tile state), else 4
  * (AVX512_BF16), else 0. */
@@ -331,6 +340,10 @@ int qk_attention_exp2(int variant, const float *x, float *y, long n) {
 #if defined(__x86_64__)
     if (variant == 2 && qk_have_avx512()) { /* (the AMX unit's degree-4 2^x is not offered here) */
         qk_attn_exp2_avx512(x, y, n);
+        return 0;
+    }
+    if (variant == 5 && have_avx2()) {
+        qk_attn_exp2_avx2(x, y, n);
         return 0;
     }
 #endif
@@ -369,7 +382,7 @@ int qk_decode_attention(int variant, const float *q, const float *k, const float
     if (call_args(&a, q, k, v, out, b, 1, t, n_heads, kv_heads, d, q_strides, k_strides, v_strides) != 0) return -1;
     if (variant == 0) variant = qk_attention_variant();
     qk_attn_head_fn head = NULL;
-    if (variant == 1) head = head_portable;
+    if (variant == 1 || (variant == 5 && have_avx2())) head = head_portable; /* its AVX2 clone on AVX2 CPUs */
 #if defined(__x86_64__)
     if (variant == 2 && qk_have_avx512())
         head = d % 16 == 0 && d <= QK_ATTN_HEAD_AVX512_MAX_D ? qk_attn_head_avx512 : head_portable;
@@ -396,6 +409,7 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
     if (variant == 2 && qk_have_avx512()) fn = qk_attn_unit_avx512;
     if (variant == 3 && qk_attention_bf16_variant() == 3) fn = qk_attn_unit_amx;
     if (variant == 4 && (qk_cpu_features() & QK_CPU_AVX512_BF16)) fn = qk_attn_unit_avx512bf16;
+    if (variant == 5 && have_avx2()) fn = qk_attn_unit_avx2;
 #endif
     if (!fn) return -2;
     if (b == 0 || s == 0) return 0;
@@ -418,7 +432,7 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
     a.dp = (d + 15) / 16 * 16;
     a.tpad = (t + QK_ATTN_NB - 1) / QK_ATTN_NB * QK_ATTN_NB;
     job_t job = {.a = &a, .fn = fn, .nunits = pairs * a.nqb,
-                 .scratch_floats = variant >= 3 ? qk_attn_scratch_floats_bf16(&a) : qk_attn_scratch_floats(&a)};
+                 .scratch_floats = variant == 3 || variant == 4 ? qk_attn_scratch_floats_bf16(&a) : qk_attn_scratch_floats(&a)};
     atomic_init(&job.next, 0);
     atomic_init(&job.failed, 0);
     if (nthreads > job.nunits) nthreads = job.nunits;

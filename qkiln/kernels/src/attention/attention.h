@@ -1,4 +1,4 @@
-/* attention.h — fused causal grouped-query attention (prefill), shared by the portable and AVX-512 files.
+/* attention.h — fused causal grouped-query attention (prefill), shared by the portable, AVX2 and AVX-512 files.
  *
  * Layout (what runtime/llama.py has at hand; strides in floats, the head_dim axis contiguous):
  *   q    (b, s, n_heads, d)      rotated queries, strides q_strides = {batch, position, head}
@@ -141,6 +141,8 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch);
 #if defined(__x86_64__)
 void qk_attn_unit_avx512(const qk_attn_args *a, int u, float *scratch);
 void qk_attn_exp2_avx512(const float *x, float *y, long n);
+void qk_attn_unit_avx2(const qk_attn_args *a, int u, float *scratch); /* attention_avx2.c: AVX2 and FMA */
+void qk_attn_exp2_avx2(const float *x, float *y, long n);
 /* The bf16 units (attention_bf16.c); scratch: qk_attn_scratch_floats_bf16. The AMX one needs
  * qk_bf16_amx_available() (x86/bf16.c: cpuid, XCR0 and the Linux tile-data permission) and AVX-512, the
  * AVX512_BF16 one the cpu.h feature QK_CPU_AVX512_BF16. */
