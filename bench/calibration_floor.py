@@ -42,7 +42,7 @@ from llamacpp_ref import cpu_flags
 from qkiln.kernels import bf16
 from qkiln.kernels.build import find_cc
 from qkiln.model.config import LlamaConfig
-from qkiln.quantize.gptq import one_blas_thread
+from qkiln.quantize.blas import one_blas_thread
 
 PEAK_C = r"""
 #include <immintrin.h>

@@ -39,7 +39,7 @@ import numpy as np
 
 from qkiln.model.config import LlamaConfig
 from qkiln.model.names import GROUP_OF, INPUT_GROUPS, LINEARS
-from qkiln.quantize.gptq import one_blas_thread
+from qkiln.quantize.blas import one_blas_thread
 from qkiln.quantize.scheme import Scheme
 
 log = logging.getLogger(__name__)

@@ -27,18 +27,17 @@ Working layout is transposed (in, out) so a column of W is a contiguous row; flo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import logging
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from qkiln.errors import QuantizeError
 from qkiln.kernels import gptq as c_loops
 from qkiln.model.source import LazyRows
+from qkiln.quantize.blas import one_blas_thread
 from qkiln.quantize.scheme import Params, Scheme, UniformGrid, concat_cols, concat_rows, slice_rows
 from qkiln.quantize.tensor import QuantizedTensor
 
@@ -53,26 +52,6 @@ def check_finite(w: np.ndarray, name: str) -> None:
     if not np.isfinite(w).all():
         bad = int(np.size(w) - np.isfinite(w).sum())
         raise QuantizeError(f"{name or 'weight'}: {bad} NaN/Inf value(s) in the weight; fix the checkpoint")
-
-
-@functools.cache
-def _blas_controller() -> Any:
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-        return None
-    # scipy's wheels carry their own OpenBLAS (its LAPACK and syrk run GPTQ's Hessians): loaded before the
-    # controller looks, or it is not limited — and its threaded results depend on the thread count
-    import scipy.linalg  # noqa: F401
-    return ThreadpoolController()  # inspecting the loaded libraries costs ~0.1 s: once per process
-
-
-def one_blas_thread() -> contextlib.AbstractContextManager[object]:
-    """Every BLAS (NumPy's and scipy's) on one thread: OpenBLAS's threaded potrf is ~15x slower than one thread on
-    a busy 2-core machine (measured), and a threaded syrk/potrf sums in an order that depends on the thread count
-    (the same build on another machine gave other bytes)."""
-    ctl = _blas_controller()
-    return contextlib.nullcontext() if ctl is None else ctl.limit(limits=1, user_api="blas")
 
 
 def _damped_inverse_cholesky(jhj: np.ndarray, mean_diag: float, damp: float, name: str) -> tuple[np.ndarray, float]:
