@@ -6,7 +6,10 @@ kernels.reference.rms_norm, silu_mul and apply_rope, which stay the reference an
 the fallback: used when the C library cannot be built or loaded, with QKILN_KERNEL=numpy, and for inputs
 the C functions do not take (not float32, not 2-D / 4-D, a non-contiguous last axis, negative strides).
 Unset, QKILN_KERNEL takes the best C variant (AVX-512 where the CPU has it, else the portable one, which
-also beats NumPy); QKILN_KERNEL=avx512 forces AVX-512, any other C path name the portable variant.
+also beats NumPy; on x86-64 its row functions are GCC target clones, AVX2 where the CPU has it, with the same
+bits); QKILN_KERNEL=avx512 forces AVX-512, any other C path name the portable variant. One 4096-token batch of
+the demo model on a Zen 3 guest (bench/elementwise_bench.py): silu_mul 22.7 ms in NumPy, 15.6 ms in the
+portable variant on SSE2 vectors, 8.6 ms in its AVX2 clone.
 
 Agreement with NumPy (elementwise.h says why; the tests check these bounds):
     apply_rope  bit for bit.

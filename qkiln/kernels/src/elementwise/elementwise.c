@@ -1,6 +1,7 @@
 /* elementwise.c — entry points of the element-wise kernels (argument checks, the run-time choice of
- * variant, an optional split of rows over threads) and their portable variant: plain loops the compiler
- * vectorizes (SSE2 on baseline x86-64, NEON on aarch64). The AVX-512 variant is in elementwise_avx512.c;
+ * variant, an optional split of rows over threads) and their portable variant: plain loops and 8-float vector
+ * extensions the compiler vectorizes (SSE2 on baseline x86-64 and AVX2 in target clones, NEON on aarch64). The
+ * AVX-512 variant is in elementwise_avx512.c;
  * what each function computes and how it rounds: elementwise.h. */
 #define _GNU_SOURCE
 #include <stdlib.h>
@@ -13,9 +14,18 @@
 #include "threads.h"
 
 
-/* ---- portable variant ---- */
+/* ---- portable variant ----
+ * Its row functions are built as GCC target clones on x86-64: AVX2 where the CPU has it (chosen at load), else
+ * the baseline. "avx2" adds no FMA and the code contracts nothing (-ffp-contract=off), so every clone performs
+ * the same operations on every element: the same bits. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define QK_EW_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define QK_EW_CLONES
+#endif
 
-void qk_ew_rms_rows_portable(const qk_ew_rms_args *a, long r0, long r1) {
+
+QK_EW_CLONES static void rms_rows(const qk_ew_rms_args *a, long r0, long r1) {
     const long n = a->n, nfull = n / QK_EW_LANES * QK_EW_LANES;
     for (long i = r0; i < r1; i++) {
         const float *x = a->x + i * a->xs;
@@ -37,31 +47,32 @@ void qk_ew_rms_rows_portable(const qk_ew_rms_args *a, long r0, long r1) {
     }
 }
 
-/* 4-float vectors (GCC/Clang vector extensions: SSE2 on baseline x86-64, NEON on aarch64): GCC does not
- * if-convert qk_ew_expf's clamps in a plain loop without fast-math, so SiLU's exp is written on vectors,
- * the same operations lane by lane. */
-typedef float v4f __attribute__((vector_size(16)));
-typedef int32_t v4i __attribute__((vector_size(16)));
+/* 8-float vectors (GCC/Clang vector extensions: two SSE2 or NEON registers, one AVX2 register in the AVX2 clone):
+ * GCC does not if-convert qk_ew_expf's clamps in a plain loop without fast-math, so SiLU's exp is written on
+ * vectors, the same operations lane by lane. */
+#define VW 8
+typedef float vf __attribute__((vector_size(4 * VW)));
+typedef int32_t vi __attribute__((vector_size(4 * VW)));
 
-static inline v4f ld4(const float *p) {
-    v4f v;
+static inline vf ldv(const float *p) {
+    vf v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline void st4(float *p, v4f v) { memcpy(p, &v, sizeof v); }
+static inline void stv(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
-static inline v4f splat(float f) { return (v4f){f, f, f, f}; }
+static inline vf splat(float f) { return (vf){f, f, f, f, f, f, f, f}; }
 
 /* m ? a : b lane by lane (C has no vector ?:); m is a comparison's all-ones / zero lanes. */
-static inline v4f sel4(v4i m, v4f a, v4f b) { return (v4f)((m & (v4i)a) | (~m & (v4i)b)); }
+static inline vf selv(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
 
-static inline v4f exp4(v4f x) {
-    x = sel4(x > splat(QK_EW_EXP_LO), x, splat(QK_EW_EXP_LO)); /* NaN -> LO */
-    x = sel4(x < splat(QK_EW_EXP_HI), x, splat(QK_EW_EXP_HI));
-    const v4f n = (x * QK_EW_LOG2E + QK_EW_ROUND_SHIFT) - QK_EW_ROUND_SHIFT;
-    const v4f r = (x - n * QK_EW_LN2_HI) - n * QK_EW_LN2_LO;
-    v4f p = splat(QK_EW_P7);
+static inline vf expv(vf x) {
+    x = selv(x > splat(QK_EW_EXP_LO), x, splat(QK_EW_EXP_LO)); /* NaN -> LO */
+    x = selv(x < splat(QK_EW_EXP_HI), x, splat(QK_EW_EXP_HI));
+    const vf n = (x * QK_EW_LOG2E + QK_EW_ROUND_SHIFT) - QK_EW_ROUND_SHIFT;
+    const vf r = (x - n * QK_EW_LN2_HI) - n * QK_EW_LN2_LO;
+    vf p = splat(QK_EW_P7);
     p = p * r + QK_EW_P6;
     p = p * r + QK_EW_P5;
     p = p * r + QK_EW_P4;
@@ -69,44 +80,44 @@ static inline v4f exp4(v4f x) {
     p = p * r + QK_EW_P2;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    const v4i ni = __builtin_convertvector(n, v4i);
-    const v4i n1 = ni >> 1, n2 = ni - n1;
-    const v4i b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
-    v4f s1, s2;
+    const vi ni = __builtin_convertvector(n, vi);
+    const vi n1 = ni >> 1, n2 = ni - n1;
+    const vi b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    vf s1, s2;
     memcpy(&s1, &b1, sizeof s1);
     memcpy(&s2, &b2, sizeof s2);
     return (p * s1) * s2;
 }
 
-static inline v4f silu4(v4f g, v4f u) { return g / (1.0f + exp4(-g)) * u; }
+static inline vf siluv(vf g, vf u) { return g / (1.0f + expv(-g)) * u; }
 
-/* Four results to o[j..j+4) (float32), or their bfloat16 bits to ob[j..) when ob is not NULL; `count` of them. */
-static inline void put4(float *o, uint16_t *ob, long j, v4f y, long count) {
-    float t[4];
-    st4(t, y);
+/* VW results to o[j..j+VW) (float32), or their bfloat16 bits to ob[j..) when ob is not NULL; `count` of them. */
+static inline void putv(float *o, uint16_t *ob, long j, vf y, long count) {
+    float t[VW];
+    stv(t, y);
     if (ob)
         for (long x = 0; x < count; x++) ob[j + x] = qk_ew_bf16_bits(t[x]);
     else
         memcpy(o + j, t, sizeof(float) * (size_t)count);
 }
 
-void qk_ew_silu_rows_portable(const qk_ew_silu_args *a, long r0, long r1) {
-    const long n = a->n, n4 = n / 4 * 4;
+QK_EW_CLONES static void silu_rows(const qk_ew_silu_args *a, long r0, long r1) {
+    const long n = a->n, nv = n / VW * VW;
     for (long i = r0; i < r1; i++) {
         const float *g = a->g + i * a->gs, *u = a->u + i * a->us;
         float *o = a->obf16 ? NULL : (float *)a->out + i * n;
         uint16_t *ob = a->obf16 ? (uint16_t *)a->out + i * n : NULL;
-        for (long j = 0; j < n4; j += 4) put4(o, ob, j, silu4(ld4(g + j), ld4(u + j)), 4);
-        if (n4 < n) { /* the tail through a zero-padded vector */
-            float gt[4] = {0}, ut[4] = {0};
-            memcpy(gt, g + n4, sizeof(float) * (size_t)(n - n4));
-            memcpy(ut, u + n4, sizeof(float) * (size_t)(n - n4));
-            put4(o, ob, n4, silu4(ld4(gt), ld4(ut)), n - n4);
+        for (long j = 0; j < nv; j += VW) putv(o, ob, j, siluv(ldv(g + j), ldv(u + j)), VW);
+        if (nv < n) { /* the tail through a zero-padded vector */
+            float gt[VW] = {0}, ut[VW] = {0};
+            memcpy(gt, g + nv, sizeof(float) * (size_t)(n - nv));
+            memcpy(ut, u + nv, sizeof(float) * (size_t)(n - nv));
+            putv(o, ob, nv, siluv(ldv(gt), ldv(ut)), n - nv);
         }
     }
 }
 
-void qk_ew_rope_rows_portable(const qk_ew_rope_args *a, long r0, long r1) {
+QK_EW_CLONES static void rope_rows(const qk_ew_rope_args *a, long r0, long r1) {
     const long half = a->d / 2;
     for (long row = r0; row < r1; row++) {
         const long bi = row / a->s, p = row % a->s;
@@ -122,12 +133,17 @@ void qk_ew_rope_rows_portable(const qk_ew_rope_args *a, long r0, long r1) {
     }
 }
 
+/* The clones behind plain symbols (a clone's resolver would be exported with it). */
+void qk_ew_rms_rows_portable(const qk_ew_rms_args *a, long r0, long r1) { rms_rows(a, r0, r1); }
+void qk_ew_silu_rows_portable(const qk_ew_silu_args *a, long r0, long r1) { silu_rows(a, r0, r1); }
+void qk_ew_rope_rows_portable(const qk_ew_rope_args *a, long r0, long r1) { rope_rows(a, r0, r1); }
+
 void qk_ew_exp_portable(const float *x, float *y, long n) {
-    for (long i = 0; i < n; i += 4) {
-        float t[4] = {0};
-        memcpy(t, x + i, sizeof(float) * (size_t)(n - i < 4 ? n - i : 4));
-        st4(t, exp4(ld4(t)));
-        memcpy(y + i, t, sizeof(float) * (size_t)(n - i < 4 ? n - i : 4));
+    for (long i = 0; i < n; i += VW) {
+        float t[VW] = {0};
+        memcpy(t, x + i, sizeof(float) * (size_t)(n - i < VW ? n - i : VW));
+        stv(t, expv(ldv(t)));
+        memcpy(y + i, t, sizeof(float) * (size_t)(n - i < VW ? n - i : VW));
     }
 }
 
@@ -216,13 +232,7 @@ int qk_elementwise_exp(int variant, const float *x, float *y, long n) {
 }
 
 /* ---- bfloat16 conversions for the NumPy products' inputs (qkiln/kernels/bf16.py): n values, one pass, no
- * threads (calibration's workers call them). Built as GCC target clones on x86-64 (AVX2 where the CPU has it,
- * chosen at load); integer operations only, so every clone gives the same bits. ---- */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define QK_EW_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define QK_EW_CLONES
-#endif
+ * threads (calibration's workers call them); integer operations only, so every clone gives the same bits. ---- */
 
 QK_EW_CLONES static void round_values(const float *x, void *out, long n, int wide) {
     if (wide) {
