@@ -26,6 +26,7 @@ unsigned qk_cpu_features(void);
 /* 1 when QK_CPU_AMX_BF16 is set and Linux (>= 5.16) granted this process the tile data state; asked once. */
 int qk_cpu_amx_permitted(void);
 
+static inline int qk_have_avx2(void) { return (qk_cpu_features() & QK_CPU_AVX2) != 0; }
 static inline int qk_have_avx512(void) { return (qk_cpu_features() & QK_CPU_AVX512) != 0; }
 
 #endif

@@ -310,15 +310,7 @@ static void work(void *ctx, long participant) {
 
 /* Variant: 0 = best float32 variant this CPU runs, 1 = portable, 2 = AVX-512, 3 = bf16 AMX, 4 = bf16 AVX512_BF16,
  * 5 = AVX2 (3 and 4 are never chosen by 0: their inputs are rounded to bf16). Which one `0` means here: */
-static int have_avx2(void) {
-#if defined(__x86_64__)
-    return (qk_cpu_features() & QK_CPU_AVX2) != 0;
-#else
-    return 0;
-#endif
-}
-
-int qk_attention_variant(void) { return qk_have_avx512() ? 2 : have_avx2() ? 5 : 1; }
+int qk_attention_variant(void) { return qk_have_avx512() ? 2 : qk_have_avx2() ? 5 : 1; }
 
 /* The fastest bf16 variant that can run here: 3 (AVX-512, AMX-BF16, and the OS granted the tile state), else 4
  * (AVX512_BF16), else 0. */
@@ -342,7 +334,7 @@ int qk_attention_exp2(int variant, const float *x, float *y, long n) {
         qk_attn_exp2_avx512(x, y, n);
         return 0;
     }
-    if (variant == 5 && have_avx2()) {
+    if (variant == 5 && qk_have_avx2()) {
         qk_attn_exp2_avx2(x, y, n);
         return 0;
     }
@@ -382,7 +374,7 @@ int qk_decode_attention(int variant, const float *q, const float *k, const float
     if (call_args(&a, q, k, v, out, b, 1, t, n_heads, kv_heads, d, q_strides, k_strides, v_strides) != 0) return -1;
     if (variant == 0) variant = qk_attention_variant();
     qk_attn_head_fn head = NULL;
-    if (variant == 1 || (variant == 5 && have_avx2())) head = head_portable; /* its AVX2 clone on AVX2 CPUs */
+    if (variant == 1 || (variant == 5 && qk_have_avx2())) head = head_portable; /* its AVX2 clone on AVX2 CPUs */
 #if defined(__x86_64__)
     if (variant == 2 && qk_have_avx512())
         head = d % 16 == 0 && d <= QK_ATTN_HEAD_AVX512_MAX_D ? qk_attn_head_avx512 : head_portable;
@@ -409,7 +401,7 @@ int qk_causal_attention_ex(int variant, const float *q, const float *k, const fl
     if (variant == 2 && qk_have_avx512()) fn = qk_attn_unit_avx512;
     if (variant == 3 && qk_attention_bf16_variant() == 3) fn = qk_attn_unit_amx;
     if (variant == 4 && (qk_cpu_features() & QK_CPU_AVX512_BF16)) fn = qk_attn_unit_avx512bf16;
-    if (variant == 5 && have_avx2()) fn = qk_attn_unit_avx2;
+    if (variant == 5 && qk_have_avx2()) fn = qk_attn_unit_avx2;
 #endif
     if (!fn) return -2;
     if (b == 0 || s == 0) return 0;
