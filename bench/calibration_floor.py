@@ -21,6 +21,11 @@ and prints the floor: the products alone at the instruction's peak, with nothing
 the GPTQ solves, I/O) — a lower bound on any conversion doing this work with these products here. With
 --ref-seconds (a reference tool's wall time for the same work, e.g. llm-compressor's in
 bench/gpu_formats_bench.py), the largest speed-up over it the floor allows.
+
+4. Beside it, the one route past that floor: products on 8-bit activations (a numerics change qkiln does not
+   make; GPTQ's Hessians are defined on the float forward). The best int8 dot product this CPU has
+   (AVX512-VNNI or AVX-VNNI `vpdpbusd`, else AVX2's vpmaddubsw + vpmaddwd + vpaddd) is probed the same way, and
+   the bound printed for the forward in int8 and for both products in int8.
 Not a test: timings on a shared machine vary; the load average is printed before and after.
 """
 
@@ -55,13 +60,33 @@ static double now(void) {
     return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
-/* The instruction: -DQK_DPBF16 vdpbf16ps (zmm), else vfmadd231ps (ymm). */
-#ifdef QK_DPBF16
+/* The instruction: -DQK_DPBF16 vdpbf16ps (zmm); -DQK_VNNI512 vpdpbusd (zmm); -DQK_AVXVNNI vpdpbusd (ymm);
+ * -DQK_MADDUBS AVX2's int8 dot product without VNNI, one step of three instructions (vpmaddubsw: u8 x s8 pairs
+ * into int16; vpmaddwd by ones: pairs into int32; vpaddd); else vfmadd231ps (ymm). */
+#if defined(QK_DPBF16)
 typedef __m512 acc_t;
 typedef __m512bh opd_t;
 #define ZERO() _mm512_setzero_ps()
 #define OPERAND(i) (__m512bh)_mm512_set1_epi16(0x3c00 + (i))
 #define OP(a, x, y) _mm512_dpbf16_ps(a, x, y)
+#elif defined(QK_VNNI512)
+typedef __m512i acc_t;
+typedef __m512i opd_t;
+#define ZERO() _mm512_setzero_si512()
+#define OPERAND(i) _mm512_set1_epi8(1 + (i))
+#define OP(a, x, y) _mm512_dpbusd_epi32(a, x, y)
+#elif defined(QK_AVXVNNI)
+typedef __m256i acc_t;
+typedef __m256i opd_t;
+#define ZERO() _mm256_setzero_si256()
+#define OPERAND(i) _mm256_set1_epi8(1 + (i))
+#define OP(a, x, y) _mm256_dpbusd_avx_epi32(a, x, y)
+#elif defined(QK_MADDUBS)
+typedef __m256i acc_t;
+typedef __m256i opd_t;
+#define ZERO() _mm256_setzero_si256()
+#define OPERAND(i) _mm256_set1_epi8(1 + (i))
+#define OP(a, x, y) _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1)))
 #else
 typedef __m256 acc_t;
 typedef __m256 opd_t;
@@ -71,7 +96,7 @@ typedef __m256 opd_t;
 #endif
 
 /* 12 independent accumulator chains, each with its own operand (so none can be merged), for `seconds`:
- * returns instructions per second. */
+ * returns steps (OPs) per second. */
 static double run(double seconds) {
     acc_t a0 = ZERO(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0,
           a11 = a0;
@@ -141,8 +166,21 @@ def best_instruction() -> tuple[str, tuple[str, ...], int]:
     raise SystemExit("this CPU has neither AVX512_BF16 nor AVX2 with FMA: no probe for it")
 
 
+# int8 dot products, best first: (name, compiler flags, integer ops (2 per multiply-add) per step, CPU flags).
+# Not what qkiln runs: the bound a calibration on 8-bit activations could reach (printed beside the floor).
+INT8_STEPS = (("vpdpbusd zmm", ("-DQK_VNNI512", "-mavx512f", "-mavx512vnni"), 128, {"avx512f", "avx512_vnni"}),
+              ("vpdpbusd ymm (AVX-VNNI)", ("-DQK_AVXVNNI", "-mavx2", "-mavxvnni"), 64, {"avx2", "avx_vnni"}),
+              ("vpmaddubsw+vpmaddwd+vpaddd ymm", ("-DQK_MADDUBS", "-mavx2"), 64, {"avx2"}))
+
+
+def best_int8_step() -> tuple[str, tuple[str, ...], int] | None:
+    """The fastest of INT8_STEPS this CPU runs, or None."""
+    flags = cpu_flags(Path("/proc/cpuinfo").read_text())
+    return next(((name, cc, ops) for name, cc, ops, need in INT8_STEPS if need <= flags), None)
+
+
 def instruction_peak(threads: int, seconds: float, flags: tuple[str, ...], flops_per_instr: int) -> float:
-    """FLOP/s of the probe's instruction on `threads` threads at once."""
+    """FLOP/s (or integer op/s) of the probe's instruction on `threads` threads at once."""
     cc = find_cc()
     if cc is None:
         raise SystemExit("no C compiler found (set CC): the peak probe is compiled here")
@@ -226,6 +264,18 @@ def main() -> None:
     print(f"floor (products at peak, nothing else): {floor:.1f} s wall, {floor * args.threads:.1f} CPU-s")
     if args.ref_seconds:
         print(f"largest speed-up over {args.ref_seconds:.1f} s this floor allows: {args.ref_seconds / floor:.2f}x")
+    int8 = best_int8_step()
+    if int8 is not None:  # the route past the floor: 8-bit activations (a numerics change qkiln does not make)
+        name, cc, ops = int8
+        ipeak = instruction_peak(args.threads, args.seconds, cc, ops)
+        fwd_int8 = flops["forward"] / ipeak + flops["hessians"] / peak
+        all_int8 = total / ipeak
+        print(f"int8 route (calibration on 8-bit activations): {name} peak {ipeak / 1e9:.0f} G op/s "
+              f"({ipeak / peak:.2f}x {instr}); forward in int8, Hessians as above: {fwd_int8:.1f} s; "
+              f"both in int8: {all_int8:.1f} s")
+        if args.ref_seconds:
+            print(f"largest speed-up over {args.ref_seconds:.1f} s the int8 route allows: "
+                  f"{args.ref_seconds / fwd_int8:.2f}x (forward), {args.ref_seconds / all_int8:.2f}x (both)")
     print(f"load after {os.getloadavg()[0]:.2f}")
 
 
