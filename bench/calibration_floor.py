@@ -45,9 +45,9 @@ import numpy as np
 from llamacpp_ref import cpu_flags
 
 from qkiln.kernels import bf16
+from qkiln.kernels.blas import one_blas_thread
 from qkiln.kernels.build import find_cc
 from qkiln.model.config import LlamaConfig
-from qkiln.quantize.blas import one_blas_thread
 
 PEAK_C = r"""
 #include <immintrin.h>

@@ -109,7 +109,7 @@ def _speed_probes(repeats: int = 100) -> dict[str, float | None]:
     path here (512 bf16 tokens by a 576 x 576 weight, the shape of calibration's products) and NumPy's float32 SGEMM
     (what GPTQ's updates and factorization run on), operands ~1 MB (L2): what a core delivers at the moment."""
     from qkiln.kernels import bf16
-    from qkiln.quantize.blas import one_blas_thread
+    from qkiln.kernels.blas import one_blas_thread
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((512, 576), dtype=np.float32)  # (tokens, in)

@@ -37,9 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from qkiln.kernels.blas import one_blas_thread
 from qkiln.model.config import LlamaConfig
 from qkiln.model.names import GROUP_OF, INPUT_GROUPS, LINEARS
-from qkiln.quantize.blas import one_blas_thread
 from qkiln.quantize.scheme import Scheme
 
 log = logging.getLogger(__name__)

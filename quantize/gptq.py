@@ -36,8 +36,8 @@ import numpy as np
 
 from qkiln.errors import QuantizeError
 from qkiln.kernels import gptq as c_loops
+from qkiln.kernels.blas import one_blas_thread
 from qkiln.model.source import LazyRows
-from qkiln.quantize.blas import one_blas_thread
 from qkiln.quantize.scheme import Params, Scheme, UniformGrid, concat_cols, concat_rows, slice_rows
 from qkiln.quantize.tensor import QuantizedTensor
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qkiln.quantize.blas import one_blas_thread
+from qkiln.kernels.blas import one_blas_thread
 
 # Tokens per float32 XᵀX product: bounds the temporary copy of x and keeps the float32 sums short.
 CHUNK_TOKENS = 8192

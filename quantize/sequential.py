@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from qkiln.kernels.bf16 import aligned_empty
+from qkiln.kernels.blas import one_blas_thread
 from qkiln.kernels.elementwise import rms_norm, widen
 from qkiln.model.config import LlamaConfig
-from qkiln.quantize.blas import one_blas_thread
 from qkiln.quantize.hessian import mean_hessian
 from qkiln.quantize.matmul import GramSum, Matmul
 from qkiln.runtime.llama import rope_attention

@@ -4,7 +4,8 @@ Calibration runs its batches, scale searches and clip searches on a pool of thre
 BLAS calls (NumPy's matmul, scipy's LAPACK); OpenBLAS threading them again would oversubscribe the cores, and
 its threaded syrk and potrf sum in an order that depends on the thread count, so the bytes of an artifact would
 depend on the machine (seen: a Ray worker, OMP_NUM_THREADS=1, gave other codes than its driver). The modules
-that call BLAS enter `one_blas_thread()` around that work.
+that call BLAS enter `one_blas_thread()` around that work — quantize's, and the kernels' own NumPy Gram
+(`kernels.bf16`, a syrk), hence its place in the kernels' layer.
 """
 
 from __future__ import annotations
