@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from qkiln.kernels.api import ENV, KernelError
+from qkiln.kernels.blas import one_blas_thread
 from qkiln.kernels.build import BuildError, build_library
 from qkiln.kernels.elementwise import round_bf16, silu_mul, widen
 from qkiln.kernels.reference import BF16
@@ -233,23 +234,31 @@ def _bf16_values(x: np.ndarray) -> np.ndarray:
     return widen(x) if x.dtype == BF16 else round_bf16(x)
 
 
-# Rows of the upper triangle per NumPy product in `_upper_gram_add`: the products cover the triangle and its
-# diagonal blocks, (1 + 128/k) of its FLOPs, at sgemm's rate (576 wide: 71 GFLOP/s on one Zen 3 thread, 1536: 81).
-GRAM_ROWS = 128
+# Features per block of the NumPy Gram (`_upper_gram_add`): the upper block triangle, blocks of equal width up to
+# GRAM_BLOCK, each one BLAS product with a temporary of at most GRAM_BLOCK² floats (4 MB, where a whole (k, k)
+# one at k = 14336, an 8B model's down_proj input, is 822 MB). The demo's widths: 576, one block; 1536, two.
+GRAM_BLOCK = 1024
 
 
 def _upper_gram_add(x: np.ndarray, acc: np.ndarray) -> None:
-    """acc's upper triangle += xᵀx (x (m, k) float32, acc (k, k) float32 C-contiguous), in place: a block of
-    GRAM_ROWS rows at a time, each row block from its diagonal on as one NumPy product (no (k, k) temporary:
-    at k = 14336, an 8B model's down_proj input, one is 822 MB). NumPy's matmul releases the GIL, so the
-    calibration workers' sums run on every core at once; scipy's ssyrk held it (two workers ran one after the
-    other: half the rate on 2 cores, measured), though alone it is ~10 % faster."""
+    """acc's upper triangle += xᵀx (x (m, k) float32, acc (k, k) float32 C-contiguous), in place, by blocks of
+    features: a diagonal block is NumPy's syrk (`xᵢᵀ @ xᵢ` of one operand: the triangle and its mirror, no
+    multiply-add wasted below the diagonal), a block right of it one sgemm; blocks left of the diagonal are
+    never made or written. On one BLAS thread: OpenBLAS's threaded syrk sums in an order that depends on the
+    thread count, and calibration's workers run a sum each. NumPy's matmul releases the GIL, so those sums run
+    on every core at once (scipy's ssyrk held it: two workers ran one after the other). At 4096 tokens on two
+    Zen 3 workers: 576 wide 142 → 171 GFLOP/s of the triangle, 1536 wide 160 → 169–177, against blocks of 128
+    rows from the diagonal on (products over the diagonal blocks' lower halves too)."""
     k = x.shape[1]
-    xt = x.T
-    for r0 in range(0, k, GRAM_ROWS):
-        r1 = min(k, r0 + GRAM_ROWS)
-        block = acc[r0:r1, r0:]
-        block += np.matmul(xt[r0:r1], x[:, r0:])
+    width = -(-k // -(-k // GRAM_BLOCK))  # equal blocks: 1536 -> 2 x 768, not 1024 + 512
+    with one_blas_thread():
+        for i0 in range(0, k, width):
+            i1 = min(k, i0 + width)
+            xi = x[:, i0:i1]  # (m, block)
+            acc[i0:i1, i0:i1] += xi.T @ xi
+            for j0 in range(i1, k, width):
+                j1 = min(k, j0 + width)
+                acc[i0:i1, j0:j1] += np.matmul(xi.T, x[:, j0:j1])
 
 
 def _mirror_upper(g: np.ndarray, out: np.ndarray | None) -> np.ndarray:

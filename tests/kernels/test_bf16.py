@@ -384,6 +384,25 @@ def test_bfloat16_inputs_and_outputs_are_the_float32_ones_rounded(path, m, k, n,
     np.testing.assert_array_equal(got.astype(np.float32), want)
 
 
+@pytest.mark.parametrize("k", (64, 65, 201))
+def test_numpy_gram_in_blocks_of_features(monkeypatch, k):
+    """The NumPy Gram makes the upper block triangle (syrk on the diagonal, sgemm right of it): with blocks of
+    at most 64 features (201 -> 51, 51, 51, 48) every element of the triangle is summed once, in float32 within
+    the bound, the result exactly symmetric, and no block left of the diagonal is read."""
+    monkeypatch.setattr(bf16, "GRAM_BLOCK", 64)
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((300, k), dtype=np.float32)
+    x[:, -1] *= np.float32(1e6)  # a large feature in the last, shorter block
+    s = bf16.GramSum(k, path="numpy")
+    s._acc[np.tril_indices(k, -1)] = np.nan  # below the diagonal: never part of the result
+    s.add(x[:170])
+    s.add(x[170:])
+    g = s.result()
+    assert np.array_equal(g, g.T) and not np.isnan(g).any()
+    xr = bf16.round_bf16(x)
+    _check(g, xr.T, xr.T, len(xr))
+
+
 def test_numpy_path_in_token_blocks_gives_the_same_bytes(monkeypatch):
     """The NumPy path bounds its temporaries by a block of tokens (an 8B model's gate/up product of one batch
     was 470 MB per worker): each block is its own BLAS product (float32 sums in another order) and the Gram
