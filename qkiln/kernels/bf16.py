@@ -246,9 +246,9 @@ def _upper_gram_add(x: np.ndarray, acc: np.ndarray) -> None:
     multiply-add wasted below the diagonal), a block right of it one sgemm; blocks left of the diagonal are
     never made or written. On one BLAS thread: OpenBLAS's threaded syrk sums in an order that depends on the
     thread count, and calibration's workers run a sum each. NumPy's matmul releases the GIL, so those sums run
-    on every core at once (scipy's ssyrk held it: two workers ran one after the other). At 4096 tokens on two
-    Zen 3 workers: 576 wide 142 → 171 GFLOP/s of the triangle, 1536 wide 160 → 169–177, against blocks of 128
-    rows from the diagonal on (products over the diagonal blocks' lower halves too)."""
+    on every core at once (scipy's ssyrk held it: two workers ran one after the other). One Zen 3 thread, 4096
+    tokens, best of 15 alternating runs: 576 wide 67.8 → 82.2 GFLOP/s of the triangle, 1536 wide 78.4 → 85.1,
+    against blocks of 128 rows from the diagonal on (products over the diagonal blocks' lower halves too)."""
     k = x.shape[1]
     width = -(-k // -(-k // GRAM_BLOCK))  # equal blocks: 1536 -> 2 x 768, not 1024 + 512
     with one_blas_thread():

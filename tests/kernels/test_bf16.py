@@ -388,7 +388,7 @@ def test_bfloat16_inputs_and_outputs_are_the_float32_ones_rounded(path, m, k, n,
 def test_numpy_gram_in_blocks_of_features(monkeypatch, k):
     """The NumPy Gram makes the upper block triangle (syrk on the diagonal, sgemm right of it): with blocks of
     at most 64 features (201 -> 51, 51, 51, 48) every element of the triangle is summed once, in float32 within
-    the bound, the result exactly symmetric, and no block left of the diagonal is read."""
+    the bound, the result exactly symmetric, and nothing below the diagonal reaches the result."""
     monkeypatch.setattr(bf16, "GRAM_BLOCK", 64)
     rng = np.random.default_rng(k)
     x = rng.standard_normal((300, k), dtype=np.float32)
