@@ -69,6 +69,7 @@ UNITS: dict[str, tuple[Unit, ...]] = {
         Unit("elementwise/elementwise_avx512.c", ("-mavx512f",)),
         Unit("gptq/gptq.c"),
         Unit("gptq/gptq_avx512.c", ("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2")),
+        Unit("gptq/gptq_avx2.c", ("-mavx2",)),
     ),
     "aarch64": (
         Unit("dispatch.c", ("-march=armv8-a",)),

@@ -8,8 +8,8 @@ operations in the same order (no FMA contraction), so they return the same bits 
 each function here returns None when the library cannot be built or loaded or QKILN_KERNEL=numpy, and the
 caller then runs NumPy. Rows are independent in both loops, so they are split over `threads` (0 = one per
 core) and the result does not depend on the split. Unset, QKILN_KERNEL takes the AVX-512 variant where the
-CPU has it, else the portable one; QKILN_KERNEL=avx512 forces AVX-512, another C path name the portable
-variant (both give the same bits).
+CPU has it, else the AVX2 one where it has that, else the portable one; QKILN_KERNEL=avx512 forces AVX-512,
+another C path name the portable variant (all give the same bits).
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ _LIB = LazyLibrary({
     "qk_int_fit_t": [_int, _vp, _long, _long, _long, _int, _int, _vp, _vp, _int, _vp, _vp, _int],
     "qk_gptq_variant": [_int],
 })
-VARIANTS = {"auto": 0, "portable": 1, "avx512": 2}
+VARIANTS = {"auto": 0, "portable": 1, "avx512": 2, "avx2": 3}
 _NAMES = {code: name for name, code in VARIANTS.items()}
 _ran: str | None = None  # the variant the last scan_block / int_fit ran
 
 
 def last_path() -> str | None:
-    """The C variant ('portable' or 'avx512') the last `scan_block` or `int_fit` call ran, as the library
+    """The C variant ('portable', 'avx2' or 'avx512') the last `scan_block` or `int_fit` call ran, as the library
     resolved it; None when no C loop has run since `reset_path()` (the NumPy loops ran, or nothing)."""
     return _ran
 

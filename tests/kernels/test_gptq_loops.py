@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qkiln.kernels import api
 from qkiln.kernels import gptq as c_loops
 from qkiln.quantize.gptq import gptq_quantize
 from qkiln.quantize.int_grid import SHRINK
@@ -14,8 +15,8 @@ pytestmark = pytest.mark.skipif(not c_loops.available(), reason="the C kernel li
 
 
 def _both(monkeypatch: pytest.MonkeyPatch, fn):
-    """(fn() with the best C variant, fn() with QKILN_KERNEL=numpy — the NumPy definitions); the portable C
-    variant is run too and must equal the best one."""
+    """(fn() with the best C variant (AVX-512, AVX2 or portable), fn() with QKILN_KERNEL=numpy — the NumPy
+    definitions); the portable C variant is run too and must equal the best one."""
     got_c = fn()
     monkeypatch.setenv("QKILN_KERNEL", "scalar")  # any C path but avx512: portable
     got_portable = fn()
@@ -117,14 +118,15 @@ def test_scan_block_rejects_bad_ranges():
 
 
 def test_variant_in_use(monkeypatch):
-    """The loops report the variant that ran: AVX-512 where the CPU has it, else the portable one; a forced
-    QKILN_KERNEL runs that variant (or refuses), and QKILN_KERNEL=numpy runs no C loop at all."""
+    """The loops report the variant that ran: AVX-512 where the CPU has it, else AVX2 where it has that, else
+    the portable one; a forced QKILN_KERNEL runs that variant (or refuses), and QKILN_KERNEL=numpy runs no C
+    loop at all."""
     from qkiln.kernels.elementwise import variant_name
 
     if not c_loops.available():
         pytest.skip("the C library is not built here")
     w, h = _problem(16, 64, seed=1)
-    best = "avx512" if variant_name() == "avx512" else "portable"
+    best = "avx512" if variant_name() == "avx512" else "avx2" if "avx2" in api.available_paths() else "portable"
     for forced, ran in (("", best), ("scalar", "portable"), ("avx512", "avx512"), ("numpy", None)):
         if forced == "avx512" and best != "avx512":
             continue  # cannot run here; refusing is test_forced_unavailable_variant's subject

@@ -14,8 +14,9 @@
  * threads and the result does not depend on the thread count.
  *
  * The row loops (gptq_rows.h) are portable C on GCC/Clang vector extensions, compiled here for 4-float
- * vectors (SSE2 on baseline x86-64, NEON on aarch64) and in gptq_avx512.c for 16 (AVX-512, chosen at run
- * time when the CPU has it; variant 1 forces the portable one): the same operations, the same bits.
+ * vectors (SSE2 on baseline x86-64, NEON on aarch64), in gptq_avx2.c for 8 (AVX2) and in gptq_avx512.c for
+ * 16 (AVX-512); the best the CPU has is chosen at run time (variant 1 forces the portable one): the same
+ * operations, the same bits.
  * floor() is done on vectors as truncation toward zero minus one where that rounded up, after clamping to
  * ±2^22 (where every float is exact as an int32): the clamp cannot change a code, which is clamped to
  * [qmin, qmax] ⊂ [0, 255] afterwards. Float16 rounding of the fit's scales is integer arithmetic on the
@@ -30,13 +31,14 @@
 #include "cpu.h"
 #include "threads.h"
 
-/* Variant: 0 = best this CPU runs, 1 = portable, 2 = AVX-512. The variant a request runs (1 or 2), -2 when
- * it cannot run here; `pick` and the exported `qk_gptq_variant` both answer from this one function. */
+/* Variant: 0 = best this CPU runs, 1 = portable, 2 = AVX-512, 3 = AVX2. The variant a request runs (1..3),
+ * -2 when it cannot run here; `pick` and the exported `qk_gptq_variant` both answer from this one function. */
 static int resolve(int variant) {
-    if (variant == 0) variant = qk_have_avx512() ? 2 : 1;
+    if (variant == 0) variant = qk_have_avx512() ? 2 : qk_have_avx2() ? 3 : 1;
     if (variant == 1) return 1;
 #if defined(__x86_64__)
     if (variant == 2 && qk_have_avx512()) return 2;
+    if (variant == 3 && qk_have_avx2()) return 3;
 #endif
     return -2;
 }
@@ -48,6 +50,7 @@ static qk_range_fn pick(int variant, int fit) {
     case 1: return fit ? qk_gptq_fit_rows_portable : qk_gptq_scan_rows_portable;
 #if defined(__x86_64__)
     case 2: return fit ? qk_gptq_fit_rows_avx512 : qk_gptq_scan_rows_avx512;
+    case 3: return fit ? qk_gptq_fit_rows_avx2 : qk_gptq_scan_rows_avx2;
 #endif
     default: return NULL;
     }

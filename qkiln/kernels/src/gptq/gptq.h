@@ -36,6 +36,8 @@ void qk_gptq_fit_rows_portable(const void *args, long r0, long r1);
 #if defined(__x86_64__)
 void qk_gptq_scan_rows_avx512(const void *args, long r0, long r1);
 void qk_gptq_fit_rows_avx512(const void *args, long r0, long r1);
+void qk_gptq_scan_rows_avx2(const void *args, long r0, long r1);
+void qk_gptq_fit_rows_avx2(const void *args, long r0, long r1);
 #endif
 
 #endif

@@ -1,5 +1,5 @@
 /* gptq_rows.h — the row loops of gptq.c, compiled once per variant: the includer defines QK_GPTQ_LANES
- * (floats per vector) and QK_GPTQ_SUFFIX (portable, avx512). Portable C on GCC/Clang vector extensions;
+ * (floats per vector) and QK_GPTQ_SUFFIX (portable, avx2, avx512). Portable C on GCC/Clang vector extensions;
  * every variant performs the same float32 operations in the same order, so all give the same bits. */
 #include <stdint.h>
 #include <stdlib.h>
