@@ -69,15 +69,8 @@ void qk_attn_pack_q(const qk_attn_args *a, int bi, int g, int q0, int q1, float 
 #define PQ 2
 #endif
 #define PK 16
-typedef float v4f __attribute__((vector_size(16)));
-
-static inline v4f ld4(const float *p) {
-    v4f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void st4(float *p, v4f v) { memcpy(p, &v, sizeof v); }
+#define QK_VEC_LANES 4
+#include "vec.h"
 
 void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
     int bi, g, qb;
@@ -112,15 +105,15 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
                 const float *qr[PQ];
                 for (int x = 0; x < PQ; x++) qr[x] = qall + qk_attn_qidx(a, row0 + rb + x, 0);
                 for (int jb = 0; jb < nk16; jb += PK) {
-                    v4f acc[PQ][PK / 4];
+                    vf acc[PQ][PK / 4];
                     for (int x = 0; x < PQ; x++)
-                        for (int j = 0; j < PK / 4; j++) acc[x][j] = (v4f){0.0f, 0.0f, 0.0f, 0.0f};
+                        for (int j = 0; j < PK / 4; j++) acc[x][j] = splat(0.0f);
                     for (int c = 0; c < d; c++) {
                         const float *kr = panel + c * QK_ATTN_NB + jb;
-                        const v4f k0 = ld4(kr), k1 = ld4(kr + 4), k2 = ld4(kr + 8), k3 = ld4(kr + 12);
+                        const vf k0 = ldv(kr), k1 = ldv(kr + 4), k2 = ldv(kr + 8), k3 = ldv(kr + 12);
                         for (int x = 0; x < PQ; x++) {
                             const float qs = qr[x][c * QK_ATTN_QG];
-                            const v4f qv = {qs, qs, qs, qs};
+                            const vf qv = splat(qs);
                             acc[x][0] += qv * k0;
                             acc[x][1] += qv * k1;
                             acc[x][2] += qv * k2;
@@ -128,7 +121,7 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
                         }
                     }
                     for (int x = 0; x < PQ; x++)
-                        for (int j = 0; j < PK / 4; j++) st4(sc + (rb + x) * QK_ATTN_NB + jb + 4 * j, acc[x][j]);
+                        for (int j = 0; j < PK / 4; j++) stv(sc + (rb + x) * QK_ATTN_NB + jb + 4 * j, acc[x][j]);
                 }
             }
             for (int rr = 0; rr < PR; rr++) { /* online softmax over keys [0, nk16) of the block */
@@ -153,17 +146,17 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
             }
             for (int rb = 0; rb < PR; rb += PQ) /* output: PQ rows x PK columns, rescaled as loaded */
                 for (int cb = 0; cb < dp; cb += PK) { /* dp is a multiple of 16 */
-                    v4f acc[PQ][PK / 4];
+                    vf acc[PQ][PK / 4];
                     for (int x = 0; x < PQ; x++) {
-                        const v4f al = {alpha[rb + x], alpha[rb + x], alpha[rb + x], alpha[rb + x]};
-                        for (int c = 0; c < PK / 4; c++) acc[x][c] = ld4(o + (rb + x) * dp + cb + 4 * c) * al;
+                        const vf al = splat(alpha[rb + x]);
+                        for (int c = 0; c < PK / 4; c++) acc[x][c] = ldv(o + (rb + x) * dp + cb + 4 * c) * al;
                     }
                     for (int j = 0; j < nk; j++) {
                         const float *vr = vp + (long)(j0 + j) * dp + cb;
-                        const v4f v0 = ld4(vr), v1 = ld4(vr + 4), v2 = ld4(vr + 8), v3 = ld4(vr + 12);
+                        const vf v0 = ldv(vr), v1 = ldv(vr + 4), v2 = ldv(vr + 8), v3 = ldv(vr + 12);
                         for (int x = 0; x < PQ; x++) {
                             const float ps = sc[(rb + x) * QK_ATTN_NB + j];
-                            const v4f pv = {ps, ps, ps, ps};
+                            const vf pv = splat(ps);
                             acc[x][0] += pv * v0;
                             acc[x][1] += pv * v1;
                             acc[x][2] += pv * v2;
@@ -171,7 +164,7 @@ void qk_attn_unit_portable(const qk_attn_args *a, int u, float *scratch) {
                         }
                     }
                     for (int x = 0; x < PQ; x++)
-                        for (int c = 0; c < PK / 4; c++) st4(o + (rb + x) * dp + cb + 4 * c, acc[x][c]);
+                        for (int c = 0; c < PK / 4; c++) stv(o + (rb + x) * dp + cb + 4 * c, acc[x][c]);
                 }
         }
         for (int rr = 0; rr < rows; rr++) {

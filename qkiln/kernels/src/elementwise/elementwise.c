@@ -47,29 +47,16 @@ QK_EW_CLONES static void rms_rows(const qk_ew_rms_args *a, long r0, long r1) {
     }
 }
 
-/* 8-float vectors (GCC/Clang vector extensions: two SSE2 or NEON registers, one AVX2 register in the AVX2 clone):
- * GCC does not if-convert qk_ew_expf's clamps in a plain loop without fast-math, so SiLU's exp is written on
- * vectors, the same operations lane by lane. */
+/* 8-float vectors (vec.h: two SSE2 or NEON registers, one AVX2 register in the AVX2 clone): GCC does not
+ * if-convert qk_ew_expf's clamps in a plain loop without fast-math, so SiLU's exp is written on vectors, the
+ * same operations lane by lane. */
 #define VW 8
-typedef float vf __attribute__((vector_size(4 * VW)));
-typedef int32_t vi __attribute__((vector_size(4 * VW)));
-
-static inline vf ldv(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void stv(float *p, vf v) { memcpy(p, &v, sizeof v); }
-
-static inline vf splat(float f) { return (vf){f, f, f, f, f, f, f, f}; }
-
-/* m ? a : b lane by lane (C has no vector ?:); m is a comparison's all-ones / zero lanes. */
-static inline vf selv(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
+#define QK_VEC_LANES VW
+#include "vec.h"
 
 static inline vf expv(vf x) {
-    x = selv(x > splat(QK_EW_EXP_LO), x, splat(QK_EW_EXP_LO)); /* NaN -> LO */
-    x = selv(x < splat(QK_EW_EXP_HI), x, splat(QK_EW_EXP_HI));
+    x = sel(x > splat(QK_EW_EXP_LO), x, splat(QK_EW_EXP_LO)); /* NaN -> LO */
+    x = sel(x < splat(QK_EW_EXP_HI), x, splat(QK_EW_EXP_HI));
     const vf n = (x * QK_EW_LOG2E + QK_EW_ROUND_SHIFT) - QK_EW_ROUND_SHIFT;
     const vf r = (x - n * QK_EW_LN2_HI) - n * QK_EW_LN2_LO;
     vf p = splat(QK_EW_P7);

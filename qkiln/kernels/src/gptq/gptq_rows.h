@@ -8,24 +8,14 @@
 #include "gptq/gptq.h"
 
 #define LANES QK_GPTQ_LANES
+#define QK_VEC_LANES LANES
+#include "vec.h"
 #define QK_PASTE2(a, b) a##_##b
 #define QK_PASTE(a, b) QK_PASTE2(a, b)
 #define ROWS_FN(name) QK_PASTE(name, QK_GPTQ_SUFFIX)
 
-typedef float vf __attribute__((vector_size(4 * LANES)));
-typedef int32_t vi __attribute__((vector_size(4 * LANES)));
-
-#define INLINE static inline __attribute__((always_inline)) /* vectors never cross a call (-Wpsabi) */
-#pragma GCC diagnostic ignored "-Wpsabi"
+#define INLINE QK_VEC_INLINE
 #define FLOOR_LIMIT 4194304.0f /* 2^22 */
-
-INLINE vf splat(float f) {
-    float t[LANES];
-    for (int l = 0; l < LANES; l++) t[l] = f;
-    vf v;
-    memcpy(&v, t, sizeof v);
-    return v;
-}
 
 INLINE vi lane_index(void) {
     int32_t t[LANES];
@@ -35,14 +25,6 @@ INLINE vi lane_index(void) {
     return v;
 }
 
-INLINE vf ldv(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-INLINE void stv(float *p, vf v) { memcpy(p, &v, sizeof v); }
-
 /* The first n (1..LANES) floats at p, the other lanes `pad`: full vectors are one plain load. */
 INLINE vf ldn(const float *p, long n, float pad) {
     if (n == LANES) return ldv(p);
@@ -50,9 +32,6 @@ INLINE vf ldn(const float *p, long n, float pad) {
     for (int l = 0; l < LANES; l++) t[l] = l < n ? p[l] : pad;
     return ldv(t);
 }
-
-/* m ? a : b lane by lane; m is a comparison's all-ones / zero lanes. */
-INLINE vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
 
 /* x rounded to an integer, ties to even (rint), for |x| < 2^22: adding 1.5·2^23 leaves no fraction bits. */
 INLINE vf round_even(vf x) { return (x + 12582912.0f) - 12582912.0f; }
